@@ -1,0 +1,71 @@
+"""The M4oE network: config, registry of named variants, and the builder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .config import ModelConfig
+from .moe import DenseFeedForward, MoEFeedForward, load_balancing_loss
+from .swin_unet import SwinUNet
+
+__all__ = [
+    "MODEL_REGISTRY",
+    "DenseFeedForward",
+    "MoEFeedForward",
+    "ModelConfig",
+    "SwinUNet",
+    "build_model",
+    "get_config",
+    "load_balancing_loss",
+]
+
+_TINY = dict(img_size=64, embed_dim=24, num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.1)
+
+
+def _swin_unet() -> ModelConfig:
+    return ModelConfig()
+
+
+def _m4oe() -> ModelConfig:
+    return ModelConfig(experts=("ct", "mr"))
+
+
+def _m4oe_paper() -> ModelConfig:
+    # The published setup: one expert per training dataset, heads for FLARE22 (13 organs),
+    # ATLAS2023 (liver, tumour) and AMOS2022 (15 organs), RGB input, the released channel gate.
+    return ModelConfig(
+        in_chans=3,
+        experts=("flare22", "atlas2023", "amos2022"),
+        tasks=(("flare22", 14), ("atlas2023", 3), ("amos2022", 16)),
+        gate="channel",
+    )
+
+
+def _swin_unet_tiny() -> ModelConfig:
+    return ModelConfig(**_TINY, tasks=(("abdomen", 4),))
+
+
+def _m4oe_tiny() -> ModelConfig:
+    return ModelConfig(**_TINY, tasks=(("abdomen", 4), ("liver", 2)), experts=("ct", "mr", "mr-t2"))
+
+
+MODEL_REGISTRY: dict[str, Callable[[], ModelConfig]] = {
+    "swin-unet": _swin_unet,
+    "m4oe": _m4oe,
+    "m4oe-paper": _m4oe_paper,
+    "swin-unet-tiny": _swin_unet_tiny,
+    "m4oe-tiny": _m4oe_tiny,
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """The config of a registered variant, with fields overridden (unknown fields are errors)."""
+    if name not in MODEL_REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered: {sorted(MODEL_REGISTRY)}")
+    return MODEL_REGISTRY[name]().replace(**overrides)
+
+
+def build_model(name: str | ModelConfig, **overrides) -> SwinUNet:
+    """Build a randomly initialised network from a registered name or a config."""
+    cfg = name.replace(**overrides) if isinstance(name, ModelConfig) else get_config(name, **overrides)
+    return SwinUNet(cfg)

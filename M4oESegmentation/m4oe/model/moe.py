@@ -1,0 +1,141 @@
+"""Feed-forward layers of a Swin block: the dense MLP and the mixture of modality experts.
+
+Both take tokens (B, N, C) and return ``(tokens (B, N, C), expert weights (B, N, E) or None)``,
+so a block is dense or a mixture through one constructor argument (``ffn_layer``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+from torch import nn
+
+from .config import GATES
+
+ForcedExpert = int | torch.Tensor | None
+
+
+class DenseFeedForward(Mlp):
+    """The plain Swin MLP (C -> ratio*C -> C, GELU), parameter names as timm's; no expert weights."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, act_layer: type[nn.Module] = nn.GELU, drop: float = 0.0):
+        super().__init__(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+
+    def forward(self, x: torch.Tensor, force_expert: ForcedExpert = None) -> tuple[torch.Tensor, None]:
+        return super().forward(x), None
+
+
+class MoEFeedForward(nn.Module):
+    """A mixture of E expert MLPs weighted per token by a gate.
+
+    Gates:
+        "softmax": ``p = softmax(Linear(C, E)(x))`` over experts; the output is ``sum_e p_e * expert_e(x)``,
+            or with ``top_k`` only the k most probable experts run on each token, their weights
+            renormalised to sum to 1 (no token is ever dropped).
+        "channel": the released M4oE code's gate, kept for ablation: ``softmax(Linear(C, C)(x))`` over
+            channels multiplies the plain sum of all experts. It weighs every expert equally, so the
+            expert weights it reports are uniform (1/E).
+
+    ``force_expert`` (an int, or a LongTensor (B,) giving one expert per sample) bypasses the gate:
+    every token of a sample goes through that expert alone, with weight 1.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        mlp_ratio: float = 4.0,
+        gate: str = "softmax",
+        top_k: int | None = None,
+        act_layer: type[nn.Module] = nn.GELU,
+        drop: float = 0.0,
+    ):
+        super().__init__()
+        if num_experts < 2:
+            raise ValueError(f"num_experts must be at least 2, got {num_experts}")
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+        if top_k is not None and not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+        if top_k is not None and gate == "channel":
+            raise ValueError(f"top_k={top_k} needs the softmax gate; the channel gate weighs no expert")
+        self.num_experts = num_experts
+        self.gate_type = gate
+        self.top_k = None if top_k == num_experts else top_k
+        hidden = int(dim * mlp_ratio)
+        self.experts = nn.ModuleList(Mlp(dim, hidden, act_layer=act_layer, drop=drop) for _ in range(num_experts))
+        self.gate = nn.Linear(dim, num_experts if gate == "softmax" else dim)
+
+    def forward(self, x: torch.Tensor, force_expert: ForcedExpert = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: x (B, N, C) tokens. Returns (B, N, C) and the expert weights (B, N, E), summing to 1."""
+        if force_expert is not None:
+            return self._forced(x, force_expert)
+        if self.gate_type == "channel":
+            out = self.experts[0](x)
+            for expert in self.experts[1:]:
+                out = out + expert(x)
+            weights = x.new_full((*x.shape[:-1], self.num_experts), 1.0 / self.num_experts)
+            return out * F.softmax(self.gate(x), dim=-1), weights
+        probs = F.softmax(self.gate(x), dim=-1)
+        if self.top_k is None:
+            out = torch.zeros_like(x)
+            for e, expert in enumerate(self.experts):
+                out = out + probs[..., e : e + 1] * expert(x)
+            return out, probs
+        return self._top_k(x, probs), probs
+
+    def _top_k(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        flat = x.reshape(-1, C)
+        top_p, top_i = probs.reshape(-1, self.num_experts).topk(self.top_k, dim=-1)
+        # Renormalised by a constant so the gate still gets a gradient at k=1, where the weight is 1.
+        top_w = top_p / top_p.sum(dim=-1, keepdim=True).detach()
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = (top_i == e).nonzero(as_tuple=True)
+            if token.numel():
+                out.index_add_(0, token, expert(flat[token]) * top_w[token, slot, None])
+        return out.reshape(B, N, C)
+
+    def _forced(self, x: torch.Tensor, force_expert: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B = x.shape[0]
+        if isinstance(force_expert, int):
+            if not 0 <= force_expert < self.num_experts:
+                raise ValueError(f"force_expert must be in [0, {self.num_experts - 1}], got {force_expert}")
+            chosen = torch.full((B,), force_expert, dtype=torch.long, device=x.device)
+        else:
+            chosen = force_expert.to(device=x.device, dtype=torch.long).reshape(-1)
+            if chosen.numel() != B:
+                raise ValueError(f"force_expert holds {chosen.numel()} entries for a batch of {B}")
+            if chosen.min() < 0 or chosen.max() >= self.num_experts:
+                raise ValueError(f"force_expert values must be in [0, {self.num_experts - 1}], got {chosen.tolist()}")
+        weights = F.one_hot(chosen, self.num_experts).to(x.dtype)[:, None, :].expand(B, x.shape[1], -1)
+        if bool((chosen == chosen[0]).all()):
+            return self.experts[int(chosen[0])](x), weights
+        out = torch.empty_like(x)
+        for e, expert in enumerate(self.experts):
+            rows = (chosen == e).nonzero(as_tuple=True)[0]
+            if rows.numel():
+                out[rows] = expert(x[rows])
+        return out, weights
+
+
+def load_balancing_loss(gates: list[torch.Tensor] | dict[str, torch.Tensor]) -> torch.Tensor:
+    """Switch-Transformer auxiliary loss ``E * sum_e f_e * P_e``, averaged over MoE layers.
+
+    Args:
+        gates: per layer, expert probabilities (B, E, H, W) as returned by the model's forward.
+    f_e is the fraction of tokens whose most probable expert is e (not differentiable) and P_e the
+    mean probability of e; the loss is 1 when routing is uniform and E when one expert takes all.
+    """
+    layers = list(gates.values()) if isinstance(gates, dict) else list(gates)
+    if not layers:
+        raise ValueError("load_balancing_loss needs the gates of at least one MoE layer")
+    total = layers[0].new_zeros(())
+    for g in layers:
+        E = g.shape[1]
+        probs = g.movedim(1, -1).reshape(-1, E)
+        frac = F.one_hot(probs.argmax(dim=-1), E).to(probs.dtype).mean(dim=0)
+        total = total + E * (frac * probs.mean(dim=0)).sum()
+    return total / len(layers)

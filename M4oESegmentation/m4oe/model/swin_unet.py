@@ -1,0 +1,242 @@
+"""The 2D Swin-UNet of M4oE, built from timm's Swin Transformer blocks.
+
+Encoder: patch embedding, then stages of Swin blocks each ending in patch merging (except the
+last). Decoder: patch expansion, and per stage a skip concatenation, a linear projection and Swin
+blocks mirroring the encoder, then a 4x final expansion and one 1x1 convolution head per task.
+Parameter names follow the Swin-UNet / official Swin layout (``layers.{i}.blocks.{j}``,
+``layers.{i}.downsample`` at the end of a stage) so ImageNet weights map without renaming.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import PatchEmbed
+from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
+from torch import nn
+
+from .config import ModelConfig
+from .moe import DenseFeedForward, ForcedExpert, MoEFeedForward
+
+
+class SwinBlock(SwinTransformerBlock):
+    """timm's Swin block whose MLP is a feed-forward layer of our own (dense or mixture).
+
+    Works on (B, H, W, C) features; returns them with the expert weights (B, H*W, E) or None.
+    """
+
+    def __init__(self, *, ffn_layer: type[nn.Module], **kwargs):
+        super().__init__(**kwargs)
+        self.mlp = ffn_layer(self.dim)
+
+    def forward(self, x: torch.Tensor, force_expert: ForcedExpert = None):
+        B, H, W, C = x.shape
+        x = x + self.drop_path1(self._attn(self.norm1(x)))
+        x = x.reshape(B, H * W, C)
+        y, gates = self.mlp(self.norm2(x), force_expert)
+        x = x + self.drop_path2(y)
+        return x.reshape(B, H, W, C), gates
+
+
+class PatchExpand(nn.Module):
+    """Upsample (B, H, W, C) to (B, s*H, s*W, C*2/s) with a linear layer and pixel shuffle, then norm."""
+
+    def __init__(self, dim: int, scale: int = 2, out_dim: int | None = None, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.scale = scale
+        self.out_dim = out_dim if out_dim is not None else dim // 2
+        self.expand = nn.Linear(dim, scale * scale * self.out_dim, bias=False)
+        self.norm = norm_layer(self.out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, _ = x.shape
+        s, c = self.scale, self.out_dim
+        x = self.expand(x).reshape(B, H, W, s, s, c).permute(0, 1, 3, 2, 4, 5).reshape(B, H * s, W * s, c)
+        return self.norm(x)
+
+
+class Stage(nn.Module):
+    """A sequence of Swin blocks at one resolution (shift on every other block)."""
+
+    def __init__(self, cfg: ModelConfig, dim: int, resolution: int, depth: int, heads: int, drop_path, use_moe):
+        super().__init__()
+        if use_moe:
+            ffn = partial(
+                MoEFeedForward,
+                num_experts=cfg.num_experts,
+                mlp_ratio=cfg.mlp_ratio,
+                gate=cfg.gate,
+                top_k=cfg.top_k,
+                drop=cfg.drop_rate,
+            )
+        else:
+            ffn = partial(DenseFeedForward, mlp_ratio=cfg.mlp_ratio, drop=cfg.drop_rate)
+        self.resolution = resolution
+        self.blocks = nn.ModuleList(
+            SwinBlock(
+                ffn_layer=ffn,
+                dim=dim,
+                input_resolution=(resolution, resolution),
+                num_heads=heads,
+                window_size=cfg.window_size,
+                shift_size=0 if j % 2 == 0 else cfg.window_size // 2,
+                mlp_ratio=cfg.mlp_ratio,
+                qkv_bias=cfg.qkv_bias,
+                proj_drop=cfg.drop_rate,
+                attn_drop=cfg.attn_drop_rate,
+                drop_path=drop_path[j],
+            )
+            for j in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor, force_expert: ForcedExpert, gates: dict, prefix: str) -> torch.Tensor:
+        for j, block in enumerate(self.blocks):
+            x, g = block(x, force_expert)
+            if g is not None:
+                B, H, W, _ = x.shape
+                gates[f"{prefix}.{j}"] = g.reshape(B, H, W, -1).permute(0, 3, 1, 2)
+        return x
+
+
+class EncoderStage(Stage):
+    def __init__(self, *args, downsample: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        dim = self.blocks[0].dim
+        self.downsample = PatchMerging(dim) if downsample else None
+
+
+class SwinUNet(nn.Module):
+    """2D Swin-UNet with optional mixture-of-experts feed-forward layers.
+
+    Input: (B, in_chans, img_size, img_size) normalised slices. Output: logits (B, K, img_size,
+    img_size) of one task head, and on request the expert weights of every MoE layer.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        n = len(cfg.depths)
+        res0 = cfg.img_size // cfg.patch_size
+        moe_enc = cfg.is_moe and cfg.moe_placement in ("encoder", "both")
+        moe_dec = cfg.is_moe and cfg.moe_placement in ("decoder", "both")
+        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+
+        self.patch_embed = PatchEmbed(
+            img_size=cfg.img_size,
+            patch_size=cfg.patch_size,
+            in_chans=cfg.in_chans,
+            embed_dim=cfg.embed_dim,
+            norm_layer=nn.LayerNorm,
+            output_fmt="NHWC",
+        )
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        self.layers = nn.ModuleList()
+        for i in range(n):
+            start = sum(cfg.depths[:i])
+            self.layers.append(
+                EncoderStage(
+                    cfg,
+                    cfg.embed_dim * 2**i,
+                    res0 // 2**i,
+                    cfg.depths[i],
+                    cfg.num_heads[i],
+                    dpr[start : start + cfg.depths[i]],
+                    moe_enc,
+                    downsample=i < n - 1,
+                )
+            )
+        self.norm = nn.LayerNorm(cfg.embed_dim * 2 ** (n - 1))
+
+        # Decoder: up[0] only expands the bottleneck; up[i] (i >= 1) fuses the skip of encoder
+        # stage n-1-i, runs its blocks, and expands (except the last).
+        self.first_up = PatchExpand(cfg.embed_dim * 2 ** (n - 1))
+        self.concat_back_dim = nn.ModuleList()
+        self.layers_up = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for i in range(1, n):
+            level = n - 1 - i
+            dim = cfg.embed_dim * 2**level
+            start = sum(cfg.depths[:level])
+            self.concat_back_dim.append(nn.Linear(2 * dim, dim))
+            self.layers_up.append(
+                Stage(
+                    cfg,
+                    dim,
+                    res0 // 2**level,
+                    cfg.depths[level],
+                    cfg.num_heads[level],
+                    dpr[start : start + cfg.depths[level]],
+                    moe_dec,
+                )
+            )
+            self.upsample.append(PatchExpand(dim) if level > 0 else nn.Identity())
+        self.norm_up = nn.LayerNorm(cfg.embed_dim)
+        self.final_up = PatchExpand(cfg.embed_dim, scale=cfg.patch_size, out_dim=cfg.embed_dim)
+        self.heads = nn.ModuleDict({name: nn.Conv2d(cfg.embed_dim, k, 1, bias=False) for name, k in cfg.tasks})
+        self.apply(_init_weights)
+
+    def forward_features(
+        self, x: torch.Tensor, force_expert: ForcedExpert = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Decoder features (B, embed_dim, img_size, img_size) and the MoE gates by layer name.
+
+        Gate tensors are (B, E, H_l, W_l), H_l = W_l the token grid of that stage; names are
+        ``encoder.{stage}.{block}`` and ``decoder.{stage}.{block}`` (decoder stage 0 is the deepest).
+        """
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_chans or x.shape[-2:] != (self.cfg.img_size,) * 2:
+            raise ValueError(
+                f"expected input (B, {self.cfg.in_chans}, {self.cfg.img_size}, {self.cfg.img_size}), "
+                f"got {tuple(x.shape)}"
+            )
+        gates: dict[str, torch.Tensor] = {}
+        x = self.pos_drop(self.patch_embed(x))
+        skips = []
+        for i, stage in enumerate(self.layers):
+            skips.append(x)
+            x = stage(x, force_expert, gates, f"encoder.{i}")
+            if stage.downsample is not None:
+                x = stage.downsample(x)
+        x = self.first_up(self.norm(x))
+        for i, (fuse, stage, up) in enumerate(zip(self.concat_back_dim, self.layers_up, self.upsample)):
+            x = fuse(torch.cat([x, skips[-2 - i]], dim=-1))
+            x = up(stage(x, force_expert, gates, f"decoder.{i}"))
+        x = self.final_up(self.norm_up(x))
+        return x.permute(0, 3, 1, 2), gates
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        task: str | None = None,
+        force_expert: ForcedExpert = None,
+        return_gates: bool = False,
+    ):
+        """Segment a batch of slices.
+
+        Args:
+            x: (B, in_chans, img_size, img_size) float, intensity-normalised slices.
+            task: head to use; None means the first task of the config.
+            force_expert: route every token to this expert index (int), or one index per sample
+                (LongTensor (B,)); None lets the gate decide.
+            return_gates: also return {layer name: (B, E, H_l, W_l)} expert weights.
+        Returns:
+            logits (B, K, img_size, img_size), and the gates dict when asked.
+        """
+        if force_expert is not None and not self.cfg.is_moe:
+            raise ValueError(f"force_expert={force_expert!r} needs a mixture-of-experts model; this one is dense")
+        name = self.cfg.task_names[0] if task is None else task
+        if name not in self.heads:
+            raise ValueError(f"unknown task {name!r}; this model has {list(self.cfg.task_names)}")
+        features, gates = self.forward_features(x, force_expert)
+        logits = self.heads[name](features)
+        return (logits, gates) if return_gates else logits
+
+
+def _init_weights(m: nn.Module):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
