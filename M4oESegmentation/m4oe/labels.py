@@ -39,7 +39,7 @@ class Label:
         if not isinstance(self.value, int) or self.value < 1:
             raise ValueError(f"label {self.name!r}: value must be a positive integer, got {self.value!r}")
         if len(self.color) != 3 or not all(0.0 <= float(c) <= 1.0 for c in self.color):
-            raise ValueError(f"label {self.name!r}: color must be three numbers in [0, 1], got {self.color!r}")
+            raise ValueError(f"label {self.name!r}: color must be 3 numbers in [0, 1], got {self.color!r}")
 
     def terminology_entry(self) -> str:
         """The segment's ``TerminologyEntry`` tag as Slicer writes it in ``.seg.nrrd`` files."""

@@ -26,8 +26,9 @@ MODALITIES = ("ct", "mr")
 
 AIR_HU = (-1100.0, -900.0)
 FAT_HU = (-200.0, -30.0)
-SOFT_TISSUE_HU = (-200.0, 300.0)
-BODY_THRESHOLD_HU = -500.0
+SOFT_TISSUE_HU = (-30.0, 100.0)
+TISSUE_HU = (-200.0, 300.0)
+BODY_THRESHOLD_HU = AIR_HU[1]
 UNSIGNED_HU_OFFSET = 1024.0
 DETECTION_VOXELS = 1 << 18
 
@@ -38,7 +39,8 @@ class ModalityResult:
 
     ``modality`` is ``"ct"`` or ``"mr"``; ``source`` is ``"user"``, ``"dicom"`` or ``"intensity"``;
     ``evidence`` is one human-readable line; ``confidence`` is in [0, 1]; ``statistics`` holds the
-    intensity figures measured on the volume (plain floats, JSON-serialisable).
+    intensity figures measured on the volume and the guess made from them alone
+    (``intensity_guess``, ``intensity_confidence``), JSON-serialisable.
     """
 
     modality: str
@@ -59,9 +61,9 @@ def parse_modality(value: str, what: str = "modality") -> str:
 def strided_subsample(array: np.ndarray, max_voxels: int) -> np.ndarray:
     """A regular grid of at most ``max_voxels`` voxels of ``array`` (any shape), as a flat copy.
 
-    Each axis gets its own stride, the longest axes first, so a thin slab is not thinned along its
-    few slices, and no stride aliases with a row length as a flat stride could. Deterministic: the
-    same voxels are chosen for every array of the same shape.
+    Each axis gets its own stride, the axis with the most samples left being thinned first, so a
+    thin slab keeps its few slices, and no stride aliases with a row length as a flat stride
+    could. Deterministic: the same voxels are chosen for every array of the same shape.
     """
     if max_voxels < 1:
         raise ValueError(f"max_voxels must be at least 1, got {max_voxels}")
@@ -106,15 +108,18 @@ def detect_modality(
     statistics["intensity_guess"] = guess
     statistics["intensity_confidence"] = confidence
 
+    # A CT without its rescale intercept is worth saying even when the tag or the user agrees.
+    caveat = f"; {reason}" if statistics["suspected_hu_offset"] else ""
     if forced is not None:
-        agreement = "" if forced == guess else f" (intensities suggest {guess}: {reason})"
+        agreement = caveat if forced == guess else f" (intensities suggest {guess}: {reason})"
         return ModalityResult(forced, "user", f"set by the user to {forced}{agreement}", 1.0, statistics)
 
     tag = dicom_modality.strip().upper() if isinstance(dicom_modality, str) else ""
     if tag in ("CT", "MR"):
         modality = tag.lower()
         if modality == guess:
-            return ModalityResult(modality, "dicom", f"DICOM Modality tag is {tag!r}", 1.0, statistics)
+            evidence = f"DICOM Modality tag is {tag!r}{caveat}"
+            return ModalityResult(modality, "dicom", evidence, 1.0, statistics)
         evidence = f"DICOM Modality tag is {tag!r}, but intensities suggest {guess}: {reason}"
         return ModalityResult(modality, "dicom", evidence, 0.8, statistics)
 
@@ -125,10 +130,12 @@ def detect_modality(
 def intensity_statistics(array: np.ndarray) -> dict:
     """The figures modality detection rests on, measured on a subsample of ``array`` (any shape).
 
-    Values are read as HU: ``air_fraction`` is the share of voxels in [-1100, -900], ``fat_fraction``
-    the share of body voxels (above -500) in the fat range [-200, -30], ``soft_tissue_fraction``
-    the share of body voxels in [-200, 300]. The ``shifted_*`` figures are the same for the values
-    minus 1024 (a CT stored unsigned without rescale).
+    Values are read as HU: ``air_fraction`` is the share of voxels in [-1100, -900]; of the body
+    voxels (above -900), ``fat_fraction`` is the share in [-200, -30], ``soft_tissue_fraction`` in
+    [-30, 100] (muscle, organs, blood) and ``tissue_fraction`` in [-200, 300], where an abdominal
+    CT's body mostly lies. The ``shifted_*`` figures are the same for the values minus 1024;
+    ``suspected_hu_offset`` is 1024 when they look like a CT stored unsigned without its rescale
+    intercept (no negative value, but air, fat and soft tissue all 1024 too high), else 0.
     """
     array = np.asarray(array)
     if array.size == 0:
@@ -151,6 +158,14 @@ def intensity_statistics(array: np.ndarray) -> dict:
     }
     stats.update(_hu_fractions(sample, ""))
     stats.update(_hu_fractions(sample - UNSIGNED_HU_OFFSET, "shifted_"))
+    unsigned_ct = (
+        stats["negative_fraction"] <= 0.01
+        and stats["shifted_air_fraction"] >= 0.05
+        and stats["shifted_fat_fraction"] >= 0.05
+        and stats["shifted_soft_tissue_fraction"] >= 0.1
+        and stats["shifted_tissue_fraction"] >= 0.7
+    )
+    stats["suspected_hu_offset"] = UNSIGNED_HU_OFFSET if unsigned_ct else 0.0
     return stats
 
 
@@ -160,6 +175,7 @@ def _hu_fractions(values: np.ndarray, prefix: str) -> dict:
         f"{prefix}air_fraction": _fraction_within(values, AIR_HU),
         f"{prefix}fat_fraction": _fraction_within(body, FAT_HU),
         f"{prefix}soft_tissue_fraction": _fraction_within(body, SOFT_TISSUE_HU),
+        f"{prefix}tissue_fraction": _fraction_within(body, TISSUE_HU),
     }
 
 
@@ -179,28 +195,23 @@ def _guess_from_statistics(s: dict) -> tuple[str, float, str]:
         air_mode = AIR_HU[0] <= s["percentile_1"] <= AIR_HU[1] or s["air_fraction"] >= 0.05
         reason = f"{100 * s['air_fraction']:.0f}% of voxels at air (-1000 HU); {summary}"
         return "ct", 0.95 if air_mode else 0.8, reason
-    if (
-        s["negative_fraction"] <= 0.01
-        and s["shifted_air_fraction"] >= 0.05
-        and s["shifted_fat_fraction"] >= 0.05
-        and s["shifted_soft_tissue_fraction"] >= 0.7
-    ):
-        s["suspected_hu_offset"] = UNSIGNED_HU_OFFSET
+    if s["suspected_hu_offset"]:
         reason = (
-            "no negative values, but air near 0 and fat/soft tissue near 1000: looks like CT stored "
+            "(nearly) no negative values, but air near 0 and fat/soft tissue near 1000: looks like CT stored "
             f"without its rescale intercept (HU + {UNSIGNED_HU_OFFSET:.0f}); {summary}"
         )
         return "ct", 0.5, reason
-    if s["negative_fraction"] <= 0.05:
-        soft_tissue_only = s["minimum"] >= SOFT_TISSUE_HU[0] and s["maximum"] <= SOFT_TISSUE_HU[1] + 100
-        reason = f"(nearly) non-negative, no air at -1000; {summary}"
-        return "mr", 0.6 if soft_tissue_only else 0.9, reason
-    hu_like = s["minimum"] >= AIR_HU[0] - 100 and s["percentile_99"] - s["percentile_1"] >= 100
-    if hu_like and s["fat_fraction"] >= 0.05:
+    fat_cluster = s["fat_fraction"] >= 0.03 and s["percentile_1"] <= FAT_HU[1]
+    if fat_cluster and s["minimum"] >= AIR_HU[0] - 100:
         reason = (
-            f"no air, but {100 * s['fat_fraction']:.0f}% of tissue at fat values (-200..-30 HU): "
+            f"no air, but {100 * s['fat_fraction']:.0f}% of the body at fat values (-200..-30 HU): "
             f"CT cropped to soft tissue?; {summary}"
         )
         return "ct", 0.6, reason
+    if s["negative_fraction"] <= 0.05:
+        # Values all within a soft-tissue HU window could as well be a CT cropped inside an organ.
+        soft_tissue_only = s["minimum"] >= TISSUE_HU[0] and s["maximum"] <= TISSUE_HU[1] + 100
+        reason = f"(nearly) non-negative, no air at -1000; {summary}"
+        return "mr", 0.6 if soft_tissue_only else 0.9, reason
     reason = f"negative values without air at -1000 or a HU pattern (rescaled data?); {summary}"
     return "mr", 0.5, reason

@@ -70,7 +70,9 @@ class ModelConfig:
         if stages < 2:
             raise ValueError(f"depths must list at least 2 stages, got {self.depths}")
         if len(self.num_heads) != stages:
-            raise ValueError(f"num_heads {self.num_heads} must have one entry per stage of depths {self.depths}")
+            raise ValueError(
+                f"num_heads {self.num_heads} must have one entry per stage of depths {self.depths}"
+            )
         if any(d < 1 for d in self.depths):
             raise ValueError(f"every stage needs at least one block, got depths {self.depths}")
         if self.in_chans not in (1, 3):
@@ -82,7 +84,9 @@ class ModelConfig:
             )
         for i, heads in enumerate(self.num_heads):
             if heads < 1 or (self.embed_dim * 2**i) % heads:
-                raise ValueError(f"stage {i}: width {self.embed_dim * 2**i} is not divisible by {heads} heads")
+                raise ValueError(
+                    f"stage {i}: width {self.embed_dim * 2**i} is not divisible by {heads} heads"
+                )
         if self.window_size < 1:
             raise ValueError(f"window_size must be positive, got {self.window_size}")
         if self.mlp_ratio <= 0:
@@ -98,7 +102,9 @@ class ModelConfig:
             raise ValueError(f"task names must be unique, got {names}")
         for name, classes in self.tasks:
             if not _TASK_NAME.match(name):
-                raise ValueError(f"task name {name!r} must start with a letter and hold only letters, digits, _ or -")
+                raise ValueError(
+                    f"task name {name!r} must start with a letter and hold only letters, digits, _ or -"
+                )
             if classes < 2:
                 raise ValueError(f"task {name!r} needs at least 2 classes (background + one), got {classes}")
         if len(set(self.experts)) != len(self.experts):
@@ -108,14 +114,18 @@ class ModelConfig:
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
         if self.experts and len(self.experts) < 2:
-            raise ValueError(f"a mixture needs at least 2 experts, got {self.experts}; use experts=() for dense")
+            raise ValueError(
+                f"a mixture needs at least 2 experts, got {self.experts}; use experts=() for dense"
+            )
         if self.top_k is not None:
             if not self.experts:
                 raise ValueError(f"top_k={self.top_k} needs experts; this config is dense")
             if not 1 <= self.top_k <= len(self.experts):
                 raise ValueError(f"top_k must be in [1, {len(self.experts)}], got {self.top_k}")
             if self.gate == "channel":
-                raise ValueError(f"top_k={self.top_k} needs the softmax gate; the channel gate weighs no expert")
+                raise ValueError(
+                    f"top_k={self.top_k} needs the softmax gate; the channel gate weighs no expert"
+                )
 
     @property
     def num_experts(self) -> int:

@@ -19,7 +19,9 @@ ForcedExpert = int | torch.Tensor | None
 class DenseFeedForward(Mlp):
     """The plain Swin MLP (C -> ratio*C -> C, GELU), parameter names as timm's; no expert weights."""
 
-    def __init__(self, dim: int, mlp_ratio: float = 4.0, act_layer: type[nn.Module] = nn.GELU, drop: float = 0.0):
+    def __init__(
+        self, dim: int, mlp_ratio: float = 4.0, act_layer: type[nn.Module] = nn.GELU, drop: float = 0.0
+    ):
         super().__init__(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
     def forward(self, x: torch.Tensor, force_expert: ForcedExpert = None) -> tuple[torch.Tensor, None]:
@@ -64,10 +66,14 @@ class MoEFeedForward(nn.Module):
         self.gate_type = gate
         self.top_k = None if top_k == num_experts else top_k
         hidden = int(dim * mlp_ratio)
-        self.experts = nn.ModuleList(Mlp(dim, hidden, act_layer=act_layer, drop=drop) for _ in range(num_experts))
+        self.experts = nn.ModuleList(
+            Mlp(dim, hidden, act_layer=act_layer, drop=drop) for _ in range(num_experts)
+        )
         self.gate = nn.Linear(dim, num_experts if gate == "softmax" else dim)
 
-    def forward(self, x: torch.Tensor, force_expert: ForcedExpert = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, force_expert: ForcedExpert = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: x (B, N, C) tokens. Returns (B, N, C) and the expert weights (B, N, E), summing to 1."""
         if force_expert is not None:
             return self._forced(x, force_expert)
@@ -95,7 +101,8 @@ class MoEFeedForward(nn.Module):
         for e, expert in enumerate(self.experts):
             token, slot = (top_i == e).nonzero(as_tuple=True)
             if token.numel():
-                out.index_add_(0, token, expert(flat[token]) * top_w[token, slot, None])
+                # Cast: under autocast an expert returns bf16/fp16 while ``out`` keeps the input's dtype.
+                out.index_add_(0, token, (expert(flat[token]) * top_w[token, slot, None]).to(out.dtype))
         return out.reshape(B, N, C)
 
     def _forced(self, x: torch.Tensor, force_expert: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +116,9 @@ class MoEFeedForward(nn.Module):
             if chosen.numel() != B:
                 raise ValueError(f"force_expert holds {chosen.numel()} entries for a batch of {B}")
             if chosen.min() < 0 or chosen.max() >= self.num_experts:
-                raise ValueError(f"force_expert values must be in [0, {self.num_experts - 1}], got {chosen.tolist()}")
+                raise ValueError(
+                    f"force_expert values must be in [0, {self.num_experts - 1}], got {chosen.tolist()}"
+                )
         weights = F.one_hot(chosen, self.num_experts).to(x.dtype)[:, None, :].expand(B, x.shape[1], -1)
         if bool((chosen == chosen[0]).all()):
             return self.experts[int(chosen[0])](x), weights
@@ -117,7 +126,7 @@ class MoEFeedForward(nn.Module):
         for e, expert in enumerate(self.experts):
             rows = (chosen == e).nonzero(as_tuple=True)[0]
             if rows.numel():
-                out[rows] = expert(x[rows])
+                out[rows] = expert(x[rows]).to(out.dtype)
         return out, weights
 
 

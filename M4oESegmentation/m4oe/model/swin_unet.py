@@ -59,7 +59,9 @@ class PatchExpand(nn.Module):
 class Stage(nn.Module):
     """A sequence of Swin blocks at one resolution (shift on every other block)."""
 
-    def __init__(self, cfg: ModelConfig, dim: int, resolution: int, depth: int, heads: int, drop_path, use_moe):
+    def __init__(
+        self, cfg: ModelConfig, dim: int, resolution: int, depth: int, heads: int, drop_path, use_moe
+    ):
         super().__init__()
         if use_moe:
             ffn = partial(
@@ -173,7 +175,9 @@ class SwinUNet(nn.Module):
             self.upsample.append(PatchExpand(dim) if level > 0 else nn.Identity())
         self.norm_up = nn.LayerNorm(cfg.embed_dim)
         self.final_up = PatchExpand(cfg.embed_dim, scale=cfg.patch_size, out_dim=cfg.embed_dim)
-        self.heads = nn.ModuleDict({name: nn.Conv2d(cfg.embed_dim, k, 1, bias=False) for name, k in cfg.tasks})
+        self.heads = nn.ModuleDict(
+            {name: nn.Conv2d(cfg.embed_dim, k, 1, bias=False) for name, k in cfg.tasks}
+        )
         self.apply(_init_weights)
 
     def forward_features(
@@ -198,7 +202,9 @@ class SwinUNet(nn.Module):
             if stage.downsample is not None:
                 x = stage.downsample(x)
         x = self.first_up(self.norm(x))
-        for i, (fuse, stage, up) in enumerate(zip(self.concat_back_dim, self.layers_up, self.upsample)):
+        for i, (fuse, stage, up) in enumerate(
+            zip(self.concat_back_dim, self.layers_up, self.upsample, strict=True)
+        ):
             x = fuse(torch.cat([x, skips[-2 - i]], dim=-1))
             x = up(stage(x, force_expert, gates, f"decoder.{i}"))
         x = self.final_up(self.norm_up(x))
@@ -223,7 +229,9 @@ class SwinUNet(nn.Module):
             logits (B, K, img_size, img_size), and the gates dict when asked.
         """
         if force_expert is not None and not self.cfg.is_moe:
-            raise ValueError(f"force_expert={force_expert!r} needs a mixture-of-experts model; this one is dense")
+            raise ValueError(
+                f"force_expert={force_expert!r} needs a mixture-of-experts model; this one is dense"
+            )
         name = self.cfg.task_names[0] if task is None else task
         if name not in self.heads:
             raise ValueError(f"unknown task {name!r}; this model has {list(self.cfg.task_names)}")

@@ -1,0 +1,368 @@
+"""The ``m4oe`` command line: segment, info, evaluate, models.
+
+One argparse builder; every user error ends in one line on stderr and a non-zero exit code
+(2 bad input, 3 output not writable or already there, 4 model problem, 130 cancelled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import InputError, M4oEError, OutputError
+
+SEGMENTATION_SUFFIX = ".seg.nrrd"
+LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="m4oe",
+        description="M4oE abdominal organ segmentation for CT and MRI (mixture of modality experts).",
+    )
+    parser.add_argument("--version", action="version", version=f"m4oe {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    seg = sub.add_parser("segment", help="segment a CT or MRI volume")
+    seg.add_argument("input", help="NIfTI, NRRD or MHA file, or a DICOM series folder")
+    seg.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="label map (.nii.gz, .nii, .nrrd, .mha) or Slicer segmentation (.seg.nrrd)",
+    )
+    seg.add_argument("--modality", default="auto", choices=("auto", "ct", "mr"), help="default: detect")
+    seg.add_argument("--model", default=None, help="model name or path (default: the embedded model)")
+    seg.add_argument("--sha256", default=None, help="expected SHA-256 of the model weights")
+    seg.add_argument("--task", default=None, help="label set of the model (default: its first task)")
+    seg.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    seg.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    seg.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    seg.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
+    seg.add_argument("--gates", metavar="DIR", default=None, help="write gate maps and the gate summary here")
+    seg.add_argument(
+        "--gate-layer", default=None, help="map one MoE layer (e.g. encoder.0.1) instead of the mean"
+    )
+    seg.add_argument(
+        "--probabilities",
+        nargs="?",
+        const="uint8",
+        choices=("uint8", "float16"),
+        default=None,
+        help="also write per-class probabilities next to the output (uint8 0-255 by default)",
+    )
+    seg.add_argument("--force-expert", default=None, help="route every token to this expert (index or name)")
+    seg.add_argument("--no-cleanup", action="store_true", help="keep every connected component")
+    seg.add_argument(
+        "--report", metavar="FILE.png", default=None, help="write a one-page picture of the result"
+    )
+    seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    seg.add_argument(
+        "--progress",
+        choices=("auto", "bar", "json", "none"),
+        default="auto",
+        help="bar on a terminal; json prints one JSON object per line on stdout for a program to read",
+    )
+
+    info = sub.add_parser("info", help="print a model card")
+    info.add_argument(
+        "model", nargs="?", default=None, help="model name or path (default: the embedded model)"
+    )
+    info.add_argument("--json", action="store_true", help="print the card as JSON")
+
+    ev = sub.add_parser("evaluate", help="Dice and HD95 (mm) of a label map against a reference")
+    ev.add_argument("prediction")
+    ev.add_argument("reference")
+    ev.add_argument("--label-map", default=None, help='JSON {"pred value": ref value} when numbering differs')
+    ev.add_argument("--labels", default=None, help="comma-separated prediction label values to score")
+    ev.add_argument("--json", action="store_true")
+
+    models = sub.add_parser("models", help="list, download and delete models")
+    group = models.add_mutually_exclusive_group()
+    group.add_argument("--download", metavar="NAME", default=None, help="download a registered model")
+    group.add_argument("--delete", metavar="NAME", default=None, help="delete a downloaded model")
+    models.add_argument("--force", action="store_true", help="download again even if cached")
+    models.add_argument("--json", action="store_true")
+    return parser
+
+
+class ProgressPrinter:
+    """Turns progress events into a terminal bar (stderr) or JSON lines (stdout)."""
+
+    def __init__(self, mode: str):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "none"
+        self.mode = mode
+
+    def __call__(self, event) -> None:
+        if self.mode == "json":
+            self.emit(event.to_dict())
+        elif self.mode == "bar":
+            width = 30
+            filled = int(width * event.fraction)
+            eta = "" if event.eta_s is None else f" ~{event.eta_s:.0f}s left"
+            bar = "#" * filled + "-" * (width - filled)
+            sys.stderr.write(
+                f"\r{event.stage:<12} [{bar}] {event.fraction:5.0%} {event.elapsed_s:6.1f}s{eta}   "
+            )
+            if event.fraction >= 1.0 and event.stage != "inference":
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    def emit(self, record: dict) -> None:
+        if self.mode == "json":
+            print(json.dumps(record), flush=True)
+
+
+def _segment_outputs(args) -> dict[str, Path]:
+    """Every file the segment command will write, checked before any work is done."""
+    output = Path(args.output)
+    name = output.name.lower()
+    if not name.endswith((SEGMENTATION_SUFFIX, *LABELMAP_SUFFIXES)):
+        raise OutputError(
+            f"unsupported output format; use {SEGMENTATION_SUFFIX} or one of {', '.join(LABELMAP_SUFFIXES)}",
+            output,
+        )
+    outputs = {"segmentation": output}
+    if args.probabilities:
+        stem = output.name[
+            : -len(next(s for s in (SEGMENTATION_SUFFIX, *LABELMAP_SUFFIXES) if name.endswith(s)))
+        ]
+        outputs["probabilities"] = output.with_name(f"{stem}_probabilities.nrrd")
+    if args.gates:
+        gates = Path(args.gates)
+        outputs["gate_map"] = gates / "gate_map.nrrd"
+        outputs["dominant_expert"] = gates / "dominant_expert.nrrd"
+        outputs["gate_summary"] = gates / "gate_summary.json"
+    if args.report:
+        outputs["report"] = Path(args.report)
+    for path in outputs.values():
+        if path.exists() and not args.overwrite:
+            raise OutputError("exists; pass --overwrite to replace it", path)
+        folder = path.parent
+        if path.parent == Path(args.gates or "\0") and not folder.exists():
+            continue  # the gates folder is created on write
+        if not folder.is_dir():
+            raise OutputError("folder does not exist", folder)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OutputError("folder is not writable", folder)
+    return outputs
+
+
+def cmd_segment(args) -> int:
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .io import read_image, write_atomic, write_image, write_segmentation
+    from .predictor import Predictor
+
+    outputs = _segment_outputs(args)
+    printer = ProgressPrinter(args.progress)
+    t0 = time.perf_counter()
+    predictor = Predictor.from_pretrained(
+        args.model,
+        sha256=args.sha256,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        batch_size=args.batch_size,
+    )
+    loaded = read_image(args.input)
+    load_s = time.perf_counter() - t0
+    printer.emit({"stage": "load", "fraction": 1.0, "elapsed_s": round(load_s, 3), "eta_s": None})
+    prediction = predictor.predict(
+        loaded.image,
+        modality=args.modality,
+        dicom_modality=loaded.dicom_modality,
+        task=args.task,
+        force_expert=args.force_expert,
+        probabilities=args.probabilities,
+        gates=bool(args.gates),
+        gate_layer=args.gate_layer,
+        cleanup=not args.no_cleanup,
+        progress=printer,
+        source=loaded.path,
+    )
+    written = {}
+    out = outputs["segmentation"]
+    if out.name.lower().endswith(SEGMENTATION_SUFFIX):
+        written["segmentation"] = write_segmentation(
+            prediction.labelmap, prediction.labels, out, overwrite=args.overwrite
+        )
+    else:
+        written["segmentation"] = write_image(prediction.labelmap, out, overwrite=args.overwrite)
+    if prediction.probabilities is not None:
+        written["probabilities"] = write_image(
+            prediction.probabilities, outputs["probabilities"], overwrite=args.overwrite
+        )
+    if args.gates:
+        outputs["gate_map"].parent.mkdir(parents=True, exist_ok=True)
+        gate_map = prediction.gate_map
+        written["gate_map"] = write_image(gate_map, outputs["gate_map"], overwrite=args.overwrite)
+        weights = sitk.GetArrayViewFromImage(gate_map)
+        dominant = sitk.GetImageFromArray((np.argmax(weights, axis=-1) + 1).astype(np.uint8))
+        dominant.CopyInformation(gate_map)
+        written["dominant_expert"] = write_image(
+            dominant, outputs["dominant_expert"], overwrite=args.overwrite
+        )
+        summary = dict(prediction.gate_summary)
+        summary["dominant_expert_values"] = {e["name"]: i + 1 for i, e in enumerate(summary["experts"])}
+        summary["source"] = str(loaded.path)
+
+        def dump(tmp: Path) -> None:
+            tmp.write_text(json.dumps(summary, indent=1) + "\n")
+
+        written["gate_summary"] = write_atomic(outputs["gate_summary"], dump, overwrite=args.overwrite)
+    if args.report:
+        from .report import write_report
+
+        written["report"] = write_report(
+            loaded.image, prediction, outputs["report"], overwrite=args.overwrite
+        )
+    seconds = dict(prediction.seconds, load=round(load_s, 3), total=round(time.perf_counter() - t0, 3))
+    found = prediction.modality
+    warning = prediction.gate_summary.get("warning") if prediction.gate_summary else None
+    if printer.mode == "json":
+        printer.emit(
+            {
+                "stage": "done",
+                "fraction": 1.0,
+                "elapsed_s": seconds["total"],
+                "eta_s": 0.0,
+                "modality": found.modality,
+                "modality_source": found.source,
+                "modality_evidence": found.evidence,
+                "task": prediction.task,
+                "outputs": {k: str(v) for k, v in written.items()},
+                "warning": warning,
+                "seconds": seconds,
+            }
+        )
+    else:
+        size = "x".join(str(s) for s in prediction.labelmap.GetSize())
+        spacing = "x".join(f"{s:.3g}" for s in prediction.labelmap.GetSpacing())
+        print(f"modality: {found.modality} ({found.source}: {found.evidence})")
+        print(f"task: {prediction.task}; output grid {size} voxels of {spacing} mm, same as the input")
+        for kind, path in written.items():
+            print(f"wrote {kind}: {path}")
+        if warning:
+            print(f"WARNING: {warning}", file=sys.stderr)
+        print(f"done in {seconds['total']:.1f} s (model and image load {seconds['load']:.1f} s)")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import read_model_card
+    from .hub import resolve_model
+
+    card = read_model_card(resolve_model(args.model))
+    if args.json:
+        print(json.dumps(card.to_dict(), indent=1))
+        return 0
+    print(f"{card.name}: {card.description}")
+    if card.notes:
+        print(f"NOTE: {card.notes}")
+    arch = card.architecture
+    kind = (
+        f"M4oE, {arch.num_experts} experts ({arch.gate} gate, top_k={arch.top_k})" if arch.is_moe else "dense"
+    )
+    print(f"architecture: Swin-UNet {arch.img_size}px, {kind}, in_chans {arch.in_chans}")
+    for e in card.experts:
+        print(f"  expert {e.name}: {e.modality}")
+    for task in card.tasks:
+        print(f"task {task.name}: " + ", ".join(f"{lab.value} {lab.name}" for lab in task.labels))
+    pre = card.preprocessing
+    print(
+        f"preprocessing: in-plane {pre.in_plane}"
+        + (f" to {pre.target_spacing_mm} mm" if pre.target_spacing_mm else "")
+    )
+    for modality, params in pre.intensity.items():
+        print(f"  {modality}: {params}")
+    for key, value in card.provenance.items():
+        print(f"provenance {key}: {value}")
+    for key, value in card.metrics.items():
+        print(f"metric {key}: {value}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, format_table, load_label_map
+    from .io import read_image
+
+    label_map = load_label_map(args.label_map) if args.label_map else None
+    labels = None
+    if args.labels:
+        try:
+            labels = [int(v) for v in args.labels.split(",")]
+        except ValueError:
+            raise InputError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
+    pred = read_image(args.prediction)
+    ref = read_image(args.reference)
+    result = evaluate(
+        pred.image, ref.image, labels=labels, label_map=label_map, pred_path=pred.path, ref_path=ref.path
+    )
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .hub import delete_model, download_model, list_models
+
+    if args.download:
+        path = download_model(args.download, force=args.force)
+        print(f"downloaded {args.download} to {path}")
+        return 0
+    if args.delete:
+        path = delete_model(args.delete)
+        print(f"deleted {args.delete} from {path}")
+        return 0
+    entries = list_models()
+    if args.json:
+        print(json.dumps([e.to_dict() for e in entries], indent=1))
+        return 0
+    if not entries:
+        print("no models found")
+    for e in entries:
+        state = "ready" if e.downloaded else "not downloaded"
+        print(f"{e.name:<24} {e.source:<10} {state:<15} {e.description}")
+    return 0
+
+
+COMMANDS = {"segment": cmd_segment, "info": cmd_info, "evaluate": cmd_evaluate, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s"
+    )
+    json_mode = getattr(args, "progress", None) == "json"
+    try:
+        return COMMANDS[args.command](args)
+    except M4oEError as error:
+        return _fail(str(error), error.exit_code, json_mode, args.debug)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130, json_mode, args.debug)
+    except Exception as error:  # the last resort keeps the one-line contract
+        return _fail(f"internal error: {type(error).__name__}: {error}", 1, json_mode, args.debug)
+
+
+def _fail(message: str, code: int, json_mode: bool, debug: bool) -> int:
+    if debug:
+        logging.exception(message)
+    message = " ".join(message.split())
+    if json_mode:
+        print(json.dumps({"stage": "error", "message": message, "exit_code": code}), flush=True)
+    print(f"m4oe: error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

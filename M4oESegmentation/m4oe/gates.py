@@ -1,0 +1,216 @@
+"""How the gate routed a volume: gate maps and the gate summary.
+
+The model returns, per MoE layer, expert weights (B, E, h, w) on that layer's token grid of the
+model input. :class:`GateRecorder` receives them batch by batch and keeps only small sums, plus
+the per-token map of one layer or of the mean over layers (upsampled to the finest token grid):
+a (Z, h, w, E) array that :func:`gate_map_image` turns into a vector image whose geometry places
+each token over the patient region it saw, so any viewer overlays it on the input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .geometry import AxialStack
+from .inplane import InPlaneGrid
+
+
+def _entropy(weights: torch.Tensor, dim: int) -> torch.Tensor:
+    """Shannon entropy over ``dim`` normalised by log(E): 0 = one expert, 1 = uniform."""
+    E = weights.shape[dim]
+    p = weights.clamp_min(1e-12)
+    return -(p * p.log()).sum(dim) / math.log(E)
+
+
+class GateRecorder:
+    """Accumulates gate statistics over the batches of one volume.
+
+    Args:
+        num_slices: Z of the axial stack.
+        layer: name of the one layer to map, or None for the mean over all MoE layers.
+    """
+
+    def __init__(self, num_slices: int, layer: str | None = None):
+        self.num_slices = num_slices
+        self.layer = layer
+        self.layers: list[str] = []
+        self.map: np.ndarray | None = None  # (Z, h, w, E) float32
+        self.slice_weights: np.ndarray | None = None  # (Z, E)
+        self.slice_entropy = np.zeros(num_slices, np.float32)
+        self.layer_sums: dict[str, torch.Tensor] = {}
+        self.layer_entropy: dict[str, float] = {}
+        self.tokens_per_layer: dict[str, int] = {}
+        self.segment_sums: dict[int, torch.Tensor] = {}
+        self.segment_pixels: dict[int, int] = {}
+
+    def add(self, start: int, gates: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        """Record one batch.
+
+        Args:
+            start: stack index of the batch's first slice.
+            gates: {layer: (B, E, h_l, w_l)} expert weights on the model grid.
+            labels: (B, S, S) predicted labels on the model grid (for per-segment means).
+        """
+        if not gates:
+            raise ValueError("the model returned no gates: it has no mixture-of-experts layer")
+        if not self.layers:
+            self.layers = list(gates)
+            if self.layer is not None and self.layer not in gates:
+                raise ValueError(f"unknown gate layer {self.layer!r}; this model has {self.layers}")
+        gates = {k: v.float() for k, v in gates.items()}
+        B = next(iter(gates.values())).shape[0]
+        for name, g in gates.items():
+            self.layer_sums[name] = self.layer_sums.get(name, 0) + g.sum(dim=(0, 2, 3))
+            self.layer_entropy[name] = self.layer_entropy.get(name, 0.0) + float(_entropy(g, 1).sum())
+            self.tokens_per_layer[name] = self.tokens_per_layer.get(name, 0) + g[:, 0].numel()
+        if self.layer is not None:
+            mapped = gates[self.layer]
+        else:
+            finest = max(g.shape[-1] for g in gates.values())
+            mapped = torch.stack(
+                [F.interpolate(g, size=(finest, finest), mode="nearest") for g in gates.values()]
+            )
+            mapped = mapped.mean(dim=0)
+        if self.map is None:
+            E, h, w = mapped.shape[1:]
+            self.map = np.zeros((self.num_slices, h, w, E), np.float32)
+            self.slice_weights = np.zeros((self.num_slices, E), np.float32)
+        self.map[start : start + B] = mapped.permute(0, 2, 3, 1).cpu().numpy()
+        # Per slice: mean over layers of each layer's mean weights (every layer counts equally).
+        per_layer = torch.stack([g.mean(dim=(2, 3)) for g in gates.values()])  # (L, B, E)
+        self.slice_weights[start : start + B] = per_layer.mean(dim=0).cpu().numpy()
+        self.slice_entropy[start : start + B] = (
+            torch.stack([_entropy(g, 1).mean(dim=(1, 2)) for g in gates.values()]).mean(dim=0).cpu().numpy()
+        )
+        size = labels.shape[-1]
+        full = F.interpolate(mapped, size=(size, size), mode="nearest")  # (B, E, S, S)
+        labels = labels.to(full.device)
+        for value in labels.unique().tolist():
+            if value == 0:
+                continue
+            mask = labels == value
+            self.segment_sums[value] = self.segment_sums.get(value, 0) + full.permute(0, 2, 3, 1)[mask].sum(
+                dim=0
+            )
+            self.segment_pixels[value] = self.segment_pixels.get(value, 0) + int(mask.sum())
+
+    def summary(
+        self,
+        experts: list[dict],
+        expected: list[int],
+        segment_names: dict[int, str],
+        slice_positions_mm: list[float],
+    ) -> dict:
+        """The gate summary (JSON-ready).
+
+        Args:
+            experts: [{"name": ..., "modality": ...}] in expert order.
+            expected: indices of the experts of the input's modality.
+            segment_names: label value -> segment name.
+            slice_positions_mm: per stack slice, its superior (LPS z) coordinate in mm.
+        """
+        names = [e["name"] for e in experts]
+
+        def describe(weights, entropy) -> dict:
+            w = [round(float(v), 6) for v in weights]
+            return {
+                "mean_weights": dict(zip(names, w, strict=True)),
+                "dominant_expert": names[int(np.argmax(w))],
+                "entropy": round(float(entropy), 6),
+            }
+
+        per_layer = {}
+        for name in self.layers:
+            n = self.tokens_per_layer[name]
+            per_layer[name] = describe((self.layer_sums[name] / n).tolist(), self.layer_entropy[name] / n)
+        overall_w = np.mean(
+            [(self.layer_sums[k] / self.tokens_per_layer[k]).cpu().numpy() for k in self.layers], 0
+        )
+        overall_h = float(np.mean([self.layer_entropy[k] / self.tokens_per_layer[k] for k in self.layers]))
+        overall = describe(overall_w, overall_h)
+        overall["routing_confidence"] = round(1.0 - overall_h, 6)
+        per_slice = []
+        for k in range(self.num_slices):
+            entry = {"index": k, "position_mm": round(float(slice_positions_mm[k]), 4)}
+            entry.update(describe(self.slice_weights[k], self.slice_entropy[k]))
+            per_slice.append(entry)
+        per_segment = {}
+        for value in sorted(self.segment_sums):
+            w = (self.segment_sums[value] / self.segment_pixels[value]).cpu().numpy()
+            h = float(_entropy(torch.as_tensor(w)[None], 1)[0])
+            entry = {"label": value, "model_grid_pixels": self.segment_pixels[value]}
+            entry.update(describe(w, h))
+            per_segment[segment_names.get(value, f"label_{value}")] = entry
+        dominant = int(np.argmax(overall_w))
+        warning = None
+        if expected and dominant not in expected:
+            wanted = ", ".join(names[i] for i in expected)
+            warning = (
+                f"routing disagrees with the input modality: the gate sent most weight to expert "
+                f"'{names[dominant]}' ({overall_w[dominant]:.2f}), not to {wanted} "
+                f"({sum(overall_w[i] for i in expected):.2f}); check the modality or the image"
+            )
+        return {
+            "experts": experts,
+            "expected_experts": [names[i] for i in expected],
+            "layers": self.layers,
+            "mapped_layer": self.layer or "mean",
+            "overall": overall,
+            "per_layer": per_layer,
+            "per_slice": per_slice,
+            "per_segment": per_segment,
+            "warning": warning,
+        }
+
+
+def oriented_frame(stack: AxialStack) -> tuple[np.ndarray, np.ndarray]:
+    """Origin (3,) and direction (3x3, columns = stack axes x, y, z) of the stack's LPS frame, in mm."""
+    ref = stack.reference
+    size = ref.GetSize()
+    direction = np.array(ref.GetDirection()).reshape(3, 3)
+    corner = [0, 0, 0]
+    columns = []
+    for n in range(3):
+        axis = stack.permute_order[n]
+        sign = -1.0 if stack.flip_axes[n] else 1.0
+        if stack.flip_axes[n]:
+            corner[axis] = size[axis] - 1
+        columns.append(direction[:, axis] * sign)
+    origin = np.array(ref.TransformIndexToPhysicalPoint(corner))
+    return origin, np.stack(columns, axis=1)
+
+
+def gate_map_image(array: np.ndarray, stack: AxialStack, grid: InPlaneGrid) -> sitk.Image:
+    """Vector image of per-token expert weights, placed over the patient.
+
+    Args:
+        array: (Z, h, w, E) float32 expert weights per token; h = w = S / factor.
+        stack: the axial stack the tokens were computed from.
+        grid: the in-plane mapping used for the model input.
+    Returns:
+        An E-component image (x = columns, y = rows, z = slices of the stack, LPS frame): spacing
+        is the token size in mm, origin the centre of token (0, 0) of slice 0.
+    """
+    h = array.shape[1]
+    factor = grid.size // h
+    origin, direction = oriented_frame(stack)
+    sz, sy, sx = stack.spacing
+    row0, col0 = grid.token_index_origin(factor)
+    my, mx = grid.model_spacing
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32), isVector=True)
+    image.SetSpacing((mx * factor, my * factor, sz))
+    image.SetDirection(direction.flatten().tolist())
+    image.SetOrigin((origin + direction @ np.array([col0 * sx, row0 * sy, 0.0])).tolist())
+    return image
+
+
+def slice_positions(stack: AxialStack) -> list[float]:
+    """Superior coordinate (LPS z, mm) of the first voxel of each stack slice."""
+    origin, direction = oriented_frame(stack)
+    sz = stack.spacing[0]
+    return [float(origin[2] + direction[2, 2] * sz * k) for k in range(stack.array.shape[0])]

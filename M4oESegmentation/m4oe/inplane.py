@@ -1,0 +1,101 @@
+"""In-plane resampling between an axial slice and the model's square input grid.
+
+One :class:`InPlaneGrid` per volume says how a (Y, X) slice maps onto the model's (S, S) input:
+scaled to (ry, rx) pixels, then placed at offset (oy, ox) in an S x S canvas padded with the
+normalised air value. Training and inference both use these functions, so a model never sees
+slices resampled differently. Pixel centres follow ``align_corners=False``: model pixel u looks at
+slice coordinate ``(u - o + 0.5) * (n / r) - 0.5`` along an axis with n slice pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IN_PLANE_MODES = ("resize", "spacing")
+
+
+@dataclass(frozen=True)
+class InPlaneGrid:
+    """Mapping of a slice of (Y, X) pixels with spacing (sy, sx) mm onto an S x S model input."""
+
+    slice_shape: tuple[int, int]
+    slice_spacing: tuple[float, float]
+    size: int
+    scaled_shape: tuple[int, int]
+    offset: tuple[int, int]
+
+    @property
+    def model_spacing(self) -> tuple[float, float]:
+        """Spacing (mm) of a model-grid pixel along rows and columns."""
+        (ny, nx), (ry, rx), (sy, sx) = self.slice_shape, self.scaled_shape, self.slice_spacing
+        return sy * ny / ry, sx * nx / rx
+
+    def token_index_origin(self, factor: int) -> tuple[float, float]:
+        """Continuous slice index (row, col) of the centre of token (0, 0) on a grid of size // factor."""
+        (ny, nx), (ry, rx), (oy, ox) = self.slice_shape, self.scaled_shape, self.offset
+        return (0.5 * factor - oy) * ny / ry - 0.5, (0.5 * factor - ox) * nx / rx - 0.5
+
+
+def make_grid(
+    slice_shape: tuple[int, int],
+    slice_spacing: tuple[float, float],
+    size: int,
+    mode: str = "resize",
+    target_spacing: tuple[float, float] | None = None,
+) -> InPlaneGrid:
+    """Plan the in-plane resampling of one volume's slices.
+
+    Args:
+        slice_shape: (Y, X) pixels of an axial slice (rows anterior->posterior, columns right->left).
+        slice_spacing: (sy, sx) in mm.
+        size: S, the model's input side in pixels.
+        mode: "resize" stretches the whole slice to S x S (the published M4oE preprocessing);
+            "spacing" resamples to ``target_spacing`` (sy, sx) mm keeping the aspect ratio, and if
+            the field of view is then larger than S pixels, scales it down to fit rather than
+            cutting anatomy off; the rest of the canvas is padding.
+    """
+    ny, nx = (int(v) for v in slice_shape)
+    if mode == "resize":
+        return InPlaneGrid((ny, nx), tuple(slice_spacing), size, (size, size), (0, 0))
+    if mode != "spacing":
+        raise ValueError(f"in-plane mode must be one of {IN_PLANE_MODES}, got {mode!r}")
+    if target_spacing is None or min(target_spacing) <= 0:
+        raise ValueError(f"in-plane mode 'spacing' needs a positive target spacing, got {target_spacing!r}")
+    ry = ny * slice_spacing[0] / target_spacing[0]
+    rx = nx * slice_spacing[1] / target_spacing[1]
+    shrink = min(1.0, size / max(ry, rx))
+    ry, rx = max(1, min(size, round(ry * shrink))), max(1, min(size, round(rx * shrink)))
+    return InPlaneGrid((ny, nx), tuple(slice_spacing), size, (ry, rx), ((size - ry) // 2, (size - rx) // 2))
+
+
+def to_model_grid(slices: torch.Tensor, grid: InPlaneGrid, pad_value: float) -> torch.Tensor:
+    """Resample normalised slices (B, C, Y, X) to the model input (B, C, S, S), bilinear, antialiased."""
+    ry, rx = grid.scaled_shape
+    out = F.interpolate(slices, size=(ry, rx), mode="bilinear", align_corners=False, antialias=True)
+    if (ry, rx) == (grid.size, grid.size):
+        return out
+    oy, ox = grid.offset
+    canvas = slices.new_full((*slices.shape[:2], grid.size, grid.size), pad_value)
+    canvas[..., oy : oy + ry, ox : ox + rx] = out
+    return canvas
+
+
+def from_model_grid(maps: torch.Tensor, grid: InPlaneGrid) -> torch.Tensor:
+    """Resample model-grid maps (B, K, S, S) (logits or probabilities) back to slices (B, K, Y, X)."""
+    (ry, rx), (oy, ox) = grid.scaled_shape, grid.offset
+    maps = maps[..., oy : oy + ry, ox : ox + rx]
+    return F.interpolate(maps, size=grid.slice_shape, mode="bilinear", align_corners=False)
+
+
+def labels_to_model_grid(labels: np.ndarray, grid: InPlaneGrid) -> torch.Tensor:
+    """Resample integer label slices (B, Y, X) to the model grid (B, S, S), nearest neighbour, pad 0."""
+    t = torch.as_tensor(np.ascontiguousarray(labels)).float()[:, None]
+    (ry, rx), (oy, ox) = grid.scaled_shape, grid.offset
+    out = F.interpolate(t, size=(ry, rx), mode="nearest-exact")
+    canvas = torch.zeros((t.shape[0], 1, grid.size, grid.size))
+    canvas[..., oy : oy + ry, ox : ox + rx] = out
+    return canvas[:, 0].round().long()

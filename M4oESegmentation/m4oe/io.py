@@ -1,0 +1,445 @@
+"""Reading volumes and writing results, with one-line errors and atomic writes.
+
+Images are SimpleITK images throughout: voxel index order (x, y, z) = (i, j, k), physical
+coordinates in millimetres in the LPS frame (SimpleITK's and DICOM's), geometry given by size,
+spacing (mm), origin (mm, LPS) and the direction cosine matrix (row-major 3x3, column n is the
+LPS direction of index axis n). ``sitk.GetArrayFromImage`` turns an image into a numpy array with
+the reversed axis order (z, y, x).
+
+Every user-facing failure is an :class:`~m4oe.errors.InputError` (bad input) or
+:class:`~m4oe.errors.OutputError` (output that cannot be written) whose message is one line,
+``"PATH: problem"``. Outputs are written to a temporary file in the target folder and renamed into
+place when complete, so a failed or interrupted write never leaves a partial file behind.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import re
+import struct
+import uuid
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import slicerio
+from slicerio.segmentation import terminology_entry_from_string
+
+from m4oe.errors import InputError, OutputError
+from m4oe.labels import Label
+
+logger = logging.getLogger(__name__)
+
+READ_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# Single-file formats only: a detached header (.mhd, .nhdr) names its data file, which would keep
+# the temporary name after the atomic rename.
+WRITE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
+# Extensions made of several dots, kept whole when a temporary name is built.
+COMPOUND_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".tar.gz")
+MIN_AXIS_SIZE = 2
+DICOM_MODALITY_TAG = "0008|0060"
+_COMPLEX_PIXEL_IDS = {sitk.sitkComplexFloat32, sitk.sitkComplexFloat64}
+
+
+@dataclass
+class LoadedImage:
+    """A volume read from disk.
+
+    ``image`` is 3D, scalar, float32, with the file's geometry unchanged (LPS, mm).
+    ``dicom_modality`` is the DICOM Modality tag (0008,0060), e.g. ``"CT"`` or ``"MR"``, when the
+    volume was read from a DICOM series, else None. ``pixel_type`` is the numpy name of the voxel
+    type as SimpleITK read it, after any rescale slope of the file (``"int16"``, ``"float32"``).
+    ``warnings`` holds one-line notes about choices made while reading (for example which of
+    several DICOM series was read).
+    """
+
+    image: sitk.Image
+    path: Path
+    dicom_modality: str | None
+    pixel_type: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_image(path: str | Path) -> LoadedImage:
+    """Read a 3D scalar volume from NIfTI, NRRD, MetaImage or a DICOM series folder.
+
+    A folder is read as a DICOM series; when it holds several series, the one with the most files
+    is read and a warning says so. The voxels are cast to float32 (HU for CT); the geometry (size,
+    spacing in mm, origin and direction in LPS) is the file's.
+
+    Refused with :class:`InputError` naming the file: a missing path, a folder without a DICOM
+    series, a single DICOM file (pass its folder), an unsupported or corrupt or truncated file, a
+    2D image, a 4D image (unless its 4th axis has size 1), an axis with fewer than
+    ``MIN_AXIS_SIZE`` voxels (a single slice has no slice spacing, and the model needs real
+    in-plane extent whichever axis turns out to be axial), vector or RGB or complex voxels, and
+    NaN or infinite voxels. An empty (constant) volume is accepted here; see :func:`check_volume`.
+    """
+    path = Path(path)
+    warnings: list[str] = []
+    modality = None
+    if not path.exists():
+        raise InputError("no such file or folder", path)
+    if path.is_dir():
+        image, modality = _read_dicom_series(path, warnings)
+    else:
+        image = _read_file(path)
+    _check_size(image.GetSize(), path)
+    if image.GetDimension() == 4:
+        image = sitk.Extract(image, [*image.GetSize()[:3], 0], [0, 0, 0, 0])
+    pixel_type = sitk.GetArrayViewFromImage(image).dtype.name
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    if pixel_type.startswith("float"):
+        bad = int(np.count_nonzero(~np.isfinite(sitk.GetArrayViewFromImage(image))))
+        if bad:
+            raise InputError(f"holds {bad} NaN or infinite voxels (or values beyond float32 range)", path)
+    for warning in warnings:
+        logger.warning(warning)
+    return LoadedImage(
+        image=image, path=path, dicom_modality=modality, pixel_type=pixel_type, warnings=warnings
+    )
+
+
+def check_volume(image: sitk.Image, path: str | Path) -> None:
+    """Refuse an empty volume: every voxel has the same value (nothing to segment)."""
+    values = sitk.GetArrayViewFromImage(image)
+    low, high = values.min(), values.max()
+    if low == high:
+        raise InputError(f"is empty: every voxel has the value {low:g}", path)
+
+
+def _read_file(path: Path) -> sitk.Image:
+    name = path.name.lower()
+    supported = name.endswith(READ_EXTENSIONS)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        if not supported:
+            raise InputError(f"is not a supported image file; expected {_READ_FORMATS}", path) from None
+        raise InputError(f"cannot be read, corrupt or not an image ({_sitk_reason(error)})", path) from None
+    if sitk.ImageFileReader.GetImageIOFromFileName(str(path)) == "GDCMImageIO":
+        raise InputError("is a single DICOM file; pass the folder that holds the whole series", path)
+    if not supported:
+        raise InputError(f"is not a supported image file; expected {_READ_FORMATS}", path)
+    _check_size(reader.GetSize(), path)
+    if reader.GetNumberOfComponents() > 1:
+        raise InputError(
+            f"has {reader.GetNumberOfComponents()} components per voxel (vector or RGB); "
+            "expected a scalar volume",
+            path,
+        )
+    if reader.GetPixelID() in _COMPLEX_PIXEL_IDS:
+        raise InputError("has complex voxels; expected a real scalar volume", path)
+    if name.endswith((".nii", ".nii.gz")):
+        _check_nifti_data(path)
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise InputError(f"cannot be read, corrupt or truncated ({_sitk_reason(error)})", path) from None
+
+
+_READ_FORMATS = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
+
+
+def _read_dicom_series(folder: Path, warnings: list[str]) -> tuple[sitk.Image, str | None]:
+    """Read the largest DICOM series of ``folder`` (not its subfolders); return it and its Modality."""
+    reader = sitk.ImageSeriesReader()
+    series = {
+        uid: reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in reader.GetGDCMSeriesIDs(str(folder))
+    }
+    if not series:
+        raise InputError("folder holds no DICOM series", folder)
+    uid = max(series, key=lambda key: len(series[key]))
+    if len(series) > 1:
+        warnings.append(
+            f"{folder}: holds {len(series)} DICOM series; read series {uid!r} ({len(series[uid])} files), "
+            "the one with the most files"
+        )
+    reader.SetFileNames(series[uid])
+    reader.MetaDataDictionaryArrayUpdateOn()
+    reader.LoadPrivateTagsOn()
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise InputError(f"DICOM series cannot be read ({_sitk_reason(error)})", folder) from None
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        raise InputError("DICOM series has colour (RGB) voxels; expected a scalar volume", folder)
+    if image.HasMetaDataKey("ITK_non_uniform_sampling_deviation"):
+        warnings.append(
+            f"{folder}: DICOM slices are unevenly spaced or some are missing; spacing is an average"
+        )
+    modality = None
+    if reader.HasMetaDataKey(0, DICOM_MODALITY_TAG):
+        modality = reader.GetMetaData(0, DICOM_MODALITY_TAG).strip() or None
+    return image, modality
+
+
+def _check_size(size: Sequence[int], path: Path) -> None:
+    """Refuse a 2D image, a 4D image with several frames, or an axis with too few voxels."""
+    shape = "x".join(str(n) for n in size)
+    if len(size) not in (3, 4) or (len(size) == 4 and size[3] != 1):
+        raise InputError(f"is a {len(size)}D image (size {shape}); expected a 3D volume", path)
+    if min(size[:3]) < MIN_AXIS_SIZE:
+        raise InputError(
+            f"has size {shape} (x, y, z): a single slice; "
+            f"expected a 3D volume with at least {MIN_AXIS_SIZE} voxels along each axis",
+            path,
+        )
+
+
+def _check_nifti_data(path: Path) -> None:
+    """Refuse a truncated NIfTI file, or one holding NaN or infinite voxels.
+
+    ITK reads both silently: zeros in place of missing data, and zeros in place of NaN and
+    infinities. So the voxel data is streamed once here (decompressed for ``.nii.gz``, which also
+    catches a truncated gzip stream). Only single-file NIfTI-1 and NIfTI-2 are checked; anything
+    else is left to ITK.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    missing = bad = 0
+    try:
+        with opener(path, "rb") as stream:
+            layout = _nifti_layout(stream.read(540))
+            if layout is None:
+                return
+            offset, missing, dtype = layout
+            stream.seek(offset)
+            while missing > 0 and (chunk := stream.read(min(missing, 1 << 22))):
+                missing -= len(chunk)
+                if dtype is not None:
+                    usable = len(chunk) - len(chunk) % dtype.itemsize
+                    bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(chunk[:usable], dtype))))
+    except (EOFError, OSError, zlib.error) as error:
+        raise InputError(f"is truncated or corrupt ({error})", path) from None
+    if missing > 0:
+        raise InputError(f"is truncated: {missing} bytes of voxel data missing", path)
+    if bad:
+        raise InputError(f"holds {bad} NaN or infinite voxels", path)
+
+
+def _nifti_layout(header: bytes) -> tuple[int, int, np.dtype | None] | None:
+    """(data offset, data length in bytes, numpy dtype when floating point) of a NIfTI-1/-2 header."""
+    if len(header) < 348:
+        return None
+    for endian in "<>":
+        size_of_header = struct.unpack(endian + "i", header[:4])[0]
+        if size_of_header == 348 and header[344:347] == b"n+1":
+            code, bits = struct.unpack(endian + "2h", header[70:74])
+            dims = struct.unpack(endian + "8h", header[40:56])
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if size_of_header == 540 and len(header) == 540 and header[4:7] == b"n+2":
+            code, bits = struct.unpack(endian + "2h", header[12:16])
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    count = int(np.prod([max(n, 1) for n in dims[1 : 1 + min(max(dims[0], 1), 7)]], dtype=np.int64))
+    floats = {16: "f4", 64: "f8"}  # NIfTI datatype codes FLOAT32, FLOAT64
+    dtype = np.dtype(endian + floats[code]) if code in floats else None
+    return offset, count * bits // 8, dtype
+
+
+def _sitk_reason(error: RuntimeError) -> str:
+    """The last line of a SimpleITK exception, without its C++ source location (one line)."""
+    # MetaImage adds "Reason: <errno text>", which is misleading ("No such file or directory" for a
+    # truncated file); the line before it says what failed.
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("Reason:")]
+    reason = lines[-1] if lines else "unknown error"
+    for prefix in ("sitk::ERROR:", "ITK ERROR:", "[nrrd]"):
+        reason = reason.removeprefix(prefix).strip()
+    return re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", reason)[:300]
+
+
+def write_atomic(path: str | Path, writer: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Write a file through a temporary name in its folder, then rename it into place.
+
+    ``writer(temporary_path)`` writes the whole file; the temporary name keeps the extension(s) of
+    ``path`` (``.nii.gz``, ``.seg.nrrd``, ...) so that format-by-extension writers pick the right
+    format. On any failure the temporary file is removed and ``path`` is left as it was. Raises
+    :class:`OutputError` when ``path`` exists and not ``overwrite``, when it is a folder, when its
+    folder is missing or not writable, or when the writer fails with an OSError or SimpleITK
+    RuntimeError. Returns ``path``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError("is a folder; expected a file name", path)
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise OutputError("exists; pass --overwrite to replace it", path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputError(f"folder {folder} does not exist", path)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"folder {folder} is not writable", path)
+    extension = _extension(path.name)
+    stem = path.name[: len(path.name) - len(extension)]
+    temporary = folder / f".{stem}.{uuid.uuid4().hex[:12]}.tmp{extension}"
+    try:
+        writer(temporary)
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:
+        temporary.unlink(missing_ok=True)
+        reason = _sitk_reason(error) if isinstance(error, RuntimeError) else (error.strerror or str(error))
+        raise OutputError(f"cannot be written ({reason})", path) from None
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _extension(name: str) -> str:
+    lower = name.lower()
+    for compound in COMPOUND_EXTENSIONS:
+        if lower.endswith(compound) and len(name) > len(compound):
+            return name[-len(compound) :]
+    return Path(name).suffix
+
+
+def write_image(image: sitk.Image, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write an image (any dimension, scalar or vector) with compression, atomically.
+
+    Integer images whose values fit are narrowed losslessly to uint8, else uint16 (label maps: a
+    few bytes per voxel less, and what viewers expect); other pixel types are written as they are.
+    The format follows the extension: ``.nii.gz``, ``.nii``, ``.nrrd`` or ``.mha``. Geometry is
+    written unchanged. Same refusals as :func:`write_atomic`.
+    """
+    path = Path(path)
+    if not path.name.lower().endswith(WRITE_EXTENSIONS):
+        raise OutputError(f"unsupported output type; use one of {', '.join(WRITE_EXTENSIONS)}", path)
+    image = _narrow_labels(image)
+
+    def write(temporary: Path) -> None:
+        sitk.WriteImage(image, str(temporary), useCompression=True)
+
+    return write_atomic(path, write, overwrite)
+
+
+def _narrow_labels(image: sitk.Image) -> sitk.Image:
+    """Cast a non-negative integer scalar image to uint8 or uint16 when its values fit."""
+    values = sitk.GetArrayViewFromImage(image)
+    if image.GetNumberOfComponentsPerPixel() != 1 or not np.issubdtype(values.dtype, np.integer):
+        return image
+    if values.size == 0 or values.min() < 0 or values.max() > np.iinfo(np.uint16).max:
+        return image
+    return sitk.Cast(image, sitk.sitkUInt8 if values.max() <= np.iinfo(np.uint8).max else sitk.sitkUInt16)
+
+
+def write_segmentation(
+    labelmap: sitk.Image, labels: Sequence[Label], path: str | Path, *, overwrite: bool = False
+) -> Path:
+    """Write a label map as a 3D Slicer segmentation (``.seg.nrrd``), atomically.
+
+    ``labelmap``: 3D scalar integer image, 0 = background, other values = ``Label.value``; its
+    geometry (LPS, mm) is written unchanged. Every label becomes a segment of one shared layer
+    with its name, colour, label value and ``TerminologyEntry`` tag, including labels absent from
+    the label map (empty segments), so a Slicer user sees every organ of the task. Voxels are
+    stored as uint8 (uint16 when a value exceeds 255), gzip-compressed. Written with ``slicerio``;
+    Slicer, ``slicerio.read_segmentation`` and ``sitk.ReadImage`` read it back.
+
+    Raises ValueError for a label map that is not 3D scalar integer, holds a value no label
+    describes, or for duplicate label values; :class:`OutputError` as :func:`write_atomic`.
+    """
+    path = Path(path)
+    if not path.name.lower().endswith(".seg.nrrd"):
+        raise OutputError("a segmentation must be written as .seg.nrrd", path)
+    voxels = _segmentation_voxels(labelmap, labels, path)
+    segmentation = {
+        "voxels": voxels.transpose(2, 1, 0),  # slicerio writes (i, j, k) = (x, y, z) arrays
+        "ijkToLPS": ijk_to_lps(labelmap),
+        "containedRepresentationNames": ["Binary labelmap"],
+        "masterRepresentation": "Binary labelmap",
+        "referenceImageExtentOffset": [0, 0, 0],
+        "conversionParameters": [_reference_geometry_parameter(labelmap)],
+        "segments": [_segment(label, labelmap.GetSize()) for label in labels],
+    }
+
+    def write(temporary: Path) -> None:
+        slicerio.write_segmentation(str(temporary), segmentation, compression_level=6)
+
+    return write_atomic(path, write, overwrite)
+
+
+def _segmentation_voxels(labelmap: sitk.Image, labels: Sequence[Label], path: Path) -> np.ndarray:
+    """The label map as a (z, y, x) uint8/uint16 array, after checking it against ``labels``."""
+    values = sitk.GetArrayFromImage(labelmap)
+    if labelmap.GetDimension() != 3 or labelmap.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"{path}: the label map must be a 3D scalar image")
+    if not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"{path}: the label map must have integer voxels, got {values.dtype}")
+    known = [label.value for label in labels]
+    if len(set(known)) != len(known):
+        raise ValueError(f"{path}: duplicate label values {sorted(known)}")
+    unknown = sorted(set(np.unique(values).tolist()) - {0, *known})
+    if unknown:
+        raise ValueError(f"{path}: the label map holds values {unknown} that no label describes")
+    return values.astype(np.uint8 if max(known, default=0) <= 255 else np.uint16)
+
+
+def _segment(label: Label, size: Sequence[int]) -> dict:
+    # The full extent on every segment (even an empty one): older Slicer versions crop a shared
+    # layer to the first segment's extent.
+    return {
+        "id": f"Segment_{label.value}",
+        "name": label.name,
+        "nameAutoGenerated": False,
+        "color": [float(c) for c in label.color],
+        "colorAutoGenerated": False,
+        "labelValue": label.value,
+        "layer": 0,
+        "extent": [0, size[0] - 1, 0, size[1] - 1, 0, size[2] - 1],
+        "terminology": terminology_entry_from_string(label.terminology_entry()),
+    }
+
+
+def _reference_geometry_parameter(image: sitk.Image) -> dict:
+    """Slicer's "Reference image geometry" conversion parameter: IJK-to-RAS matrix and extent."""
+    ijk_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps(image)
+    size = image.GetSize()
+    matrix = ";".join(f"{v:.17g}" for v in ijk_to_ras.flatten())
+    extent = ";".join(f"0;{n - 1}" for n in size)
+    return {
+        "name": "Reference image geometry",
+        "value": f"{matrix};{extent};",
+        "description": "Image geometry description string determining the geometry of the labelmap "
+        "that is created in course of conversion. Can be copied from a volume, using the button.",
+    }
+
+
+def ijk_to_lps(image: sitk.Image) -> np.ndarray:
+    """4x4 matrix mapping voxel index (i, j, k) = (x, y, z) to physical LPS coordinates in mm."""
+    matrix = np.eye(4)
+    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    matrix[:3, :3] = direction @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = image.GetOrigin()
+    return matrix
+
+
+def image_geometry(image: sitk.Image) -> dict:
+    """Size (voxels, x y z), spacing (mm), origin (mm, LPS) and direction (row-major) as tuples."""
+    return {
+        "size": tuple(image.GetSize()),
+        "spacing": tuple(image.GetSpacing()),
+        "origin": tuple(image.GetOrigin()),
+        "direction": tuple(image.GetDirection()),
+    }
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-5) -> bool:
+    """Whether two images share size exactly, and spacing, origin and direction within ``tol``.
+
+    ``tol`` is relative for values above 1 (mm) and absolute below.
+    """
+    ga, gb = image_geometry(a), image_geometry(b)
+    if ga["size"] != gb["size"]:
+        return False
+    return all(
+        np.allclose(ga[key], gb[key], rtol=tol, atol=tol) for key in ("spacing", "origin", "direction")
+    )

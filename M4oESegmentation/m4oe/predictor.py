@@ -1,0 +1,324 @@
+"""Volume inference: load a model once, segment many volumes slice by slice.
+
+A volume goes: axial stack (no resampling) -> intensity normalisation for its modality ->
+batches of slices resampled in plane to the model input -> forward passes -> logits resampled back
+to each slice -> argmax -> optional largest-component clean-up -> the input's exact grid. Only one
+batch of full-resolution logits exists at a time, so memory does not grow with classes x voxels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from .checkpoint import load_checkpoint
+from .errors import CancelledError, InputError
+from .gates import GateRecorder, gate_map_image, slice_positions
+from .geometry import from_axial_stack, to_axial_stack
+from .hub import resolve_model
+from .inplane import from_model_grid, make_grid, to_model_grid
+from .labels import Label
+from .modality import ModalityResult, detect_modality
+from .model import SwinUNet
+from .model_card import ModelCard
+from .preprocessing import IntensityParams, mr_volume_statistics, normalize_slices
+
+logger = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PROBABILITY_DTYPES = ("uint8", "float16")
+MIN_UPSAMPLING = 8  # refuse slices that must be enlarged more than this to fill the model input
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Where a job stands: ``stage`` name, ``done`` of ``total`` units, seconds elapsed and left."""
+
+    stage: str
+    done: int
+    total: int
+    elapsed_s: float
+    eta_s: float | None = None
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+    def to_dict(self) -> dict:
+        return {
+            "stage": self.stage,
+            "done": self.done,
+            "total": self.total,
+            "fraction": round(self.fraction, 4),
+            "elapsed_s": round(self.elapsed_s, 3),
+            "eta_s": None if self.eta_s is None else round(self.eta_s, 3),
+        }
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+CancelCheck = Callable[[], bool]
+
+
+@dataclass
+class Prediction:
+    """The result of one volume.
+
+    ``labelmap``: uint8 (or uint16) label image on the input's exact grid (size, spacing, origin,
+    direction). ``probabilities``: K-component vector image on the same grid (uint8 0-255 or
+    float32 from float16), only when asked. ``gate_map``: E-component image of expert weights per
+    token (see :func:`m4oe.gates.gate_map_image`), and ``gate_summary`` (JSON-ready dict), for
+    mixture-of-experts models when asked.
+    """
+
+    labelmap: sitk.Image
+    labels: list[Label]
+    task: str
+    modality: ModalityResult
+    probabilities: sitk.Image | None = None
+    gate_map: sitk.Image | None = None
+    gate_summary: dict | None = None
+    seconds: dict = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise InputError(f"device {device!r} is not one of {', '.join(DEVICES)} (or cuda:N)")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU")
+    return torch.device(device)
+
+
+class Predictor:
+    """A loaded model ready to segment volumes.
+
+    Args:
+        model: the network (moved to ``device`` and set to eval mode here).
+        card: its model card (labels, experts, preprocessing).
+        device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
+        dtype: "float32" or "bfloat16" (autocast of the forward pass).
+        threads: CPU threads for PyTorch; None keeps PyTorch's default.
+        batch_size: slices per forward pass; None takes the model card's ``slice_batch``.
+    """
+
+    def __init__(
+        self,
+        model: SwinUNet,
+        card: ModelCard,
+        *,
+        device: str = "auto",
+        dtype: str = "float32",
+        threads: int | None = None,
+        batch_size: int | None = None,
+    ):
+        if dtype not in DTYPES:
+            raise InputError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if threads is not None:
+            if threads < 1:
+                raise InputError(f"threads must be at least 1, got {threads}")
+            torch.set_num_threads(threads)
+        if batch_size is not None and batch_size < 1:
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
+        self.device = resolve_device(device)
+        self.dtype = DTYPES[dtype]
+        self.model = model.to(self.device).eval()
+        self.card = card
+        self.batch_size = batch_size or card.preprocessing.slice_batch
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str | Path | None = None, *, sha256: str | None = None, **kwargs
+    ) -> Predictor:
+        """Load a model by name (embedded or cached), folder or file; None is the embedded default."""
+        net, card = load_checkpoint(resolve_model(None if model is None else str(model)), sha256=sha256)
+        return cls(net, card, **kwargs)
+
+    def predict(
+        self,
+        image: sitk.Image,
+        *,
+        modality: str | None = "auto",
+        dicom_modality: str | None = None,
+        task: str | None = None,
+        force_expert: int | str | None = None,
+        probabilities: str | None = None,
+        gates: bool = False,
+        gate_layer: str | None = None,
+        cleanup: bool = True,
+        progress: ProgressCallback | None = None,
+        cancel: CancelCheck | None = None,
+        source: str | Path | None = None,
+    ) -> Prediction:
+        """Segment a 3D scalar volume.
+
+        Args:
+            image: the volume (any direction cosines; LPS physical frame, mm; HU for CT).
+            modality: "ct", "mr", or "auto"/None to detect (DICOM tag first, then intensities).
+            dicom_modality: the DICOM Modality tag when the volume came from DICOM.
+            task: the model card task whose labels to predict; None is the first.
+            force_expert: route every token to this expert (index or name) instead of the gate.
+            probabilities: keep per-class probabilities as "uint8" (0-255) or "float16"; None keeps none.
+            gates: record gate maps and the gate summary (mixture-of-experts models only).
+            gate_layer: map only this MoE layer (e.g. "encoder.0.1"); None maps the mean of all.
+            cleanup: keep only the largest connected component of the labels the card lists.
+            progress: called after each stage and each batch with a :class:`ProgressEvent`.
+            cancel: checked between batches; returning True raises :class:`CancelledError`.
+            source: the file the volume came from, named in error messages.
+        """
+        t0 = time.perf_counter()
+        seconds: dict[str, float] = {}
+        where = source if source is not None else "input volume"
+        card, cfg = self.card, self.model.cfg
+        task_info = card.task(task)
+        expert = self._expert_index(force_expert)
+        if gates and not cfg.is_moe:
+            raise InputError("gate maps need a mixture-of-experts model; this model is dense", card.name)
+        if probabilities not in (None, *PROBABILITY_DTYPES):
+            raise InputError(f"probabilities must be one of {PROBABILITY_DTYPES}, got {probabilities!r}")
+
+        def report(stage: str, done: int, total: int, eta: float | None = None) -> None:
+            if progress is not None:
+                progress(ProgressEvent(stage, done, total, time.perf_counter() - t0, eta))
+
+        stack = to_axial_stack(image)
+        Z, Y, X = stack.array.shape
+        if min(Y, X) * MIN_UPSAMPLING < cfg.img_size:
+            raise InputError(
+                f"slices of {Y}x{X} pixels are too small for this model's {cfg.img_size}-pixel input "
+                f"(at least {math.ceil(cfg.img_size / MIN_UPSAMPLING)} pixels per side)",
+                where,
+            )
+        values = stack.array
+        if float(values.min()) == float(values.max()):
+            raise InputError(f"is empty: every voxel has the value {float(values.min()):g}", where)
+        found = detect_modality(values, dicom_modality=dicom_modality, override=modality)
+        params = self._intensity_params(found.modality)
+        volume_stats = mr_volume_statistics(values, params) if found.modality == "mr" else None
+        pad_value = float(normalize_slices(np.float32(values.min()), found.modality, params, volume_stats))
+        pre = card.preprocessing
+        grid = make_grid((Y, X), stack.spacing[1:], cfg.img_size, pre.in_plane, pre.target_spacing_mm)
+        seconds["preprocess"] = time.perf_counter() - t0
+        report("preprocess", 1, 1)
+
+        K = cfg.num_classes(task_info.name)
+        dtype = np.uint8 if K <= 256 else np.uint16
+        labels = np.zeros((Z, Y, X), dtype)
+        probs = (
+            np.zeros((Z, Y, X, K), np.uint8 if probabilities == "uint8" else np.float16)
+            if probabilities
+            else None
+        )
+        recorder = GateRecorder(Z, gate_layer) if gates else None
+        batches = range(0, Z, self.batch_size)
+        t1 = time.perf_counter()
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        with torch.inference_mode(), autocast:
+            for b, start in enumerate(batches):
+                if cancel is not None and cancel():
+                    raise CancelledError("cancelled by the user", where)
+                stop = min(start + self.batch_size, Z)
+                slab = torch.from_numpy(values[start:stop]).to(self.device)[:, None]
+                x = to_model_grid(
+                    normalize_slices(slab, found.modality, params, volume_stats), grid, pad_value
+                )
+                if cfg.in_chans == 3:
+                    x = x.expand(-1, 3, -1, -1)
+                logits, layer_gates = self.model(
+                    x, task=task_info.name, force_expert=expert, return_gates=True
+                )
+                logits = logits.float()
+                if recorder is not None:
+                    recorder.add(start, layer_gates, logits.argmax(dim=1))
+                for sub in range(0, stop - start, 4):
+                    full = from_model_grid(logits[sub : sub + 4], grid)
+                    labels[start + sub : start + sub + full.shape[0]] = full.argmax(dim=1).cpu().numpy()
+                    if probs is not None:
+                        p = full.softmax(dim=1).permute(0, 2, 3, 1)
+                        p = (p * 255).round().to(torch.uint8) if probabilities == "uint8" else p.half()
+                        probs[start + sub : start + sub + full.shape[0]] = p.cpu().numpy()
+                elapsed = time.perf_counter() - t1
+                eta = elapsed / (b + 1) * (len(batches) - b - 1)
+                report("inference", b + 1, len(batches), eta)
+        seconds["inference"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        if cleanup and task_info.largest_component:
+            labels = keep_largest_components(labels, task_info.largest_component)
+        prediction = Prediction(
+            labelmap=from_axial_stack(labels, stack),
+            labels=list(task_info.labels),
+            task=task_info.name,
+            modality=found,
+            probabilities=from_axial_stack(probs, stack) if probs is not None else None,
+        )
+        if recorder is not None:
+            prediction.gate_map = gate_map_image(recorder.map, stack, grid)
+            experts = [{"name": e.name, "modality": e.modality} for e in card.experts]
+            expected = [expert] if expert is not None else card.expert_index(found.modality)
+            prediction.gate_summary = recorder.summary(
+                experts, expected, {lab.value: lab.name for lab in task_info.labels}, slice_positions(stack)
+            )
+            prediction.gate_summary["forced_expert"] = None if expert is None else card.experts[expert].name
+            prediction.gate_summary["input_modality"] = found.modality
+        seconds["postprocess"] = time.perf_counter() - t2
+        seconds["total"] = time.perf_counter() - t0
+        prediction.seconds = {k: round(v, 3) for k, v in seconds.items()}
+        report("postprocess", 1, 1)
+        return prediction
+
+    def _expert_index(self, force_expert: int | str | None) -> int | None:
+        if force_expert is None:
+            return None
+        names = [e.name for e in self.card.experts]
+        if not names:
+            raise InputError(f"cannot force expert {force_expert!r}: model {self.card.name!r} is dense")
+        if isinstance(force_expert, str) and not force_expert.isdigit():
+            if force_expert not in names:
+                raise InputError(f"unknown expert {force_expert!r}; this model has {names}")
+            return names.index(force_expert)
+        index = int(force_expert)
+        if not 0 <= index < len(names):
+            raise InputError(
+                f"expert index {index} out of range; this model has {len(names)} experts {names}"
+            )
+        return index
+
+    def _intensity_params(self, modality: str) -> IntensityParams:
+        stored = self.card.preprocessing.intensity.get(modality)
+        if stored is None:
+            known = sorted(self.card.preprocessing.intensity)
+            raise InputError(
+                f"model {self.card.name!r} has no intensity parameters for {modality}; it knows {known}"
+            )
+        return IntensityParams.from_dict(stored)
+
+
+def keep_largest_components(labels: np.ndarray, values: list[int]) -> np.ndarray:
+    """Keep, for each label value listed, only its largest 26-connected component (in place).
+
+    Args:
+        labels: (Z, Y, X) integer label array (any axis order works: connectivity is symmetric).
+    """
+    structure = np.ones((3, 3, 3), bool)
+    for value in values:
+        mask = labels == value
+        if not mask.any():
+            continue
+        components, count = ndimage.label(mask, structure=structure)
+        if count <= 1:
+            continue
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        labels[mask & (components != int(sizes.argmax()))] = 0
+    return labels

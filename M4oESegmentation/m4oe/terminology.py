@@ -1,0 +1,126 @@
+"""Standard codes and colours for the structures M4oE models segment.
+
+Each entry gives a segment's display name, Slicer's recommended colour and its DICOM / SNOMED CT
+meaning (category, type and, for paired organs, a laterality modifier), so that a model card can
+name its classes the way Slicer's terminology module and DICOM SEG writers expect.
+
+Sources (looked up, not remembered):
+- 3D Slicer's ``SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.json`` ("3D Slicer General
+  Anatomy list"): codes, code meanings and ``recommendedDisplayRGBValue`` of every entry marked
+  ``slicer`` below.
+- SlicerTotalSegmentator's ``totalsegmentator_snomed_mapping.csv`` and
+  ``SegmentationCategoryTypeModifier-TotalSegmentator.term.json`` for the structures the General
+  Anatomy list lacks (inferior vena cava, portal and splenic vein, vertebra, liver tumour),
+  marked ``totalsegmentator``.
+
+Two choices of ours: the liver tumour takes the colour of the General Anatomy list's "Mass" (its
+"Morphologically Altered Structure" category has no neoplasm entry), and its anatomic region
+(liver, SCT 10200004, in TotalSegmentator's mapping) is not kept because a ``Label`` has no region
+field; the vertebra takes TotalSegmentator's lumbar vertebra colour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from m4oe.labels import Code, Label
+
+ANATOMICAL_STRUCTURE = Code("SCT", "123037004", "Anatomical Structure")
+TISSUE = Code("SCT", "85756007", "Tissue")
+MORPHOLOGICALLY_ALTERED_STRUCTURE = Code("SCT", "49755003", "Morphologically Altered Structure")
+RIGHT = Code("SCT", "24028007", "Right")
+LEFT = Code("SCT", "7771000", "Left")
+
+
+@dataclass(frozen=True)
+class Term:
+    """A structure's display name, recommended colour (RGB, 0..255), codes and where they come from."""
+
+    name: str
+    rgb: tuple[int, int, int]
+    category: Code
+    type: Code
+    modifier: Code | None = None
+    source: str = "slicer"
+
+    def label(self, value: int) -> Label:
+        """This structure as class ``value`` of a task (colour converted to 0..1)."""
+        color = tuple(round(c / 255.0, 4) for c in self.rgb)
+        return Label(value, self.name, color, self.category, self.type, self.modifier)
+
+
+def _sct(value: str, meaning: str) -> Code:
+    return Code("SCT", value, meaning)
+
+
+_KIDNEY = _sct("64033007", "Kidney")
+_ADRENAL = _sct("23451007", "Adrenal gland")
+
+TERMS: dict[str, Term] = {
+    "spleen": Term("spleen", (157, 108, 162), ANATOMICAL_STRUCTURE, _sct("78961009", "Spleen")),
+    "kidney_right": Term("right kidney", (185, 102, 83), ANATOMICAL_STRUCTURE, _KIDNEY, RIGHT),
+    "kidney_left": Term("left kidney", (185, 102, 83), ANATOMICAL_STRUCTURE, _KIDNEY, LEFT),
+    "gallbladder": Term("gallbladder", (139, 150, 98), ANATOMICAL_STRUCTURE, _sct("28231008", "Gallbladder")),
+    "esophagus": Term("esophagus", (211, 171, 143), ANATOMICAL_STRUCTURE, _sct("32849002", "Esophagus")),
+    "liver": Term("liver", (221, 130, 101), ANATOMICAL_STRUCTURE, _sct("10200004", "Liver")),
+    "stomach": Term("stomach", (216, 132, 105), ANATOMICAL_STRUCTURE, _sct("69695003", "Stomach")),
+    "aorta": Term("aorta", (224, 97, 76), ANATOMICAL_STRUCTURE, _sct("15825003", "Aorta")),
+    "inferior_vena_cava": Term(
+        "inferior vena cava",
+        (0, 151, 206),
+        ANATOMICAL_STRUCTURE,
+        _sct("64131007", "Inferior vena cava"),
+        source="totalsegmentator",
+    ),
+    "portal_vein_and_splenic_vein": Term(
+        "portal vein and splenic vein",
+        (0, 151, 206),
+        ANATOMICAL_STRUCTURE,
+        _sct("110765007", "Portal vein and splenic vein"),
+        source="totalsegmentator",
+    ),
+    "pancreas": Term("pancreas", (249, 180, 111), ANATOMICAL_STRUCTURE, _sct("15776009", "Pancreas")),
+    "adrenal_gland_right": Term(
+        "right adrenal gland", (249, 186, 150), ANATOMICAL_STRUCTURE, _ADRENAL, RIGHT
+    ),
+    "adrenal_gland_left": Term("left adrenal gland", (249, 186, 150), ANATOMICAL_STRUCTURE, _ADRENAL, LEFT),
+    "duodenum": Term("duodenum", (255, 253, 229), ANATOMICAL_STRUCTURE, _sct("38848004", "Duodenum")),
+    "urinary_bladder": Term(
+        "urinary bladder", (222, 154, 132), ANATOMICAL_STRUCTURE, _sct("89837001", "Bladder")
+    ),
+    "prostate": Term("prostate", (230, 158, 140), ANATOMICAL_STRUCTURE, _sct("41216001", "Prostate")),
+    "uterus": Term("uterus", (255, 181, 158), ANATOMICAL_STRUCTURE, _sct("35039007", "Uterus")),
+    "colon": Term("colon", (204, 168, 143), ANATOMICAL_STRUCTURE, _sct("71854001", "Colon")),
+    "small_bowel": Term(
+        "small bowel", (205, 167, 142), ANATOMICAL_STRUCTURE, _sct("30315005", "Small Intestine")
+    ),
+    "vertebrae": Term(
+        "vertebrae",
+        (212, 188, 102),
+        ANATOMICAL_STRUCTURE,
+        _sct("51282000", "Vertebra"),
+        source="totalsegmentator",
+    ),
+    "liver_tumor": Term(
+        "liver tumor",
+        (144, 238, 144),
+        MORPHOLOGICALLY_ALTERED_STRUCTURE,
+        _sct("108369006", "Neoplasm"),
+        source="totalsegmentator",
+    ),
+    "muscle": Term("muscle", (192, 104, 88), TISSUE, _sct("71616004", "Muscle")),
+    "body_fat": Term("body fat", (230, 220, 70), TISSUE, _sct("248300009", "Body fat")),
+}
+
+STANDARD_KEYS: tuple[str, ...] = tuple(TERMS)
+"""The keys :func:`standard_label` accepts, e.g. ``"spleen"``, ``"kidney_right"``."""
+
+
+def standard_label(key: str, value: int) -> Label:
+    """The standard label for structure ``key`` as class ``value`` (1..K-1) of a task.
+
+    Raises ``ValueError`` naming the key and listing the known ones when ``key`` is unknown.
+    """
+    if key not in TERMS:
+        raise ValueError(f"unknown structure {key!r}; standard structures are {', '.join(STANDARD_KEYS)}")
+    return TERMS[key].label(value)
