@@ -69,17 +69,32 @@ WHITE = (1.0, 1.0, 1.0)
 
 @dataclass(frozen=True)
 class _Views:
-    """What the image panels show: the axial stack, its labels, the chosen slices, the grey window.
+    """The slices the image panels show.
 
-    ``labels``: int32 (Z, Y, X) laid out like ``stack.array``; ``k``: the axial slice (stack axis
-    0); ``row``: the coronal slice (stack axis 1); ``window``: (low, high) display intensities.
+    ``labels``: the label map's axial stack (label values as float32, (Z, Y, X)); its geometry is
+    the input's. ``k``: the axial slice (stack axis 0); ``row``: the coronal slice (stack axis 1).
+    ``axial``: (Y, X) input intensities of slice ``k``; ``coronal``: (Z, X) input intensities of
+    row ``row``, slices inferior -> superior. ``window``: (low, high) display intensities.
+    Only these two planes of the input are read out, so a large volume costs one float32 copy (the
+    label stack), not three.
     """
 
-    stack: AxialStack
-    labels: np.ndarray
+    labels: AxialStack
     k: int
     row: int
+    axial: np.ndarray
+    coronal: np.ndarray
     window: tuple[float, float]
+
+    @property
+    def axial_labels(self) -> np.ndarray:
+        """(Y, X) int label values of slice ``k``."""
+        return np.rint(self.labels.array[self.k]).astype(np.int32)
+
+    @property
+    def coronal_labels(self) -> np.ndarray:
+        """(Z, X) int label values of row ``row``, slices inferior -> superior."""
+        return np.rint(self.labels.array[:, self.row]).astype(np.int32)
 
 
 def write_report(
@@ -134,15 +149,16 @@ def render_report(image: sitk.Image, prediction: Prediction, *, title: str | Non
     if not same_geometry(image, prediction.labelmap):
         raise ValueError("the label map is not on the input volume's grid (size, spacing, origin, direction)")
     experts = _expert_names(prediction)
-    stack = to_axial_stack(image)
-    labels = np.rint(to_axial_stack(prediction.labelmap).array).astype(np.int32)
-    foreground = labels > 0
-    low, high, window_note = _display_window(stack.array, prediction.modality)
+    labels = to_axial_stack(prediction.labelmap)
+    k = _busiest(np.count_nonzero(labels.array > 0, axis=(1, 2)))
+    row = _busiest(np.count_nonzero(labels.array > 0, axis=(0, 2)))
+    low, high, window_note = _display_window(sitk.GetArrayViewFromImage(image), prediction.modality)
     views = _Views(
-        stack=stack,
         labels=labels,
-        k=_busiest(foreground.sum(axis=(1, 2))),
-        row=_busiest(foreground.sum(axis=(0, 2))),
+        k=k,
+        row=row,
+        axial=to_axial_stack(stack_slab(image, labels, 0, k)).array[0],
+        coronal=to_axial_stack(stack_slab(image, labels, 1, row)).array[:, 0],
         window=(low, high),
     )
 
@@ -173,20 +189,26 @@ def render_report(image: sitk.Image, prediction: Prediction, *, title: str | Non
         _empty_panel(curves, "(d) Expert weight per slice")
     _draw_organ_legend(figure.add_subplot(grid[1, 0], label="organs"), views, prediction.labels)
     _write_header(figure, prediction, title, window_note)
-    _write_footer(figure, stack, prediction)
+    _write_footer(figure, labels, prediction)
     return figure
 
 
-def axial_slab(image: sitk.Image, stack: AxialStack, k: int) -> sitk.Image:
-    """The one-slice 3D sub-image of ``image`` that is slice ``k`` of its axial ``stack``.
+def stack_slab(image: sitk.Image, stack: AxialStack, axis: int, index: int) -> sitk.Image:
+    """The one-voxel-thick 3D sub-image of ``image`` that is plane ``index`` of ``stack.array``.
 
-    Same spacing and direction as ``image``, origin moved to the slab (LPS, mm); its own axial
-    stack is ``stack.array[k : k + 1]``.
+    Args:
+        image: a volume on the grid of ``stack.reference`` (any pixel type).
+        stack: an axial stack of that grid, for its permutation and flips.
+        axis: numpy axis of the stack: 0 for axial slice ``index``, 1 for coronal row ``index``.
+    Returns:
+        The sub-image, with the spacing and direction of ``image`` and its origin moved to the slab
+        (LPS, mm); its own axial stack is the plane of ``stack.array`` (thickness 1 along ``axis``).
     """
-    axis = stack.permute_order[2]  # the image axis (x, y, z order) the stack's slice axis comes from
+    n = 2 - axis  # stack numpy axis m is stack SimpleITK axis 2 - m
+    source = stack.permute_order[n]  # the image axis (x, y, z order) it comes from
     start, size = [0, 0, 0], list(image.GetSize())
-    start[axis] = size[axis] - 1 - k if stack.flip_axes[2] else k
-    size[axis] = 1
+    start[source] = size[source] - 1 - index if stack.flip_axes[n] else index
+    size[source] = 1
     return sitk.RegionOfInterest(image, size, start)
 
 
@@ -201,7 +223,7 @@ def dominant_expert_slice(gate_map: sitk.Image, image: sitk.Image, stack: AxialS
         (Y, X) int array laid out like ``stack.array[k]`` (rows anterior -> posterior, columns
         patient right -> left): the expert index, or -1 where the gate map does not reach.
     """
-    slab = axial_slab(image, stack, k)
+    slab = stack_slab(image, stack, 0, k)
     resampled = sitk.Resample(
         sitk.Cast(gate_map, sitk.sitkVectorFloat32), slab, sitk.Transform(), sitk.sitkLinear, 0.0
     )
@@ -266,7 +288,7 @@ def _slice_position(prediction: Prediction, image: sitk.Image, views: _Views) ->
     for entry in (prediction.gate_summary or {}).get("per_slice", []):
         if entry.get("index") == views.k:
             return float(entry["position_mm"])
-    return float(axial_slab(image, views.stack, views.k).GetOrigin()[2])
+    return float(stack_slab(image, views.labels, 0, views.k).GetOrigin()[2])
 
 
 def _extent(shape: tuple[int, int], spacing: tuple[float, float]) -> tuple[float, float, float, float]:
@@ -322,24 +344,23 @@ def _marker_line(ax: Axes, y_mm: float) -> None:
 
 def _draw_axial(ax: Axes, views: _Views, labels: list[Label], position: float) -> None:
     """(a): axial slice ``k`` with organ outlines; a dashed line marks the coronal row."""
-    _, sy, sx = views.stack.spacing
-    _show_slice(ax, views.stack.array[views.k], (sy, sx), views.window)
-    _outline(ax, views.labels[views.k], {lab.value: lab.color for lab in labels}, (sy, sx), OUTLINE_WIDTH)
+    _, sy, sx = views.labels.spacing
+    _show_slice(ax, views.axial, (sy, sx), views.window)
+    _outline(ax, views.axial_labels, {lab.value: lab.color for lab in labels}, (sy, sx), OUTLINE_WIDTH)
     _marker_line(ax, views.row * sy)
     _orientation_letters(ax, "A", "P")
-    Z = views.labels.shape[0]
+    Z = views.labels.array.shape[0]
     ax.set_title(f"(a) Axial, slice {views.k + 1} of {Z} (z = {position:.1f} mm)", loc="left")
 
 
 def _draw_coronal(ax: Axes, views: _Views, labels: list[Label]) -> None:
     """(b): the coronal slice at stack row ``row``, superior at the top; a dashed line marks slice ``k``."""
-    sz, _, sx = views.stack.spacing
-    Z, Y, _ = views.labels.shape
+    sz, _, sx = views.labels.spacing
+    Z, Y, _ = views.labels.array.shape
     # The stack runs inferior -> superior along axis 0; reversed, display row 0 is the top slice.
-    _show_slice(ax, views.stack.array[::-1, views.row], (sz, sx), views.window)
-    _outline(
-        ax, views.labels[::-1, views.row], {lab.value: lab.color for lab in labels}, (sz, sx), OUTLINE_WIDTH
-    )
+    _show_slice(ax, views.coronal[::-1], (sz, sx), views.window)
+    colors = {lab.value: lab.color for lab in labels}
+    _outline(ax, views.coronal_labels[::-1], colors, (sz, sx), OUTLINE_WIDTH)
     _marker_line(ax, (Z - 1 - views.k) * sz)
     _orientation_letters(ax, "S", "I")
     ax.set_title(f"(b) Coronal, row {views.row + 1} of {Y} (anterior to posterior)", loc="left")
@@ -349,15 +370,15 @@ def _draw_gate_map(
     ax: Axes, image: sitk.Image, views: _Views, prediction: Prediction, experts: list[str]
 ) -> None:
     """(c): slice ``k`` with the dominant expert as a colour overlay, organ outlines in thin white."""
-    _, sy, sx = views.stack.spacing
-    dominant = dominant_expert_slice(prediction.gate_map, image, views.stack, views.k)
+    _, sy, sx = views.labels.spacing
+    dominant = dominant_expert_slice(prediction.gate_map, image, views.labels, views.k)
     covered = dominant >= 0
     overlay = np.zeros((*dominant.shape, 4))
     overlay[covered, :3] = np.array([_expert_color(e) for e in range(len(experts))])[dominant[covered]]
     overlay[covered, 3] = OVERLAY_ALPHA
-    _show_slice(ax, views.stack.array[views.k], (sy, sx), views.window)
+    _show_slice(ax, views.axial, (sy, sx), views.window)
     ax.imshow(overlay, extent=_extent(dominant.shape, (sy, sx)), interpolation="nearest")
-    _outline(ax, views.labels[views.k], {lab.value: WHITE for lab in prediction.labels}, (sy, sx), 0.8)
+    _outline(ax, views.axial_labels, {lab.value: WHITE for lab in prediction.labels}, (sy, sx), 0.8)
     _orientation_letters(ax, "A", "P")
     summary = prediction.gate_summary or {}
     mapped = summary.get("mapped_layer", "mean")
@@ -420,8 +441,13 @@ def _draw_organ_legend(ax: Axes, views: _Views, labels: list[Label]) -> None:
     ax.axis("off")
     if not labels:
         return
-    ml_per_voxel = float(np.prod(views.stack.spacing)) / 1000.0
-    counts = np.bincount(views.labels.ravel(), minlength=max(lab.value for lab in labels) + 1)
+    ml_per_voxel = float(np.prod(views.labels.spacing)) / 1000.0
+    counts = np.zeros(max(lab.value for lab in labels) + 1, np.int64)
+    for (
+        plane
+    ) in views.labels.array:  # slice by slice: bincount of the whole volume would take 8 bytes a voxel
+        values = np.rint(plane).astype(np.int64).ravel()
+        counts += np.bincount(values, minlength=len(counts))[: len(counts)]
     handles = []
     for label in labels:
         volume = counts[label.value] * ml_per_voxel
