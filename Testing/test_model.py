@@ -24,16 +24,6 @@ from m4oe.model import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are too small to gain from threads, and on a busy 2-core machine OpenMP
-    # barriers make a tiny forward pass 10x slower and erratic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -218,6 +208,29 @@ def test_top_k_matches_a_token_by_token_reference(num_experts, k):
                     expected[b, n] += p[e] / total * ffn.experts[e](x[b, n])
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(probs, F.softmax(ffn.gate(x), dim=-1).detach())
+
+
+def test_top1_inference_shortcut_equals_the_weighted_training_path():
+    torch.manual_seed(0)
+    ffn = MoEFeedForward(16, 3, top_k=1)
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        inference, _ = ffn(x)
+    training, _ = ffn(x)
+    assert training.requires_grad
+    assert torch.equal(inference, training.detach())
+
+
+def test_an_expert_no_token_picks_gets_a_zero_gradient_not_none():
+    torch.manual_seed(0)
+    ffn = MoEFeedForward(8, 3, top_k=1)
+    with torch.no_grad():
+        ffn.gate.bias.copy_(torch.tensor([100.0, 0.0, 0.0]))
+    out, _ = ffn(torch.randn(2, 5, 8))
+    out.square().sum().backward()
+    assert ffn.experts[0].fc1.weight.grad.abs().sum() > 0
+    for idle in ffn.experts[1:]:
+        assert idle.fc1.weight.grad is not None and not idle.fc1.weight.grad.any()
 
 
 @pytest.mark.parametrize("k", [1, 2])

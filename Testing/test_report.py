@@ -254,3 +254,15 @@ def test_dominant_expert_reads_the_gate_maps_the_predictor_writes():
     rows, cols = np.meshgrid(np.arange(Y), np.arange(X), indexing="ij")
     away = (np.abs(rows - 31.5) > 4) & (np.abs(cols - 31.5) > 4)
     np.testing.assert_array_equal(dominant[away], expected_dominant(rows, cols)[away])
+
+
+def test_report_of_a_real_prediction_with_gates(tiny_model_dir, tmp_path):
+    """What the predictor returns today is what the report reads (catches drift between the two)."""
+    from m4oe.predictor import Predictor
+
+    image, _ = synthetic_case()
+    pred = Predictor.from_pretrained(tiny_model_dir, device="cpu").predict(image, gates=True)
+    figure = render_report(image, pred)
+    legend = next(a for a in figure.axes if a.get_label() == "gate_map").get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["ct (CT), expected", "mr (MR)", "mr-t2 (MR)"]
+    assert imread(write_report(image, pred, tmp_path / "report.png")).shape[:2] == (1000, 1600)

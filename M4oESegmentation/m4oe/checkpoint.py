@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 
 from m4oe.errors import ModelError, OutputError
+from m4oe.hub import sha256_file
 from m4oe.model.swin_unet import SwinUNet
 from m4oe.model_card import FORMAT_VERSION, READABLE_VERSIONS, ModelCard
 
@@ -31,15 +32,6 @@ CARD_NAME = "model.json"
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".pkl", ".bin")
 _SHOWN = 3
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """Lower-case hex SHA-256 of a file, read in chunks (constant memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_checkpoint(model: SwinUNet, card: ModelCard, folder: str | Path, *, overwrite: bool = False) -> Path:

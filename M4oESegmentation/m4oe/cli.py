@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 import time
+from dataclasses import asdict
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from . import __version__
@@ -90,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--delete", metavar="NAME", default=None, help="delete a downloaded model")
     models.add_argument("--force", action="store_true", help="download again even if cached")
     models.add_argument("--json", action="store_true")
+    for entry in entry_points(group="m4oe.commands"):
+        entry.load()(sub)
     return parser
 
 
@@ -147,10 +151,13 @@ def _segment_outputs(args) -> dict[str, Path]:
         if path.exists() and not args.overwrite:
             raise OutputError("exists; pass --overwrite to replace it", path)
         folder = path.parent
-        if path.parent == Path(args.gates or "\0") and not folder.exists():
-            continue  # the gates folder is created on write
+        if args.gates and folder == Path(args.gates):
+            # The gates folder is created on write, so its nearest existing ancestor must be a
+            # writable folder (not a file), or the gate maps would fail after the label map is written.
+            while not folder.exists() and folder != folder.parent:
+                folder = folder.parent
         if not folder.is_dir():
-            raise OutputError("folder does not exist", folder)
+            raise OutputError("is not a folder" if folder.exists() else "folder does not exist", folder)
         if not os.access(folder, os.W_OK | os.X_OK):
             raise OutputError("folder is not writable", folder)
     return outputs
@@ -325,7 +332,8 @@ def cmd_models(args) -> int:
         return 0
     entries = list_models()
     if args.json:
-        print(json.dumps([e.to_dict() for e in entries], indent=1))
+        rows = [dict(asdict(e), path=None if e.path is None else str(e.path)) for e in entries]
+        print(json.dumps(rows, indent=1))
         return 0
     if not entries:
         print("no models found")
@@ -345,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     json_mode = getattr(args, "progress", None) == "json"
     try:
-        return COMMANDS[args.command](args)
+        handler = COMMANDS.get(args.command) or args.handler
+        return handler(args)
     except M4oEError as error:
         return _fail(str(error), error.exit_code, json_mode, args.debug)
     except KeyboardInterrupt:

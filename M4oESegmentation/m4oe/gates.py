@@ -16,6 +16,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
 from .geometry import AxialStack
 from .inplane import InPlaneGrid
 
@@ -61,7 +62,7 @@ class GateRecorder:
         if not self.layers:
             self.layers = list(gates)
             if self.layer is not None and self.layer not in gates:
-                raise ValueError(f"unknown gate layer {self.layer!r}; this model has {self.layers}")
+                raise InputError(f"unknown gate layer {self.layer!r}; this model has {self.layers}")
         gates = {k: v.float() for k, v in gates.items()}
         B = next(iter(gates.values())).shape[0]
         for name, g in gates.items():

@@ -25,12 +25,13 @@ from .errors import CancelledError, InputError
 from .gates import GateRecorder, gate_map_image, slice_positions
 from .geometry import from_axial_stack, to_axial_stack
 from .hub import resolve_model
-from .inplane import from_model_grid, make_grid, to_model_grid
+from .inplane import from_model_grid
 from .labels import Label
 from .modality import ModalityResult, detect_modality
 from .model import SwinUNet
 from .model_card import ModelCard
-from .preprocessing import IntensityParams, mr_volume_statistics, normalize_slices
+from .prepare import SlicePlan
+from .preprocessing import IntensityParams
 
 logger = logging.getLogger(__name__)
 
@@ -203,11 +204,16 @@ class Predictor:
         if float(values.min()) == float(values.max()):
             raise InputError(f"is empty: every voxel has the value {float(values.min()):g}", where)
         found = detect_modality(values, dicom_modality=dicom_modality, override=modality)
-        params = self._intensity_params(found.modality)
-        volume_stats = mr_volume_statistics(values, params) if found.modality == "mr" else None
-        pad_value = float(normalize_slices(np.float32(values.min()), found.modality, params, volume_stats))
         pre = card.preprocessing
-        grid = make_grid((Y, X), stack.spacing[1:], cfg.img_size, pre.in_plane, pre.target_spacing_mm)
+        plan = SlicePlan.for_stack(
+            stack,
+            found.modality,
+            self._intensity_params(found.modality),
+            cfg.img_size,
+            pre.in_plane,
+            pre.target_spacing_mm,
+        )
+        grid = plan.grid
         seconds["preprocess"] = time.perf_counter() - t0
         report("preprocess", 1, 1)
 
@@ -228,10 +234,7 @@ class Predictor:
                 if cancel is not None and cancel():
                     raise CancelledError("cancelled by the user", where)
                 stop = min(start + self.batch_size, Z)
-                slab = torch.from_numpy(values[start:stop]).to(self.device)[:, None]
-                x = to_model_grid(
-                    normalize_slices(slab, found.modality, params, volume_stats), grid, pad_value
-                )
+                x = plan.model_input(values[start:stop], self.device)
                 if cfg.in_chans == 3:
                     x = x.expand(-1, 3, -1, -1)
                 logits, layer_gates = self.model(

@@ -500,9 +500,10 @@ def _write_footer(figure: Figure, stack: AxialStack, prediction: Prediction) -> 
         f"Input {X}\u00d7{Y}\u00d7{Z} voxels, {sx:.2f}\u00d7{sy:.2f}\u00d7{sz:.2f} mm, {stack.orientation}"
     ]
     if prediction.seconds:
-        parts.append(
-            "time: " + ", ".join(f"{name} {float(s):.1f} s" for name, s in prediction.seconds.items())
-        )
+        times = [
+            f"{name} {float(s):.{1 if float(s) >= 1 else 2}f} s" for name, s in prediction.seconds.items()
+        ]
+        parts.append("time: " + ", ".join(times))
     parts.append(f"m4oe {__version__}")
     figure.text(0.025, 0.02, "   \u00b7   ".join(parts), fontsize=10, color="#333333")
 

@@ -5,18 +5,22 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .config import ModelConfig
+from .imagenet import InitReport, imagenet_filter_fn, load_imagenet_weights
 from .moe import DenseFeedForward, MoEFeedForward, load_balancing_loss
 from .swin_unet import SwinUNet
 
 __all__ = [
     "MODEL_REGISTRY",
     "DenseFeedForward",
+    "InitReport",
     "MoEFeedForward",
     "ModelConfig",
     "SwinUNet",
     "build_model",
     "get_config",
+    "imagenet_filter_fn",
     "load_balancing_loss",
+    "load_imagenet_weights",
 ]
 
 _TINY = dict(img_size=64, embed_dim=24, num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.1)

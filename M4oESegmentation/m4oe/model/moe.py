@@ -97,13 +97,21 @@ class MoEFeedForward(nn.Module):
         top_p, top_i = probs.reshape(-1, self.num_experts).topk(self.top_k, dim=-1)
         # Renormalised by a constant so the gate still gets a gradient at k=1, where the weight is 1.
         top_w = top_p / top_p.sum(dim=-1, keepdim=True).detach()
-        out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            token, slot = (top_i == e).nonzero(as_tuple=True)
-            if token.numel():
-                # Cast: under autocast an expert returns bf16/fp16 while ``out`` keeps the input's dtype.
-                out.index_add_(0, token, (expert(flat[token]) * top_w[token, slot, None]).to(out.dtype))
-        return out.reshape(B, N, C)
+        # Group the (token, slot) pairs by expert (stable, so tokens keep their order): one gather,
+        # one contiguous chunk per expert, one scatter. An expert no token picked still runs on an
+        # empty chunk, so it stays in the autograd graph (a zero gradient, not a missing one, for DDP).
+        expert_of = top_i.reshape(-1)
+        order = expert_of.argsort(stable=True)
+        token = order // self.top_k
+        counts = expert_of.bincount(minlength=self.num_experts).tolist()
+        chunks = flat[token].split(counts)
+        # Cast: under autocast an expert returns bf16/fp16 while the output keeps the input's dtype.
+        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks, strict=True)])
+        if self.top_k == 1 and not top_w.requires_grad:
+            # Inference at k=1: the weight p / p is exactly 1 and each token fills one row.
+            return torch.empty_like(flat).index_copy_(0, token, y.to(flat.dtype)).reshape(B, N, C)
+        y = y * top_w.reshape(-1)[order, None]
+        return torch.zeros_like(flat).index_add_(0, token, y.to(flat.dtype)).reshape(B, N, C)
 
     def _forced(self, x: torch.Tensor, force_expert: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B = x.shape[0]

@@ -1,0 +1,63 @@
+"""From an axial stack to model input: the one preprocessing path of training and inference.
+
+:class:`SlicePlan` fixes, once per volume, the intensity normalisation (CT: the model's dataset
+statistics; MR: this volume's robust statistics) and the in-plane mapping onto the model grid.
+Its :meth:`SlicePlan.model_input` then turns any batch of the volume's slices into model input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .geometry import AxialStack
+from .inplane import InPlaneGrid, make_grid, to_model_grid
+from .preprocessing import IntensityParams, VolumeStatistics, mr_volume_statistics, normalize_slices
+
+
+@dataclass(frozen=True)
+class SlicePlan:
+    """How the slices of one volume become model input (B, 1, S, S)."""
+
+    modality: str
+    params: IntensityParams
+    volume_stats: VolumeStatistics | None
+    grid: InPlaneGrid
+    pad_value: float
+
+    @classmethod
+    def for_stack(
+        cls,
+        stack: AxialStack,
+        modality: str,
+        params: IntensityParams,
+        size: int,
+        in_plane: str = "resize",
+        target_spacing_mm: tuple[float, float] | None = None,
+    ) -> SlicePlan:
+        """Plan a volume.
+
+        Args:
+            stack: the volume as axial slices (Z, Y, X), spacing (sz, sy, sx) mm.
+            modality: "ct" or "mr".
+            params: the intensity parameters of that modality (from the model card).
+            size: S, the model's input side in pixels.
+            in_plane, target_spacing_mm: the model card's in-plane resampling.
+        """
+        values = stack.array
+        stats = mr_volume_statistics(values, params) if modality == "mr" else None
+        # Outside the field of view is the volume's lowest value (air), normalised.
+        pad = float(normalize_slices(np.float32(values.min()), modality, params, stats))
+        grid = make_grid(values.shape[1:], stack.spacing[1:], size, in_plane, target_spacing_mm)
+        return cls(modality, params, stats, grid, pad)
+
+    def model_input(
+        self, slices: np.ndarray | torch.Tensor, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """Normalise and resample slices (B, Y, X) of the planned volume to (B, 1, S, S) float32."""
+        t = torch.as_tensor(slices, device=device)[:, None]
+        return to_model_grid(
+            normalize_slices(t, self.modality, self.params, self.volume_stats), self.grid, self.pad_value
+        )

@@ -1,0 +1,367 @@
+"""Public dataset converters (FLARE22, AMOS22, ATLAS2023) and the nnU-Net dataset check.
+
+The source trees are tiny fakes (8x8x4 volumes) that follow each release's real folder and file
+names and label numbering, so a converter that passes here finds its files in the real download.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from m4oe.errors import CancelledError, InputError, OutputError
+from m4oe.terminology import TERMS
+from m4oe_training.converters import (
+    AMOS22_LABELS,
+    ATLAS2023_LABELS,
+    FLARE22_LABELS,
+    convert_amos22,
+    convert_atlas2023,
+    convert_flare22,
+    main,
+    verify_dataset,
+)
+
+SHAPE = (4, 8, 8)  # (z, y, x): 8x8x4 voxels
+CT_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def write_volume(path: Path, array: np.ndarray, seed: int, direction=CT_DIRECTION) -> None:
+    """Write ``array`` (z, y, x) with a per-case spacing and origin (mm, LPS)."""
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.7 + 0.01 * seed, 0.7 + 0.01 * seed, 2.5 + seed))
+    image.SetOrigin((100.0 + seed, -50.5, 20.25 * seed))
+    image.SetDirection(direction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+
+
+def write_case(image: Path, label: Path | None, seed: int, values: range, direction=CT_DIRECTION):
+    """An int16 image and a uint8 label holding every value in ``values`` (background included)."""
+    rng = np.random.default_rng(seed)
+    write_volume(image, rng.integers(-1000, 1000, SHAPE).astype(np.int16), seed, direction)
+    if label is not None:
+        labels = np.resize(np.array(values, dtype=np.uint8), SHAPE)
+        write_volume(label, rng.permutation(labels.ravel()).reshape(SHAPE), seed, direction)
+
+
+def read_array(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def geometry(path: Path) -> tuple:
+    image = sitk.ReadImage(str(path))
+    return image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection()
+
+
+@pytest.fixture
+def flare22(tmp_path) -> Path:
+    """The challenge's FLARE2022/ tree: 3 labelled cases (0-13) and 2 unlabelled CTs."""
+    root = tmp_path / "FLARE2022"
+    labelled = root / "Training" / "FLARE22_LabeledCase50"
+    for seed, number in enumerate(("0001", "0002", "0050")):
+        write_case(
+            labelled / "images" / f"FLARE22_Tr_{number}_0000.nii.gz",
+            labelled / "labels" / f"FLARE22_Tr_{number}.nii.gz",
+            seed,
+            range(14),
+        )
+    for number in ("00001", "00002"):
+        write_case(
+            root / "Training" / "FLARE22_UnlabeledCase1-1000" / f"Case_{number}_0000.nii.gz", None, 9, []
+        )
+    return root
+
+
+AMOS_LABELLED = {"Tr": ("0001", "0004", "0507", "0508"), "Va": ("0008", "0540")}
+AMOS_TEST = ("0002", "0513")
+
+
+@pytest.fixture
+def amos22(tmp_path) -> Path:
+    """amos22/ as in the Zenodo zip: CT and MRI ids on both sides of 500, labels 0-15, dataset.json."""
+    root = tmp_path / "amos22"
+    for split, numbers in AMOS_LABELLED.items():
+        for seed, number in enumerate(numbers):
+            mr_direction = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 1.0, 0.0)
+            direction = CT_DIRECTION if int(number) <= 500 else mr_direction
+            name = f"amos_{number}.nii.gz"
+            write_case(
+                root / f"images{split}" / name, root / f"labels{split}" / name, seed, range(16), direction
+            )
+    for number in AMOS_TEST:
+        write_case(root / "imagesTs" / f"amos_{number}.nii.gz", None, 3, [])
+    names = {str(s.value): s.original for s in AMOS22_LABELS}
+    entries = {
+        split: [
+            {"image": f"./images{s}/amos_{n}.nii.gz", "label": f"./labels{s}/amos_{n}.nii.gz"}
+            for n in numbers
+        ]
+        for (s, numbers), split in zip(AMOS_LABELLED.items(), ("training", "validation"), strict=True)
+    }
+    dataset = {
+        "name": "AMOS",
+        "description": "MICCAI2022 Multi-Modality Abdominal Multi-Organ Segmentation Challenge",
+        "tensorImageSize": "3D",
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", **names},
+        "numTraining": 4,
+        "numValidation": 2,
+        "numTest": 2,
+        **entries,
+        "test": [{"image": f"./imagesTs/amos_{n}.nii.gz"} for n in AMOS_TEST],
+    }
+    (root / "dataset.json").write_text(json.dumps(dataset, indent=4))
+    return tmp_path
+
+
+@pytest.fixture
+def atlas2023(tmp_path) -> Path:
+    """atlas-train-dataset-1.0.1/train/ with imN / lbN pairs, labels 0 background, 1 liver, 2 tumour."""
+    train = tmp_path / "atlas-train-dataset-1.0.1" / "train"
+    for seed, number in enumerate((0, 1, 12)):
+        write_case(
+            train / "imagesTr" / f"im{number}.nii.gz",
+            train / "labelsTr" / f"lb{number}.nii.gz",
+            seed,
+            range(3),
+            direction=(1, 0, 0, 0, 1, 0, 0, 0, 1),
+        )
+    return tmp_path
+
+
+def assert_same_case(source_image: Path, source_label: Path, out: Path, case: str) -> None:
+    image, label = out / "imagesTr" / f"{case}_0000.nii.gz", out / "labelsTr" / f"{case}.nii.gz"
+    np.testing.assert_array_equal(read_array(image), read_array(source_image))
+    np.testing.assert_array_equal(read_array(label), read_array(source_label))
+    assert geometry(image) == geometry(source_image)
+    assert geometry(label) == geometry(source_label)
+
+
+def test_label_tables_use_known_terminology_keys():
+    for table in (FLARE22_LABELS, AMOS22_LABELS, ATLAS2023_LABELS):
+        assert [s.value for s in table] == list(range(1, len(table) + 1))
+        assert all(s.term is None or s.term in TERMS for s in table)
+    assert [s.term for s in AMOS22_LABELS if s.term is None] == [None]  # prostate/uterus only
+
+
+def test_flare22(flare22, tmp_path):
+    events = []
+    result = convert_flare22(flare22, tmp_path / "out", progress=events.append)
+    out = tmp_path / "out"
+    assert result.cases == ("FLARE22_Tr_0001", "FLARE22_Tr_0002", "FLARE22_Tr_0050")
+    assert result.unlabelled_skipped == 2 and result.modality == "ct"
+    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == [f"{c}_0000.nii.gz" for c in result.cases]
+    assert sorted(p.name for p in (out / "labelsTr").iterdir()) == [f"{c}.nii.gz" for c in result.cases]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["FLARE2022", "out"]  # no staging left
+
+    data = json.loads((out / "dataset.json").read_text())
+    assert data["channel_names"] == {"0": "CT"}
+    assert data["labels"]["background"] == 0 and data["labels"]["liver"] == 1
+    assert data["labels"]["kidney_right"] == 2 and data["labels"]["kidney_left"] == 13
+    assert len(data["labels"]) == 14
+    assert data["numTraining"] == 3 and data["file_ending"] == ".nii.gz" and data["modality"] == "ct"
+    assert data["terminology"]["inferior_vena_cava"] == "inferior_vena_cava"
+    assert set(data["terminology"]) == set(data["labels"]) - {"background"}
+    assert data["source"]["dataset"] == "FLARE22" and data["source"]["unlabelled_skipped"] == 2
+    assert data["source"]["original_labels"]["2"] == "right kidney"
+
+    labelled = flare22 / "Training" / "FLARE22_LabeledCase50"
+    for case in result.cases:
+        assert_same_case(
+            labelled / "images" / f"{case}_0000.nii.gz", labelled / "labels" / f"{case}.nii.gz", out, case
+        )
+    assert [e.done for e in events] == [1, 2, 3] and events[-1].fraction == 1.0
+
+    summary = verify_dataset(out)
+    assert summary.cases == result.cases and summary.modality == "ct"
+    assert summary.label_presence == {name: 3 for name in data["labels"] if name != "background"}
+    assert summary.median_spacing == pytest.approx((0.71, 0.71, 3.5))
+
+
+def test_amos22_splits_ct_and_mri(amos22, tmp_path):
+    ct, mr = convert_amos22(amos22, tmp_path / "ct", tmp_path / "mr")
+    assert ct.cases == ("amos_0001", "amos_0004", "amos_0008")
+    assert mr.cases == ("amos_0507", "amos_0508", "amos_0540")
+    assert (ct.unlabelled_skipped, mr.unlabelled_skipped) == (1, 1)
+    for result, channel in ((ct, "CT"), (mr, "MRI")):
+        data = json.loads((result.folder / "dataset.json").read_text())
+        assert data["channel_names"] == {"0": channel} and data["modality"] == result.modality
+        assert data["numTraining"] == 3
+        assert data["labels"]["spleen"] == 1 and data["labels"]["liver"] == 6
+        assert data["labels"]["prostate_or_uterus"] == 15
+        assert data["terminology"]["urinary_bladder"] == "urinary_bladder"
+        assert data["terminology"]["prostate_or_uterus"] is None
+        assert data["source"]["original_labels"]["8"] == "arota"
+        assert verify_dataset(result.folder).cases == result.cases
+    root = amos22 / "amos22"
+    for split, case, result in (("Va", "amos_0540", mr), ("Tr", "amos_0004", ct)):
+        name = f"{case}.nii.gz"
+        assert_same_case(root / f"images{split}" / name, root / f"labels{split}" / name, result.folder, case)
+    assert set(np.unique(read_array(ct.folder / "labelsTr" / "amos_0001.nii.gz"))) == set(range(16))
+
+
+def test_amos22_one_modality_only(amos22, tmp_path):
+    ct, mr = convert_amos22(amos22 / "amos22", None, tmp_path / "mr")
+    assert ct is None and len(mr.cases) == 3 and not (tmp_path / "ct").exists()
+
+
+def test_amos22_validation_without_labels_counts_as_unlabelled(amos22, tmp_path):
+    root = amos22 / "amos22"
+    for label in (root / "labelsVa").iterdir():
+        label.unlink()
+    (root / "labelsVa").rmdir()
+    ct, mr = convert_amos22(root, tmp_path / "ct", tmp_path / "mr")
+    assert ct.cases == ("amos_0001", "amos_0004") and mr.cases == ("amos_0507", "amos_0508")
+    assert (ct.unlabelled_skipped, mr.unlabelled_skipped) == (2, 2)
+
+
+def test_flare22_other_distributed_layout(flare22, tmp_path):
+    """The FLARE22Train/images + labels layout of other mirrors is found too."""
+    (flare22 / "Training" / "FLARE22_LabeledCase50").rename(tmp_path / "FLARE22Train")
+    result = convert_flare22(tmp_path, tmp_path / "out")
+    assert len(result.cases) == 3 and result.unlabelled_skipped == 0
+
+
+def test_amos22_dataset_json_with_other_numbering_is_refused(amos22, tmp_path):
+    path = amos22 / "amos22" / "dataset.json"
+    data = json.loads(path.read_text())
+    data["labels"]["1"], data["labels"]["6"] = "liver", "spleen"
+    path.write_text(json.dumps(data))
+    with pytest.raises(InputError, match=r"dataset\.json: label 1 is 'liver'"):
+        convert_amos22(amos22, tmp_path / "ct", tmp_path / "mr")
+
+
+def test_atlas2023_with_links(atlas2023, tmp_path):
+    result = convert_atlas2023(atlas2023, tmp_path / "atlas", link=True)
+    assert result.cases == ("atlas_0000", "atlas_0001", "atlas_0012") and result.modality == "mr"
+    data = json.loads((tmp_path / "atlas" / "dataset.json").read_text())
+    assert data["channel_names"] == {"0": "MRI"}
+    assert data["labels"] == {"background": 0, "liver": 1, "liver_tumor": 2}
+    assert data["terminology"] == {"liver": "liver", "liver_tumor": "liver_tumor"}
+    train = atlas2023 / "atlas-train-dataset-1.0.1" / "train"
+    linked = tmp_path / "atlas" / "labelsTr" / "atlas_0012.nii.gz"
+    assert linked.is_symlink() or os.stat(linked).st_nlink == 2
+    image, label = train / "imagesTr" / "im12.nii.gz", train / "labelsTr" / "lb12.nii.gz"
+    assert_same_case(image, label, tmp_path / "atlas", "atlas_0012")
+
+
+def test_unknown_label_value_names_file_and_value(atlas2023, tmp_path):
+    label = atlas2023 / "atlas-train-dataset-1.0.1" / "train" / "labelsTr" / "lb1.nii.gz"
+    write_case(
+        label.parent.parent / "imagesTr" / "im1.nii.gz",
+        label,
+        1,
+        range(4),
+        direction=(1, 0, 0, 0, 1, 0, 0, 0, 1),
+    )
+    with pytest.raises(
+        InputError, match=r"lb1\.nii\.gz: label value 3 is not among the ATLAS2023 labels \(0-2\)"
+    ):
+        convert_atlas2023(atlas2023, tmp_path / "atlas")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atlas-train-dataset-1.0.1"]  # nothing partial
+
+
+def test_fractional_label_value_is_refused(atlas2023, tmp_path):
+    label = atlas2023 / "atlas-train-dataset-1.0.1" / "train" / "labelsTr" / "lb0.nii.gz"
+    image = sitk.ReadImage(str(label), sitk.sitkFloat32) * 0.5
+    sitk.WriteImage(image, str(label))
+    with pytest.raises(InputError, match=r"lb0\.nii\.gz: label value 0\.5 is not an integer"):
+        convert_atlas2023(atlas2023, tmp_path / "atlas")
+
+
+def test_missing_label_names_the_file(flare22, tmp_path):
+    label = flare22 / "Training" / "FLARE22_LabeledCase50" / "labels" / "FLARE22_Tr_0002.nii.gz"
+    label.unlink()
+    with pytest.raises(InputError, match=r"labels/FLARE22_Tr_0002\.nii\.gz: missing: no label for image"):
+        convert_flare22(flare22, tmp_path / "out")
+
+
+def test_unexpected_file_name_is_refused(atlas2023, tmp_path):
+    images = atlas2023 / "atlas-train-dataset-1.0.1" / "train" / "imagesTr"
+    (images / "im3_0000.nii.gz").write_bytes(b"")
+    with pytest.raises(InputError, match=r"im3_0000\.nii\.gz: unexpected file name; expected imN\.nii\.gz"):
+        convert_atlas2023(atlas2023, tmp_path / "atlas")
+
+
+def test_existing_output_needs_overwrite(atlas2023, tmp_path):
+    convert_atlas2023(atlas2023, tmp_path / "atlas")
+    with pytest.raises(OutputError, match=r"atlas: exists; pass overwrite=True"):
+        convert_atlas2023(atlas2023, tmp_path / "atlas")
+    (tmp_path / "atlas" / "labelsTr" / "stale.nii.gz").write_bytes(b"")
+    convert_atlas2023(atlas2023, tmp_path / "atlas", overwrite=True)
+    assert len(list((tmp_path / "atlas" / "labelsTr").iterdir())) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atlas", "atlas-train-dataset-1.0.1"]
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_dataset(atlas2023, tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError, match="is not a dataset folder"):
+        convert_atlas2023(atlas2023, tmp_path / "notes", overwrite=True)
+    with pytest.raises(OutputError, match="would replace the source folder"):
+        convert_atlas2023(atlas2023 / "atlas-train-dataset-1.0.1" / "train", atlas2023, overwrite=True)
+
+
+def test_cancel_leaves_nothing(atlas2023, tmp_path):
+    with pytest.raises(CancelledError):
+        convert_atlas2023(atlas2023, tmp_path / "atlas", cancel=lambda: True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atlas-train-dataset-1.0.1"]
+
+
+def test_verify_catches_geometry_mismatch(atlas2023, tmp_path):
+    out = convert_atlas2023(atlas2023, tmp_path / "atlas").folder
+    label = out / "labelsTr" / "atlas_0001.nii.gz"
+    image = sitk.ReadImage(str(label))
+    image.SetSpacing((0.71, 0.71, 3.0))
+    sitk.WriteImage(image, str(label))
+    with pytest.raises(InputError, match=r"atlas_0001\.nii\.gz: geometry differs from its image .*spacing"):
+        verify_dataset(out)
+
+
+def test_verify_catches_label_value_outside_dataset_json(atlas2023, tmp_path):
+    out = convert_atlas2023(atlas2023, tmp_path / "atlas").folder
+    label = out / "labelsTr" / "atlas_0012.nii.gz"
+    image = sitk.ReadImage(str(label))
+    image[0, 0, 0] = 20
+    sitk.WriteImage(image, str(label))
+    with pytest.raises(
+        InputError, match=r"atlas_0012\.nii\.gz: label value 20 is not in dataset\.json labels"
+    ):
+        verify_dataset(out)
+
+
+def test_verify_checks_pairs_and_dataset_json(atlas2023, tmp_path):
+    out = convert_atlas2023(atlas2023, tmp_path / "atlas").folder
+    (out / "labelsTr" / "atlas_0000.nii.gz").unlink()
+    with pytest.raises(InputError, match=r"labelsTr/atlas_0000\.nii\.gz: missing: no label for image"):
+        verify_dataset(out)
+    (out / "imagesTr" / "atlas_0000_0000.nii.gz").unlink()
+    with pytest.raises(InputError, match=r"dataset\.json: numTraining is 3 but labelsTr holds 2 cases"):
+        verify_dataset(out)
+    data = json.loads((out / "dataset.json").read_text())
+    data["numTraining"] = 2
+    data["labels"]["liver_tumor"] = 3
+    (out / "dataset.json").write_text(json.dumps(data))
+    with pytest.raises(InputError, match=r"dataset\.json: label values must be 0\.\.2 without gaps"):
+        verify_dataset(out)
+    data["labels"]["liver_tumor"] = 2
+    data["terminology"]["liver"] = "hepar"
+    (out / "dataset.json").write_text(json.dumps(data))
+    with pytest.raises(InputError, match=r"'hepar' is not a key of m4oe\.terminology\.TERMS"):
+        verify_dataset(out)
+
+
+def test_command_line(atlas2023, tmp_path, capsys):
+    assert main(["atlas2023", str(atlas2023), str(tmp_path / "atlas")]) == 0
+    assert "ATLAS2023: 3 cases" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "atlas")]) == 0
+    assert "3 cases" in capsys.readouterr().out
+    assert main(["atlas2023", str(atlas2023), str(tmp_path / "atlas")]) == 3
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1 and "exists" in error

@@ -1,0 +1,254 @@
+"""One training run's configuration: a TOML file, overridable from the command line.
+
+Every key is a field of a frozen dataclass below; an unknown key or a value of the wrong type is
+an error naming the key, never a silent default. ``--set stage.lr=0.01``-style overrides go
+through the same checks as the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+from m4oe.errors import InputError
+from pathlib import Path
+
+import tomllib
+
+STAGE_KINDS = ("mim", "experts", "joint")
+OPTIMIZERS = ("sgd", "adamw")
+AMP_MODES = ("auto", "off", "bf16")
+
+
+class ConfigError(InputError):
+    """A configuration value that is unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One nnU-Net-style dataset: which expert learns from it and which task head it trains.
+
+    ``path`` is relative to the config file's folder when not absolute. ``val_cases`` cases (the
+    last ones in sorted order) are held out for validation.
+    """
+
+    path: str
+    expert: str
+    task: str
+    val_cases: int = 2
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One stage of the M4oE recipe.
+
+    kind: "mim" (masked-image-modelling pretraining of each expert on its modality), "experts"
+    (segmentation with every sample forced to its dataset's expert) or "joint" (gate on, all
+    parameters fine-tuned together).
+    """
+
+    kind: str
+    epochs: int
+    lr: float
+    load_balance_weight: float = 0.0
+    mask_ratio: float = 0.75
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str
+    datasets: tuple[DatasetConfig, ...]
+    stages: tuple[StageConfig, ...]
+    model: str = "m4oe"
+    model_overrides: dict = field(default_factory=dict)
+    imagenet: str | None = None
+    in_plane: str = "resize"
+    target_spacing_mm: tuple[float, float] | None = None
+    batch_size: int = 16
+    iterations_per_epoch: int = 250
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    ce_weight: float = 0.4
+    dice_weight: float = 0.7
+    foreground_fraction: float = 0.67
+    augment: bool = True
+    amp: str = "auto"
+    val_every: int = 1
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    output_dir: str = "runs/{name}"
+    largest_component: tuple[str, ...] = ()
+    description: str = ""
+
+    def __post_init__(self):
+        if not self.datasets:
+            raise ConfigError("datasets: at least one dataset is needed")
+        if not self.stages:
+            raise ConfigError("stages: at least one stage is needed")
+        for i, s in enumerate(self.stages):
+            if s.kind not in STAGE_KINDS:
+                raise ConfigError(f"stages[{i}].kind must be one of {STAGE_KINDS}, got {s.kind!r}")
+            if s.epochs < 0 or s.lr <= 0:
+                raise ConfigError(f"stages[{i}]: epochs must be >= 0 and lr > 0, got {s.epochs}, {s.lr}")
+            if not 0.0 < s.mask_ratio < 1.0:
+                raise ConfigError(f"stages[{i}].mask_ratio must be in (0, 1), got {s.mask_ratio}")
+        checks = {
+            "optimizer": self.optimizer in OPTIMIZERS,
+            "amp": self.amp in AMP_MODES,
+            "in_plane": self.in_plane in ("resize", "spacing"),
+            "batch_size": self.batch_size >= 1,
+            "iterations_per_epoch": self.iterations_per_epoch >= 1,
+            "foreground_fraction": 0.0 <= self.foreground_fraction <= 1.0,
+            "val_every": self.val_every >= 1,
+            "ce_weight": self.ce_weight >= 0 and self.ce_weight + self.dice_weight > 0,
+            "dice_weight": self.dice_weight >= 0,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"{key}: invalid value {getattr(self, key)!r}")
+        for i, d in enumerate(self.datasets):
+            if d.val_cases < 0:
+                raise ConfigError(f"datasets[{i}].val_cases must be >= 0, got {d.val_cases}")
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        """Expert names in order of first appearance among the datasets."""
+        return tuple(dict.fromkeys(d.expert for d in self.datasets))
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(d.task for d in self.datasets))
+
+    def resolved_output_dir(self, base: Path) -> Path:
+        out = Path(self.output_dir.format(name=self.name))
+        return out if out.is_absolute() else base / out
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _convert(value, hint, where: str):
+    """Check ``value`` against a type hint, converting lists to tuples and ints to floats."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(
+            _convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return _build(hint, value, where)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint in (str, bool):
+        if not isinstance(value, hint):
+            raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {hint}")
+
+
+def _build(cls, data: dict, where: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; expected one of {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{where}.{f.name}" if where else f.name
+        if f.name in data:
+            kwargs[f.name] = _convert(data[f.name], hints[f.name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing key {key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        raise ConfigError(f"{where + ': ' if where else ''}{error}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """``"a.b=3"`` -> (["a", "b"], 3); the value is read as TOML (strings may be bare)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[TrainConfig, dict]:
+    """Read a TOML config, apply ``key.sub=value`` overrides, validate. Returns (config, raw dict).
+
+    Dataset paths are made absolute relative to the config file's folder.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        target = data
+        for k in keys[:-1]:
+            if k.isdigit() and isinstance(target, list):
+                target = target[int(k)]
+            else:
+                target = target.setdefault(k, {})
+        if keys[-1].isdigit() and isinstance(target, list):
+            target[int(keys[-1])] = value
+        else:
+            target[keys[-1]] = value
+    for d in data.get("datasets", []):
+        if isinstance(d, dict) and isinstance(d.get("path"), str) and not Path(d["path"]).is_absolute():
+            d["path"] = str((path.parent / d["path"]).resolve())
+    try:
+        return _build(TrainConfig, data), data
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None

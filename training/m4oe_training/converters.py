@@ -1,0 +1,913 @@
+"""Public abdominal datasets -> nnU-Net v2 raw dataset folders, and a check of any such folder.
+
+The training layout is nnU-Net v2's raw dataset folder::
+
+    DST/imagesTr/{case}_0000.nii.gz     one channel per case
+    DST/labelsTr/{case}.nii.gz          integer label map on the image's exact grid
+    DST/dataset.json                    channel_names, labels, numTraining, file_ending, plus ours:
+                                        modality ("ct" | "mr"), source, terminology
+
+Each public dataset keeps its own label numbering: every dataset trains its own task head, so no
+label is remapped and label files are copied (or linked) byte for byte after validation. The
+``terminology`` block maps each label name to a key of :data:`m4oe.terminology.TERMS` (or null
+where no single standard structure fits, AMOS's "prostate/uterus") so a model card can carry
+standard codes.
+
+Commands (``m4oe convert`` will wrap the same functions)::
+
+    python -m m4oe_training.converters flare22   FLARE2022/           data/FLARE22_CT
+    python -m m4oe_training.converters amos22    amos22/              data/AMOS22_CT data/AMOS22_MR
+    python -m m4oe_training.converters atlas2023 atlas-train-dataset-1.0.1/ data/ATLAS2023_MR
+    python -m m4oe_training.converters verify    data/AMOS22_MR
+
+Options: ``--link`` hard-links the files (symbolic links across file systems) instead of copying;
+``--overwrite`` replaces an existing dataset folder. The expected source layouts and the label
+tables are in each converter's docstring and in ``training/DATASETS.md``.
+
+Images are read with SimpleITK: geometry is size (voxels, x y z), spacing (mm), origin (mm, LPS)
+and direction cosines; label and image must agree on all four (within
+:data:`GEOMETRY_TOLERANCE`). Every problem is an :class:`~m4oe.errors.InputError` or
+:class:`~m4oe.errors.OutputError` whose one-line message names the file. A conversion is built in
+a hidden folder next to DST and renamed into place when complete, so a failed or cancelled run
+leaves no partial dataset behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from m4oe.errors import CancelledError, InputError, M4oEError, OutputError
+from m4oe.terminology import TERMS
+
+FILE_ENDING = ".nii.gz"
+GEOMETRY_TOLERANCE = 1e-3
+"""Largest difference allowed between an image's and its label's spacing and origin (mm) and
+direction cosines; sizes must match exactly."""
+CHANNEL_NAMES = {"ct": "CT", "mr": "MRI"}
+AMOS_LAST_CT_ID = 500
+"""AMOS22 cases amos_0001..amos_0500 are CT, amos_0501..amos_0600 MRI."""
+
+
+@dataclass(frozen=True)
+class Structure:
+    """One class of a public dataset: label value, our label name, TERMS key, the release's own name."""
+
+    value: int
+    name: str
+    term: str | None
+    original: str
+
+
+def _table(*rows: tuple[int, str, str]) -> tuple[Structure, ...]:
+    """Rows of (value, TERMS key, original name); the label name is the TERMS key."""
+    return tuple(Structure(value, term, term, original) for value, term, original in rows)
+
+
+# JunMa11/FLARE FLARE22/Evaluation/FLARE22_DSC_NSD_Eval.py (organ order 1..13).
+FLARE22_LABELS = _table(
+    (1, "liver", "liver"),
+    (2, "kidney_right", "right kidney"),
+    (3, "spleen", "spleen"),
+    (4, "pancreas", "pancreas"),
+    (5, "aorta", "aorta"),
+    (6, "inferior_vena_cava", "inferior vena cava"),
+    (7, "adrenal_gland_right", "right adrenal gland"),
+    (8, "adrenal_gland_left", "left adrenal gland"),
+    (9, "gallbladder", "gallbladder"),
+    (10, "esophagus", "esophagus"),
+    (11, "stomach", "stomach"),
+    (12, "duodenum", "duodenum"),
+    (13, "kidney_left", "left kidney"),
+)
+# The "labels" of amos22/dataset.json, typos ("arota", "postcava") included.
+AMOS22_LABELS = (
+    *_table(
+        (1, "spleen", "spleen"),
+        (2, "kidney_right", "right kidney"),
+        (3, "kidney_left", "left kidney"),
+        (4, "gallbladder", "gall bladder"),
+        (5, "esophagus", "esophagus"),
+        (6, "liver", "liver"),
+        (7, "stomach", "stomach"),
+        (8, "aorta", "arota"),
+        (9, "inferior_vena_cava", "postcava"),
+        (10, "pancreas", "pancreas"),
+        (11, "adrenal_gland_right", "right adrenal gland"),
+        (12, "adrenal_gland_left", "left adrenal gland"),
+        (13, "duodenum", "duodenum"),
+        (14, "urinary_bladder", "bladder"),
+    ),
+    # One class for two sex-specific organs: no single standard code fits it.
+    Structure(15, "prostate_or_uterus", None, "prostate/uterus"),
+)
+# ATLAS release dataset.json: 0 background, 1 liver, 2 tumour; the liver label excludes the tumours.
+ATLAS2023_LABELS = _table((1, "liver", "liver"), (2, "liver_tumor", "tumor"))
+
+
+@dataclass(frozen=True)
+class _Naming:
+    """File names of one public layout; ``{id}`` is the case number as written in the file name."""
+
+    image: str
+    label: str
+    case: Callable[[str], str]
+    id_pattern: str = r"\d{4}"
+
+    def regex(self, template: str) -> re.Pattern:
+        before, after = template.split("{id}")
+        return re.compile(re.escape(before) + f"({self.id_pattern})" + re.escape(after))
+
+
+FLARE22_NAMING = _Naming("FLARE22_Tr_{id}_0000.nii.gz", "FLARE22_Tr_{id}.nii.gz", "FLARE22_Tr_{}".format)
+AMOS22_NAMING = _Naming("amos_{id}.nii.gz", "amos_{id}.nii.gz", "amos_{}".format)
+ATLAS2023_NAMING = _Naming("im{id}.nii.gz", "lb{id}.nii.gz", lambda n: f"atlas_{int(n):04d}", r"\d+")
+
+
+@dataclass(frozen=True)
+class _Case:
+    case_id: str
+    number: str
+    image: Path
+    label: Path
+
+
+@dataclass(frozen=True)
+class _Job:
+    dataset: str
+    modality: str
+    structures: tuple[Structure, ...]
+    dst: Path
+    cases: tuple[_Case, ...]
+    unlabelled: int
+    source: dict
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """One written dataset: its folder, modality ("ct" | "mr"), case ids, unlabelled cases skipped."""
+
+    dataset: str
+    folder: Path
+    modality: str
+    cases: tuple[str, ...]
+    unlabelled_skipped: int
+
+
+@dataclass(frozen=True)
+class ConversionProgress:
+    """Where a conversion or check stands (same fields as :class:`m4oe.predictor.ProgressEvent`)."""
+
+    stage: str
+    done: int
+    total: int
+    elapsed_s: float
+    eta_s: float | None = None
+    case: str = ""
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+    def to_dict(self) -> dict:
+        return {
+            "stage": self.stage,
+            "done": self.done,
+            "total": self.total,
+            "case": self.case,
+            "fraction": round(self.fraction, 4),
+            "elapsed_s": round(self.elapsed_s, 3),
+            "eta_s": None if self.eta_s is None else round(self.eta_s, 3),
+        }
+
+
+ProgressCallback = Callable[[ConversionProgress], None]
+CancelCheck = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What :func:`verify_dataset` found in a valid dataset folder.
+
+    ``label_presence``: in how many cases each non-background label occurs. ``median_spacing``:
+    median label spacing over cases, (x, y, z) in mm. ``modality`` and ``terminology`` are None /
+    empty when dataset.json lacks our keys.
+    """
+
+    folder: Path
+    name: str | None
+    modality: str | None
+    channel_names: dict[str, str]
+    labels: dict[str, int]
+    file_ending: str
+    cases: tuple[str, ...]
+    label_presence: dict[str, int]
+    median_spacing: tuple[float, float, float]
+    terminology: dict[str, str | None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Converters
+
+
+def convert_flare22(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    link: bool = False,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> ConversionResult:
+    """Convert the 50 labelled FLARE22 training CTs into an nnU-Net dataset at ``dst``.
+
+    Source layout (as distributed by the FLARE22 organisers): ``src`` is the folder that holds
+    ``images/`` and ``labels/``, or one of its parents ``src/FLARE22Train/``,
+    ``src/FLARE22_LabeledCase50/``, ``src/Training/FLARE22_LabeledCase50/``::
+
+        images/FLARE22_Tr_0001_0000.nii.gz ... FLARE22_Tr_0050_0000.nii.gz
+        labels/FLARE22_Tr_0001.nii.gz      ... FLARE22_Tr_0050.nii.gz
+
+    The 2000 unlabelled CTs (``FLARE22_UnlabeledCase*/Case_00001_0000.nii.gz`` ... in ``src`` or
+    ``src/Training``) are counted and skipped; the validation images are not read.
+
+    Labels (kept as is; TERMS key = label name): 1 liver, 2 kidney_right, 3 spleen, 4 pancreas,
+    5 aorta, 6 inferior_vena_cava, 7 adrenal_gland_right, 8 adrenal_gland_left, 9 gallbladder,
+    10 esophagus, 11 stomach, 12 duodenum, 13 kidney_left. Case ids: ``FLARE22_Tr_0001`` ...
+
+    ``progress`` is called after each case; ``cancel`` is checked before each case and raises
+    :class:`CancelledError` when it returns True. Raises InputError (bad source) or OutputError
+    (``dst`` exists without ``overwrite``) naming the file.
+    """
+    src = _source_folder(src)
+    root = _find_root(
+        src,
+        ("", "FLARE22Train", "FLARE22_LabeledCase50", "Training/FLARE22_LabeledCase50"),
+        ("images", "labels"),
+        "FLARE22 training folder",
+    )
+    cases = _pair_cases(root / "images", root / "labels", FLARE22_NAMING)
+    unlabelled = sum(
+        _count_images(folder)
+        for parent in (src, src / "Training")
+        if parent.is_dir()
+        for folder in parent.glob("FLARE22_UnlabeledCase*")
+        if folder.is_dir()
+    )
+    source = _source("FLARE22", "https://flare22.grand-challenge.org/", root, FLARE22_NAMING, FLARE22_LABELS)
+    job = _Job("FLARE22", "ct", FLARE22_LABELS, Path(dst), cases, unlabelled, source)
+    return _convert([job], src, link=link, overwrite=overwrite, progress=progress, cancel=cancel)[0]
+
+
+def convert_amos22(
+    src: str | Path,
+    dst_ct: str | Path | None,
+    dst_mr: str | Path | None,
+    *,
+    link: bool = False,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> tuple[ConversionResult | None, ConversionResult | None]:
+    """Convert the labelled AMOS22 cases into a CT dataset and an MRI dataset (one per expert).
+
+    Source layout (``amos22.zip`` from Zenodo record 7262581): ``src`` is the ``amos22/`` folder
+    (or its parent)::
+
+        dataset.json                     (optional here; its labels must be the AMOS22 table)
+        imagesTr/amos_0001.nii.gz  labelsTr/amos_0001.nii.gz
+        imagesVa/amos_0008.nii.gz  labelsVa/amos_0008.nii.gz
+        imagesTs/amos_0002.nii.gz  (no labels: counted and skipped)
+
+    Validation cases with labels join the training cases (AMOS names no use for them); a split
+    whose labels folder is absent counts as unlabelled. Ids 0001-0500 are CT (-> ``dst_ct``),
+    0501-0600 MRI (-> ``dst_mr``); pass None to skip one modality.
+
+    Labels (kept as is): 1 spleen, 2 kidney_right, 3 kidney_left, 4 gallbladder, 5 esophagus,
+    6 liver, 7 stomach, 8 aorta, 9 inferior_vena_cava, 10 pancreas, 11 adrenal_gland_right,
+    12 adrenal_gland_left, 13 duodenum, 14 urinary_bladder, 15 prostate_or_uterus (terminology
+    null: prostate in men, uterus in women). Case ids: ``amos_0001`` ...
+
+    Returns (CT result, MRI result), None for a skipped modality. Errors as :func:`convert_flare22`.
+    """
+    if dst_ct is None and dst_mr is None:
+        raise InputError("give a CT or an MRI output folder (or both)")
+    src = _source_folder(src)
+    root = _find_root(src, ("", "amos22"), ("imagesTr",), "AMOS22 folder")
+    _check_amos_dataset_json(root)
+    cases: list[_Case] = []
+    unlabelled: list[str] = []
+    for split in ("Tr", "Va"):
+        images, labels = root / f"images{split}", root / f"labels{split}"
+        if images.is_dir() and labels.is_dir():
+            cases += _pair_cases(images, labels, AMOS22_NAMING)
+        elif images.is_dir():
+            unlabelled += _numbers(images, AMOS22_NAMING)
+    if (root / "imagesTs").is_dir():
+        unlabelled += _numbers(root / "imagesTs", AMOS22_NAMING)
+    cases.sort(key=lambda case: case.case_id)
+
+    jobs = []
+    for modality, dst, is_modality in (
+        ("ct", dst_ct, lambda n: int(n) <= AMOS_LAST_CT_ID),
+        ("mr", dst_mr, lambda n: int(n) > AMOS_LAST_CT_ID),
+    ):
+        if dst is None:
+            continue
+        chosen = tuple(case for case in cases if is_modality(case.number))
+        if not chosen:
+            raise InputError(f"holds no labelled {CHANNEL_NAMES[modality]} cases", root)
+        skipped = sum(1 for number in unlabelled if is_modality(number))
+        source = _source("AMOS22", "https://amos22.grand-challenge.org/", root, AMOS22_NAMING, AMOS22_LABELS)
+        source["subset"] = "CT, ids 0001-0500" if modality == "ct" else "MRI, ids 0501-0600"
+        jobs.append(
+            _Job(f"AMOS22_{modality.upper()}", modality, AMOS22_LABELS, Path(dst), chosen, skipped, source)
+        )
+    results = iter(_convert(jobs, src, link=link, overwrite=overwrite, progress=progress, cancel=cancel))
+    return (next(results) if dst_ct is not None else None, next(results) if dst_mr is not None else None)
+
+
+def convert_atlas2023(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    link: bool = False,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> ConversionResult:
+    """Convert the 60 ATLAS2023 training MRIs (T1 contrast-enhanced, liver and liver tumour).
+
+    Source layout (``atlas-train-dataset-1.0.1.zip`` from atlas-challenge.u-bourgogne.fr):
+    ``src`` is the ``train/`` folder or a parent (``src/train``,
+    ``src/atlas-train-dataset-1.0.1/train``, the same folder nested twice)::
+
+        train/imagesTr/im0.nii.gz ... im59.nii.gz
+        train/labelsTr/lb0.nii.gz ... lb59.nii.gz
+
+    Labels (kept as is): 1 liver (parenchyma without the tumours), 2 liver_tumor. Case ids:
+    ``atlas_0000`` ... (the number of ``imN``). Errors as :func:`convert_flare22`.
+    """
+    src = _source_folder(src)
+    root = _find_root(
+        src,
+        (
+            "",
+            "train",
+            "atlas-train-dataset-1.0.1/train",
+            "atlas-train-dataset-1.0.1/atlas-train-dataset-1.0.1/train",
+        ),
+        ("imagesTr", "labelsTr"),
+        "ATLAS2023 train folder",
+    )
+    cases = _pair_cases(root / "imagesTr", root / "labelsTr", ATLAS2023_NAMING)
+    source = _source(
+        "ATLAS2023", "https://atlas-challenge.u-bourgogne.fr/", root, ATLAS2023_NAMING, ATLAS2023_LABELS
+    )
+    job = _Job("ATLAS2023", "mr", ATLAS2023_LABELS, Path(dst), cases, 0, source)
+    return _convert([job], src, link=link, overwrite=overwrite, progress=progress, cancel=cancel)[0]
+
+
+def _source_folder(src: str | Path) -> Path:
+    src = Path(src)
+    if not src.is_dir():
+        raise InputError("is not a folder", src)
+    return src
+
+
+def _find_root(src: Path, candidates: Iterable[str], needed: Sequence[str], what: str) -> Path:
+    """The first of ``src/candidate`` that holds every folder in ``needed``."""
+    candidates = tuple(candidates)
+    for candidate in candidates:
+        root = src / candidate if candidate else src
+        if all((root / name).is_dir() for name in needed):
+            return root
+    places = ", ".join(f"./{c}" if c else "." for c in candidates)
+    raise InputError(f"no {what}: expected {' and '.join(f'{n}/' for n in needed)} in {places}", src)
+
+
+def _listing(folder: Path, naming: _Naming, template: str) -> dict[str, Path]:
+    """Case number -> file for the .nii.gz files of ``folder`` (hidden files are ignored)."""
+    pattern = naming.regex(template)
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.name.endswith(FILE_ENDING):
+            continue
+        match = pattern.fullmatch(path.name)
+        if match is None:
+            raise InputError(f"unexpected file name; expected {template.replace('{id}', 'N')}", path)
+        found[match[1]] = path
+    return found
+
+
+def _numbers(folder: Path, naming: _Naming) -> list[str]:
+    return list(_listing(folder, naming, naming.image))
+
+
+def _count_images(folder: Path) -> int:
+    return sum(1 for path in folder.rglob(f"*{FILE_ENDING}") if not path.name.startswith("."))
+
+
+def _pair_cases(images: Path, labels: Path, naming: _Naming) -> tuple[_Case, ...]:
+    """Image-label pairs; an image without its label (or the reverse) is an error naming the missing file."""
+    image_files = _listing(images, naming, naming.image)
+    label_files = _listing(labels, naming, naming.label)
+    for number, image in image_files.items():
+        if number not in label_files:
+            expected = labels / naming.label.format(id=number)
+            raise InputError(f"missing: no label for image {image.name}", expected)
+    for number, label in label_files.items():
+        if number not in image_files:
+            expected = images / naming.image.format(id=number)
+            raise InputError(f"missing: no image for label {label.name}", expected)
+    if not image_files:
+        raise InputError(f"holds no images named {naming.image.replace('{id}', 'N')}", images)
+    cases = [_Case(naming.case(n), n, image_files[n], label_files[n]) for n in image_files]
+    seen: dict[str, Path] = {}
+    for case in cases:
+        if case.case_id in seen:
+            raise InputError(f"has the same case number as {seen[case.case_id].name}", case.image)
+        seen[case.case_id] = case.image
+    return tuple(sorted(cases, key=lambda case: case.case_id))
+
+
+def _normalised(name: str) -> str:
+    return re.sub(r"[^a-z]", "", name.lower())
+
+
+def _check_amos_dataset_json(root: Path) -> None:
+    """The release's dataset.json, if any, must number labels as AMOS22 does and list no missing file."""
+    path = root / "dataset.json"
+    if not path.is_file():
+        return
+    data = _load_json(path)
+    labels = data.get("labels")
+    expected = {str(s.value): s for s in AMOS22_LABELS}
+    if not isinstance(labels, dict) or set(labels) != {"0", *expected}:
+        raise InputError("'labels' is not the AMOS22 table of values 0-15", path)
+    for value, structure in expected.items():
+        accepted = {_normalised(structure.original), _normalised(structure.name)}
+        if structure.term is not None:
+            accepted.add(_normalised(TERMS[structure.term].name))
+        if _normalised(str(labels[value])) not in accepted:
+            raise InputError(f"label {value} is {labels[value]!r}; AMOS22 has {structure.original!r}", path)
+    for split in ("training", "validation"):
+        for entry in data.get(split) or ():
+            for key in ("image", "label"):
+                listed = entry.get(key) if isinstance(entry, dict) else None
+                if not isinstance(listed, str):
+                    continue
+                file = root / listed.removeprefix("./")
+                if file.parent.is_dir() and not file.exists():
+                    raise InputError(f"missing, though listed in {split} of {path}", file)
+
+
+def _source(dataset: str, reference: str, root: Path, naming: _Naming, table: Sequence[Structure]) -> dict:
+    return {
+        "dataset": dataset,
+        "reference": reference,
+        "folder": str(root.resolve()),
+        "layout": {"image": naming.image, "label": naming.label},
+        "original_labels": {str(s.value): s.original for s in table},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _convert(
+    jobs: Sequence[_Job],
+    src: Path,
+    *,
+    link: bool,
+    overwrite: bool,
+    progress: ProgressCallback | None,
+    cancel: CancelCheck | None,
+) -> list[ConversionResult]:
+    destinations = [job.dst.resolve() for job in jobs]
+    if len(set(destinations)) < len(destinations):
+        raise OutputError(
+            "is given as two outputs; the CT and MRI datasets need their own folders", jobs[0].dst
+        )
+    for job in jobs:
+        _check_destination(job.dst, src, overwrite)
+    tracker = _Tracker("convert", sum(len(job.cases) for job in jobs), progress)
+    staged: list[Path] = []
+    try:
+        for job in jobs:
+            job.dst.parent.mkdir(parents=True, exist_ok=True)
+            stage = job.dst.parent / f".{job.dst.name}.{uuid.uuid4().hex[:12]}.partial"
+            stage.mkdir()
+            staged.append(stage)
+            (stage / "imagesTr").mkdir()
+            (stage / "labelsTr").mkdir()
+            allowed = {0} | {s.value for s in job.structures}
+            for case in job.cases:
+                _check_cancel(cancel, case.image)
+                _check_pair([case.image], case.label, allowed, f"among the {job.source['dataset']} labels")
+                _place(case.image, stage / "imagesTr" / f"{case.case_id}_0000{FILE_ENDING}", link)
+                _place(case.label, stage / "labelsTr" / f"{case.case_id}{FILE_ENDING}", link)
+                tracker.step(case.case_id)
+            text = json.dumps(_dataset_json(job), indent=2) + "\n"
+            (stage / "dataset.json").write_text(text, encoding="utf-8")
+        for job, stage in zip(jobs, staged, strict=True):
+            _swap_into_place(stage, job.dst)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise OutputError(f"cannot be read or written ({reason})", error.filename or jobs[0].dst) from None
+    finally:
+        for stage in staged:
+            shutil.rmtree(stage, ignore_errors=True)
+    return [
+        ConversionResult(
+            job.dataset, job.dst, job.modality, tuple(c.case_id for c in job.cases), job.unlabelled
+        )
+        for job in jobs
+    ]
+
+
+def _check_destination(dst: Path, src: Path, overwrite: bool) -> None:
+    resolved = dst.resolve()
+    if resolved == src.resolve() or src.resolve().is_relative_to(resolved):
+        raise OutputError(f"would replace the source folder {src}", dst)
+    if not (dst.exists() or dst.is_symlink()):
+        return
+    if not dst.is_dir():
+        raise OutputError("exists and is not a folder", dst)
+    if not any(dst.iterdir()):
+        return
+    if not overwrite:
+        raise OutputError("exists; pass overwrite=True (--overwrite) to replace it", dst)
+    if not any((dst / name).exists() for name in ("dataset.json", "imagesTr", "labelsTr")):
+        raise OutputError(
+            "is not a dataset folder (no dataset.json, imagesTr, labelsTr); not replacing it", dst
+        )
+
+
+def _place(source: Path, target: Path, link: bool) -> None:
+    """Copy ``source`` to ``target``, or hard-link it (symbolic link where hard links fail)."""
+    if not link:
+        shutil.copyfile(source, target)
+        return
+    try:
+        os.link(source, target)
+    except OSError:
+        target.symlink_to(source.resolve())
+
+
+def _swap_into_place(stage: Path, dst: Path) -> None:
+    """Rename the finished ``stage`` to ``dst``; an old ``dst`` is moved aside first, then deleted."""
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:12]}.old"
+        os.replace(dst, old)
+        os.replace(stage, dst)
+        shutil.rmtree(old)
+    else:
+        os.replace(stage, dst)
+
+
+def _dataset_json(job: _Job) -> dict:
+    return {
+        "name": job.dataset,
+        "channel_names": {"0": CHANNEL_NAMES[job.modality]},
+        "labels": {"background": 0, **{s.name: s.value for s in job.structures}},
+        "numTraining": len(job.cases),
+        "file_ending": FILE_ENDING,
+        "modality": job.modality,
+        "source": {**job.source, "unlabelled_skipped": job.unlabelled},
+        "terminology": {s.name: s.term for s in job.structures},
+    }
+
+
+def _check_cancel(cancel: CancelCheck | None, where: Path) -> None:
+    if cancel is not None and cancel():
+        raise CancelledError("cancelled by the user", where)
+
+
+class _Tracker:
+    """Turns steps into :class:`ConversionProgress` events with a linear time-left estimate."""
+
+    def __init__(self, stage: str, total: int, callback: ProgressCallback | None):
+        self.stage, self.total, self.callback = stage, total, callback
+        self.done, self.start = 0, time.perf_counter()
+
+    def step(self, case: str) -> None:
+        self.done += 1
+        if self.callback is None:
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        self.callback(ConversionProgress(self.stage, self.done, self.total, elapsed, eta, case))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking image-label pairs and whole datasets
+
+
+def _header_geometry(path: Path) -> dict:
+    """Size, spacing, origin, direction of a 3D scalar image, from its header only."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise InputError(f"cannot be read ({_first_line(error)})", path) from None
+    if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+        raise InputError(
+            f"is {reader.GetDimension()}D with {reader.GetNumberOfComponents()} components per voxel; "
+            "expected a 3D scalar volume",
+            path,
+        )
+    return {
+        "size": reader.GetSize(),
+        "spacing": reader.GetSpacing(),
+        "origin": reader.GetOrigin(),
+        "direction": reader.GetDirection(),
+    }
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:200] if lines else type(error).__name__
+
+
+def _geometry_mismatch(label: dict, image: dict, tolerance: float) -> str | None:
+    def text(values: Sequence[float]) -> str:
+        return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+    if tuple(label["size"]) != tuple(image["size"]):
+        return f"size {text(label['size'])} vs {text(image['size'])}"
+    for key in ("spacing", "origin", "direction"):
+        if not np.allclose(label[key], image[key], rtol=0.0, atol=tolerance):
+            return f"{key} {text(label[key])} vs {text(image[key])}"
+    return None
+
+
+def _check_pair(
+    images: Sequence[Path], label: Path, allowed: set[int], what: str, tolerance: float = GEOMETRY_TOLERANCE
+) -> tuple[set[int], tuple[float, ...]]:
+    """Check a label map against its image(s); return the label values present and the label spacing.
+
+    The label must be a 3D scalar volume on each image's grid (size equal, spacing, origin and
+    direction within ``tolerance``) holding integer values in ``allowed``; ``what`` names the
+    allowed set in the error ("among the FLARE22 labels", "in dataset.json labels").
+    """
+    geometry = _header_geometry(label)
+    for image in images:
+        problem = _geometry_mismatch(geometry, _header_geometry(image), tolerance)
+        if problem is not None:
+            raise InputError(
+                f"geometry differs from its image {image.name}: {problem} (label vs image)", label
+            )
+    try:
+        label_image = sitk.ReadImage(str(label))
+    except RuntimeError as error:
+        raise InputError(f"cannot be read ({_first_line(error)})", label) from None
+    values = np.unique(sitk.GetArrayViewFromImage(label_image))  # the view lives as long as label_image
+    if values.dtype.kind not in "iub":
+        fractional = values[values != np.round(values)]
+        if fractional.size:
+            raise InputError(f"label value {fractional[0]:g} is not an integer", label)
+    present = {int(v) for v in values}
+    unknown = sorted(present - allowed)
+    if unknown:
+        shown = ", ".join(str(v) for v in unknown[:5])
+        verb = "is" if len(unknown) == 1 else "are"
+        plural = "" if len(unknown) == 1 else "s"
+        raise InputError(f"label value{plural} {shown} {verb} not {what} ({_ranges(allowed)})", label)
+    return present, tuple(geometry["spacing"])
+
+
+def _ranges(values: set[int]) -> str:
+    ordered = sorted(values)
+    if ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"{ordered[0]}-{ordered[-1]}"
+    return ", ".join(str(v) for v in ordered)
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise InputError(f"is not valid JSON ({error.msg} at line {error.lineno})", path) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot be read ({error})", path) from None
+    if not isinstance(data, dict):
+        raise InputError("does not hold a JSON object", path)
+    return data
+
+
+def read_dataset_json(folder: str | Path) -> dict:
+    """The dataset.json of an nnU-Net v2 raw dataset folder, checked key by key.
+
+    Required: ``channel_names`` ({"0": name, ...}, consecutive), ``labels`` ({name: int}, background
+    0, values consecutive from 0; region lists are refused), ``numTraining`` (int >= 1),
+    ``file_ending`` (".nii.gz", ...). Ours, optional: ``modality`` ("ct" | "mr") and
+    ``terminology`` ({label name: TERMS key or null}). Other keys are allowed, as nnU-Net does.
+    """
+    path = Path(folder) / "dataset.json"
+    if not path.is_file():
+        raise InputError("missing; an nnU-Net dataset folder needs a dataset.json", path)
+    data = _load_json(path)
+    for key in ("channel_names", "labels", "numTraining", "file_ending"):
+        if key not in data:
+            raise InputError(f"has no {key!r}", path)
+    channels = data["channel_names"]
+    if (
+        not isinstance(channels, dict)
+        or set(channels) != {str(i) for i in range(len(channels))}
+        or not channels
+        or not all(isinstance(v, str) and v for v in channels.values())
+    ):
+        raise InputError(f"channel_names must map '0', '1', ... to names, got {channels!r}", path)
+    labels = data["labels"]
+    if not isinstance(labels, dict) or labels.get("background") != 0:
+        raise InputError("labels must be an object holding 'background': 0", path)
+    for name, value in labels.items():
+        if isinstance(value, list):
+            raise InputError(f"label {name!r}: region-based labels (lists) are not supported", path)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InputError(f"label {name!r}: value {value!r} is not an integer", path)
+    if sorted(labels.values()) != list(range(len(labels))):
+        raise InputError(f"label values must be 0..{len(labels) - 1} without gaps or repeats", path)
+    count = data["numTraining"]
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise InputError(f"numTraining must be a positive integer, got {count!r}", path)
+    ending = data["file_ending"]
+    if not isinstance(ending, str) or not ending.startswith(".") or len(ending) < 2:
+        raise InputError(f"file_ending must look like '.nii.gz', got {ending!r}", path)
+    if data.get("modality", "ct") not in CHANNEL_NAMES:
+        raise InputError(
+            f"modality must be one of {', '.join(CHANNEL_NAMES)}, got {data['modality']!r}", path
+        )
+    terminology = data.get("terminology", {})
+    if not isinstance(terminology, dict):
+        raise InputError("terminology must map label names to terminology keys", path)
+    for name, key in terminology.items():
+        if name not in labels or name == "background":
+            raise InputError(f"terminology names {name!r}, which is not a foreground label", path)
+        if key is not None and key not in TERMS:
+            raise InputError(f"terminology of {name!r}: {key!r} is not a key of m4oe.terminology.TERMS", path)
+    return data
+
+
+def verify_dataset(
+    folder: str | Path,
+    *,
+    tolerance: float = GEOMETRY_TOLERANCE,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> DatasetSummary:
+    """Check an nnU-Net v2 raw dataset folder before training; return what it holds.
+
+    Checks :func:`read_dataset_json`; that ``labelsTr/{case}{file_ending}`` and
+    ``imagesTr/{case}_{XXXX}{file_ending}`` pair up for every case and channel, with numTraining
+    cases; that each label map lies on its images' grid (size equal; spacing and origin in mm and
+    direction within ``tolerance``) and holds only integer values listed in dataset.json. The
+    first problem raises an InputError naming the file.
+    """
+    folder = Path(folder)
+    data = read_dataset_json(folder)
+    ending, labels, channels = data["file_ending"], data["labels"], data["channel_names"]
+    images_dir, labels_dir = folder / "imagesTr", folder / "labelsTr"
+    for needed in (images_dir, labels_dir):
+        if not needed.is_dir():
+            raise InputError("missing; an nnU-Net dataset folder needs imagesTr/ and labelsTr/", needed)
+
+    def visible(directory: Path) -> list[Path]:
+        return sorted(
+            p for p in directory.iterdir() if p.name.endswith(ending) and not p.name.startswith(".")
+        )
+
+    cases = [p.name[: -len(ending)] for p in visible(labels_dir)]
+    channel_of = re.compile(r"(.+)_(\d{4})" + re.escape(ending))
+    for image in visible(images_dir):
+        match = channel_of.fullmatch(image.name)
+        if match is None:
+            raise InputError(f"is not named CASE_XXXX{ending} (XXXX: channel number)", image)
+        if str(int(match[2])) not in channels:
+            raise InputError(f"channel {match[2]} is not in dataset.json channel_names", image)
+        if match[1] not in cases:
+            raise InputError(f"missing: no label for image {image.name}", labels_dir / f"{match[1]}{ending}")
+    if not cases:
+        raise InputError(f"holds no label maps ending in {ending}", labels_dir)
+    if data["numTraining"] != len(cases):
+        raise InputError(
+            f"numTraining is {data['numTraining']} but labelsTr holds {len(cases)} cases",
+            folder / "dataset.json",
+        )
+
+    tracker = _Tracker("verify", len(cases), progress)
+    names = {value: name for name, value in labels.items()}
+    presence = {name: 0 for name in labels if name != "background"}
+    spacings = []
+    for case in cases:
+        images = []
+        for channel in sorted(int(c) for c in channels):
+            image = images_dir / f"{case}_{channel:04d}{ending}"
+            if not image.is_file():
+                raise InputError(f"missing: channel {channel:04d} of case {case}", image)
+            images.append(image)
+        label = labels_dir / f"{case}{ending}"
+        _check_cancel(cancel, label)
+        present, spacing = _check_pair(
+            images, label, set(labels.values()), "in dataset.json labels", tolerance
+        )
+        for value in present - {0}:
+            presence[names[value]] += 1
+        spacings.append(spacing)
+        tracker.step(case)
+    median = tuple(float(statistics.median(axis)) for axis in zip(*spacings, strict=True))
+    return DatasetSummary(
+        folder=folder,
+        name=data.get("name"),
+        modality=data.get("modality"),
+        channel_names=dict(channels),
+        labels=dict(labels),
+        file_ending=ending,
+        cases=tuple(cases),
+        label_presence=presence,
+        median_spacing=median,
+        terminology=dict(data.get("terminology", {})),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _print_progress(event: ConversionProgress) -> None:
+    sys.stderr.write(f"\r{event.stage} {event.done}/{event.total} {event.case:<24}")
+    if event.done == event.total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m m4oe_training.converters",
+        description="Convert FLARE22, AMOS22 or ATLAS2023 into nnU-Net v2 dataset folders, or check one.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("flare22", "FLARE22 labelled CTs"), ("atlas2023", "ATLAS2023 liver/tumour MRIs")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("src", type=Path, help="the folder as distributed (see training/DATASETS.md)")
+        command.add_argument("dst", type=Path, help="output dataset folder")
+    amos = commands.add_parser("amos22", help="AMOS22, split into a CT and an MRI dataset")
+    amos.add_argument("src", type=Path, help="the amos22/ folder (see training/DATASETS.md)")
+    amos.add_argument("dst_ct", type=Path, help="output CT dataset folder")
+    amos.add_argument("dst_mr", type=Path, help="output MRI dataset folder")
+    for command in (commands.choices["flare22"], commands.choices["atlas2023"], amos):
+        command.add_argument("--link", action="store_true", help="hard-link files instead of copying them")
+        command.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    verify = commands.add_parser("verify", help="check an nnU-Net dataset folder")
+    verify.add_argument("folder", type=Path)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = _print_progress if sys.stderr.isatty() else None
+    try:
+        if args.command == "verify":
+            summary = verify_dataset(args.folder, progress=progress)
+            spacing = " x ".join(f"{s:.3g}" for s in summary.median_spacing)
+            print(
+                f"{summary.folder}: {len(summary.cases)} cases, channels {summary.channel_names}, "
+                f"{len(summary.labels) - 1} labels, median spacing {spacing} mm"
+            )
+            return 0
+        options = {"link": args.link, "overwrite": args.overwrite, "progress": progress}
+        if args.command == "flare22":
+            results = [convert_flare22(args.src, args.dst, **options)]
+        elif args.command == "amos22":
+            results = list(convert_amos22(args.src, args.dst_ct, args.dst_mr, **options))
+        else:
+            results = [convert_atlas2023(args.src, args.dst, **options)]
+    except M4oEError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    for result in results:
+        print(
+            f"{result.dataset}: {len(result.cases)} cases -> {result.folder} "
+            f"({result.unlabelled_skipped} unlabelled skipped)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

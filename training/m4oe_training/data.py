@@ -1,0 +1,236 @@
+"""Training data: nnU-Net-style datasets turned into cached model-grid slices, sampled per step.
+
+Each dataset (``imagesTr/{case}_0000{ending}``, ``labelsTr/{case}{ending}``, ``dataset.json``)
+belongs to one expert (its modality) and one task head (its label set). Cases are prepared once
+with the engine's own preprocessing (:class:`m4oe.prepare.SlicePlan`: axial stack, intensity
+normalisation, in-plane resampling), so the model sees at training exactly what it sees at
+inference, and kept in memory and in an on-disk cache as float16 (Z, S, S) images and uint8
+labels. Sampling is deterministic per (seed, rank, step): a resumed run draws the same batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from m4oe.geometry import to_axial_stack
+from m4oe.inplane import labels_to_model_grid
+from m4oe.io import read_image
+from m4oe.modality import strided_subsample
+from m4oe.prepare import SlicePlan
+from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams, ct_statistics_from_samples
+
+from .config import ConfigError, DatasetConfig
+
+logger = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A dataset as read from its ``dataset.json``."""
+
+    root: Path
+    name: str
+    modality: str
+    labels: dict[str, int]
+    file_ending: str
+    cases: tuple[str, ...]
+    terminology: dict[str, str]
+
+    @classmethod
+    def read(cls, root: str | Path) -> DatasetInfo:
+        root = Path(root)
+        meta_path = root / "dataset.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{meta_path}: no dataset.json (expected an nnU-Net v2 raw dataset)") from None
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{meta_path}: not valid JSON: {error}") from None
+        for key in ("channel_names", "labels", "file_ending"):
+            if key not in meta:
+                raise ConfigError(f"{meta_path}: missing key {key!r}")
+        if len(meta["channel_names"]) != 1:
+            raise ConfigError(f"{meta_path}: M4oE reads one channel per case, got {meta['channel_names']}")
+        channel = str(next(iter(meta["channel_names"].values())))
+        modality = meta.get("modality") or ("ct" if channel.upper() == "CT" else "mr")
+        if modality not in ("ct", "mr"):
+            raise ConfigError(f"{meta_path}: modality must be 'ct' or 'mr', got {modality!r}")
+        ending = meta["file_ending"]
+        labels = {str(k): int(v) for k, v in meta["labels"].items()}
+        if sorted(labels.values()) != list(range(len(labels))):
+            raise ConfigError(
+                f"{meta_path}: label values must be 0..K-1 without gaps, got {sorted(labels.values())}"
+            )
+        cases = sorted(p.name[: -len(ending)] for p in (root / "labelsTr").glob(f"*{ending}"))
+        if not cases:
+            raise ConfigError(f"{root / 'labelsTr'}: no label files ending in {ending}")
+        for case in cases:
+            image = root / "imagesTr" / f"{case}_0000{ending}"
+            if not image.exists():
+                raise ConfigError(f"{image}: missing image for label {case}{ending}")
+        return cls(root, root.name, modality, labels, ending, tuple(cases), dict(meta.get("terminology", {})))
+
+    def image_path(self, case: str) -> Path:
+        return self.root / "imagesTr" / f"{case}_0000{self.file_ending}"
+
+    def label_path(self, case: str) -> Path:
+        return self.root / "labelsTr" / f"{case}{self.file_ending}"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class PreparedCase:
+    """One case on the model grid: ``image`` float16 (Z, S, S) normalised, ``label`` uint8 (Z, S, S)."""
+
+    dataset: int
+    case: str
+    image: np.ndarray
+    label: np.ndarray
+    foreground_slices: np.ndarray
+
+
+def ct_intensity_params(datasets: list[DatasetInfo], cases: dict[str, list[str]]) -> IntensityParams:
+    """CT normalisation statistics from the labelled voxels of the CT training cases (nnU-Net style)."""
+    samples = []
+    for info in datasets:
+        if info.modality != "ct":
+            continue
+        for case in cases[info.name]:
+            image = read_image(info.image_path(case)).image
+            label = read_image(info.label_path(case)).image
+            values = sitk.GetArrayViewFromImage(image)
+            mask = sitk.GetArrayViewFromImage(label) > 0
+            samples.append(strided_subsample(values[mask], 100_000))
+    if not samples:
+        return DEFAULT_PARAMS["ct"]
+    return ct_statistics_from_samples(np.concatenate(samples))
+
+
+def prepare_case(
+    info: DatasetInfo, case: str, params: IntensityParams, size: int, in_plane: str, target_spacing
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read, reorient, normalise and resample one case. Returns float16 and uint8 (Z, S, S) arrays."""
+    image = to_axial_stack(read_image(info.image_path(case)).image)
+    label = to_axial_stack(read_image(info.label_path(case)).image)
+    if label.array.shape != image.array.shape:
+        raise ConfigError(f"{info.label_path(case)}: shape {label.array.shape} differs from the image's")
+    values = np.rint(label.array)
+    bad = set(np.unique(values).astype(int).tolist()) - set(info.labels.values())
+    if bad:
+        raise ConfigError(f"{info.label_path(case)}: label values {sorted(bad)} not in dataset.json")
+    plan = SlicePlan.for_stack(image, info.modality, params, size, in_plane, target_spacing)
+    slices = plan.model_input(image.array).numpy()[:, 0].astype(np.float16)
+    labels = labels_to_model_grid(values.astype(np.uint8), plan.grid).numpy().astype(np.uint8)
+    return slices, labels
+
+
+class SliceData:
+    """All training (or validation) cases of a run, prepared and cached.
+
+    Args:
+        datasets: the configured datasets (their order defines the dataset index).
+        params: intensity parameters per modality.
+        size, in_plane, target_spacing: the model's in-plane preprocessing.
+        split: "train" or "val" (the last ``val_cases`` of each dataset in sorted order).
+        cache_dir: where prepared arrays are kept between runs (None: memory only).
+    """
+
+    def __init__(
+        self,
+        datasets: list[DatasetConfig],
+        infos: list[DatasetInfo],
+        params: dict[str, IntensityParams],
+        size: int,
+        in_plane: str,
+        target_spacing,
+        cache_dir: Path | None = None,
+    ):
+        self.infos = infos
+        self.cases: list[PreparedCase] = []
+        for d_index, (cfg, info) in enumerate(zip(datasets, infos, strict=True)):
+            for case in split_cases(info, cfg.val_cases)["train"]:
+                key = _cache_key(info, case, params[info.modality], size, in_plane, target_spacing)
+                cached = cache_dir / f"{key}.npz" if cache_dir else None
+                if cached is not None and cached.exists():
+                    with np.load(cached) as z:
+                        image, label = z["image"], z["label"]
+                else:
+                    image, label = prepare_case(
+                        info, case, params[info.modality], size, in_plane, target_spacing
+                    )
+                    if cached is not None:
+                        cached.parent.mkdir(parents=True, exist_ok=True)
+                        tmp = cached.with_suffix(".tmp.npz")
+                        np.savez(tmp, image=image, label=label)
+                        tmp.replace(cached)
+                fg = np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1))
+                self.cases.append(PreparedCase(d_index, case, image, label, fg))
+        self.by_dataset = [[c for c in self.cases if c.dataset == d] for d in range(len(infos))]
+        for d, cases in enumerate(self.by_dataset):
+            if not cases:
+                raise ConfigError(
+                    f"{infos[d].root}: no training case left after holding out validation cases"
+                )
+
+    def sample(self, rng: np.random.Generator, batch: int, foreground_fraction: float):
+        """Draw a batch: dataset uniformly (balancing datasets), then a case, then a slice.
+
+        With probability ``foreground_fraction`` the slice is one holding foreground.
+        Returns images (B, 1, S, S) float32, labels (B, S, S) int64, dataset indices (B,).
+        """
+        images, labels, index = [], [], []
+        for _ in range(batch):
+            d = int(rng.integers(len(self.by_dataset)))
+            case = self.by_dataset[d][int(rng.integers(len(self.by_dataset[d])))]
+            if case.foreground_slices.size and rng.random() < foreground_fraction:
+                k = int(case.foreground_slices[rng.integers(case.foreground_slices.size)])
+            else:
+                k = int(rng.integers(case.image.shape[0]))
+            images.append(case.image[k])
+            labels.append(case.label[k])
+            index.append(d)
+        return (
+            torch.from_numpy(np.stack(images).astype(np.float32))[:, None],
+            torch.from_numpy(np.stack(labels).astype(np.int64)),
+            torch.tensor(index, dtype=torch.long),
+        )
+
+
+def split_cases(info: DatasetInfo, val_cases: int) -> dict[str, list[str]]:
+    """Hold out the last ``val_cases`` cases (sorted by name) for validation."""
+    if val_cases >= len(info.cases):
+        raise ConfigError(
+            f"{info.root}: {val_cases} validation cases leave none of {len(info.cases)} to train on"
+        )
+    cut = len(info.cases) - val_cases
+    return {"train": list(info.cases[:cut]), "val": list(info.cases[cut:])}
+
+
+def _cache_key(info: DatasetInfo, case: str, params: IntensityParams, size, in_plane, target_spacing) -> str:
+    stat = info.image_path(case).stat()
+    text = json.dumps(
+        [
+            CACHE_VERSION,
+            str(info.image_path(case)),
+            stat.st_size,
+            stat.st_mtime_ns,
+            params.to_dict(),
+            size,
+            in_plane,
+            target_spacing,
+        ],
+        sort_keys=True,
+    )
+    return f"{info.name}_{case}_{hashlib.sha256(text.encode()).hexdigest()[:16]}"

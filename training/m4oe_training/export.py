@@ -1,0 +1,100 @@
+"""From a training run to an engine checkpoint: the model card and its labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from m4oe.checkpoint import save_checkpoint
+from m4oe.labels import Label
+from m4oe.model import SwinUNet
+from m4oe.model_card import ExpertInfo, ModelCard, Preprocessing, TaskInfo
+from m4oe.preprocessing import IntensityParams
+from m4oe.terminology import STANDARD_KEYS, standard_label
+
+from .config import ConfigError, TrainConfig
+from .data import DatasetInfo
+
+
+def dataset_labels(info: DatasetInfo) -> list[Label]:
+    """Labels 1..K-1 of a dataset with standard codes.
+
+    The terminology key of each label comes from ``dataset.json``'s ``terminology`` table, else
+    from its name when that is a known key (``liver``, ``kidney_left``, ...).
+    """
+    labels = []
+    for name, value in sorted(info.labels.items(), key=lambda kv: kv[1]):
+        if value == 0:
+            continue
+        key = info.terminology.get(name, name)
+        if key not in STANDARD_KEYS:
+            raise ConfigError(
+                f"{info.root / 'dataset.json'}: label {name!r} has no standard terminology; add "
+                f'"terminology": {{"{name}": KEY}} with KEY one of {sorted(STANDARD_KEYS)}'
+            )
+        term = standard_label(key, value)
+        labels.append(
+            Label(value, name.replace("_", " "), term.color, term.category, term.type, term.modifier)
+        )
+    return labels
+
+
+def task_labels(cfg: TrainConfig, infos: list[DatasetInfo]) -> dict[str, list[Label]]:
+    """Labels per task; datasets sharing a task must share their label table."""
+    tasks: dict[str, tuple[DatasetInfo, list[Label]]] = {}
+    for d, info in zip(cfg.datasets, infos, strict=True):
+        labels = dataset_labels(info)
+        if d.task in tasks and tasks[d.task][0].labels != info.labels:
+            raise ConfigError(
+                f"{info.root}: task {d.task!r} is shared with {tasks[d.task][0].root} but their labels differ"
+            )
+        tasks.setdefault(d.task, (info, labels))
+    return {name: labels for name, (_, labels) in tasks.items()}
+
+
+def expert_modalities(cfg: TrainConfig, infos: list[DatasetInfo]) -> list[ExpertInfo]:
+    """Each expert's modality, from the datasets assigned to it (all must agree)."""
+    found: dict[str, str] = {}
+    for d, info in zip(cfg.datasets, infos, strict=True):
+        if found.setdefault(d.expert, info.modality) != info.modality:
+            raise ConfigError(
+                f"expert {d.expert!r} is given both {found[d.expert]} and {info.modality} datasets"
+            )
+    return [ExpertInfo(name, found[name], f"trained on {name} data") for name in cfg.experts]
+
+
+def build_card(
+    cfg: TrainConfig,
+    model: SwinUNet,
+    infos: list[DatasetInfo],
+    params: dict[str, IntensityParams],
+    *,
+    metrics: dict,
+    provenance: dict,
+    notes: str = "",
+) -> ModelCard:
+    labels = task_labels(cfg, infos)
+    tasks = []
+    for name in cfg.task_names:
+        clean = [lab.value for lab in labels[name] if lab.name.replace(" ", "_") in cfg.largest_component]
+        tasks.append(TaskInfo(name, labels[name], largest_component=clean))
+    return ModelCard(
+        name=cfg.name,
+        description=cfg.description or f"M4oE trained with config {cfg.name!r}",
+        architecture=model.cfg,
+        experts=expert_modalities(cfg, infos) if model.cfg.is_moe else [],
+        tasks=tasks,
+        preprocessing=Preprocessing(
+            in_plane=cfg.in_plane,
+            target_spacing_mm=cfg.target_spacing_mm,
+            intensity={m: p.to_dict() for m, p in params.items()},
+            slice_batch=16,
+        ),
+        provenance=provenance,
+        metrics=metrics,
+        notes=notes,
+    )
+
+
+def export_model(model: SwinUNet, card: ModelCard, folder: Path) -> Path:
+    """Write the engine checkpoint (safetensors + model card), replacing an earlier export."""
+    return save_checkpoint(model, card, folder, overwrite=True)

@@ -1,0 +1,365 @@
+"""The M4oE training loop: stages of one recipe, DDP when launched by torchrun, resumable.
+
+Short and linear, nanoGPT style. Per step: draw a batch (deterministic from seed, rank and step),
+augment it, compute the stage's loss through :class:`StageLoss` (the same code for every stage
+kind), step the optimiser with a poly learning rate. Per epoch: validate on whole held-out volumes
+through the engine's Predictor (rank 0), export the best model, save a resumable state.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from m4oe import __version__
+from m4oe.evaluate import evaluate
+from m4oe.io import read_image
+from m4oe.model import SwinUNet, build_model, get_config, load_balancing_loss, load_imagenet_weights
+from m4oe.predictor import Predictor
+from m4oe.preprocessing import DEFAULT_PARAMS
+
+from .augment import augment_batch, build_augmentation
+from .config import ConfigError, TrainConfig
+from .data import DatasetInfo, SliceData, ct_intensity_params, split_cases
+from .export import build_card, export_model, task_labels
+from .state import load_state, save_state
+
+logger = logging.getLogger("m4oe_training")
+MIM_BLOCK = 16  # masked-image-modelling mask block side in pixels (a 4x4 group of patch tokens)
+
+
+class StageLoss(nn.Module):
+    """The network plus what training needs around it; ``forward`` returns one stage's loss.
+
+    Holding the loss computation inside the module lets DDP see every parameter that takes part.
+    """
+
+    def __init__(
+        self, model: SwinUNet, dataset_expert: list[int], dataset_task: list[str], ce: float, dice: float
+    ):
+        super().__init__()
+        self.model = model
+        self.reconstruct = nn.Conv2d(model.cfg.embed_dim, model.cfg.in_chans, 1)
+        self.register_buffer("dataset_expert", torch.tensor(dataset_expert), persistent=False)
+        self.dataset_task = dataset_task
+        self.seg_loss = DiceCELoss(
+            to_onehot_y=True, softmax=True, lambda_ce=ce, lambda_dice=dice, batch=False
+        )
+
+    def forward(self, kind: str, images, labels, datasets, mask=None, load_balance: float = 0.0):
+        """Loss of a batch.
+
+        Args:
+            kind: "mim", "experts" or "joint".
+            images: (B, C, S, S) normalised slices; labels: (B, S, S) int64; datasets: (B,) indices.
+            mask: (B, 1, S, S) 1 where pixels are hidden ("mim" only).
+        Returns (loss, {name: float}).
+        """
+        force = self.dataset_expert[datasets] if (kind != "joint" and self.model.cfg.is_moe) else None
+        if kind == "mim":
+            features, _ = self.model.forward_features(images * (1 - mask), force)
+            error = (self.reconstruct(features) - images) ** 2 * mask
+            loss = error.sum() / mask.sum().clamp_min(1) / images.shape[1]
+            return loss, {"mim": float(loss.detach())}
+        features, gates = self.model.forward_features(images, force)
+        loss = features.new_zeros(())
+        for task in dict.fromkeys(self.dataset_task):
+            rows = torch.tensor(
+                [self.dataset_task[d] == task for d in datasets.tolist()], device=images.device
+            )
+            if rows.any():
+                logits = self.model.heads[task](features[rows])
+                loss = loss + self.seg_loss(logits.float(), labels[rows][:, None]) * rows.float().mean()
+        stats = {"seg": float(loss.detach())}
+        if kind == "joint" and gates and load_balance > 0:
+            balance = load_balancing_loss(gates)
+            loss = loss + load_balance * balance
+            stats["balance"] = float(balance.detach())
+        return loss, stats
+
+
+def distributed_setup(device: str) -> tuple[int, int, torch.device]:
+    """Rank, world size and device; joins the process group when torchrun started us."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(f"cuda:{local}" if device == "cuda" else device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def hidden_blocks(rng: np.random.Generator, batch: int, size: int, ratio: float) -> torch.Tensor:
+    """A (B, 1, S, S) mask hiding ``ratio`` of the MIM_BLOCK x MIM_BLOCK blocks of each slice."""
+    n = size // MIM_BLOCK
+    hidden = np.zeros((batch, n * n), np.float32)
+    for b in range(batch):
+        hidden[b, rng.permutation(n * n)[: round(ratio * n * n)]] = 1.0
+    mask = torch.from_numpy(hidden.reshape(batch, 1, n, n))
+    return F.interpolate(mask, scale_factor=MIM_BLOCK, mode="nearest")
+
+
+def validate(model: SwinUNet, card, cfg: TrainConfig, infos: list[DatasetInfo], device, kind: str) -> dict:
+    """Dice and HD95 (mm) per organ on whole held-out volumes, and how the gate routed them."""
+    predictor = Predictor(model, card, device=str(device))
+    results = {}
+    for d, (dcfg, info) in enumerate(zip(cfg.datasets, infos, strict=True)):
+        expert = cfg.experts.index(dcfg.expert) if (kind != "joint" and model.cfg.is_moe) else None
+        dice, hd95, routing = [], {}, []
+        names = {value: name for name, value in info.labels.items()}
+        per_label: dict[str, list[float]] = {}
+        for case in split_cases(info, dcfg.val_cases)["val"]:
+            image = read_image(info.image_path(case)).image
+            reference = read_image(info.label_path(case)).image
+            pred = predictor.predict(
+                image, modality=info.modality, task=dcfg.task, force_expert=expert, gates=model.cfg.is_moe
+            )
+            scores = evaluate(pred.labelmap, reference, labels=sorted(v for v in info.labels.values() if v))
+            for entry in scores["labels"]:
+                if entry["dice"] is not None:
+                    name = names[entry["label"]]
+                    per_label.setdefault(name, []).append(entry["dice"])
+                    hd95.setdefault(name, []).append(entry["hd95_mm"])
+            dice.append(scores["mean_dice"])
+            if pred.gate_summary:
+                routing.append(pred.gate_summary["overall"]["mean_weights"])
+        results[f"{d}:{info.name}"] = {
+            "modality": info.modality,
+            "task": dcfg.task,
+            "cases": len(dice),
+            "mean_dice": float(np.mean(dice)) if dice else None,
+            "dice": {k: round(float(np.mean(v)), 4) for k, v in per_label.items()},
+            "hd95_mm": {
+                k: round(float(np.mean([x for x in v if x is not None] or [math.nan])), 2)
+                for k, v in hd95.items()
+            },
+            "gate_mean_weights": {k: round(float(np.mean([r[k] for r in routing])), 4) for k in routing[0]}
+            if routing
+            else None,
+        }
+    return results
+
+
+def run(
+    cfg: TrainConfig,
+    *,
+    base_dir: Path,
+    resume: bool = False,
+    stop_after_epochs: int | None = None,
+    command: list[str] | None = None,
+) -> Path:
+    """Train according to ``cfg``; returns the run folder. ``stop_after_epochs`` ends early (a budget)."""
+    rank, world, device = distributed_setup(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = cfg.resolved_output_dir(base_dir)
+    main_process = rank == 0
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    infos = [DatasetInfo.read(d.path) for d in cfg.datasets]
+    labels = task_labels(cfg, infos)
+    train_cases = {
+        info.name: split_cases(info, d.val_cases)["train"]
+        for d, info in zip(cfg.datasets, infos, strict=True)
+    }
+    params = {"ct": ct_intensity_params(infos, train_cases), "mr": DEFAULT_PARAMS["mr"]}
+
+    torch.manual_seed(cfg.seed)
+    if "experts" in cfg.model_overrides or "tasks" in cfg.model_overrides:
+        raise ConfigError("model_overrides: experts and tasks come from the datasets, not from overrides")
+    dense = not get_config(cfg.model).is_moe
+    model = build_model(
+        cfg.model,
+        experts=() if dense else cfg.experts,
+        tasks=tuple((name, len(labels[name]) + 1) for name in cfg.task_names),
+        **cfg.model_overrides,
+    )
+    if not model.cfg.is_moe and len(cfg.experts) > 1:
+        logger.info("dense model: the %d expert names only label the datasets", len(cfg.experts))
+    if cfg.imagenet and not resume:
+        report = load_imagenet_weights(model, cfg.imagenet)
+        logger.info("ImageNet initialisation: %s", report.summary())
+    data = SliceData(
+        list(cfg.datasets),
+        infos,
+        params,
+        model.cfg.img_size,
+        cfg.in_plane,
+        cfg.target_spacing_mm,
+        out / "cache",
+    )
+    module = StageLoss(
+        model,
+        [cfg.experts.index(d.expert) for d in cfg.datasets],
+        [d.task for d in cfg.datasets],
+        cfg.ce_weight,
+        cfg.dice_weight,
+    ).to(device)
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            module.parameters(), lr=cfg.stages[0].lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    else:
+        optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.stages[0].lr, weight_decay=cfg.weight_decay)
+    position = {"stage": 0, "epoch": 0, "step": 0, "best": {}, "history": []}
+    if resume:
+        if not (out / "state").exists():
+            raise FileNotFoundError(f"{out / 'state'}: nothing to resume")
+        meta = load_state(out / "state", module, optimizer)
+        position = {k: meta[k] for k in position}
+        logger.info(
+            "resumed at stage %d epoch %d (step %d)", position["stage"], position["epoch"], position["step"]
+        )
+    wrapped = DistributedDataParallel(module, find_unused_parameters=True) if world > 1 else module
+    use_bf16 = cfg.amp == "bf16" or (
+        cfg.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    augmentation = build_augmentation() if cfg.augment else None
+    log_path = out / "train_log.csv"
+    provenance = {
+        "command": " ".join(command or sys.argv),
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "world_size": world,
+        "data": {
+            info.name: {
+                "path": str(info.root),
+                "modality": info.modality,
+                "train_cases": train_cases[info.name],
+            }
+            for info in infos
+        },
+        "code_version": __version__,
+        "torch": torch.__version__,
+        "host": platform.platform(),
+    }
+    epochs_run = 0
+    start = time.perf_counter()
+    for stage_index, stage in enumerate(cfg.stages):
+        if stage_index < position["stage"]:
+            continue
+        total_steps = stage.epochs * cfg.iterations_per_epoch
+        for epoch in range(position["epoch"] if stage_index == position["stage"] else 0, stage.epochs):
+            if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+                return out
+            module.train()
+            sums: dict[str, float] = {}
+            for it in range(cfg.iterations_per_epoch):
+                step_in_stage = epoch * cfg.iterations_per_epoch + it
+                lr = stage.lr * (1 - step_in_stage / max(total_steps, 1)) ** cfg.poly_power
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                seed = step_seed(cfg.seed, rank, position["step"])
+                rng = np.random.default_rng(seed)
+                torch.manual_seed(seed)
+                images, targets, datasets = data.sample(rng, cfg.batch_size, cfg.foreground_fraction)
+                if augmentation is not None:
+                    images, targets = augment_batch(augmentation, images, targets, seed)
+                if model.cfg.in_chans == 3:
+                    images = images.expand(-1, 3, -1, -1)
+                mask = (
+                    hidden_blocks(rng, images.shape[0], images.shape[-1], stage.mask_ratio)
+                    if stage.kind == "mim"
+                    else None
+                )
+                batch = [t.to(device) if t is not None else None for t in (images, targets, datasets, mask)]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss, stats = wrapped(stage.kind, *batch, load_balance=stage.load_balance_weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                position["step"] += 1
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+            epochs_run += 1
+            position.update(stage=stage_index, epoch=epoch + 1)
+            means = {k: v / cfg.iterations_per_epoch for k, v in sums.items()}
+            if not main_process:
+                continue
+            record = {
+                "stage": stage_index,
+                "kind": stage.kind,
+                "epoch": epoch + 1,
+                "step": position["step"],
+                "lr": lr,
+                "seconds": round(time.perf_counter() - start, 1),
+                **means,
+            }
+            logger.info(
+                "stage %d (%s) epoch %d/%d %s",
+                stage_index,
+                stage.kind,
+                epoch + 1,
+                stage.epochs,
+                " ".join(f"{k}={v:.4f}" for k, v in means.items()),
+            )
+            last_epoch = epoch + 1 == stage.epochs
+            if stage.kind != "mim" and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
+                card = build_card(cfg, model, infos, params, metrics={}, provenance=provenance)
+                results = validate(model, card, cfg, infos, device, stage.kind)
+                score = float(
+                    np.mean([r["mean_dice"] for r in results.values() if r["mean_dice"] is not None])
+                )
+                record["val_mean_dice"] = round(score, 4)
+                position["history"].append({"stage": stage_index, "epoch": epoch + 1, "val": results})
+                logger.info("validation mean Dice %.4f %s", score, json.dumps(results))
+                # Each stage keeps its best epoch; a later stage's export replaces an earlier one's,
+                # so what ships is the best epoch of the last stage.
+                if score > position["best"].get(str(stage_index), -1.0):
+                    position["best"][str(stage_index)] = score
+                    metrics = {
+                        "validation": results,
+                        "selected": {"stage": stage_index, "epoch": epoch + 1, "mean_dice": round(score, 4)},
+                    }
+                    elapsed = round(time.perf_counter() - start, 1)
+                    card = build_card(
+                        cfg,
+                        model,
+                        infos,
+                        params,
+                        metrics=metrics,
+                        provenance=dict(provenance, training_seconds=elapsed),
+                    )
+                    export_model(model, card, out / "model")
+            _append_csv(log_path, record)
+            save_state(out / "state", module, optimizer, dict(position, config=cfg.to_dict()))
+    if world > 1:
+        dist.barrier()
+    return out
+
+
+LOG_FIELDS = ("stage", "kind", "epoch", "step", "lr", "seconds", "mim", "seg", "balance", "val_mean_dice")
+
+
+def _append_csv(path: Path, record: dict) -> None:
+    """One row per epoch; the columns are fixed so every stage kind fits one table."""
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(record)
