@@ -11,11 +11,11 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-
-from m4oe.errors import InputError
 from pathlib import Path
 
 import tomllib
+
+from m4oe.errors import InputError
 
 STAGE_KINDS = ("mim", "experts", "joint")
 OPTIMIZERS = ("sgd", "adamw")
