@@ -34,7 +34,14 @@ _SHOWN = 3
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def save_checkpoint(model: SwinUNet, card: ModelCard, folder: str | Path, *, overwrite: bool = False) -> Path:
+def save_checkpoint(
+    model: SwinUNet,
+    card: ModelCard,
+    folder: str | Path,
+    *,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write ``folder/model.safetensors`` and ``folder/model.json``; return the folder.
 
     The card's architecture is replaced by ``model.cfg`` and its ``weights_sha256`` by the hash of
@@ -42,6 +49,8 @@ def save_checkpoint(model: SwinUNet, card: ModelCard, folder: str | Path, *, ove
     place at the end, so an interrupted save leaves no half-written file (at worst, when
     overwriting, new weights beside the old card, which loading refuses by their SHA-256). Refuses
     a folder that already holds either file unless ``overwrite``; other files in it are left alone.
+    ``dtype`` (e.g. ``torch.float16``) stores floating-point weights in that type to halve the file;
+    loading casts them back to the model's float32 parameters.
     """
     folder = Path(folder)
     weights, card_path = folder / WEIGHTS_NAME, folder / CARD_NAME
@@ -52,7 +61,12 @@ def save_checkpoint(model: SwinUNet, card: ModelCard, folder: str | Path, *, ove
         raise OutputError(f"already holds {', '.join(existing)}; pass overwrite=True to replace it", folder)
     # Validates the card's experts and tasks against the model before anything is written.
     card = dataclasses.replace(card, architecture=model.cfg, weights_sha256="")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {
+        k: v.detach()
+        .to("cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+        .contiguous()
+        for k, v in model.state_dict().items()
+    }
     temporaries: list[Path] = []
     try:
         folder.mkdir(parents=True, exist_ok=True)

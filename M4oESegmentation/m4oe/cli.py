@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import InputError, M4oEError, OutputError
+from .phantom import add_phantom_parser, run_phantom
 
 SEGMENTATION_SUFFIX = ".seg.nrrd"
 LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--delete", metavar="NAME", default=None, help="delete a downloaded model")
     models.add_argument("--force", action="store_true", help="download again even if cached")
     models.add_argument("--json", action="store_true")
+    add_phantom_parser(sub)
     for entry in entry_points(group="m4oe.commands"):
         entry.load()(sub)
     return parser
@@ -173,6 +175,7 @@ def cmd_segment(args) -> int:
     outputs = _segment_outputs(args)
     printer = ProgressPrinter(args.progress)
     t0 = time.perf_counter()
+    loaded = read_image(args.input)  # before the model: a bad input is refused at once
     predictor = Predictor.from_pretrained(
         args.model,
         sha256=args.sha256,
@@ -181,7 +184,6 @@ def cmd_segment(args) -> int:
         threads=args.threads,
         batch_size=args.batch_size,
     )
-    loaded = read_image(args.input)
     load_s = time.perf_counter() - t0
     printer.emit({"stage": "load", "fraction": 1.0, "elapsed_s": round(load_s, 3), "eta_s": None})
     prediction = predictor.predict(
@@ -343,7 +345,13 @@ def cmd_models(args) -> int:
     return 0
 
 
-COMMANDS = {"segment": cmd_segment, "info": cmd_info, "evaluate": cmd_evaluate, "models": cmd_models}
+COMMANDS = {
+    "segment": cmd_segment,
+    "info": cmd_info,
+    "evaluate": cmd_evaluate,
+    "models": cmd_models,
+    "phantom": run_phantom,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,136 +81,64 @@ IN_PLANE_SPACING_MM = {"ct": (0.7, 1.6), "t1": (1.2, 2.0), "t2": (1.2, 2.0)}
 # identity, RAS-stored as CT NIfTI usually is (direction diag(-1, -1, 1)), or x and y swapped.
 ORIENTATIONS = {"LPS": 0.40, "RAS": 0.45, "PLS": 0.08, "ARS": 0.07}
 
-TISSUES = (
-    "air",
-    "fat",
-    "muscle",
-    "bowel",
-    "bowel_gas",
-    "liver",
-    "spleen",
-    "kidney_cortex",
-    "kidney_medulla",
-    "aorta",
-    "inferior_vena_cava",
-    "bone_cortex",
-    "bone_marrow",
-    "disc",
-    "csf",
-    "stomach_wall",
-    "stomach_fluid",
-    "stomach_gas",
-    "pancreas",
-)
-"""Tissue classes the intensity tables give values to (several per organ, some unlabelled)."""
+# Intensity of each tissue class: a uniform draw in (low, high) per case. CT in HU (unenhanced;
+# the contrast phase overrides some), T1 and T2 in arbitrary units before the case's gain: for MR
+# the orderings between tissues are meant to be realistic, not the values.
+#                      CT HU          T1            T2           texture
+TISSUE_TABLE: dict[str, tuple[tuple[float, float], tuple[float, float], tuple[float, float], float]] = {
+    "air": ((-1000, -1000), (0, 0), (0, 0), 0.0),
+    "fat": ((-120, -80), (850, 950), (600, 700), 0.05),
+    "muscle": ((40, 60), (280, 340), (120, 170), 0.06),
+    "bowel": ((15, 45), (250, 350), (350, 500), 0.25),
+    "bowel_gas": ((-1000, -950), (0, 10), (0, 10), 0.0),
+    "liver": ((50, 70), (500, 580), (250, 320), 0.05),
+    "spleen": ((40, 55), (330, 400), (480, 560), 0.05),
+    "kidney_cortex": ((28, 40), (380, 440), (500, 580), 0.05),
+    "kidney_medulla": ((25, 35), (280, 330), (600, 700), 0.06),
+    "aorta": ((35, 50), (20, 60), (20, 60), 0.0),
+    "inferior_vena_cava": ((35, 50), (20, 60), (20, 60), 0.0),
+    "bone_cortex": ((700, 1000), (20, 60), (20, 50), 0.0),
+    "bone_marrow": ((250, 400), (550, 700), (350, 450), 0.15),
+    "disc": ((70, 100), (250, 320), (550, 700), 0.05),
+    "csf": ((0, 15), (80, 140), (900, 1000), 0.0),
+    "stomach_wall": ((35, 50), (300, 360), (250, 320), 0.0),
+    "stomach_fluid": ((10, 30), (60, 120), (880, 1000), 0.1),
+    "stomach_gas": ((-1000, -950), (0, 10), (0, 10), 0.0),
+    "pancreas": ((35, 50), (540, 620), (300, 380), 0.1),
+}
+"""Per tissue class: (CT HU, T1, T2) ranges and the relative amplitude of its smooth texture."""
+TISSUES = tuple(TISSUE_TABLE)
 _T = {name: index for index, name in enumerate(TISSUES)}
 
-# Intensity of each tissue: a uniform draw in (low, high) per case. CT in HU, unenhanced, with
-# overrides per contrast phase; MR in arbitrary units before a random gain.
-CT_HU: dict[str, tuple[float, float]] = {
-    "air": (-1000, -1000),
-    "fat": (-120, -80),
-    "muscle": (40, 60),
-    "bowel": (15, 45),
-    "bowel_gas": (-1000, -950),
-    "liver": (50, 70),
-    "spleen": (40, 55),
-    "kidney_cortex": (28, 40),
-    "kidney_medulla": (25, 35),
-    "aorta": (35, 50),
-    "inferior_vena_cava": (35, 50),
-    "bone_cortex": (700, 1000),
-    "bone_marrow": (250, 400),
-    "disc": (70, 100),
-    "csf": (0, 15),
-    "stomach_wall": (35, 50),
-    "stomach_fluid": (10, 30),
-    "stomach_gas": (-1000, -950),
-    "pancreas": (35, 50),
-}
-CT_PHASES: dict[str, dict[str, tuple[float, float]]] = {
-    "native": {},
-    "arterial": {
-        "aorta": (250, 350),
-        "inferior_vena_cava": (70, 110),
-        "liver": (65, 85),
-        "spleen": (90, 130),
-        "kidney_cortex": (160, 220),
-        "kidney_medulla": (60, 100),
-        "pancreas": (100, 140),
-        "stomach_wall": (70, 100),
+CONTRASTS: dict[str, dict[str, dict[str, tuple[float, float]]]] = {
+    "ct": {
+        "native": {},
+        "arterial": {
+            "aorta": (250, 350),
+            "inferior_vena_cava": (70, 110),
+            "liver": (65, 85),
+            "spleen": (90, 130),
+            "kidney_cortex": (160, 220),
+            "kidney_medulla": (60, 100),
+            "pancreas": (100, 140),
+            "stomach_wall": (70, 100),
+        },
+        "portal_venous": {
+            "aorta": (170, 220),
+            "inferior_vena_cava": (130, 170),
+            "liver": (100, 130),
+            "spleen": (110, 130),
+            "kidney_cortex": (150, 190),
+            "kidney_medulla": (130, 170),
+            "pancreas": (90, 120),
+            "stomach_wall": (70, 100),
+        },
     },
-    "portal_venous": {
-        "aorta": (170, 220),
-        "inferior_vena_cava": (130, 170),
-        "liver": (100, 130),
-        "spleen": (110, 130),
-        "kidney_cortex": (150, 190),
-        "kidney_medulla": (130, 170),
-        "pancreas": (90, 120),
-        "stomach_wall": (70, 100),
-    },
+    "t1": {"flow_void": {}, "bright_blood": {"aorta": (600, 750), "inferior_vena_cava": (550, 700)}},
+    "t2": {"flow_void": {}},
 }
-T1_SIGNAL: dict[str, tuple[float, float]] = {
-    "air": (0, 0),
-    "fat": (850, 950),
-    "muscle": (280, 340),
-    "bowel": (250, 350),
-    "bowel_gas": (0, 10),
-    "liver": (500, 580),
-    "spleen": (330, 400),
-    "kidney_cortex": (380, 440),
-    "kidney_medulla": (280, 330),
-    "aorta": (20, 60),
-    "inferior_vena_cava": (20, 60),
-    "bone_cortex": (20, 60),
-    "bone_marrow": (550, 700),
-    "disc": (250, 320),
-    "csf": (80, 140),
-    "stomach_wall": (300, 360),
-    "stomach_fluid": (60, 120),
-    "stomach_gas": (0, 10),
-    "pancreas": (540, 620),
-}
-T1_BLOOD: dict[str, dict[str, tuple[float, float]]] = {
-    "flow_void": {},
-    "bright_blood": {"aorta": (600, 750), "inferior_vena_cava": (550, 700)},
-}
-T2_SIGNAL: dict[str, tuple[float, float]] = {
-    "air": (0, 0),
-    "fat": (600, 700),
-    "muscle": (120, 170),
-    "bowel": (350, 500),
-    "bowel_gas": (0, 10),
-    "liver": (250, 320),
-    "spleen": (480, 560),
-    "kidney_cortex": (500, 580),
-    "kidney_medulla": (600, 700),
-    "aorta": (20, 60),
-    "inferior_vena_cava": (20, 60),
-    "bone_cortex": (20, 50),
-    "bone_marrow": (350, 450),
-    "disc": (550, 700),
-    "csf": (900, 1000),
-    "stomach_wall": (250, 320),
-    "stomach_fluid": (880, 1000),
-    "stomach_gas": (0, 10),
-    "pancreas": (300, 380),
-}
-# Smooth texture, as a fraction of the tissue's intensity (gas, air and blood are homogeneous).
-TEXTURE = {
-    "fat": 0.05,
-    "muscle": 0.06,
-    "bowel": 0.25,
-    "liver": 0.05,
-    "spleen": 0.05,
-    "kidney_cortex": 0.05,
-    "kidney_medulla": 0.06,
-    "bone_marrow": 0.15,
-    "disc": 0.05,
-    "stomach_fluid": 0.1,
-    "pancreas": 0.1,
-}
+"""Per sequence, the contrast states a case draws from (CT phase, MR blood signal) and what each overrides."""
+CONTRAST_ODDS = {"ct": (0.35, 0.2, 0.45), "t1": (0.6, 0.4), "t2": (1.0,)}
 PARTIAL_VOLUME_SIGMA = (0.5, 0.7, 0.7)  # Gaussian blur in voxels, (z, y, x)
 CT_NOISE_HU = (8.0, 20.0)
 MR_NOISE = (0.015, 0.04)  # Rician sigma as a fraction of 500 (about liver/spleen level) before gain
@@ -236,7 +164,7 @@ def phantom_labels() -> list[Label]:
 
 @dataclass(frozen=True)
 class _Ellipsoid:
-    """An ellipsoid in the anatomy frame: centre (x, y, z) mm, semi-axes mm, rotation (columns = local axes)."""
+    """An ellipsoid in the anatomy frame: centre (x, y, z), semi-axes (mm), rotation (columns: local axes)."""
 
     centre: tuple[float, float, float]
     radii: tuple[float, float, float]
@@ -264,24 +192,50 @@ def _ellipsoid(centre, radii, degrees_xyz=(0.0, 0.0, 0.0)) -> _Ellipsoid:
 
 @dataclass(frozen=True)
 class _Anatomy:
-    """One patient's anatomy, mm in the anatomy frame (see the module docstring)."""
+    """One patient's anatomy in the anatomy frame (module docstring); lengths in mm."""
 
-    body: tuple[float, float, float, float]  # semi-axes: lateral, anterior, posterior; flat back y
-    fat: tuple[float, float, float]  # subcutaneous fat thickness: lateral, anterior, posterior
+    # Torso: an ellipse with its own anterior and posterior semi-axes, flat at the back.
+    body_lateral: float
+    body_anterior: float
+    body_posterior: float
+    back_y: float
+    fat_lateral: float  # subcutaneous fat thickness
+    fat_anterior: float
+    fat_posterior: float
     muscle: float  # abdominal wall thickness
-    spine: tuple[float, ...]  # body centre y, body radii x y, canal y, spinous tip y, period, disc, phase
-    aorta: tuple[float, ...]  # x, y, radius, dx/dz, dy/dz
-    ivc: tuple[float, ...]  # x, y, radius x, radius y, dx/dz
+    # Spine: vertebral bodies (elliptic cross-section) repeating along z, discs between them.
+    vertebra_y: float
+    vertebra_radii: tuple[float, float]  # x, y
+    canal_y: float
+    spinous_tip_y: float
+    vertebra_period: float
+    disc: float
+    vertebra_phase: float
+    # Vessels: tubes along z, slightly oblique.
+    aorta: tuple[float, float, float]  # centre x, centre y, radius
+    aorta_slope: tuple[float, float]  # dx/dz, dy/dz
+    ivc: tuple[float, float, float, float]  # centre x, centre y, radius x, radius y
+    ivc_slope: float  # dx/dz
+    # Organs.
     kidneys: tuple[_Ellipsoid, _Ellipsoid]  # right, left
     spleen: _Ellipsoid
-    liver: tuple[_Ellipsoid, _Ellipsoid, float, float, float]  # right lobe, left lobe, cut x, cut z, slope
-    stomach: tuple[
-        tuple[_Ellipsoid, _Ellipsoid], float, float
-    ]  # body, antrum; wall mm; gas fraction of depth
-    pancreas: tuple[float, ...]  # x head, x tail, y body, z head, radius head, tail, dy tail, dz/dx, rz/ry
+    liver_lobes: tuple[_Ellipsoid, _Ellipsoid]  # right, left
+    liver_cut: tuple[float, float, float]  # inferior surface: z = cut z + slope * (x - cut x)
+    stomach_parts: tuple[_Ellipsoid, _Ellipsoid]  # body, antrum
+    stomach_wall: float
+    stomach_gas: float  # fraction of the stomach's depth (anterior part) holding gas
+    pancreas_x: tuple[float, float]  # head, tail
+    pancreas_radii: tuple[float, float]  # head, tail
+    pancreas_y: float  # of the body; the tail curves back by pancreas_tail_dy
+    pancreas_tail_dy: float
+    pancreas_z: float  # of the head; rises towards the tail by pancreas_rise per mm of x
+    pancreas_rise: float
+    pancreas_flatness: float  # craniocaudal / anteroposterior thickness
+    # Ribs, bowel, deformation.
     ribs: tuple[float, float, float, float]  # lowest z, period, thickness, phase
-    bowel: tuple[float, float]  # threshold of the bowel field, extra threshold for gas
-    deformation_mm: float
+    bowel_threshold: float  # of the unit-variance bowel field
+    gas_threshold: float  # above the bowel threshold
+    deformation_mm: float  # standard deviation of each displacement component
     field_seed: int
 
 
@@ -290,86 +244,92 @@ def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
     s = u(0.88, 1.12)  # overall size
     lateral, anterior = 160 * s * u(0.93, 1.07), 120 * s * u(0.93, 1.07)
     posterior = anterior * u(0.85, 0.95)
-    back = 0.92 * posterior
     fat_scale = u(0.4, 1.6)
-    fat = (18 * fat_scale, 22 * fat_scale, 12 * fat_scale)
+    fat_lateral, fat_anterior, fat_posterior = 18 * fat_scale, 22 * fat_scale, 12 * fat_scale
     muscle = u(7, 13)
-    cavity_x = lateral - fat[0] - muscle
-    cavity_ant = anterior - fat[1] - muscle
+    cavity_x = lateral - fat_lateral - muscle
+    cavity_front = anterior - fat_anterior - muscle
+    cavity_back = posterior - fat_posterior - muscle
 
-    tip = back - fat[2] - u(6, 12)
+    tip = 0.92 * posterior - fat_posterior - u(6, 12)
     canal = tip - u(34, 40)
     vb_rx, vb_ry = 22 * s * u(0.9, 1.1), 17 * s * u(0.9, 1.1)
     vb_y = canal - 9 - vb_ry
     period = u(30, 36)
-    spine = (vb_y, vb_rx, vb_ry, canal, tip, period, u(7, 10), u(0, period))
-
-    r_ao = 11 * np.sqrt(s) * u(0.85, 1.15)
-    aorta = (u(10, 22) * s, vb_y - vb_ry - r_ao - u(1, 4), r_ao, u(-0.05, 0.05), u(-0.05, 0.05))
-    ivc = (-u(18, 28) * s, vb_y - vb_ry - u(5, 10), u(11, 15) * s, u(7, 11) * s, u(-0.05, 0.05))
+    r_aorta = 11 * np.sqrt(s) * u(0.85, 1.15)
+    aorta_y = vb_y - vb_ry - r_aorta - u(1, 4)
 
     kidneys = []
     for side, z_range in ((-1, (-40, -20)), (1, (-25, -5))):
         centre = (side * u(68, 82) * s, vb_y + u(-5, 8), u(*z_range))
         radii = np.array((u(22, 28), u(19, 24), u(48, 58))) * s
         kidneys.append(_ellipsoid(centre, radii, (u(-5, 5), -side * u(8, 18), -side * u(25, 40))))
-
-    spleen_centre = (u(0.6, 0.7) * cavity_x, u(0.3, 0.5) * (posterior - fat[2] - muscle), u(25, 50))
     spleen = _ellipsoid(
-        spleen_centre, np.array((u(18, 26), u(45, 60), u(40, 55))) * s, (u(-8, 8), u(-8, 8), u(40, 65))
+        (u(0.6, 0.7) * cavity_x, u(0.3, 0.5) * cavity_back, u(25, 50)),
+        np.array((u(18, 26), u(45, 60), u(40, 55))) * s,
+        (u(-8, 8), u(-8, 8), u(40, 65)),
     )
-
     right_lobe = _ellipsoid(
-        (-u(0.35, 0.45) * cavity_x, u(-0.1, 0.1) * cavity_ant, u(30, 50)),
+        (-u(0.35, 0.45) * cavity_x, u(-0.1, 0.1) * cavity_front, u(30, 50)),
         np.array((u(65, 80), u(70, 85), u(80, 95))) * s,
         (u(-5, 5), u(-8, 8), u(-10, 10)),
     )
     left_lobe = _ellipsoid(
-        (u(0, 25) * s, -u(0.4, 0.55) * cavity_ant, u(45, 70)),
+        (u(0, 25) * s, -u(0.4, 0.55) * cavity_front, u(45, 70)),
         np.array((u(50, 70), u(25, 35), u(35, 45))) * s,
         (u(-5, 5), u(-5, 5), u(-15, 5)),
     )
-    cut_x = right_lobe.centre[0] - right_lobe.radii[0]
-    cut_z = right_lobe.centre[2] - right_lobe.radii[2] * u(0.75, 0.95)
-    liver = (right_lobe, left_lobe, cut_x, cut_z, u(0.15, 0.3))
-
     stomach_body = _ellipsoid(
-        (u(0.3, 0.45) * cavity_x, -u(0.35, 0.5) * cavity_ant, u(45, 65)),
+        (u(0.3, 0.45) * cavity_x, -u(0.35, 0.5) * cavity_front, u(45, 65)),
         np.array((u(32, 42), u(26, 34), u(45, 60))) * s,
         (u(-8, 8), u(-20, -5), u(20, 40)),
     )
     antrum = _ellipsoid(
-        (u(0.0, 0.15) * cavity_x, -u(0.45, 0.6) * cavity_ant, u(15, 35)),
+        (u(0.0, 0.15) * cavity_x, -u(0.45, 0.6) * cavity_front, u(15, 35)),
         np.array((u(40, 55), u(15, 22), u(15, 22))) * s,
         (u(-5, 5), u(-25, -10), u(-10, 10)),
     )
-
-    y_body = aorta[1] - r_ao - u(12, 20)
-    pancreas = (
-        -u(30, 45) * s,
-        u(75, 95) * s,
-        y_body,
-        u(-10, 10),
-        u(13, 18) * s,
-        u(7, 10) * s,
-        u(25, 45),
-        u(0.05, 0.2),
-        u(0.7, 0.9),
-    )
     return _Anatomy(
-        body=(lateral, anterior, posterior, back),
-        fat=fat,
+        body_lateral=lateral,
+        body_anterior=anterior,
+        body_posterior=posterior,
+        back_y=0.92 * posterior,
+        fat_lateral=fat_lateral,
+        fat_anterior=fat_anterior,
+        fat_posterior=fat_posterior,
         muscle=muscle,
-        spine=spine,
-        aorta=aorta,
-        ivc=ivc,
+        vertebra_y=vb_y,
+        vertebra_radii=(vb_rx, vb_ry),
+        canal_y=canal,
+        spinous_tip_y=tip,
+        vertebra_period=period,
+        disc=u(7, 10),
+        vertebra_phase=u(0, period),
+        aorta=(u(10, 22) * s, aorta_y, r_aorta),
+        aorta_slope=(u(-0.05, 0.05), u(-0.05, 0.05)),
+        ivc=(-u(18, 28) * s, vb_y - vb_ry - u(5, 10), u(11, 15) * s, u(7, 11) * s),
+        ivc_slope=u(-0.05, 0.05),
         kidneys=(kidneys[0], kidneys[1]),
         spleen=spleen,
-        liver=liver,
-        stomach=((stomach_body, antrum), u(3, 5), u(0.05, 0.35)),
-        pancreas=pancreas,
+        liver_lobes=(right_lobe, left_lobe),
+        liver_cut=(
+            right_lobe.centre[0] - right_lobe.radii[0],
+            right_lobe.centre[2] - right_lobe.radii[2] * u(0.75, 0.95),
+            u(0.15, 0.3),
+        ),
+        stomach_parts=(stomach_body, antrum),
+        stomach_wall=u(3, 5),
+        stomach_gas=u(0.05, 0.35),
+        pancreas_x=(-u(30, 45) * s, u(75, 95) * s),
+        pancreas_radii=(u(10, 14) * s, u(6, 9) * s),
+        pancreas_y=aorta_y - r_aorta - u(12, 20),
+        pancreas_tail_dy=u(25, 45),
+        pancreas_z=u(-10, 10),
+        pancreas_rise=u(0.05, 0.2),
+        pancreas_flatness=u(0.7, 0.9),
         ribs=(u(10, 40), u(22, 30), u(8, 11), u(0, 30)),
-        bowel=(u(-0.7, 0.1), u(1.2, 1.8)),
+        bowel_threshold=u(-0.7, 0.1),
+        gas_threshold=u(1.2, 1.8),
         deformation_mm=u(3, 6),
         field_seed=int(rng.integers(2**63)),
     )
@@ -396,16 +356,15 @@ def _draw_acquisition(
     anatomy: _Anatomy, sequence: str, rng: np.random.Generator, max_size: int
 ) -> _Acquisition:
     u = rng.uniform
-    lateral, anterior, _, back = anatomy.body
-    width, depth = 2 * lateral, anterior + back
+    back = anatomy.back_y
+    width, depth = 2 * anatomy.body_lateral, anatomy.body_anterior + back
     margin = u(30, 80)
     if sequence == "ct":
         fov_x = fov_y = max(width, depth) + margin
-        contrast = str(rng.choice(list(CT_PHASES), p=[0.35, 0.2, 0.45]))
     else:
         fov_x = width + margin
         fov_y = max(fov_x * u(0.75, 0.9), depth + margin / 2)
-        contrast = str(rng.choice(list(T1_BLOOD))) if sequence == "t1" else "flow_void"
+    contrast = str(rng.choice(list(CONTRASTS[sequence]), p=CONTRAST_ODDS[sequence]))
     spacing_xy = u(*IN_PLANE_SPACING_MM[sequence])
     length, thickness = u(*SCAN_LENGTH_MM), u(*SLICE_THICKNESS_MM)
     in_plane_cap, slice_cap = min(MAX_IN_PLANE, max_size), min(MAX_SLICES, max_size)
@@ -415,7 +374,7 @@ def _draw_acquisition(
     nz = min(round(length / thickness), slice_cap)
     thickness = length / nz
     # Where the scan lies in the anatomy frame: always across the renal hila and pancreas.
-    centre = (u(-0.25, 0.25) * margin, (back - anterior) / 2 + u(-0.2, 0.2) * margin, u(-10, 30))
+    centre = (u(-0.25, 0.25) * margin, (back - anatomy.body_anterior) / 2 + u(-0.2, 0.2) * margin, u(-10, 30))
     shift = (u(-30, 30), u(-40, 40), u(-600, 200))
     spacing = (spacing_xy, spacing_xy, thickness)
     size = (nx, ny, nz)
@@ -501,96 +460,97 @@ class _Canvas:
         self.labels[box][mask] = PHANTOM_LABELS[label] if label else 0
 
 
-def _ellipse(x, y, a: float, b_front: float, b_back: float, back: float) -> np.ndarray:
-    """Inside an ellipse with anterior / posterior semi-axes ``b_front`` / ``b_back``, cut flat at y = ``back``."""
-    b = np.where(y < 0, np.float32(b_front), np.float32(b_back))
-    return ((x / a) ** 2 + (y / b) ** 2 <= 1.0) & (y <= back)
+def _ellipse(x, y, lateral: float, front: float, back: float, flat_y: float) -> np.ndarray:
+    """Mask (same shape as x, y) of an ellipse, semi-axes ``lateral``, ``front`` (y < 0) and ``back``
+    (y > 0) in mm, cut flat at y = ``flat_y``.
+    """
+    b = np.where(y < 0, np.float32(front), np.float32(back))
+    return ((x / lateral) ** 2 + (y / b) ** 2 <= 1.0) & (y <= flat_y)
 
 
 def _paint_torso(c: _Canvas, a: _Anatomy) -> np.ndarray:
-    """Body, fat, wall muscle, ribs, back muscles and the bowel/mesenteric fat; returns the cavity mask."""
-    lateral, anterior, posterior, back = a.body
-    f_lat, f_ant, f_post = a.fat
-    m = a.muscle
-    body = _ellipse(c.x, c.y, lateral, anterior, posterior, back)
-    wall = _ellipse(c.x, c.y, lateral - f_lat, anterior - f_ant, posterior - f_post, back - f_post)
-    cavity = _ellipse(
-        c.x, c.y, lateral - f_lat - m, anterior - f_ant - m, posterior - f_post - m, back - f_post - m
-    )
+    """Body, fat, wall muscle, bowel and mesenteric fat, ribs, back muscles; returns the cavity mask."""
+    inset = np.array([0.0, a.fat_lateral, a.fat_anterior, a.fat_posterior])
+    outline = np.array([a.back_y, a.body_lateral, a.body_anterior, a.body_posterior])
+    body = _ellipse(c.x, c.y, *(outline[1:]), outline[0])
+    wall = _ellipse(c.x, c.y, *(outline[1:] - inset[1:]), outline[0] - a.fat_posterior)
+    shrink = inset[1:] + a.muscle
+    cavity = _ellipse(c.x, c.y, *(outline[1:] - shrink), outline[0] - a.fat_posterior - a.muscle)
     c.tissue[body] = _T["fat"]
     c.tissue[wall] = _T["muscle"]
 
-    # Bowel loops fill the peritoneal cavity; the retroperitoneum (behind the vertebral bodies' front) is fat.
-    vb_y = a.spine[0]
-    retro = np.where(c.axes[1] > vb_y - a.spine[2] - 10, np.float32(3.0), np.float32(0.0))
-    score = c.bowel_field - retro[None, :, None]
-    threshold, gas = a.bowel
-    inside = cavity & (score > threshold)
+    # Bowel loops fill the peritoneal cavity; towards the retroperitoneum (behind the front of the
+    # vertebral bodies) they thin out into fat over about 60 mm. Gas sits in the loops' centres.
+    front_of_spine = a.vertebra_y - a.vertebra_radii[1]
+    score = c.bowel_field - 3.0 * np.clip((c.y - front_of_spine + 30) / 60, 0, 1)
+    bowel = cavity & (score > a.bowel_threshold)
     c.tissue[cavity] = _T["fat"]
-    c.tissue[inside] = _T["bowel"]
-    c.tissue[inside & (score > threshold + gas) & (c.texture > 0.0)] = _T["bowel_gas"]
+    c.tissue[bowel] = _T["bowel"]
+    c.tissue[bowel & (score > a.bowel_threshold + a.gas_threshold) & (c.texture > 0.0)] = _T["bowel_gas"]
 
     # Ribs: oblique bands in the wall of the upper abdomen, descending towards the front.
     lowest, period, thickness, phase = a.ribs
-    ring = wall & ~cavity & (c.z > lowest - 30)
-    index = np.flatnonzero(ring)
+    index = np.flatnonzero(wall & ~cavity & (c.z > lowest - 30))
     x, y, z = c.x.ravel()[index], c.y.ravel()[index], c.z.ravel()[index]
     angle = np.abs(np.arctan2(x, y))  # 0 at the back, pi at the front
     level = z + 25.0 * angle
     rib = (np.mod(level - phase, period) < thickness) & (angle > 0.35) & (angle < 2.6) & (level > lowest + 40)
     c.tissue.ravel()[index[rib]] = _T["bone_cortex"]
 
-    # Paraspinal muscles and psoas (psoas thicker inferiorly).
-    vb_y, vb_rx, vb_ry, canal, tip = a.spine[:5]
+    # Paraspinal muscles beside the spinous processes; psoas beside the vertebral bodies, thicker inferiorly.
+    vb_rx = a.vertebra_radii[0]
     for side in (-1.0, 1.0):
         x0 = side * (12 + 1.1 * vb_rx)
-        box = c.box((x0 - 40, canal - 30, -1e4), (x0 + 40, back, 1e4))
+        box = c.box((x0 - 40, a.canal_y - 30, -1e4), (x0 + 40, a.back_y, 1e4))
         if box is not None:
             x, y, _ = c.coords(box)
-            mask = (((x - x0) / 26) ** 2 + ((y - canal - 8) / 24) ** 2 <= 1) & wall[box]
-            c.paint(box, mask, "muscle")
-        xp = side * (vb_rx + 12)
-        box = c.box((xp - 30, vb_y - 30, -1e4), (xp + 30, vb_y + 30, 1e4))
+            mask = ((x - x0) / 26) ** 2 + ((y - a.canal_y - 8) / 24) ** 2 <= 1
+            c.paint(box, mask & wall[box], "muscle")
+        x0 = side * (vb_rx + 12)
+        box = c.box((x0 - 30, a.vertebra_y - 30, -1e4), (x0 + 30, a.vertebra_y + 30, 1e4))
         if box is not None:
             x, y, z = c.coords(box)
             radius = np.clip(12 - 0.08 * z, 4, 22)
-            c.paint(box, ((x - xp) ** 2 + ((y - vb_y) / 0.9) ** 2 <= radius**2) & cavity[box], "muscle")
+            mask = (x - x0) ** 2 + ((y - a.vertebra_y) / 0.9) ** 2 <= radius**2
+            c.paint(box, mask & cavity[box], "muscle")
     return cavity
+
+
+def _union_box(c: _Canvas, shapes) -> tuple[slice, slice, slice] | None:
+    low = np.min([shape.bounds()[0] for shape in shapes], axis=0)
+    high = np.max([shape.bounds()[1] for shape in shapes], axis=0)
+    return c.box(low, high)
 
 
 def _paint_organs(c: _Canvas, a: _Anatomy, cavity: np.ndarray) -> None:
     """Organs from lowest to highest priority, each overwriting what was painted before it."""
-    # Liver: right lobe and left lobe, the inferior surface cut by a plane rising to the left.
-    right_lobe, left_lobe, cut_x, cut_z, slope = a.liver
-    low = np.minimum(right_lobe.bounds()[0], left_lobe.bounds()[0])
-    high = np.maximum(right_lobe.bounds()[1], left_lobe.bounds()[1])
-    box = c.box(low, high)
+    # Liver: right and left lobe, the inferior surface cut by a plane rising towards the left.
+    box = _union_box(c, a.liver_lobes)
     if box is not None:
         x, y, z = c.coords(box)
-        inside = np.zeros(x.shape, bool)
-        for lobe in (right_lobe, left_lobe):
+        organ = np.zeros(x.shape, bool)
+        for lobe in a.liver_lobes:
             u, v, w = lobe.local(x, y, z)
-            inside |= u * u + v * v + w * w <= 1
-        inside &= z > cut_z + slope * (x - cut_x)
-        c.paint(box, inside & cavity[box], "liver", "liver")
+            organ |= u * u + v * v + w * w <= 1
+        cut_x, cut_z, slope = a.liver_cut
+        c.paint(box, organ & (z > cut_z + slope * (x - cut_x)) & cavity[box], "liver", "liver")
 
     # Stomach: body (left, upper) and antrum (anterior, across the midline); wall, fluid, and gas
     # above an air-fluid level (the patient lies supine: gas rises anteriorly, to smaller y).
-    parts, wall_mm, gas_fraction = a.stomach
-    low = np.minimum(*(p.bounds()[0] for p in parts))
-    high = np.maximum(*(p.bounds()[1] for p in parts))
-    box = c.box(low, high)
+    box = _union_box(c, a.stomach_parts)
     if box is not None:
         x, y, z = c.coords(box)
         organ = np.zeros(x.shape, bool)
         content = np.zeros(x.shape, bool)
-        for part in parts:
+        for part in a.stomach_parts:
             u, v, w = part.local(x, y, z)
             r2 = u * u + v * v + w * w
             organ |= r2 <= 1
-            content |= r2 <= (1 - wall_mm / min(part.radii)) ** 2
+            content |= r2 <= (1 - a.stomach_wall / min(part.radii)) ** 2
         organ &= cavity[box]
-        gas = c.axes[1][box[1]][None, :, None] < low[1] + gas_fraction * (high[1] - low[1])
+        front = min(part.bounds()[0][1] for part in a.stomach_parts)
+        back = max(part.bounds()[1][1] for part in a.stomach_parts)
+        gas = c.axes[1][box[1]][None, :, None] < front + a.stomach_gas * (back - front)
         c.paint(box, organ, "stomach_wall", "stomach")
         c.paint(box, organ & content, "stomach_fluid", "stomach")
         c.paint(box, organ & content & gas, "stomach_gas", "stomach")
@@ -598,89 +558,81 @@ def _paint_organs(c: _Canvas, a: _Anatomy, cavity: np.ndarray) -> None:
     # Spleen: a crescent, its concave visceral surface facing medially.
     box = c.box(*a.spleen.bounds())
     if box is not None:
-        x, y, z = c.coords(box)
-        u, v, w = a.spleen.local(x, y, z)
+        u, v, w = a.spleen.local(*c.coords(box))
         organ = (u * u + v * v + w * w <= 1) & ((u + 1.15) ** 2 + v * v + w * w > 0.6**2)
         c.paint(box, organ & cavity[box], "spleen", "spleen")
 
     # Pancreas: a tube along x from the head (patient right) to the tail (left, higher, posterior).
-    x_head, x_tail, y_body, z_head, r_head, r_tail, dy_tail, rise, flat = a.pancreas
-    z_tail = z_head + rise * (x_tail - x_head)
-    box = c.box(
-        (x_head - r_head, y_body - r_head, z_head - r_head),
-        (x_tail + r_head, y_body + dy_tail + r_head, z_tail + r_head),
-    )
+    (x_head, x_tail), (r_head, r_tail) = a.pancreas_x, a.pancreas_radii
+    z_tail = a.pancreas_z + a.pancreas_rise * (x_tail - x_head)
+    low = (x_head - r_head, a.pancreas_y - r_head, a.pancreas_z - r_head)
+    box = c.box(low, (x_tail + r_head, a.pancreas_y + a.pancreas_tail_dy + r_head, z_tail + r_head))
     if box is not None:
         x, y, z = c.coords(box)
         t = (x - x_head) / (x_tail - x_head)  # 0 at the head, 1 at the tail
         end = np.clip((np.abs(2 * t - 1) - 0.8) / 0.2, 0, 1)  # rounded ends over the last tenth
         radius = (r_head + (r_tail - r_head) * t) * np.sqrt(1 - end**2)
-        centre_y = y_body + dy_tail * np.clip(t, 0, 1) ** 2
-        centre_z = z_head + rise * (x - x_head)
-        organ = (np.abs(2 * t - 1) <= 1) & ((y - centre_y) ** 2 + ((z - centre_z) / flat) ** 2 <= radius**2)
+        dy = y - a.pancreas_y - a.pancreas_tail_dy * np.clip(t, 0, 1) ** 2
+        dz = (z - a.pancreas_z - a.pancreas_rise * (x - x_head)) / a.pancreas_flatness
+        organ = (np.abs(2 * t - 1) <= 1) & (dy**2 + dz**2 <= radius**2)
         c.paint(box, organ & cavity[box], "pancreas", "pancreas")
 
-    # Kidneys: cortex and medulla, bean-shaped by a medial notch filled with sinus fat.
-    for kidney, key in zip(a.kidneys, ("kidney_right", "kidney_left"), strict=True):
-        box = c.box(*kidney.bounds())
+    # Kidneys: cortex and medulla, bean-shaped by a medial notch filled with sinus fat, wrapped in
+    # about 4 mm of perirenal fat that keeps liver and spleen off them.
+    for kidney, key, lateral in zip(a.kidneys, ("kidney_right", "kidney_left"), (-1.0, 1.0), strict=True):
+        low, high = kidney.bounds()
+        box = c.box(low - 4, high + 4)
         if box is None:
             continue
-        lateral = -1.0 if key == "kidney_right" else 1.0
-        x, y, z = c.coords(box)
-        u, v, w = kidney.local(x, y, z)
+        u, v, w = kidney.local(*c.coords(box))
         r2 = u * u + v * v + w * w
         hilum = (u + 0.9 * lateral) ** 2 + (v + 0.2) ** 2 + (w / 1.5) ** 2 <= 0.5**2
-        inside = (r2 <= 1) & cavity[box]
-        c.paint(box, inside & ~hilum, "kidney_cortex", key)
-        c.paint(box, inside & ~hilum & (r2 <= 0.72), "kidney_medulla", key)
-        c.paint(box, inside & hilum, "fat")
+        c.paint(box, (r2 <= (1 + 4 / min(kidney.radii)) ** 2) & cavity[box], "fat")
+        organ = (r2 <= 1) & cavity[box]
+        c.paint(box, organ & ~hilum, "kidney_cortex", key)
+        c.paint(box, organ & ~hilum & (r2 <= 0.72), "kidney_medulla", key)
+        c.paint(box, organ & hilum, "fat")
 
-    # Inferior vena cava (flattened, moving forward into the liver superiorly) and aorta.
-    x0, y0, rx, ry, dxdz = a.ivc
+    # Inferior vena cava (flattened; moving forward into the liver superiorly), then aorta.
+    x0, y0, rx, ry = a.ivc
     box = c.box((x0 - rx - 30, y0 - ry - 40, -1e4), (x0 + rx + 30, y0 + ry + 10, 1e4))
     if box is not None:
         x, y, z = c.coords(box)
-        yc = y0 - 0.25 * np.maximum(z - 40, 0)
-        organ = ((x - x0 - dxdz * z) / rx) ** 2 + ((y - yc) / ry) ** 2 <= 1
+        dy = y - y0 + 0.25 * np.maximum(z - 40, 0)
+        organ = ((x - x0 - a.ivc_slope * z) / rx) ** 2 + (dy / ry) ** 2 <= 1
         c.paint(box, organ & cavity[box], "inferior_vena_cava", "inferior_vena_cava")
-    x0, y0, r, dxdz, dydz = a.aorta
+    x0, y0, r = a.aorta
     box = c.box((x0 - r - 30, y0 - r - 30, -1e4), (x0 + r + 30, y0 + r + 30, 1e4))
     if box is not None:
         x, y, z = c.coords(box)
-        organ = (x - x0 - dxdz * z) ** 2 + (y - y0 - dydz * z) ** 2 <= r * r
+        organ = (x - x0 - a.aorta_slope[0] * z) ** 2 + (y - y0 - a.aorta_slope[1] * z) ** 2 <= r * r
         c.paint(box, organ & cavity[box], "aorta", "aorta")
 
-    # Vertebrae: bodies (cortex, marrow) separated by discs, around the canal an arch with spinous
-    # and transverse processes. Discs and the canal are not part of the label.
-    vb_y, vb_rx, vb_ry, canal, tip, period, disc, phase = a.spine
-    box = c.box((-50, vb_y - vb_ry - 5, -1e4), (50, tip + 5, 1e4))
+    # Vertebrae: bodies (cortex, marrow) separated by discs, and around the canal an arch with
+    # spinous and transverse processes. Discs and the canal are not part of the label.
+    (rx, ry), canal, tip, period = a.vertebra_radii, a.canal_y, a.spinous_tip_y, a.vertebra_period
+    box = c.box((-2 * rx, a.vertebra_y - ry - 5, -1e4), (2 * rx, tip + 5, 1e4))
     if box is not None:
         x, y, z = c.coords(box)
-        level = np.mod(z - phase, period)
-        r2 = (x / vb_rx) ** 2 + ((y - vb_y) / vb_ry) ** 2
-        body = r2 <= 1
-        gap = level < disc
-        endplate = (level < disc + 1.5) | (level > period - 1.5) | (r2 > (1 - 2.5 / vb_rx) ** 2)
-        c2 = x * x + (y - canal) ** 2
-        arch = (c2 <= 14**2) | ((np.abs(x) <= 4) & (y >= canal) & (y <= tip))
-        arch |= (np.abs(y - canal + 2) <= 4.5) & (np.abs(x) <= 1.8 * vb_rx)
-        arch &= ~body & ~gap
-        c.paint(box, arch, "bone_cortex", "vertebrae")
+        level = np.mod(z - a.vertebra_phase, period)
+        r2 = (x / rx) ** 2 + ((y - a.vertebra_y) / ry) ** 2
+        body, gap = r2 <= 1, level < a.disc
+        shell = (level < a.disc + 1.5) | (level > period - 1.5) | (r2 > (1 - 2.5 / rx) ** 2)
+        canal_r2 = x * x + (y - canal) ** 2
+        arch = (canal_r2 <= 14**2) | ((np.abs(x) <= 4) & (y >= canal) & (y <= tip))
+        arch |= (np.abs(y - canal + 2) <= 4.5) & (np.abs(x) <= 1.8 * rx)
+        c.paint(box, arch & ~body & ~gap, "bone_cortex", "vertebrae")
         c.paint(box, body & ~gap, "bone_marrow", "vertebrae")
-        c.paint(box, body & ~gap & endplate, "bone_cortex", "vertebrae")
+        c.paint(box, body & ~gap & shell, "bone_cortex", "vertebrae")
         c.paint(box, body & gap, "disc")
-        c.paint(box, c2 <= 8**2, "csf")
+        c.paint(box, canal_r2 <= 8**2, "csf")
 
 
 def _intensity_table(sequence: str, contrast: str, rng: np.random.Generator) -> np.ndarray:
     """Intensity per tissue class (HU for CT, arbitrary units for MR), drawn from the sequence's table."""
-    if sequence == "ct":
-        table = {**CT_HU, **CT_PHASES[contrast]}
-    elif sequence == "t1":
-        table = {**T1_SIGNAL, **T1_BLOOD[contrast]}
-    else:
-        table = dict(T2_SIGNAL)
-    return np.array([rng.uniform(*table[name]) for name in TISSUES], np.float32)
+    column = SEQUENCES.index(sequence)
+    ranges = {name: row[column] for name, row in TISSUE_TABLE.items()} | CONTRASTS[sequence][contrast]
+    return np.array([rng.uniform(*ranges[name]) for name in TISSUES], np.float32)
 
 
 def _render(anatomy: _Anatomy, acq: _Acquisition, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -690,7 +642,7 @@ def _render(anatomy: _Anatomy, acq: _Acquisition, rng: np.random.Generator) -> t
     _paint_organs(canvas, anatomy, cavity)
 
     values = _intensity_table(acq.sequence, acq.contrast, rng)
-    texture = np.array([TEXTURE.get(name, 0.0) for name in TISSUES], np.float32)
+    texture = np.array([row[3] for row in TISSUE_TABLE.values()], np.float32)
     tissue = canvas.tissue
     image = values[tissue] * (1.0 + texture[tissue] * canvas.texture)
     image = gaussian_filter(image, PARTIAL_VOLUME_SIGMA, mode="nearest")
@@ -885,7 +837,7 @@ def write_dataset(
         "numTraining": cases,
         "file_ending": _FILE_ENDING,
         "name": name,
-        "description": f"synthetic abdominal {CHANNEL_NAMES[sequence]} phantoms (m4oe.phantom), not patient data",
+        "description": f"synthetic abdominal {CHANNEL_NAMES[sequence]} phantoms, not patient data",
         "licence": "CC0-1.0",
         "modality": "ct" if sequence == "ct" else "mr",
         "sequence": sequence,

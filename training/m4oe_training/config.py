@@ -83,6 +83,7 @@ class TrainConfig:
     threads: int | None = None
     output_dir: str = "runs/{name}"
     largest_component: tuple[str, ...] = ()
+    export_dtype: str = "float32"
     description: str = ""
 
     def __post_init__(self):
@@ -101,6 +102,7 @@ class TrainConfig:
             "optimizer": self.optimizer in OPTIMIZERS,
             "amp": self.amp in AMP_MODES,
             "in_plane": self.in_plane in ("resize", "spacing"),
+            "export_dtype": self.export_dtype in ("float32", "float16"),
             "batch_size": self.batch_size >= 1,
             "iterations_per_epoch": self.iterations_per_epoch >= 1,
             "foreground_fraction": 0.0 <= self.foreground_fraction <= 1.0,
@@ -234,17 +236,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[TrainConfi
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     for text in overrides:
-        keys, value = parse_override(text)
-        target = data
-        for k in keys[:-1]:
-            if k.isdigit() and isinstance(target, list):
-                target = target[int(k)]
-            else:
-                target = target.setdefault(k, {})
-        if keys[-1].isdigit() and isinstance(target, list):
-            target[int(keys[-1])] = value
-        else:
-            target[keys[-1]] = value
+        _apply_override(data, *parse_override(text))
     for d in data.get("datasets", []):
         if isinstance(d, dict) and isinstance(d.get("path"), str) and not Path(d["path"]).is_absolute():
             d["path"] = str((path.parent / d["path"]).resolve())
@@ -252,3 +244,23 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[TrainConfi
         return _build(TrainConfig, data), data
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
+
+
+def _apply_override(data: dict, keys: list[str], value) -> None:
+    """Set ``data[k0][k1]... = value``; a list is indexed by a number, a missing table is created."""
+    full = ".".join(keys)
+    target = data
+    for depth, k in enumerate(keys):
+        parent = ".".join(keys[:depth])
+        if isinstance(target, list):
+            if not k.isdigit() or int(k) >= len(target):
+                raise ConfigError(f"override {full}: {parent} has {len(target)} entries, indexed 0, 1, ...")
+            k = int(k)
+        elif not isinstance(target, dict):
+            raise ConfigError(f"override {full}: {parent} is not a table")
+        if depth == len(keys) - 1:
+            target[k] = value
+        elif isinstance(target, dict):
+            target = target.setdefault(k, {})
+        else:
+            target = target[k]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,7 +173,8 @@ class SliceData:
                     )
                     if cached is not None:
                         cached.parent.mkdir(parents=True, exist_ok=True)
-                        tmp = cached.with_suffix(".tmp.npz")
+                        # One name per process: DDP ranks prepare the same cases at the same time.
+                        tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.npz")
                         np.savez(tmp, image=image, label=label)
                         tmp.replace(cached)
                 fg = np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from m4oe.checkpoint import save_checkpoint
 from m4oe.labels import Label
 from m4oe.model import SwinUNet
@@ -16,10 +18,11 @@ from .data import DatasetInfo
 
 
 def dataset_labels(info: DatasetInfo) -> list[Label]:
-    """Labels 1..K-1 of a dataset with standard codes.
+    """Labels 1..K-1 of a dataset with standard names, colours and codes.
 
     The terminology key of each label comes from ``dataset.json``'s ``terminology`` table, else
-    from its name when that is a known key (``liver``, ``kidney_left``, ...).
+    from its name when that is a known key (``liver``, ``kidney_left``, ...). The card shows the
+    standard name ("left kidney"), as the engine's other models and Slicer's terminology do.
     """
     labels = []
     for name, value in sorted(info.labels.items(), key=lambda kv: kv[1]):
@@ -31,10 +34,7 @@ def dataset_labels(info: DatasetInfo) -> list[Label]:
                 f"{info.root / 'dataset.json'}: label {name!r} has no standard terminology; add "
                 f'"terminology": {{"{name}": KEY}} with KEY one of {sorted(STANDARD_KEYS)}'
             )
-        term = standard_label(key, value)
-        labels.append(
-            Label(value, name.replace("_", " "), term.color, term.category, term.type, term.modifier)
-        )
+        labels.append(standard_label(key, value))
     return labels
 
 
@@ -48,6 +48,9 @@ def task_labels(cfg: TrainConfig, infos: list[DatasetInfo]) -> dict[str, list[La
                 f"{info.root}: task {d.task!r} is shared with {tasks[d.task][0].root} but their labels differ"
             )
         tasks.setdefault(d.task, (info, labels))
+    unknown = [n for n in cfg.largest_component if not any(info.labels.get(n) for info in infos)]
+    if unknown:
+        raise ConfigError(f"largest_component: {unknown} are not foreground labels of any dataset")
     return {name: labels for name, (_, labels) in tasks.items()}
 
 
@@ -73,9 +76,10 @@ def build_card(
     notes: str = "",
 ) -> ModelCard:
     labels = task_labels(cfg, infos)
+    values = {d.task: info.labels for d, info in zip(cfg.datasets, infos, strict=True)}
     tasks = []
     for name in cfg.task_names:
-        clean = [lab.value for lab in labels[name] if lab.name.replace(" ", "_") in cfg.largest_component]
+        clean = [values[name][n] for n in cfg.largest_component if values[name].get(n)]
         tasks.append(TaskInfo(name, labels[name], largest_component=clean))
     return ModelCard(
         name=cfg.name,
@@ -95,6 +99,9 @@ def build_card(
     )
 
 
-def export_model(model: SwinUNet, card: ModelCard, folder: Path) -> Path:
-    """Write the engine checkpoint (safetensors + model card), replacing an earlier export."""
-    return save_checkpoint(model, card, folder, overwrite=True)
+def export_model(model: SwinUNet, card: ModelCard, folder: Path, dtype: str = "float32") -> Path:
+    """Write the engine checkpoint (safetensors + model card), replacing an earlier export.
+
+    ``dtype="float16"`` halves the file (the embedded model must stay small); inference casts back.
+    """
+    return save_checkpoint(model, card, folder, overwrite=True, dtype=getattr(torch, dtype))

@@ -49,7 +49,13 @@ def load_state(folder: Path, module: torch.nn.Module, optimizer: torch.optim.Opt
         raise ValueError(f"{folder}: training state version {meta.get('version')}, expected {STATE_VERSION}")
     module.load_state_dict(load_file(str(folder / "weights.safetensors")))
     tensors = load_file(str(folder / "optimizer.safetensors"))
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    saved = _unflatten_optimizer(tensors, meta["optimizer"])
+    # JSON has no tuples: give hyper-parameters back the type the optimiser uses (AdamW's betas).
+    for group, current in zip(saved["param_groups"], optimizer.param_groups, strict=False):
+        for key, value in group.items():
+            if isinstance(value, list) and isinstance(current.get(key), tuple):
+                group[key] = tuple(value)
+    optimizer.load_state_dict(saved)
     torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
     return meta
 

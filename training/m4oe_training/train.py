@@ -36,7 +36,7 @@ from m4oe.preprocessing import DEFAULT_PARAMS
 from .augment import augment_batch, build_augmentation
 from .config import ConfigError, TrainConfig
 from .data import DatasetInfo, SliceData, ct_intensity_params, split_cases
-from .export import build_card, export_model, task_labels
+from .export import build_card, expert_modalities, export_model, task_labels
 from .state import load_state, save_state
 
 logger = logging.getLogger("m4oe_training")
@@ -180,8 +180,11 @@ def run(
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        # basicConfig does nothing when a caller (the m4oe CLI) configured logging already.
+        logger.setLevel(logging.INFO)
     infos = [DatasetInfo.read(d.path) for d in cfg.datasets]
     labels = task_labels(cfg, infos)
+    expert_modalities(cfg, infos)  # a config error found now, not at the first validation
     train_cases = {
         info.name: split_cases(info, d.val_cases)["train"]
         for d, info in zip(cfg.datasets, infos, strict=True)
@@ -191,13 +194,16 @@ def run(
     torch.manual_seed(cfg.seed)
     if "experts" in cfg.model_overrides or "tasks" in cfg.model_overrides:
         raise ConfigError("model_overrides: experts and tasks come from the datasets, not from overrides")
-    dense = not get_config(cfg.model).is_moe
-    model = build_model(
-        cfg.model,
-        experts=() if dense else cfg.experts,
-        tasks=tuple((name, len(labels[name]) + 1) for name in cfg.task_names),
-        **cfg.model_overrides,
-    )
+    try:
+        dense = not get_config(cfg.model).is_moe
+        model = build_model(
+            cfg.model,
+            experts=() if dense else cfg.experts,
+            tasks=tuple((name, len(labels[name]) + 1) for name in cfg.task_names),
+            **cfg.model_overrides,
+        )
+    except ValueError as error:  # e.g. one expert for a mixture model, an unknown override
+        raise ConfigError(f"model {cfg.model!r} with experts {list(cfg.experts)}: {error}") from None
     if not model.cfg.is_moe and len(cfg.experts) > 1:
         logger.info("dense model: the %d expert names only label the datasets", len(cfg.experts))
     if cfg.imagenet and not resume:
@@ -344,7 +350,7 @@ def run(
                         metrics=metrics,
                         provenance=dict(provenance, training_seconds=elapsed),
                     )
-                    export_model(model, card, out / "model")
+                    export_model(model, card, out / "model", cfg.export_dtype)
             _append_csv(log_path, record)
             save_state(out / "state", module, optimizer, dict(position, config=cfg.to_dict()))
     if world > 1:

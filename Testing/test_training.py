@@ -1,0 +1,671 @@
+"""The training subpackage: config validation, resumable state, and whole runs on phantoms and real data.
+
+Runs are tiny (the 64-pixel ``m4oe-tiny`` model, phantoms of at most 48 pixels a side, a few
+iterations per epoch) but go through the real loop, the real engine export and, for DDP, two real
+``torchrun`` processes on the gloo backend.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from safetensors.torch import load_file, save
+
+from m4oe.checkpoint import load_checkpoint
+from m4oe.cli import main as m4oe_main
+from m4oe.phantom import PHANTOM_LABELS, write_dataset
+from m4oe.terminology import standard_label
+from m4oe_training.config import ConfigError, DatasetConfig, StageConfig, TrainConfig, load_config
+from m4oe_training.state import load_state, save_state
+from m4oe_training.train import StageLoss, run
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES_3 = [
+    {"kind": "mim", "epochs": 1, "lr": 1e-3},
+    {"kind": "experts", "epochs": 1, "lr": 1e-3},
+    {"kind": "joint", "epochs": 1, "lr": 5e-4, "load_balance_weight": 0.01},
+]
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def write_config(path: Path, datasets: list[dict], stages: list[dict], **top) -> Path:
+    """Write a TrainConfig TOML file: top-level keys, then ``[[datasets]]`` and ``[[stages]]`` tables."""
+    top = {"name": "run", "model": "m4oe-tiny", "threads": 1, **top}
+    lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]
+    for table, rows in (("datasets", datasets), ("stages", stages)):
+        for row in rows:
+            lines += ["", f"[[{table}]]", *(f"{k} = {toml_value(v)}" for k, v in row.items())]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def dataset(path, expert: str, val_cases: int = 1, task: str = "abdomen") -> dict:
+    return {"path": str(path), "expert": expert, "task": task, "val_cases": val_cases}
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    with open(run_dir / "train_log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    return hashlib.sha256(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})).hexdigest()
+
+
+def safetensors_parts(path: Path) -> tuple[dict, bytes]:
+    """A safetensors file's header (parsed JSON: tensor names, dtypes, shapes, offsets, metadata) and data."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + size]), raw[8 + size :]
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> dict[str, Path]:
+    """Small phantom data sets: CT with 3 cases, T1 with 2 (one held out for validation each)."""
+    root = tmp_path_factory.mktemp("phantoms")
+    return {
+        "ct": write_dataset(root / "ct", "ct", 3, seed=0, max_size=48),
+        "t1": write_dataset(root / "t1", "t1", 2, seed=0, max_size=48),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@pytest.fixture
+def config_file(tmp_path) -> Path:
+    return write_config(
+        tmp_path / "cfg.toml",
+        [dataset("/data/ct", "ct"), dataset("/data/t1", "mr", val_cases=2)],
+        [{"kind": "experts", "epochs": 2, "lr": 1}, {"kind": "joint", "epochs": 1, "lr": 5e-4}],
+        batch_size=4,
+        optimizer="adamw",
+        largest_component=["liver"],
+        target_spacing_mm=[1.5, 1.5],
+    )
+
+
+def test_config_loads_a_valid_file(config_file):
+    cfg, raw = load_config(config_file)
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.batch_size == 4 and cfg.optimizer == "adamw" and cfg.model == "m4oe-tiny"
+    assert cfg.datasets == (
+        DatasetConfig("/data/ct", "ct", "abdomen", 1),
+        DatasetConfig("/data/t1", "mr", "abdomen", 2),
+    )
+    assert cfg.stages[0] == StageConfig("experts", 2, 1.0)
+    assert isinstance(cfg.stages[0].lr, float)  # an integer in TOML is accepted where a float is expected
+    assert cfg.largest_component == ("liver",) and cfg.target_spacing_mm == (1.5, 1.5)
+    assert cfg.experts == ("ct", "mr") and cfg.task_names == ("abdomen",)
+    assert cfg.iterations_per_epoch == 250  # an absent key takes its documented default
+    assert raw["batch_size"] == 4
+
+
+@pytest.mark.parametrize(
+    ("where", "key"),
+    [("top", "batchsize"), ("datasets", "pth"), ("stages", "epoch")],
+)
+def test_config_unknown_key_is_an_error_naming_it(tmp_path, where, key):
+    datasets = [dataset("/data/ct", "ct")]
+    stages = [{"kind": "experts", "epochs": 1, "lr": 0.01}, {"kind": "joint", "epochs": 1, "lr": 0.01}]
+    top = {}
+    if where == "top":
+        top[key] = 4
+        expected = key
+    elif where == "datasets":
+        datasets[0][key] = "/data/ct"
+        expected = f"datasets[0].{key}"
+    else:
+        stages[1][key] = 3
+        expected = f"stages[1].{key}"
+    path = write_config(tmp_path / "cfg.toml", datasets, stages, **top)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: unknown key {expected};")):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("top", "stage", "named"),
+    [
+        ({"batch_size": "8"}, {}, "batch_size"),
+        ({}, {"lr": True}, r"stages\[0\].lr"),
+        ({"augment": 1}, {}, "augment"),
+        ({"largest_component": "liver"}, {}, "largest_component"),
+        ({"target_spacing_mm": [1.0, 1.0, 1.0]}, {}, "target_spacing_mm"),
+        ({"batch_size": 0}, {}, "batch_size"),
+        ({}, {"kind": "finetune"}, r"stages\[0\].kind"),
+        ({}, {"mask_ratio": 1.0}, r"stages\[0\].mask_ratio"),
+    ],
+)
+def test_config_wrong_type_or_value_is_an_error_naming_the_key(tmp_path, top, stage, named):
+    stages = [{"kind": "experts", "epochs": 1, "lr": 0.01, **stage}]
+    path = write_config(tmp_path / "cfg.toml", [dataset("/data/ct", "ct")], stages, **top)
+    with pytest.raises(ConfigError, match=named):
+        load_config(path)
+
+
+def test_config_missing_required_key(tmp_path):
+    path = tmp_path / "cfg.toml"
+    path.write_text('name = "x"\n[[stages]]\nkind = "experts"\nepochs = 1\nlr = 0.1\n')
+    with pytest.raises(ConfigError, match="missing key datasets"):
+        load_config(path)
+
+
+def test_config_overrides_are_applied_and_type_checked(config_file):
+    cfg, _ = load_config(
+        config_file, ["batch_size=2", "stages.0.epochs=3", "optimizer=sgd", "datasets.1.val_cases=1"]
+    )
+    assert cfg.batch_size == 2 and cfg.optimizer == "sgd"  # a bare string is read as a string
+    assert cfg.stages[0].epochs == 3 and cfg.stages[1].epochs == 1
+    assert cfg.datasets[1].val_cases == 1
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_config(config_file, ["batch_size=two"])
+    with pytest.raises(ConfigError, match=r"stages\[0\].epochs"):
+        load_config(config_file, ["stages.0.epochs=1.5"])
+    with pytest.raises(ConfigError, match="unknown key nosuchkey"):
+        load_config(config_file, ["nosuchkey=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(config_file, ["batch_size"])
+
+
+@pytest.mark.parametrize("override", ["stages.5.epochs=1", "batch_size.x=1", "stages.lr=0.1"])
+def test_config_override_of_a_missing_place_is_a_config_error(config_file, override):
+    """Not an IndexError or AttributeError: the CLI turns a ConfigError into a one-line message."""
+    with pytest.raises(ConfigError, match=re.escape(f"override {override.split('=')[0]}:")):
+        load_config(config_file, [override])
+
+
+def test_config_relative_dataset_paths_are_resolved_against_the_config_folder(tmp_path, monkeypatch):
+    path = write_config(
+        tmp_path / "configs" / "cfg.toml",
+        [dataset("../data/ct", "ct"), dataset("t1", "mr"), dataset(tmp_path / "abs", "mr")],
+        [{"kind": "experts", "epochs": 1, "lr": 0.01}],
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg, _ = load_config(Path("..") / "configs" / "cfg.toml")
+    assert [d.path for d in cfg.datasets] == [
+        str((tmp_path / "data" / "ct").resolve()),
+        str((tmp_path / "configs" / "t1").resolve()),
+        str(tmp_path / "abs"),
+    ]
+    assert Path(cfg.datasets[0].path).is_absolute()
+    assert path.exists()
+
+
+def test_config_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "none.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable state
+
+
+def tiny_stage_loss(seed: int) -> StageLoss:
+    from m4oe.model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("m4oe-tiny", experts=("ct", "mr"), tasks=(("abdomen", 3),))
+    return StageLoss(model, [0, 1], ["abdomen", "abdomen"], ce=0.4, dice=0.7)
+
+
+def train_steps(module: StageLoss, optimizer, steps: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # drop-path draws from the global generator
+    for _ in range(steps):
+        images = torch.randn(2, 1, 64, 64, generator=gen)
+        labels = torch.randint(0, 3, (2, 64, 64), generator=gen)
+        loss, _ = module("joint", images, labels, torch.tensor([0, 1]), load_balance=0.01)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_state_round_trip_restores_weights_and_optimizer_buffers(tmp_path, monkeypatch, kind):
+    def make(module):
+        if kind == "sgd":
+            return torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        return torch.optim.AdamW(module.parameters(), lr=1e-3, weight_decay=1e-4)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load (pickle) must not be used for training state")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    module = tiny_stage_loss(seed=0)
+    optimizer = make(module)
+    train_steps(module, optimizer, steps=2, seed=1)
+    torch.manual_seed(1234)
+    save_state(tmp_path / "state", module, optimizer, {"stage": 1, "epoch": 2, "best": {"0": 0.5}})
+    expected_rng = torch.get_rng_state()
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == [
+        "optimizer.safetensors",
+        "state.json",
+        "weights.safetensors",
+    ]
+    assert not (tmp_path / "state.tmp").exists() and not (tmp_path / "state.old").exists()
+
+    restored = tiny_stage_loss(seed=7)
+    restored_opt = make(restored)
+    assert not torch.equal(restored.model.heads["abdomen"].weight, module.model.heads["abdomen"].weight)
+    torch.manual_seed(99)
+    meta = load_state(tmp_path / "state", restored, restored_opt)
+    assert meta["stage"] == 1 and meta["epoch"] == 2 and meta["best"] == {"0": 0.5}
+    assert torch.equal(torch.get_rng_state(), expected_rng)
+
+    for (name, a), (_, b) in zip(module.state_dict().items(), restored.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    original_state = optimizer.state_dict()
+    loaded_state = restored_opt.state_dict()
+    assert original_state["param_groups"] == loaded_state["param_groups"]
+    buffers = {"sgd": ("momentum_buffer",), "adamw": ("exp_avg", "exp_avg_sq", "step")}[kind]
+    assert set(original_state["state"]) == set(loaded_state["state"]) and original_state["state"]
+    for pid, entries in original_state["state"].items():
+        for name in buffers:
+            assert torch.equal(
+                torch.as_tensor(entries[name]), torch.as_tensor(loaded_state["state"][pid][name])
+            )
+
+    # Continuing from the restored state gives exactly what continuing the original gives.
+    train_steps(module, optimizer, steps=1, seed=2)
+    train_steps(restored, restored_opt, steps=1, seed=2)
+    assert tensors_sha256(module.state_dict()) == tensors_sha256(restored.state_dict())
+
+
+def test_state_of_another_version_is_refused(tmp_path):
+    module = tiny_stage_loss(seed=0)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    save_state(tmp_path / "state", module, optimizer, {})
+    record = json.loads((tmp_path / "state" / "state.json").read_text())
+    (tmp_path / "state" / "state.json").write_text(json.dumps(dict(record, version=99)))
+    with pytest.raises(ValueError, match="version 99"):
+        load_state(tmp_path / "state", module, optimizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs on phantoms
+
+
+@pytest.mark.slow
+def test_end_to_end_run_exports_a_model_the_engine_uses(phantoms, tmp_path):
+    """``m4oe train`` through all three stages, then ``m4oe segment`` with the exported model."""
+    path = write_config(
+        tmp_path / "cfg.toml",
+        [dataset(phantoms["ct"], "ct"), dataset(phantoms["t1"], "mr")],
+        STAGES_3,
+        name="e2e",
+        batch_size=2,
+        iterations_per_epoch=3,
+        optimizer="adamw",
+        largest_component=["liver"],
+    )
+    argv = ["train", path.name, "--set", "iterations_per_epoch=2", "--set", "stages.1.epochs=1"]
+    result = subprocess.run(
+        [sys.executable, "-m", "m4oe.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "runs" / "e2e"
+    assert f"exported model: {out / 'model'}" in result.stdout
+    for kind in ("mim", "experts", "joint"):  # progress is logged, one line per epoch
+        assert f"({kind}) epoch 1/1" in result.stderr
+
+    model, card = load_checkpoint(out / "model")
+    assert [(e.name, e.modality) for e in card.experts] == [("ct", "ct"), ("mr", "mr")]
+    assert model.cfg.experts == ("ct", "mr") and model.cfg.img_size == 64
+    task = card.task("abdomen")
+    assert model.cfg.num_classes("abdomen") == len(PHANTOM_LABELS) + 1
+    assert [lab.value for lab in task.labels] == list(PHANTOM_LABELS.values())
+    for label, key in zip(task.labels, PHANTOM_LABELS, strict=True):
+        term = standard_label(key, label.value)
+        assert (label.name, label.color) == (term.name, term.color)
+        assert (label.category, label.type, label.modifier) == (term.category, term.type, term.modifier)
+    assert task.largest_component == [PHANTOM_LABELS["liver"]]
+    assert card.task("abdomen").label(3).name == "right kidney"
+
+    provenance = card.provenance
+    assert provenance["command"] == "m4oe " + " ".join(argv)
+    assert provenance["config"]["iterations_per_epoch"] == 2  # the override, not the file's 3
+    assert [s["kind"] for s in provenance["config"]["stages"]] == ["mim", "experts", "joint"]
+    assert provenance["world_size"] == 1
+    assert provenance["data"]["ct"]["train_cases"] == ["phantomct_000", "phantomct_001"]
+    assert card.preprocessing.intensity["ct"] != card.preprocessing.intensity["mr"]
+    validation = card.metrics["validation"]
+    assert set(validation) == {"0:ct", "1:t1"}
+    for entry in validation.values():
+        assert entry["cases"] == 1
+        assert set(entry["dice"]) == set(PHANTOM_LABELS)
+        assert all(0.0 <= d <= 1.0 for d in entry["dice"].values())
+        assert abs(sum(entry["gate_mean_weights"].values()) - 1.0) < 1e-3
+    assert card.metrics["selected"]["stage"] == 2
+
+    log = read_log(out)
+    assert [(r["stage"], r["kind"], r["epoch"]) for r in log] == [
+        ("0", "mim", "1"),
+        ("1", "experts", "1"),
+        ("2", "joint", "1"),
+    ]
+    assert [int(r["step"]) for r in log] == [2, 4, 6]
+    assert log[0]["mim"] and not log[0]["val_mean_dice"]
+    assert all(r["seg"] and r["val_mean_dice"] for r in log[1:]) and log[2]["balance"]
+
+    volume = phantoms["t1"] / "imagesTr" / "phantomt1_001_0000.nii.gz"
+    seg = tmp_path / "seg.nii.gz"
+    code = m4oe_main(
+        ["segment", str(volume), "-o", str(seg), "--model", str(out / "model"), "--progress", "none"]
+    )
+    assert code == 0
+    image, labels = sitk.ReadImage(str(volume)), sitk.ReadImage(str(seg))
+    assert labels.GetSize() == image.GetSize() and labels.GetSpacing() == image.GetSpacing()
+    assert labels.GetDirection() == image.GetDirection() and labels.GetOrigin() == image.GetOrigin()
+    assert set(np.unique(sitk.GetArrayFromImage(labels)).tolist()) <= {0, *PHANTOM_LABELS.values()}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model": "m4oe-tiny"}, "a mixture needs at least 2 experts"),
+        ({"model": "m4oe-tiny", "t1_expert": "ct"}, "expert 'ct' is given both ct and mr datasets"),
+        ({"model": "no-such-model"}, "unknown model 'no-such-model'"),
+        ({"largest_component": ["liver", "heart"]}, r"largest_component: \['heart'\]"),
+    ],
+)
+def test_run_refuses_a_bad_setup_before_training(phantoms, tmp_path, change, message):
+    """Errors that need the data sets are found when the run starts, not at the first validation."""
+    change = dict(change)
+    datasets = [dataset(phantoms["ct"], "ct")]
+    if "t1_expert" in change:
+        datasets.append(dataset(phantoms["t1"], change.pop("t1_expert")))
+    top = {"model": "swin-unet-tiny", "output_dir": str(tmp_path / "run"), **change}
+    path = write_config(
+        tmp_path / "cfg.toml", datasets, [{"kind": "experts", "epochs": 1, "lr": 0.01}], **top
+    )
+    cfg, _ = load_config(path)
+    with pytest.raises(ConfigError, match=message):
+        run(cfg, base_dir=tmp_path)
+    assert not (tmp_path / "run" / "train_log.csv").exists()
+
+
+@pytest.mark.slow
+def test_segmentation_loss_decreases(phantoms, tmp_path):
+    """A dense tiny Swin-UNet on one CT data set (a mixture model needs at least two experts)."""
+    path = write_config(
+        tmp_path / "cfg.toml",
+        [dataset(phantoms["ct"], "ct")],
+        [{"kind": "experts", "epochs": 4, "lr": 1e-3}],
+        model="swin-unet-tiny",
+        batch_size=4,
+        iterations_per_epoch=8,
+        optimizer="adamw",
+        augment=False,
+        val_every=100,
+        output_dir=str(tmp_path / "run"),
+    )
+    cfg, _ = load_config(path)
+    out = run(cfg, base_dir=tmp_path, command=["test"])
+    seg = [float(r["seg"]) for r in read_log(out)]
+    assert len(seg) == 4
+    assert seg[-1] < seg[0] - 0.2, seg
+
+
+@pytest.mark.slow
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(phantoms, tmp_path):
+    """Interrupt after epoch 2 (mid-stage) and after epoch 3 (a stage boundary), with augmentation on."""
+
+    def config(name: str) -> TrainConfig:
+        path = write_config(
+            tmp_path / f"{name}.toml",
+            [dataset(phantoms["ct"], "ct"), dataset(phantoms["t1"], "mr")],
+            [
+                {"kind": "mim", "epochs": 1, "lr": 1e-3},
+                {"kind": "experts", "epochs": 2, "lr": 1e-3},
+                {"kind": "joint", "epochs": 1, "lr": 5e-4, "load_balance_weight": 0.01},
+            ],
+            name=name,
+            batch_size=2,
+            iterations_per_epoch=2,
+            optimizer="adamw",
+            augment=True,
+            output_dir=str(tmp_path / name),
+        )
+        return load_config(path)[0]
+
+    a = run(config("a"), base_dir=tmp_path, command=["test"])
+    cfg_b = config("b")
+    b = run(cfg_b, base_dir=tmp_path, stop_after_epochs=2, command=["test"])
+    position = json.loads((b / "state" / "state.json").read_text())
+    assert len(read_log(b)) == 2 and (position["stage"], position["epoch"]) == (1, 1)
+    run(cfg_b, base_dir=tmp_path, resume=True, stop_after_epochs=1, command=["test"])
+    assert len(read_log(b)) == 3
+    run(cfg_b, base_dir=tmp_path, resume=True, command=["test"])
+
+    losses = ("stage", "kind", "epoch", "step", "lr", "mim", "seg", "balance", "val_mean_dice")
+    assert [[r[k] for k in losses] for r in read_log(a)] == [[r[k] for k in losses] for r in read_log(b)]
+    for name in ("state/weights.safetensors", "state/optimizer.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert load_file(str(a / "state" / "weights.safetensors")).keys()  # not an empty file
+    # The export's header carries metadata, which safetensors 0.8 writes in a random key order
+    # (safetensors issue 584); everything else in the file must be the same bytes.
+    header_a, data_a = safetensors_parts(a / "model" / "model.safetensors")
+    header_b, data_b = safetensors_parts(b / "model" / "model.safetensors")
+    assert header_a == header_b and data_a == data_b
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        run(config("c"), base_dir=tmp_path, resume=True)
+
+
+LAUNCHER = '''
+"""Run m4oe_training.train.run under torchrun; each rank records its module's weights."""
+import hashlib, sys
+from pathlib import Path
+
+import torch.distributed as dist
+from safetensors.torch import save
+
+from m4oe_training import train
+from m4oe_training.config import load_config
+
+modules, exports = [], []
+
+
+def digest(module):
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    return hashlib.sha256(save(tensors)).hexdigest()
+
+
+class Recording(train.StageLoss):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.initial = digest(self)
+        modules.append(self)
+
+
+def recording_export(*args, **kwargs):
+    exports.append(1)
+    return export_model(*args, **kwargs)
+
+
+export_model = train.export_model
+train.StageLoss = Recording
+train.export_model = recording_export
+cfg, _ = load_config(sys.argv[1])
+out = train.run(cfg, base_dir=Path(sys.argv[1]).parent, command=["launcher"])
+rank = dist.get_rank()
+(module,) = modules
+(out / f"rank{rank}.txt").write_text(
+    f"{dist.get_world_size()} {module.initial} {digest(module)} {len(exports)}"
+)
+dist.destroy_process_group()
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_keep_identical_weights(phantoms, tmp_path):
+    path = write_config(
+        tmp_path / "cfg.toml",
+        [dataset(phantoms["ct"], "ct"), dataset(phantoms["t1"], "mr")],
+        [
+            {"kind": "mim", "epochs": 1, "lr": 1e-3},
+            {"kind": "experts", "epochs": 1, "lr": 1e-2},
+            {"kind": "joint", "epochs": 1, "lr": 1e-2, "load_balance_weight": 0.01},
+        ],
+        name="ddp",
+        batch_size=2,
+        iterations_per_epoch=2,
+        optimizer="sgd",
+        augment=True,
+        device="cpu",
+    )
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(LAUNCHER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(launcher), str(path)]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    out = tmp_path / "runs" / "ddp"
+    records = [(out / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+    (world0, initial0, final0, exports0), (world1, initial1, final1, exports1) = records
+    assert world0 == world1 == "2"
+    assert initial0 == initial1
+    assert final0 == final1, "ranks diverged"
+    assert final0 != initial0, "no training happened"
+    assert final0 == tensors_sha256(load_file(str(out / "state" / "weights.safetensors")))
+    # Only rank 0 validates and exports (once per segmentation stage: each is its stage's best so far).
+    assert (int(exports0), int(exports1)) == (2, 0)
+    model, card = load_checkpoint(out / "model")
+    assert card.provenance["world_size"] == 2
+    assert tensors_sha256(model.state_dict()) == tensors_sha256(
+        {
+            k[len("model.") :]: v
+            for k, v in load_file(str(out / "state" / "weights.safetensors")).items()
+            if k.startswith("model.")
+        }
+    )
+    assert len(read_log(out)) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Real data
+
+CT_LABELS = {5: "liver", 1: "spleen", 2: "kidney_right", 3: "kidney_left", 52: "aorta"}
+CT_LABELS |= {63: "inferior_vena_cava", 7: "pancreas", 6: "stomach"}
+MR_LABELS = {5: "liver", 1: "spleen", 2: "kidney_right", 3: "kidney_left", 23: "aorta"}
+MR_LABELS |= {24: "inferior_vena_cava", 7: "pancreas", 6: "stomach"}
+ORGANS = [
+    "liver",
+    "spleen",
+    "kidney_right",
+    "kidney_left",
+    "aorta",
+    "inferior_vena_cava",
+    "stomach",
+    "pancreas",
+]
+
+
+def real_dataset(
+    folder: Path, image_path: Path, label_path: Path, table: dict[int, str], channel: str
+) -> Path:
+    """An nnU-Net dataset of two identical cases, TotalSegmentator labels remapped to ORGANS (rest 0)."""
+    image = sitk.ReadImage(str(image_path))
+    source = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
+    values = {"background": 0, **{name: i + 1 for i, name in enumerate(ORGANS)}}
+    remapped = np.zeros(source.shape, np.uint8)
+    for ts_value, name in table.items():
+        remapped[source == ts_value] = values[name]
+    labels = sitk.GetImageFromArray(remapped)
+    labels.CopyInformation(image)
+    for sub in ("imagesTr", "labelsTr"):
+        (folder / sub).mkdir(parents=True)
+    for case in ("case_000", "case_001"):
+        sitk.WriteImage(image, str(folder / "imagesTr" / f"{case}_0000.nii.gz"))
+        sitk.WriteImage(labels, str(folder / "labelsTr" / f"{case}.nii.gz"))
+    meta = {"channel_names": {"0": channel}, "labels": values, "file_ending": ".nii.gz", "numTraining": 2}
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_real_ct_and_mri_training_smoke(shared_data, tmp_path):
+    ct = real_dataset(
+        tmp_path / "realct",
+        shared_data / "example_ct_sm.nii.gz",
+        shared_data / "example_seg.nii.gz",
+        CT_LABELS,
+        "CT",
+    )
+    mr = real_dataset(
+        tmp_path / "realmr",
+        shared_data / "example_mr_sm.nii.gz",
+        shared_data / "example_seg_mr.nii.gz",
+        MR_LABELS,
+        "MRI",
+    )
+    path = write_config(
+        tmp_path / "cfg.toml",
+        [dataset(ct, "ct"), dataset(mr, "mr")],
+        [{"kind": "experts", "epochs": 3, "lr": 1e-3}],
+        name="real",
+        batch_size=4,
+        iterations_per_epoch=6,
+        optimizer="adamw",
+        augment=False,
+        val_every=100,
+        output_dir=str(tmp_path / "run"),
+    )
+    cfg, _ = load_config(path)
+    out = run(cfg, base_dir=tmp_path, command=["test"])
+    seg = [float(r["seg"]) for r in read_log(out)]
+    assert seg[-1] < seg[0], seg
+    _, card = load_checkpoint(out / "model")
+    assert [lab.name for lab in card.task("abdomen").labels][:3] == ["liver", "spleen", "right kidney"]
+    validation = card.metrics["validation"]
+    assert {v["modality"] for v in validation.values()} == {"ct", "mr"}
+    assert all(set(v["dice"]) == set(ORGANS) for v in validation.values())
