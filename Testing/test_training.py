@@ -199,6 +199,15 @@ def test_config_override_of_a_missing_place_is_a_config_error(config_file, overr
         load_config(config_file, [override])
 
 
+@pytest.mark.parametrize("override", ["batch_size=two", "stages.9.lr=1"])
+def test_train_command_reports_a_config_error_in_one_line(config_file, override, capsys):
+    code = m4oe_main(["train", str(config_file), "--set", override])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"m4oe: error: {config_file}: ") and err.count("\n") == 1
+    assert override.split("=")[0].split(".")[0] in err
+
+
 def test_config_relative_dataset_paths_are_resolved_against_the_config_folder(tmp_path, monkeypatch):
     path = write_config(
         tmp_path / "configs" / "cfg.toml",
@@ -403,6 +412,7 @@ def test_end_to_end_run_exports_a_model_the_engine_uses(phantoms, tmp_path):
         ({"model": "no-such-model"}, "unknown model 'no-such-model'"),
         ({"largest_component": ["liver", "heart"]}, r"largest_component: \['heart'\]"),
     ],
+    ids=["one-expert-mixture", "expert-with-two-modalities", "unknown-model", "unknown-organ"],
 )
 def test_run_refuses_a_bad_setup_before_training(phantoms, tmp_path, change, message):
     """Errors that need the data sets are found when the run starts, not at the first validation."""
@@ -663,7 +673,7 @@ def test_real_ct_and_mri_training_smoke(shared_data, tmp_path):
     cfg, _ = load_config(path)
     out = run(cfg, base_dir=tmp_path, command=["test"])
     seg = [float(r["seg"]) for r in read_log(out)]
-    assert seg[-1] < seg[0], seg
+    assert seg[-1] < seg[0] - 0.1, seg
     _, card = load_checkpoint(out / "model")
     assert [lab.name for lab in card.task("abdomen").labels][:3] == ["liver", "spleen", "right kidney"]
     validation = card.metrics["validation"]

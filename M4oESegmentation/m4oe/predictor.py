@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from .model import SwinUNet
 from .model_card import ModelCard
 from .prepare import SlicePlan
 from .preprocessing import IntensityParams
+from .progress import CancelCheck, ProgressCallback, ProgressEvent
 
 logger = logging.getLogger(__name__)
 
@@ -39,35 +39,6 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PROBABILITY_DTYPES = ("uint8", "float16")
 MIN_UPSAMPLING = 8  # refuse slices that must be enlarged more than this to fill the model input
-
-
-@dataclass(frozen=True)
-class ProgressEvent:
-    """Where a job stands: ``stage`` name, ``done`` of ``total`` units, seconds elapsed and left."""
-
-    stage: str
-    done: int
-    total: int
-    elapsed_s: float
-    eta_s: float | None = None
-
-    @property
-    def fraction(self) -> float:
-        return self.done / self.total if self.total else 1.0
-
-    def to_dict(self) -> dict:
-        return {
-            "stage": self.stage,
-            "done": self.done,
-            "total": self.total,
-            "fraction": round(self.fraction, 4),
-            "elapsed_s": round(self.elapsed_s, 3),
-            "eta_s": None if self.eta_s is None else round(self.eta_s, 3),
-        }
-
-
-ProgressCallback = Callable[[ProgressEvent], None]
-CancelCheck = Callable[[], bool]
 
 
 @dataclass

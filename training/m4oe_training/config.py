@@ -236,7 +236,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[TrainConfi
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     for text in overrides:
-        _apply_override(data, *parse_override(text))
+        try:
+            _apply_override(data, *parse_override(text))
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
     for d in data.get("datasets", []):
         if isinstance(d, dict) and isinstance(d.get("path"), str) and not Path(d["path"]).is_absolute():
             d["path"] = str((path.parent / d["path"]).resolve())

@@ -51,6 +51,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from m4oe.errors import CancelledError, InputError, M4oEError, OutputError
+from m4oe.progress import CancelCheck, ProgressCallback, ProgressEvent
 from m4oe.terminology import TERMS
 
 FILE_ENDING = ".nii.gz"
@@ -165,37 +166,6 @@ class ConversionResult:
     modality: str
     cases: tuple[str, ...]
     unlabelled_skipped: int
-
-
-@dataclass(frozen=True)
-class ConversionProgress:
-    """Where a conversion or check stands (same fields as :class:`m4oe.predictor.ProgressEvent`)."""
-
-    stage: str
-    done: int
-    total: int
-    elapsed_s: float
-    eta_s: float | None = None
-    case: str = ""
-
-    @property
-    def fraction(self) -> float:
-        return self.done / self.total if self.total else 1.0
-
-    def to_dict(self) -> dict:
-        return {
-            "stage": self.stage,
-            "done": self.done,
-            "total": self.total,
-            "case": self.case,
-            "fraction": round(self.fraction, 4),
-            "elapsed_s": round(self.elapsed_s, 3),
-            "eta_s": None if self.eta_s is None else round(self.eta_s, 3),
-        }
-
-
-ProgressCallback = Callable[[ConversionProgress], None]
-CancelCheck = Callable[[], bool]
 
 
 @dataclass(frozen=True)
@@ -599,7 +569,7 @@ def _check_cancel(cancel: CancelCheck | None, where: Path) -> None:
 
 
 class _Tracker:
-    """Turns steps into :class:`ConversionProgress` events with a linear time-left estimate."""
+    """Turns steps into :class:`ProgressEvent` events with a linear time-left estimate."""
 
     def __init__(self, stage: str, total: int, callback: ProgressCallback | None):
         self.stage, self.total, self.callback = stage, total, callback
@@ -611,7 +581,7 @@ class _Tracker:
             return
         elapsed = time.perf_counter() - self.start
         eta = elapsed / self.done * (self.total - self.done)
-        self.callback(ConversionProgress(self.stage, self.done, self.total, elapsed, eta, case))
+        self.callback(ProgressEvent(self.stage, self.done, self.total, elapsed, eta, case))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -850,8 +820,8 @@ def verify_dataset(
 # Command line
 
 
-def _print_progress(event: ConversionProgress) -> None:
-    sys.stderr.write(f"\r{event.stage} {event.done}/{event.total} {event.case:<24}")
+def _print_progress(event: ProgressEvent) -> None:
+    sys.stderr.write(f"\r{event.stage} {event.done}/{event.total} {event.item:<24}")
     if event.done == event.total:
         sys.stderr.write("\n")
     sys.stderr.flush()

@@ -179,9 +179,7 @@ def run(
     main_process = rank == 0
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-        # basicConfig does nothing when a caller (the m4oe CLI) configured logging already.
-        logger.setLevel(logging.INFO)
+        logger.setLevel(logging.INFO)  # the m4oe CLI configures the root logger for warnings only
     infos = [DatasetInfo.read(d.path) for d in cfg.datasets]
     labels = task_labels(cfg, infos)
     expert_modalities(cfg, infos)  # a config error found now, not at the first validation
