@@ -72,7 +72,11 @@ def save_checkpoint(
         folder.mkdir(parents=True, exist_ok=True)
         tmp_weights = _temporary(folder, WEIGHTS_NAME, temporaries)
         safetensors.torch.save_file(
-            tensors, str(tmp_weights), metadata={"format": "m4oe", "format_version": str(FORMAT_VERSION)}
+            # One metadata key only: safetensors writes several in random order, which would make
+            # identical weights hash differently from one save to the next.
+            tensors,
+            str(tmp_weights),
+            metadata={"format_version": str(FORMAT_VERSION)},
         )
         card = dataclasses.replace(card, weights_sha256=sha256_file(tmp_weights))
         tmp_card = _temporary(folder, CARD_NAME, temporaries)
