@@ -1,0 +1,529 @@
+"""Packaging checks of the Slicer extension, without Slicer (tier 3 of DESIGN.md "Testing tiers").
+
+A Slicer extension fails in ways no unit test of the engine sees: a file left out of
+CMakeLists.txt is silently missing from the installed extension; a widget name the code looks up
+but the .ui lacks, or a parameter bound to a widget the parameter node wrapper cannot drive, breaks
+the panel only when a user opens it; a catalog entry that breaks the Extensions Index schema is
+rejected; a heavy import at module load breaks Slicer's startup before the user can install
+anything. These tests read the files as text (CMake, XML, JSON, PNG headers, Python syntax trees).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import struct
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = ROOT / "M4oESegmentation"
+MODULE_FILE = MODULE / "M4oESegmentation.py"
+UI_FILE = MODULE / "Resources" / "UI" / "M4oESegmentation.ui"
+SELF_TEST = MODULE / "Testing" / "Python" / "M4oESegmentationSelfTest.py"
+LIB = MODULE / "M4oESegmentationLib"
+ENGINE = MODULE / "m4oe"
+CATALOG = ROOT / "M4oESegmentation.json"
+ICON_SIZE = (128, 128)
+
+# Extensions Index catalog entry schema v1.0.1 (Slicer/Slicer Schemas/): its required keys, and the
+# type of every property it allows ("additionalProperties": false).
+CATALOG_REQUIRED = {"$schema", "category", "scm_url"}
+CATALOG_PROPERTIES = {
+    "$schema": str,
+    "category": str,
+    "scm_url": str,
+    "scm_revision": str,
+    "scm_type": str,
+    "build_dependencies": list,
+    "build_subdirectory": str,
+    "enabled": bool,
+    "tier": int,
+}
+EXTENSION_FIELDS = (
+    "HOMEPAGE",
+    "CATEGORY",
+    "CONTRIBUTORS",
+    "DESCRIPTION",
+    "ICONURL",
+    "SCREENSHOTURLS",
+    "DEPENDS",
+)
+
+# Files under M4oESegmentation/ that are not installed with the module: build files, and the
+# self-tests CTest runs from the source tree.
+NOT_SHIPPED_NAMES = {"CMakeLists.txt"}
+NOT_SHIPPED_DIRS = {"Testing", "__pycache__"}
+
+HEAVY = {"torch", "timm", "monai", "torchvision"}
+# What a fresh Slicer can import before any pip install: the module file may import only these
+# (and the standard library) at load time, or Slicer's startup fails to load it.
+SLICER_BUNDLED = {"qt", "ctk", "vtk", "slicer", "SampleData"}
+ENGINE_FORBIDDEN = {"slicer", "qt", "ctk", "m4oe_training"}
+
+# pyproject.toml dependencies the Slicer module does not pip-install, and why.
+NOT_INSTALLED_IN_SLICER = {
+    "torch": "installed by the PyTorch extension (PyTorchUtils), which picks the build for the GPU",
+    "numpy": "bundled with Slicer",
+    "scipy": "bundled with Slicer",
+    "SimpleITK": "bundled with Slicer, with Slicer's own image IO; pip must not replace it",
+    "monai": "used by `m4oe evaluate` and training, not by `m4oe segment`",
+    "matplotlib": "used by `m4oe segment --report` only, which the module does not request",
+}
+
+
+# ---------------------------------------------------------------------------------------- CMake
+
+
+def cmake_commands(path: Path) -> list[tuple[str, list[str]]]:
+    """(command name lower-case, arguments) of every command in a CMake file, comments removed.
+
+    Arguments are split on whitespace; quoted arguments keep their spaces (quotes removed).
+    """
+    text = "\n".join(_strip_cmake_comment(line) for line in path.read_text(encoding="utf-8").splitlines())
+    commands = []
+    for match in re.finditer(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(((?:[^()\"]|\"[^\"]*\")*)\)", text):
+        args = [a if a is not None and a != "" else b for a, b in re.findall(r"\"([^\"]*)\"|(\S+)", match[2])]
+        commands.append((match[1].lower(), args))
+    return commands
+
+
+def _strip_cmake_comment(line: str) -> str:
+    in_quotes = False
+    for i, char in enumerate(line):
+        if char == '"':
+            in_quotes = not in_quotes
+        elif char == "#" and not in_quotes:
+            return line[:i]
+    return line
+
+
+def cmake_variables(path: Path) -> dict[str, list[str]]:
+    """Every ``set(NAME values...)`` of a file, with ``${VAR}`` expanded from earlier sets."""
+    variables: dict[str, list[str]] = {}
+
+    def expand(value: str) -> list[str]:
+        if re.fullmatch(r"\$\{(\w+)\}", value) and value[2:-1] in variables:
+            return list(variables[value[2:-1]])  # a list variable used as a whole
+        return [re.sub(r"\$\{(\w+)\}", lambda m: " ".join(variables.get(m[1], [m[0]])), value)]
+
+    for name, args in cmake_commands(path):
+        if name == "set" and args:
+            variables[args[0]] = [v for arg in args[1:] for v in expand(arg)]
+    return variables
+
+
+@pytest.fixture(scope="module")
+def module_lists() -> dict[str, list[str]]:
+    variables = cmake_variables(MODULE / "CMakeLists.txt")
+    for key in ("MODULE_PYTHON_SCRIPTS", "MODULE_PYTHON_RESOURCES"):
+        assert variables.get(key), f"M4oESegmentation/CMakeLists.txt sets no {key}"
+    return variables
+
+
+def shipped_files() -> list[str]:
+    files = []
+    for path in sorted(MODULE.rglob("*")):
+        relative = path.relative_to(MODULE)
+        if not path.is_file() or path.name in NOT_SHIPPED_NAMES or path.suffix == ".pyc":
+            continue
+        if NOT_SHIPPED_DIRS & set(relative.parts) or any(part.startswith(".") for part in relative.parts):
+            continue
+        files.append(relative.as_posix())
+    return files
+
+
+def test_every_module_file_is_listed_in_cmake(module_lists):
+    scripts = set(module_lists["MODULE_PYTHON_SCRIPTS"])
+    resources = set(module_lists["MODULE_PYTHON_RESOURCES"])
+    files = shipped_files()
+    unlisted_py = [f for f in files if f.endswith(".py") and f not in scripts]
+    unlisted = [f for f in files if not f.endswith(".py") and f not in resources]
+    assert not unlisted_py, f"add to MODULE_PYTHON_SCRIPTS in M4oESegmentation/CMakeLists.txt: {unlisted_py}"
+    assert not unlisted, f"add to MODULE_PYTHON_RESOURCES in M4oESegmentation/CMakeLists.txt: {unlisted}"
+
+
+def test_every_file_listed_in_cmake_exists(module_lists):
+    listed = module_lists["MODULE_PYTHON_SCRIPTS"] + module_lists["MODULE_PYTHON_RESOURCES"]
+    missing = [f for f in listed if not (MODULE / f).is_file()]
+    assert not missing, f"listed in M4oESegmentation/CMakeLists.txt but not in the repository: {missing}"
+    duplicates = sorted({f for f in listed if listed.count(f) > 1})
+    assert not duplicates, f"listed twice in M4oESegmentation/CMakeLists.txt: {duplicates}"
+    misplaced = [f for f in module_lists["MODULE_PYTHON_RESOURCES"] if f.endswith(".py")]
+    assert not misplaced, f"Python files belong in MODULE_PYTHON_SCRIPTS (byte-compiled): {misplaced}"
+
+
+def test_module_cmake_builds_the_scripted_module_with_its_tests():
+    commands = cmake_commands(MODULE / "CMakeLists.txt")
+    builds = [args for name, args in commands if name == "slicermacrobuildscriptedmodule"]
+    assert len(builds) == 1, "one slicerMacroBuildScriptedModule(...) call"
+    args = builds[0]
+    for keyword, value in (
+        ("NAME", "${MODULE_NAME}"),
+        ("SCRIPTS", "${MODULE_PYTHON_SCRIPTS}"),
+        ("RESOURCES", "${MODULE_PYTHON_RESOURCES}"),
+    ):
+        assert keyword in args and args[args.index(keyword) + 1] == value, f"{keyword} {value}"
+    assert "WITH_GENERIC_TESTS" in args
+    assert cmake_variables(MODULE / "CMakeLists.txt")["MODULE_NAME"] == ["M4oESegmentation"]
+    assert ("add_subdirectory", ["Testing"]) in commands
+    assert ("slicer_add_python_unittest", ["SCRIPT", "${MODULE_NAME}.py"]) in commands
+    assert ("add_subdirectory", ["Python"]) in cmake_commands(MODULE / "Testing" / "CMakeLists.txt")
+
+
+def test_self_tests_registered_with_ctest_exist():
+    testing = MODULE / "Testing" / "Python"
+    scripts = [
+        args[args.index("SCRIPT") + 1].replace("${MODULE_NAME}", "M4oESegmentation")
+        for name, args in cmake_commands(testing / "CMakeLists.txt")
+        if name == "slicer_add_python_unittest"
+    ]
+    assert scripts, "Testing/Python/CMakeLists.txt registers no self-test"
+    missing = [s for s in scripts if not (testing / s).is_file()]
+    assert not missing, f"self-tests registered but missing: {missing}"
+    for script in scripts:
+        ast.parse((testing / script).read_text(encoding="utf-8"), filename=script)
+
+
+@pytest.fixture(scope="module")
+def extension() -> dict[str, list[str]]:
+    return cmake_variables(ROOT / "CMakeLists.txt")
+
+
+def test_top_level_cmake_declares_the_extension(extension):
+    commands = cmake_commands(ROOT / "CMakeLists.txt")
+    assert ("project", ["M4oESegmentation"]) in commands
+    empty = [
+        f"EXTENSION_{f}"
+        for f in EXTENSION_FIELDS
+        if not " ".join(extension.get(f"EXTENSION_{f}", [])).strip()
+    ]
+    assert not empty, f"empty or missing in CMakeLists.txt: {empty}"
+    assert extension["EXTENSION_DEPENDS"] == ["PyTorch"]
+    assert extension["EXTENSION_CATEGORY"] == ["Segmentation"]
+    for expected in (
+        ("find_package", ["Slicer", "REQUIRED"]),
+        ("include", ["${Slicer_USE_FILE}"]),
+        ("add_subdirectory", ["M4oESegmentation"]),
+        ("include", ["${Slicer_EXTENSION_GENERATE_CONFIG}"]),
+        ("include", ["${Slicer_EXTENSION_CPACK}"]),
+    ):
+        assert expected in commands, f"CMakeLists.txt lacks {expected[0]}({' '.join(expected[1])})"
+    assert any(name == "cmake_minimum_required" for name, _ in commands)
+
+
+def _repository_file(url: str, homepage: str) -> Path:
+    """The local file a raw.githubusercontent.com URL of this repository's main branch names."""
+    repo = homepage.removeprefix("https://github.com/")
+    prefix = f"https://raw.githubusercontent.com/{repo}/main/"
+    assert url.startswith(prefix), f"{url} is not a file of {homepage} (main branch)"
+    return ROOT / url.removeprefix(prefix)
+
+
+def test_extension_icon_url_is_a_file_of_this_repository(extension):
+    (homepage,) = extension["EXTENSION_HOMEPAGE"]
+    (icon_url,) = extension["EXTENSION_ICONURL"]
+    icon = _repository_file(icon_url, homepage)
+    assert icon.is_file(), f"EXTENSION_ICONURL names {icon.relative_to(ROOT)}, which does not exist"
+
+
+def test_extension_screenshots_are_files_of_this_repository(extension):
+    (homepage,) = extension["EXTENSION_HOMEPAGE"]
+    missing = []
+    for url in " ".join(extension["EXTENSION_SCREENSHOTURLS"]).split():
+        path = _repository_file(url, homepage)
+        if not path.is_file():
+            missing.append(path.relative_to(ROOT).as_posix())
+    if missing:
+        pytest.skip(f"screenshots to capture in a running Slicer and commit: {missing}")
+
+
+# ---------------------------------------------------------------------------------------- catalog
+
+
+def test_catalog_entry_follows_the_extensions_index_schema(extension):
+    entry = json.loads(CATALOG.read_text(encoding="utf-8"))
+    assert isinstance(entry, dict)
+    assert CATALOG_REQUIRED <= set(entry), f"missing keys: {sorted(CATALOG_REQUIRED - set(entry))}"
+    unknown = set(entry) - set(CATALOG_PROPERTIES)
+    assert not unknown, f"the schema allows no other keys: {sorted(unknown)}"
+    wrong = [k for k, v in entry.items() if type(v) is not CATALOG_PROPERTIES[k]]
+    assert not wrong, f"wrong JSON type for {wrong}"
+    assert re.fullmatch(
+        r"https://raw\.githubusercontent\.com/Slicer/Slicer/main/Schemas/"
+        r"slicer-extension-catalog-entry-schema-v1\.0\.1\.json#?",
+        entry["$schema"],
+    )
+    assert entry.get("tier", 5) in (1, 3, 5)
+    assert entry.get("scm_type", "git") in ("git", "local")
+    assert all(isinstance(d, str) for d in entry.get("build_dependencies", []))
+    # The entry and the extension's CMakeLists.txt must describe the same extension.
+    assert entry["category"] == "Segmentation" == " ".join(extension["EXTENSION_CATEGORY"])
+    assert entry["build_dependencies"] == ["PyTorch"] == extension["EXTENSION_DEPENDS"]
+    assert entry["scm_url"].removesuffix(".git") == " ".join(extension["EXTENSION_HOMEPAGE"])
+    assert entry.get("build_subdirectory", ".") == "."
+
+
+# ---------------------------------------------------------------------------------------- icons
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_icons_are_128px_pngs_and_the_same_picture():
+    extension_icon = ROOT / "Resources" / "Icons" / "M4oESegmentation.png"
+    module_icon = MODULE / "Resources" / "Icons" / "M4oESegmentation.png"
+    for icon in (extension_icon, module_icon):
+        assert png_size(icon) == ICON_SIZE, f"{icon.relative_to(ROOT)} must be 128x128"
+    assert extension_icon.read_bytes() == module_icon.read_bytes(), "extension and module icons differ"
+
+
+# ---------------------------------------------------------------------------------------- .ui
+
+
+@pytest.fixture(scope="module")
+def ui() -> ET.Element:
+    return ET.parse(UI_FILE).getroot()
+
+
+def ui_widgets(ui: ET.Element) -> dict[str, str]:
+    return {w.get("name"): w.get("class") for w in ui.iter("widget")}
+
+
+def test_ui_top_widget_is_a_qmrmlwidget(ui):
+    top = ui.find("widget")
+    assert top is not None and top.get("class") == "qMRMLWidget"
+    assert ui.findtext("class") == top.get("name") == "M4oESegmentation"
+
+
+def test_ui_defines_every_widget_the_code_uses(ui):
+    names = set(ui_widgets(ui))
+    for path in (MODULE_FILE, SELF_TEST):
+        used = set(re.findall(r"\bui\.([A-Za-z_]\w*)", path.read_text(encoding="utf-8")))
+        missing = sorted(used - names)
+        assert not missing, f"{path.name} uses widgets the .ui does not define: {missing}"
+
+
+def test_ui_custom_widgets_are_declared_and_get_the_scene(ui):
+    widgets = ui_widgets(ui)
+    declared = {c.findtext("class") for c in ui.iter("customwidget")}
+    custom = {cls for cls in widgets.values() if cls.startswith(("ctk", "qMRML"))}
+    assert custom <= declared, f"declare in <customwidgets>: {sorted(custom - declared)}"
+    # MRML widgets show nothing until they get the scene: the top widget passes it on.
+    connected = {
+        c.findtext("receiver")
+        for c in ui.iter("connection")
+        if c.findtext("sender") == "M4oESegmentation"
+        and c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+        and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"
+    }
+    needs_scene = {"qMRMLNodeComboBox", "qMRMLTableView", "qMRMLPlotWidget"}
+    unconnected = sorted(
+        name for name, cls in widgets.items() if cls in needs_scene and name not in connected
+    )
+    assert not unconnected, f"connect mrmlSceneChanged -> setMRMLScene for {unconnected}"
+
+
+def parameter_fields() -> dict[str, ast.expr]:
+    """Field name -> annotation of the @parameterNodeWrapper class of the module file."""
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and any(
+            isinstance(d, ast.Name) and d.id == "parameterNodeWrapper" for d in node.decorator_list
+        ):
+            return {
+                s.target.id: s.annotation
+                for s in node.body
+                if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
+            }
+    raise AssertionError("no @parameterNodeWrapper class in M4oESegmentation.py")
+
+
+def test_ui_parameter_bindings_are_parameters_the_wrapper_can_drive(ui):
+    fields = parameter_fields()
+    for widget in ui.iter("widget"):
+        prop = next((p for p in widget.findall("property") if p.get("name") == "SlicerParameterName"), None)
+        if prop is None:
+            continue
+        name, cls = prop.findtext("string"), widget.get("class")
+        assert name in fields, f"{widget.get('name')} is bound to {name!r}, not a parameter"
+        annotation = ast.unparse(fields[name])
+        if cls == "QComboBox":  # the wrapper fills the combo box from the Choice annotation
+            assert re.match(r"Annotated\[str, Choice\(", annotation), f"{name}: {annotation}"
+        elif cls == "QCheckBox":
+            assert annotation == "bool", f"{name}: {annotation}"
+        elif cls == "qMRMLNodeComboBox":
+            assert annotation.startswith("vtkMRML"), f"{name}: {annotation}"
+        else:
+            pytest.fail(f"{widget.get('name')}: no binding checked for widget class {cls}")
+
+
+# ---------------------------------------------------------------------------------------- imports
+
+
+def top_level_imports(tree: ast.Module) -> set[str]:
+    """Modules imported when the file is imported: module body, if/try blocks, not functions."""
+    found: set[str] = set()
+
+    def visit(statements):
+        for node in statements:
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module)
+            elif isinstance(node, (ast.If, ast.Try, ast.With)):
+                for block in ("body", "orelse", "finalbody"):
+                    visit(getattr(node, block, []))
+                for handler in getattr(node, "handlers", []):
+                    visit(handler.body)
+
+    visit(tree.body)
+    return found
+
+
+def all_imports(tree: ast.Module) -> set[str]:
+    """Every module imported anywhere in the file, function bodies included."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+    return found
+
+
+def engine_module_path(name: str) -> Path | None:
+    """The file of an ``m4oe`` module name (package -> its __init__.py), or None."""
+    relative = MODULE.joinpath(*name.split("."))
+    for candidate in (relative.with_suffix(".py"), relative / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def engine_load_closure(name: str) -> set[str]:
+    """Every module that importing engine module ``name`` loads, following m4oe modules.
+
+    Importing ``a.b.c`` runs ``a/__init__``, ``a/b/__init__`` and ``a/b/c``; a module's
+    top-level imports (relative ones resolved) are followed recursively.
+    """
+    seen: set[str] = set()
+    external: set[str] = set()
+    pending = [name]
+    while pending:
+        current = pending.pop()
+        parts = current.split(".")
+        for depth in range(1, len(parts) + 1):
+            module = ".".join(parts[:depth])
+            if module in seen:
+                continue
+            seen.add(module)
+            path = engine_module_path(module)
+            if path is None:
+                continue
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+            for node in tree.body:
+                if isinstance(node, ast.ImportFrom) and node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                    pending.append(target)
+                    if not node.module:
+                        pending.extend(f"{target}.{alias.name}" for alias in node.names)
+            for imported in top_level_imports(tree):
+                if imported.split(".")[0] == "m4oe":
+                    pending.append(imported)
+                else:
+                    external.add(imported)
+    return seen | external
+
+
+def test_module_file_loads_in_a_fresh_slicer():
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"), filename=MODULE_FILE.name)
+    roots = {name.split(".")[0] for name in top_level_imports(tree)}
+    heavy = sorted(roots & HEAVY)
+    assert not heavy, f"M4oESegmentation.py imports {heavy} at load time; import them where they are used"
+    foreign = sorted(roots - SLICER_BUNDLED - set(sys.stdlib_module_names))
+    assert not foreign, (
+        f"M4oESegmentation.py imports {foreign} at load time: Slicer loads the module before any pip "
+        "install, so import them inside the functions that use them"
+    )
+
+
+def test_slicer_side_code_never_loads_pytorch():
+    """The Slicer process never imports PyTorch: inference runs in the engine's own process."""
+    files = [MODULE_FILE, *sorted(LIB.glob("*.py"))]
+    problems = []
+    for path in files:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=path.name)
+        imports = all_imports(tree)
+        if path.parent == LIB:  # relative imports of the Lib are Lib modules: checked as files
+            imports |= {
+                f"M4oESegmentationLib.{n.module}"
+                for n in ast.walk(tree)
+                if isinstance(n, ast.ImportFrom) and n.level
+            }
+        for name in sorted(imports):
+            loaded = engine_load_closure(name) if name.split(".")[0] == "m4oe" else {name}
+            heavy = sorted({m for m in loaded if m.split(".")[0] in HEAVY})
+            if heavy:
+                problems.append(f"{path.relative_to(ROOT)}: import {name} loads {heavy}")
+    assert not problems, "\n".join(problems)
+
+
+def test_engine_never_imports_slicer_or_training():
+    problems = []
+    for path in sorted(ENGINE.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        bad = sorted({name for name in all_imports(tree) if name.split(".")[0] in ENGINE_FORBIDDEN})
+        if bad:
+            problems.append(f"{path.relative_to(ROOT)} imports {bad}")
+    assert not problems, "\n".join(problems)
+
+
+# ---------------------------------------------------------------------------------------- requirements
+
+
+def _requirement(text: str) -> tuple[str, str]:
+    """(normalised name, normalised specifier) of a requirement string such as "timm>=1.0,<2"."""
+    match = re.fullmatch(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*?)\s*", text)
+    assert match, f"not a requirement: {text!r}"
+    name = re.sub(r"[-_.]+", "-", match[1]).lower()
+    return name, ",".join(sorted(part.replace(" ", "") for part in match[2].split(",") if part.strip()))
+
+
+def module_constant(name: str):
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == name for t in node.targets
+        ):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"M4oESegmentation.py defines no {name}")
+
+
+def test_slicer_requirements_follow_pyproject():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    runtime = dict(_requirement(r) for r in project["dependencies"])
+    everything = dict(runtime)
+    for extra in project.get("optional-dependencies", {}).values():
+        everything.update(_requirement(r) for r in extra)
+    installed = dict(_requirement(r) for r in module_constant("PYTHON_REQUIREMENTS"))
+    differ = {n: (s, everything.get(n)) for n, s in installed.items() if everything.get(n) != s}
+    assert not differ, f"PYTHON_REQUIREMENTS differ from pyproject.toml (module, pyproject): {differ}"
+    assert runtime["torch"] == _requirement("torch" + module_constant("TORCH_REQUIREMENT"))[1]
+    exempt = {_requirement(n)[0] for n in NOT_INSTALLED_IN_SLICER}
+    forgotten = sorted(set(runtime) - set(installed) - exempt)
+    assert not forgotten, (
+        f"pyproject.toml dependencies the Slicer module neither installs nor explains: {forgotten}"
+    )
+    skipped = {_requirement(n)[0] for n in module_constant("PIP_SKIP_PACKAGES")}
+    assert {"torch", "simpleitk"} <= skipped, "pip must never replace Slicer's SimpleITK or the PyTorch build"
