@@ -85,7 +85,9 @@ def overallFraction(record: dict) -> float | None:
 
 
 def humanDuration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
+    if seconds < 1:
+        return _("less than 1 s")
+    seconds = round(seconds)
     if seconds < 60:
         return _("{s} s").format(s=seconds)
     return _("{m} min {s:02d} s").format(m=seconds // 60, s=seconds % 60)
@@ -422,7 +424,8 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ]
         model = self._parameterNode.model
         if model and model not in [data for data, _text in items]:
-            items.append((model, pathlib.Path(model).parent.name or model))
+            path = pathlib.Path(model)  # a model folder, or its card
+            items.append((model, (path.parent.name if path.suffix == ".json" else path.name) or model))
         self._fillComboBox(self.ui.modelComboBox, items)
         self._shownModel = None
         self.updateGUIFromParameterNode()
@@ -883,9 +886,10 @@ class M4oESegmentationLogic(ScriptedLoadableModuleLogic):
             base = f"{inputVolume.GetName()} M4oE" + (f" {forceExpert} expert only" if forceExpert else "")
             name = slicer.mrmlScene.GenerateUniqueName(base)
         modality, modalitySource = modality.lower(), None
-        if modality == "auto" and self.dicomModality(inputVolume):
+        dicomModality = self.dicomModality(inputVolume) if modality == "auto" else None
+        if dicomModality:
             # The volume file written for the engine has no DICOM tags; pass on what the study says.
-            modality, modalitySource = self.dicomModality(inputVolume), "DICOM Modality tag"
+            modality, modalitySource = dicomModality, "DICOM Modality tag"
 
         import SimpleITK as sitk
 
@@ -929,7 +933,7 @@ class M4oESegmentationLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def dicomModality(volume) -> str | None:
-        """ "ct" or "mr" from the DICOM Modality of the series a volume was loaded from, else None."""
+        """The modality ("ct" or "mr") of the DICOM series a volume was loaded from, else None."""
         shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
         item = shNode.GetItemByDataNode(volume) if shNode else 0
         if not item:
@@ -1076,6 +1080,11 @@ class M4oESegmentationLogic(ScriptedLoadableModuleLogic):
         for role in GATE_ROLES:
             node = segmentation.GetNodeReference("M4oEGate" + role)
             if node is not None and node.GetScene() is not None:
+                # Removing a volume leaves its display node in the scene: remove that too.
+                if node.IsA("vtkMRMLDisplayableNode"):
+                    displays = [node.GetNthDisplayNode(n) for n in range(node.GetNumberOfDisplayNodes())]
+                    for display in filter(None, displays):
+                        slicer.mrmlScene.RemoveNode(display)
                 slicer.mrmlScene.RemoveNode(node)
             segmentation.RemoveNodeReferenceIDs("M4oEGate" + role)
         segmentation.RemoveAttribute(ATTRIBUTE + "GateSummary")

@@ -355,12 +355,15 @@ def test_ui_parameter_bindings_are_parameters_the_wrapper_can_drive(ui):
         name, cls = prop.findtext("string"), widget.get("class")
         assert name in fields, f"{widget.get('name')} is bound to {name!r}, not a parameter"
         annotation = ast.unparse(fields[name])
+        where = f"{widget.get('name')} ({cls}) is bound to {name}: {annotation}"
         if cls == "QComboBox":  # the wrapper fills the combo box from the Choice annotation
-            assert re.match(r"Annotated\[str, Choice\(", annotation), f"{name}: {annotation}"
+            assert re.match(r"Annotated\[str, Choice\(", annotation), (
+                f"{where}; expected Annotated[str, Choice]"
+            )
         elif cls == "QCheckBox":
-            assert annotation == "bool", f"{name}: {annotation}"
+            assert annotation == "bool", f"{where}; expected bool"
         elif cls == "qMRMLNodeComboBox":
-            assert annotation.startswith("vtkMRML"), f"{name}: {annotation}"
+            assert annotation.startswith("vtkMRML"), f"{where}; expected a MRML node class"
         else:
             pytest.fail(f"{widget.get('name')}: no binding checked for widget class {cls}")
 

@@ -57,9 +57,9 @@ class StageLoss(nn.Module):
         self.reconstruct = nn.Conv2d(model.cfg.embed_dim, model.cfg.in_chans, 1)
         self.register_buffer("dataset_expert", torch.tensor(dataset_expert), persistent=False)
         self.dataset_task = dataset_task
-        self.seg_loss = DiceCELoss(
-            to_onehot_y=True, softmax=True, lambda_ce=ce, lambda_dice=dice, batch=False
-        )
+        # Dice over the whole batch (per task): an organ absent from one slice does not give that
+        # slice a Dice loss of 1 for any stray probability, which stalls training from scratch.
+        self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=ce, lambda_dice=dice, batch=True)
 
     def forward(self, kind: str, images, labels, datasets, mask=None, load_balance: float = 0.0):
         """Loss of a batch.
