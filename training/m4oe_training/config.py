@@ -85,6 +85,7 @@ class TrainConfig:
     largest_component: tuple[str, ...] = ()
     export_dtype: str = "float32"
     description: str = ""
+    notes: str = ""
 
     def __post_init__(self):
         if not self.datasets:

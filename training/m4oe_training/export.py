@@ -95,7 +95,7 @@ def build_card(
         ),
         provenance=provenance,
         metrics=metrics,
-        notes=notes,
+        notes=notes or cfg.notes,
     )
 
 
