@@ -47,12 +47,17 @@ class StageConfig:
     kind: "mim" (masked-image-modelling pretraining of each expert on its modality), "experts"
     (segmentation with every sample forced to its dataset's expert) or "joint" (gate on, all
     parameters fine-tuned together).
+    ``routing_weight`` (joint stage): weight of a cross-entropy between the gate's per-token expert
+    probabilities and each sample's modality expert. It teaches the gate modality routing within a
+    few hundred steps, which the segmentation loss alone does slowly; 0 (the paper's recipe) leaves
+    the gate to the segmentation loss.
     """
 
     kind: str
     epochs: int
     lr: float
     load_balance_weight: float = 0.0
+    routing_weight: float = 0.0
     mask_ratio: float = 0.75
 
 

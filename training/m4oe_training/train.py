@@ -61,7 +61,9 @@ class StageLoss(nn.Module):
         # slice a Dice loss of 1 for any stray probability, which stalls training from scratch.
         self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=ce, lambda_dice=dice, batch=True)
 
-    def forward(self, kind: str, images, labels, datasets, mask=None, load_balance: float = 0.0):
+    def forward(
+        self, kind: str, images, labels, datasets, mask=None, load_balance: float = 0.0, routing: float = 0.0
+    ):
         """Loss of a batch.
 
         Args:
@@ -90,6 +92,18 @@ class StageLoss(nn.Module):
             balance = load_balancing_loss(gates)
             loss = loss + load_balance * balance
             stats["balance"] = float(balance.detach())
+        if kind == "joint" and gates and routing > 0:
+            expert = self.dataset_expert[datasets]
+            # Per token: -log of the probability the gate gives the sample's own modality expert.
+            nll = [
+                -(
+                    g.gather(1, expert[:, None, None, None].expand(-1, 1, *g.shape[2:])).clamp_min(1e-6).log()
+                ).mean()
+                for g in gates.values()
+            ]
+            routing_loss = torch.stack(nll).mean()
+            loss = loss + routing * routing_loss
+            stats["routing"] = float(routing_loss.detach())
         return loss, stats
 
 
@@ -292,7 +306,12 @@ def run(
                 )
                 batch = [t.to(device) if t is not None else None for t in (images, targets, datasets, mask)]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss, stats = wrapped(stage.kind, *batch, load_balance=stage.load_balance_weight)
+                    loss, stats = wrapped(
+                        stage.kind,
+                        *batch,
+                        load_balance=stage.load_balance_weight,
+                        routing=stage.routing_weight,
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -356,7 +375,19 @@ def run(
     return out
 
 
-LOG_FIELDS = ("stage", "kind", "epoch", "step", "lr", "seconds", "mim", "seg", "balance", "val_mean_dice")
+LOG_FIELDS = (
+    "stage",
+    "kind",
+    "epoch",
+    "step",
+    "lr",
+    "seconds",
+    "mim",
+    "seg",
+    "balance",
+    "routing",
+    "val_mean_dice",
+)
 
 
 def _append_csv(path: Path, record: dict) -> None:
