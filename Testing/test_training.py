@@ -679,3 +679,42 @@ def test_real_ct_and_mri_training_smoke(shared_data, tmp_path):
     validation = card.metrics["validation"]
     assert {v["modality"] for v in validation.values()} == {"ct", "mr"}
     assert all(set(v["dice"]) == set(ORGANS) for v in validation.values())
+
+
+def test_routing_loss_teaches_the_gate_each_samples_expert():
+    """With routing_weight > 0 the joint stage's loss includes -log p(own expert) per token: it starts
+    near log(E) for a fresh gate and a few optimiser steps on it raise each sample's own-expert weight."""
+    import torch
+
+    from m4oe.model import build_model
+    from m4oe_training.train import StageLoss
+
+    torch.manual_seed(0)
+    model = build_model("m4oe-tiny", tasks=(("abdomen", 4),), drop_path_rate=0.0)
+    module = StageLoss(model, [0, 1, 2], ["abdomen"] * 3, 0.4, 0.7)
+    images = torch.randn(3, 1, 64, 64)
+    images[1] += 2.0  # give each "modality" its own intensity so the gate can tell them apart
+    images[2] -= 2.0
+    labels = torch.randint(0, 4, (3, 64, 64))
+    datasets = torch.tensor([0, 1, 2])
+    _, stats = module("joint", images, labels, datasets, routing=0.1)
+    assert abs(stats["routing"] - torch.log(torch.tensor(3.0)).item()) < 0.1
+    _, without = module("joint", images, labels, datasets, routing=0.0)
+    assert "routing" not in without
+
+    def own_weight() -> float:
+        with torch.no_grad():
+            _, gates = model(images, return_gates=True)
+        return float(torch.stack([g[torch.arange(3), datasets].mean() for g in gates.values()]).mean())
+
+    before = own_weight()
+    gate_params = [
+        p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight") or n.endswith("mlp.gate.bias")
+    ]
+    optimizer = torch.optim.Adam(gate_params, lr=0.05)
+    for _ in range(20):
+        loss, _ = module("joint", images, labels, datasets, routing=1.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert own_weight() > before + 0.2
