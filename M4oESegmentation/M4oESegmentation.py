@@ -41,7 +41,7 @@ from slicer.util import VTKObservationMixin
 MODULE_DIR = pathlib.Path(__file__).resolve().parent
 
 TORCH_REQUIREMENT = ">=2.1"
-PYTHON_REQUIREMENTS = ("timm>=1.0,<2", "safetensors>=0.4", "slicerio>=1.1")
+PYTHON_REQUIREMENTS = ("timm>=1.0,<2", "safetensors>=0.4", "slicerio>=1.1", "psutil>=5.9")
 """pip packages ``m4oe segment`` needs beyond what Slicer bundles (numpy, scipy, SimpleITK) and
 PyTorch (from the PyTorch extension). Testing/test_packaging.py keeps them in step with pyproject.toml."""
 PIP_SKIP_PACKAGES = ("torch", "torchvision", "SimpleITK")

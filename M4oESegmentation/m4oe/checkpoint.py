@@ -247,5 +247,9 @@ def _check_fit(state: dict[str, torch.Tensor], model: SwinUNet, path: Path) -> N
 def _temporary(folder: Path, name: str, registry: list[Path]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     os.close(fd)
+    # mkstemp makes the file private (0600); a checkpoint is shared like any other file.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     registry.append(Path(tmp))
     return Path(tmp)

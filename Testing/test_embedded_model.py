@@ -1,0 +1,72 @@
+"""The embedded default model: present, small, self-describing, and segmenting as it did when shipped.
+
+The end-to-end regression check compares a fresh segmentation of a held-out phantom (an anatomy
+no training case used) with the label map stored in ``Testing/data`` when the model was embedded
+(see Testing/data/README.md for the command). Voxel agreement allows for last-bit floating-point
+differences between CPUs; the Dice against the phantom's ground truth must match the stored
+figure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from m4oe.checkpoint import load_checkpoint, read_model_card
+from m4oe.evaluate import evaluate
+from m4oe.hub import DEFAULT_MODEL, EMBEDDED_DIR, resolve_model
+from m4oe.phantom import generate_case
+from m4oe.predictor import Predictor
+
+DATA = Path(__file__).parent / "data"
+EXPECTED = json.loads((DATA / "embedded_model_expected.json").read_text())
+MAX_BYTES = 25 * 1000 * 1000
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    return Predictor.from_pretrained(None, device="cpu", threads=1)
+
+
+def test_default_model_is_embedded_small_and_verified():
+    folder = resolve_model(None)
+    assert folder == EMBEDDED_DIR / DEFAULT_MODEL
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    assert size <= MAX_BYTES, f"embedded model is {size / 1e6:.1f} MB, the limit is 25 MB"
+    model, card = load_checkpoint(folder)  # verifies the card's SHA-256 of the weights
+    assert card.weights_sha256
+    assert model.cfg.is_moe and [e.modality for e in card.experts] == ["ct", "mr", "mr"]
+
+
+def test_card_says_what_the_model_is_and_how_it_was_made():
+    card = read_model_card(resolve_model(None))
+    assert "synthetic" in card.notes and "not for clinical use" in card.notes
+    assert card.provenance["command"].startswith("m4oe train training/configs/phantom.toml")
+    assert card.provenance["seed"] == 0
+    validation = card.metrics["validation"]
+    assert {v["modality"] for v in validation.values()} == {"ct", "mr"}
+    for result in validation.values():
+        assert set(result["dice"]) >= {"liver", "spleen", "kidney_right", "kidney_left"}
+    labels = {lab.name for lab in card.task(None).labels}
+    assert {"liver", "spleen", "pancreas"} <= labels
+
+
+@pytest.mark.parametrize("sequence", ["ct", "t2"])
+def test_held_out_phantom_matches_the_stored_segmentation(predictor, sequence):
+    expected = EXPECTED[sequence]
+    image, truth = generate_case(sequence, expected["seed"], max_size=expected["max_size"])
+    prediction = predictor.predict(image, gates=True)
+    labels = sitk.GetArrayFromImage(prediction.labelmap)
+    stored = sitk.GetArrayFromImage(sitk.ReadImage(str(DATA / expected["file"])))
+    assert labels.shape == stored.shape
+    agreement = float(np.mean(labels == stored))
+    assert agreement >= 0.999, f"only {agreement:.4%} of voxels agree with the stored output"
+    score = evaluate(prediction.labelmap, truth, labels=list(range(1, 10)))["mean_dice"]
+    assert score == pytest.approx(expected["mean_dice"], abs=0.01)
+    assert prediction.modality.modality == ("ct" if sequence == "ct" else "mr")
+    summary = prediction.gate_summary
+    assert summary["overall"]["dominant_expert"] == expected["dominant_expert"]
