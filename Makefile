@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format benchmark clean
+.PHONY: setup demo test lint format benchmark benchmark-peers clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,12 @@ format: setup
 
 benchmark: setup
 	$(BIN)/python benchmarks/moe_block.py
+
+# End-to-end CPU comparison with MONAI SwinUNETR and an nnU-Net-style 3D U-Net (slow: see
+# benchmarks/README.md); the U-Net comes from dynamic-network-architectures, needed only here.
+benchmark-peers: setup
+	$(BIN)/python -m pip install --quiet dynamic-network-architectures==0.3.1
+	$(BIN)/python benchmarks/peers.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info .pytest_cache .ruff_cache
