@@ -449,28 +449,20 @@ def peer_case(name: str, measured: dict, slices: int) -> dict:
 # ---------------------------------------------------------------- end to end
 
 
-def segment(volume: Path, model_dir: Path, workdir: Path, threads: int | None) -> dict:
-    """``m4oe segment`` in a fresh process; wall, peak RSS and the CLI's own stage timings.
-
-    ``threads`` None leaves the choice to the engine; the figure recorded is what it would pick
-    just before the process starts.
-    """
-    from m4oe.predictor import default_threads
-
+def segment(volume: Path, model_dir: Path, workdir: Path, threads: int) -> dict:
+    """``m4oe segment`` in a fresh process; wall, peak RSS and the CLI's own stage timings."""
     out = workdir / "labels.nii.gz"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--exec-cli", "segment", str(volume)]
     cmd += ["-o", str(out), "--model", str(model_dir), "--modality", "ct", "--device", "cpu"]
     cmd += ["--progress", "json", "--overwrite"]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    chosen = default_threads()
+    cmd += ["--threads", str(threads)]
     child = run_child(cmd, workdir)
     done = [json.loads(line) for line in child["stdout"].splitlines() if line.startswith("{")][-1]
     out.unlink(missing_ok=True)
     return {
         "wall_s": child["wall_s"],
         "peak_rss_bytes": child["peak_rss_bytes"],
-        "threads": threads or chosen,
+        "threads": threads,
         "stages_s": done["seconds"],
         "load_before": child["load_before"],
         "load_after": child["load_after"],
@@ -657,10 +649,12 @@ def parse_args(argv=None):
         "--only", default=None, help=f"comma-separated cases of {', '.join([*OURS, *PEERS])} (default: all)"
     )
     p.add_argument(
-        "--peer-slices", type=int, default=None, help="run the peers on this many slices, scale up"
+        "--peer-slices", type=int, default=None, help="run the peers on this many slices, scale by windows"
     )
     p.add_argument("--peer-plane", type=int, default=PLANE, help="in-plane side of the peers' volume")
-    p.add_argument("--threads", type=int, default=None, help="threads for every case (default: the engine's)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="threads of every case (default: the engine's at start)"
+    )
     p.add_argument("--cold-repeats", type=int, default=3)
     p.add_argument("--forward-batches", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="smoke run: 12 slices, peers on one window")
@@ -699,6 +693,9 @@ def main(argv=None) -> int:
     from m4oe.predictor import default_threads
 
     cores_threads = torch.get_num_threads()  # PyTorch's own choice: one per core
+    # One thread count for every case, so that the ratios compare like with like: the engine's
+    # choice when the run starts (it adapts to the other processes' load), unless given.
+    args.threads = args.threads or default_threads()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="m4oe-peers-"))
     workdir.mkdir(parents=True, exist_ok=True)
     ours = [c for c in args.cases if c in OURS]
@@ -743,10 +740,10 @@ def main(argv=None) -> int:
                 side = min(args.peer_plane, PLANE)
                 shape = (min(args.peer_slices or slices, slices), side, side)
                 if (case, shape) not in measured:
-                    # The peers run on as many threads as our engine would pick now.
-                    threads = args.threads or default_threads()
-                    log(f"peer {case} on {shape}, {threads} threads")
-                    measured[case, shape] = run_peer(case, shape, workdir, threads) | {"threads": threads}
+                    log(f"peer {case} on {shape}")
+                    measured[case, shape] = run_peer(case, shape, workdir, args.threads) | {
+                        "threads": args.threads
+                    }
                 cases[case] = peer_case(case, measured[case, shape], slices)
         for threads, first in list(results["matmul_peak"].items()):
             # Measured again at the end, the best of both: a load spike must not lower the peak.
