@@ -159,6 +159,10 @@ def test_config_unknown_key_is_an_error_naming_it(tmp_path, where, key):
         ({"batch_size": 0}, {}, "batch_size"),
         ({}, {"kind": "finetune"}, r"stages\[0\].kind"),
         ({}, {"mask_ratio": 1.0}, r"stages\[0\].mask_ratio"),
+        ({}, {"trainable": "experts"}, r"stages\[0\].trainable must be one of"),
+        ({}, {"trainable": "gates"}, r"stages\[0\]: trainable = 'gates' needs kind 'joint'"),
+        ({}, {"warmup_iterations": -1}, r"stages\[0\].warmup_iterations"),
+        ({}, {"warmup_iterations": 2.5}, r"stages\[0\].warmup_iterations"),
     ],
 )
 def test_config_wrong_type_or_value_is_an_error_naming_the_key(tmp_path, top, stage, named):
@@ -718,3 +722,51 @@ def test_routing_loss_teaches_the_gate_each_samples_expert():
         loss.backward()
         optimizer.step()
     assert own_weight() > before + 0.2
+
+
+def test_stage_learning_rate_warms_up_linearly_then_decays_to_zero():
+    from m4oe_training.train import stage_lr
+
+    stage = StageConfig(kind="experts", epochs=1, lr=1.0, warmup_iterations=4)
+    lrs = [stage_lr(stage, step, 100, 1.0) for step in range(100)]
+    assert lrs[:4] == pytest.approx([0.25 * 1.0, 0.5 * 0.99, 0.75 * 0.98, 1.0 * 0.97])
+    assert lrs[4:] == pytest.approx([1 - step / 100 for step in range(4, 100)])
+    plain = StageConfig(kind="experts", epochs=1, lr=0.5)
+    assert stage_lr(plain, 0, 10, 0.9) == 0.5 and stage_lr(plain, 5, 10, 0.9) == pytest.approx(0.5 * 0.5**0.9)
+
+
+@pytest.mark.slow
+def test_gate_warm_up_stage_trains_the_gates_only(phantoms, tmp_path):
+    """A joint stage with ``trainable = "gates"`` changes every gate and nothing else."""
+    from m4oe.model import get_config
+    from m4oe_training.train import is_gate_parameter
+
+    path = write_config(
+        tmp_path / "cfg.toml",
+        [dataset(phantoms["ct"], "ct"), dataset(phantoms["t1"], "mr")],
+        [
+            {"kind": "experts", "epochs": 1, "lr": 1e-3},
+            {"kind": "joint", "epochs": 1, "lr": 1e-2, "trainable": "gates", "routing_weight": 1.0},
+        ],
+        batch_size=2,
+        iterations_per_epoch=2,
+        optimizer="adamw",
+        val_every=100,
+        output_dir=str(tmp_path / "run"),
+    )
+    cfg, _ = load_config(path)
+    out = run(cfg, base_dir=tmp_path, stop_after_epochs=1, command=["test"])
+    before = load_file(out / "state" / "weights.safetensors")
+    run(cfg, base_dir=tmp_path, resume=True, command=["test"])
+    after = load_file(out / "state" / "weights.safetensors")
+    assert before.keys() == after.keys()
+    gates = [k for k in before if is_gate_parameter(k)]
+    depths = get_config("m4oe-tiny").depths
+    # A gate (weight and bias) in every encoder block and every decoder block.
+    assert len(gates) == 2 * (sum(depths) + sum(depths[:-1])) == 28
+    for key in before:
+        if key in gates:
+            assert not torch.equal(before[key], after[key]), key
+        else:
+            assert torch.equal(before[key], after[key]), key
+    assert [(r["stage"], r["kind"]) for r in read_log(out)] == [("0", "experts"), ("1", "joint")]

@@ -18,6 +18,7 @@ import tomllib
 from m4oe.errors import InputError
 
 STAGE_KINDS = ("mim", "experts", "joint")
+TRAINABLE = ("all", "gates")
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("auto", "off", "bf16")
 
@@ -51,6 +52,10 @@ class StageConfig:
     probabilities and each sample's modality expert. It teaches the gate modality routing within a
     few hundred steps, which the segmentation loss alone does slowly; 0 (the paper's recipe) leaves
     the gate to the segmentation loss.
+    ``trainable``: "all" parameters, or only the "gates" (joint stage: a gate warm-up on frozen
+    experts, so that switching the gate on does not first undo what the experts learnt).
+    ``warmup_iterations``: the learning rate rises linearly from 0 over the stage's first
+    iterations, then follows the poly decay.
     """
 
     kind: str
@@ -59,6 +64,8 @@ class StageConfig:
     load_balance_weight: float = 0.0
     routing_weight: float = 0.0
     mask_ratio: float = 0.75
+    trainable: str = "all"
+    warmup_iterations: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,12 @@ class TrainConfig:
                 raise ConfigError(f"stages[{i}]: epochs must be >= 0 and lr > 0, got {s.epochs}, {s.lr}")
             if not 0.0 < s.mask_ratio < 1.0:
                 raise ConfigError(f"stages[{i}].mask_ratio must be in (0, 1), got {s.mask_ratio}")
+            if s.trainable not in TRAINABLE:
+                raise ConfigError(f"stages[{i}].trainable must be one of {TRAINABLE}, got {s.trainable!r}")
+            if s.trainable == "gates" and s.kind != "joint":
+                raise ConfigError(f"stages[{i}]: trainable = 'gates' needs kind 'joint' (the gate is off)")
+            if s.warmup_iterations < 0:
+                raise ConfigError(f"stages[{i}].warmup_iterations must be >= 0, got {s.warmup_iterations}")
         checks = {
             "optimizer": self.optimizer in OPTIMIZERS,
             "amp": self.amp in AMP_MODES,

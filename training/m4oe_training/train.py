@@ -126,6 +126,19 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
 
 
+def stage_lr(stage, step: int, total_steps: int, poly_power: float) -> float:
+    """Learning rate at ``step`` (0-based) of a stage: linear warm-up, then poly decay to 0."""
+    lr = stage.lr * (1 - step / max(total_steps, 1)) ** poly_power
+    if step < stage.warmup_iterations:
+        lr *= (step + 1) / stage.warmup_iterations
+    return lr
+
+
+def is_gate_parameter(name: str) -> bool:
+    """Whether a parameter (by its name in the network) belongs to an MoE gate."""
+    return ".mlp.gate." in f".{name}"
+
+
 def hidden_blocks(rng: np.random.Generator, batch: int, size: int, ratio: float) -> torch.Tensor:
     """A (B, 1, S, S) mask hiding ``ratio`` of the MIM_BLOCK x MIM_BLOCK blocks of each slice."""
     n = size // MIM_BLOCK
@@ -275,6 +288,7 @@ def run(
         "torch": torch.__version__,
         "host": platform.platform(),
     }
+    frozen_in_gate_stage = [p for name, p in module.named_parameters() if not is_gate_parameter(name)]
     epochs_run = 0
     start = time.perf_counter()
     for stage_index, stage in enumerate(cfg.stages):
@@ -288,7 +302,7 @@ def run(
             sums: dict[str, float] = {}
             for it in range(cfg.iterations_per_epoch):
                 step_in_stage = epoch * cfg.iterations_per_epoch + it
-                lr = stage.lr * (1 - step_in_stage / max(total_steps, 1)) ** cfg.poly_power
+                lr = stage_lr(stage, step_in_stage, total_steps, cfg.poly_power)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 seed = step_seed(cfg.seed, rank, position["step"])
@@ -314,6 +328,9 @@ def run(
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if stage.trainable == "gates":  # no gradient: AdamW and SGD leave the parameter alone
+                    for p in frozen_in_gate_stage:
+                        p.grad = None
                 optimizer.step()
                 position["step"] += 1
                 for k, v in stats.items():
