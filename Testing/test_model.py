@@ -458,3 +458,19 @@ def test_eval_is_deterministic_and_train_is_stochastic():
         assert torch.equal(model(x), model(x))
         model.train()  # drop-path 0.1 in the tiny variants
         assert not torch.equal(model(x), model(x))
+
+
+def test_forced_expert_accepts_any_integer_type_and_refuses_other_values():
+    """A NumPy integer (e.g. from ``np.argmax``) routes like the same Python int; bools, floats and
+    out-of-range indices are errors naming the value."""
+    import numpy as np
+
+    model = _tiny()
+    x = _slices(model.cfg)
+    with torch.no_grad():
+        reference = model(x, force_expert=2)
+        torch.testing.assert_close(model(x, force_expert=np.int64(2)), reference, atol=0, rtol=0)
+        torch.testing.assert_close(model(x, force_expert=torch.tensor([2, 2])), reference)
+        for bad, message in ((True, "True"), (1.0, "1.0"), ("ct", "'ct'"), (np.int64(3), "got 3")):
+            with pytest.raises(ValueError, match=message):
+                model(x, force_expert=bad)

@@ -6,6 +6,8 @@ so a block is dense or a mixture through one constructor argument (``ffn_layer``
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
@@ -115,10 +117,14 @@ class MoEFeedForward(nn.Module):
 
     def _forced(self, x: torch.Tensor, force_expert: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B = x.shape[0]
-        if isinstance(force_expert, int):
-            if not 0 <= force_expert < self.num_experts:
-                raise ValueError(f"force_expert must be in [0, {self.num_experts - 1}], got {force_expert}")
-            chosen = torch.full((B,), force_expert, dtype=torch.long, device=x.device)
+        if not isinstance(force_expert, torch.Tensor):
+            # Any integer (Python or NumPy); a bool or a float is a caller's mistake, not an index.
+            if isinstance(force_expert, bool | float) or not hasattr(force_expert, "__index__"):
+                raise ValueError(f"force_expert must be an integer or a LongTensor, got {force_expert!r}")
+            index = operator.index(force_expert)
+            if not 0 <= index < self.num_experts:
+                raise ValueError(f"force_expert must be in [0, {self.num_experts - 1}], got {index}")
+            chosen = torch.full((B,), index, dtype=torch.long, device=x.device)
         else:
             chosen = force_expert.to(device=x.device, dtype=torch.long).reshape(-1)
             if chosen.numel() != B:
