@@ -24,8 +24,8 @@ from m4oe_training.converters import (
     convert_atlas2023,
     convert_flare22,
     main,
-    verify_dataset,
 )
+from m4oe_training.nnunet import verify_dataset
 
 SHAPE = (4, 8, 8)  # (z, y, x): 8x8x4 voxels
 CT_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)

@@ -770,3 +770,51 @@ def test_gate_warm_up_stage_trains_the_gates_only(phantoms, tmp_path):
         else:
             assert torch.equal(before[key], after[key]), key
     assert [(r["stage"], r["kind"]) for r in read_log(out)] == [("0", "experts"), ("1", "joint")]
+
+
+def test_dataset_labels_standard_generic_and_unknown_terminology(phantoms, tmp_path):
+    """A null terminology entry (AMOS's "prostate/uterus") exports as a generic anatomical structure;
+    a label with neither a standard name nor an entry is an error naming dataset.json and the label."""
+    import shutil
+
+    from m4oe.terminology import GENERIC_STRUCTURE
+    from m4oe_training.data import DatasetInfo
+    from m4oe_training.export import dataset_labels
+
+    root = tmp_path / "amos_like"
+    shutil.copytree(phantoms["ct"], root)
+    meta = json.loads((root / "dataset.json").read_text())
+    extra = len(meta["labels"])
+    meta["labels"]["prostate_or_uterus"] = extra
+    meta["terminology"] = {"prostate_or_uterus": None}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    labels = dataset_labels(DatasetInfo.read(root))
+    assert [lab.value for lab in labels] == list(range(1, extra + 1))
+    liver = labels[PHANTOM_LABELS["liver"] - 1]
+    assert (liver.name, liver.type.value) == ("liver", "10200004")
+    generic = labels[-1]
+    assert (generic.value, generic.name, generic.type) == (extra, "prostate or uterus", GENERIC_STRUCTURE)
+
+    del meta["terminology"]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"dataset\.json: label 'prostate_or_uterus' has no standard"):
+        dataset_labels(DatasetInfo.read(root))
+
+
+def test_dataset_info_reports_a_bad_dataset_json_naming_the_file(phantoms, tmp_path):
+    import shutil
+
+    from m4oe.errors import InputError
+    from m4oe_training.data import DatasetInfo
+
+    root = tmp_path / "bad"
+    shutil.copytree(phantoms["ct"], root)
+    meta = json.loads((root / "dataset.json").read_text())
+    del meta["numTraining"]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="numTraining") as caught:
+        DatasetInfo.read(root)
+    assert str(root / "dataset.json") in str(caught.value)
+    (root / "dataset.json").unlink()
+    with pytest.raises(InputError, match=r"dataset\.json"):
+        DatasetInfo.read(root)

@@ -116,6 +116,16 @@ STANDARD_KEYS: tuple[str, ...] = tuple(TERMS)
 """The keys :func:`standard_label` accepts, e.g. ``"spleen"``, ``"kidney_right"``."""
 
 
+GENERIC_STRUCTURE = _sct("91723000", "Anatomical structure")
+GENERIC_RGB = (128, 174, 128)
+
+
+def generic_label(name: str, value: int) -> Label:
+    """A structure no single standard code fits (AMOS's "prostate/uterus"): SNOMED "Anatomical
+    structure" as its type, its own name (underscores shown as spaces) and a neutral colour."""
+    return Term(name.replace("_", " "), GENERIC_RGB, ANATOMICAL_STRUCTURE, GENERIC_STRUCTURE).label(value)
+
+
 def standard_label(key: str, value: int) -> Label:
     """The standard label for structure ``key`` as class ``value`` (1..K-1) of a task.
 

@@ -332,9 +332,9 @@ def test_routing_warning_and_nearest_slice(gate_run):
 
 
 def test_export_creates_then_extends_a_training_dataset(scene, tmp_path):
-    from m4oe_training.converters import verify_dataset
     from m4oe_training.data import DatasetInfo
     from m4oe_training.export import dataset_labels
+    from m4oe_training.nnunet import verify_dataset
 
     labels = phantom_labels()
     dataset = tmp_path / "Dataset501_Feedback"

@@ -29,6 +29,7 @@ from m4oe.prepare import SlicePlan
 from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams, ct_statistics_from_samples
 
 from .config import ConfigError, DatasetConfig
+from .nnunet import read_dataset_json
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -44,33 +45,23 @@ class DatasetInfo:
     labels: dict[str, int]
     file_ending: str
     cases: tuple[str, ...]
-    terminology: dict[str, str]
+    terminology: dict[str, str | None]
 
     @classmethod
     def read(cls, root: str | Path) -> DatasetInfo:
+        """Read and check ``root/dataset.json`` (:func:`.nnunet.read_dataset_json`) and pair the cases.
+
+        Training needs one channel per case; the modality is dataset.json's ``modality`` or, without
+        it, "ct" for a channel named CT and "mr" otherwise.
+        """
         root = Path(root)
+        meta = read_dataset_json(root)
         meta_path = root / "dataset.json"
-        try:
-            meta = json.loads(meta_path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{meta_path}: no dataset.json (expected an nnU-Net v2 raw dataset)") from None
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{meta_path}: not valid JSON: {error}") from None
-        for key in ("channel_names", "labels", "file_ending"):
-            if key not in meta:
-                raise ConfigError(f"{meta_path}: missing key {key!r}")
         if len(meta["channel_names"]) != 1:
             raise ConfigError(f"{meta_path}: M4oE reads one channel per case, got {meta['channel_names']}")
-        channel = str(next(iter(meta["channel_names"].values())))
+        channel = meta["channel_names"]["0"]
         modality = meta.get("modality") or ("ct" if channel.upper() == "CT" else "mr")
-        if modality not in ("ct", "mr"):
-            raise ConfigError(f"{meta_path}: modality must be 'ct' or 'mr', got {modality!r}")
         ending = meta["file_ending"]
-        labels = {str(k): int(v) for k, v in meta["labels"].items()}
-        if sorted(labels.values()) != list(range(len(labels))):
-            raise ConfigError(
-                f"{meta_path}: label values must be 0..K-1 without gaps, got {sorted(labels.values())}"
-            )
         cases = sorted(p.name[: -len(ending)] for p in (root / "labelsTr").glob(f"*{ending}"))
         if not cases:
             raise ConfigError(f"{root / 'labelsTr'}: no label files ending in {ending}")
@@ -78,7 +69,8 @@ class DatasetInfo:
             image = root / "imagesTr" / f"{case}_0000{ending}"
             if not image.exists():
                 raise ConfigError(f"{image}: missing image for label {case}{ending}")
-        return cls(root, root.name, modality, labels, ending, tuple(cases), dict(meta.get("terminology", {})))
+        terminology = dict(meta.get("terminology", {}))
+        return cls(root, root.name, modality, dict(meta["labels"]), ending, tuple(cases), terminology)
 
     def image_path(self, case: str) -> Path:
         return self.root / "imagesTr" / f"{case}_0000{self.file_ending}"

@@ -11,7 +11,7 @@ from m4oe.labels import Label
 from m4oe.model import SwinUNet
 from m4oe.model_card import ExpertInfo, ModelCard, Preprocessing, TaskInfo
 from m4oe.preprocessing import IntensityParams
-from m4oe.terminology import STANDARD_KEYS, standard_label
+from m4oe.terminology import STANDARD_KEYS, generic_label, standard_label
 
 from .config import ConfigError, TrainConfig
 from .data import DatasetInfo
@@ -22,13 +22,18 @@ def dataset_labels(info: DatasetInfo) -> list[Label]:
 
     The terminology key of each label comes from ``dataset.json``'s ``terminology`` table, else
     from its name when that is a known key (``liver``, ``kidney_left``, ...). The card shows the
-    standard name ("left kidney"), as the engine's other models and Slicer's terminology do.
+    standard name ("left kidney"), as the engine's other models and Slicer's terminology do. A
+    label whose terminology entry is null (no single standard structure fits, e.g. AMOS's
+    "prostate/uterus") gets the generic "Anatomical structure" code under its own name.
     """
     labels = []
     for name, value in sorted(info.labels.items(), key=lambda kv: kv[1]):
         if value == 0:
             continue
         key = info.terminology.get(name, name)
+        if key is None:  # dataset.json says no single standard structure fits this label
+            labels.append(generic_label(name, value))
+            continue
         if key not in STANDARD_KEYS:
             raise ConfigError(
                 f"{info.root / 'dataset.json'}: label {name!r} has no standard terminology; add "
