@@ -9,6 +9,7 @@ through the engine's Predictor (rank 0), export the best model, save a resumable
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import logging
 import math
@@ -41,6 +42,7 @@ from .state import load_state, save_state
 
 logger = logging.getLogger("m4oe_training")
 MIM_BLOCK = 16  # masked-image-modelling mask block side in pixels (a 4x4 group of patch tokens)
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=3)
 
 
 class StageLoss(nn.Module):
@@ -118,7 +120,9 @@ def distributed_setup(device: str) -> tuple[int, int, torch.device]:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        # Rank 0 validates whole volumes while the other ranks wait in the next step's all-reduce:
+        # on a real dataset that takes longer than the default collective timeout (10 min for NCCL).
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return rank, world, dev
 
 
