@@ -26,6 +26,7 @@ MODULE_FILE = MODULE / "M4oESegmentation.py"
 UI_FILE = MODULE / "Resources" / "UI" / "M4oESegmentation.ui"
 SELF_TEST = MODULE / "Testing" / "Python" / "M4oESegmentationSelfTest.py"
 LIB = MODULE / "M4oESegmentationLib"
+DEPENDENCIES = LIB / "dependencies.py"
 ENGINE = MODULE / "m4oe"
 CATALOG = ROOT / "M4oESegmentation.json"
 ICON_SIZE = (128, 128)
@@ -371,16 +372,30 @@ def test_ui_parameter_bindings_are_parameters_the_wrapper_can_drive(ui):
 # ---------------------------------------------------------------------------------------- imports
 
 
-def top_level_imports(tree: ast.Module) -> set[str]:
-    """Modules imported when the file is imported: module body, if/try blocks, not functions."""
+def top_level_imports(tree: ast.Module, package: str = "") -> set[str]:
+    """Modules imported when the file is imported: module body, if/try/with blocks, not functions.
+
+    ``package``: the file's package, to resolve relative imports (``from . import x`` in package
+    ``p`` gives ``p`` and ``p.x``). ``from a import b`` gives ``a`` and ``a.b`` (``a.b`` may be a
+    name, not a module: :func:`load_closure` keeps only what it finds as a file).
+    """
     found: set[str] = set()
 
     def visit(statements):
         for node in statements:
             if isinstance(node, ast.Import):
                 found.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                found.add(node.module)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[: len(parts) - node.level + 1])
+                    module = f"{base}.{node.module}" if node.module else base
+                elif node.module:
+                    module = node.module
+                else:
+                    continue
+                found.add(module)
+                found.update(f"{module}.{alias.name}" for alias in node.names)
             elif isinstance(node, (ast.If, ast.Try, ast.With)):
                 for block in ("body", "orelse", "finalbody"):
                     visit(getattr(node, block, []))
@@ -402,8 +417,12 @@ def all_imports(tree: ast.Module) -> set[str]:
     return found
 
 
-def engine_module_path(name: str) -> Path | None:
-    """The file of an ``m4oe`` module name (package -> its __init__.py), or None."""
+LOCAL_PACKAGES = {"m4oe", "M4oESegmentationLib"}
+"""Packages shipped in M4oESegmentation/ (found on sys.path because Slicer adds the module's folder)."""
+
+
+def local_module_path(name: str) -> Path | None:
+    """The file of a module of :data:`LOCAL_PACKAGES` (a package -> its __init__.py), or None."""
     relative = MODULE.joinpath(*name.split("."))
     for candidate in (relative.with_suffix(".py"), relative / "__init__.py"):
         if candidate.is_file():
@@ -411,52 +430,54 @@ def engine_module_path(name: str) -> Path | None:
     return None
 
 
-def engine_load_closure(name: str) -> set[str]:
-    """Every module that importing engine module ``name`` loads, following m4oe modules.
+def load_closure(name: str) -> set[str]:
+    """Every module that importing ``name`` loads, following the modules of :data:`LOCAL_PACKAGES`.
 
-    Importing ``a.b.c`` runs ``a/__init__``, ``a/b/__init__`` and ``a/b/c``; a module's
-    top-level imports (relative ones resolved) are followed recursively.
+    Importing ``a.b.c`` runs ``a/__init__``, ``a/b/__init__`` and ``a/b/c``; each local module's
+    top-level imports (relative ones resolved) are followed recursively. A dotted name that is
+    not a local file (``from m4oe.hub import DEFAULT_MODEL`` gives ``m4oe.hub.DEFAULT_MODEL``) is
+    dropped; other names are returned as they are.
     """
     seen: set[str] = set()
     external: set[str] = set()
     pending = [name]
     while pending:
         current = pending.pop()
+        if current.split(".")[0] not in LOCAL_PACKAGES:
+            external.add(current)
+            continue
         parts = current.split(".")
         for depth in range(1, len(parts) + 1):
             module = ".".join(parts[:depth])
             if module in seen:
                 continue
-            seen.add(module)
-            path = engine_module_path(module)
+            path = local_module_path(module)
             if path is None:
                 continue
+            seen.add(module)
             tree = ast.parse(path.read_text(encoding="utf-8"))
             package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-            for node in tree.body:
-                if isinstance(node, ast.ImportFrom) and node.level:
-                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    target = ".".join(base + ([node.module] if node.module else []))
-                    pending.append(target)
-                    if not node.module:
-                        pending.extend(f"{target}.{alias.name}" for alias in node.names)
-            for imported in top_level_imports(tree):
-                if imported.split(".")[0] == "m4oe":
-                    pending.append(imported)
-                else:
-                    external.add(imported)
+            pending.extend(top_level_imports(tree, package))
     return seen | external
 
 
 def test_module_file_loads_in_a_fresh_slicer():
+    """What M4oESegmentation.py loads when Slicer loads it, local modules followed: nothing beyond
+    the standard library and what a fresh Slicer bundles, so the module loads before any install."""
     tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"), filename=MODULE_FILE.name)
-    roots = {name.split(".")[0] for name in top_level_imports(tree)}
+    imported = top_level_imports(tree)
+    # M4oESegmentationLib/__init__.py defines no names: everything imported from it is a module.
+    library = sorted(n for n in imported if n.startswith("M4oESegmentationLib."))
+    missing = [n for n in library if local_module_path(n) is None]
+    assert not missing, f"M4oESegmentation.py imports library modules that do not exist: {missing}"
+    loaded = set().union(*(load_closure(name) for name in imported))
+    roots = {name.split(".")[0] for name in loaded} - LOCAL_PACKAGES
     heavy = sorted(roots & HEAVY)
-    assert not heavy, f"M4oESegmentation.py imports {heavy} at load time; import them where they are used"
+    assert not heavy, f"M4oESegmentation.py loads {heavy} at load time; import them where they are used"
     foreign = sorted(roots - SLICER_BUNDLED - set(sys.stdlib_module_names))
     assert not foreign, (
-        f"M4oESegmentation.py imports {foreign} at load time: Slicer loads the module before any pip "
-        "install, so import them inside the functions that use them"
+        f"M4oESegmentation.py loads {foreign} at load time (local modules followed): Slicer loads the "
+        "module before any pip install, so import them inside the functions that use them"
     )
 
 
@@ -468,14 +489,9 @@ def test_slicer_side_code_never_loads_pytorch():
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=path.name)
         imports = all_imports(tree)
         if path.parent == LIB:  # relative imports of the Lib are Lib modules: checked as files
-            imports |= {
-                f"M4oESegmentationLib.{n.module}"
-                for n in ast.walk(tree)
-                if isinstance(n, ast.ImportFrom) and n.level
-            }
+            imports |= top_level_imports(tree, "M4oESegmentationLib")
         for name in sorted(imports):
-            loaded = engine_load_closure(name) if name.split(".")[0] == "m4oe" else {name}
-            heavy = sorted({m for m in loaded if m.split(".")[0] in HEAVY})
+            heavy = sorted({m for m in load_closure(name) if m.split(".")[0] in HEAVY})
             if heavy:
                 problems.append(f"{path.relative_to(ROOT)}: import {name} loads {heavy}")
     assert not problems, "\n".join(problems)
@@ -503,13 +519,14 @@ def _requirement(text: str) -> tuple[str, str]:
 
 
 def module_constant(name: str):
-    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    """A constant of M4oESegmentationLib/dependencies.py, read without importing it."""
+    tree = ast.parse(DEPENDENCIES.read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
             isinstance(t, ast.Name) and t.id == name for t in node.targets
         ):
             return ast.literal_eval(node.value)
-    raise AssertionError(f"M4oESegmentation.py defines no {name}")
+    raise AssertionError(f"{DEPENDENCIES.name} defines no {name}")
 
 
 def test_slicer_requirements_follow_pyproject():

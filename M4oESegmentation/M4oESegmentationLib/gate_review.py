@@ -319,3 +319,27 @@ def remove_gate_nodes(chart_node) -> None:
                 nodes[node.GetID()] = node
     for node in nodes.values():
         scene.RemoveNode(node)
+
+
+def legend_html(summary: dict | None) -> str:
+    """The gate map's legend as rich text: a coloured square and ``"expert (MODALITY)"`` each."""
+    if summary is None:
+        return ""
+    swatches = []
+    for n, text in enumerate(expert_legend(summary)):
+        r, g, b = (round(255 * c) for c in expert_color(n))
+        swatches.append(f'<span style="color: rgb({r},{g},{b});">&#9632;</span>&nbsp;{text}')
+    return "&nbsp;&nbsp;".join(swatches)
+
+
+def slice_weights_text(summary: dict, index: int) -> str:
+    """The line under the chart for stack slice ``index``: its position and each expert's weight.
+
+    E.g. ``"Slice 12 (S 35.0 mm): ct 0.71, mr 0.20, mr-t2 0.09"``. Raises ValueError for a slice
+    the summary does not list.
+    """
+    entry = next((s for s in summary.get("per_slice", []) if int(s["index"]) == index), None)
+    if entry is None:
+        raise ValueError(f"the gate summary lists no slice {index}")
+    weights = ", ".join(f"{name} {float(w):.2f}" for name, w in entry["mean_weights"].items())
+    return f"Slice {index} (S {float(entry['position_mm']):.1f} mm): {weights}"

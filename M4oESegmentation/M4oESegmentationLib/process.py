@@ -21,7 +21,6 @@ import queue
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -102,10 +101,11 @@ def engine_environment(engine_parent: str | Path, base: Mapping[str, str] | None
     """An environment in which ``python -m m4oe.cli`` finds the bundled engine.
 
     ``engine_parent``: the folder holding the ``m4oe`` package (the module's folder), put first on
-    ``PYTHONPATH``. ``base``: the environment to extend (default ``os.environ``); in Slicer pass
-    ``slicer.util.startupEnvironment()``, the environment the ``PythonSlicer`` launcher expects (as
-    ``slicer.util.launchConsoleProcess`` does). Output is made unbuffered so progress lines arrive
-    as they are printed.
+    ``PYTHONPATH``. ``base``: the environment to extend (default ``os.environ``). In Slicer the
+    running application's environment is the right base, as Slicer's own ``slicer.pydeps`` uses it
+    for ``PythonSlicer``: the launcher prepends its paths to ``PYTHONPATH``, so the engine folder
+    stays on it, and ``M4OE_*`` settings made in the session reach the engine. Output is made
+    unbuffered so progress lines arrive as they are printed.
     """
     env = dict(os.environ if base is None else base)
     paths = [str(engine_parent)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -376,8 +376,3 @@ class TemporaryWorkspace:
 
     def __exit__(self, *exc_info) -> None:
         self.cleanup()
-
-
-def default_python() -> str:
-    """The interpreter for the engine: ``PythonSlicer`` inside Slicer, else this interpreter."""
-    return shutil.which("PythonSlicer") or sys.executable

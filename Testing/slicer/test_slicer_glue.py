@@ -328,6 +328,22 @@ def test_routing_warning_and_nearest_slice(gate_run):
         gate_review.nearest_slice(slices, math.nan)
 
 
+def test_legend_and_slice_readout_from_a_real_summary(gate_run):
+    summary, _ = gate_run
+    legend = gate_review.legend_html(summary)
+    for n, text in enumerate(["ct (CT)", "mr (MR)", "mr-t2 (MR)"]):
+        r, g, b = (round(255 * c) for c in gate_review.expert_color(n))
+        assert f'rgb({r},{g},{b});">&#9632;</span>&nbsp;{text}' in legend
+    assert gate_review.legend_html(None) == ""
+    entry = summary["per_slice"][-1]
+    line = gate_review.slice_weights_text(summary, int(entry["index"]))
+    assert line.startswith(f"Slice {entry['index']} (S {float(entry['position_mm']):.1f} mm): ct ")
+    for expert, weight in entry["mean_weights"].items():
+        assert f"{expert} {weight:.2f}" in line
+    with pytest.raises(ValueError, match="no slice 999"):
+        gate_review.slice_weights_text(summary, 999)
+
+
 # --- export ---------------------------------------------------------------------------------------
 
 

@@ -43,7 +43,15 @@ class M4oESegmentationSelfTest(unittest.TestCase):
         ui.applyButton.click()
         self.assertEqual(ui.applyButton.text, "Cancel")
         self.assertFalse(ui.progressBar.isHidden())
+        statusLines = set()
+        deadline = time.monotonic() + TIMEOUT_S
+        while self.logic.isRunning and time.monotonic() < deadline:
+            slicer.app.processEvents()
+            statusLines.add(ui.statusLabel.text)
+            time.sleep(0.05)
         self.waitUntilIdle()
+        stages = ("Loading the model", "Preparing slices", "Segmenting", "Assembling the result")
+        self.assertTrue(any(line.startswith(stages) for line in statusLines), statusLines)
         self.assertEqual(ui.applyButton.text, "Apply")
         self.assertEqual(ui.errorLabel.text, "")
         segmentation = ui.outputSegmentationSelector.currentNode()
@@ -52,7 +60,10 @@ class M4oESegmentationSelfTest(unittest.TestCase):
         self.assertTrue(ui.detectedModalityLabel.text.startswith("CT"))
         self.assertEqual(self.widget.segmentEditorWidget.segmentationNode(), segmentation)
 
-        # Gate review: table, chart, slice readout following the red slice, map overlay.
+        # Gate review: table, chart, slice readout following the red slice, map overlay, warning.
+        review = self.logic.gateReview(segmentation)
+        self.assertEqual(ui.routingWarningLabel.text, review.warning or "")
+        self.assertIn("(CT)", ui.gateLegendLabel.text)
         self.assertIsNotNone(ui.expertTableView.mrmlTableNode())
         self.assertTrue(ui.gatePlotWidget.mrmlPlotViewNode().GetPlotChartNodeID())
         red = slicer.app.layoutManager().sliceWidget("Red")

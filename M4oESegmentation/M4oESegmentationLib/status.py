@@ -1,0 +1,94 @@
+"""What the panel says about a segmentation: the progress bar's fraction, the status line while it
+runs, and the modality a result was made with.
+
+The engine (``m4oe segment --progress json``) reports each stage on its own scale: a record
+``{"stage", "done", "total", "fraction", "elapsed_s", "eta_s"}`` per step (see
+``M4oESegmentationLib.process``). These functions map the records onto one bar for the whole run
+and into a line of text with the stage, its count and the time left.
+
+Imports only the standard library (and Slicer's translation function where it exists), so the
+module file may import it when Slicer loads the module.
+"""
+
+from __future__ import annotations
+
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # slicer-core and plain Python have no translations: English text
+
+    def _(text: str) -> str:
+        return text
+
+
+RESULT_ATTRIBUTE = "M4oESegmentation."
+"""Prefix of the attributes a result segmentation carries (see ``M4oESegmentationLib.segmenter``)."""
+CANCELLED = "cancelled"
+"""The error a run reports when the user cancelled it (not shown as an error)."""
+
+STAGE_SPANS = {
+    "load": (0.0, 0.1),
+    "preprocess": (0.1, 0.15),
+    "inference": (0.15, 0.95),
+    "postprocess": (0.95, 1.0),
+}
+"""Share of the whole run (start, end) each engine stage covers on the progress bar; inference,
+the slow stage, gets most of it."""
+
+
+def overall_fraction(record: dict) -> float | None:
+    """Fraction (0..1) of the whole run done after a progress record, or None when unknown.
+
+    A stage's own fraction is clipped to [0, 1] and placed in its :data:`STAGE_SPANS` share;
+    the ``done`` record is 1.0; a log line or an unknown stage is None (the bar stays put).
+    """
+    if record.get("stage") == "done":
+        return 1.0
+    span = STAGE_SPANS.get(record.get("stage"))
+    fraction = record.get("fraction")
+    if span is None or fraction is None:
+        return None
+    return span[0] + (span[1] - span[0]) * min(max(float(fraction), 0.0), 1.0)
+
+
+def human_duration(seconds: float) -> str:
+    """A duration for people: ``"less than 1 s"``, ``"42 s"``, ``"3 min 05 s"``."""
+    if seconds < 1:
+        return _("less than 1 s")
+    seconds = round(seconds)
+    if seconds < 60:
+        return _("{s} s").format(s=seconds)
+    return _("{m} min {s:02d} s").format(m=seconds // 60, s=seconds % 60)
+
+
+def progress_text(record: dict) -> str:
+    """Status line for a progress record: stage, units done of the stage, estimated time left.
+
+    E.g. ``"Segmenting 12/40, about 1 min 10 s left"``; an unknown stage is shown by its name.
+    """
+    names = {
+        "load": _("Loading the model"),
+        "preprocess": _("Preparing slices"),
+        "inference": _("Segmenting"),
+        "postprocess": _("Assembling the result"),
+    }
+    stage = str(record.get("stage", ""))
+    text = names.get(stage, stage.replace("_", " ").capitalize())
+    if record.get("total"):
+        text += f" {record.get('done', 0)}/{record['total']}"
+    if record.get("eta_s"):
+        text += ", " + _("about {duration} left").format(duration=human_duration(float(record["eta_s"])))
+    return text
+
+
+def detected_modality_text(segmentation) -> str:
+    """What the panel shows next to the modality choice: ``"CT (DICOM Modality tag)"``, or "".
+
+    Read from a result segmentation's attributes; "" for None or a segmentation M4oE did not make.
+    """
+    if segmentation is None:
+        return ""
+    modality = segmentation.GetAttribute(RESULT_ATTRIBUTE + "Modality")
+    if not modality:
+        return ""
+    source = segmentation.GetAttribute(RESULT_ATTRIBUTE + "ModalitySource")
+    return f"{modality.upper()} ({source})" if source else modality.upper()

@@ -1,0 +1,308 @@
+"""The module's whole run on a real MRML scene (slicer-core) with the engine CLI in a real subprocess.
+
+``M4oESegmentationLib.segmenter`` is what the Slicer module's Logic delegates to: write the input
+volume to a temporary file, run ``m4oe segment --progress json`` in its own process, poll it, and
+load the outputs (segmentation, gate views) into the input's scene and study. Here the engine runs
+with this interpreter (in Slicer it is ``PythonSlicer``) on a tiny untrained model; nothing is
+mocked. Every test checks that the temporary folder is gone afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+try:
+    import slicer
+except ImportError as error:
+    pytest.skip(f"slicer-core cannot be imported ({error})", allow_module_level=True)
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+
+import psutil
+from M4oESegmentationLib import gate_review, segmenter, status, volumes
+
+from m4oe.demo import synthetic_ct
+from m4oe.labels import Label
+
+MODULE_DIR = Path(__file__).resolve().parents[2] / "M4oESegmentation"
+TIMEOUT_S = 300
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def temp_root(tmp_path, monkeypatch):
+    """The folder the run's temporary workspace is made in, checked empty by the tests."""
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
+@pytest.fixture
+def study_volume(scene):
+    """A small CT volume node inside patient > study in the subject hierarchy, as DICOM import makes it."""
+    volume = volumes.sitk_to_volume_node(synthetic_ct((6, 48, 48), (5.0, 5.0, 4.0), seed=2), "abdomen CT")
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "patient")
+    study = hierarchy.CreateStudyItem(patient, "study")
+    hierarchy.CreateItem(study, volume)
+    return volume, study
+
+
+def new_segmenter() -> segmenter.Segmenter:
+    return segmenter.Segmenter(sys.executable, MODULE_DIR)
+
+
+def poll_until_done(runner: segmenter.Segmenter) -> None:
+    """What the module's QTimer does: poll until the run has been reported."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while runner.poll():
+        assert time.monotonic() < deadline, "the segmentation did not end in time"
+        time.sleep(0.05)
+
+
+def card_task(model_dir: Path, task: str = "abdomen") -> dict:
+    card = json.loads((model_dir / "model.json").read_text())
+    return next(t for t in card["tasks"] if t["name"] == task)
+
+
+def test_run_loads_the_result_into_the_input_study(scene, study_volume, tiny_model_dir, temp_root):
+    volume, study = study_volume
+    records, finished = [], []
+    runner = new_segmenter()
+
+    result = runner.run(
+        volume,
+        modality="CT",
+        model=str(tiny_model_dir),
+        device="cpu",
+        extra_args=("--batch-size", "2"),
+        on_progress=records.append,
+        on_finished=lambda result, error: finished.append(error),
+    )
+
+    assert finished == [None] and not runner.running
+    # Progress: stages in the engine's order, the bar never moves back, and reaches the end.
+    stages = [r["stage"] for r in records]
+    assert stages[0] == "load" and "done" not in stages and "log" not in stages
+    assert stages.index("preprocess") < stages.index("inference") < stages.index("postprocess")
+    fractions = [status.overall_fraction(r) for r in records]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert all(status.progress_text(r) for r in records)
+
+    # The result: one segment per label of the card, in order, with name, colour, terminology.
+    node = result.segmentation
+    assert result.modality == "ct" and result.task == "abdomen" and result.compared_with is None
+    labels = card_task(tiny_model_dir)["labels"]
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == len(labels)
+    for n, label in enumerate(labels):
+        segment = segmentation.GetNthSegment(n)
+        assert segmentation.GetNthSegmentID(n) == f"Segment_{label['value']}"
+        assert segment.GetName() == label["name"]
+        np.testing.assert_allclose(segment.GetColor(), label["color"], atol=1e-6)
+        entry = segment.GetTerminology()
+        assert label["type"]["value"] in entry and label["category"]["value"] in entry
+    # Reference geometry from the input, placed in the input's study, visible in 2D and 3D.
+    assert node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()) is volume
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == study
+    assert node.GetSegmentation().ContainsRepresentation("Closed surface")
+    display = node.GetDisplayNode()
+    assert display.GetVisibility() and display.GetVisibility3D() and display.GetVisibility2DFill()
+    # The labels round-trip to the engine's label map on the input's grid.
+    labels_back = volumes.segmentation_to_labelmap(node, volume, [Label.from_dict(label) for label in labels])
+    assert labels_back.GetSize() == volumes.volume_node_to_sitk(volume).GetSize()
+    # What produced it travels with it.
+    assert node.GetAttribute("M4oESegmentation.Modality") == "ct"
+    assert node.GetAttribute("M4oESegmentation.Task") == "abdomen"
+    assert status.detected_modality_text(node).startswith("CT (")
+
+    # Gate views, found again from the node alone (as after saving and reloading the scene).
+    review = segmenter.gate_review_of(node)
+    assert review is not None
+    assert [e["name"] for e in review.summary["experts"]] == ["ct", "mr", "mr-t2"]
+    assert review.table.GetTable().GetNumberOfRows() == len(review.summary["per_segment"])
+    assert review.chart.GetNumberOfPlotSeriesNodes() == 3 + 1  # one per expert, and the slice marker
+    assert review.overlay.IsA("vtkMRMLLabelMapVolumeNode")
+    assert review.overlay.GetDisplayNode().GetColorNodeID() == review.colors.GetID()
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(review.overlay)) == study
+    assert review.warning == gate_review.routing_warning(review.summary)
+    assert list(temp_root.iterdir()) == [], "the temporary folder is removed"
+
+
+def test_new_result_by_default_replaced_only_when_asked(scene, study_volume, tiny_model_dir, temp_root):
+    volume, _ = study_volume
+    runner = new_segmenter()
+    options = {"modality": "ct", "model": str(tiny_model_dir), "device": "cpu", "task": "liver"}
+    first = runner.run(volume, **options).segmentation
+    tables = scene.GetNumberOfNodesByClass("vtkMRMLTableNode")
+
+    second = runner.run(volume, first, **options).segmentation  # selected but not to be replaced
+    assert second is not first
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2
+    assert first.GetName() != second.GetName()
+
+    old_review = segmenter.gate_review_of(first)
+    replaced = runner.run(volume, first, replace_existing=True, **options).segmentation
+    assert replaced is first
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 2 * tables, "old gate views removed"
+    assert (
+        old_review.chart.GetScene() is None and segmenter.gate_review_of(first).chart is not old_review.chart
+    )
+    assert list(temp_root.iterdir()) == []
+
+
+def test_forced_expert_comparison_goes_into_a_second_segmentation(
+    scene, study_volume, tiny_model_dir, temp_root
+):
+    volume, _ = study_volume
+    runner = new_segmenter()
+    options = {"modality": "ct", "model": str(tiny_model_dir), "device": "cpu", "task": "liver"}
+    result = runner.run(volume, **options).segmentation
+
+    compared = runner.run(volume, force_expert="mr-t2", compared_with=result, **options)
+    comparison = compared.segmentation
+    assert compared.compared_with is result and comparison is not result
+    assert segmenter.comparison_of(result, "mr-t2") is comparison
+    assert segmenter.gate_review_of(comparison) is None, "a forced run has no gate views"
+    assert segmenter.gate_review_of(result) is not None, "the result keeps its own"
+    assert comparison.GetAttribute("M4oESegmentation.ForcedExpert") == "mr-t2"
+    assert not comparison.GetDisplayNode().GetVisibility2DFill(), "outlines over the result's fill"
+
+    again = runner.run(volume, force_expert="mr-t2", compared_with=result, **options).segmentation
+    assert again is comparison, "comparing with the same expert again replaces the comparison"
+    with pytest.raises(ValueError, match="no expert 'nobody'"):
+        runner.start(volume, force_expert="nobody", compared_with=result, **options)
+    assert not runner.running
+    assert list(temp_root.iterdir()) == []
+
+
+def test_dicom_modality_tag_chooses_the_modality(scene, study_volume, tiny_model_dir, temp_root):
+    volume, _ = study_volume
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    name = slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName()
+    hierarchy.SetItemAttribute(hierarchy.GetItemByDataNode(volume), name, "MR")
+    assert segmenter.dicom_modality(volume) == "mr"
+
+    result = new_segmenter().run(volume, model=str(tiny_model_dir), device="cpu", task="liver")
+
+    # The CT-like intensities would be detected as CT; the series says MR, and wins.
+    assert result.modality == "mr" and result.modality_source == "DICOM Modality tag"
+    assert status.detected_modality_text(result.segmentation) == "MR (DICOM Modality tag)"
+    assert result.segmentation.GetAttribute("M4oESegmentation.ModalitySource") == "DICOM Modality tag"
+
+
+def test_cancel_kills_the_engine_and_leaves_the_scene_as_it_was(scene, tiny_model_dir, temp_root):
+    big = volumes.sitk_to_volume_node(synthetic_ct((48, 128, 128), (2.0, 2.0, 2.5), seed=3), "big CT")
+    nodes_before = scene.GetNumberOfNodes()
+    records, finished = [], []
+    runner = new_segmenter()
+    inference = runner.start(
+        big,
+        modality="ct",
+        model=str(tiny_model_dir),
+        device="cpu",
+        extra_args=("--batch-size", "1"),
+        on_progress=records.append,
+        on_finished=lambda result, error: finished.append((result, error)),
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not any(r["stage"] == "inference" for r in records):
+        assert runner.poll() and time.monotonic() < deadline, inference.stderr
+        time.sleep(0.05)
+    tree = [psutil.Process(inference.pid), *psutil.Process(inference.pid).children(recursive=True)]
+
+    runner.cancel(wait=True)
+
+    assert finished == [(None, status.CANCELLED)] and not runner.running
+    assert [p.pid for p in tree if psutil.pid_exists(p.pid)] == [], "no engine process is left"
+    assert scene.GetNumberOfNodes() == nodes_before, "nothing was added to the scene"
+    assert list(temp_root.iterdir()) == [], "no output and no temporary file is left"
+    runner.cancel()  # nothing running: nothing happens
+    assert not runner.poll()
+
+
+def test_engine_error_reaches_the_caller_and_adds_nothing(
+    scene, study_volume, tiny_model_dir, tmp_path, temp_root
+):
+    volume, _ = study_volume
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # the card's SHA-256 no longer matches
+    weights.write_bytes(bytes(data))
+    nodes_before = scene.GetNumberOfNodes()
+    finished = []
+
+    with pytest.raises(RuntimeError) as raised:
+        new_segmenter().run(
+            volume, model=str(broken), device="cpu", on_finished=lambda r, e: finished.append((r, e))
+        )
+
+    message = str(raised.value)
+    assert str(broken) in message and "sha" in message.lower(), message
+    assert finished == [(None, message)]
+    assert scene.GetNumberOfNodes() == nodes_before
+    assert list(temp_root.iterdir()) == []
+
+
+def test_start_refuses_bad_requests_before_running_anything(scene, study_volume, tiny_model_dir, temp_root):
+    volume, _ = study_volume
+    runner = new_segmenter()
+    with pytest.raises(ValueError, match="input volume"):
+        runner.start(None, model=str(tiny_model_dir))
+    with pytest.raises(ValueError, match="modality"):
+        runner.start(volume, modality="PET", model=str(tiny_model_dir))
+    with pytest.raises(ValueError, match=r"no task 'brain'.*abdomen, liver"):
+        runner.start(volume, model=str(tiny_model_dir), task="brain")
+    with pytest.raises(ValueError, match="no such model"):
+        runner.start(volume, model=str(tiny_model_dir / "missing.json"))
+    assert not runner.running and list(temp_root.iterdir()) == []
+    runner.start(volume, model=str(tiny_model_dir), device="cpu", task="liver")
+    with pytest.raises(RuntimeError, match="already running"):
+        runner.start(volume, model=str(tiny_model_dir), device="cpu")
+    runner.cancel(wait=True)
+
+
+def test_edited_result_exports_as_a_training_case(scene, study_volume, tiny_model_dir, tmp_path, temp_root):
+    from m4oe_training.data import DatasetInfo
+
+    volume, _ = study_volume
+    node = new_segmenter().run(volume, modality="ct", model=str(tiny_model_dir), device="cpu", task="liver")
+    node = node.segmentation
+    # The radiologist repaints the liver (Segment_1) as a block, as the Segment Editor would.
+    reference = volumes.volume_node_to_sitk(volume)
+    liver = np.zeros(sitk.GetArrayViewFromImage(reference).shape, np.uint8)  # (z, y, x)
+    liver[1:5, 10:30, 12:36] = 1
+    painted = sitk.GetImageFromArray(liver)
+    painted.CopyInformation(reference)
+    paint = volumes.sitk_to_volume_node(painted, "paint", labelmap=True)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    edit = logic.CreateOrientedImageDataFromVolumeNode(paint)
+    edit.UnRegister(None)
+    assert logic.SetBinaryLabelmapToSegment(edit, node, "Segment_1", logic.MODE_REPLACE)
+    scene.RemoveNode(paint)
+    dataset = tmp_path / "Dataset777_Reviewed"
+
+    case = segmenter.export_case(volume, node, dataset)
+
+    info = DatasetInfo.read(dataset)
+    assert info.cases == (case,) and info.modality == "ct"
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(dataset / "labelsTr" / f"{case}.nii.gz")))
+    assert np.array_equal(written == 1, liver.astype(bool)), "the edit is what was exported"
+    image = sitk.ReadImage(str(dataset / "imagesTr" / f"{case}_0000.nii.gz"))
+    np.testing.assert_allclose(image.GetOrigin(), volumes.volume_node_to_sitk(volume).GetOrigin(), atol=1e-4)
+    with pytest.raises(ValueError, match="dataset folder"):
+        segmenter.export_case(volume, node, "")
