@@ -34,10 +34,12 @@ benchmark: setup
 	$(BIN)/python benchmarks/moe_block.py
 
 # End-to-end CPU comparison with MONAI SwinUNETR and an nnU-Net-style 3D U-Net (slow: see
-# benchmarks/README.md); the U-Net comes from dynamic-network-architectures, needed only here.
+# benchmarks/README.md). The peers run on 240x240x96 voxels, their time scaled by window count.
+# Needed only here: the U-Net from dynamic-network-architectures (0.3.1; 0.4 requires timm<1.0.23)
+# and einops, which MONAI's SwinUNETR imports.
 benchmark-peers: setup
-	$(BIN)/python -m pip install --quiet dynamic-network-architectures==0.3.1
-	$(BIN)/python benchmarks/peers.py
+	$(BIN)/python -m pip install --quiet einops==0.8.2 dynamic-network-architectures==0.3.1
+	$(BIN)/python benchmarks/peers.py --peer-slices 96 --peer-plane 240
 
 clean:
 	rm -rf $(VENV) out build *.egg-info .pytest_cache .ruff_cache

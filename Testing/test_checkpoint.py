@@ -7,11 +7,13 @@ import json
 import re
 
 import pytest
+import safetensors.torch
 import torch
 
+from m4oe import checkpoint
 from m4oe.checkpoint import load_checkpoint, read_model_card, save_checkpoint, sha256_file
 from m4oe.errors import ModelError, OutputError
-from m4oe.model import build_model
+from m4oe.model import SwinUNet, build_model
 from m4oe.model_card import ExpertInfo, ModelCard, Preprocessing, TaskInfo
 from m4oe.terminology import LEFT, RIGHT, STANDARD_KEYS, TERMS, standard_label
 
@@ -212,6 +214,60 @@ def test_refuses_weights_that_do_not_fit_the_card(saved):
     _edit_card(saved, lambda d: d["architecture"].update(embed_dim=32))
     with pytest.raises(ModelError, match="do not fit the card's architecture; wrong shape"):
         load_checkpoint(saved)
+
+
+def test_refuses_missing_and_unexpected_weights(saved):
+    weights = saved / "model.safetensors"
+    tensors = safetensors.torch.load_file(weights)
+    del tensors["heads.liver.weight"]
+    tensors["extra.weight"] = torch.zeros(3)
+    safetensors.torch.save_file(tensors, str(weights))
+    _edit_card(saved, lambda d: d.update(weights_sha256=sha256_file(weights)))
+    with pytest.raises(ModelError, match=r"missing 1: heads\.liver\.weight; unexpected 1: extra\.weight"):
+        load_checkpoint(saved)
+
+
+def test_loading_skips_the_random_initialisation_and_equals_the_initialised_build(model, saved, monkeypatch):
+    """Built on the meta device, then materialised: the same weights, computed buffers and outputs
+    as a network randomly initialised on the CPU before the weights were loaded into it."""
+    built = []
+
+    def spy(cfg):
+        net = SwinUNet(cfg)
+        built.append(next(net.parameters()).device.type)
+        return net
+
+    monkeypatch.setattr(checkpoint, "SwinUNet", spy)
+    loaded, _ = load_checkpoint(saved)
+    assert built == ["meta"]
+    reference = SwinUNet(model.cfg)
+    reference.load_state_dict(safetensors.torch.load_file(saved / "model.safetensors"), strict=True)
+    reference.eval()
+    expected = dict(reference.named_parameters()) | dict(reference.named_buffers())
+    actual = dict(loaded.named_parameters()) | dict(loaded.named_buffers())
+    assert actual.keys() == expected.keys()
+    computed = [k for k, v in expected.items() if k.endswith(("attn_mask", "relative_position_index"))]
+    assert len(computed) > 10 and all(k not in reference.state_dict() for k in computed)
+    for key, value in expected.items():
+        if value is None:  # the attention mask of an unshifted block
+            assert actual[key] is None, key
+        else:
+            assert actual[key].device.type == "cpu" and actual[key].dtype == value.dtype, key
+            assert torch.equal(actual[key], value), key
+    x = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for task, expert in (("abdomen", None), ("liver", 1)):
+            ref, ref_gates = reference(x, task=task, force_expert=expert, return_gates=True)
+            out, gates = loaded(x, task=task, force_expert=expert, return_gates=True)
+            assert torch.equal(out, ref) and all(torch.equal(gates[k], ref_gates[k]) for k in ref_gates)
+
+
+def test_half_precision_weights_load_into_float32_parameters(model, card, tmp_path):
+    folder = save_checkpoint(model, card, tmp_path / "half", dtype=torch.float16)
+    loaded, _ = load_checkpoint(folder)
+    for name, p in loaded.named_parameters():
+        assert p.dtype == torch.float32, name
+        assert torch.equal(p, dict(model.named_parameters())[name].half().float()), name
 
 
 def test_terminology_entries_are_well_formed():

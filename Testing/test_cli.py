@@ -675,6 +675,39 @@ def test_the_docstring_table_lists_every_case():
     assert table == {b.case: b.exit_code for b in BAD_INPUT} | {"read-only-folder": 3}
 
 
+# --- start-up ----------------------------------------------------------------------------------
+
+
+def test_main_sets_a_passive_omp_wait_policy_unless_the_user_chose_one(tiny_model_dir, monkeypatch, capsys):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert run_cli(["info", tiny_model_dir], capsys)[0] == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+    assert run_cli(["info", tiny_model_dir], capsys)[0] == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "active"
+
+
+def test_segment_start_up_imports_torch_only_after_main_and_no_scipy_matplotlib_or_monai():
+    """``main`` sets OMP_WAIT_POLICY before the segment command imports torch (the OpenMP runtime
+    reads it once, when torch loads); the heavy modules of other commands and of the clean-up are
+    imported where they are used, not at start-up."""
+    code = (
+        "import json, sys; import m4oe.cli as cli; cli.build_parser(); torch = 'torch' in sys.modules; "
+        "from m4oe.io import read_image; from m4oe.predictor import Predictor; "
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('scipy', 'matplotlib', 'monai')); "
+        "print(json.dumps([torch, 'torch' in sys.modules, heavy]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "M4oESegmentation")},
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [False, True, []]
+
+
 # --- info, models, evaluate ---------------------------------------------------------------------
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -134,6 +137,56 @@ def test_to_axial_stack_refuses_a_vector_image():
     vector = sitk.Image([4, 4, 4], sitk.sitkVectorFloat32, 2)
     with pytest.raises(ValueError, match="scalar"):
         to_axial_stack(vector)
+
+
+# Directions beyond DIRECTIONS: exact 45-degree ties, and arbitrary rotations (with a flip).
+MORE_DIRECTIONS = {
+    "tie_about_s": rotation(2, 45.0),
+    "tie_about_l": rotation(0, -45.0),
+    "tie_about_p": rotation(1, 135.0),
+    "rotation_a": rotation(0, 33.0) @ rotation(1, -71.0) @ rotation(2, 12.0),
+    "rotation_b": rotation(2, 160.0) @ rotation(0, 95.0) @ np.diag([1.0, -1.0, 1.0]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DIRECTIONS) + sorted(MORE_DIRECTIONS))
+def test_stack_is_what_dicom_orient_gives_in_the_image_type_without_a_copy(name):
+    direction = DIRECTIONS.get(name, MORE_DIRECTIONS.get(name))
+    values = (np.arange(np.prod(SIZE)) % 30011 - 15000).astype(np.int16).reshape(SIZE[::-1])
+    image = _with_voxels(blob_image(direction), values)
+    orienter = sitk.DICOMOrientImageFilter()
+    orienter.SetDesiredCoordinateOrientation("LPS")
+    oriented = orienter.Execute(image)
+    tracemalloc.start()
+    stack = to_axial_stack(image)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < values.nbytes / 10, "the stack must be a view, not a copy of the volume"
+    assert stack.array.dtype == np.int16 and not stack.array.flags.writeable
+    np.testing.assert_array_equal(stack.array, sitk.GetArrayFromImage(oriented))
+    sx, sy, sz = oriented.GetSpacing()
+    assert stack.spacing == (sz, sy, sx)
+    assert stack.permute_order == tuple(orienter.GetPermuteOrder())
+    assert stack.flip_axes == tuple(bool(f) for f in orienter.GetFlipAxes())
+    back = from_axial_stack(stack.array, stack)
+    assert image_geometry(back) == image_geometry(image) and back.GetPixelID() == sitk.sitkInt16
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), values)
+
+
+def test_stack_array_outlives_its_image_and_ignores_later_writes():
+    values = (np.arange(np.prod(SIZE)) % 3001).astype(np.int16).reshape(SIZE[::-1])
+    image = _with_voxels(blob_image(DIRECTIONS["flipped"]), values)
+    expected = values[:, ::-1, ::-1]
+    # Neither the stack nor the image it was made from outlives this line, only the array.
+    array = to_axial_stack(_with_voxels(blob_image(DIRECTIONS["flipped"]), values)).array
+    gc.collect()
+    overwrite = [np.full(values.shape, -7, np.int16) for _ in range(16)]  # reuses freed memory
+    np.testing.assert_array_equal(array, expected)
+    stack = to_axial_stack(image)
+    image.SetPixel((0, 0, 0), -5)  # a write through SimpleITK copies the shared buffer first
+    assert image.GetPixel((0, 0, 0)) == -5 and stack.array[0, -1, -1] == values[0, 0, 0]
+    np.testing.assert_array_equal(stack.array, expected)
+    assert len(overwrite) == 16
 
 
 def _with_voxels(image: sitk.Image, values: np.ndarray) -> sitk.Image:

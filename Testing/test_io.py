@@ -62,12 +62,43 @@ def test_read_each_file_format(tmp_path, extension):
     path = tmp_path / f"ct{extension}"
     sitk.WriteImage(original, str(path), useCompression=True)
     loaded = read_image(path)
-    assert loaded.image.GetPixelID() == sitk.sitkFloat32
+    assert loaded.image.GetPixelID() == sitk.sitkInt16
     assert loaded.pixel_type == "int16"
     assert loaded.dicom_modality is None
     assert loaded.path == path
     assert same_geometry(loaded.image, original)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(loaded.image), sitk.GetArrayFromImage(original))
+
+
+@pytest.mark.parametrize(
+    "dtype, kept",
+    [
+        (np.int8, True),
+        (np.uint8, True),
+        (np.int16, True),
+        (np.uint16, True),
+        (np.float32, True),
+        (np.int32, False),
+        (np.uint32, False),
+        (np.float64, False),
+    ],
+)
+def test_read_keeps_types_float32_holds_exactly_and_casts_the_others(tmp_path, dtype, kept):
+    """A 512x512x300 int16 CT stays 157 MB; types float32 cannot hold exactly are cast on reading."""
+    values = (np.arange(6 * 7 * 8) * 3 - 100).reshape(6, 7, 8)
+    if np.issubdtype(dtype, np.integer):
+        values = np.clip(values, np.iinfo(dtype).min, np.iinfo(dtype).max)
+    original = sitk.GetImageFromArray(values.astype(dtype))
+    if not kept:  # a value float32 rounds, to show that the cast is done once, as before
+        original.SetPixel(1, 2, 3, 16_777_217)
+    path = tmp_path / "volume.nrrd"
+    sitk.WriteImage(original, str(path))
+    loaded = read_image(path)
+    array = sitk.GetArrayViewFromImage(loaded.image)
+    assert loaded.pixel_type == np.dtype(dtype).name
+    assert array.dtype == (np.dtype(dtype) if kept else np.float32)
+    expected = sitk.GetArrayViewFromImage(original)
+    np.testing.assert_array_equal(array, expected if kept else expected.astype(np.float32))
 
 
 def write_dicom_series(folder: Path, image: sitk.Image, modality: str, series_uid: str) -> None:

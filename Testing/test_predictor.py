@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 
 from m4oe.checkpoint import load_checkpoint
 from m4oe.demo import synthetic_ct
@@ -171,6 +172,58 @@ def test_keep_largest_components_only_touches_listed_labels():
     result = keep_largest_components(labels, [1])
     np.testing.assert_array_equal(result, expected)
     assert int((result == 1).sum()) == 9 and int((result == 2).sum()) == 2
+
+
+def test_keep_largest_components_with_more_fragments_than_uint16_counts():
+    """Above 65535 components the uint16 component map cannot hold them; the int32 one takes over."""
+    labels = np.zeros((85, 81, 81), np.uint8)
+    labels[:81:2, ::2, ::2] = 4  # 41^3 = 68921 voxels, none touching another (26-connectivity)
+    labels[83:, :3, :3] = 4  # 2 x 3 x 3 = 18 voxels, the largest component
+    labels[84, 10, 10] = 2  # an unlisted label
+    assert int((labels == 4).sum()) > 1 << 16
+    result = keep_largest_components(labels.copy(), [4])
+    expected = np.zeros_like(labels)
+    expected[83:, :3, :3] = 4
+    expected[84, 10, 10] = 2
+    np.testing.assert_array_equal(result, expected)
+
+
+def test_keep_largest_components_matches_whole_volume_labelling():
+    """Bounding boxes, uint16 maps and counting only the label's voxels change nothing."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, (24, 30, 28)).astype(np.uint8)
+    labels[rng.random(labels.shape) < 0.6] = 0
+    expected = labels.copy()
+    for value in (1, 3, 4):
+        components, _ = ndimage.label(expected == value, structure=np.ones((3, 3, 3), bool))
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        expected[(expected == value) & (components != sizes.argmax())] = 0
+    np.testing.assert_array_equal(keep_largest_components(labels, [1, 3, 4]), expected)
+
+
+# --- pixel types --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "SPL"])
+def test_integer_input_gives_exactly_the_outputs_of_its_float32_copy(predictor, ct_lps, orientation):
+    """The stack keeps the file's int16 (CT) or uint16 (MR); batches are cast to float32 as the
+    whole volume was before, so labels, probabilities and gate maps are bit-identical."""
+    ct = sitk.DICOMOrient(sitk.Cast(ct_lps, sitk.sitkInt16), orientation)
+    mr = sitk.Cast(sitk.Clamp(ct + 1024, lowerBound=0) * 3, sitk.sitkUInt16)
+    for image, modality in ((ct, "ct"), (mr, "mr")):
+        as_float = sitk.Cast(image, sitk.sitkFloat32)
+        outputs = [
+            predictor.predict(x, probabilities="float16", gates=True, modality="auto")
+            for x in (image, as_float)
+        ]
+        assert outputs[0].modality.modality == modality
+        assert geometry(outputs[0].labelmap) == geometry(image)
+        for name in ("labelmap", "probabilities", "gate_map"):
+            a, b = (getattr(o, name) for o in outputs)
+            assert geometry(a) == geometry(b)
+            np.testing.assert_array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b))
+        assert outputs[0].gate_summary == outputs[1].gate_summary
 
 
 # --- gate maps ----------------------------------------------------------------------------------

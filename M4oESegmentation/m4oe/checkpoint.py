@@ -140,8 +140,14 @@ def load_checkpoint(
             weights,
         )
     state = _parse_safetensors(data, weights)
-    model = SwinUNet(card.architecture)
+    # Built on the meta device, skipping the random initialisation the weights overwrite: 1.2 s
+    # (often more under load) for a 60 M-parameter M4oE, against a fixed 0.2 s here. Shapes are
+    # known on the meta device, so the fit is checked before any memory is taken.
+    with torch.device("meta"):
+        model = SwinUNet(card.architecture)
     _check_fit(state, model, weights)
+    model.to_empty(device="cpu")
+    model.init_non_persistent_buffers()
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), card
 

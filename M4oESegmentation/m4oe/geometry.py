@@ -11,8 +11,10 @@ so that the numpy array reads in the nearest LPS orientation:
 
 which is how ``sitk.GetArrayFromImage`` lays out an image with identity direction. For an oblique
 volume the slices are the acquired slices, not resampled ones: "axial" means the voxel axis
-closest to superior. :func:`from_axial_stack` undoes the permutation and flips exactly and returns
-an image on the original grid (same size, spacing, origin and direction, bit for bit).
+closest to superior. The stack is a view of the image's own voxels in their own pixel type (no
+copy: a 512x512x300 int16 CT stays 157 MB, not a second 315 MB float32 array).
+:func:`from_axial_stack` undoes the permutation and flips exactly and returns an image on the
+original grid (same size, spacing, origin and direction, bit for bit).
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ AXIAL_ORIENTATION = "LPS"
 class AxialStack:
     """A volume as a stack of axial slices.
 
-    ``array``: float32, shape (Z, Y, X); ``array[k]`` is the k-th axial slice, k from inferior to
-    superior, rows anterior -> posterior, columns patient right -> left.
+    ``array``: shape (Z, Y, X), the image's pixel type; ``array[k]`` is the k-th axial slice, k from
+    inferior to superior, rows anterior -> posterior, columns patient right -> left. A read-only,
+    possibly non-contiguous view of ``reference``'s voxels as they were when the stack was made:
+    it shares their buffer and keeps it alive (SimpleITK copies a shared buffer on write).
     ``spacing``: (sz, sy, sx) in mm, the spacing of the array's axes.
     ``reference``: the original image, whose grid :func:`from_axial_stack` maps back to.
     ``orientation``: the original's orientation code in SimpleITK's convention, the letter each
@@ -48,29 +52,53 @@ class AxialStack:
     flip_axes: tuple[bool, bool, bool]
 
 
-def to_axial_stack(image: sitk.Image) -> AxialStack:
-    """Reorient a 3D scalar image (any direction cosines) to an axial (Z, Y, X) float32 stack.
+class _Voxels:
+    """The voxel buffer of a SimpleITK image as a read-only numpy array (z, y, x), kept alive.
 
-    Uses SimpleITK's DICOMOrientImageFilter to the nearest LPS orientation: voxels are permuted and
-    flipped, never interpolated, so the stack holds exactly the original voxel values.
+    ``sitk.GetArrayViewFromImage`` alone gives a view that dangles once the image is freed (e.g.
+    ``to_axial_stack(sitk.RegionOfInterest(...)).array``). numpy keeps this object as the base of
+    every view made from ``np.asarray(_Voxels(image))``, and it holds a shallow copy of the image:
+    one more owner of the same buffer, so the buffer lives as long as any view, and a later write
+    to ``image`` through SimpleITK copies the buffer first instead of changing the view.
+    """
+
+    def __init__(self, image: sitk.Image):
+        view = sitk.GetArrayViewFromImage(image)  # first: makes ``image`` own its buffer, if shared
+        interface = dict(view.__array_interface__)
+        interface["data"] = (interface["data"][0], True)  # read-only
+        self.__array_interface__ = interface
+        self._owner = sitk.Image(image)  # shares the buffer (copy on write)
+
+
+def to_axial_stack(image: sitk.Image) -> AxialStack:
+    """Reorient a 3D scalar image (any direction cosines) to an axial (Z, Y, X) stack, without copying.
+
+    Permutes and flips the voxel axes to the nearest LPS orientation, as SimpleITK's
+    DICOMOrientImageFilter does (same permutation and flips, from the same orientation code), but
+    as a numpy view of ``image``'s buffer: never interpolated, never copied, never cast, so the
+    stack holds exactly the original voxel values in the original pixel type.
     """
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(
             f"expected a 3D scalar image, got {image.GetDimension()}D with "
             f"{image.GetNumberOfComponentsPerPixel()} components per voxel"
         )
-    orienter = sitk.DICOMOrientImageFilter()
-    orienter.SetDesiredCoordinateOrientation(AXIAL_ORIENTATION)
-    oriented = orienter.Execute(image)
-    array = sitk.GetArrayFromImage(oriented).astype(np.float32, copy=False)
-    sx, sy, sz = oriented.GetSpacing()
+    orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+    # Stack axis n (x, y, z order) is the image axis pointing along L/R, P/A, S/I, flipped unless it
+    # points towards L, P, S.
+    permute_order = tuple(next(n for n in range(3) if orientation[n] in pair) for pair in ("LR", "PA", "SI"))
+    flip_axes = tuple(orientation[permute_order[n]] != AXIAL_ORIENTATION[n] for n in range(3))
+    # Numpy axis 2 - n is SimpleITK axis n: stack numpy axis m is image numpy axis 2 - permute_order[2 - m].
+    array = np.asarray(_Voxels(image)).transpose([2 - permute_order[2 - m] for m in range(3)])
+    array = np.flip(array, [m for m in range(3) if flip_axes[2 - m]])
+    spacing = image.GetSpacing()
     return AxialStack(
         array=array,
-        spacing=(sz, sy, sx),
+        spacing=tuple(spacing[permute_order[n]] for n in (2, 1, 0)),
         reference=image,
-        orientation=sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection()),
-        permute_order=tuple(int(n) for n in orienter.GetPermuteOrder()),
-        flip_axes=tuple(bool(f) for f in orienter.GetFlipAxes()),
+        orientation=orientation,
+        permute_order=permute_order,
+        flip_axes=flip_axes,
     )
 
 

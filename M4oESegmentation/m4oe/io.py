@@ -44,13 +44,19 @@ COMPOUND_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".tar.gz")
 MIN_AXIS_SIZE = 2
 DICOM_MODALITY_TAG = "0008|0060"
 _COMPLEX_PIXEL_IDS = {sitk.sitkComplexFloat32, sitk.sitkComplexFloat64}
+# Pixel types read as they are: float32 holds every value of them exactly, so casting a batch of
+# slices at normalisation gives the same numbers as casting the volume on reading, and a CT stays
+# 2 bytes a voxel. Every other type (32- and 64-bit integers, float64) is cast to float32 here.
+KEPT_PIXEL_IDS = {sitk.sitkInt8, sitk.sitkUInt8, sitk.sitkInt16, sitk.sitkUInt16, sitk.sitkFloat32}
 
 
 @dataclass
 class LoadedImage:
     """A volume read from disk.
 
-    ``image`` is 3D, scalar, float32, with the file's geometry unchanged (LPS, mm).
+    ``image`` is 3D, scalar, with the file's geometry unchanged (LPS, mm); its voxels keep the
+    file's type when it is an 8- or 16-bit integer or float32 (:data:`KEPT_PIXEL_IDS`), and are
+    float32 otherwise.
     ``dicom_modality`` is the DICOM Modality tag (0008,0060), e.g. ``"CT"`` or ``"MR"``, when the
     volume was read from a DICOM series, else None. ``pixel_type`` is the numpy name of the voxel
     type as SimpleITK read it, after any rescale slope of the file (``"int16"``, ``"float32"``).
@@ -69,8 +75,9 @@ def read_image(path: str | Path) -> LoadedImage:
     """Read a 3D scalar volume from NIfTI, NRRD, MetaImage or a DICOM series folder.
 
     A folder is read as a DICOM series; when it holds several series, the one with the most files
-    is read and a warning says so. The voxels are cast to float32 (HU for CT); the geometry (size,
-    spacing in mm, origin and direction in LPS) is the file's.
+    is read and a warning says so. The voxels (HU for CT) keep an 8- or 16-bit integer or float32
+    type, other types are cast to float32; the geometry (size, spacing in mm, origin and direction
+    in LPS) is the file's.
 
     Refused with :class:`InputError` naming the file: a missing path, a folder without a DICOM
     series, a single DICOM file (pass its folder), an unsupported or corrupt or truncated file, a
@@ -92,7 +99,8 @@ def read_image(path: str | Path) -> LoadedImage:
     if image.GetDimension() == 4:
         image = sitk.Extract(image, [*image.GetSize()[:3], 0], [0, 0, 0, 0])
     pixel_type = sitk.GetArrayViewFromImage(image).dtype.name
-    image = sitk.Cast(image, sitk.sitkFloat32)
+    if image.GetPixelID() not in KEPT_PIXEL_IDS:
+        image = sitk.Cast(image, sitk.sitkFloat32)
     if pixel_type.startswith("float"):
         bad = int(np.count_nonzero(~np.isfinite(sitk.GetArrayViewFromImage(image))))
         if bad:

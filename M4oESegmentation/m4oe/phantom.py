@@ -39,15 +39,15 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from scipy.interpolate import BSpline
-from scipy.ndimage import gaussian_filter
-from scipy.spatial.transform import Rotation
 
 from m4oe import __version__
 from m4oe.errors import CancelledError, InputError, OutputError
 from m4oe.io import write_atomic, write_image
 from m4oe.labels import Label
 from m4oe.terminology import standard_label
+
+# scipy (interpolate, spatial, ndimage) is imported inside the three functions that use it:
+# ``m4oe.cli`` imports this module to build its parser, and scipy took 0.7 s of every command's start.
 
 SEQUENCES = ("ct", "t1", "t2")
 """What :func:`generate_case` can image: ``"ct"`` (HU), ``"t1"`` and ``"t2"`` (MR)."""
@@ -182,6 +182,8 @@ class _Ellipsoid:
 
 
 def _ellipsoid(centre, radii, degrees_xyz=(0.0, 0.0, 0.0)) -> _Ellipsoid:
+    from scipy.spatial.transform import Rotation
+
     matrix = Rotation.from_euler("xyz", degrees_xyz, degrees=True).as_matrix()
     return _Ellipsoid(
         tuple(float(c) for c in centre),
@@ -389,6 +391,8 @@ def _draw_acquisition(
 
 def _bspline_basis(coords: np.ndarray, low: float, high: float, step: float) -> np.ndarray:
     """Cubic B-spline basis (n points, m functions) on knots every ``step`` mm across [low, high]."""
+    from scipy.interpolate import BSpline
+
     intervals = int(np.ceil((high - low) / step))
     knots = low + step * np.arange(-3, intervals + 4)
     points = np.clip(coords, low, low + step * intervals)
@@ -637,6 +641,8 @@ def _intensity_table(sequence: str, contrast: str, rng: np.random.Generator) -> 
 
 def _render(anatomy: _Anatomy, acq: _Acquisition, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Intensity (float32) and label (uint8) arrays, (Z, Y, X) on the acquisition's LPS-aligned grid."""
+    from scipy.ndimage import gaussian_filter
+
     canvas = _Canvas(anatomy, acq)
     cavity = _paint_torso(canvas, anatomy)
     _paint_organs(canvas, anatomy, cavity)

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from scipy import ndimage
 
 from .checkpoint import load_checkpoint
 from .errors import CancelledError, InputError
@@ -355,6 +354,8 @@ def keep_largest_components(labels: np.ndarray, values: list[int]) -> np.ndarray
     Each label is searched only inside its bounding box (all boxes found in one pass), so an organ
     costs its own extent rather than the whole volume.
     """
+    from scipy import ndimage  # here, not at the top: 0.25 s of every start, for the clean-up only
+
     structure = np.ones((3, 3, 3), bool)
     boxes = ndimage.find_objects(labels, max_label=max(values, default=0))
     for value in values:
@@ -363,10 +364,15 @@ def keep_largest_components(labels: np.ndarray, values: list[int]) -> np.ndarray
             continue
         region = labels[box]
         mask = region == value
-        components, count = ndimage.label(mask, structure=structure)
+        try:  # 2 bytes per voxel, not 4: fewer than 65536 fragments is the rule
+            components, count = ndimage.label(mask, structure=structure, output=np.uint16)
+        except RuntimeError:  # too many fragments for uint16
+            components, count = ndimage.label(mask, structure=structure)
         if count <= 1:
             continue
         # Counting only the label's own voxels skips the int64 copy of the whole box bincount makes.
         sizes = np.bincount(components[mask], minlength=count + 1)
-        region[mask & (components != int(sizes.argmax()))] = 0
+        drop = components != sizes.argmax()
+        drop &= mask
+        region[drop] = 0
     return labels

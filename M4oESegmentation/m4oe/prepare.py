@@ -56,7 +56,14 @@ class SlicePlan:
     def model_input(
         self, slices: np.ndarray | torch.Tensor, device: torch.device | str = "cpu"
     ) -> torch.Tensor:
-        """Normalise and resample slices (B, Y, X) of the planned volume to (B, 1, S, S) float32."""
+        """Normalise and resample slices (B, Y, X) of the planned volume to (B, 1, S, S) float32.
+
+        ``slices``: any real dtype (an axial stack keeps the file's pixel type), any strides. A numpy
+        array is copied to float32 here, so a caller that passes one batch at a time never holds a
+        float copy of the whole volume.
+        """
+        if isinstance(slices, np.ndarray):
+            slices = np.array(slices, dtype=np.float32)  # also frees it from a read-only stack view
         t = torch.as_tensor(slices, device=device)[:, None]
         return to_model_grid(
             normalize_slices(t, self.modality, self.params, self.volume_stats), self.grid, self.pad_value

@@ -71,12 +71,11 @@ WHITE = (1.0, 1.0, 1.0)
 class _Views:
     """The slices the image panels show.
 
-    ``labels``: the label map's axial stack (label values as float32, (Z, Y, X)); its geometry is
-    the input's. ``k``: the axial slice (stack axis 0); ``row``: the coronal slice (stack axis 1).
-    ``axial``: (Y, X) input intensities of slice ``k``; ``coronal``: (Z, X) input intensities of
-    row ``row``, slices inferior -> superior. ``window``: (low, high) display intensities.
-    Only these two planes of the input are read out, so a large volume costs one float32 copy (the
-    label stack), not three.
+    ``labels``: the label map's axial stack ((Z, Y, X) label values in the label map's type, a view
+    of it); its geometry is the input's. ``k``: the axial slice (stack axis 0); ``row``: the coronal
+    slice (stack axis 1). ``axial``: (Y, X) input intensities of slice ``k``; ``coronal``: (Z, X)
+    input intensities of row ``row``, slices inferior -> superior. ``window``: (low, high) display
+    intensities. Only these two planes of the input are read out, so a large volume costs no copy.
     """
 
     labels: AxialStack
@@ -279,7 +278,7 @@ def _display_window(array: np.ndarray, modality: ModalityResult) -> tuple[float,
         if offset:
             note = f"intensities look like CT without its rescale intercept; window moved up by {offset:.0f}"
         return level + offset - width / 2, level + offset + width / 2, note
-    low, high = np.percentile(strided_subsample(array, 1 << 20), MR_PERCENTILES)
+    low, high = np.percentile(strided_subsample(array, 1 << 20).astype(np.float32), MR_PERCENTILES)
     return float(low), float(max(high, low + 1e-6)), None
 
 
