@@ -765,3 +765,57 @@ def test_evaluate_a_label_map_against_itself_and_renumbered(tmp_path, capsys):
     assert code == 0
     result = json.loads(out)
     assert [(r["label"], r["dice"]) for r in result["labels"]] == [(5, 1.0), (6, 1.0)]
+
+
+def test_evaluate_names_labels_from_segments_or_a_model_card(tmp_path, capsys, tiny_model_dir):
+    from m4oe.checkpoint import read_model_card
+    from m4oe.io import write_segmentation
+    from m4oe.terminology import standard_label
+
+    labels = np.zeros((6, 20, 20), np.uint8)
+    labels[1:4, 2:8, 2:8] = 1
+    labels[2:5, 10:16, 11:18] = 2
+    image = sitk.GetImageFromArray(labels)
+    seg = write_segmentation(
+        image, [standard_label("liver", 1), standard_label("kidney_left", 2)], tmp_path / "pred.seg.nrrd"
+    )
+    renumbered = np.select([labels == 1, labels == 2], [5, 6], 0).astype(np.uint8)
+    ref = write_volume(renumbered, tmp_path / "ref.nii.gz")
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"1": 5, "2": 6}))
+    code, out, _ = run_cli(["evaluate", seg, ref, "--label-map", mapping, "--json"], capsys)
+    assert code == 0
+    rows = json.loads(out)["labels"]
+    assert [(r["label"], r["name"], r["dice"]) for r in rows] == [(5, "liver", 1.0), (6, "left kidney", 1.0)]
+    code, out, _ = run_cli(["evaluate", seg, ref, "--label-map", mapping], capsys)
+    assert code == 0
+    table = out.splitlines()
+    assert table[0].split()[:3] == ["label", "name", "dice"]
+    assert table[2].split()[:4] == ["6", "left", "kidney", "1.0000"]
+
+    pred = write_volume(labels, tmp_path / "pred.nii.gz")  # no names in a NIfTI: "-" / null
+    code, out, _ = run_cli(["evaluate", pred, pred, "--json"], capsys)
+    assert [r["name"] for r in json.loads(out)["labels"]] == [None, None]
+    card_names = {lab.value: lab.name for lab in read_model_card(tiny_model_dir).task(None).labels}
+    code, out, _ = run_cli(["evaluate", pred, pred, "--model", str(tiny_model_dir), "--json"], capsys)
+    assert code == 0
+    assert [r["name"] for r in json.loads(out)["labels"]] == [card_names[1], card_names[2]]
+    code, _, err = run_cli(["evaluate", pred, pred, "--model", str(tiny_model_dir), "--task", "nope"], capsys)
+    assert code == 4 and "unknown task 'nope'" in err
+
+
+@pytest.mark.parametrize("progress", [["--progress", "json"], ["--progress=json"], []])
+def test_usage_error_is_also_a_json_line_when_json_progress_is_asked(tmp_path, capsys, progress):
+    volume = write_volume(np.zeros((4, 8, 8), np.int16), tmp_path / "in.nii.gz")
+    argv = ["segment", volume, "-o", tmp_path / "out.nii.gz", *progress, "--modality", "pet"]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2
+    assert err.startswith("usage: m4oe segment") and "m4oe segment: error: argument --modality" in err
+    if progress:
+        (line,) = out.splitlines()
+        event = json.loads(line)
+        assert event["stage"] == "error" and event["exit_code"] == 2
+        assert "argument --modality: invalid choice: 'pet'" in event["message"]
+    else:
+        assert out == ""
+    assert not (tmp_path / "out.nii.gz").exists()

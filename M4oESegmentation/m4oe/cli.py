@@ -7,6 +7,7 @@ One argparse builder; every user error ends in one line on stderr and a non-zero
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -24,8 +25,25 @@ SEGMENTATION_SUFFIX = ".seg.nrrd"
 LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
+class UsageError(SystemExit):
+    """A command-line usage error: exit code 2, as argparse, with the message kept for ``main``."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error raises :class:`UsageError` instead of printing and exiting, so
+    ``main`` can also report it as a JSON line when ``--progress json`` was asked for."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="m4oe",
         description="M4oE abdominal organ segmentation for CT and MRI (mixture of modality experts).",
     )
@@ -91,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("reference")
     ev.add_argument("--label-map", default=None, help='JSON {"pred value": ref value} when numbering differs')
     ev.add_argument("--labels", default=None, help="comma-separated prediction label values to score")
+    ev.add_argument(
+        "--model",
+        default=None,
+        help="name the labels from this model's card (default: the segment names of a .seg.nrrd "
+        "reference or prediction)",
+    )
+    ev.add_argument("--task", default=None, help="the model's task whose labels name the values")
     ev.add_argument("--json", action="store_true")
 
     models = sub.add_parser("models", help="list, download and delete models")
@@ -308,10 +333,23 @@ def cmd_info(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate, format_table, load_label_map
+    from .evaluate import evaluate, format_table, load_label_map, segment_names
     from .io import read_image
 
     label_map = load_label_map(args.label_map) if args.label_map else None
+    # Names keyed by reference value: the prediction's (a model's card or its segments) go through
+    # the label map when there is one.
+    if args.model is not None:
+        from .checkpoint import read_model_card
+        from .hub import resolve_model
+
+        card = read_model_card(resolve_model(args.model))
+        pred_names = {label.value: label.name for label in card.task(args.task).labels}
+    else:
+        pred_names = segment_names(args.prediction)
+    names = {(label_map or {}).get(value, value): name for value, name in pred_names.items()}
+    if args.model is None:
+        names.update(segment_names(args.reference))
     labels = None
     if args.labels:
         try:
@@ -321,7 +359,13 @@ def cmd_evaluate(args) -> int:
     pred = read_image(args.prediction)
     ref = read_image(args.reference)
     result = evaluate(
-        pred.image, ref.image, labels=labels, label_map=label_map, pred_path=pred.path, ref_path=ref.path
+        pred.image,
+        ref.image,
+        labels=labels,
+        label_map=label_map,
+        pred_path=pred.path,
+        ref_path=ref.path,
+        names=names,
     )
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0
@@ -365,7 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     # threads waiting at a barrier sleep instead of spinning on a core another process needs. On 2
     # cores, one kept busy, --threads 2: inference 35 -> 15 s (top-1, 40 slices); 1 thread: same.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as error:
+        print(error.message, file=sys.stderr)
+        if _wants_json(argv):  # a caller reading JSON lines (the Slicer module) gets the error too
+            print(json.dumps({"stage": "error", "message": error.message, "exit_code": 2}), flush=True)
+        raise
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s"
     )
@@ -379,6 +430,13 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("interrupted", 130, json_mode, args.debug)
     except Exception as error:  # the last resort keeps the one-line contract
         return _fail(f"internal error: {type(error).__name__}: {error}", 1, json_mode, args.debug)
+
+
+def _wants_json(argv: list[str]) -> bool:
+    """Whether ``--progress json`` (or ``--progress=json``) is among the arguments."""
+    return "--progress=json" in argv or any(
+        a == "--progress" and b == "json" for a, b in itertools.pairwise(argv)
+    )
 
 
 def _fail(message: str, code: int, json_mode: bool, debug: bool) -> int:

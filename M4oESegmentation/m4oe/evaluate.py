@@ -49,6 +49,7 @@ def evaluate(
     label_map: dict[int, int] | None = None,
     pred_path: str | Path | None = None,
     ref_path: str | Path | None = None,
+    names: dict[int, str] | None = None,
 ) -> dict:
     """Score a predicted label map against a reference label map.
 
@@ -59,10 +60,11 @@ def evaluate(
             reference values it maps to (the labels the model predicts); without, every nonzero
             value in either image.
         label_map: prediction value -> reference value, when the two are numbered differently.
+        names: reference label value -> structure name, copied into each row (``name``, else None).
         pred_path, ref_path: file names, used in messages and copied into the result.
 
     Returns:
-        A JSON-ready dict: ``labels`` (a list, one dict per label with ``label``, ``dice``,
+        A JSON-ready dict: ``labels`` (a list, one dict per label with ``label``, ``name``, ``dice``,
         ``hd95_mm``, ``pred_voxels``, ``ref_voxels``, ``pred_ml``, ``ref_ml``, ``status``),
         ``mean_dice``, ``mean_hd95_mm``, ``labels_missing_in_one`` (count), ``resampled``,
         ``notes`` (list of lines), ``spacing_mm`` (x, y, z), ``label_map``, ``prediction``,
@@ -121,6 +123,7 @@ def evaluate(
         n_ref = int(ref_counts[label]) if label < len(ref_counts) else 0
         row = {
             "label": label,
+            "name": (names or {}).get(label),
             "dice": None,
             "hd95_mm": None,
             "pred_voxels": n_pred,
@@ -165,15 +168,19 @@ def format_table(result: dict) -> str:
     def number(value, digits):
         return "-" if value is None else f"{value:.{digits}f}"
 
-    lines = [f"{'label':>6}  {'dice':>6}  {'HD95 mm':>8}  {'pred ml':>9}  {'ref ml':>9}  status"]
+    width = max([len(row.get("name") or "") for row in result["labels"]] + [4])
+    lines = [
+        f"{'label':>6}  {'name':<{width}}  {'dice':>6}  {'HD95 mm':>8}  {'pred ml':>9}  {'ref ml':>9}  status"
+    ]
     for row in result["labels"]:
         lines.append(
-            f"{row['label']:>6}  {number(row['dice'], 4):>6}  {number(row['hd95_mm'], 2):>8}  "
-            f"{row['pred_ml']:>9.2f}  {row['ref_ml']:>9.2f}  {row['status']}"
+            f"{row['label']:>6}  {row.get('name') or '-':<{width}}  {number(row['dice'], 4):>6}  "
+            f"{number(row['hd95_mm'], 2):>8}  {row['pred_ml']:>9.2f}  {row['ref_ml']:>9.2f}  {row['status']}"
         )
     missing = result["labels_missing_in_one"]
     lines.append(
-        f"{'mean':>6}  {number(result['mean_dice'], 4):>6}  {number(result['mean_hd95_mm'], 2):>8}"
+        f"{'mean':>6}  {'':<{width}}  {number(result['mean_dice'], 4):>6}  "
+        f"{number(result['mean_hd95_mm'], 2):>8}"
         + (f"  (HD95 over labels in both; {missing} label(s) in one image only)" if missing else "")
     )
     lines.extend(f"note: {note}" for note in result["notes"])
@@ -363,3 +370,25 @@ def _scores(pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: tuple[float, .
             y_pred, y, include_background=True, percentile=95, spacing=list(spacing)
         )
     return float(dice.item()), float(hd95.item())
+
+
+def segment_names(path: str | Path) -> dict[int, str]:
+    """Label value -> segment name of a 3D Slicer segmentation file (``.seg.nrrd``); {} otherwise.
+
+    Reads the header only (slicerio). Segments of other layers than the first are skipped, since
+    a label value is only unique within one layer.
+    """
+    path = Path(path)
+    if not path.name.lower().endswith(".seg.nrrd"):
+        return {}
+    import slicerio
+
+    try:
+        info = slicerio.read_segmentation(str(path), skip_voxels=True)
+    except Exception as error:  # slicerio raises plain exceptions for malformed headers
+        raise InputError(f"cannot read segment names ({error})", path) from None
+    return {
+        int(segment["labelValue"]): str(segment["name"])
+        for segment in info.get("segments", [])
+        if segment.get("layer", 0) == 0 and "labelValue" in segment and segment.get("name")
+    }
