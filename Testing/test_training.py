@@ -818,3 +818,27 @@ def test_dataset_info_reports_a_bad_dataset_json_naming_the_file(phantoms, tmp_p
     (root / "dataset.json").unlink()
     with pytest.raises(InputError, match=r"dataset\.json"):
         DatasetInfo.read(root)
+
+
+def test_ct_statistics_are_cached_and_not_read_again(phantoms, tmp_path, monkeypatch):
+    import m4oe_training.data as data_module
+    from m4oe_training.data import DatasetInfo, ct_intensity_params
+
+    infos = [DatasetInfo.read(phantoms["ct"]), DatasetInfo.read(phantoms["t1"])]
+    cases = {info.name: list(info.cases) for info in infos}
+    uncached = ct_intensity_params(infos, cases)
+    first = ct_intensity_params(infos, cases, tmp_path / "cache")
+    assert first == uncached
+    assert len(list((tmp_path / "cache").glob("ct_*_hu_*.npy"))) == len(cases["ct"])  # CT cases only
+
+    def no_reading(path):
+        raise AssertionError(f"read {path} again")
+
+    monkeypatch.setattr(data_module, "read_image", no_reading)
+    assert ct_intensity_params(infos, cases, tmp_path / "cache") == first
+    monkeypatch.undo()
+    label = phantoms["ct"] / "labelsTr" / f"{cases['ct'][0]}.nii.gz"
+    os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10**9))  # "edited"
+    monkeypatch.setattr(data_module, "read_image", no_reading)
+    with pytest.raises(AssertionError, match=r"read .* again"):
+        ct_intensity_params(infos, cases, tmp_path / "cache")

@@ -94,21 +94,44 @@ class PreparedCase:
     foreground_slices: np.ndarray
 
 
-def ct_intensity_params(datasets: list[DatasetInfo], cases: dict[str, list[str]]) -> IntensityParams:
-    """CT normalisation statistics from the labelled voxels of the CT training cases (nnU-Net style)."""
+def ct_intensity_params(
+    datasets: list[DatasetInfo], cases: dict[str, list[str]], cache_dir: Path | None = None
+) -> IntensityParams:
+    """CT normalisation statistics from the labelled voxels of the CT training cases (nnU-Net style).
+
+    Each case contributes at most 100,000 of its labelled voxels' HU values (a strided subsample).
+    With ``cache_dir`` those samples are kept on disk (keyed by the files' size and modification
+    time), so a resumed or repeated run does not read every CT volume again before training.
+    """
     samples = []
     for info in datasets:
         if info.modality != "ct":
             continue
         for case in cases[info.name]:
+            cached = cache_dir / f"{_sample_key(info, case)}.npy" if cache_dir else None
+            if cached is not None and cached.exists():
+                samples.append(np.load(cached))
+                continue
             image = read_image(info.image_path(case)).image
             label = read_image(info.label_path(case)).image
             values = sitk.GetArrayViewFromImage(image)
             mask = sitk.GetArrayViewFromImage(label) > 0
-            samples.append(strided_subsample(values[mask], 100_000))
+            sample = strided_subsample(values[mask], 100_000).astype(np.float32)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.npy")
+                np.save(tmp, sample)
+                tmp.replace(cached)
+            samples.append(sample)
     if not samples:
         return DEFAULT_PARAMS["ct"]
     return ct_statistics_from_samples(np.concatenate(samples))
+
+
+def _sample_key(info: DatasetInfo, case: str) -> str:
+    files = [info.image_path(case), info.label_path(case)]
+    text = json.dumps([CACHE_VERSION, *[(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]])
+    return f"{info.name}_{case}_hu_{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 def prepare_case(

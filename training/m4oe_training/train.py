@@ -218,7 +218,7 @@ def run(
         info.name: split_cases(info, d.val_cases)["train"]
         for d, info in zip(cfg.datasets, infos, strict=True)
     }
-    params = {"ct": ct_intensity_params(infos, train_cases), "mr": DEFAULT_PARAMS["mr"]}
+    params = {"ct": ct_intensity_params(infos, train_cases, out / "cache"), "mr": DEFAULT_PARAMS["mr"]}
 
     torch.manual_seed(cfg.seed)
     if "experts" in cfg.model_overrides or "tasks" in cfg.model_overrides:
