@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch
 
 from m4oe.geometry import to_axial_stack
 from m4oe.inplane import labels_to_model_grid
-from m4oe.io import read_image
+from m4oe.io import read_image, write_atomic
 from m4oe.modality import strided_subsample
 from m4oe.prepare import SlicePlan
 from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams, ct_statistics_from_samples
@@ -119,9 +119,7 @@ def ct_intensity_params(
             sample = strided_subsample(values[mask], 100_000).astype(np.float32)
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.npy")
-                np.save(tmp, sample)
-                tmp.replace(cached)
+                write_atomic(cached, partial(np.save, arr=sample), overwrite=True)
             samples.append(sample)
     if not samples:
         return DEFAULT_PARAMS["ct"]
@@ -129,8 +127,8 @@ def ct_intensity_params(
 
 
 def _sample_key(info: DatasetInfo, case: str) -> str:
-    files = [info.image_path(case), info.label_path(case)]
-    text = json.dumps([CACHE_VERSION, *[(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]])
+    stats = [(str(f), f.stat()) for f in (info.image_path(case), info.label_path(case))]
+    text = json.dumps([CACHE_VERSION, *[(name, st.st_size, st.st_mtime_ns) for name, st in stats]])
     return f"{info.name}_{case}_hu_{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
@@ -188,10 +186,8 @@ class SliceData:
                     )
                     if cached is not None:
                         cached.parent.mkdir(parents=True, exist_ok=True)
-                        # One name per process: DDP ranks prepare the same cases at the same time.
-                        tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.npz")
-                        np.savez(tmp, image=image, label=label)
-                        tmp.replace(cached)
+                        # A unique temporary name: DDP ranks prepare the same cases at the same time.
+                        write_atomic(cached, partial(np.savez, image=image, label=label), overwrite=True)
                 fg = np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1))
                 self.cases.append(PreparedCase(d_index, case, image, label, fg))
         self.by_dataset = [[c for c in self.cases if c.dataset == d] for d in range(len(infos))]
