@@ -1,5 +1,6 @@
 # Set-up and checks. `make demo` runs the main job, `make test` the whole test suite; both
-# create .venv and install the pinned dependencies first.
+# create .venv and install the pinned dependencies first. --no-cache-dir: the CUDA build of torch
+# and its NVIDIA libraries are several GB; a second copy in pip's cache has filled CI disks.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,9 +12,9 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements/pinned.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements/pinned.txt
-	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip install --quiet --no-cache-dir --upgrade pip
+	$(BIN)/python -m pip install --quiet --no-cache-dir -r requirements/pinned.txt
+	$(BIN)/python -m pip install --quiet --no-cache-dir --no-deps -e .
 	touch $(STAMP)
 
 demo: setup
@@ -38,7 +39,7 @@ benchmark: setup
 # Needed only here: the U-Net from dynamic-network-architectures (0.3.1; 0.4 requires timm<1.0.23)
 # and einops, which MONAI's SwinUNETR imports.
 benchmark-peers: setup
-	$(BIN)/python -m pip install --quiet einops==0.8.2 dynamic-network-architectures==0.3.1
+	$(BIN)/python -m pip install --quiet --no-cache-dir einops==0.8.2 dynamic-network-architectures==0.3.1
 	$(BIN)/python benchmarks/peers.py --peer-slices 96 --peer-plane 240
 
 clean:
