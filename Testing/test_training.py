@@ -8,6 +8,7 @@ iterations per epoch) but go through the real loop, the real engine export and, 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -842,3 +843,94 @@ def test_ct_statistics_are_cached_and_not_read_again(phantoms, tmp_path, monkeyp
     monkeypatch.setattr(data_module, "read_image", no_reading)
     with pytest.raises(AssertionError, match=r"read .* again"):
         ct_intensity_params(infos, cases, tmp_path / "cache")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning from an exported model
+
+
+@pytest.mark.slow
+def test_run_initialised_from_an_exported_model_starts_from_its_weights(phantoms, tmp_path):
+    """``init``: the second run starts from the first run's exported weights and records their hash."""
+    datasets = [dataset(phantoms["ct"], "ct"), dataset(phantoms["t1"], "mr")]
+    common = {"batch_size": 2, "iterations_per_epoch": 1, "optimizer": "adamw"}
+    first = write_config(
+        tmp_path / "first.toml",
+        datasets,
+        [{"kind": "experts", "epochs": 1, "lr": 1e-2}],
+        output_dir="first",
+        **common,
+    )
+    source = run(load_config(first)[0], base_dir=tmp_path, command=["test"]) / "model"
+    source_weights = load_file(source / "model.safetensors")
+    # A learning rate so small that the exported weights can only equal the source's if the
+    # second run started from them; a run without ``init`` starts from a random initialisation.
+    second = write_config(
+        tmp_path / "configs" / "second.toml",
+        datasets,
+        [{"kind": "joint", "epochs": 1, "lr": 1e-12, "load_balance_weight": 0.01}],
+        output_dir=str(tmp_path / "second"),
+        init="../first/model",
+        **common,
+    )
+    cfg, _ = load_config(second)
+    assert cfg.init == str(source.resolve())  # relative to the config file's folder
+    model, card = load_checkpoint(run(cfg, base_dir=tmp_path, command=["test"]) / "model")
+    tuned = model.state_dict()
+    assert tuned.keys() == source_weights.keys()
+    for key, value in source_weights.items():
+        torch.testing.assert_close(tuned[key], value, atol=1e-6, rtol=0, msg=key)
+    assert (
+        card.provenance["init_weights_sha256"]
+        == hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
+    )
+
+    fresh = write_config(
+        tmp_path / "fresh.toml",
+        datasets,
+        [{"kind": "joint", "epochs": 1, "lr": 1e-12}],
+        output_dir="fresh",
+        **common,
+    )
+    random_start = load_file(run(load_config(fresh)[0], base_dir=tmp_path) / "model" / "model.safetensors")
+    assert any(not torch.allclose(random_start[k], v) for k, v in source_weights.items())
+
+
+def test_init_from_a_model_that_does_not_fit_the_run_is_a_config_error(tmp_path):
+    """Experts, labels or weight shapes that differ, and a pickled file, are refused by name."""
+    from m4oe.model import build_model
+    from m4oe_training.train import load_initial_weights
+
+    embedded = ROOT / "M4oESegmentation" / "m4oe" / "models" / "m4oe-phantom"
+    source, card = load_checkpoint(embedded)
+    labels = {"abdomen": card.task("abdomen").labels}
+    shape = {k: getattr(source.cfg, k) for k in ("img_size", "embed_dim", "num_heads", "window_size")}
+
+    def build(experts=source.cfg.experts, **change):
+        return build_model("m4oe", experts=experts, tasks=(("abdomen", 10),), **{**shape, **change})
+
+    model = build()
+    digest = load_initial_weights(model, str(embedded), labels)
+    assert digest == card.weights_sha256
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value.float()), key
+
+    renamed = {"abdomen": [dataclasses.replace(labels["abdomen"][0], name="hepar"), *labels["abdomen"][1:]]}
+    cases = [
+        (build(), renamed, r"task 'abdomen' labels \['liver'"),
+        (build(experts=("ct", "mr-t2", "mr-t1")), labels, "experts"),
+        (build(embed_dim=48), labels, "weights differ in name or shape"),
+        (build(), {"organs": labels["abdomen"]}, "the run does not train"),
+    ]
+    for target, run_labels, message in cases:
+        before = tensors_sha256(target.state_dict())
+        with pytest.raises(ConfigError, match=message) as error:
+            load_initial_weights(target, str(embedded), run_labels)
+        assert str(embedded) in str(error.value)
+        assert tensors_sha256(target.state_dict()) == before  # nothing half-loaded
+
+    pickled = tmp_path / "model.pt"
+    torch.save(source.state_dict(), pickled)
+    (tmp_path / "model.json").write_text((embedded / "model.json").read_text())
+    with pytest.raises(ConfigError, match=r"init: .*pickle"):
+        load_initial_weights(build(), str(pickled), labels)

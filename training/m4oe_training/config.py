@@ -76,6 +76,7 @@ class TrainConfig:
     model: str = "m4oe"
     model_overrides: dict = field(default_factory=dict)
     imagenet: str | None = None
+    init: str | None = None
     in_plane: str = "resize"
     target_spacing_mm: tuple[float, float] | None = None
     batch_size: int = 16
@@ -245,7 +246,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
 def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[TrainConfig, dict]:
     """Read a TOML config, apply ``key.sub=value`` overrides, validate. Returns (config, raw dict).
 
-    Dataset paths are made absolute relative to the config file's folder.
+    Dataset, ``imagenet`` and ``init`` paths are made absolute relative to the config file's folder.
     """
     path = Path(path)
     try:
@@ -262,6 +263,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[TrainConfi
     for d in data.get("datasets", []):
         if isinstance(d, dict) and isinstance(d.get("path"), str) and not Path(d["path"]).is_absolute():
             d["path"] = str((path.parent / d["path"]).resolve())
+    for key in ("imagenet", "init"):
+        if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+            data[key] = str((path.parent / data[key]).resolve())
     try:
         return _build(TrainConfig, data), data
     except ConfigError as error:

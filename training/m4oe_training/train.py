@@ -28,6 +28,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from m4oe import __version__
+from m4oe.checkpoint import load_checkpoint
+from m4oe.errors import ModelError
 from m4oe.evaluate import evaluate
 from m4oe.io import read_image
 from m4oe.model import SwinUNet, build_model, get_config, load_balancing_loss, load_imagenet_weights
@@ -194,6 +196,49 @@ def validate(model: SwinUNet, card, cfg: TrainConfig, infos: list[DatasetInfo], 
     return results
 
 
+def load_initial_weights(model: SwinUNet, path: str, labels: dict[str, list]) -> str:
+    """Copy an exported model's weights into ``model`` (fine-tuning); returns their SHA-256.
+
+    The exported model (a folder, card or ``.safetensors`` file in the engine's format; never a
+    pickle) must have the same experts in the same order, the same label names per task, and
+    weights of the same names and shapes (same width, depths, window and patch size). Dropout rates
+    and ``top_k`` may differ. Raises ConfigError naming the file and what differs.
+    """
+    try:
+        source, card = load_checkpoint(path)
+    except ModelError as error:
+        raise ConfigError(f"init: {error}") from None
+    problems = []
+    if list(source.cfg.experts) != list(model.cfg.experts):
+        problems.append(f"experts {list(source.cfg.experts)}, the run has {list(model.cfg.experts)}")
+    for task in card.tasks:
+        theirs = [label.name for label in task.labels]
+        ours = [label.name for label in labels.get(task.name, [])]
+        if task.name not in labels:
+            problems.append(f"task {task.name!r}, which the run does not train")
+        elif theirs != ours:
+            problems.append(f"task {task.name!r} labels {theirs}, the run's datasets have {ours}")
+    missing = [t for t in labels if t not in source.cfg.task_names]
+    if missing:
+        problems.append(f"no head for the run's tasks {missing}")
+    state, expected = source.state_dict(), model.state_dict()
+    if not problems:
+        wrong = [
+            f"{k} {tuple(state[k].shape)} (run: {tuple(v.shape)})"
+            for k, v in expected.items()
+            if k in state and state[k].shape != v.shape
+        ]
+        absent = sorted(set(expected) ^ set(state))
+        if wrong or absent:
+            shown = (wrong + absent)[:3]
+            problems.append(f"{len(wrong) + len(absent)} weights differ in name or shape: {', '.join(shown)}")
+    if problems:
+        raise ConfigError(f"init {path}: the model does not fit this run: {'; '.join(problems)}")
+    with torch.no_grad():
+        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    return card.weights_sha256
+
+
 def run(
     cfg: TrainConfig,
     *,
@@ -238,6 +283,10 @@ def run(
     if cfg.imagenet and not resume:
         report = load_imagenet_weights(model, cfg.imagenet)
         logger.info("ImageNet initialisation: %s", report.summary())
+    init_sha256 = None
+    if cfg.init and not resume:
+        init_sha256 = load_initial_weights(model, cfg.init, labels)
+        logger.info("initialised from %s (weights SHA-256 %s)", cfg.init, init_sha256)
     data = SliceData(
         list(cfg.datasets),
         infos,
@@ -288,6 +337,7 @@ def run(
             }
             for info in infos
         },
+        "init_weights_sha256": init_sha256,
         "code_version": __version__,
         "torch": torch.__version__,
         "host": platform.platform(),
