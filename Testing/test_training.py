@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
 from m4oe.checkpoint import load_checkpoint
@@ -155,6 +156,8 @@ def test_config_unknown_key_is_an_error_naming_it(tmp_path, where, key):
         ({"batch_size": "8"}, {}, "batch_size"),
         ({}, {"lr": True}, r"stages\[0\].lr"),
         ({"augment": 1}, {}, "augment"),
+        ({"elastic_probability": 1.5}, {}, "elastic_probability"),
+        ({"init": 3}, {}, "init"),
         ({"largest_component": "liver"}, {}, "largest_component"),
         ({"target_spacing_mm": [1.0, 1.0, 1.0]}, {}, "target_spacing_mm"),
         ({"batch_size": 0}, {}, "batch_size"),
@@ -934,3 +937,63 @@ def test_init_from_a_model_that_does_not_fit_the_run_is_a_config_error(tmp_path)
     (tmp_path / "model.json").write_text((embedded / "model.json").read_text())
     with pytest.raises(ConfigError, match=r"init: .*pickle"):
         load_initial_weights(build(), str(pickled), labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation
+
+
+def blob_batch(batch: int = 16, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels of a few rectangles per slice, and images equal to label / 10 (so one follows the other)."""
+    rng = np.random.default_rng(0)
+    labels = np.zeros((batch, size, size), np.int64)
+    for b in range(batch):
+        for value in (1, 2, 3):
+            r, c = rng.integers(4, size - 20, 2)
+            h, w = rng.integers(8, 16, 2)
+            labels[b, r : r + h, c : c + w] = value
+    labels = torch.from_numpy(labels)
+    return labels[:, None].float() / 10, labels
+
+
+def geometric_only(**change):
+    from m4oe_training.augment import Augmentation
+
+    return Augmentation(p_scale_intensity=0, p_shift_intensity=0, p_noise=0, **change)
+
+
+@pytest.mark.parametrize("change", [{}, {"p_affine": 0.0, "p_elastic": 1.0}, {"p_elastic": 1.0}])
+def test_augmentation_moves_images_and_labels_together(change):
+    from m4oe_training.augment import augment_batch
+
+    images, labels = blob_batch()
+    out_images, out_labels = augment_batch(geometric_only(**change), images, labels, seed=3)
+    assert out_images.shape == images.shape and out_labels.shape == labels.shape
+    assert out_labels.dtype == torch.int64
+    assert not torch.equal(out_labels, labels)  # something moved
+    assert set(out_labels.unique().tolist()) <= {0, 1, 2, 3}
+    agree = (torch.round(out_images[:, 0] * 10).long() == out_labels).float().mean()
+    assert agree > 0.97, agree  # only interpolated edge pixels may differ
+    again = augment_batch(geometric_only(**change), images, labels, seed=3)
+    assert torch.equal(again[0], out_images) and torch.equal(again[1], out_labels)
+    other = augment_batch(geometric_only(**change), images, labels, seed=4)
+    assert not torch.equal(other[1], out_labels)
+
+
+def test_elastic_deformation_is_local_and_leaves_unpicked_samples_as_before():
+    from m4oe_training.augment import Augmentation, augment_batch
+
+    images, labels = blob_batch()
+    _, elastic = augment_batch(geometric_only(p_affine=0.0, p_elastic=1.0), images, labels, seed=5)
+    changed = (elastic != labels).float().mean(dim=(1, 2))
+    assert (changed > 0).all() and (changed < 0.15).all(), changed  # a few pixels, not a new layout
+    # Labels move by at most elastic_max_shift (4) pixels: every foreground pixel's new label is
+    # found within 5 pixels of the same place in the original.
+    for value in (1, 2, 3):
+        near = F.max_pool2d((labels == value).float()[:, None], 11, stride=1, padding=5)[:, 0] > 0
+        assert near[elastic == value].all()
+
+    plain = augment_batch(Augmentation(p_elastic=0.0), images, labels, seed=6)
+    half = augment_batch(Augmentation(p_elastic=0.5), images, labels, seed=6)
+    same = [torch.equal(plain[1][b], half[1][b]) and torch.equal(plain[0][b], half[0][b]) for b in range(16)]
+    assert 0 < sum(same) < 16, same  # the other random draws do not shift when elastic is on

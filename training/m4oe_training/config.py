@@ -89,6 +89,7 @@ class TrainConfig:
     dice_weight: float = 0.7
     foreground_fraction: float = 0.67
     augment: bool = True
+    elastic_probability: float = 0.0
     amp: str = "auto"
     val_every: int = 1
     seed: int = 0
@@ -126,6 +127,7 @@ class TrainConfig:
             "batch_size": self.batch_size >= 1,
             "iterations_per_epoch": self.iterations_per_epoch >= 1,
             "foreground_fraction": 0.0 <= self.foreground_fraction <= 1.0,
+            "elastic_probability": 0.0 <= self.elastic_probability <= 1.0,
             "val_every": self.val_every >= 1,
             "ce_weight": self.ce_weight >= 0 and self.ce_weight + self.dice_weight > 0,
             "dice_weight": self.dice_weight >= 0,

@@ -322,7 +322,7 @@ def run(
     use_bf16 = cfg.amp == "bf16" or (
         cfg.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
-    augmentation = build_augmentation() if cfg.augment else None
+    augmentation = build_augmentation(cfg.elastic_probability) if cfg.augment else None
     log_path = out / "train_log.csv"
     provenance = {
         "command": " ".join(command or sys.argv),
