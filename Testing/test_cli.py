@@ -435,6 +435,41 @@ def test_overwrite_replaces_an_existing_output(tiny_model_dir, volumes, tmp_path
     assert set(snapshot(tmp_path)) == {"seg.nii.gz"}
 
 
+def test_a_failing_last_output_leaves_no_output_added_or_replaced(
+    tiny_model_dir, volumes, tmp_path, capsys, monkeypatch
+):
+    """The disk fills while the report (written last) is saved: every other output is withdrawn."""
+    import matplotlib.figure
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "seg.nii.gz").write_bytes(b"an older result")
+    before = snapshot(out)
+
+    def full_disk(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a png")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    argv = segment_args(
+        volumes["flipped"],
+        out / "seg.nii.gz",
+        tiny_model_dir,
+        "--overwrite",
+        "--probabilities",
+        "--report",
+        out / "report.png",
+        "--progress",
+        "none",
+        gates=out / "gates",
+    )
+    code, stdout, err = run_cli(argv, capsys)
+    assert code == 3, err
+    assert "report.png: cannot be written (No space left on device)" in err
+    assert snapshot(out) == before  # no gates folder, no probabilities, the old result unchanged
+    assert "wrote" not in stdout
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 

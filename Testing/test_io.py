@@ -13,6 +13,7 @@ import slicerio
 
 from m4oe.errors import InputError, OutputError
 from m4oe.io import (
+    all_or_nothing,
     check_volume,
     image_geometry,
     read_image,
@@ -495,3 +496,40 @@ def test_same_geometry():
     c.SetDirection(oblique_direction())
     assert not same_geometry(a, c)
     assert image_geometry(a)["size"] == (8, 7, 6)
+
+
+def text_writer(text: str):
+    def writer(temporary: Path) -> None:
+        temporary.write_text(text)
+
+    return writer
+
+
+def test_all_or_nothing_renames_every_file_at_the_end_of_the_block(tmp_path):
+    (tmp_path / "b.json").write_text("old")
+    with all_or_nothing():
+        write_atomic(tmp_path / "a.json", text_writer("a"))
+        with all_or_nothing():  # a nested block defers to the outer one
+            write_atomic(tmp_path / "b.json", text_writer("b"), overwrite=True)
+        assert not (tmp_path / "a.json").exists()  # nothing appears before the block ends
+        assert (tmp_path / "b.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+    assert (tmp_path / "a.json").read_text() == "a" and (tmp_path / "b.json").read_text() == "b"
+    write_atomic(tmp_path / "c.json", text_writer("c"))  # outside a block: written at once
+    assert (tmp_path / "c.json").read_text() == "c"
+
+
+def test_all_or_nothing_leaves_no_new_or_replaced_file_when_a_later_write_fails(tmp_path):
+    (tmp_path / "old.nii.gz").write_text("previous result")
+
+    def full_disk(temporary: Path) -> None:
+        temporary.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OutputError, match=r"last\.json: cannot be written \(No space left on device\)"):
+        with all_or_nothing():
+            write_atomic(tmp_path / "first.json", text_writer("1"))
+            write_atomic(tmp_path / "old.nii.gz", text_writer("new"), overwrite=True)
+            write_atomic(tmp_path / "last.json", full_disk)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.nii.gz"]
+    assert (tmp_path / "old.nii.gz").read_text() == "previous result"

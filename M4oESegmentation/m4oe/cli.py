@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -200,7 +201,7 @@ def cmd_segment(args) -> int:
     import numpy as np
     import SimpleITK as sitk
 
-    from .io import read_image, write_atomic, write_image, write_segmentation
+    from .io import all_or_nothing, read_image, write_atomic, write_image, write_segmentation
     from .predictor import Predictor
 
     outputs = _segment_outputs(args)
@@ -231,41 +232,53 @@ def cmd_segment(args) -> int:
         source=loaded.path,
     )
     written = {}
-    out = outputs["segmentation"]
-    if out.name.lower().endswith(SEGMENTATION_SUFFIX):
-        written["segmentation"] = write_segmentation(
-            prediction.labelmap, prediction.labels, out, overwrite=args.overwrite
-        )
-    else:
-        written["segmentation"] = write_image(prediction.labelmap, out, overwrite=args.overwrite)
-    if prediction.probabilities is not None:
-        written["probabilities"] = write_image(
-            prediction.probabilities, outputs["probabilities"], overwrite=args.overwrite
-        )
-    if args.gates:
-        outputs["gate_map"].parent.mkdir(parents=True, exist_ok=True)
-        gate_map = prediction.gate_map
-        written["gate_map"] = write_image(gate_map, outputs["gate_map"], overwrite=args.overwrite)
-        weights = sitk.GetArrayViewFromImage(gate_map)
-        dominant = sitk.GetImageFromArray((np.argmax(weights, axis=-1) + 1).astype(np.uint8))
-        dominant.CopyInformation(gate_map)
-        written["dominant_expert"] = write_image(
-            dominant, outputs["dominant_expert"], overwrite=args.overwrite
-        )
-        summary = dict(prediction.gate_summary)
-        summary["dominant_expert_values"] = {e["name"]: i + 1 for i, e in enumerate(summary["experts"])}
-        summary["source"] = str(loaded.path)
+    gate_folder = outputs["gate_map"].parent if args.gates else None
+    made_gate_folder = gate_folder is not None and not gate_folder.exists()
+    try:
+        with all_or_nothing():  # every output, or none (an error in a later one removes the rest)
+            out = outputs["segmentation"]
+            if out.name.lower().endswith(SEGMENTATION_SUFFIX):
+                written["segmentation"] = write_segmentation(
+                    prediction.labelmap, prediction.labels, out, overwrite=args.overwrite
+                )
+            else:
+                written["segmentation"] = write_image(prediction.labelmap, out, overwrite=args.overwrite)
+            if prediction.probabilities is not None:
+                written["probabilities"] = write_image(
+                    prediction.probabilities, outputs["probabilities"], overwrite=args.overwrite
+                )
+            if args.gates:
+                gate_folder.mkdir(parents=True, exist_ok=True)
+                gate_map = prediction.gate_map
+                written["gate_map"] = write_image(gate_map, outputs["gate_map"], overwrite=args.overwrite)
+                weights = sitk.GetArrayViewFromImage(gate_map)
+                dominant = sitk.GetImageFromArray((np.argmax(weights, axis=-1) + 1).astype(np.uint8))
+                dominant.CopyInformation(gate_map)
+                written["dominant_expert"] = write_image(
+                    dominant, outputs["dominant_expert"], overwrite=args.overwrite
+                )
+                summary = dict(prediction.gate_summary)
+                summary["dominant_expert_values"] = {
+                    e["name"]: i + 1 for i, e in enumerate(summary["experts"])
+                }
+                summary["source"] = str(loaded.path)
 
-        def dump(tmp: Path) -> None:
-            tmp.write_text(json.dumps(summary, indent=1) + "\n")
+                def dump(tmp: Path) -> None:
+                    tmp.write_text(json.dumps(summary, indent=1) + "\n")
 
-        written["gate_summary"] = write_atomic(outputs["gate_summary"], dump, overwrite=args.overwrite)
-    if args.report:
-        from .report import write_report
+                written["gate_summary"] = write_atomic(
+                    outputs["gate_summary"], dump, overwrite=args.overwrite
+                )
+            if args.report:
+                from .report import write_report
 
-        written["report"] = write_report(
-            loaded.image, prediction, outputs["report"], overwrite=args.overwrite
-        )
+                written["report"] = write_report(
+                    loaded.image, prediction, outputs["report"], overwrite=args.overwrite
+                )
+    except BaseException:
+        if made_gate_folder:
+            shutil.rmtree(gate_folder, ignore_errors=True)
+        raise
     seconds = dict(prediction.seconds, load=round(load_s, 3), total=round(time.perf_counter() - t0, 3))
     found = prediction.modality
     warning = prediction.gate_summary.get("warning") if prediction.gate_summary else None

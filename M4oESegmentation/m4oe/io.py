@@ -14,6 +14,8 @@ place when complete, so a failed or interrupted write never leaves a partial fil
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import gzip
 import logging
 import os
@@ -21,7 +23,7 @@ import re
 import struct
 import uuid
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -267,12 +269,45 @@ def _sitk_reason(error: RuntimeError) -> str:
     return re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", reason)[:300]
 
 
+# Files written inside ``all_or_nothing()`` wait here under their temporary names: (temporary, final).
+_PENDING: contextvars.ContextVar[list[tuple[Path, Path]] | None] = contextvars.ContextVar(
+    "m4oe_pending_writes", default=None
+)
+
+
+@contextlib.contextmanager
+def all_or_nothing() -> Iterator[None]:
+    """Make the files :func:`write_atomic` writes inside the block appear together, or not at all.
+
+    Inside the block each file stays under its temporary name in its own folder; when the block
+    ends normally every one is renamed into place, and when it raises every temporary file is
+    removed, so that an error in a later output (a full disk, a failing report) leaves neither new
+    files nor replaced ones behind. Blocks may nest; the outermost one decides.
+    """
+    if _PENDING.get() is not None:
+        yield
+        return
+    pending: list[tuple[Path, Path]] = []
+    token = _PENDING.set(pending)
+    try:
+        yield
+    except BaseException:
+        for temporary, _ in pending:
+            temporary.unlink(missing_ok=True)
+        raise
+    finally:
+        _PENDING.reset(token)
+    for temporary, final in pending:
+        os.replace(temporary, final)
+
+
 def write_atomic(path: str | Path, writer: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Write a file through a temporary name in its folder, then rename it into place.
 
     ``writer(temporary_path)`` writes the whole file; the temporary name keeps the extension(s) of
     ``path`` (``.nii.gz``, ``.seg.nrrd``, ...) so that format-by-extension writers pick the right
-    format. On any failure the temporary file is removed and ``path`` is left as it was. Raises
+    format. On any failure the temporary file is removed and ``path`` is left as it was. Inside
+    :func:`all_or_nothing` the rename waits for the end of the block. Raises
     :class:`OutputError` when ``path`` exists and not ``overwrite``, when it is a folder, when its
     folder is missing or not writable, or when the writer fails with an OSError or SimpleITK
     RuntimeError. Returns ``path``.
@@ -290,9 +325,13 @@ def write_atomic(path: str | Path, writer: Callable[[Path], None], overwrite: bo
     extension = _extension(path.name)
     stem = path.name[: len(path.name) - len(extension)]
     temporary = folder / f".{stem}.{uuid.uuid4().hex[:12]}.tmp{extension}"
+    pending = _PENDING.get()
     try:
         writer(temporary)
-        os.replace(temporary, path)
+        if pending is None:
+            os.replace(temporary, path)
+        else:
+            pending.append((temporary, path))
     except (OSError, RuntimeError) as error:
         temporary.unlink(missing_ok=True)
         reason = _sitk_reason(error) if isinstance(error, RuntimeError) else (error.strerror or str(error))
