@@ -157,6 +157,7 @@ def test_config_unknown_key_is_an_error_naming_it(tmp_path, where, key):
         ({}, {"lr": True}, r"stages\[0\].lr"),
         ({"augment": 1}, {}, "augment"),
         ({"elastic_probability": 1.5}, {}, "elastic_probability"),
+        ({"grad_clip_norm": -1.0}, {}, "grad_clip_norm"),
         ({"init": 3}, {}, "init"),
         ({"largest_component": "liver"}, {}, "largest_component"),
         ({"target_spacing_mm": [1.0, 1.0, 1.0]}, {}, "target_spacing_mm"),
@@ -997,3 +998,41 @@ def test_elastic_deformation_is_local_and_leaves_unpicked_samples_as_before():
     half = augment_batch(Augmentation(p_elastic=0.5), images, labels, seed=6)
     same = [torch.equal(plain[1][b], half[1][b]) and torch.equal(plain[0][b], half[0][b]) for b in range(16)]
     assert 0 < sum(same) < 16, same  # the other random draws do not shift when elastic is on
+
+
+@pytest.mark.slow
+def test_gradient_clipping_bounds_each_update_and_logs_the_norm(phantoms, tmp_path):
+    """SGD without momentum or decay: each step moves the weights by at most lr * grad_clip_norm."""
+    from m4oe.model import build_model
+
+    def train(clip: float, name: str) -> tuple[dict, list[dict]]:
+        path = write_config(
+            tmp_path / f"{name}.toml",
+            [dataset(phantoms["ct"], "ct"), dataset(phantoms["t1"], "mr")],
+            [{"kind": "experts", "epochs": 1, "lr": 0.5}],
+            batch_size=2,
+            iterations_per_epoch=2,
+            momentum=0.0,
+            weight_decay=0.0,
+            grad_clip_norm=clip,
+            val_every=100,
+            output_dir=str(tmp_path / name),
+        )
+        out = run(load_config(path)[0], base_dir=tmp_path, command=["test"])
+        state = load_file(out / "state" / "weights.safetensors")
+        weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        return weights, read_log(out)
+
+    torch.manual_seed(0)  # the run's seed: the same initial weights
+    initial = build_model("m4oe-tiny", experts=("ct", "mr"), tasks=(("abdomen", len(PHANTOM_LABELS) + 1),))
+    initial = initial.state_dict()
+
+    def distance(weights: dict) -> float:
+        return float(torch.sqrt(sum(((weights[k] - v) ** 2).sum() for k, v in initial.items())))
+
+    clipped, log = train(1e-3, "clipped")
+    assert float(log[0]["grad_norm"]) > 1e-2  # the norm before clipping is what is logged
+    assert distance(clipped) <= 2 * 0.5 * 1e-3 * 1.0001  # two steps of lr * clip at most
+    free, free_log = train(0.0, "free")
+    assert distance(free) > 10 * distance(clipped)
+    assert free_log[0]["grad_norm"] == ""  # not computed without clipping

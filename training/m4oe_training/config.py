@@ -85,6 +85,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_power: float = 0.9
+    grad_clip_norm: float = 12.0
     ce_weight: float = 0.4
     dice_weight: float = 0.7
     foreground_fraction: float = 0.67
@@ -128,6 +129,7 @@ class TrainConfig:
             "iterations_per_epoch": self.iterations_per_epoch >= 1,
             "foreground_fraction": 0.0 <= self.foreground_fraction <= 1.0,
             "elastic_probability": 0.0 <= self.elastic_probability <= 1.0,
+            "grad_clip_norm": self.grad_clip_norm >= 0,
             "val_every": self.val_every >= 1,
             "ce_weight": self.ce_weight >= 0 and self.ce_weight + self.dice_weight > 0,
             "dice_weight": self.dice_weight >= 0,

@@ -385,6 +385,9 @@ def run(
                 if stage.trainable == "gates":  # no gradient: AdamW and SGD leave the parameter alone
                     for p in frozen_in_gate_stage:
                         p.grad = None
+                if cfg.grad_clip_norm > 0:  # gradients are already averaged over ranks here
+                    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip_norm)
+                    stats["grad_norm"] = float(norm)
                 optimizer.step()
                 position["step"] += 1
                 for k, v in stats.items():
@@ -458,6 +461,7 @@ LOG_FIELDS = (
     "balance",
     "routing",
     "val_mean_dice",
+    "grad_norm",
 )
 
 
