@@ -830,11 +830,11 @@ def test_ct_statistics_are_cached_and_not_read_again(phantoms, tmp_path, monkeyp
     from m4oe_training.data import DatasetInfo, ct_intensity_params
 
     infos = [DatasetInfo.read(phantoms["ct"]), DatasetInfo.read(phantoms["t1"])]
-    cases = {info.name: list(info.cases) for info in infos}
+    cases = [list(info.cases) for info in infos]
     uncached = ct_intensity_params(infos, cases)
     first = ct_intensity_params(infos, cases, tmp_path / "cache")
     assert first == uncached
-    assert len(list((tmp_path / "cache").glob("ct_*_hu_*.npy"))) == len(cases["ct"])  # CT cases only
+    assert len(list((tmp_path / "cache").glob("ct_*_hu_*.npy"))) == len(cases[0])  # CT cases only
 
     def no_reading(path):
         raise AssertionError(f"read {path} again")
@@ -842,7 +842,7 @@ def test_ct_statistics_are_cached_and_not_read_again(phantoms, tmp_path, monkeyp
     monkeypatch.setattr(data_module, "read_image", no_reading)
     assert ct_intensity_params(infos, cases, tmp_path / "cache") == first
     monkeypatch.undo()
-    label = phantoms["ct"] / "labelsTr" / f"{cases['ct'][0]}.nii.gz"
+    label = phantoms["ct"] / "labelsTr" / f"{cases[0][0]}.nii.gz"
     os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10**9))  # "edited"
     monkeypatch.setattr(data_module, "read_image", no_reading)
     with pytest.raises(AssertionError, match=r"read .* again"):
@@ -1036,3 +1036,18 @@ def test_gradient_clipping_bounds_each_update_and_logs_the_norm(phantoms, tmp_pa
     free, free_log = train(0.0, "free")
     assert distance(free) > 10 * distance(clipped)
     assert free_log[0]["grad_norm"] == ""  # not computed without clipping
+
+
+def test_datasets_sharing_a_folder_name_keep_their_own_cases(phantoms, tmp_path):
+    """Two CT folders both named ``ct`` (two sites): statistics and provenance keep them apart."""
+    from m4oe_training.data import DatasetInfo, ct_intensity_params
+    from m4oe_training.train import data_keys
+
+    other = DatasetInfo.read(write_dataset(tmp_path / "site2" / "ct", "ct", 1, seed=7, max_size=48))
+    first = DatasetInfo.read(phantoms["ct"])
+    assert first.name == other.name == "ct" and first.cases[0] == other.cases[0]
+    only_other = ct_intensity_params([other], [list(other.cases)])
+    assert ct_intensity_params([first, other], [[], list(other.cases)]) == only_other
+    assert ct_intensity_params([first, other], [list(first.cases), []]) != only_other
+    assert data_keys([first, other]) == ["0:ct", "1:ct"]
+    assert data_keys([first, DatasetInfo.read(phantoms["t1"])]) == ["ct", "t1"]

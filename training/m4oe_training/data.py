@@ -95,19 +95,22 @@ class PreparedCase:
 
 
 def ct_intensity_params(
-    datasets: list[DatasetInfo], cases: dict[str, list[str]], cache_dir: Path | None = None
+    datasets: list[DatasetInfo], cases: list[list[str]], cache_dir: Path | None = None
 ) -> IntensityParams:
     """CT normalisation statistics from the labelled voxels of the CT training cases (nnU-Net style).
+
+    ``cases[i]`` are the training cases of ``datasets[i]`` (by position: two datasets may share a
+    folder name).
 
     Each case contributes at most 100,000 of its labelled voxels' HU values (a strided subsample).
     With ``cache_dir`` those samples are kept on disk (keyed by the files' size and modification
     time), so a resumed or repeated run does not read every CT volume again before training.
     """
     samples = []
-    for info in datasets:
+    for info, info_cases in zip(datasets, cases, strict=True):
         if info.modality != "ct":
             continue
-        for case in cases[info.name]:
+        for case in info_cases:
             cached = cache_dir / f"{_sample_key(info, case)}.npy" if cache_dir else None
             if cached is not None and cached.exists():
                 samples.append(np.load(cached))

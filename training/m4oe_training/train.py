@@ -196,6 +196,15 @@ def validate(model: SwinUNet, card, cfg: TrainConfig, infos: list[DatasetInfo], 
     return results
 
 
+def data_keys(infos: list[DatasetInfo]) -> list[str]:
+    """Names for the datasets in the card's provenance: folder names, made unique by position when two
+    folders share a name (``0:ct``, ``1:ct``)."""
+    names = [info.name for info in infos]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{i}:{name}" for i, name in enumerate(names)]
+
+
 def load_initial_weights(model: SwinUNet, path: str, labels: dict[str, list]) -> str:
     """Copy an exported model's weights into ``model`` (fine-tuning); returns their SHA-256.
 
@@ -259,10 +268,8 @@ def run(
     infos = [DatasetInfo.read(d.path) for d in cfg.datasets]
     labels = task_labels(cfg, infos)
     expert_modalities(cfg, infos)  # a config error found now, not at the first validation
-    train_cases = {
-        info.name: split_cases(info, d.val_cases)["train"]
-        for d, info in zip(cfg.datasets, infos, strict=True)
-    }
+    splits = [split_cases(info, d.val_cases) for d, info in zip(cfg.datasets, infos, strict=True)]
+    train_cases = [split["train"] for split in splits]
     params = {"ct": ct_intensity_params(infos, train_cases, out / "cache"), "mr": DEFAULT_PARAMS["mr"]}
 
     torch.manual_seed(cfg.seed)
@@ -330,12 +337,8 @@ def run(
         "seed": cfg.seed,
         "world_size": world,
         "data": {
-            info.name: {
-                "path": str(info.root),
-                "modality": info.modality,
-                "train_cases": train_cases[info.name],
-            }
-            for info in infos
+            key: {"path": str(info.root), "modality": info.modality, "train_cases": cases}
+            for key, info, cases in zip(data_keys(infos), infos, train_cases, strict=True)
         },
         "init_weights_sha256": init_sha256,
         "code_version": __version__,
