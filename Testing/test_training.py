@@ -50,6 +50,8 @@ def toml_value(value) -> str:
         return json.dumps(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(value)
 
 
@@ -1051,3 +1053,41 @@ def test_datasets_sharing_a_folder_name_keep_their_own_cases(phantoms, tmp_path)
     assert ct_intensity_params([first, other], [list(first.cases), []]) != only_other
     assert data_keys([first, other]) == ["0:ct", "1:ct"]
     assert data_keys([first, DatasetInfo.read(phantoms["t1"])]) == ["ct", "t1"]
+
+
+@pytest.mark.parametrize(
+    ("top", "dataset_expert", "message"),
+    [
+        ({"model_overrides": {"embed_dim": 48}}, "ct", "with init the architecture is the init model's"),
+        ({}, "mr", r"init .*: the datasets' experts \['mr'\] are not among its \['ct', 'mr-t1', 'mr-t2'\]"),
+        ({"init": "missing-model"}, "ct", "init: .*no such file"),
+    ],
+    ids=["other-width", "unknown-expert", "missing"],
+)
+def test_run_from_init_refuses_what_does_not_fit_before_training(
+    phantoms, tmp_path, top, dataset_expert, message
+):
+    top = {"init": str(ROOT / "M4oESegmentation" / "m4oe" / "models" / "m4oe-phantom"), **top}
+    path = write_config(
+        tmp_path / "cfg.toml",
+        [dataset(phantoms["ct"], dataset_expert)],
+        [{"kind": "joint", "epochs": 1, "lr": 1e-3}],
+        output_dir=str(tmp_path / "run"),
+        **top,
+    )
+    cfg, _ = load_config(path)
+    with pytest.raises(ConfigError, match=message):
+        run(cfg, base_dir=tmp_path)
+    assert not (tmp_path / "run" / "train_log.csv").exists()
+
+
+def test_expert_order_must_hold_every_dataset_expert_once(tmp_path):
+    stages = [{"kind": "experts", "epochs": 1, "lr": 0.01}]
+    datasets = [dataset("/data/ct", "ct"), dataset("/data/t1", "mr")]
+    path = write_config(tmp_path / "a.toml", datasets, stages, expert_order=["mr", "ct", "pet"])
+    cfg, _ = load_config(path)
+    assert cfg.experts == ("mr", "ct", "pet")
+    with pytest.raises(ConfigError, match=r"lacks the datasets' experts \['mr'\]"):
+        load_config(write_config(tmp_path / "b.toml", datasets, stages, expert_order=["ct"]))
+    with pytest.raises(ConfigError, match="names an expert twice"):
+        load_config(write_config(tmp_path / "c.toml", datasets, stages, expert_order=["ct", "mr", "ct"]))

@@ -381,6 +381,55 @@ def test_export_creates_then_extends_a_training_dataset(scene, tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(written), sitk.GetArrayViewFromImage(truth))
 
 
+@pytest.mark.slow
+def test_corrections_exported_for_training_fine_tune_the_embedded_model(tmp_path):
+    """The feedback loop: CT cases exported as corrections, then ``m4oe train`` with ``init`` on the
+    embedded model. The run keeps all three experts (only the CT one has data) and the labels."""
+    from m4oe.checkpoint import load_checkpoint, read_model_card
+    from m4oe_training.config import load_config
+    from m4oe_training.train import run
+
+    embedded = Path(__file__).resolve().parents[2] / "M4oESegmentation" / "m4oe" / "models" / "m4oe-phantom"
+    card = read_model_card(embedded)
+    labels = card.task("abdomen").labels
+    dataset = tmp_path / "Dataset502_Corrections"
+    for seed in (0, 1):
+        image, truth = generate_case("ct", seed, max_size=32)
+        feedback.export_case(image, truth, labels, dataset, modality="ct")
+    config = tmp_path / "finetune.toml"
+    config.write_text(
+        "\n".join(
+            [
+                'name = "m4oe-phantom-finetuned"',
+                f"init = {json.dumps(str(embedded))}",
+                "batch_size = 2",
+                "iterations_per_epoch = 1",
+                'optimizer = "adamw"',
+                "threads = 1",
+                'output_dir = "run"',
+                "[[datasets]]",
+                'path = "Dataset502_Corrections"',
+                'expert = "ct"',
+                'task = "abdomen"',
+                "val_cases = 1",
+                "[[stages]]",
+                'kind = "joint"',
+                "epochs = 1",
+                "lr = 1e-5",
+            ]
+        )
+        + "\n"
+    )
+    cfg, _ = load_config(config)
+    _, tuned = load_checkpoint(run(cfg, base_dir=tmp_path, command=["test"]) / "model")
+    assert tuned.architecture == card.architecture  # experts, heads and shapes all kept
+    assert [(e.name, e.modality) for e in tuned.experts] == [(e.name, e.modality) for e in card.experts]
+    assert tuned.task("abdomen").labels == labels  # names, colours and codes as before
+    assert tuned.provenance["init_weights_sha256"] == card.weights_sha256
+    assert tuned.provenance["config"]["expert_order"] == ["ct", "mr-t1", "mr-t2"]
+    assert set(tuned.metrics["validation"]) == {"0:Dataset502_Corrections"}
+
+
 def test_export_refuses_a_dataset_of_another_kind(tmp_path):
     labels = phantom_labels()
     image, truth = generate_case("ct", 0, max_size=16)

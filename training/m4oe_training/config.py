@@ -77,6 +77,7 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)
     imagenet: str | None = None
     init: str | None = None
+    expert_order: tuple[str, ...] = ()
     in_plane: str = "resize"
     target_spacing_mm: tuple[float, float] | None = None
     batch_size: int = 16
@@ -140,11 +141,19 @@ class TrainConfig:
         for i, d in enumerate(self.datasets):
             if d.val_cases < 0:
                 raise ConfigError(f"datasets[{i}].val_cases must be >= 0, got {d.val_cases}")
+        if self.expert_order:
+            if len(set(self.expert_order)) != len(self.expert_order):
+                raise ConfigError(f"expert_order names an expert twice: {list(self.expert_order)}")
+            unknown = sorted({d.expert for d in self.datasets} - set(self.expert_order))
+            if unknown:
+                order = list(self.expert_order)
+                raise ConfigError(f"expert_order {order} lacks the datasets' experts {unknown}")
 
     @property
     def experts(self) -> tuple[str, ...]:
-        """Expert names in order of first appearance among the datasets."""
-        return tuple(dict.fromkeys(d.expert for d in self.datasets))
+        """The model's experts: ``expert_order`` when given, else the datasets' experts in order of
+        first appearance. With ``init`` and no ``expert_order``, the run takes the init model's."""
+        return self.expert_order or tuple(dict.fromkeys(d.expert for d in self.datasets))
 
     @property
     def task_names(self) -> tuple[str, ...]:

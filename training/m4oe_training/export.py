@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from m4oe.checkpoint import save_checkpoint
+from m4oe.checkpoint import read_model_card, save_checkpoint
 from m4oe.labels import Label
 from m4oe.model import SwinUNet
 from m4oe.model_card import ExpertInfo, ModelCard, Preprocessing, TaskInfo
@@ -67,6 +67,16 @@ def expert_modalities(cfg: TrainConfig, infos: list[DatasetInfo]) -> list[Expert
             raise ConfigError(
                 f"expert {d.expert!r} is given both {found[d.expert]} and {info.modality} datasets"
             )
+    if cfg.init:  # experts the run has no data for keep the init model's modality
+        for expert in read_model_card(cfg.init).experts:
+            if found.setdefault(expert.name, expert.modality) != expert.modality:
+                raise ConfigError(
+                    f"expert {expert.name!r} is a {expert.modality} expert in the init model, "
+                    f"but the run gives it {found[expert.name]} data"
+                )
+    missing = [name for name in cfg.experts if name not in found]
+    if missing:
+        raise ConfigError(f"experts {missing} have no dataset (nor an init model) to give their modality")
     return [ExpertInfo(name, found[name], f"trained on {name} data") for name in cfg.experts]
 
 

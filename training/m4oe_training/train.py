@@ -9,6 +9,7 @@ through the engine's Predictor (rank 0), export the best model, save a resumable
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import json
 import logging
@@ -28,7 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from m4oe import __version__
-from m4oe.checkpoint import load_checkpoint
+from m4oe.checkpoint import load_checkpoint, read_model_card
 from m4oe.errors import ModelError
 from m4oe.evaluate import evaluate
 from m4oe.io import read_image
@@ -205,6 +206,25 @@ def data_keys(infos: list[DatasetInfo]) -> list[str]:
     return [f"{i}:{name}" for i, name in enumerate(names)]
 
 
+def init_overrides(cfg: TrainConfig, card) -> dict:
+    """``model_overrides`` for a run that starts from ``init``: the architecture is the init model's,
+    so only the dropout rates may change; any other key must repeat the init model's value."""
+    free = {"drop_rate", "attn_drop_rate", "drop_path_rate"}
+    architecture = card.architecture
+    for key, value in cfg.model_overrides.items():
+        if key in free:
+            continue
+        theirs = getattr(architecture, key, None)
+        if isinstance(theirs, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if theirs != value:
+            raise ConfigError(
+                f"model_overrides.{key} = {value!r}: with init the architecture is the init model's "
+                f"({key} = {theirs!r}); only dropout rates may change"
+            )
+    return {k: v for k, v in cfg.model_overrides.items() if k in free}
+
+
 def load_initial_weights(model: SwinUNet, path: str, labels: dict[str, list]) -> str:
     """Copy an exported model's weights into ``model`` (fine-tuning); returns their SHA-256.
 
@@ -265,6 +285,20 @@ def run(
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         logger.setLevel(logging.INFO)  # the m4oe CLI configures the root logger for warnings only
+    init_card = None
+    if cfg.init:
+        try:
+            init_card = read_model_card(cfg.init)
+        except ModelError as error:
+            raise ConfigError(f"init: {error}") from None
+        names = tuple(e.name for e in init_card.experts)
+        unknown = sorted({d.expert for d in cfg.datasets} - set(names))
+        if unknown:
+            raise ConfigError(
+                f"init {cfg.init}: the datasets' experts {unknown} are not among its {list(names)}"
+            )
+        if not cfg.expert_order:
+            cfg = dataclasses.replace(cfg, expert_order=names)  # every expert, data or not
     infos = [DatasetInfo.read(d.path) for d in cfg.datasets]
     labels = task_labels(cfg, infos)
     expert_modalities(cfg, infos)  # a config error found now, not at the first validation
@@ -275,14 +309,17 @@ def run(
     torch.manual_seed(cfg.seed)
     if "experts" in cfg.model_overrides or "tasks" in cfg.model_overrides:
         raise ConfigError("model_overrides: experts and tasks come from the datasets, not from overrides")
+    tasks = tuple((name, len(labels[name]) + 1) for name in cfg.task_names)
     try:
-        dense = not get_config(cfg.model).is_moe
-        model = build_model(
-            cfg.model,
-            experts=() if dense else cfg.experts,
-            tasks=tuple((name, len(labels[name]) + 1) for name in cfg.task_names),
-            **cfg.model_overrides,
-        )
+        if init_card is not None:
+            model = build_model(
+                init_card.architecture, experts=cfg.experts, tasks=tasks, **init_overrides(cfg, init_card)
+            )
+        else:
+            dense = not get_config(cfg.model).is_moe
+            model = build_model(
+                cfg.model, experts=() if dense else cfg.experts, tasks=tasks, **cfg.model_overrides
+            )
     except ValueError as error:  # e.g. one expert for a mixture model, an unknown override
         raise ConfigError(f"model {cfg.model!r} with experts {list(cfg.experts)}: {error}") from None
     if not model.cfg.is_moe and len(cfg.experts) > 1:
