@@ -327,7 +327,7 @@ def run(
     if cfg.imagenet and not resume:
         report = load_imagenet_weights(model, cfg.imagenet)
         logger.info("ImageNet initialisation: %s", report.summary())
-    init_sha256 = None
+    init_sha256 = init_card.weights_sha256 if init_card is not None else None  # kept on --resume
     if cfg.init and not resume:
         init_sha256 = load_initial_weights(model, cfg.init, labels)
         logger.info("initialised from %s (weights SHA-256 %s)", cfg.init, init_sha256)
