@@ -169,6 +169,7 @@ def test_config_unknown_key_is_an_error_naming_it(tmp_path, where, key):
         ({}, {"trainable": "experts"}, r"stages\[0\].trainable must be one of"),
         ({}, {"trainable": "gates"}, r"stages\[0\]: trainable = 'gates' needs kind 'joint'"),
         ({}, {"warmup_iterations": -1}, r"stages\[0\].warmup_iterations"),
+        ({}, {"gate_lr_scale": 0.0}, r"stages\[0\].gate_lr_scale"),
         ({}, {"warmup_iterations": 2.5}, r"stages\[0\].warmup_iterations"),
     ],
 )
@@ -1091,3 +1092,41 @@ def test_expert_order_must_hold_every_dataset_expert_once(tmp_path):
         load_config(write_config(tmp_path / "b.toml", datasets, stages, expert_order=["ct"]))
     with pytest.raises(ConfigError, match="names an expert twice"):
         load_config(write_config(tmp_path / "c.toml", datasets, stages, expert_order=["ct", "mr", "ct"]))
+
+
+@pytest.mark.slow
+def test_gate_learning_rate_scale_moves_only_the_gates_faster(phantoms, tmp_path):
+    """Plain SGD, one step: gate updates are ``gate_lr_scale`` times larger, every other one equal."""
+    from m4oe.model import build_model
+    from m4oe_training.train import is_gate_parameter
+
+    def one_step(scale: float) -> dict:
+        path = write_config(
+            tmp_path / f"scale{scale}.toml",
+            [dataset(phantoms["ct"], "ct"), dataset(phantoms["t1"], "mr")],
+            [{"kind": "joint", "epochs": 1, "lr": 0.01, "gate_lr_scale": scale}],
+            batch_size=2,
+            iterations_per_epoch=1,
+            momentum=0.0,
+            weight_decay=0.0,
+            grad_clip_norm=0.0,
+            val_every=100,
+            output_dir=str(tmp_path / f"scale{scale}"),
+        )
+        out = run(load_config(path)[0], base_dir=tmp_path, command=["test"])
+        state = load_file(out / "state" / "weights.safetensors")
+        return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+
+    torch.manual_seed(0)
+    initial = build_model("m4oe-tiny", experts=("ct", "mr"), tasks=(("abdomen", len(PHANTOM_LABELS) + 1),))
+    initial = initial.state_dict()
+    plain, fast = one_step(1.0), one_step(8.0)
+    gates = [k for k in initial if is_gate_parameter(k)]
+    assert len(gates) == 28
+    for key, start in initial.items():
+        step, scaled = plain[key] - start, fast[key] - start
+        if key in gates:
+            assert step.abs().max() > 0, key
+            torch.testing.assert_close(scaled, 8.0 * step, rtol=1e-3, atol=1e-7, msg=key)
+        else:
+            torch.testing.assert_close(scaled, step, rtol=1e-3, atol=1e-7, msg=key)

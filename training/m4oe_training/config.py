@@ -56,6 +56,9 @@ class StageConfig:
     experts, so that switching the gate on does not first undo what the experts learnt).
     ``warmup_iterations``: the learning rate rises linearly from 0 over the stage's first
     iterations, then follows the poly decay.
+    ``gate_lr_scale``: the gates' learning rate relative to ``lr``. With AdamW a parameter moves
+    about ``lr`` per step whatever its gradient, so a gate that must grow large weights to tell
+    similar modalities apart (T1 from T2) learns it slowly at the experts' rate.
     """
 
     kind: str
@@ -66,6 +69,7 @@ class StageConfig:
     mask_ratio: float = 0.75
     trainable: str = "all"
     warmup_iterations: int = 0
+    gate_lr_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,8 @@ class TrainConfig:
                 raise ConfigError(f"stages[{i}].trainable must be one of {TRAINABLE}, got {s.trainable!r}")
             if s.trainable == "gates" and s.kind != "joint":
                 raise ConfigError(f"stages[{i}]: trainable = 'gates' needs kind 'joint' (the gate is off)")
+            if s.gate_lr_scale <= 0:
+                raise ConfigError(f"stages[{i}].gate_lr_scale must be > 0, got {s.gate_lr_scale}")
             if s.warmup_iterations < 0:
                 raise ConfigError(f"stages[{i}].warmup_iterations must be >= 0, got {s.warmup_iterations}")
         checks = {

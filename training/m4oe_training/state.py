@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: two optimiser parameter groups (gates, rest)
 
 
 def save_state(folder: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> None:

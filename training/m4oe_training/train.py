@@ -146,6 +146,16 @@ def is_gate_parameter(name: str) -> bool:
     return ".mlp.gate." in f".{name}"
 
 
+def parameter_groups(module: nn.Module) -> list[dict]:
+    """Two optimiser groups, "gates" (the MoE gates) and "rest", so that a stage can give the gates
+    their own learning rate (``gate_lr_scale``). Both exist for every model (a dense one has no
+    gate parameters), so a saved optimiser state always has the same layout."""
+    named = list(module.named_parameters())
+    gates = [p for name, p in named if is_gate_parameter(name)]
+    rest = [p for name, p in named if not is_gate_parameter(name)]
+    return [{"params": gates, "name": "gates"}, {"params": rest, "name": "rest"}]
+
+
 def hidden_blocks(rng: np.random.Generator, batch: int, size: int, ratio: float) -> torch.Tensor:
     """A (B, 1, S, S) mask hiding ``ratio`` of the MIM_BLOCK x MIM_BLOCK blocks of each slice."""
     n = size // MIM_BLOCK
@@ -349,10 +359,15 @@ def run(
     ).to(device)
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(
-            module.parameters(), lr=cfg.stages[0].lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            parameter_groups(module),
+            lr=cfg.stages[0].lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
         )
     else:
-        optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.stages[0].lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(
+            parameter_groups(module), lr=cfg.stages[0].lr, weight_decay=cfg.weight_decay
+        )
     position = {"stage": 0, "epoch": 0, "step": 0, "best": {}, "history": []}
     if resume:
         if not (out / "state").exists():
@@ -398,7 +413,7 @@ def run(
                 step_in_stage = epoch * cfg.iterations_per_epoch + it
                 lr = stage_lr(stage, step_in_stage, total_steps, cfg.poly_power)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * (stage.gate_lr_scale if group["name"] == "gates" else 1.0)
                 seed = step_seed(cfg.seed, rank, position["step"])
                 rng = np.random.default_rng(seed)
                 torch.manual_seed(seed)
