@@ -21,7 +21,9 @@ from m4oe.evaluate import evaluate
 from m4oe.hub import DEFAULT_MODEL, EMBEDDED_DIR, resolve_model
 from m4oe.phantom import generate_case
 from m4oe.predictor import Predictor
+from m4oe_training.config import load_config
 
+ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
 EXPECTED = json.loads((DATA / "embedded_model_expected.json").read_text())
 MAX_BYTES = 25 * 1000 * 1000
@@ -45,8 +47,13 @@ def test_default_model_is_embedded_small_and_verified():
 def test_card_says_what_the_model_is_and_how_it_was_made():
     card = read_model_card(resolve_model(None))
     assert "synthetic" in card.notes and "not for clinical use" in card.notes
-    assert card.provenance["command"].startswith("m4oe train training/configs/phantom.toml")
-    assert card.provenance["seed"] == 0
+    # Made by a committed config, whose seed and (for a continued run) starting point it records.
+    command = card.provenance["command"].split()
+    assert command[:2] == ["m4oe", "train"]
+    config, _ = load_config(ROOT / command[2])
+    assert card.provenance["seed"] == config.seed
+    if config.init:
+        assert len(card.provenance["init_weights_sha256"]) == 64
     validation = card.metrics["validation"]
     assert {v["modality"] for v in validation.values()} == {"ct", "mr"}
     for result in validation.values():
