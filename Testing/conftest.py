@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # Tests run many tiny forward passes; one thread each avoids OpenMP oversubscription on a shared
 # 2-core machine (measured here: a small Linear took 15x longer with 2 threads under load).
 # Set before torch is imported so that CLI subprocesses inherit it too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The user's model cache stays out of the tests: a cached ONNX graph there would switch the
+# predictor's "auto" backend to ONNX Runtime (m4oe.onnx_runtime) in tests that expect PyTorch.
+os.environ["M4OE_CACHE_DIR"] = tempfile.mkdtemp(prefix="m4oe-test-cache-")
 
 import pytest
+
+atexit.register(shutil.rmtree, os.environ["M4OE_CACHE_DIR"], ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
         "at most PyTorch's own choice: one per core, or OMP_NUM_THREADS)",
     )
     seg.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
+    seg.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "torch", "onnx"),
+        help="network runtime: onnx = ONNX Runtime (CPU, float32, not top-k; exports the network on "
+        "first use, tens of seconds, then cached); auto = ONNX Runtime once a graph is cached, else "
+        "PyTorch (default: auto)",
+    )
     seg.add_argument("--gates", metavar="DIR", default=None, help="write gate maps and the gate summary here")
     seg.add_argument(
         "--gate-layer", default=None, help="map one MoE layer (e.g. encoder.0.1) instead of the mean"
@@ -215,6 +223,7 @@ def cmd_segment(args) -> int:
         dtype=args.dtype,
         threads=args.threads,
         batch_size=args.batch_size,
+        backend=args.backend,
     )
     load_s = time.perf_counter() - t0
     printer.emit({"stage": "load", "fraction": 1.0, "elapsed_s": round(load_s, 3), "eta_s": None})
@@ -296,6 +305,7 @@ def cmd_segment(args) -> int:
                 "outputs": {k: str(v) for k, v in written.items()},
                 "warning": warning,
                 "seconds": seconds,
+                "backend": prediction.backend,
             }
         )
     else:
@@ -307,7 +317,10 @@ def cmd_segment(args) -> int:
             print(f"wrote {kind}: {path}")
         if warning:
             print(f"WARNING: {warning}", file=sys.stderr)
-        print(f"done in {seconds['total']:.1f} s (model and image load {seconds['load']:.1f} s)")
+        print(
+            f"done in {seconds['total']:.1f} s (model and image load {seconds['load']:.1f} s; "
+            f"network on {'ONNX Runtime' if prediction.backend == 'onnx' else 'PyTorch'})"
+        )
     return 0
 
 

@@ -20,8 +20,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from . import onnx_runtime
 from .checkpoint import load_checkpoint
-from .errors import CancelledError, InputError
+from .errors import CancelledError, InputError, ModelError
 from .gates import GateRecorder, gate_map_image, slice_positions
 from .geometry import from_axial_stack, to_axial_stack
 from .hub import resolve_model
@@ -121,6 +122,7 @@ class Prediction:
     gate_map: sitk.Image | None = None
     gate_summary: dict | None = None
     seconds: dict = field(default_factory=dict)
+    backend: str = "torch"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -146,6 +148,10 @@ class Predictor:
             :func:`default_threads` (one per core that no other process keeps busy).
         batch_size: slices per forward pass; None takes the model card's ``slice_batch``, at most
             :data:`CPU_BATCH` on the CPU.
+        backend: runtime of the network forward: "torch"; "onnx" (ONNX Runtime, CPU and float32
+            only, exporting the network on first use, see :mod:`m4oe.onnx_runtime`); "auto" (ONNX
+            Runtime when installed, supported and the exported graph is already cached, else
+            PyTorch).
     """
 
     def __init__(
@@ -157,7 +163,10 @@ class Predictor:
         dtype: str = "float32",
         threads: int | None = None,
         batch_size: int | None = None,
+        backend: str = "auto",
     ):
+        if backend not in onnx_runtime.BACKENDS:
+            raise InputError(f"backend {backend!r} is not one of {', '.join(onnx_runtime.BACKENDS)}")
         if dtype not in DTYPES:
             raise InputError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         if threads is not None and threads < 1:
@@ -169,6 +178,12 @@ class Predictor:
         self.dtype = DTYPES[dtype]
         self.model = model.to(self.device).eval()
         self.card = card
+        self.backend = backend
+        if backend == "onnx":
+            reason = onnx_runtime.unsupported_reason(self.model, self.device, self.dtype)
+            if reason is not None:
+                raise InputError(f"backend onnx: {reason}", card.name)
+        self._graphs: dict[tuple[str, int | None], onnx_runtime.OnnxNetwork] = {}
         self.batch_size = batch_size or card.preprocessing.slice_batch
         if batch_size is None and self.device.type == "cpu":
             self.batch_size = min(self.batch_size, CPU_BATCH)
@@ -262,6 +277,7 @@ class Predictor:
             else None
         )
         recorder = GateRecorder(Z, gate_layer) if gates else None
+        network, backend = self._network(task_info.name, expert)
         batches = range(0, Z, self.batch_size)
         t1 = time.perf_counter()
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -273,9 +289,7 @@ class Predictor:
                 x = plan.model_input(values[start:stop], self.device)
                 if cfg.in_chans == 3:
                     x = x.expand(-1, 3, -1, -1)
-                logits, layer_gates = self.model(
-                    x, task=task_info.name, force_expert=expert, return_gates=True
-                )
+                logits, layer_gates = network(x)
                 logits = logits.float()
                 if recorder is not None:
                     recorder.add(start, layer_gates, logits.argmax(dim=1))
@@ -302,6 +316,7 @@ class Predictor:
             task=task_info.name,
             modality=found,
             probabilities=from_axial_stack(probs, stack) if probs is not None else None,
+            backend=backend,
         )
         if recorder is not None:
             prediction.gate_map = gate_map_image(recorder.map, stack, grid)
@@ -317,6 +332,36 @@ class Predictor:
         prediction.seconds = {k: round(v, 3) for k, v in seconds.items()}
         report("postprocess", 1, 1)
         return prediction
+
+    def _network(self, task: str, expert: int | None):
+        """The forward pass for this task and routing, and the name of its runtime.
+
+        Returns ``(network, backend)``: ``network(x)`` maps the model input (B, C, S, S) to
+        ``(logits (B, K, S, S), {MoE layer: gates (B, E, H_l, W_l)})``.
+        """
+        key = (task, expert)
+        if self.backend != "torch" and key not in self._graphs:
+            if onnx_runtime.unsupported_reason(self.model, self.device, self.dtype) is None:
+                sha = self.card.weights_sha256
+                path = (
+                    onnx_runtime.prepare(self.model, sha, task, expert)
+                    if self.backend == "onnx"
+                    else onnx_runtime.graph_path(sha, task, expert)
+                )
+                if path is not None and path.is_file():
+                    try:
+                        self._graphs[key] = onnx_runtime.OnnxNetwork(path, torch.get_num_threads())
+                    except ModelError as error:
+                        if self.backend == "onnx":
+                            raise
+                        logger.warning("%s; running the network in PyTorch", error)
+        if key in self._graphs:
+            return self._graphs[key], "onnx"
+
+        def network(x: torch.Tensor):
+            return self.model(x, task=task, force_expert=expert, return_gates=True)
+
+        return network, "torch"
 
     def _expert_index(self, force_expert: int | str | None) -> int | None:
         if force_expert is None:

@@ -125,6 +125,8 @@ class MoEFeedForward(nn.Module):
             if not 0 <= index < self.num_experts:
                 raise ValueError(f"force_expert must be in [0, {self.num_experts - 1}], got {index}")
             chosen = torch.full((B,), index, dtype=torch.long, device=x.device)
+            weights = F.one_hot(chosen, self.num_experts).to(x.dtype)[:, None, :].expand(B, x.shape[1], -1)
+            return self.experts[index](x), weights  # no data-dependent branch: exportable
         else:
             chosen = force_expert.to(device=x.device, dtype=torch.long).reshape(-1)
             if chosen.numel() != B:
