@@ -75,8 +75,11 @@ def test_predictor_on_onnx_runtime_matches_pytorch_and_caches_the_graph(loaded, 
     assert not cache.exists()
 
     predictor = Predictor(*loaded, device="cpu", backend="onnx")
-    on_onnx = predictor.predict(ct, gates=True, probabilities="float16")
+    events = []
+    on_onnx = predictor.predict(ct, gates=True, probabilities="float16", progress=events.append)
     assert on_onnx.backend == "onnx"
+    stages = [(e.stage, e.done) for e in events]
+    assert stages.index(("export", 0)) + 1 == stages.index(("export", 1)) < stages.index(("inference", 1))
     graphs = sorted(cache.glob("*.onnx"))
     assert [g.name.split("-")[:3] for g in graphs] == [[loaded[1].weights_sha256[:32], "abdomen", "gate"]]
 

@@ -7,7 +7,10 @@ written as .nii.gz):
   subprocess per case, for four random-initialised full-size models of the same width (embed 96,
   depths 2-2-2-2, 14 classes): ``swin-unet`` (dense, the baseline of every ratio) and M4oE with 3
   experts ("ct", "mr", "mr-t2") at ``top_k`` 1, 2 and None (dense mixture). Three experts, not two,
-  so that top-2 differs from the dense mixture; the three M4oE cases share their weights.
+  so that top-2 differs from the dense mixture; the three M4oE cases share their weights. The
+  ``-onnx`` cases are the dense Swin-UNet and the dense mixture again with the network forward on
+  ONNX Runtime (``--backend onnx``; the graph is exported before timing, into a cache inside the
+  work folder: an export happens once per model, not per volume).
 - the 3D peers, in process in a subprocess each (network + sliding window + argmax only, no file
   I/O or resampling, random weights): MONAI SwinUNETR (feature size 48, 96^3 windows, overlap
   0.25) and an nnU-Net-style ``PlainConvUNet`` (6 stages, 32-320 features, 128^3 patches, overlap
@@ -70,7 +73,10 @@ OURS = {
     "m4oe-top1": ("m4oe", {"top_k": 1}),
     "m4oe-top2": ("m4oe", {"top_k": 2}),
     "m4oe-dense": ("m4oe", {"top_k": None}),
+    "swin-unet-onnx": ("swin-unet", {}),
+    "m4oe-dense-onnx": ("m4oe", {"top_k": None}),
 }
+ONNX_SUFFIX = "-onnx"  # cases whose network runs on ONNX Runtime; the others on PyTorch
 BASELINE = "swin-unet"
 PEERS = {
     "swinunetr": {"roi": 96, "overlap": 0.25, "mode": "constant"},
@@ -187,7 +193,7 @@ def save_model(folder: Path, case: str) -> Path:
     variant, overrides = OURS[case]
     if variant == "m4oe":
         overrides = dict(overrides, experts=tuple(name for name, _ in EXPERTS))
-    torch.manual_seed(0)  # the M4oE cases differ in top_k only, not in their weights
+    torch.manual_seed(0)  # the M4oE cases differ in top_k (or runtime) only, not in their weights
     model = build_model(variant, tasks=(("abdomen", CLASSES),), **overrides)
     labels = [standard_label(key, i + 1) for i, key in enumerate(ORGANS)]
     card = ModelCard(
@@ -252,25 +258,34 @@ def slice_flops(model) -> int:
     return int(counter.get_total_flops())
 
 
-def forward_speed(model_dir: Path, batches: int, threads: int | None) -> dict:
-    """FLOPs per slice and the network forward speed at the predictor's batch size and threads."""
+def forward_speed(model_dir: Path, batches: int, threads: int | None, onnx: bool = False) -> dict:
+    """FLOPs per slice and the network forward speed at the predictor's batch size and threads.
+
+    With ``onnx``, the forward runs on ONNX Runtime (the graph exported first, untimed).
+    """
     import torch
 
+    from m4oe import onnx_runtime
     from m4oe.predictor import Predictor
 
-    predictor = Predictor.from_pretrained(model_dir, device="cpu", threads=threads)
+    predictor = Predictor.from_pretrained(model_dir, device="cpu", threads=threads, backend="torch")
     model, size = predictor.model, predictor.batch_size
     flops = slice_flops(model)
     cfg = model.cfg
+    if onnx:
+        graph = onnx_runtime.prepare(model, predictor.card.weights_sha256, cfg.task_names[0])
+        network = onnx_runtime.OnnxNetwork(graph, torch.get_num_threads())
+    else:
+        network = lambda x: model(x, return_gates=True)  # noqa: E731
     torch.manual_seed(1)
     x = torch.randn(size, cfg.in_chans, cfg.img_size, cfg.img_size)
     times = []
     before = load()
     with torch.inference_mode():
-        model(x, return_gates=True)
+        network(x)
         for _ in range(batches):
             start = time.perf_counter()
-            model(x, return_gates=True)
+            network(x)
             times.append(time.perf_counter() - start)
     best, median = min(times), statistics.median(times)
     return {
@@ -449,13 +464,13 @@ def peer_case(name: str, measured: dict, slices: int) -> dict:
 # ---------------------------------------------------------------- end to end
 
 
-def segment(volume: Path, model_dir: Path, workdir: Path, threads: int) -> dict:
+def segment(volume: Path, model_dir: Path, workdir: Path, threads: int, backend: str = "torch") -> dict:
     """``m4oe segment`` in a fresh process; wall, peak RSS and the CLI's own stage timings."""
     out = workdir / "labels.nii.gz"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--exec-cli", "segment", str(volume)]
     cmd += ["-o", str(out), "--model", str(model_dir), "--modality", "ct", "--device", "cpu"]
     cmd += ["--progress", "json", "--overwrite"]
-    cmd += ["--threads", str(threads)]
+    cmd += ["--threads", str(threads), "--backend", backend]
     child = run_child(cmd, workdir)
     done = [json.loads(line) for line in child["stdout"].splitlines() if line.startswith("{")][-1]
     out.unlink(missing_ok=True)
@@ -698,6 +713,8 @@ def main(argv=None) -> int:
     args.threads = args.threads or default_threads()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="m4oe-peers-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    # Exported ONNX graphs go to the work folder (inherited by the CLI children), not the user's cache.
+    os.environ["M4OE_CACHE_DIR"] = str(workdir / "cache")
     ours = [c for c in args.cases if c in OURS]
     peers = [c for c in args.cases if c in PEERS]
     results = {
@@ -721,7 +738,8 @@ def main(argv=None) -> int:
         models = {case: save_model(workdir / "models", case) for case in ours}
         for case, folder in models.items():
             log(f"forward speed {case}")
-            results["forward"][case] = fwd = forward_speed(folder, args.forward_batches, args.threads)
+            onnx = case.endswith(ONNX_SUFFIX)
+            results["forward"][case] = fwd = forward_speed(folder, args.forward_batches, args.threads, onnx)
             peak(fwd["threads"])
         for case in ("m4oe-top1", BASELINE):
             if case in models:
@@ -735,7 +753,8 @@ def main(argv=None) -> int:
             volume = write_volume(workdir, slices)
             for case in ours:
                 log(f"segment {case} {key}")
-                cases[case] = segment(volume, models[case], workdir, args.threads)
+                backend = "onnx" if case.endswith(ONNX_SUFFIX) else "torch"
+                cases[case] = segment(volume, models[case], workdir, args.threads, backend)
             for case in peers:
                 side = min(args.peer_plane, PLANE)
                 shape = (min(args.peer_slices or slices, slices), side, side)

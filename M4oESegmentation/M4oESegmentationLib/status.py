@@ -70,6 +70,7 @@ def progress_text(record: dict) -> str:
         "preprocess": _("Preparing slices"),
         "inference": _("Segmenting"),
         "postprocess": _("Assembling the result"),
+        "export": _("Preparing the ONNX Runtime graph (once per model)"),
     }
     stage = str(record.get("stage", ""))
     text = names.get(stage, stage.replace("_", " ").capitalize())

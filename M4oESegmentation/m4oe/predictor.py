@@ -277,7 +277,7 @@ class Predictor:
             else None
         )
         recorder = GateRecorder(Z, gate_layer) if gates else None
-        network, backend = self._network(task_info.name, expert)
+        network, backend = self._network(task_info.name, expert, report)
         batches = range(0, Z, self.batch_size)
         t1 = time.perf_counter()
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -333,8 +333,10 @@ class Predictor:
         report("postprocess", 1, 1)
         return prediction
 
-    def _network(self, task: str, expert: int | None):
+    def _network(self, task: str, expert: int | None, report=None):
         """The forward pass for this task and routing, and the name of its runtime.
+
+        An export to ONNX (backend "onnx", graph not cached yet) is reported as stage "export".
 
         Returns ``(network, backend)``: ``network(x)`` maps the model input (B, C, S, S) to
         ``(logits (B, K, S, S), {MoE layer: gates (B, E, H_l, W_l)})``.
@@ -343,11 +345,13 @@ class Predictor:
         if self.backend != "torch" and key not in self._graphs:
             if onnx_runtime.unsupported_reason(self.model, self.device, self.dtype) is None:
                 sha = self.card.weights_sha256
-                path = (
-                    onnx_runtime.prepare(self.model, sha, task, expert)
-                    if self.backend == "onnx"
-                    else onnx_runtime.graph_path(sha, task, expert)
-                )
+                path = onnx_runtime.graph_path(sha, task, expert)
+                if self.backend == "onnx" and (path is None or not path.is_file()):
+                    if report is not None:
+                        report("export", 0, 1)
+                    path = onnx_runtime.prepare(self.model, sha, task, expert)
+                    if report is not None:
+                        report("export", 1, 1)
                 if path is not None and path.is_file():
                     try:
                         self._graphs[key] = onnx_runtime.OnnxNetwork(path, torch.get_num_threads())
