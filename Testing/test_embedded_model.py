@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from m4oe import onnx_runtime
 from m4oe.checkpoint import load_checkpoint, read_model_card
 from m4oe.evaluate import evaluate
 from m4oe.hub import DEFAULT_MODEL, EMBEDDED_DIR, resolve_model
@@ -77,3 +78,22 @@ def test_held_out_phantom_matches_the_stored_segmentation(predictor, sequence):
     assert prediction.modality.modality == ("ct" if sequence == "ct" else "mr")
     summary = prediction.gate_summary
     assert summary["overall"]["dominant_expert"] == expected["dominant_expert"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(onnx_runtime.missing_packages()), reason="ONNX Runtime not installed")
+def test_embedded_model_on_onnx_runtime_gives_the_stored_segmentations(tmp_path, monkeypatch):
+    """The real model exported to ONNX (every block a mixture of 3 experts) segments as in PyTorch."""
+    monkeypatch.setenv("M4OE_CACHE_DIR", str(tmp_path))
+    predictor = Predictor.from_pretrained(None, device="cpu", threads=1, backend="onnx")
+    for sequence in ("ct", "t2"):
+        expected = EXPECTED[sequence]
+        image, _ = generate_case(sequence, expected["seed"], max_size=expected["max_size"])
+        prediction = predictor.predict(image, gates=True)
+        assert prediction.backend == "onnx"
+        labels = sitk.GetArrayFromImage(prediction.labelmap)
+        stored = sitk.GetArrayFromImage(sitk.ReadImage(str(DATA / expected["file"])))
+        assert float(np.mean(labels == stored)) >= 0.999
+        weights = prediction.gate_summary["overall"]["mean_weights"]
+        for name, value in expected["mean_weights"].items():
+            assert weights[name] == pytest.approx(value, abs=1e-3), name
