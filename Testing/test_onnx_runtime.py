@@ -96,13 +96,13 @@ def test_predictor_on_onnx_runtime_matches_pytorch_and_caches_the_graph(loaded, 
         raise AssertionError("exported again")
 
     monkeypatch.setattr(onnx_runtime, "export", no_export)
-    auto = Predictor(*loaded, device="cpu")
+    auto = Predictor(*loaded, device="cpu", backend="auto")
     assert auto.predict(ct).backend == "onnx"
     assert auto.predict(ct, force_expert="ct").backend == "torch"
 
 
 def test_auto_without_a_cached_graph_runs_pytorch_and_writes_nothing(loaded, ct, cache):
-    assert Predictor(*loaded, device="cpu").predict(ct).backend == "torch"
+    assert Predictor(*loaded, device="cpu", backend="auto").predict(ct).backend == "torch"
     assert not cache.exists()
 
 
@@ -123,7 +123,7 @@ def test_a_damaged_cached_graph_is_skipped_by_auto_and_refused_by_onnx(loaded, c
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a graph")
     with caplog.at_level(logging.WARNING, logger="m4oe.predictor"):
-        assert Predictor(*loaded, device="cpu").predict(ct).backend == "torch"
+        assert Predictor(*loaded, device="cpu", backend="auto").predict(ct).backend == "torch"
     assert "not a usable ONNX graph" in caplog.text and path.name in caplog.text
     with pytest.raises(ModelError, match="not a usable ONNX graph"):
         Predictor(*loaded, device="cpu", backend="onnx").predict(ct)
@@ -146,7 +146,7 @@ def test_cli_backend_onnx(tiny_model_dir, ct, tmp_path, cache, capsys):
     assert cli.main([*argv, "--backend", "onnx", "--progress", "json"]) == 0
     done = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert done["stage"] == "done" and done["backend"] == "onnx"
-    assert cli.main([*argv, "--overwrite"]) == 0  # auto, graph now cached
+    assert cli.main([*argv, "--overwrite", "--backend", "auto"]) == 0  # the graph is cached now
     assert "network on ONNX Runtime" in capsys.readouterr().out
-    assert cli.main([*argv, "--overwrite", "--backend", "torch"]) == 0
+    assert cli.main([*argv, "--overwrite"]) == 0  # the default: PyTorch
     assert "network on PyTorch" in capsys.readouterr().out

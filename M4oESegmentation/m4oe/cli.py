@@ -76,11 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
     seg.add_argument(
         "--backend",
-        default="auto",
+        default="torch",
         choices=("auto", "torch", "onnx"),
-        help="network runtime: onnx = ONNX Runtime (CPU, float32, not top-k; exports the network on "
-        "first use, tens of seconds, then cached); auto = ONNX Runtime once a graph is cached, else "
-        "PyTorch (default: auto)",
+        help="network runtime: torch (default); onnx = ONNX Runtime (CPU, float32, not top-k; exports "
+        "the network on first use, tens of seconds, then cached); auto = ONNX Runtime once a graph "
+        "is cached, else PyTorch",
     )
     seg.add_argument("--gates", metavar="DIR", default=None, help="write gate maps and the gate summary here")
     seg.add_argument(

@@ -148,10 +148,10 @@ class Predictor:
             :func:`default_threads` (one per core that no other process keeps busy).
         batch_size: slices per forward pass; None takes the model card's ``slice_batch``, at most
             :data:`CPU_BATCH` on the CPU.
-        backend: runtime of the network forward: "torch"; "onnx" (ONNX Runtime, CPU and float32
-            only, exporting the network on first use, see :mod:`m4oe.onnx_runtime`); "auto" (ONNX
-            Runtime when installed, supported and the exported graph is already cached, else
-            PyTorch).
+        backend: runtime of the network forward: "torch" (the default: the fastest end to end,
+            see ``benchmarks/README.md``); "onnx" (ONNX Runtime, CPU and float32 only, exporting
+            the network on first use, see :mod:`m4oe.onnx_runtime`); "auto" (ONNX Runtime when
+            installed, supported and the exported graph is already cached, else PyTorch).
     """
 
     def __init__(
@@ -163,7 +163,7 @@ class Predictor:
         dtype: str = "float32",
         threads: int | None = None,
         batch_size: int | None = None,
-        backend: str = "auto",
+        backend: str = "torch",
     ):
         if backend not in onnx_runtime.BACKENDS:
             raise InputError(f"backend {backend!r} is not one of {', '.join(onnx_runtime.BACKENDS)}")
