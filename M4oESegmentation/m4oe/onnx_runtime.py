@@ -24,7 +24,9 @@ import contextlib
 import importlib.util
 import logging
 import os
+import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -181,7 +183,6 @@ class OnnxNetwork:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as error:  # a truncated or foreign file: onnxruntime raises its own types
             raise ModelError(f"not a usable ONNX graph: {str(error).splitlines()[0]}", path) from None
-        self.path = Path(path)
         self.outputs = [o.name for o in self.session.get_outputs()]
         if self.outputs[:1] != ["logits"] or self.session.get_inputs()[0].name != INPUT_NAME:
             raise ModelError("not a graph exported by m4oe (unexpected input or output names)", path)
@@ -196,18 +197,27 @@ class OnnxNetwork:
         return torch.from_numpy(values[0]), gates
 
 
-def prepare(model: SwinUNet, weights_sha256: str, task: str, expert: int | None = None) -> Path:
+def prepare(
+    model: SwinUNet,
+    weights_sha256: str,
+    task: str,
+    expert: int | None = None,
+    report: Callable[[str, int, int], None] | None = None,
+) -> Path:
     """The cached graph of this model, task and routing, exported first when not cached yet.
 
     Weights without a recorded SHA-256 cannot be cached safely: their graph goes to a temporary
-    folder for this process. Raises :class:`ModelError` when the export fails.
+    folder for this process. An export is announced as ``report("export", 0, 1)`` and
+    ``report("export", 1, 1)``. Raises :class:`ModelError` when the export fails.
     """
     path = graph_path(weights_sha256, task, expert)
     if path is None:
-        import tempfile
-
         path = Path(tempfile.mkdtemp(prefix="m4oe-onnx-")) / f"{task}-{expert}.onnx"
     if not path.is_file():
         log.info("exporting the network to ONNX (once per model): %s", path)
+        if report is not None:
+            report("export", 0, 1)
         export(model, path, task, expert)
+        if report is not None:
+            report("export", 1, 1)
     return path

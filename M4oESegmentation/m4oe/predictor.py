@@ -179,10 +179,14 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.card = card
         self.backend = backend
-        if backend == "onnx":
-            reason = onnx_runtime.unsupported_reason(self.model, self.device, self.dtype)
-            if reason is not None:
-                raise InputError(f"backend onnx: {reason}", card.name)
+        # Why ONNX Runtime cannot run this model here (None: it can); "torch" never asks.
+        self._onnx_unsupported = (
+            None
+            if backend == "torch"
+            else onnx_runtime.unsupported_reason(self.model, self.device, self.dtype)
+        )
+        if backend == "onnx" and self._onnx_unsupported is not None:
+            raise InputError(f"backend onnx: {self._onnx_unsupported}", card.name)
         self._graphs: dict[tuple[str, int | None], onnx_runtime.OnnxNetwork] = {}
         self.batch_size = batch_size or card.preprocessing.slice_batch
         if batch_size is None and self.device.type == "cpu":
@@ -342,23 +346,10 @@ class Predictor:
         ``(logits (B, K, S, S), {MoE layer: gates (B, E, H_l, W_l)})``.
         """
         key = (task, expert)
-        if self.backend != "torch" and key not in self._graphs:
-            if onnx_runtime.unsupported_reason(self.model, self.device, self.dtype) is None:
-                sha = self.card.weights_sha256
-                path = onnx_runtime.graph_path(sha, task, expert)
-                if self.backend == "onnx" and (path is None or not path.is_file()):
-                    if report is not None:
-                        report("export", 0, 1)
-                    path = onnx_runtime.prepare(self.model, sha, task, expert)
-                    if report is not None:
-                        report("export", 1, 1)
-                if path is not None and path.is_file():
-                    try:
-                        self._graphs[key] = onnx_runtime.OnnxNetwork(path, torch.get_num_threads())
-                    except ModelError as error:
-                        if self.backend == "onnx":
-                            raise
-                        logger.warning("%s; running the network in PyTorch", error)
+        if key not in self._graphs and self.backend != "torch" and self._onnx_unsupported is None:
+            graph = self._load_graph(task, expert, report)
+            if graph is not None:
+                self._graphs[key] = graph
         if key in self._graphs:
             return self._graphs[key], "onnx"
 
@@ -366,6 +357,23 @@ class Predictor:
             return self.model(x, task=task, force_expert=expert, return_gates=True)
 
         return network, "torch"
+
+    def _load_graph(self, task: str, expert: int | None, report) -> onnx_runtime.OnnxNetwork | None:
+        """The ONNX Runtime session of this task and routing; None when "auto" finds no usable graph."""
+        sha = self.card.weights_sha256
+        if self.backend == "onnx":
+            path = onnx_runtime.prepare(self.model, sha, task, expert, report)
+        else:
+            path = onnx_runtime.graph_path(sha, task, expert)
+            if path is None or not path.is_file():
+                return None
+        try:
+            return onnx_runtime.OnnxNetwork(path, torch.get_num_threads())
+        except ModelError as error:
+            if self.backend == "onnx":
+                raise
+            logger.warning("%s; running the network in PyTorch", error)
+            return None
 
     def _expert_index(self, force_expert: int | str | None) -> int | None:
         if force_expert is None:
