@@ -188,6 +188,7 @@ def test_refuses_unknown_card_keys(saved):
         (lambda d: d["preprocessing"].update(slice_batch=2.5), "preprocessing.slice_batch"),
         (lambda d: d.update(notes=None), "notes"),
         (lambda d: d["architecture"].pop("window_size"), "architecture.window_size"),
+        (lambda d: d["architecture"].update(gate_context=None), "architecture.gate_context"),
     ],
 )
 def test_refuses_wrong_types_and_missing_keys(saved, edit, key):
@@ -195,6 +196,34 @@ def test_refuses_wrong_types_and_missing_keys(saved, edit, key):
     with pytest.raises(ModelError, match=re.escape(repr(key))) as info:
         read_model_card(saved)
     assert str(path) in str(info.value)
+
+
+def test_gate_context_is_optional_in_a_card_and_travels_with_the_weights(model, card, saved, tmp_path):
+    """Cards written before ``gate_context`` existed load as "none"; a model with a slice context
+    saves and loads with it (its context weights included) and gives the same outputs."""
+    path = _edit_card(saved, lambda d: d["architecture"].pop("gate_context"))
+    assert "gate_context" not in json.loads(path.read_text())["architecture"]
+    assert load_checkpoint(saved)[1].architecture.gate_context == "none"
+
+    torch.manual_seed(0)
+    net = build_model(model.cfg.replace(gate_context="slice")).eval()
+    with torch.no_grad():
+        for layer in net.modules():
+            if getattr(layer, "context", None) is not None:
+                layer.context.weight.normal_(0.0, 1.0)
+    folder = save_checkpoint(net, dataclasses.replace(card, architecture=net.cfg), tmp_path / "context")
+    loaded, loaded_card = load_checkpoint(folder)
+    assert loaded_card.architecture.gate_context == "slice"
+    x = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref, ref_gates = net(x, return_gates=True)
+        out, gates = loaded(x, return_gates=True)
+        for layer in loaded.modules():
+            if getattr(layer, "context", None) is not None:
+                layer.reset_context()
+        without_context = loaded(x, return_gates=True)[1]
+    assert torch.equal(out, ref) and all(torch.equal(gates[k], ref_gates[k]) for k in gates)
+    assert not torch.allclose(gates["encoder.0.0"], without_context["encoder.0.0"])  # it was in use
 
 
 def test_refuses_cards_that_contradict_the_architecture(card, saved):

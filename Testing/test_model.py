@@ -347,6 +347,119 @@ def test_m4oe_paper_sizes_with_channel_and_softmax_gates():
     assert 1.9e6 <= channel - softmax <= 2.0e6, channel - softmax
 
 
+# --- slice context for the gates ------------------------------------------------------------------
+
+
+def test_slice_context_starts_at_zero_so_a_model_gains_it_without_changing_its_output():
+    plain = _tiny()
+    torch.manual_seed(1)
+    context = build_model("m4oe-tiny", gate_context="slice").eval()
+    added = [k for k in context.state_dict() if k not in plain.state_dict()]
+    assert added and all("context" in k for k in added)
+    context.load_state_dict({**context.state_dict(), **plain.state_dict()})
+    x = _slices(plain.cfg)
+    with torch.no_grad():
+        a, gates_a = plain(x, return_gates=True)
+        b, gates_b = context(x, return_gates=True)
+    assert torch.equal(a, b)
+    assert all(torch.equal(gates_a[k], gates_b[k]) for k in gates_a)
+
+
+def _with_trained_context(model):
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in _moe_layers(model):
+            layer.context.weight.copy_(torch.randn(layer.context.weight.shape, generator=gen))
+    return model
+
+
+def test_slice_context_shifts_every_token_of_a_slice_by_the_same_logits():
+    model = _with_trained_context(_tiny(gate_context="slice"))
+    x = _slices(model.cfg, batch=1)
+    x2 = x.clone()
+    x2[..., :8, :8] += 3.0  # a change in one corner
+    with torch.no_grad():
+        _, g1 = model(x, return_gates=True)
+        _, g2 = model(x2, return_gates=True)
+        c1, c2 = model.slice_context(x), model.slice_context(x2)
+    assert not torch.allclose(c1, c2)
+    # Far from the corner (outside the attention windows it reaches in the first layer) the token
+    # features are the same, so the gate moves only through the slice context: the log-probability
+    # ratios between experts change by one amount for every such token.
+    layer = _moe_layers(model)[0]
+    shift = layer.context(c2) - layer.context(c1)
+    log1, log2 = g1["encoder.0.0"].log()[0], g2["encoder.0.0"].log()[0]  # (E, H, W)
+    far = (log2 - log1)[:, 8:, 8:]
+    relative = far - far[:1]
+    expected = (shift - shift[:, :1])[0][:, None, None].expand_as(relative)
+    assert torch.allclose(relative, expected, atol=1e-5)
+    assert relative.abs().max() > 1e-3
+
+
+def test_slice_context_is_one_per_sample_and_skipped_by_forced_routing():
+    model = _with_trained_context(_tiny(gate_context="slice"))
+    x = _slices(model.cfg, batch=3)
+    with torch.no_grad():
+        batch = model(x)
+        alone = torch.cat([model(x[i : i + 1]) for i in range(3)])
+        _, gates = model(x, force_expert=1, return_gates=True)
+    assert torch.allclose(batch, alone, atol=1e-5)
+    assert all(torch.equal(g[:, 1], torch.ones_like(g[:, 1])) for g in gates.values())
+    calls = []
+    hook = model.slice_context.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        model(x, force_expert=1)
+    hook.remove()
+    assert calls == []
+
+
+def _bands(gen: torch.Generator, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 1, 64, 64) noisy slices with one 16-pixel band across: even samples a bright band on a
+    dark slice ("modality" 0), odd ones a dark band on a bright slice (1). Both hold the same kinds
+    of tokens (bright, dark, either edge); only how much of the slice is bright tells them apart."""
+    slices = []
+    for i in range(n):
+        start = int(torch.randint(0, 64, (1,), generator=gen))
+        band = (torch.arange(64) - start) % 64 < 16
+        image = torch.where(band[:, None], 1.0, -1.0).expand(64, 64) * (1 if i % 2 == 0 else -1)
+        slices.append(image + 0.3 * torch.randn(64, 64, generator=gen))
+    return torch.stack(slices)[:, None], torch.tensor([0, 1] * (n // 2))
+
+
+def _own_expert_weight(gates: dict, expert: torch.Tensor) -> dict[str, float]:
+    index = expert[:, None, None, None]
+    return {k: float(g.gather(1, index.expand(-1, 1, *g.shape[2:])).mean()) for k, g in gates.items()}
+
+
+@pytest.mark.parametrize("gate_context", ["none", "slice"])
+def test_slice_context_lets_the_first_layers_route_by_what_only_the_slice_shows(gate_context):
+    torch.manual_seed(0)
+    model = build_model("m4oe-tiny", experts=("a", "b"), gate_context=gate_context).train()
+    gate_params = [p for n, p in model.named_parameters() if ".gate." in n or "context" in n]
+    optimizer = torch.optim.Adam(gate_params, lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):  # the routing loss alone, on the gates alone
+        x, expert = _bands(gen)
+        _, gates = model.forward_features(x)
+        loss = x.new_zeros(())
+        for g in gates.values():
+            own = g.gather(1, expert[:, None, None, None].expand(-1, 1, *g.shape[2:]))
+            loss = loss - own.log().mean() / len(gates)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    x, expert = _bands(torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, gates = model.eval().forward_features(x)
+    own = _own_expert_weight(gates, expert)
+    first = [v for k, v in own.items() if k.startswith("encoder.0.")]
+    if gate_context == "slice":
+        assert min(own.values()) > 0.95, own
+    else:
+        # A first-stage token sees a few pixels: a band's inside or an edge, the same in both.
+        assert max(first) < 0.8, own
+
+
 # --- config ---------------------------------------------------------------------------------------
 
 
@@ -355,8 +468,9 @@ def test_m4oe_paper_sizes_with_channel_and_softmax_gates():
     [
         *(get_config(name) for name in sorted(MODEL_REGISTRY)),
         get_config("m4oe-tiny", top_k=2, moe_placement="decoder", mlp_ratio=2.0, in_chans=3),
+        get_config("m4oe-tiny", gate_context="slice"),
     ],
-    ids=[*sorted(MODEL_REGISTRY), "m4oe-tiny-top2-decoder"],
+    ids=[*sorted(MODEL_REGISTRY), "m4oe-tiny-top2-decoder", "m4oe-tiny-slice-context"],
 )
 def test_config_round_trips_through_json(cfg):
     again = ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
@@ -389,6 +503,9 @@ def test_from_dict_rejects_unknown_keys():
         ({"experts": (), "top_k": 1}, "top_k=1"),
         ({"drop_path_rate": 1.5}, "1.5"),
         ({"expert_count": 3}, "expert_count"),
+        ({"gate_context": "volume"}, "'volume'"),
+        ({"gate_context": "slice", "gate": "channel"}, "gate 'channel'"),
+        ({"gate_context": "slice", "experts": ()}, "experts []"),
     ],
 )
 def test_bad_config_names_the_bad_value(overrides, named):

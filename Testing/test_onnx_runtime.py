@@ -67,6 +67,28 @@ def test_exported_graph_returns_the_logits_and_gates_of_pytorch(loaded, tmp_path
 
 
 @pytest.mark.slow
+def test_exported_graph_keeps_the_slice_context_of_the_gates(tmp_path):
+    """A model whose gates see the slice (``gate_context = "slice"``): the context is computed per
+    sample inside the graph, so a batch of different slices routes as PyTorch does."""
+    torch.manual_seed(0)
+    model = build_model("m4oe-tiny", gate_context="slice").eval()
+    with torch.no_grad():
+        for layer in model.modules():
+            if getattr(layer, "context", None) is not None:
+                layer.context.weight.normal_(0.0, 1.0)
+    path = onnx_runtime.export(model, tmp_path / "net.onnx", "abdomen")
+    network = onnx_runtime.OnnxNetwork(path, threads=1)
+    levels = torch.tensor([0.5, 1.0, 2.0])[:, None, None, None]
+    x = torch.randn(3, 1, 64, 64, generator=torch.Generator().manual_seed(4)) * levels
+    with torch.inference_mode():
+        reference, reference_gates = model(x, return_gates=True)
+    logits, gates = network(x)
+    assert torch.allclose(logits, reference, atol=1e-4), float((logits - reference).abs().max())
+    for name, g in gates.items():
+        assert torch.allclose(g, reference_gates[name], atol=1e-5), name
+
+
+@pytest.mark.slow
 def test_predictor_on_onnx_runtime_matches_pytorch_and_caches_the_graph(loaded, ct, cache, monkeypatch):
     on_torch = Predictor(*loaded, device="cpu", backend="torch").predict(
         ct, gates=True, probabilities="float16"

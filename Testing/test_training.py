@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -914,6 +915,7 @@ def test_init_from_a_model_that_does_not_fit_the_run_is_a_config_error(tmp_path)
     shape = {k: getattr(source.cfg, k) for k in ("img_size", "embed_dim", "num_heads", "window_size")}
 
     def build(experts=source.cfg.experts, **change):
+        change = {"gate_context": source.cfg.gate_context, **change}
         return build_model("m4oe", experts=experts, tasks=(("abdomen", 10),), **{**shape, **change})
 
     model = build()
@@ -941,6 +943,44 @@ def test_init_from_a_model_that_does_not_fit_the_run_is_a_config_error(tmp_path)
     (tmp_path / "model.json").write_text((embedded / "model.json").read_text())
     with pytest.raises(ConfigError, match=r"init: .*pickle"):
         load_initial_weights(build(), str(pickled), labels)
+
+
+def test_init_may_add_a_slice_context_to_the_gates_but_not_take_it_away(tmp_path):
+    """A run may give the init model's gates a slice context (starting at zero: same outputs); a
+    model trained with one cannot lose it."""
+    from m4oe.checkpoint import save_checkpoint
+    from m4oe.model import build_model
+    from m4oe_training.train import init_overrides, is_context_parameter, load_initial_weights
+
+    embedded = ROOT / "M4oESegmentation" / "m4oe" / "models" / "m4oe-phantom"
+    source, card = load_checkpoint(embedded)
+    # The same network without a context, whichever the embedded model has.
+    plain = build_model(source.cfg.replace(gate_context="none"))
+    plain.load_state_dict({k: v for k, v in source.state_dict().items() if not is_context_parameter(k)})
+    folder = save_checkpoint(plain.eval(), dataclasses.replace(card), tmp_path / "plain")
+    labels = {"abdomen": card.task("abdomen").labels}
+
+    torch.manual_seed(0)
+    target = build_model(source.cfg.replace(gate_context="slice"))
+    added = [k for k in target.state_dict() if is_context_parameter(k)]
+    assert added and all(k not in plain.state_dict() for k in added)
+    load_initial_weights(target, str(folder), labels)
+    size = source.cfg.img_size
+    x = torch.randn(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, expected_gates = plain(x, return_gates=True)
+        got, got_gates = target.eval()(x, return_gates=True)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert all(torch.allclose(got_gates[k], expected_gates[k], atol=1e-6) for k in expected_gates)
+
+    def overrides(card_architecture, **model_overrides):
+        run_cfg = SimpleNamespace(model_overrides=model_overrides)  # all that init_overrides reads
+        return init_overrides(run_cfg, dataclasses.replace(card, architecture=card_architecture))
+
+    assert overrides(plain.cfg, gate_context="slice") == {"gate_context": "slice"}
+    assert overrides(target.cfg, gate_context="slice") == {"gate_context": "slice"}
+    with pytest.raises(ConfigError, match="cannot take away"):
+        overrides(target.cfg, gate_context="none")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -348,9 +348,15 @@ def _object(value, where: str, path, required, optional=()) -> dict:
 
 def _architecture(value, path) -> ModelConfig:
     fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    data = _object(value, "architecture", path, required=tuple(fields))
+    # Keys added to the architecture after format version 1 was fixed: optional, so that cards
+    # written before them still load (with the default, which is what those models were).
+    later = ("gate_context",)
+    required = tuple(k for k in fields if k not in later)
+    data = _object(value, "architecture", path, required=required, optional=later)
     for key, default in fields.items():
         where = f"architecture.{key}"
+        if key not in data:
+            continue
         if key == "top_k":
             if data[key] is not None:
                 _check(data[key], int, where, path)

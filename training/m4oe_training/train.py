@@ -142,8 +142,16 @@ def stage_lr(stage, step: int, total_steps: int, poly_power: float) -> float:
 
 
 def is_gate_parameter(name: str) -> bool:
-    """Whether a parameter (by its name in the network) belongs to an MoE gate."""
-    return ".mlp.gate." in f".{name}"
+    """Whether a parameter (by its name in the network) belongs to an MoE gate: a gate's token
+    projection, its slice-context projection, or the slice-context encoder they share."""
+    name = f".{name}"
+    return ".mlp.gate." in name or ".mlp.context." in name or ".slice_context." in name
+
+
+def is_context_parameter(name: str) -> bool:
+    """Whether a parameter exists only with ``gate_context = "slice"``."""
+    name = f".{name}"
+    return ".mlp.context." in name or ".slice_context." in name
 
 
 def parameter_groups(module: nn.Module) -> list[dict]:
@@ -218,10 +226,18 @@ def data_keys(infos: list[DatasetInfo]) -> list[str]:
 
 def init_overrides(cfg: TrainConfig, card) -> dict:
     """``model_overrides`` for a run that starts from ``init``: the architecture is the init model's,
-    so only the dropout rates may change; any other key must repeat the init model's value."""
-    free = {"drop_rate", "attn_drop_rate", "drop_path_rate"}
+    so only the dropout rates may change, and ``gate_context`` may be added (its weights start at
+    zero, so the run starts from the init model's outputs); any other key must repeat the init
+    model's value."""
+    free = {"drop_rate", "attn_drop_rate", "drop_path_rate", "gate_context"}
     architecture = card.architecture
     for key, value in cfg.model_overrides.items():
+        trained_with = architecture.gate_context
+        if key == "gate_context" and trained_with != "none" and value != trained_with:
+            raise ConfigError(
+                f"model_overrides.gate_context = {value!r}: the init model's gates are trained with a "
+                f"{architecture.gate_context!r} context, which a run cannot take away"
+            )
         if key in free:
             continue
         theirs = getattr(architecture, key, None)
@@ -241,7 +257,9 @@ def load_initial_weights(model: SwinUNet, path: str, labels: dict[str, list]) ->
     The exported model (a folder, card or ``.safetensors`` file in the engine's format; never a
     pickle) must have the same experts in the same order, the same label names per task, and
     weights of the same names and shapes (same width, depths, window and patch size). Dropout rates
-    and ``top_k`` may differ. Raises ConfigError naming the file and what differs.
+    and ``top_k`` may differ; a run may add a slice context to the gates of a model without one
+    (those weights keep their initialisation, which leaves the outputs unchanged). Raises
+    ConfigError naming the file and what differs.
     """
     try:
         source, card = load_checkpoint(path)
@@ -267,14 +285,18 @@ def load_initial_weights(model: SwinUNet, path: str, labels: dict[str, list]) ->
             for k, v in expected.items()
             if k in state and state[k].shape != v.shape
         ]
-        absent = sorted(set(expected) ^ set(state))
+        added = {k for k in expected if is_context_parameter(k) and k not in state}
+        absent = sorted((set(expected) - added) ^ set(state))
         if wrong or absent:
             shown = (wrong + absent)[:3]
             problems.append(f"{len(wrong) + len(absent)} weights differ in name or shape: {', '.join(shown)}")
     if problems:
         raise ConfigError(f"init {path}: the model does not fit this run: {'; '.join(problems)}")
     with torch.no_grad():
-        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+        model.load_state_dict(
+            {**{k: expected[k] for k in added}, **{k: v.to(expected[k].dtype) for k, v in state.items()}},
+            strict=True,
+        )
     return card.weights_sha256
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 MOE_PLACEMENTS = ("encoder", "decoder", "both")
 GATES = ("softmax", "channel")
+GATE_CONTEXTS = ("none", "slice")
 _TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 
 
@@ -37,6 +38,14 @@ class ModelConfig:
             "channel" (the released code's Linear(C, C) softmax over channels times the plain sum
             of experts; kept for ablation only).
         top_k: experts evaluated per token; None evaluates all of them (dense mixture).
+        gate_context: what the softmax gate sees besides its token. "none": the token alone (the
+            paper's gate). "slice": also a descriptor of the whole input slice, pooled from a small
+            convolutional encoder on the normalised intensities (before any LayerNorm), added to
+            every MoE layer's gate logits through its own Linear(context, E). The token features
+            are layer-normalised, which removes a patch's intensity level, so a per-token gate
+            cannot tell MR sequences whose organs differ mainly in brightness (T1 vs T2); the slice
+            descriptor can. The projections start at zero, so a model gains the option without
+            changing its output until it is trained.
     """
 
     img_size: int = 224
@@ -56,6 +65,7 @@ class ModelConfig:
     moe_placement: str = "both"
     gate: str = "softmax"
     top_k: int | None = None
+    gate_context: str = "none"
 
     def __post_init__(self):
         # Tuples arrive as lists from JSON; normalise before validating.
@@ -113,6 +123,13 @@ class ModelConfig:
             raise ValueError(f"moe_placement must be one of {MOE_PLACEMENTS}, got {self.moe_placement!r}")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+        if self.gate_context not in GATE_CONTEXTS:
+            raise ValueError(f"gate_context must be one of {GATE_CONTEXTS}, got {self.gate_context!r}")
+        if self.gate_context != "none" and (not self.experts or self.gate != "softmax"):
+            raise ValueError(
+                f"gate_context={self.gate_context!r} needs experts and the softmax gate "
+                f"(experts {list(self.experts)}, gate {self.gate!r})"
+            )
         if self.experts and len(self.experts) < 2:
             raise ValueError(
                 f"a mixture needs at least 2 experts, got {self.experts}; use experts=() for dense"

@@ -26,7 +26,9 @@ class DenseFeedForward(Mlp):
     ):
         super().__init__(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
-    def forward(self, x: torch.Tensor, force_expert: ForcedExpert = None) -> tuple[torch.Tensor, None]:
+    def forward(
+        self, x: torch.Tensor, force_expert: ForcedExpert = None, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, None]:
         return super().forward(x), None
 
 
@@ -41,6 +43,10 @@ class MoEFeedForward(nn.Module):
             channels multiplies the plain sum of all experts. It weighs every expert equally, so the
             expert weights it reports are uniform (1/E).
 
+    With ``context_dim`` the softmax gate also sees a per-sample context vector (B, context_dim),
+    e.g. a descriptor of the whole slice: ``p = softmax(Linear(C, E)(x) + Linear(context_dim, E)(c))``.
+    That projection (``context``) starts at zero, so the layer first routes as without it.
+
     ``force_expert`` (an int, or a LongTensor (B,) giving one expert per sample) bypasses the gate:
     every token of a sample goes through that expert alone, with weight 1.
     """
@@ -54,6 +60,7 @@ class MoEFeedForward(nn.Module):
         top_k: int | None = None,
         act_layer: type[nn.Module] = nn.GELU,
         drop: float = 0.0,
+        context_dim: int | None = None,
     ):
         super().__init__()
         if num_experts < 2:
@@ -64,6 +71,8 @@ class MoEFeedForward(nn.Module):
             raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
         if top_k is not None and gate == "channel":
             raise ValueError(f"top_k={top_k} needs the softmax gate; the channel gate weighs no expert")
+        if context_dim is not None and gate == "channel":
+            raise ValueError("a gate context needs the softmax gate; the channel gate weighs no expert")
         self.num_experts = num_experts
         self.gate_type = gate
         self.top_k = None if top_k == num_experts else top_k
@@ -72,11 +81,20 @@ class MoEFeedForward(nn.Module):
             Mlp(dim, hidden, act_layer=act_layer, drop=drop) for _ in range(num_experts)
         )
         self.gate = nn.Linear(dim, num_experts if gate == "softmax" else dim)
+        self.context = nn.Linear(context_dim, num_experts) if context_dim is not None else None
+        self.reset_context()
+
+    def reset_context(self) -> None:
+        """Zero the context projection: the gate then routes on the token alone until trained."""
+        if self.context is not None:
+            nn.init.zeros_(self.context.weight)
+            nn.init.zeros_(self.context.bias)
 
     def forward(
-        self, x: torch.Tensor, force_expert: ForcedExpert = None
+        self, x: torch.Tensor, force_expert: ForcedExpert = None, context: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Args: x (B, N, C) tokens. Returns (B, N, C) and the expert weights (B, N, E), summing to 1."""
+        """Args: x (B, N, C) tokens; context (B, context_dim), required when the layer has a context
+        projection and the gate runs. Returns (B, N, C) and the expert weights (B, N, E), summing to 1."""
         if force_expert is not None:
             return self._forced(x, force_expert)
         if self.gate_type == "channel":
@@ -85,7 +103,12 @@ class MoEFeedForward(nn.Module):
                 out = out + expert(x)
             weights = x.new_full((*x.shape[:-1], self.num_experts), 1.0 / self.num_experts)
             return out * F.softmax(self.gate(x), dim=-1), weights
-        probs = F.softmax(self.gate(x), dim=-1)
+        logits = self.gate(x)
+        if self.context is not None:
+            if context is None:
+                raise ValueError("this gate needs a context vector (B, context_dim); none was given")
+            logits = logits + self.context(context)[:, None, :]
+        probs = F.softmax(logits, dim=-1)
         if self.top_k is None:
             out = torch.zeros_like(x)
             for e, expert in enumerate(self.experts):
