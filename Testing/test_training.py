@@ -169,6 +169,7 @@ def test_config_unknown_key_is_an_error_naming_it(tmp_path, where, key):
         ({}, {"mask_ratio": 1.0}, r"stages\[0\].mask_ratio"),
         ({}, {"trainable": "experts"}, r"stages\[0\].trainable must be one of"),
         ({}, {"trainable": "gates"}, r"stages\[0\]: trainable = 'gates' needs kind 'joint'"),
+        ({}, {"trainable": "context"}, r"stages\[0\]: trainable = 'context' needs kind 'joint'"),
         ({}, {"warmup_iterations": -1}, r"stages\[0\].warmup_iterations"),
         ({}, {"gate_lr_scale": 0.0}, r"stages\[0\].gate_lr_scale"),
         ({}, {"warmup_iterations": 2.5}, r"stages\[0\].warmup_iterations"),
@@ -1170,3 +1171,42 @@ def test_gate_learning_rate_scale_moves_only_the_gates_faster(phantoms, tmp_path
             torch.testing.assert_close(scaled, 8.0 * step, rtol=1e-3, atol=1e-7, msg=key)
         else:
             torch.testing.assert_close(scaled, step, rtol=1e-3, atol=1e-7, msg=key)
+
+
+@pytest.mark.slow
+def test_a_context_stage_trains_the_slice_context_alone(phantoms, tmp_path):
+    """``trainable = "context"``: the gates' slice context learns; every other weight, the token
+    gates included, stays as it was. A model without a context cannot have such a stage."""
+    from m4oe.model import build_model
+    from m4oe_training.train import is_context_parameter
+
+    def train(name: str, **top) -> Path:
+        path = write_config(
+            tmp_path / f"{name}.toml",
+            [dataset(phantoms["ct"], "ct"), dataset(phantoms["t1"], "mr")],
+            [{"kind": "joint", "epochs": 1, "lr": 0.01, "trainable": "context", "routing_weight": 1.0}],
+            batch_size=2,
+            iterations_per_epoch=2,
+            val_every=100,
+            output_dir=str(tmp_path / name),
+            **top,
+        )
+        return run(load_config(path)[0], base_dir=tmp_path, command=["test"])
+
+    out = train("context", model_overrides={"gate_context": "slice"})
+    state = load_file(out / "state" / "weights.safetensors")
+    trained = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    torch.manual_seed(0)  # the run's seed: the same initial weights
+    initial = build_model(
+        "m4oe-tiny", experts=("ct", "mr"), tasks=(("abdomen", len(PHANTOM_LABELS) + 1),), gate_context="slice"
+    ).state_dict()
+    context = [k for k in initial if is_context_parameter(k)]
+    assert len(context) == 2 * 14 + 8  # a weight and a bias per MoE layer; the encoder's 4 layers
+    for key, start in initial.items():
+        if key in context:
+            assert not torch.equal(trained[key], start), key
+        else:
+            assert torch.equal(trained[key], start), key
+
+    with pytest.raises(ConfigError, match="the model has none"):
+        train("plain")

@@ -18,7 +18,7 @@ import tomllib
 from m4oe.errors import InputError
 
 STAGE_KINDS = ("mim", "experts", "joint")
-TRAINABLE = ("all", "gates")
+TRAINABLE = ("all", "gates", "context")
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("auto", "off", "bf16")
 
@@ -53,7 +53,9 @@ class StageConfig:
     few hundred steps, which the segmentation loss alone does slowly; 0 (the paper's recipe) leaves
     the gate to the segmentation loss.
     ``trainable``: "all" parameters, or only the "gates" (joint stage: a gate warm-up on frozen
-    experts, so that switching the gate on does not first undo what the experts learnt).
+    experts, so that switching the gate on does not first undo what the experts learnt), or only the
+    gates' slice "context" (joint stage, a model with ``gate_context``: the context learns to tell
+    the modalities apart while everything else, token gates included, stays as it was).
     ``warmup_iterations``: the learning rate rises linearly from 0 over the stage's first
     iterations, then follows the poly decay.
     ``gate_lr_scale``: the gates' learning rate relative to ``lr``. With AdamW a parameter moves
@@ -121,8 +123,10 @@ class TrainConfig:
                 raise ConfigError(f"stages[{i}].mask_ratio must be in (0, 1), got {s.mask_ratio}")
             if s.trainable not in TRAINABLE:
                 raise ConfigError(f"stages[{i}].trainable must be one of {TRAINABLE}, got {s.trainable!r}")
-            if s.trainable == "gates" and s.kind != "joint":
-                raise ConfigError(f"stages[{i}]: trainable = 'gates' needs kind 'joint' (the gate is off)")
+            if s.trainable in ("gates", "context") and s.kind != "joint":
+                raise ConfigError(
+                    f"stages[{i}]: trainable = {s.trainable!r} needs kind 'joint' (the gate is off)"
+                )
             if s.gate_lr_scale <= 0:
                 raise ConfigError(f"stages[{i}].gate_lr_scale must be > 0, got {s.gate_lr_scale}")
             if s.warmup_iterations < 0:

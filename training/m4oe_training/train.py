@@ -354,6 +354,11 @@ def run(
             )
     except ValueError as error:  # e.g. one expert for a mixture model, an unknown override
         raise ConfigError(f"model {cfg.model!r} with experts {list(cfg.experts)}: {error}") from None
+    if any(s.trainable == "context" for s in cfg.stages) and model.cfg.gate_context == "none":
+        raise ConfigError(
+            "a stage trains only the gates' context (trainable = 'context'); the model has none "
+            "(model_overrides.gate_context)"
+        )
     if not model.cfg.is_moe and len(cfg.experts) > 1:
         logger.info("dense model: the %d expert names only label the datasets", len(cfg.experts))
     if cfg.imagenet and not resume:
@@ -424,7 +429,11 @@ def run(
         "torch": torch.__version__,
         "host": platform.platform(),
     }
-    frozen_in_gate_stage = [p for name, p in module.named_parameters() if not is_gate_parameter(name)]
+    frozen = {
+        "all": [],
+        "gates": [p for name, p in module.named_parameters() if not is_gate_parameter(name)],
+        "context": [p for name, p in module.named_parameters() if not is_context_parameter(name)],
+    }
     epochs_run = 0
     start = time.perf_counter()
     for stage_index, stage in enumerate(cfg.stages):
@@ -464,9 +473,8 @@ def run(
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if stage.trainable == "gates":  # no gradient: AdamW and SGD leave the parameter alone
-                    for p in frozen_in_gate_stage:
-                        p.grad = None
+                for p in frozen[stage.trainable]:  # no gradient: AdamW and SGD leave the parameter alone
+                    p.grad = None
                 if cfg.grad_clip_norm > 0:  # gradients are already averaged over ranks here
                     norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip_norm)
                     stats["grad_norm"] = float(norm)
