@@ -734,6 +734,50 @@ def test_routing_loss_teaches_the_gate_each_samples_expert():
     assert own_weight() > before + 0.2
 
 
+def test_with_a_slice_context_the_routing_loss_also_reads_the_modality_from_the_context():
+    """The routing loss of a model with ``gate_context`` has a second part, the cross-entropy of a
+    linear read-out of the slice context (``context_probe``) against each sample's expert. It starts
+    at log(E) and a few steps on the context alone make the read-out, and through it the gates, tell
+    the modalities apart: here two that differ only in how much of the slice is bright."""
+    from m4oe.model import build_model
+    from m4oe_training.train import StageLoss, is_context_parameter
+
+    torch.manual_seed(0)
+    model = build_model("m4oe-tiny", experts=("a", "b"), tasks=(("abdomen", 3),), gate_context="slice")
+    module = StageLoss(model, [0, 1], ["abdomen"] * 2, 0.4, 0.7)
+    assert StageLoss(build_model("m4oe-tiny"), [0], ["abdomen"], 0.4, 0.7).context_probe is None
+
+    def bands(gen):  # bright band on dark (dataset 0) or dark band on bright (1), 16 of 64 rows
+        images = []
+        for i in range(8):
+            start = int(torch.randint(0, 64, (1,), generator=gen))
+            band = (torch.arange(64) - start) % 64 < 16
+            image = torch.where(band[:, None], 1.0, -1.0).expand(64, 64) * (1 if i % 2 == 0 else -1)
+            images.append(image + 0.3 * torch.randn(64, 64, generator=gen))
+        labels = torch.zeros(8, 64, 64, dtype=torch.long)
+        return torch.stack(images)[:, None], labels, torch.tensor([0, 1] * 4)
+
+    gen = torch.Generator().manual_seed(0)
+    _, stats = module("joint", *bands(gen), routing=1.0)
+    assert stats["context"] == pytest.approx(float(torch.log(torch.tensor(2.0))), abs=0.1)
+    assert "context" not in module("joint", *bands(gen), routing=0.0)[1]
+
+    params = [p for n, p in module.named_parameters() if is_context_parameter(n)]
+    assert any(p is module.context_probe.weight for p in params)
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    for _ in range(15):
+        loss, stats = module("joint", *bands(gen), routing=1.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert stats["context"] < 0.2
+    images, _, datasets = bands(torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, gates = model(images, return_gates=True)
+    own = [float(g[torch.arange(8), datasets].mean()) for g in gates.values()]
+    assert min(own) > 0.7, own
+
+
 def test_stage_learning_rate_warms_up_linearly_then_decays_to_zero():
     from m4oe_training.train import stage_lr
 

@@ -60,6 +60,13 @@ class StageLoss(nn.Module):
         super().__init__()
         self.model = model
         self.reconstruct = nn.Conv2d(model.cfg.embed_dim, model.cfg.in_chans, 1)
+        # With a slice context, the routing loss also asks the context itself which expert the slice
+        # belongs to (a linear read-out, used in training only): through the gates alone the signal
+        # reaches the context only via 14 projections that start at zero, and in the run that made
+        # the embedded model it never left the start (T1 and T2 split evenly for 600 iterations).
+        self.context_probe = (
+            nn.Linear(model.cfg.embed_dim, model.cfg.num_experts) if model.slice_context is not None else None
+        )
         self.register_buffer("dataset_expert", torch.tensor(dataset_expert), persistent=False)
         self.dataset_task = dataset_task
         # Dice over the whole batch (per task): an organ absent from one slice does not give that
@@ -109,6 +116,10 @@ class StageLoss(nn.Module):
             routing_loss = torch.stack(nll).mean()
             loss = loss + routing * routing_loss
             stats["routing"] = float(routing_loss.detach())
+            if self.context_probe is not None:
+                probe = F.cross_entropy(self.context_probe(self.model.slice_context(images)).float(), expert)
+                loss = loss + routing * probe
+                stats["context"] = float(probe.detach())
         return loss, stats
 
 
@@ -142,16 +153,17 @@ def stage_lr(stage, step: int, total_steps: int, poly_power: float) -> float:
 
 
 def is_gate_parameter(name: str) -> bool:
-    """Whether a parameter (by its name in the network) belongs to an MoE gate: a gate's token
-    projection, its slice-context projection, or the slice-context encoder they share."""
-    name = f".{name}"
-    return ".mlp.gate." in name or ".mlp.context." in name or ".slice_context." in name
+    """Whether a parameter (by its name in the network or the training module) belongs to an MoE
+    gate: a gate's token projection, its slice-context projection, the slice-context encoder they
+    share, or the training-only read-out of that context."""
+    return ".mlp.gate." in f".{name}" or is_context_parameter(name)
 
 
 def is_context_parameter(name: str) -> bool:
-    """Whether a parameter exists only with ``gate_context = "slice"``."""
+    """Whether a parameter exists only with ``gate_context = "slice"`` (in the network, or the
+    training module's ``context_probe``)."""
     name = f".{name}"
-    return ".mlp.context." in name or ".slice_context." in name
+    return ".mlp.context." in name or ".slice_context." in name or name.startswith(".context_probe.")
 
 
 def parameter_groups(module: nn.Module) -> list[dict]:
@@ -552,6 +564,7 @@ LOG_FIELDS = (
     "routing",
     "val_mean_dice",
     "grad_norm",
+    "context",
 )
 
 
