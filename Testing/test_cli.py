@@ -752,6 +752,7 @@ def test_info_prints_the_model_card(tiny_model_dir, capsys):
     assert out.startswith("tiny-test-model: untrained tiny model for tests")
     assert "expert mr-t2: mr" in out
     assert "task abdomen: 1 liver, 2 spleen, 3 right kidney" in out
+    assert "M4oE, 3 experts (softmax gate, top_k=None)" in out  # no slice context named
     code, out, _ = run_cli(["info", tiny_model_dir, "--json"], capsys)
     assert code == 0
     card = json.loads(out)

@@ -1219,8 +1219,9 @@ def test_gate_learning_rate_scale_moves_only_the_gates_faster(phantoms, tmp_path
 
 @pytest.mark.slow
 def test_a_context_stage_trains_the_slice_context_alone(phantoms, tmp_path):
-    """``trainable = "context"``: the gates' slice context learns; every other weight, the token
-    gates included, stays as it was. A model without a context cannot have such a stage."""
+    """A ``context`` stage, then a joint stage with ``trainable = "context"``: the gates' slice
+    context learns; every other weight, the token gates included, stays as it was. A model without
+    a context cannot have such stages."""
     from m4oe.model import build_model
     from m4oe_training.train import is_context_parameter
 
@@ -1228,16 +1229,24 @@ def test_a_context_stage_trains_the_slice_context_alone(phantoms, tmp_path):
         path = write_config(
             tmp_path / f"{name}.toml",
             [dataset(phantoms["ct"], "ct"), dataset(phantoms["t1"], "mr")],
-            [{"kind": "joint", "epochs": 1, "lr": 0.01, "trainable": "context", "routing_weight": 1.0}],
+            [
+                {"kind": "context", "epochs": 1, "lr": 0.01},
+                {"kind": "joint", "epochs": 1, "lr": 0.01, "trainable": "context", "routing_weight": 1.0},
+            ],
             batch_size=2,
             iterations_per_epoch=2,
-            val_every=100,
+            val_every=1,
             output_dir=str(tmp_path / name),
             **top,
         )
         return run(load_config(path)[0], base_dir=tmp_path, command=["test"])
 
     out = train("context", model_overrides={"gate_context": "slice"})
+    log = read_log(out)
+    assert [row["kind"] for row in log] == ["context", "joint"]
+    assert all(float(row["context"]) > 0 for row in log)
+    assert log[0]["seg"] == "" and log[0]["val_mean_dice"] == ""  # no network pass, nothing to validate
+    assert log[1]["val_mean_dice"] != ""
     state = load_file(out / "state" / "weights.safetensors")
     trained = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     torch.manual_seed(0)  # the run's seed: the same initial weights

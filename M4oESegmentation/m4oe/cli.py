@@ -336,8 +336,11 @@ def cmd_info(args) -> int:
     if card.notes:
         print(f"NOTE: {card.notes}")
     arch = card.architecture
+    context = ", slice context" if arch.gate_context != "none" else ""
     kind = (
-        f"M4oE, {arch.num_experts} experts ({arch.gate} gate, top_k={arch.top_k})" if arch.is_moe else "dense"
+        f"M4oE, {arch.num_experts} experts ({arch.gate} gate{context}, top_k={arch.top_k})"
+        if arch.is_moe
+        else "dense"
     )
     print(f"architecture: Swin-UNet {arch.img_size}px, {kind}, in_chans {arch.in_chans}")
     for e in card.experts:

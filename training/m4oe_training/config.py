@@ -17,7 +17,7 @@ import tomllib
 
 from m4oe.errors import InputError
 
-STAGE_KINDS = ("mim", "experts", "joint")
+STAGE_KINDS = ("mim", "experts", "joint", "context")
 TRAINABLE = ("all", "gates", "context")
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("auto", "off", "bf16")
@@ -46,8 +46,10 @@ class StageConfig:
     """One stage of the M4oE recipe.
 
     kind: "mim" (masked-image-modelling pretraining of each expert on its modality), "experts"
-    (segmentation with every sample forced to its dataset's expert) or "joint" (gate on, all
-    parameters fine-tuned together).
+    (segmentation with every sample forced to its dataset's expert), "joint" (gate on, all
+    parameters fine-tuned together) or "context" (a model with ``gate_context``: the slice context
+    alone learns to tell each sample's expert, through the training-only read-out ``context_probe``;
+    the network does not run, so a step costs a small fraction of a joint one).
     ``routing_weight`` (joint stage): weight of a cross-entropy between the gate's per-token expert
     probabilities and each sample's modality expert. It teaches the gate modality routing within a
     few hundred steps, which the segmentation loss alone does slowly; 0 (the paper's recipe) leaves

@@ -79,11 +79,17 @@ class StageLoss(nn.Module):
         """Loss of a batch.
 
         Args:
-            kind: "mim", "experts" or "joint".
+            kind: "mim", "experts", "joint" or "context".
             images: (B, C, S, S) normalised slices; labels: (B, S, S) int64; datasets: (B,) indices.
             mask: (B, 1, S, S) 1 where pixels are hidden ("mim" only).
         Returns (loss, {name: float}).
         """
+        if kind == "context":
+            if self.context_probe is None:
+                raise ValueError("a context stage needs a model with a slice context (gate_context)")
+            context = self.model.slice_context(images)
+            probe = F.cross_entropy(self.context_probe(context).float(), self.dataset_expert[datasets])
+            return probe, {"context": float(probe.detach())}
         force = self.dataset_expert[datasets] if (kind != "joint" and self.model.cfg.is_moe) else None
         if kind == "mim":
             features, _ = self.model.forward_features(images * (1 - mask), force)
@@ -366,9 +372,9 @@ def run(
             )
     except ValueError as error:  # e.g. one expert for a mixture model, an unknown override
         raise ConfigError(f"model {cfg.model!r} with experts {list(cfg.experts)}: {error}") from None
-    if any(s.trainable == "context" for s in cfg.stages) and model.cfg.gate_context == "none":
+    if any("context" in (s.kind, s.trainable) for s in cfg.stages) and model.cfg.gate_context == "none":
         raise ConfigError(
-            "a stage trains only the gates' context (trainable = 'context'); the model has none "
+            "a stage trains only the gates' context (kind or trainable 'context'); the model has none "
             "(model_overrides.gate_context)"
         )
     if not model.cfg.is_moe and len(cfg.experts) > 1:
@@ -485,7 +491,8 @@ def run(
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                for p in frozen[stage.trainable]:  # no gradient: AdamW and SGD leave the parameter alone
+                trainable = "context" if stage.kind == "context" else stage.trainable
+                for p in frozen[trainable]:  # no gradient: AdamW and SGD leave the parameter alone
                     p.grad = None
                 if cfg.grad_clip_norm > 0:  # gradients are already averaged over ranks here
                     norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip_norm)
@@ -517,7 +524,8 @@ def run(
                 " ".join(f"{k}={v:.4f}" for k, v in means.items()),
             )
             last_epoch = epoch + 1 == stage.epochs
-            if stage.kind != "mim" and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
+            # mim and context stages leave the segmentation as it was: nothing to validate.
+            if stage.kind not in ("mim", "context") and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
                 card = build_card(cfg, model, infos, params, metrics={}, provenance=provenance)
                 results = validate(model, card, cfg, infos, device, stage.kind)
                 score = float(
