@@ -2,7 +2,7 @@
 
     python Testing/data/regenerate.py
 
-Segments two held-out phantom volumes (CT and T2, generator seed 20261123, at most 128 voxels a
+Segments three held-out phantom volumes (CT, T1 and T2, generator seed 20261123, at most 128 voxels a
 side) with the embedded default model on the CPU in float32 (PyTorch), one thread, and writes the
 label maps and ``embedded_model_expected.json`` (seed, size, mean Dice against the phantom's ground
 truth, dominant expert and mean gate weights) next to this file.
@@ -27,7 +27,7 @@ def main() -> None:
     folder = Path(__file__).resolve().parent
     predictor = Predictor.from_pretrained(None, device="cpu", threads=1, backend="torch")
     expected = {}
-    for sequence in ("ct", "t2"):
+    for sequence in ("ct", "t1", "t2"):
         image, truth = generate_case(sequence, SEED, max_size=MAX_SIZE)
         prediction = predictor.predict(image, gates=True)
         name = f"embedded_phantom_{sequence}.nii.gz"

@@ -60,10 +60,10 @@ class StageLoss(nn.Module):
         super().__init__()
         self.model = model
         self.reconstruct = nn.Conv2d(model.cfg.embed_dim, model.cfg.in_chans, 1)
-        # With a slice context, the routing loss also asks the context itself which expert the slice
-        # belongs to (a linear read-out, used in training only): through the gates alone the signal
-        # reaches the context only via 14 projections that start at zero, and in the run that made
-        # the embedded model it never left the start (T1 and T2 split evenly for 600 iterations).
+        # With a slice context, a linear read-out (training only) asks the context itself which
+        # expert the slice belongs to: the whole loss of a "context" stage, and a second part of the
+        # routing loss in joint stages. Through the gates alone the signal reaches the context only
+        # via projections that start at zero; for the embedded model it never left chance that way.
         self.context_probe = (
             nn.Linear(model.cfg.embed_dim, model.cfg.num_experts) if model.slice_context is not None else None
         )

@@ -41,11 +41,12 @@ class ModelConfig:
         gate_context: what the softmax gate sees besides its token. "none": the token alone (the
             paper's gate). "slice": also a descriptor of the whole input slice, pooled from a small
             convolutional encoder on the normalised intensities (before any LayerNorm), added to
-            every MoE layer's gate logits through its own Linear(context, E). The token features
-            are layer-normalised, which removes a patch's intensity level, so a per-token gate
-            cannot tell MR sequences whose organs differ mainly in brightness (T1 vs T2); the slice
-            descriptor can. The projections start at zero, so a model gains the option without
-            changing its output until it is trained.
+            every MoE layer's gate logits through its own Linear(context, E). The token features a
+            gate sees are layer-normalised, and in the embedded model's trunk they carried no
+            T1-vs-T2 signal (linear probes at chance), so its per-token gates could not tell MR
+            sequences whose organs differ mainly in brightness; the slice descriptor can. The
+            projections start at zero, so a model gains the option without changing its output
+            until it is trained.
     """
 
     img_size: int = 224
