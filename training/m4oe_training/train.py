@@ -249,12 +249,12 @@ def init_overrides(cfg: TrainConfig, card) -> dict:
     model's value."""
     free = {"drop_rate", "attn_drop_rate", "drop_path_rate", "gate_context"}
     architecture = card.architecture
+    trained_with = architecture.gate_context
     for key, value in cfg.model_overrides.items():
-        trained_with = architecture.gate_context
         if key == "gate_context" and trained_with != "none" and value != trained_with:
             raise ConfigError(
                 f"model_overrides.gate_context = {value!r}: the init model's gates are trained with a "
-                f"{architecture.gate_context!r} context, which a run cannot take away"
+                f"{trained_with!r} context, which a run cannot take away"
             )
         if key in free:
             continue
