@@ -189,6 +189,7 @@ def test_refuses_unknown_card_keys(saved):
         (lambda d: d.update(notes=None), "notes"),
         (lambda d: d["architecture"].pop("window_size"), "architecture.window_size"),
         (lambda d: d["architecture"].update(gate_context=None), "architecture.gate_context"),
+        (lambda d: d["tasks"][0].update(through_plane_sigma_mm="3"), "tasks[0].through_plane_sigma_mm"),
     ],
 )
 def test_refuses_wrong_types_and_missing_keys(saved, edit, key):
@@ -224,6 +225,25 @@ def test_gate_context_is_optional_in_a_card_and_travels_with_the_weights(model, 
         without_context = loaded(x, return_gates=True)[1]
     assert torch.equal(out, ref) and all(torch.equal(gates[k], ref_gates[k]) for k in gates)
     assert not torch.allclose(gates["encoder.0.0"], without_context["encoder.0.0"])  # it was in use
+
+
+def test_through_plane_sigma_is_optional_and_travels_with_the_card(card, saved, tmp_path):
+    """Cards without the key load with no smoothing and are written without it (older engines can
+    still read them); a task with a sigma keeps it; a negative one is refused, naming the file."""
+    data = json.loads((saved / "model.json").read_text())
+    assert all("through_plane_sigma_mm" not in t for t in data["tasks"])
+    assert [t.through_plane_sigma_mm for t in read_model_card(saved).tasks] == [0.0, 0.0]
+
+    tasks = [dataclasses.replace(card.tasks[0], through_plane_sigma_mm=2.5), card.tasks[1]]
+    smoothed = dataclasses.replace(card, tasks=tasks)
+    assert ModelCard.from_dict(smoothed.to_dict()).tasks[0].through_plane_sigma_mm == 2.5
+    path = _edit_card(saved, lambda d: d["tasks"][0].update(through_plane_sigma_mm=2))
+    assert read_model_card(saved).tasks[0].through_plane_sigma_mm == 2.0
+    assert isinstance(read_model_card(saved).tasks[0].through_plane_sigma_mm, float)
+    _edit_card(saved, lambda d: d["tasks"][0].update(through_plane_sigma_mm=-1.0))
+    with pytest.raises(ModelError, match="through_plane_sigma_mm must be a number of mm >= 0") as info:
+        read_model_card(saved)
+    assert str(path) in str(info.value)
 
 
 def test_refuses_cards_that_contradict_the_architecture(card, saved):

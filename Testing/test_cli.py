@@ -32,6 +32,7 @@ codes and an example message each (the ``case`` column is the test id, checked a
 | expert-unknown-name | 2 | m4oe: error: unknown expert 'bone'; this model has ['ct', 'mr', 'mr-t2'] |
 | unknown-gate-layer | 2 | m4oe: error: unknown gate layer 'encoder.9.9'; this model has [...] |
 | gates-with-dense-model | 2 | m4oe: error: tiny-dense-model: gate maps need a mixture-of-experts model; ... |
+| negative-sigma | 2 | m4oe: error: through-plane sigma must be a number of mm >= 0, got -1.0 |
 | read-only-folder | 3 | m4oe: error: /tmp/out: folder is not writable (runs only when not root) |
 
 Running as root, chmod cannot make a folder unwritable, so "no write permission" is tested with an
@@ -350,6 +351,19 @@ def test_progress_json_lines(tiny_model_dir, volumes, tmp_path, capsys):
     done = records[-1]
     assert done["stage"] == "done" and done["outputs"] == {"segmentation": str(tmp_path / "out.nii.gz")}
     assert done["modality_source"] == "intensity" and done["warning"] is None
+    assert done["through_plane_sigma_mm"] == 0.0  # the tiny model's card asks for none
+
+
+def test_through_plane_sigma_option_smooths_and_is_reported(tiny_model_dir, volumes, tmp_path, capsys):
+    outputs = {}
+    for sigma in ("0", "12"):
+        out = tmp_path / f"sigma{sigma}.nii.gz"
+        argv = segment_args(volumes["flipped"], out, tiny_model_dir, "--progress", "json")
+        code, stdout, err = run_cli([*argv, "--through-plane-sigma", sigma], capsys)
+        assert code == 0, err
+        assert json.loads(stdout.splitlines()[-1])["through_plane_sigma_mm"] == float(sigma)
+        outputs[sigma] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert not np.array_equal(outputs["0"], outputs["12"])
 
 
 def test_progress_json_error_line_matches_the_exit_code(tiny_model_dir, tmp_path, capsys):
@@ -624,6 +638,10 @@ def unknown_gate_layer(env):
     return env.argv(env.ct, "--gate-layer", "encoder.9.9"), "'encoder.9.9'"
 
 
+def negative_sigma(env):
+    return env.argv(env.ct, "--through-plane-sigma", "-1"), "-1.0"
+
+
 def gates_with_dense_model(env):
     return env.argv(env.ct, model=env.dense_model), "tiny-dense-model"
 
@@ -662,6 +680,7 @@ BAD_INPUT = [
     Bad("expert-unknown-name", 2, "unknown expert", expert_unknown_name),
     Bad("unknown-gate-layer", 2, "unknown gate layer", unknown_gate_layer),
     Bad("gates-with-dense-model", 2, "dense", gates_with_dense_model),
+    Bad("negative-sigma", 2, "through-plane sigma must be", negative_sigma),
 ]
 
 
@@ -753,6 +772,7 @@ def test_info_prints_the_model_card(tiny_model_dir, capsys):
     assert "expert mr-t2: mr" in out
     assert "task abdomen: 1 liver, 2 spleen, 3 right kidney" in out
     assert "M4oE, 3 experts (softmax gate, top_k=None)" in out  # no slice context named
+    assert "  post-processing: largest component of liver\n" in out  # no smoothing named
     code, out, _ = run_cli(["info", tiny_model_dir, "--json"], capsys)
     assert code == 0
     card = json.loads(out)

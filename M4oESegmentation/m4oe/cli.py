@@ -97,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--force-expert", default=None, help="route every token to this expert (index or name)")
     seg.add_argument("--no-cleanup", action="store_true", help="keep every connected component")
     seg.add_argument(
+        "--through-plane-sigma",
+        type=float,
+        metavar="MM",
+        default=None,
+        help="average class probabilities over neighbouring slices with a Gaussian of this sigma in mm "
+        "before the argmax (0: off; default: the model card's value)",
+    )
+    seg.add_argument(
         "--report", metavar="FILE.png", default=None, help="write a one-page picture of the result"
     )
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -237,6 +245,7 @@ def cmd_segment(args) -> int:
         gates=bool(args.gates),
         gate_layer=args.gate_layer,
         cleanup=not args.no_cleanup,
+        through_plane_sigma_mm=args.through_plane_sigma,
         progress=printer,
         source=loaded.path,
     )
@@ -306,6 +315,7 @@ def cmd_segment(args) -> int:
                 "warning": warning,
                 "seconds": seconds,
                 "backend": prediction.backend,
+                "through_plane_sigma_mm": prediction.through_plane_sigma_mm,
             }
         )
     else:
@@ -347,6 +357,19 @@ def cmd_info(args) -> int:
         print(f"  expert {e.name}: {e.modality}")
     for task in card.tasks:
         print(f"task {task.name}: " + ", ".join(f"{lab.value} {lab.name}" for lab in task.labels))
+        clean = [task.label(v).name for v in task.largest_component]
+        if clean or task.through_plane_sigma_mm:
+            print(
+                "  post-processing: "
+                + "; ".join(
+                    (
+                        [f"through-plane smoothing sigma {task.through_plane_sigma_mm:g} mm"]
+                        if task.through_plane_sigma_mm
+                        else []
+                    )
+                    + ([f"largest component of {', '.join(clean)}"] if clean else [])
+                )
+            )
     pre = card.preprocessing
     print(
         f"preprocessing: in-plane {pre.in_plane}"

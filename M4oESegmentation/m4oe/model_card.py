@@ -16,7 +16,7 @@ Example (abridged)::
                        "tasks": [["abdomen", 5]], ...every ModelConfig field...},
       "experts": [{"name": "ct", "modality": "ct", "description": ""},
                   {"name": "mr", "modality": "mr", "description": ""}],
-      "tasks": [{"name": "abdomen", "largest_component": [1, 2],
+      "tasks": [{"name": "abdomen", "largest_component": [1, 2], "through_plane_sigma_mm": 3.0,
                  "labels": [{"value": 1, "name": "liver", "color": [0.8667, 0.5098, 0.3961],
                              "category": {"scheme": "SCT", "value": "123037004",
                                           "meaning": "Anatomical Structure"},
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,12 +75,15 @@ class TaskInfo:
     """One output head: its labels (values 1..K-1, background 0 is implicit) and clean-up rules.
 
     ``largest_component`` lists the label values reduced to their largest 3D connected component
-    after inference (organs that occur once, such as the liver).
+    after inference (organs that occur once, such as the liver). ``through_plane_sigma_mm``: the
+    Gaussian (standard deviation in mm along the slice axis) that averages the class probabilities
+    of neighbouring slices before the argmax, 0 for none (see :mod:`m4oe.smoothing`).
     """
 
     name: str
     labels: list[Label]
     largest_component: list[int] = field(default_factory=list)
+    through_plane_sigma_mm: float = 0.0
 
     def __post_init__(self):
         values = [label.value for label in self.labels]
@@ -91,6 +95,11 @@ class TaskInfo:
             raise ModelError(
                 f"task {self.name!r}: largest_component {self.largest_component} must list distinct label "
                 f"values of this task {values}"
+            )
+        sigma = self.through_plane_sigma_mm
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (0 <= sigma < math.inf):
+            raise ModelError(
+                f"task {self.name!r}: through_plane_sigma_mm must be a number of mm >= 0, got {sigma!r}"
             )
 
     def label(self, value: int) -> Label:
@@ -225,6 +234,12 @@ class ModelCard:
                     "name": t.name,
                     "labels": [_label_to_dict(label) for label in t.labels],
                     "largest_component": list(t.largest_component),
+                    # written only when used, so cards without it stay readable by older engines
+                    **(
+                        {"through_plane_sigma_mm": t.through_plane_sigma_mm}
+                        if t.through_plane_sigma_mm
+                        else {}
+                    ),
                 }
                 for t in self.tasks
             ],
@@ -420,7 +435,13 @@ def _label_to_dict(label: Label) -> dict:
 
 
 def _task(value, where: str, path) -> TaskInfo:
-    data = _object(value, where, path, required=("name", "labels"), optional=("largest_component",))
+    data = _object(
+        value,
+        where,
+        path,
+        required=("name", "labels"),
+        optional=("largest_component", "through_plane_sigma_mm"),
+    )
     labels = _check(data["labels"], list, f"{where}.labels", path)
     largest = _check(data.get("largest_component", []), list, f"{where}.largest_component", path)
     return TaskInfo(
@@ -429,6 +450,9 @@ def _task(value, where: str, path) -> TaskInfo:
         largest_component=[
             _check(v, int, f"{where}.largest_component[{i}]", path) for i, v in enumerate(largest)
         ],
+        through_plane_sigma_mm=_check(
+            data.get("through_plane_sigma_mm", 0.0), float, f"{where}.through_plane_sigma_mm", path
+        ),
     )
 
 

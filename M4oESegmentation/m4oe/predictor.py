@@ -1,9 +1,11 @@
 """Volume inference: load a model once, segment many volumes slice by slice.
 
 A volume goes: axial stack (no resampling) -> intensity normalisation for its modality ->
-batches of slices resampled in plane to the model input -> forward passes -> logits resampled back
-to each slice -> argmax -> optional largest-component clean-up -> the input's exact grid. Only one
-batch of full-resolution logits exists at a time, so memory does not grow with classes x voxels.
+batches of slices resampled in plane to the model input -> forward passes -> optional
+through-plane smoothing of the probabilities (see :mod:`m4oe.smoothing`) -> logits or probabilities
+resampled back to each slice -> argmax -> optional largest-component clean-up -> the input's exact
+grid. Only one batch of full-resolution logits exists at a time (plus, when smoothing, the few
+model-grid slices the Gaussian still needs), so memory does not grow with classes x voxels.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .model_card import ModelCard
 from .prepare import SlicePlan
 from .preprocessing import IntensityParams
 from .progress import CancelCheck, ProgressCallback, ProgressEvent
+from .smoothing import SliceSmoother
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +114,8 @@ class Prediction:
     direction). ``probabilities``: K-component vector image on the same grid (uint8 0-255 or
     float32 from float16), only when asked. ``gate_map``: E-component image of expert weights per
     token (see :func:`m4oe.gates.gate_map_image`), and ``gate_summary`` (JSON-ready dict), for
-    mixture-of-experts models when asked.
+    mixture-of-experts models when asked. ``through_plane_sigma_mm``: the smoothing applied (0:
+    none).
     """
 
     labelmap: sitk.Image
@@ -123,6 +127,7 @@ class Prediction:
     gate_summary: dict | None = None
     seconds: dict = field(default_factory=dict)
     backend: str = "torch"
+    through_plane_sigma_mm: float = 0.0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -212,6 +217,7 @@ class Predictor:
         gates: bool = False,
         gate_layer: str | None = None,
         cleanup: bool = True,
+        through_plane_sigma_mm: float | None = None,
         progress: ProgressCallback | None = None,
         cancel: CancelCheck | None = None,
         source: str | Path | None = None,
@@ -228,6 +234,9 @@ class Predictor:
             gates: record gate maps and the gate summary (mixture-of-experts models only).
             gate_layer: map only this MoE layer (e.g. "encoder.0.1"); None maps the mean of all.
             cleanup: keep only the largest connected component of the labels the card lists.
+            through_plane_sigma_mm: average the class probabilities over neighbouring slices with
+                a Gaussian of this standard deviation (mm, along the axial stack) before the
+                argmax; 0 turns it off; None uses the task's value in the model card.
             progress: called after each stage and each batch with a :class:`ProgressEvent`.
             cancel: checked between batches; returning True raises :class:`CancelledError`.
             source: the file the volume came from, named in error messages.
@@ -242,6 +251,13 @@ class Predictor:
             raise InputError("gate maps need a mixture-of-experts model; this model is dense", card.name)
         if probabilities not in (None, *PROBABILITY_DTYPES):
             raise InputError(f"probabilities must be one of {PROBABILITY_DTYPES}, got {probabilities!r}")
+        sigma_mm = (
+            task_info.through_plane_sigma_mm if through_plane_sigma_mm is None else through_plane_sigma_mm
+        )
+        if isinstance(sigma_mm, bool) or not (
+            isinstance(sigma_mm, (int, float)) and math.isfinite(sigma_mm) and sigma_mm >= 0
+        ):
+            raise InputError(f"through-plane sigma must be a number of mm >= 0, got {sigma_mm!r}")
 
         def report(stage: str, done: int, total: int, eta: float | None = None) -> None:
             if progress is not None:
@@ -283,6 +299,19 @@ class Predictor:
         recorder = GateRecorder(Z, gate_layer) if gates else None
         network, backend = self._network(task_info.name, expert, report)
         batches = range(0, Z, self.batch_size)
+        smoother = SliceSmoother(sigma_mm / stack.spacing[0], Z) if sigma_mm > 0 else None
+
+        def write(first: int, maps: torch.Tensor, are_probabilities: bool) -> None:
+            """Resample model-grid maps (B, K, S, S) of slices first.. back to the slices; keep labels."""
+            for sub in range(0, maps.shape[0], 4):
+                full = from_model_grid(maps[sub : sub + 4], grid)
+                at = slice(first + sub, first + sub + full.shape[0])
+                labels[at] = full.argmax(dim=1).cpu().numpy()
+                if probs is not None:
+                    p = (full if are_probabilities else full.softmax(dim=1)).permute(0, 2, 3, 1)
+                    p = (p * 255).round().to(torch.uint8) if probabilities == "uint8" else p.half()
+                    probs[at] = p.cpu().numpy()
+
         t1 = time.perf_counter()
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         with torch.inference_mode(), autocast:
@@ -297,13 +326,10 @@ class Predictor:
                 logits = logits.float()
                 if recorder is not None:
                     recorder.add(start, layer_gates, logits.argmax(dim=1))
-                for sub in range(0, stop - start, 4):
-                    full = from_model_grid(logits[sub : sub + 4], grid)
-                    labels[start + sub : start + sub + full.shape[0]] = full.argmax(dim=1).cpu().numpy()
-                    if probs is not None:
-                        p = full.softmax(dim=1).permute(0, 2, 3, 1)
-                        p = (p * 255).round().to(torch.uint8) if probabilities == "uint8" else p.half()
-                        probs[start + sub : start + sub + full.shape[0]] = p.cpu().numpy()
+                if smoother is None:
+                    write(start, logits, are_probabilities=False)
+                else:  # slices come out once the Gaussian has all their neighbours
+                    write(*smoother.push(logits.softmax(dim=1)), are_probabilities=True)
                 if MALLOC_TRIM is not None and self.device.type == "cpu":
                     MALLOC_TRIM(0)
                 elapsed = time.perf_counter() - t1
@@ -321,6 +347,7 @@ class Predictor:
             modality=found,
             probabilities=from_axial_stack(probs, stack) if probs is not None else None,
             backend=backend,
+            through_plane_sigma_mm=float(sigma_mm),
         )
         if recorder is not None:
             prediction.gate_map = gate_map_image(recorder.map, stack, grid)

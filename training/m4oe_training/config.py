@@ -8,6 +8,7 @@ through the same checks as the file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -107,6 +108,7 @@ class TrainConfig:
     threads: int | None = None
     output_dir: str = "runs/{name}"
     largest_component: tuple[str, ...] = ()
+    through_plane_sigma_mm: float = 0.0
     export_dtype: str = "float32"
     description: str = ""
     notes: str = ""
@@ -146,6 +148,7 @@ class TrainConfig:
             "val_every": self.val_every >= 1,
             "ce_weight": self.ce_weight >= 0 and self.ce_weight + self.dice_weight > 0,
             "dice_weight": self.dice_weight >= 0,
+            "through_plane_sigma_mm": 0 <= self.through_plane_sigma_mm < math.inf,
         }
         for key, ok in checks.items():
             if not ok:

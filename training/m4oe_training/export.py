@@ -95,7 +95,11 @@ def build_card(
     tasks = []
     for name in cfg.task_names:
         clean = [values[name][n] for n in cfg.largest_component if values[name].get(n)]
-        tasks.append(TaskInfo(name, labels[name], largest_component=clean))
+        tasks.append(
+            TaskInfo(
+                name, labels[name], largest_component=clean, through_plane_sigma_mm=cfg.through_plane_sigma_mm
+            )
+        )
     return ModelCard(
         name=cfg.name,
         description=cfg.description or f"M4oE trained with config {cfg.name!r}",

