@@ -67,11 +67,23 @@ class SliceSmoother:
         start = self._emitted
         if last <= start:
             return start, maps[:0]
-        out = torch.zeros((last - start, *maps.shape[1:]), dtype=maps.dtype, device=maps.device)
-        z = torch.arange(start, last, device=maps.device)
-        for offset, weight in zip(range(-self.radius, self.radius + 1), self.weights, strict=True):
-            source = (z + offset).clamp(0, self.num_slices - 1) - self._first
-            out += float(weight) * self._buffer[source]
+        # The inputs of slices start..last-1: start-radius .. last-1+radius, the stack's end slices
+        # repeated beyond its ends; then each output is a weighted sum of contiguous views.
+        lo, hi = start - self.radius, last + self.radius
+        a, b = max(lo, 0), min(hi, self.num_slices)
+        padded = self._buffer[a - self._first : b - self._first]
+        if a > lo or hi > b:
+            padded = torch.cat(
+                [
+                    padded[:1].expand(a - lo, *padded.shape[1:]),
+                    padded,
+                    padded[-1:].expand(hi - b, *padded.shape[1:]),
+                ]
+            )
+        n = last - start
+        out = padded[:n] * float(self.weights[0])
+        for j in range(1, len(self.weights)):
+            out.add_(padded[j : j + n], alpha=float(self.weights[j]))
         self._emitted = last
         keep = max(0, last - self.radius - self._first)  # slices no later output needs
         self._buffer = self._buffer[keep:]
