@@ -501,6 +501,9 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(phantoms, tmp_path
     assert len(read_log(b)) == 3
     run(cfg_b, base_dir=tmp_path, resume=True, command=["test"])
 
+    seconds = [float(r["seconds"]) for r in read_log(b)]  # the whole run's time, across resumes
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    assert json.loads((b / "state" / "state.json").read_text())["seconds"] >= seconds[-1]
     losses = ("stage", "kind", "epoch", "step", "lr", "mim", "seg", "balance", "val_mean_dice")
     assert [[r[k] for k in losses] for r in read_log(a)] == [[r[k] for k in losses] for r in read_log(b)]
     for name in ("state/weights.safetensors", "state/optimizer.safetensors"):

@@ -418,12 +418,14 @@ def run(
             weight_decay=cfg.weight_decay,
             fused=device.type in ("cpu", "cuda"),
         )
-    position = {"stage": 0, "epoch": 0, "step": 0, "best": {}, "history": []}
+    # "seconds": training time of the earlier sessions of a resumed run (states written before it
+    # was kept lack it), so that logs and the card count the whole run.
+    position = {"stage": 0, "epoch": 0, "step": 0, "best": {}, "history": [], "seconds": 0.0}
     if resume:
         if not (out / "state").exists():
             raise FileNotFoundError(f"{out / 'state'}: nothing to resume")
         meta = load_state(out / "state", module, optimizer)
-        position = {k: meta[k] for k in position}
+        position = {k: meta.get(k, 0.0) if k == "seconds" else meta[k] for k in position}
         logger.info(
             "resumed at stage %d epoch %d (step %d)", position["stage"], position["epoch"], position["step"]
         )
@@ -453,7 +455,7 @@ def run(
         "context": [p for name, p in module.named_parameters() if not is_context_parameter(name)],
     }
     epochs_run = 0
-    start = time.perf_counter()
+    start = time.perf_counter() - position["seconds"]
     for stage_index, stage in enumerate(cfg.stages):
         if stage_index < position["stage"]:
             continue
@@ -553,6 +555,7 @@ def run(
                     )
                     export_model(model, card, out / "model", cfg.export_dtype)
             _append_csv(log_path, record)
+            position["seconds"] = round(time.perf_counter() - start, 1)
             save_state(out / "state", module, optimizer, dict(position, config=cfg.to_dict()))
     if world > 1:
         dist.barrier()
