@@ -184,6 +184,13 @@ def test_config_wrong_type_or_value_is_an_error_naming_the_key(tmp_path, top, st
         load_config(path)
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "training" / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_committed_configs_load(path):
+    """Every config shipped in training/configs passes the strict reader (keys, types, values)."""
+    cfg, _ = load_config(path)
+    assert cfg.stages and cfg.datasets
+
+
 def test_config_missing_required_key(tmp_path):
     path = tmp_path / "cfg.toml"
     path.write_text('name = "x"\n[[stages]]\nkind = "experts"\nepochs = 1\nlr = 0.1\n')
