@@ -765,6 +765,16 @@ def test_segment_start_up_imports_torch_only_after_main_and_no_scipy_matplotlib_
 # --- info, models, evaluate ---------------------------------------------------------------------
 
 
+def test_info_names_the_through_plane_smoothing(tiny_model_dir, tmp_path, capsys):
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "smoothed"))
+    card = json.loads((folder / "model.json").read_text())
+    card["tasks"][0]["through_plane_sigma_mm"] = 2.5
+    (folder / "model.json").write_text(json.dumps(card))
+    code, out, _ = run_cli(["info", folder], capsys)
+    assert code == 0
+    assert "  post-processing: through-plane smoothing sigma 2.5 mm; largest component of liver\n" in out
+
+
 def test_info_prints_the_model_card(tiny_model_dir, capsys):
     code, out, _ = run_cli(["info", tiny_model_dir], capsys)
     assert code == 0
