@@ -55,6 +55,8 @@ def test_card_says_what_the_model_is_and_how_it_was_made():
     assert card.provenance["seed"] == config.seed
     if config.init:
         assert len(card.provenance["init_weights_sha256"]) == 64
+    # Its clean-up is the config's, so validation measured what the engine does.
+    assert card.task(None).through_plane_sigma_mm == config.through_plane_sigma_mm
     # Data sets may be for training only (no validation cases); each modality is validated.
     validation = [v for v in card.metrics["validation"].values() if v["cases"]]
     assert {v["modality"] for v in validation} == {"ct", "mr"}
