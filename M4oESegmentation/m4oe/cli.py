@@ -357,19 +357,15 @@ def cmd_info(args) -> int:
         print(f"  expert {e.name}: {e.modality}")
     for task in card.tasks:
         print(f"task {task.name}: " + ", ".join(f"{lab.value} {lab.name}" for lab in task.labels))
-        clean = [task.label(v).name for v in task.largest_component]
-        if clean or task.through_plane_sigma_mm:
-            print(
-                "  post-processing: "
-                + "; ".join(
-                    (
-                        [f"through-plane smoothing sigma {task.through_plane_sigma_mm:g} mm"]
-                        if task.through_plane_sigma_mm
-                        else []
-                    )
-                    + ([f"largest component of {', '.join(clean)}"] if clean else [])
-                )
+        steps = []
+        if task.through_plane_sigma_mm:
+            steps.append(f"through-plane smoothing sigma {task.through_plane_sigma_mm:g} mm")
+        if task.largest_component:
+            steps.append(
+                "largest component of " + ", ".join(task.label(v).name for v in task.largest_component)
             )
+        if steps:
+            print("  post-processing: " + "; ".join(steps))
     pre = card.preprocessing
     print(
         f"preprocessing: in-plane {pre.in_plane}"

@@ -70,6 +70,11 @@ class ExpertInfo:
             )
 
 
+def valid_sigma_mm(value) -> bool:
+    """Whether ``value`` is a through-plane smoothing sigma: a finite number of mm >= 0 (no bool)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value < math.inf
+
+
 @dataclass(frozen=True)
 class TaskInfo:
     """One output head: its labels (values 1..K-1, background 0 is implicit) and clean-up rules.
@@ -96,10 +101,10 @@ class TaskInfo:
                 f"task {self.name!r}: largest_component {self.largest_component} must list distinct label "
                 f"values of this task {values}"
             )
-        sigma = self.through_plane_sigma_mm
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (0 <= sigma < math.inf):
+        if not valid_sigma_mm(self.through_plane_sigma_mm):
             raise ModelError(
-                f"task {self.name!r}: through_plane_sigma_mm must be a number of mm >= 0, got {sigma!r}"
+                f"task {self.name!r}: through_plane_sigma_mm must be a number of mm >= 0, "
+                f"got {self.through_plane_sigma_mm!r}"
             )
 
     def label(self, value: int) -> Label:

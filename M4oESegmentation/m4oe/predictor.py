@@ -32,7 +32,7 @@ from .inplane import from_model_grid
 from .labels import Label
 from .modality import ModalityResult, detect_modality
 from .model import SwinUNet
-from .model_card import ModelCard
+from .model_card import ModelCard, valid_sigma_mm
 from .prepare import SlicePlan
 from .preprocessing import IntensityParams
 from .progress import CancelCheck, ProgressCallback, ProgressEvent
@@ -254,9 +254,7 @@ class Predictor:
         sigma_mm = (
             task_info.through_plane_sigma_mm if through_plane_sigma_mm is None else through_plane_sigma_mm
         )
-        if isinstance(sigma_mm, bool) or not (
-            isinstance(sigma_mm, (int, float)) and math.isfinite(sigma_mm) and sigma_mm >= 0
-        ):
+        if not valid_sigma_mm(sigma_mm):
             raise InputError(f"through-plane sigma must be a number of mm >= 0, got {sigma_mm!r}")
 
         def report(stage: str, done: int, total: int, eta: float | None = None) -> None:

@@ -54,17 +54,17 @@ class SliceSmoother:
         self.radius = len(weights) // 2
         self.weights = weights
         self.num_slices = num_slices
-        self._buffer: torch.Tensor | None = None  # slices first .. received - 1
+        self._buffer: torch.Tensor | None = None  # the slices from _first on that have arrived
         self._first = 0
-        self._received = 0
         self._emitted = 0
 
     def push(self, maps: torch.Tensor) -> tuple[int, torch.Tensor]:
-        if self._received + maps.shape[0] > self.num_slices:
+        held = 0 if self._buffer is None else self._buffer.shape[0]
+        received = self._first + held + maps.shape[0]
+        if received > self.num_slices:
             raise ValueError(f"more than the {self.num_slices} slices announced were pushed")
         self._buffer = maps if self._buffer is None else torch.cat([self._buffer, maps])
-        self._received += maps.shape[0]
-        last = self.num_slices if self._received == self.num_slices else self._received - self.radius
+        last = self.num_slices if received == self.num_slices else received - self.radius
         start = self._emitted
         if last <= start:
             return start, maps[:0]

@@ -8,7 +8,6 @@ through the same checks as the file.
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 import tomllib
 
 from m4oe.errors import InputError
+from m4oe.model_card import valid_sigma_mm
 
 STAGE_KINDS = ("mim", "experts", "joint", "context")
 TRAINABLE = ("all", "gates", "context")
@@ -148,7 +148,7 @@ class TrainConfig:
             "val_every": self.val_every >= 1,
             "ce_weight": self.ce_weight >= 0 and self.ce_weight + self.dice_weight > 0,
             "dice_weight": self.dice_weight >= 0,
-            "through_plane_sigma_mm": 0 <= self.through_plane_sigma_mm < math.inf,
+            "through_plane_sigma_mm": valid_sigma_mm(self.through_plane_sigma_mm),
         }
         for key, ok in checks.items():
             if not ok:
