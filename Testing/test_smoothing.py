@@ -138,3 +138,22 @@ def test_the_model_card_value_is_the_default(loaded, ct):
 def test_a_bad_sigma_is_refused(loaded, ct, sigma):
     with pytest.raises(InputError, match="through-plane sigma must be a number of mm >= 0"):
         Predictor(*loaded, device="cpu").predict(ct, through_plane_sigma_mm=sigma)
+
+
+def test_gate_routing_per_segment_counts_the_smoothed_labels(loaded, ct):
+    """The gate summary's per-organ routing is over the labels as written, not the unsmoothed ones."""
+    predictor = Predictor(*loaded, device="cpu", batch_size=3)
+
+    def pixels(prediction) -> tuple[dict[int, int], dict[int, int]]:
+        labels = sitk.GetArrayFromImage(prediction.labelmap)  # model grid = slice grid here
+        written = {int(v): int((labels == v).sum()) for v in np.unique(labels) if v != 0}
+        segments = prediction.gate_summary["per_segment"].values()
+        return written, {entry["label"]: entry["model_grid_pixels"] for entry in segments}
+
+    plain_written, plain_routed = pixels(
+        predictor.predict(ct, gates=True, through_plane_sigma_mm=0, cleanup=False)
+    )
+    written, routed = pixels(predictor.predict(ct, gates=True, through_plane_sigma_mm=6.0, cleanup=False))
+    assert routed == written
+    assert plain_routed == plain_written
+    assert routed != plain_routed  # the smoothing moved some pixels between segments

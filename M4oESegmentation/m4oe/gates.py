@@ -49,13 +49,12 @@ class GateRecorder:
         self.segment_sums: dict[int, torch.Tensor] = {}
         self.segment_pixels: dict[int, int] = {}
 
-    def add(self, start: int, gates: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
-        """Record one batch.
+    def add(self, start: int, gates: dict[str, torch.Tensor]) -> None:
+        """Record the gates of one batch.
 
         Args:
             start: stack index of the batch's first slice.
             gates: {layer: (B, E, h_l, w_l)} expert weights on the model grid.
-            labels: (B, S, S) predicted labels on the model grid (for per-segment means).
         """
         if not gates:
             raise ValueError("the model returned no gates: it has no mixture-of-experts layer")
@@ -88,16 +87,28 @@ class GateRecorder:
         self.slice_entropy[start : start + B] = (
             torch.stack([_entropy(g, 1).mean(dim=(1, 2)) for g in gates.values()]).mean(dim=0).cpu().numpy()
         )
-        size = labels.shape[-1]
-        full = F.interpolate(mapped, size=(size, size), mode="nearest")  # (B, E, S, S)
-        labels = labels.to(full.device)
+
+    def add_segments(self, start: int, labels: torch.Tensor) -> None:
+        """Record which segment each model-grid pixel of slices start.. was given (per-segment means).
+
+        Called with the labels as written, so after any through-plane smoothing: the slices of
+        ``start`` onward must already have their gates (:meth:`add`).
+
+        Args:
+            start: stack index of the first slice.
+            labels: (B, S, S) labels on the model grid (S x S, the model input's pixels).
+        """
+        B, size = labels.shape[0], labels.shape[-1]
+        if self.map is None or start + B > self.num_slices:
+            raise ValueError(f"no gates recorded for slices {start}..{start + B - 1}")
+        mapped = torch.from_numpy(self.map[start : start + B]).permute(0, 3, 1, 2)  # (B, E, h, w)
+        full = F.interpolate(mapped, size=(size, size), mode="nearest").permute(0, 2, 3, 1)  # (B, S, S, E)
+        labels = labels.cpu()
         for value in labels.unique().tolist():
             if value == 0:
                 continue
             mask = labels == value
-            self.segment_sums[value] = self.segment_sums.get(value, 0) + full.permute(0, 2, 3, 1)[mask].sum(
-                dim=0
-            )
+            self.segment_sums[value] = self.segment_sums.get(value, 0) + full[mask].sum(dim=0)
             self.segment_pixels[value] = self.segment_pixels.get(value, 0) + int(mask.sum())
 
     def summary(

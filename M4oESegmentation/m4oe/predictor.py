@@ -301,6 +301,8 @@ class Predictor:
 
         def write(first: int, maps: torch.Tensor, are_probabilities: bool) -> None:
             """Resample model-grid maps (B, K, S, S) of slices first.. back to the slices; keep labels."""
+            if recorder is not None:  # per-segment routing of the labels as written (after smoothing)
+                recorder.add_segments(first, maps.argmax(dim=1))
             for sub in range(0, maps.shape[0], 4):
                 full = from_model_grid(maps[sub : sub + 4], grid)
                 at = slice(first + sub, first + sub + full.shape[0])
@@ -323,7 +325,7 @@ class Predictor:
                 logits, layer_gates = network(x)
                 logits = logits.float()
                 if recorder is not None:
-                    recorder.add(start, layer_gates, logits.argmax(dim=1))
+                    recorder.add(start, layer_gates)
                 if smoother is None:
                     write(start, logits, are_probabilities=False)
                 else:  # slices come out once the Gaussian has all their neighbours
