@@ -233,6 +233,7 @@ class _Anatomy:
     pancreas_z: float  # of the head; rises towards the tail by pancreas_rise per mm of x
     pancreas_rise: float
     pancreas_flatness: float  # craniocaudal / anteroposterior thickness
+    pancreas_fat: float  # peripancreatic fat, mm: the plane that parts it from liver, stomach and bowel
     # Ribs, bowel, deformation.
     ribs: tuple[float, float, float, float]  # lowest z, period, thickness, phase
     bowel_threshold: float  # of the unit-variance bowel field
@@ -329,6 +330,7 @@ def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
         pancreas_z=u(-10, 10),
         pancreas_rise=u(0.05, 0.2),
         pancreas_flatness=u(0.7, 0.9),
+        pancreas_fat=float(np.clip(fat_lateral / 5, 3, 6)),  # no draw: keeps every later draw as it was
         ribs=(u(10, 40), u(22, 30), u(8, 11), u(0, 30)),
         bowel_threshold=u(-0.7, 0.1),
         gas_threshold=u(1.2, 1.8),
@@ -566,19 +568,26 @@ def _paint_organs(c: _Canvas, a: _Anatomy, cavity: np.ndarray) -> None:
         organ = (u * u + v * v + w * w <= 1) & ((u + 1.15) ** 2 + v * v + w * w > 0.6**2)
         c.paint(box, organ & cavity[box], "spleen", "spleen")
 
-    # Pancreas: a tube along x from the head (patient right) to the tail (left, higher, posterior).
+    # Pancreas: a tube along x from the head (patient right) to the tail (left, higher, posterior),
+    # in a sleeve of retroperitoneal fat that parts it from the liver, stomach and bowel loops it
+    # would otherwise touch (in the portal venous phase they all lie near 100 HU).
     (x_head, x_tail), (r_head, r_tail) = a.pancreas_x, a.pancreas_radii
     z_tail = a.pancreas_z + a.pancreas_rise * (x_tail - x_head)
-    low = (x_head - r_head, a.pancreas_y - r_head, a.pancreas_z - r_head)
-    box = c.box(low, (x_tail + r_head, a.pancreas_y + a.pancreas_tail_dy + r_head, z_tail + r_head))
+    grow = a.pancreas_fat
+    low = (x_head - r_head - grow, a.pancreas_y - r_head - grow, a.pancreas_z - r_head - grow)
+    high = (x_tail + r_head + grow, a.pancreas_y + a.pancreas_tail_dy + r_head + grow, z_tail + r_head + grow)
+    box = c.box(low, high)
     if box is not None:
         x, y, z = c.coords(box)
         t = (x - x_head) / (x_tail - x_head)  # 0 at the head, 1 at the tail
         end = np.clip((np.abs(2 * t - 1) - 0.8) / 0.2, 0, 1)  # rounded ends over the last tenth
-        radius = (r_head + (r_tail - r_head) * t) * np.sqrt(1 - end**2)
+        radius = (r_head + (r_tail - r_head) * np.clip(t, 0, 1)) * np.sqrt(1 - end**2)
         dy = y - a.pancreas_y - a.pancreas_tail_dy * np.clip(t, 0, 1) ** 2
         dz = (z - a.pancreas_z - a.pancreas_rise * (x - x_head)) / a.pancreas_flatness
-        organ = (np.abs(2 * t - 1) <= 1) & (dy**2 + dz**2 <= radius**2)
+        r2 = dy**2 + dz**2
+        sleeve = (np.abs(2 * t - 1) <= 1 + 2 * grow / (x_tail - x_head)) & (r2 <= (radius + grow) ** 2)
+        c.paint(box, sleeve & cavity[box], "fat")
+        organ = (np.abs(2 * t - 1) <= 1) & (r2 <= radius**2)
         c.paint(box, organ & cavity[box], "pancreas", "pancreas")
 
     # Kidneys: cortex and medulla, bean-shaped by a medial notch filled with sinus fat, wrapped in
