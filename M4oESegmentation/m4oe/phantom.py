@@ -84,10 +84,13 @@ ORIENTATIONS = {"LPS": 0.40, "RAS": 0.45, "PLS": 0.08, "ARS": 0.07}
 # Intensity of each tissue class: a uniform draw in (low, high) per case. CT in HU (unenhanced;
 # the contrast phase overrides some), T1 and T2 in arbitrary units before the case's gain: for MR
 # the orderings between tissues are meant to be realistic, not the values.
+# T2 follows fast spin echo at 1.5 T: fluid brightest, then fat (T2 about 165 ms, and J-coupling
+# keeps it bright), then spleen and kidney (about 80-90 ms), then liver and pancreas (about
+# 45 ms), then muscle; fat above the renal medulla is what outlines the kidney.
 #                      CT HU          T1            T2           texture
 TISSUE_TABLE: dict[str, tuple[tuple[float, float], tuple[float, float], tuple[float, float], float]] = {
     "air": ((-1000, -1000), (0, 0), (0, 0), 0.0),
-    "fat": ((-120, -80), (850, 950), (600, 700), 0.05),
+    "fat": ((-120, -80), (850, 950), (760, 860), 0.05),
     "muscle": ((40, 60), (280, 340), (120, 170), 0.06),
     "bowel": ((15, 45), (250, 350), (350, 500), 0.25),
     "bowel_gas": ((-1000, -950), (0, 10), (0, 10), 0.0),
