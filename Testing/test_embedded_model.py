@@ -21,7 +21,7 @@ from m4oe import onnx_runtime
 from m4oe.checkpoint import load_checkpoint, read_model_card
 from m4oe.evaluate import evaluate
 from m4oe.hub import DEFAULT_MODEL, EMBEDDED_DIR, resolve_model
-from m4oe.phantom import generate_case
+from m4oe.phantom import case_contrast, generate_case
 from m4oe.predictor import Predictor
 from m4oe_training.config import load_config
 
@@ -125,5 +125,8 @@ def test_phantom_accuracy_benchmark_scores_fresh_phantoms(tmp_path, capsys):
         assert row["mean_dice"] > 0.4  # a working model, even on a coarse 64-voxel phantom
         assert row["own_expert"] == expert and row["mean_weights"][expert] > 0.5
         assert sum(row["mean_weights"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert row["case_contrast"] == [case_contrast(sequence, 20261201)]
+        assert row["contrast_mean_dice"] == {row["case_contrast"][0]: row["mean_dice"]}
     printed = capsys.readouterr().out
+    assert f"ct by contrast    {case_contrast('ct', 20261201)} " in printed
     assert "own-expert weight" in printed and "each modality mostly to its own expert: met" in printed

@@ -284,6 +284,22 @@ def test_write_dataset_layout(tmp_path, modality, channel, pixel):
         )
 
 
+def test_case_contrast_is_the_contrast_the_case_is_rendered_with(tmp_path):
+    # case_contrast draws the acquisition without rendering; the data set records what rendering used.
+    for modality, states in (
+        ("ct", {"native", "arterial", "portal_venous"}),
+        ("t1", {"flow_void", "bright_blood"}),
+    ):
+        write_dataset(tmp_path / modality, modality, cases=6, seed=3, max_size=24)
+        records = json.loads((tmp_path / modality / "dataset.json").read_text())["phantom_cases"]
+        assert [phantom.case_contrast(modality, r["seed"]) for r in records] == [
+            r["contrast"] for r in records
+        ]
+        assert {phantom.case_contrast(modality, s) for s in range(40)} == states
+    with pytest.raises(InputError, match="modality"):
+        phantom.case_contrast("pet", 1)
+
+
 def test_datasets_of_one_seed_differ_between_modalities():
     seeds = {m: [case_seed(0, m, i) for i in range(3)] for m in ("ct", "t1", "t2")}
     assert len({s for values in seeds.values() for s in values}) == 9

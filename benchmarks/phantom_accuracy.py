@@ -9,7 +9,8 @@ through-plane smoothing, largest-component clean-up; PyTorch on the CPU, float32
 label map against the phantom's truth with ``m4oe.evaluate`` (Dice on the phantom's voxel grid).
 
 Reported per modality: Dice per organ (mean over cases), the mean over organs and its range over
-cases, and the mean gate weight of each expert over all tokens of all cases.
+cases, the mean per contrast state (CT phase, MR blood signal; number of cases in brackets), and
+the mean gate weight of each expert over all tokens of all cases.
 
 Run: ``PYTHONPATH=M4oESegmentation python benchmarks/phantom_accuracy.py [--model M] [--cases 6]
 [--seed 20261201] [--max-size 128] [--threads 2] [--json out.json]``.
@@ -36,10 +37,12 @@ def measure(model: str | None, cases: int, seed: int, max_size: int, threads: in
     """Score ``model`` (None: the embedded one) on ``cases`` fresh phantoms per sequence.
 
     Returns a JSON-ready dict: per sequence ``organs`` (name -> mean Dice), ``mean_dice``,
-    ``case_mean_dice`` (per case), ``mean_weights`` (expert -> mean gate weight), ``own_expert``.
+    ``case_mean_dice`` (per case), ``case_contrast`` (per case: CT phase or MR blood signal),
+    ``contrast_mean_dice`` (contrast state -> mean Dice), ``mean_weights`` (expert -> mean gate
+    weight), ``own_expert``.
     """
     from m4oe.evaluate import evaluate
-    from m4oe.phantom import PHANTOM_LABELS, generate_case
+    from m4oe.phantom import PHANTOM_LABELS, case_contrast, generate_case
     from m4oe.predictor import Predictor
 
     predictor = Predictor.from_pretrained(model, device="cpu", threads=threads, backend="torch")
@@ -47,8 +50,9 @@ def measure(model: str | None, cases: int, seed: int, max_size: int, threads: in
     result = {"model": predictor.card.name, "cases": cases, "seeds": [seed, seed + cases - 1]}
     for sequence, expert in SEQUENCES.items():
         dice: dict[str, list[float]] = {name: [] for name in PHANTOM_LABELS}
-        case_means, weights = [], []
+        case_means, weights, contrasts = [], [], []
         for k in range(cases):
+            contrasts.append(case_contrast(sequence, seed + k))
             image, truth = generate_case(sequence, seed + k, max_size=max_size)
             prediction = predictor.predict(image, gates=True)
             scores = evaluate(prediction.labelmap, truth, labels=list(PHANTOM_LABELS.values()))
@@ -61,6 +65,13 @@ def measure(model: str | None, cases: int, seed: int, max_size: int, threads: in
             "organs": {name: round(float(np.mean(v)), 4) for name, v in dice.items()},
             "mean_dice": round(float(np.mean(case_means)), 4),
             "case_mean_dice": [round(float(v), 4) for v in case_means],
+            "case_contrast": contrasts,
+            "contrast_mean_dice": {
+                state: round(
+                    float(np.mean([d for d, c in zip(case_means, contrasts, strict=True) if c == state])), 4
+                )
+                for state in dict.fromkeys(contrasts)
+            },
             "mean_weights": mean_weights,
             "own_expert": expert,
         }
@@ -81,6 +92,10 @@ def table(result: dict) -> str:
             for s in sequences
         )
     )
+    for s in sequences:
+        counts = {c: result[s]["case_contrast"].count(c) for c in result[s]["contrast_mean_dice"]}
+        by_state = ", ".join(f"{c} {d:.3f} ({counts[c]})" for c, d in result[s]["contrast_mean_dice"].items())
+        lines.append(f"{'  ' + s + ' by contrast':<20}{by_state}")
     own = [result[s]["mean_weights"][result[s]["own_expert"]] for s in sequences]
     lines.append(f"{'own-expert weight':<20}" + "".join(f"{w:>11.3f}" for w in own))
     dice_ok = all(result[s]["mean_dice"] >= TARGET_DICE for s in sequences)

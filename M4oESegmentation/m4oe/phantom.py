@@ -68,8 +68,9 @@ PHANTOM_LABELS: dict[str, int] = {
 }
 """Label value of each organ (keys of ``m4oe.terminology.TERMS``). Everything else is 0."""
 
-GENERATOR_VERSION = "1"
-"""Bumped whenever the same seed starts to give a different case."""
+GENERATOR_VERSION = "3"
+"""Bumped whenever the same seed starts to give a different case (2: the pancreas in a sleeve of
+retroperitoneal fat; 3: fat on T2 brighter than the renal medulla)."""
 
 MAX_IN_PLANE = 256
 MAX_SLICES = 64
@@ -757,6 +758,20 @@ def generate_case(modality: str, seed: int, *, max_size: int | None = None) -> t
     """
     image, labels, _ = _make_case(modality, seed, max_size)
     return image, labels
+
+
+def case_contrast(modality: str, seed: int) -> str:
+    """The contrast state :func:`generate_case` draws for ``(modality, seed)``, without rendering.
+
+    CT: ``"native"``, ``"arterial"`` or ``"portal_venous"``; T1: ``"flow_void"`` or
+    ``"bright_blood"``; T2: ``"flow_void"`` (see :data:`CONTRASTS`). It does not depend on
+    ``max_size``.
+    """
+    sequence = _check_sequence(modality)
+    seed = _check_int(seed, "phantom seed", 0)
+    anatomy = _draw_anatomy(np.random.default_rng((seed, _ANATOMY_STREAM)))
+    rng = np.random.default_rng((seed, _SEQUENCE_STREAM[sequence]))
+    return _draw_acquisition(anatomy, sequence, rng, MAX_IN_PLANE).contrast
 
 
 def case_seed(seed: int, modality: str, index: int) -> int:
