@@ -105,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
         "before the argmax (0: off; default: the model card's value)",
     )
     seg.add_argument(
+        "--shifts",
+        type=int,
+        metavar="N",
+        default=None,
+        help="forward passes averaged per slice, 1-5: as they are, then shifted in plane by half a "
+        "patch (N times the inference time; 1: one pass; default: the model card's value)",
+    )
+    seg.add_argument(
         "--report", metavar="FILE.png", default=None, help="write a one-page picture of the result"
     )
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -246,6 +254,7 @@ def cmd_segment(args) -> int:
         gate_layer=args.gate_layer,
         cleanup=not args.no_cleanup,
         through_plane_sigma_mm=args.through_plane_sigma,
+        test_time_shifts=args.shifts,
         progress=printer,
         source=loaded.path,
     )
@@ -316,6 +325,7 @@ def cmd_segment(args) -> int:
                 "seconds": seconds,
                 "backend": prediction.backend,
                 "through_plane_sigma_mm": prediction.through_plane_sigma_mm,
+                "test_time_shifts": prediction.test_time_shifts,
             }
         )
     else:
@@ -358,6 +368,8 @@ def cmd_info(args) -> int:
     for task in card.tasks:
         print(f"task {task.name}: " + ", ".join(f"{lab.value} {lab.name}" for lab in task.labels))
         steps = []
+        if task.test_time_shifts > 1:
+            steps.append(f"{task.test_time_shifts} forward passes, shifted in plane, averaged")
         if task.through_plane_sigma_mm:
             steps.append(f"through-plane smoothing sigma {task.through_plane_sigma_mm:g} mm")
         if task.largest_component:

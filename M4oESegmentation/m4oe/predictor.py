@@ -1,11 +1,12 @@
 """Volume inference: load a model once, segment many volumes slice by slice.
 
 A volume goes: axial stack (no resampling) -> intensity normalisation for its modality ->
-batches of slices resampled in plane to the model input -> forward passes -> optional
-through-plane smoothing of the probabilities (see :mod:`m4oe.smoothing`) -> logits or probabilities
-resampled back to each slice -> argmax -> optional largest-component clean-up -> the input's exact
-grid. Only one batch of full-resolution logits exists at a time (plus, when smoothing, the few
-model-grid slices the Gaussian still needs), so memory does not grow with classes x voxels.
+batches of slices resampled in plane to the model input -> forward passes (optionally several,
+on the slices shifted in plane, their probabilities averaged) -> optional through-plane smoothing
+of the probabilities (see :mod:`m4oe.smoothing`) -> logits or probabilities resampled back to each
+slice -> argmax -> optional largest-component clean-up -> the input's exact grid. Only one batch
+of full-resolution logits exists at a time (plus, when smoothing, the few model-grid slices the
+Gaussian still needs), so memory does not grow with classes x voxels.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .inplane import from_model_grid
 from .labels import Label
 from .modality import ModalityResult, detect_modality
 from .model import SwinUNet
-from .model_card import ModelCard, valid_sigma_mm
+from .model_card import MAX_TEST_TIME_SHIFTS, ModelCard, valid_shifts, valid_sigma_mm
 from .prepare import SlicePlan
 from .preprocessing import IntensityParams
 from .progress import CancelCheck, ProgressCallback, ProgressEvent
@@ -48,6 +49,26 @@ MIN_UPSAMPLING = 8  # refuse slices that must be enlarged more than this to fill
 # 2-core EPYC, 1 thread: 4-8 slices 270-300 ms each, 16 slices 340, 32 slices 390-460).
 CPU_BATCH = 8
 TORCH_THREADS = torch.get_num_threads()  # PyTorch's own choice (one per core), or the caller's
+# In-plane offsets (rows, columns) of the test-time passes, in half patches: pass 1 sees the slices
+# as they are, passes 2-5 shifted diagonally. A half-patch shift moves every token boundary and
+# window edge of the Swin blocks, so the passes disagree where the network is unsure. (On held-out
+# phantoms, see benchmarks/README.md, 3 passes beat 1 and 5 did not beat 3.)
+SHIFT_OFFSETS = ((0, 0), (1, 1), (-1, -1), (1, -1), (-1, 1))
+assert len(SHIFT_OFFSETS) == MAX_TEST_TIME_SHIFTS
+
+
+def shift_slices(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``x`` (B, C, H, W) moved ``dy`` rows down and ``dx`` columns right, edge pixels repeated.
+
+    ``out[..., i, j] = x[..., clip(i - dy), clip(j - dx)]``; shifting the result by (-dy, -dx)
+    gives ``x`` back but for the ``|dy|``, ``|dx|`` edge rows and columns.
+    """
+    if dy == 0 and dx == 0:
+        return x
+    p = max(abs(dy), abs(dx))
+    padded = torch.nn.functional.pad(x, (p, p, p, p), mode="replicate")
+    H, W = x.shape[-2:]
+    return padded[..., p - dy : p - dy + H, p - dx : p - dx + W]
 
 
 def default_threads() -> int:
@@ -115,7 +136,7 @@ class Prediction:
     float32 from float16), only when asked. ``gate_map``: E-component image of expert weights per
     token (see :func:`m4oe.gates.gate_map_image`), and ``gate_summary`` (JSON-ready dict), for
     mixture-of-experts models when asked. ``through_plane_sigma_mm``: the smoothing applied (0:
-    none).
+    none). ``test_time_shifts``: forward passes averaged per slice (1: one).
     """
 
     labelmap: sitk.Image
@@ -128,6 +149,7 @@ class Prediction:
     seconds: dict = field(default_factory=dict)
     backend: str = "torch"
     through_plane_sigma_mm: float = 0.0
+    test_time_shifts: int = 1
 
 
 def resolve_device(device: str) -> torch.device:
@@ -218,6 +240,7 @@ class Predictor:
         gate_layer: str | None = None,
         cleanup: bool = True,
         through_plane_sigma_mm: float | None = None,
+        test_time_shifts: int | None = None,
         progress: ProgressCallback | None = None,
         cancel: CancelCheck | None = None,
         source: str | Path | None = None,
@@ -237,6 +260,10 @@ class Predictor:
             through_plane_sigma_mm: average the class probabilities over neighbouring slices with
                 a Gaussian of this standard deviation (mm, along the axial stack) before the
                 argmax; 0 turns it off; None uses the task's value in the model card.
+            test_time_shifts: forward passes per slice batch, 1-5: the slices as they are, then
+                shifted in plane by half a patch (:data:`SHIFT_OFFSETS`), the class probabilities
+                averaged (costs as many times the inference time); None uses the model card's.
+                Gate maps come from the first pass.
             progress: called after each stage and each batch with a :class:`ProgressEvent`.
             cancel: checked between batches; returning True raises :class:`CancelledError`.
             source: the file the volume came from, named in error messages.
@@ -256,6 +283,11 @@ class Predictor:
         )
         if not valid_sigma_mm(sigma_mm):
             raise InputError(f"through-plane sigma must be a number of mm >= 0, got {sigma_mm!r}")
+        shifts = task_info.test_time_shifts if test_time_shifts is None else test_time_shifts
+        if not valid_shifts(shifts):
+            raise InputError(f"test-time shifts must be an integer 1-{MAX_TEST_TIME_SHIFTS}, got {shifts!r}")
+        step = max(1, cfg.patch_size // 2)  # half a patch, in model-grid pixels
+        offsets = [(dy * step, dx * step) for dy, dx in SHIFT_OFFSETS[1:shifts]]
 
         def report(stage: str, done: int, total: int, eta: float | None = None) -> None:
             if progress is not None:
@@ -326,10 +358,18 @@ class Predictor:
                 logits = logits.float()
                 if recorder is not None:
                     recorder.add(start, layer_gates)
-                if smoother is None:
+                if offsets:
+                    mean = logits.softmax(dim=1)
+                    for dy, dx in offsets:
+                        moved, _ = network(shift_slices(x, dy, dx))
+                        mean += shift_slices(moved.float().softmax(dim=1), -dy, -dx)
+                    mean /= 1 + len(offsets)
+                if smoother is not None:  # slices come out once the Gaussian has all their neighbours
+                    write(*smoother.push(mean if offsets else logits.softmax(dim=1)), are_probabilities=True)
+                elif offsets:
+                    write(start, mean, are_probabilities=True)
+                else:
                     write(start, logits, are_probabilities=False)
-                else:  # slices come out once the Gaussian has all their neighbours
-                    write(*smoother.push(logits.softmax(dim=1)), are_probabilities=True)
                 if MALLOC_TRIM is not None and self.device.type == "cpu":
                     MALLOC_TRIM(0)
                 elapsed = time.perf_counter() - t1
@@ -348,6 +388,7 @@ class Predictor:
             probabilities=from_axial_stack(probs, stack) if probs is not None else None,
             backend=backend,
             through_plane_sigma_mm=float(sigma_mm),
+            test_time_shifts=shifts,
         )
         if recorder is not None:
             prediction.gate_map = gate_map_image(recorder.map, stack, grid)

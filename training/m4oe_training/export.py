@@ -97,7 +97,11 @@ def build_card(
         clean = [values[name][n] for n in cfg.largest_component if values[name].get(n)]
         tasks.append(
             TaskInfo(
-                name, labels[name], largest_component=clean, through_plane_sigma_mm=cfg.through_plane_sigma_mm
+                name,
+                labels[name],
+                largest_component=clean,
+                through_plane_sigma_mm=cfg.through_plane_sigma_mm,
+                test_time_shifts=cfg.test_time_shifts,
             )
         )
     return ModelCard(
