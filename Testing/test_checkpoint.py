@@ -190,8 +190,8 @@ def test_refuses_unknown_card_keys(saved):
         (lambda d: d["architecture"].pop("window_size"), "architecture.window_size"),
         (lambda d: d["architecture"].update(gate_context=None), "architecture.gate_context"),
         (lambda d: d["tasks"][0].update(through_plane_sigma_mm="3"), "tasks[0].through_plane_sigma_mm"),
-        (lambda d: d["tasks"][0].update(test_time_shifts=3.0), "tasks[0].test_time_shifts"),
-        (lambda d: d["tasks"][0].update(test_time_shifts=True), "tasks[0].test_time_shifts"),
+        (lambda d: d["tasks"][0].update(test_time_passes=3.0), "tasks[0].test_time_passes"),
+        (lambda d: d["tasks"][0].update(test_time_passes=True), "tasks[0].test_time_passes"),
     ],
 )
 def test_refuses_wrong_types_and_missing_keys(saved, edit, key):
@@ -248,19 +248,19 @@ def test_through_plane_sigma_is_optional_and_travels_with_the_card(card, saved, 
     assert str(path) in str(info.value)
 
 
-def test_test_time_shifts_are_optional_and_travel_with_the_card(card, saved):
+def test_test_time_passes_are_optional_and_travel_with_the_card(card, saved):
     """Cards without the key load with one pass and are written without it; a count is kept; one
     outside 1-5 is refused, naming the file."""
     data = json.loads((saved / "model.json").read_text())
-    assert all("test_time_shifts" not in t for t in data["tasks"])
-    assert [t.test_time_shifts for t in read_model_card(saved).tasks] == [1, 1]
-    tasks = [dataclasses.replace(card.tasks[0], test_time_shifts=3), card.tasks[1]]
+    assert all("test_time_passes" not in t for t in data["tasks"])
+    assert [t.test_time_passes for t in read_model_card(saved).tasks] == [1, 1]
+    tasks = [dataclasses.replace(card.tasks[0], test_time_passes=3), card.tasks[1]]
     shifted = dataclasses.replace(card, tasks=tasks).to_dict()
-    assert [t.get("test_time_shifts") for t in shifted["tasks"]] == [3, None]
-    assert [t.test_time_shifts for t in ModelCard.from_dict(shifted).tasks] == [3, 1]
+    assert [t.get("test_time_passes") for t in shifted["tasks"]] == [3, None]
+    assert [t.test_time_passes for t in ModelCard.from_dict(shifted).tasks] == [3, 1]
     for bad in (0, 6):
-        path = _edit_card(saved, lambda d, bad=bad: d["tasks"][0].update(test_time_shifts=bad))
-        with pytest.raises(ModelError, match="test_time_shifts must be an integer 1-5") as info:
+        path = _edit_card(saved, lambda d, bad=bad: d["tasks"][0].update(test_time_passes=bad))
+        with pytest.raises(ModelError, match="test_time_passes must be an integer 1-5") as info:
             read_model_card(saved)
         assert str(path) in str(info.value)
 

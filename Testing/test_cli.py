@@ -33,7 +33,7 @@ codes and an example message each (the ``case`` column is the test id, checked a
 | unknown-gate-layer | 2 | m4oe: error: unknown gate layer 'encoder.9.9'; this model has [...] |
 | gates-with-dense-model | 2 | m4oe: error: tiny-dense-model: gate maps need a mixture-of-experts model; ... |
 | negative-sigma | 2 | m4oe: error: through-plane sigma must be a number of mm >= 0, got -1.0 |
-| too-many-shifts | 2 | m4oe: error: test-time shifts must be an integer 1-5, got 9 |
+| too-many-passes | 2 | m4oe: error: test-time passes must be an integer 1-5, got 9 |
 | read-only-folder | 3 | m4oe: error: /tmp/out: folder is not writable (runs only when not root) |
 
 Running as root, chmod cannot make a folder unwritable, so "no write permission" is tested with an
@@ -353,7 +353,7 @@ def test_progress_json_lines(tiny_model_dir, volumes, tmp_path, capsys):
     assert done["stage"] == "done" and done["outputs"] == {"segmentation": str(tmp_path / "out.nii.gz")}
     assert done["modality_source"] == "intensity" and done["warning"] is None
     assert done["through_plane_sigma_mm"] == 0.0  # the tiny model's card asks for none
-    assert done["test_time_shifts"] == 1  # nor for shifted passes
+    assert done["test_time_passes"] == 1  # nor for test-time augmentation
 
 
 def test_through_plane_sigma_option_smooths_and_is_reported(tiny_model_dir, volumes, tmp_path, capsys):
@@ -368,16 +368,16 @@ def test_through_plane_sigma_option_smooths_and_is_reported(tiny_model_dir, volu
     assert not np.array_equal(outputs["0"], outputs["12"])
 
 
-def test_shifts_option_averages_shifted_passes_and_is_reported(tiny_model_dir, volumes, tmp_path, capsys):
+def test_tta_option_averages_passes_and_is_reported(tiny_model_dir, volumes, tmp_path, capsys):
     outputs = {}
-    for shifts in ("1", "3"):
-        out = tmp_path / f"shifts{shifts}.nii.gz"
+    for passes in ("1", "5"):
+        out = tmp_path / f"tta{passes}.nii.gz"
         argv = segment_args(volumes["flipped"], out, tiny_model_dir, "--progress", "json")
-        code, stdout, err = run_cli([*argv, "--shifts", shifts], capsys)
+        code, stdout, err = run_cli([*argv, "--tta", passes], capsys)
         assert code == 0, err
-        assert json.loads(stdout.splitlines()[-1])["test_time_shifts"] == int(shifts)
-        outputs[shifts] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
-    assert not np.array_equal(outputs["1"], outputs["3"])
+        assert json.loads(stdout.splitlines()[-1])["test_time_passes"] == int(passes)
+        outputs[passes] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert not np.array_equal(outputs["1"], outputs["5"])
 
 
 def test_progress_json_error_line_matches_the_exit_code(tiny_model_dir, tmp_path, capsys):
@@ -656,8 +656,8 @@ def negative_sigma(env):
     return env.argv(env.ct, "--through-plane-sigma", "-1"), "-1.0"
 
 
-def too_many_shifts(env):
-    return env.argv(env.ct, "--shifts", "9"), "9"
+def too_many_passes(env):
+    return env.argv(env.ct, "--tta", "9"), "9"
 
 
 def gates_with_dense_model(env):
@@ -699,7 +699,7 @@ BAD_INPUT = [
     Bad("unknown-gate-layer", 2, "unknown gate layer", unknown_gate_layer),
     Bad("gates-with-dense-model", 2, "dense", gates_with_dense_model),
     Bad("negative-sigma", 2, "through-plane sigma must be", negative_sigma),
-    Bad("too-many-shifts", 2, "test-time shifts must be", too_many_shifts),
+    Bad("too-many-passes", 2, "test-time passes must be", too_many_passes),
 ]
 
 
@@ -788,12 +788,12 @@ def test_info_names_the_through_plane_smoothing(tiny_model_dir, tmp_path, capsys
     folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "smoothed"))
     card = json.loads((folder / "model.json").read_text())
     card["tasks"][0]["through_plane_sigma_mm"] = 2.5
-    card["tasks"][0]["test_time_shifts"] = 3
+    card["tasks"][0]["test_time_passes"] = 3
     (folder / "model.json").write_text(json.dumps(card))
     code, out, _ = run_cli(["info", folder], capsys)
     assert code == 0
     assert (
-        "  post-processing: 3 forward passes, shifted in plane, averaged; through-plane smoothing "
+        "  post-processing: test-time augmentation, 3 passes averaged; through-plane smoothing "
         "sigma 2.5 mm; largest component of liver\n"
     ) in out
 

@@ -129,5 +129,5 @@ def test_phantom_accuracy_benchmark_scores_fresh_phantoms(tmp_path, capsys):
         assert row["contrast_mean_dice"] == {row["case_contrast"][0]: row["mean_dice"]}
     printed = capsys.readouterr().out
     assert f"ct by contrast    {case_contrast('ct', 20261201)} " in printed
-    assert result["test_time_shifts"] == read_model_card(resolve_model(None)).task(None).test_time_shifts
+    assert result["test_time_passes"] == read_model_card(resolve_model(None)).task(None).test_time_passes
     assert "own-expert weight" in printed and "each modality mostly to its own expert: met" in printed

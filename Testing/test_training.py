@@ -165,9 +165,9 @@ def test_config_unknown_key_is_an_error_naming_it(tmp_path, where, key):
         ({"largest_component": "liver"}, {}, "largest_component"),
         ({"through_plane_sigma_mm": -0.5}, {}, "through_plane_sigma_mm"),
         ({"through_plane_sigma_mm": "3"}, {}, "through_plane_sigma_mm"),
-        ({"test_time_shifts": 0}, {}, "test_time_shifts"),
-        ({"test_time_shifts": 6}, {}, "test_time_shifts"),
-        ({"test_time_shifts": 2.0}, {}, "test_time_shifts"),
+        ({"test_time_passes": 0}, {}, "test_time_passes"),
+        ({"test_time_passes": 6}, {}, "test_time_passes"),
+        ({"test_time_passes": 2.0}, {}, "test_time_passes"),
         ({"target_spacing_mm": [1.0, 1.0, 1.0]}, {}, "target_spacing_mm"),
         ({"batch_size": 0}, {}, "batch_size"),
         ({}, {"kind": "finetune"}, r"stages\[0\].kind"),
@@ -364,7 +364,7 @@ def test_end_to_end_run_exports_a_model_the_engine_uses(phantoms, tmp_path):
         optimizer="adamw",
         largest_component=["liver"],
         through_plane_sigma_mm=2.0,
-        test_time_shifts=2,
+        test_time_passes=2,
     )
     argv = ["train", path.name, "--set", "iterations_per_epoch=2", "--set", "stages.1.epochs=1"]
     result = subprocess.run(
@@ -393,7 +393,7 @@ def test_end_to_end_run_exports_a_model_the_engine_uses(phantoms, tmp_path):
         assert (label.category, label.type, label.modifier) == (term.category, term.type, term.modifier)
     assert task.largest_component == [PHANTOM_LABELS["liver"]]
     assert task.through_plane_sigma_mm == 2.0  # validation and the engine both smooth with it
-    assert task.test_time_shifts == 2  # and both average 2 passes
+    assert task.test_time_passes == 2  # and both average 2 passes
     assert card.task("abdomen").label(3).name == "right kidney"
 
     provenance = card.provenance

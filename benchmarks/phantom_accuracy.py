@@ -53,14 +53,14 @@ def measure(
     predictor = Predictor.from_pretrained(model, device="cpu", threads=threads, backend="torch")
     names = {value: name for name, value in PHANTOM_LABELS.items()}
     result = {"model": predictor.card.name, "cases": cases, "seeds": [seed, seed + cases - 1]}
-    result["test_time_shifts"] = shifts if shifts is not None else predictor.card.task(None).test_time_shifts
+    result["test_time_passes"] = shifts if shifts is not None else predictor.card.task(None).test_time_passes
     for sequence, expert in SEQUENCES.items():
         dice: dict[str, list[float]] = {name: [] for name in PHANTOM_LABELS}
         case_means, weights, contrasts = [], [], []
         for k in range(cases):
             contrasts.append(case_contrast(sequence, seed + k))
             image, truth = generate_case(sequence, seed + k, max_size=max_size)
-            prediction = predictor.predict(image, gates=True, test_time_shifts=shifts)
+            prediction = predictor.predict(image, gates=True, test_time_passes=shifts)
             scores = evaluate(prediction.labelmap, truth, labels=list(PHANTOM_LABELS.values()))
             for row in scores["labels"]:
                 dice[names[row["label"]]].append(row["dice"])
@@ -123,20 +123,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-size", type=int, default=128, help="voxels along the longest axis")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--shifts", type=int, default=None, help="test-time passes per slice, 1-5 (default: the model card's)"
+        "--tta", type=int, default=None, help="test-time passes per slice, 1-5 (default: the model card's)"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.cases < 1:
         parser.error("--cases must be at least 1")
     start = time.perf_counter()
-    result = measure(args.model, args.cases, args.seed, args.max_size, args.threads, args.shifts)
+    result = measure(args.model, args.cases, args.seed, args.max_size, args.threads, args.tta)
     result["seconds"] = round(time.perf_counter() - start, 1)
     print(table(result))
     last = args.seed + args.cases - 1
     print(
         f"{args.cases} cases per modality, seeds {args.seed}-{last}, "
-        f"{result['test_time_shifts']} pass(es) per slice, {result['seconds']} s"
+        f"{result['test_time_passes']} pass(es) per slice, {result['seconds']} s"
     )
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

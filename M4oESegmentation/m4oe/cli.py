@@ -105,12 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         "before the argmax (0: off; default: the model card's value)",
     )
     seg.add_argument(
-        "--shifts",
+        "--tta",
         type=int,
         metavar="N",
         default=None,
-        help="forward passes averaged per slice, 1-5: as they are, then shifted in plane by half a "
-        "patch (N times the inference time; 1: one pass; default: the model card's value)",
+        help="test-time augmentation: forward passes averaged per slice, 1-5: as they are, then "
+        "shifted by half a patch (2, 3), then zoomed by 0.9 and 1.1 (4, 5); N times the inference "
+        "time; 1: one pass; default: the model card's value",
     )
     seg.add_argument(
         "--report", metavar="FILE.png", default=None, help="write a one-page picture of the result"
@@ -254,7 +255,7 @@ def cmd_segment(args) -> int:
         gate_layer=args.gate_layer,
         cleanup=not args.no_cleanup,
         through_plane_sigma_mm=args.through_plane_sigma,
-        test_time_shifts=args.shifts,
+        test_time_passes=args.tta,
         progress=printer,
         source=loaded.path,
     )
@@ -325,7 +326,7 @@ def cmd_segment(args) -> int:
                 "seconds": seconds,
                 "backend": prediction.backend,
                 "through_plane_sigma_mm": prediction.through_plane_sigma_mm,
-                "test_time_shifts": prediction.test_time_shifts,
+                "test_time_passes": prediction.test_time_passes,
             }
         )
     else:
@@ -368,8 +369,8 @@ def cmd_info(args) -> int:
     for task in card.tasks:
         print(f"task {task.name}: " + ", ".join(f"{lab.value} {lab.name}" for lab in task.labels))
         steps = []
-        if task.test_time_shifts > 1:
-            steps.append(f"{task.test_time_shifts} forward passes, shifted in plane, averaged")
+        if task.test_time_passes > 1:
+            steps.append(f"test-time augmentation, {task.test_time_passes} passes averaged")
         if task.through_plane_sigma_mm:
             steps.append(f"through-plane smoothing sigma {task.through_plane_sigma_mm:g} mm")
         if task.largest_component:

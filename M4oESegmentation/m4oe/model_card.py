@@ -17,7 +17,7 @@ Example (abridged)::
       "experts": [{"name": "ct", "modality": "ct", "description": ""},
                   {"name": "mr", "modality": "mr", "description": ""}],
       "tasks": [{"name": "abdomen", "largest_component": [1, 2], "through_plane_sigma_mm": 3.0,
-                 "test_time_shifts": 3,
+                 "test_time_passes": 3,
                  "labels": [{"value": 1, "name": "liver", "color": [0.8667, 0.5098, 0.3961],
                              "category": {"scheme": "SCT", "value": "123037004",
                                           "meaning": "Anatomical Structure"},
@@ -71,13 +71,13 @@ class ExpertInfo:
             )
 
 
-MAX_TEST_TIME_SHIFTS = 5
-"""The most forward passes per slice batch :attr:`TaskInfo.test_time_shifts` may ask for."""
+MAX_TEST_TIME_PASSES = 5
+"""The most forward passes per slice batch :attr:`TaskInfo.test_time_passes` may ask for."""
 
 
-def valid_shifts(value) -> bool:
-    """Whether ``value`` is a number of test-time passes: an integer 1-MAX_TEST_TIME_SHIFTS (no bool)."""
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_TEST_TIME_SHIFTS
+def valid_passes(value) -> bool:
+    """Whether ``value`` is a number of test-time passes: an integer 1-MAX_TEST_TIME_PASSES (no bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_TEST_TIME_PASSES
 
 
 def valid_sigma_mm(value) -> bool:
@@ -93,16 +93,17 @@ class TaskInfo:
     after inference (organs that occur once, such as the liver). ``through_plane_sigma_mm``: the
     Gaussian (standard deviation in mm along the slice axis) that averages the class probabilities
     of neighbouring slices before the argmax, 0 for none (see :mod:`m4oe.smoothing`).
-    ``test_time_shifts``: forward passes per slice batch, the first on the slices as they are and
-    the others on them shifted in plane by half a patch (see :data:`m4oe.predictor.SHIFT_OFFSETS`),
-    their class probabilities averaged; 1 for a single pass, at most :data:`MAX_TEST_TIME_SHIFTS`.
+    ``test_time_passes``: test-time augmentation, forward passes per slice batch, the first on the
+    slices as they are and the others on them shifted or zoomed in plane (see
+    :data:`m4oe.predictor.TEST_TIME_PASSES`), their class probabilities mapped back and averaged;
+    1 for a single pass, at most :data:`MAX_TEST_TIME_PASSES`.
     """
 
     name: str
     labels: list[Label]
     largest_component: list[int] = field(default_factory=list)
     through_plane_sigma_mm: float = 0.0
-    test_time_shifts: int = 1
+    test_time_passes: int = 1
 
     def __post_init__(self):
         values = [label.value for label in self.labels]
@@ -120,10 +121,10 @@ class TaskInfo:
                 f"task {self.name!r}: through_plane_sigma_mm must be a number of mm >= 0, "
                 f"got {self.through_plane_sigma_mm!r}"
             )
-        if not valid_shifts(self.test_time_shifts):
+        if not valid_passes(self.test_time_passes):
             raise ModelError(
-                f"task {self.name!r}: test_time_shifts must be an integer 1-{MAX_TEST_TIME_SHIFTS}, "
-                f"got {self.test_time_shifts!r}"
+                f"task {self.name!r}: test_time_passes must be an integer 1-{MAX_TEST_TIME_PASSES}, "
+                f"got {self.test_time_passes!r}"
             )
 
     def label(self, value: int) -> Label:
@@ -264,7 +265,7 @@ class ModelCard:
                         if t.through_plane_sigma_mm
                         else {}
                     ),
-                    **({"test_time_shifts": t.test_time_shifts} if t.test_time_shifts != 1 else {}),
+                    **({"test_time_passes": t.test_time_passes} if t.test_time_passes != 1 else {}),
                 }
                 for t in self.tasks
             ],
@@ -465,7 +466,7 @@ def _task(value, where: str, path) -> TaskInfo:
         where,
         path,
         required=("name", "labels"),
-        optional=("largest_component", "through_plane_sigma_mm", "test_time_shifts"),
+        optional=("largest_component", "through_plane_sigma_mm", "test_time_passes"),
     )
     labels = _check(data["labels"], list, f"{where}.labels", path)
     largest = _check(data.get("largest_component", []), list, f"{where}.largest_component", path)
@@ -478,7 +479,7 @@ def _task(value, where: str, path) -> TaskInfo:
         through_plane_sigma_mm=_check(
             data.get("through_plane_sigma_mm", 0.0), float, f"{where}.through_plane_sigma_mm", path
         ),
-        test_time_shifts=_check(data.get("test_time_shifts", 1), int, f"{where}.test_time_shifts", path),
+        test_time_passes=_check(data.get("test_time_passes", 1), int, f"{where}.test_time_passes", path),
     )
 
 

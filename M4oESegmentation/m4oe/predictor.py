@@ -2,7 +2,7 @@
 
 A volume goes: axial stack (no resampling) -> intensity normalisation for its modality ->
 batches of slices resampled in plane to the model input -> forward passes (optionally several,
-on the slices shifted in plane, their probabilities averaged) -> optional through-plane smoothing
+on the slices shifted or zoomed in plane, their probabilities averaged) -> optional through-plane smoothing
 of the probabilities (see :mod:`m4oe.smoothing`) -> logits or probabilities resampled back to each
 slice -> argmax -> optional largest-component clean-up -> the input's exact grid. Only one batch
 of full-resolution logits exists at a time (plus, when smoothing, the few model-grid slices the
@@ -33,7 +33,7 @@ from .inplane import from_model_grid
 from .labels import Label
 from .modality import ModalityResult, detect_modality
 from .model import SwinUNet
-from .model_card import MAX_TEST_TIME_SHIFTS, ModelCard, valid_shifts, valid_sigma_mm
+from .model_card import MAX_TEST_TIME_PASSES, ModelCard, valid_passes, valid_sigma_mm
 from .prepare import SlicePlan
 from .preprocessing import IntensityParams
 from .progress import CancelCheck, ProgressCallback, ProgressEvent
@@ -49,12 +49,14 @@ MIN_UPSAMPLING = 8  # refuse slices that must be enlarged more than this to fill
 # 2-core EPYC, 1 thread: 4-8 slices 270-300 ms each, 16 slices 340, 32 slices 390-460).
 CPU_BATCH = 8
 TORCH_THREADS = torch.get_num_threads()  # PyTorch's own choice (one per core), or the caller's
-# In-plane offsets (rows, columns) of the test-time passes, in half patches: pass 1 sees the slices
-# as they are, passes 2-5 shifted diagonally. A half-patch shift moves every token boundary and
-# window edge of the Swin blocks, so the passes disagree where the network is unsure. (On held-out
-# phantoms, see benchmarks/README.md, 3 passes beat 1 and 5 did not beat 3.)
-SHIFT_OFFSETS = ((0, 0), (1, 1), (-1, -1), (1, -1), (-1, 1))
-assert len(SHIFT_OFFSETS) == MAX_TEST_TIME_SHIFTS
+# Test-time augmentation: the forward passes a slice batch may get, in order, as (row offset,
+# column offset, zoom): offsets in half patches, zoom about the slice centre (> 1 enlarges). Pass 1
+# sees the slices as they are; 2 and 3 shifted diagonally by half a patch, which moves every token
+# boundary and window edge of the Swin blocks; 4 and 5 zoomed out and in by 10 %, within the
+# training augmentation's scale range. Each pass's probabilities are mapped back and averaged. (On
+# phantoms, see benchmarks/README.md: 3 passes beat 1, and 5 beat 3.)
+TEST_TIME_PASSES = ((0, 0, 1.0), (1, 1, 1.0), (-1, -1, 1.0), (0, 0, 0.9), (0, 0, 1.1))
+assert len(TEST_TIME_PASSES) == MAX_TEST_TIME_PASSES
 
 
 def shift_slices(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -69,6 +71,39 @@ def shift_slices(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     padded = torch.nn.functional.pad(x, (p, p, p, p), mode="replicate")
     H, W = x.shape[-2:]
     return padded[..., p - dy : p - dy + H, p - dx : p - dx + W]
+
+
+def zoom_slices(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` (B, C, H, W) enlarged ``factor`` times about the slice centre (bilinear, edges repeated).
+
+    Shape is kept: ``factor`` > 1 crops the border away, < 1 brings more of the border in (its
+    outside filled with the edge values). Zooming by ``1 / factor`` maps the result back.
+    """
+    if factor == 1.0:
+        return x
+    theta = torch.tensor([[1 / factor, 0.0, 0.0], [0.0, 1 / factor, 0.0]], dtype=x.dtype, device=x.device)
+    grid = torch.nn.functional.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(
+        x, grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+
+
+def averaged_probabilities(network, x: torch.Tensor, passes: int, step: int, first=None) -> torch.Tensor:
+    """Mean class probabilities (B, K, S, S) of the first ``passes`` of :data:`TEST_TIME_PASSES`.
+
+    ``network(x)`` maps the model input (B, C, S, S) to ``(logits, gates)``; ``step`` is half a
+    patch in model-grid pixels; ``first``: the logits of the unshifted pass if already computed.
+    Each pass transforms the input, runs the network and maps its softmax back before averaging.
+    """
+    total = None
+    for k, (dy, dx, zoom) in enumerate(TEST_TIME_PASSES[:passes]):
+        if k == 0 and first is not None:
+            logits = first
+        else:
+            logits, _ = network(zoom_slices(shift_slices(x, dy * step, dx * step), zoom))
+        p = shift_slices(zoom_slices(logits.float().softmax(dim=1), 1 / zoom), -dy * step, -dx * step)
+        total = p if total is None else total + p
+    return total / passes
 
 
 def default_threads() -> int:
@@ -136,7 +171,7 @@ class Prediction:
     float32 from float16), only when asked. ``gate_map``: E-component image of expert weights per
     token (see :func:`m4oe.gates.gate_map_image`), and ``gate_summary`` (JSON-ready dict), for
     mixture-of-experts models when asked. ``through_plane_sigma_mm``: the smoothing applied (0:
-    none). ``test_time_shifts``: forward passes averaged per slice (1: one).
+    none). ``test_time_passes``: forward passes averaged per slice (1: one).
     """
 
     labelmap: sitk.Image
@@ -149,7 +184,7 @@ class Prediction:
     seconds: dict = field(default_factory=dict)
     backend: str = "torch"
     through_plane_sigma_mm: float = 0.0
-    test_time_shifts: int = 1
+    test_time_passes: int = 1
 
 
 def resolve_device(device: str) -> torch.device:
@@ -240,7 +275,7 @@ class Predictor:
         gate_layer: str | None = None,
         cleanup: bool = True,
         through_plane_sigma_mm: float | None = None,
-        test_time_shifts: int | None = None,
+        test_time_passes: int | None = None,
         progress: ProgressCallback | None = None,
         cancel: CancelCheck | None = None,
         source: str | Path | None = None,
@@ -260,10 +295,11 @@ class Predictor:
             through_plane_sigma_mm: average the class probabilities over neighbouring slices with
                 a Gaussian of this standard deviation (mm, along the axial stack) before the
                 argmax; 0 turns it off; None uses the task's value in the model card.
-            test_time_shifts: forward passes per slice batch, 1-5: the slices as they are, then
-                shifted in plane by half a patch (:data:`SHIFT_OFFSETS`), the class probabilities
-                averaged (costs as many times the inference time); None uses the model card's.
-                Gate maps come from the first pass.
+            test_time_passes: test-time augmentation, forward passes per slice batch, 1-5: the
+                slices as they are, then shifted by half a patch, then zoomed by 0.9 and 1.1
+                (:data:`TEST_TIME_PASSES`), the class probabilities mapped back and averaged
+                (costs as many times the inference time); None uses the model card's. Gate maps
+                come from the first pass.
             progress: called after each stage and each batch with a :class:`ProgressEvent`.
             cancel: checked between batches; returning True raises :class:`CancelledError`.
             source: the file the volume came from, named in error messages.
@@ -283,11 +319,10 @@ class Predictor:
         )
         if not valid_sigma_mm(sigma_mm):
             raise InputError(f"through-plane sigma must be a number of mm >= 0, got {sigma_mm!r}")
-        shifts = task_info.test_time_shifts if test_time_shifts is None else test_time_shifts
-        if not valid_shifts(shifts):
-            raise InputError(f"test-time shifts must be an integer 1-{MAX_TEST_TIME_SHIFTS}, got {shifts!r}")
+        passes = task_info.test_time_passes if test_time_passes is None else test_time_passes
+        if not valid_passes(passes):
+            raise InputError(f"test-time passes must be an integer 1-{MAX_TEST_TIME_PASSES}, got {passes!r}")
         step = max(1, cfg.patch_size // 2)  # half a patch, in model-grid pixels
-        offsets = [(dy * step, dx * step) for dy, dx in SHIFT_OFFSETS[1:shifts]]
 
         def report(stage: str, done: int, total: int, eta: float | None = None) -> None:
             if progress is not None:
@@ -358,15 +393,13 @@ class Predictor:
                 logits = logits.float()
                 if recorder is not None:
                     recorder.add(start, layer_gates)
-                if offsets:
-                    mean = logits.softmax(dim=1)
-                    for dy, dx in offsets:
-                        moved, _ = network(shift_slices(x, dy, dx))
-                        mean += shift_slices(moved.float().softmax(dim=1), -dy, -dx)
-                    mean /= 1 + len(offsets)
+                if passes > 1:
+                    mean = averaged_probabilities(network, x, passes, step, first=logits)
                 if smoother is not None:  # slices come out once the Gaussian has all their neighbours
-                    write(*smoother.push(mean if offsets else logits.softmax(dim=1)), are_probabilities=True)
-                elif offsets:
+                    write(
+                        *smoother.push(mean if passes > 1 else logits.softmax(dim=1)), are_probabilities=True
+                    )
+                elif passes > 1:
                     write(start, mean, are_probabilities=True)
                 else:
                     write(start, logits, are_probabilities=False)
@@ -388,7 +421,7 @@ class Predictor:
             probabilities=from_axial_stack(probs, stack) if probs is not None else None,
             backend=backend,
             through_plane_sigma_mm=float(sigma_mm),
-            test_time_shifts=shifts,
+            test_time_passes=passes,
         )
         if recorder is not None:
             prediction.gate_map = gate_map_image(recorder.map, stack, grid)

@@ -16,7 +16,7 @@ from pathlib import Path
 import tomllib
 
 from m4oe.errors import InputError
-from m4oe.model_card import valid_shifts, valid_sigma_mm
+from m4oe.model_card import valid_passes, valid_sigma_mm
 
 STAGE_KINDS = ("mim", "experts", "joint", "context")
 TRAINABLE = ("all", "gates", "context")
@@ -109,7 +109,7 @@ class TrainConfig:
     output_dir: str = "runs/{name}"
     largest_component: tuple[str, ...] = ()
     through_plane_sigma_mm: float = 0.0
-    test_time_shifts: int = 1
+    test_time_passes: int = 1
     export_dtype: str = "float32"
     description: str = ""
     notes: str = ""
@@ -150,7 +150,7 @@ class TrainConfig:
             "ce_weight": self.ce_weight >= 0 and self.ce_weight + self.dice_weight > 0,
             "dice_weight": self.dice_weight >= 0,
             "through_plane_sigma_mm": valid_sigma_mm(self.through_plane_sigma_mm),
-            "test_time_shifts": valid_shifts(self.test_time_shifts),
+            "test_time_passes": valid_passes(self.test_time_passes),
         }
         for key, ok in checks.items():
             if not ok:

@@ -101,7 +101,7 @@ def build_card(
                 labels[name],
                 largest_component=clean,
                 through_plane_sigma_mm=cfg.through_plane_sigma_mm,
-                test_time_shifts=cfg.test_time_shifts,
+                test_time_passes=cfg.test_time_passes,
             )
         )
     return ModelCard(
