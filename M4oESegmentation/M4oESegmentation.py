@@ -125,7 +125,8 @@ class M4oESegmentationParameterNode:
 
     model: a model name (``m4oe models``) or a model card path; "" is the embedded default.
     task: the model's label set; "" is its first. forcedExpert: the expert that Compare uses.
-    datasetPath: the training dataset folder that Export writes to.
+    datasetPath: the training dataset folder that Export writes to. fastInference: one forward
+    pass per slice instead of the model card's test-time augmentation.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -133,6 +134,7 @@ class M4oESegmentationParameterNode:
     model: str = ""
     task: str = ""
     device: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"
+    fastInference: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
     replaceExisting: bool = False
     showGateOverlay: bool = False
@@ -427,6 +429,7 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 device=p.device,
                 forceExpert=forceExpert,
                 comparedWith=p.outputSegmentation if forceExpert else None,
+                testTimePasses=1 if p.fastInference else None,
                 replaceExisting=p.replaceExisting,
                 onProgress=self._onProgress,
                 onFinished=self._onFinished,
@@ -594,6 +597,7 @@ class M4oESegmentationLogic(ScriptedLoadableModuleLogic):
         forceExpert: str | None = None,
         comparedWith=None,
         replaceExisting: bool = False,
+        testTimePasses: int | None = None,
         onProgress=None,
         onFinished=None,
     ):
@@ -619,6 +623,7 @@ class M4oESegmentationLogic(ScriptedLoadableModuleLogic):
             force_expert=forceExpert,
             compared_with=comparedWith,
             replace_existing=replaceExisting,
+            test_time_passes=testTimePasses,
             on_progress=onProgress,
             on_finished=finished,
         )

@@ -51,7 +51,8 @@ class InferenceRequest:
     set (None: the model's first). ``device``: "auto", "cpu", "cuda", "cuda:N". ``gates_dir``: write
     the gate map, dominant-expert map and gate summary there. ``force_expert``: route every token
     to this expert (name or index). ``probabilities``: also write uint8 probabilities.
-    ``extra_args``: further command-line arguments, passed as they are.
+    ``test_time_passes``: forward passes averaged per slice, 1-5 (None: the model card's; 1 is the
+    fastest). ``extra_args``: further command-line arguments, passed as they are.
     """
 
     input_path: str | Path
@@ -63,11 +64,17 @@ class InferenceRequest:
     gates_dir: str | Path | None = None
     force_expert: str | int | None = None
     probabilities: bool = False
+    test_time_passes: int | None = None
     extra_args: Sequence[str] = ()
 
     def __post_init__(self):
         if self.modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+        passes = self.test_time_passes
+        if passes is not None and (
+            isinstance(passes, bool) or not isinstance(passes, int) or not 1 <= passes <= 5
+        ):
+            raise ValueError(f"test_time_passes must be an integer 1-5 or None, got {passes!r}")
         if isinstance(self.extra_args, str):
             raise ValueError(
                 f"extra_args must be a sequence of arguments, got the string {self.extra_args!r}"
@@ -93,6 +100,8 @@ def build_command(request: InferenceRequest, python_executable: str | Path) -> l
         command += ["--force-expert", str(request.force_expert)]
     if request.probabilities:
         command.append("--probabilities")
+    if request.test_time_passes is not None:
+        command += ["--tta", str(request.test_time_passes)]
     command += [str(arg) for arg in request.extra_args]
     return command
 

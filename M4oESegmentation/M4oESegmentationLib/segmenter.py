@@ -137,6 +137,7 @@ class Segmenter:
         force_expert: str | None = None,
         compared_with=None,
         replace_existing: bool = False,
+        test_time_passes: int | None = None,
         extra_args: tuple[str, ...] = (),
         on_progress: Callable[[dict], None] | None = None,
         on_finished: Callable[[SegmentationResult | None, str | None], None] | None = None,
@@ -157,6 +158,8 @@ class Segmenter:
             compared_with: for a forced-expert run, the result it is compared with: the comparison
                 is kept in that segmentation's ``M4oEComparison.{expert}`` reference and replaced
                 when the same expert is compared again.
+            test_time_passes: forward passes averaged per slice (test-time augmentation), 1-5;
+                None is the model card's, 1 the fastest.
             extra_args: further ``m4oe segment`` arguments (e.g. ``("--batch-size", "2")``).
             on_progress(record): each progress record of the engine (see :mod:`.process`).
             on_finished(result, error): once, from :meth:`poll`, with a :class:`SegmentationResult`
@@ -206,6 +209,7 @@ class Segmenter:
                 device=device,
                 gates_dir=None if force_expert else workspace.gates_dir,
                 force_expert=force_expert or None,
+                test_time_passes=test_time_passes,
                 extra_args=extra_args,
             )
             inference = process.InferenceProcess()
@@ -331,6 +335,7 @@ class Segmenter:
             "Model": job.model,
             "Task": job.task,
             "ForcedExpert": job.force_expert or "",
+            "TestTimePasses": str(done.get("test_time_passes", "")),
         }
         for key, value in attributes.items():
             segmentation.SetAttribute(ATTRIBUTE + key, value)

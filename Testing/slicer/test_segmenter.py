@@ -125,6 +125,7 @@ def test_run_loads_the_result_into_the_input_study(scene, study_volume, tiny_mod
     # What produced it travels with it.
     assert node.GetAttribute("M4oESegmentation.Modality") == "ct"
     assert node.GetAttribute("M4oESegmentation.Task") == "abdomen"
+    assert node.GetAttribute("M4oESegmentation.TestTimePasses") == "1"  # the tiny card's default
     assert status.detected_modality_text(node).startswith("CT (")
 
     # Gate views, found again from the node alone (as after saving and reloading the scene).
@@ -185,6 +186,23 @@ def test_forced_expert_comparison_goes_into_a_second_segmentation(
     with pytest.raises(ValueError, match="no expert 'nobody'"):
         runner.start(volume, force_expert="nobody", compared_with=result, **options)
     assert not runner.running
+    assert list(temp_root.iterdir()) == []
+
+
+def test_test_time_passes_reach_the_engine_and_are_recorded(scene, study_volume, tiny_model_dir, temp_root):
+    volume, _ = study_volume
+    runner = new_segmenter()
+    maps = {}
+    for passes in (1, 5):
+        result = runner.run(
+            volume, modality="ct", model=str(tiny_model_dir), device="cpu", test_time_passes=passes
+        )
+        assert result.segmentation.GetAttribute("M4oESegmentation.TestTimePasses") == str(passes)
+        labels = [Label.from_dict(label) for label in card_task(tiny_model_dir)["labels"]]
+        maps[passes] = sitk.GetArrayFromImage(
+            volumes.segmentation_to_labelmap(result.segmentation, volume, labels)
+        )
+    assert not np.array_equal(maps[1], maps[5])  # the engine averaged other passes
     assert list(temp_root.iterdir()) == []
 
 

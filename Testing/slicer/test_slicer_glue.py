@@ -464,6 +464,14 @@ def test_build_command_and_parse_line():
     ]  # fmt: skip
     with pytest.raises(ValueError, match="modality"):
         process.InferenceRequest("a", "b", modality="CT")
+    fast = process.InferenceRequest(
+        "in.nrrd", "out.nrrd", test_time_passes=1, extra_args=("--batch-size", "2")
+    )
+    assert process.build_command(fast, "py")[-4:] == ["--tta", "1", "--batch-size", "2"]
+    assert "--tta" not in process.build_command(process.InferenceRequest("a", "b"), "py")
+    for bad in (0, 6, True, "3", 2.0):
+        with pytest.raises(ValueError, match="test_time_passes must be an integer 1-5"):
+            process.InferenceRequest("a", "b", test_time_passes=bad)
     assert process.parse_line('{"stage": "inference", "fraction": 0.5}\n')["fraction"] == 0.5
     assert process.parse_line("plain text\n") == {"stage": "log", "message": "plain text"}
     assert process.parse_line("[1, 2]") == {"stage": "log", "message": "[1, 2]"}
