@@ -5,8 +5,8 @@ routed mostly to its own expert). For each modality (CT, MR T1, MR T2) it genera
 phantoms with generator seeds ``--seed``, ``--seed`` + 1, ... (cases no training run has seen: the
 training sets use the data-set seeds 1 and 2, whose per-case seeds are derived, see
 ``m4oe.phantom.case_seed``), segments each with the model as a user would (card defaults:
-test-time shifts, through-plane smoothing, largest-component clean-up, unless ``--shifts`` sets
-the passes; PyTorch on the CPU, float32) and scores the
+test-time augmentation passes, through-plane smoothing, largest-component clean-up; ``--tta``
+overrides the passes; PyTorch on the CPU, float32) and scores the
 label map against the phantom's truth with ``m4oe.evaluate`` (Dice on the phantom's voxel grid).
 
 Reported per modality: Dice per organ (mean over cases), the mean over organs and its range over
@@ -14,7 +14,7 @@ cases, the mean per contrast state (CT phase, MR blood signal; number of cases i
 the mean gate weight of each expert over all tokens of all cases.
 
 Run: ``PYTHONPATH=M4oESegmentation python benchmarks/phantom_accuracy.py [--model M] [--cases 6]
-[--seed 20261201] [--max-size 128] [--threads 2] [--shifts N] [--json out.json]``.
+[--seed 20261201] [--max-size 128] [--threads 2] [--tta N] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ TARGET_DICE = 0.90
 
 
 def measure(
-    model: str | None, cases: int, seed: int, max_size: int, threads: int, shifts: int | None = None
+    model: str | None, cases: int, seed: int, max_size: int, threads: int, tta: int | None = None
 ) -> dict:
     """Score ``model`` (None: the embedded one) on ``cases`` fresh phantoms per sequence.
 
-    ``shifts``: test-time passes per slice (None: the model card's).
+    ``tta``: test-time augmentation passes per slice (None: the model card's).
 
     Returns a JSON-ready dict: per sequence ``organs`` (name -> mean Dice), ``mean_dice``,
     ``case_mean_dice`` (per case), ``case_contrast`` (per case: CT phase or MR blood signal),
@@ -53,14 +53,14 @@ def measure(
     predictor = Predictor.from_pretrained(model, device="cpu", threads=threads, backend="torch")
     names = {value: name for name, value in PHANTOM_LABELS.items()}
     result = {"model": predictor.card.name, "cases": cases, "seeds": [seed, seed + cases - 1]}
-    result["test_time_passes"] = shifts if shifts is not None else predictor.card.task(None).test_time_passes
+    result["test_time_passes"] = tta if tta is not None else predictor.card.task(None).test_time_passes
     for sequence, expert in SEQUENCES.items():
         dice: dict[str, list[float]] = {name: [] for name in PHANTOM_LABELS}
         case_means, weights, contrasts = [], [], []
         for k in range(cases):
             contrasts.append(case_contrast(sequence, seed + k))
             image, truth = generate_case(sequence, seed + k, max_size=max_size)
-            prediction = predictor.predict(image, gates=True, test_time_passes=shifts)
+            prediction = predictor.predict(image, gates=True, test_time_passes=tta)
             scores = evaluate(prediction.labelmap, truth, labels=list(PHANTOM_LABELS.values()))
             for row in scores["labels"]:
                 dice[names[row["label"]]].append(row["dice"])
