@@ -300,6 +300,38 @@ def test_case_contrast_is_the_contrast_the_case_is_rendered_with(tmp_path):
         phantom.case_contrast("pet", 1)
 
 
+def test_write_dataset_of_one_contrast_keeps_the_seed_order_and_skips_the_rest(tmp_path):
+    # Native-phase CT only: the cases are those of the plain data set of the same seed that draw
+    # the native phase, in the same order, each under its index there.
+    out = write_dataset(tmp_path / "native", "ct", 4, 3, max_size=24, contrast="native")
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert dataset["contrast"] == "native" and dataset["numTraining"] == 4
+    records = dataset["phantom_cases"]
+    assert [r["contrast"] for r in records] == ["native"] * 4
+    drawn = [phantom.case_contrast("ct", case_seed(3, "ct", j)) for j in range(40)]
+    expected = [j for j, state in enumerate(drawn) if state == "native"][:4]
+    assert [r["index"] for r in records] == expected
+    assert expected != list(range(4))  # some cases of the seed were skipped
+    assert [r["seed"] for r in records] == [case_seed(3, "ct", j) for j in expected]
+    plain = write_dataset(tmp_path / "plain", "ct", expected[-1] + 1, 3, max_size=24)
+    for i, j in enumerate(expected):
+        np.testing.assert_array_equal(
+            sitk.GetArrayFromImage(sitk.ReadImage(str(out / records[i]["image"]))),
+            sitk.GetArrayFromImage(sitk.ReadImage(str(plain / f"imagesTr/phantomct_{j:03d}_0000.nii.gz"))),
+        )
+    # Without contrast nothing records one.
+    assert "contrast" not in json.loads((plain / "dataset.json").read_text())
+    assert "index" not in json.loads((plain / "dataset.json").read_text())["phantom_cases"][0]
+
+
+def test_write_dataset_refuses_a_contrast_the_sequence_lacks(tmp_path):
+    with pytest.raises(InputError, match="'bright_blood' is not one of t2's: flow_void"):
+        write_dataset(tmp_path / "x", "t2", 1, 0, max_size=24, contrast="bright_blood")
+    with pytest.raises(InputError, match="'venous'"):
+        write_dataset(tmp_path / "x", "ct", 1, 0, max_size=24, contrast="venous")
+    assert not (tmp_path / "x").exists()
+
+
 def test_datasets_of_one_seed_differ_between_modalities():
     seeds = {m: [case_seed(0, m, i) for i in range(3)] for m in ("ct", "t1", "t2")}
     assert len({s for values in seeds.values() for s in values}) == 9
@@ -352,6 +384,16 @@ def test_cli_glue(tmp_path, capsys):
     assert phantom.run_phantom(args) == 0
     assert "wrote 1 t1 phantom cases" in capsys.readouterr().out
     assert json.loads((tmp_path / "t1" / "dataset.json").read_text())["channel_names"] == {"0": "T1"}
+    args = parser.parse_args(
+        [
+            *("phantom", str(tmp_path / "bb"), "--modality", "t1", "--cases", "2", "--max-size", "24"),
+            *("--contrast", "bright_blood"),
+        ]
+    )
+    assert phantom.run_phantom(args) == 0
+    assert "wrote 2 t1 bright_blood phantom cases" in capsys.readouterr().out
+    records = json.loads((tmp_path / "bb" / "dataset.json").read_text())["phantom_cases"]
+    assert [r["contrast"] for r in records] == ["bright_blood"] * 2
     args = parser.parse_args(["phantom", str(tmp_path / "x"), "--modality", "mr"])
     with pytest.raises(InputError, match="'mr'"):
         phantom.run_phantom(args)

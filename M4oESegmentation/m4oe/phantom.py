@@ -788,6 +788,7 @@ def write_dataset(
     *,
     dataset_name: str | None = None,
     max_size: int | None = None,
+    contrast: str | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
@@ -800,14 +801,17 @@ def write_dataset(
     ``numTraining`` and ``file_ending``, plus ``modality`` (ct/mr), ``sequence``, ``generator``,
     ``seed`` and ``phantom_cases`` (per case: files, seed for :func:`generate_case`, contrast,
     orientation, size, spacing). ``name`` defaults to ``phantom{sequence}``. Case ``i`` uses
-    :func:`case_seed` ``(seed, modality, i)``. ``dataset.json`` is written last, so a folder
-    holding one holds a complete data set.
+    :func:`case_seed` ``(seed, modality, i)``. With ``contrast`` (a CT phase or MR blood signal
+    of :data:`CONTRASTS`, e.g. ``"native"``), only cases drawing that contrast are kept: case ``i``
+    is then the ``i``-th index ``j`` whose :func:`case_seed` ``(seed, modality, j)`` draws it (its
+    ``index`` is recorded), so a data set of hard cases can be written. ``dataset.json`` is
+    written last, so a folder holding one holds a complete data set.
 
     ``progress(done, total)`` is called after each case; ``cancel()`` returning True stops
     before the next case with :class:`CancelledError`.
 
     Raises:
-        InputError: a bad modality, count, seed, size or name.
+        InputError: a bad modality, count, seed, size, contrast or name.
         OutputError: ``out_dir`` already holds a ``dataset.json`` or any of the case files and
             ``overwrite`` is False; it holds image files of another data set; or it cannot be written.
     """
@@ -816,6 +820,10 @@ def write_dataset(
     seed = _check_int(seed, "phantom seed", 0)
     if max_size is not None:
         _check_int(max_size, "phantom max_size", MIN_SIZE)
+    if contrast is not None and contrast not in CONTRASTS[sequence]:
+        raise InputError(
+            f"phantom contrast {contrast!r} is not one of {sequence}'s: {', '.join(CONTRASTS[sequence])}"
+        )
     name = f"phantom{sequence}" if dataset_name is None else dataset_name
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
         raise InputError(f"dataset name {name!r} must be letters, digits, '_' or '-'")
@@ -851,10 +859,16 @@ def write_dataset(
         raise OutputError(f"cannot be written ({error.strerror or error})", out) from None
 
     records = []
+    index = -1
     for i in range(cases):
         if cancel is not None and cancel():
             raise CancelledError(f"cancelled after {i} of {cases} phantom cases", out)
-        image, label_map, info = _make_case(sequence, case_seed(seed, sequence, i), max_size)
+        index += 1
+        while contrast is not None and case_contrast(sequence, case_seed(seed, sequence, index)) != contrast:
+            index += 1
+        image, label_map, info = _make_case(sequence, case_seed(seed, sequence, index), max_size)
+        if contrast is not None:
+            info = {"index": index, **info}
         stored = sitk.Cast(sitk.Round(image), sitk.sitkInt16 if sequence == "ct" else sitk.sitkUInt16)
         write_image(stored, image_paths[i], overwrite=overwrite)
         write_image(label_map, label_paths[i], overwrite=overwrite)
@@ -876,6 +890,7 @@ def write_dataset(
         "sequence": sequence,
         "generator": f"m4oe phantom {GENERATOR_VERSION} (m4oe {__version__})",
         "seed": seed,
+        **({"contrast": contrast} if contrast is not None else {}),
         "phantom_cases": records,
     }
     write_atomic(manifest, lambda tmp: tmp.write_text(json.dumps(dataset, indent=1) + "\n"), overwrite=True)
@@ -887,7 +902,10 @@ def write_dataset(
 
 
 def add_phantom_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``m4oe phantom OUT_DIR --modality ct|t1|t2 --cases N --seed S [--max-size N] [--overwrite]``."""
+    """Add ``m4oe phantom OUT_DIR --modality ct|t1|t2 --cases N --seed S [--contrast C] [--max-size N]``.
+
+    Also ``--name`` and ``--overwrite``.
+    """
     parser = subparsers.add_parser(
         "phantom", help="write synthetic abdominal CT/T1/T2 cases as an nnU-Net v2 raw data set"
     )
@@ -897,6 +915,12 @@ def add_phantom_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="data set seed (default: 0)")
     parser.add_argument(
         "--max-size", type=int, default=None, help="at most this many voxels along any axis (default: 256/64)"
+    )
+    parser.add_argument(
+        "--contrast",
+        default=None,
+        help="only cases of this contrast: CT native, arterial or portal_venous; T1 flow_void or "
+        "bright_blood; T2 flow_void (default: drawn per case)",
     )
     parser.add_argument("--name", default=None, help="case name prefix (default: phantom<modality>)")
     parser.add_argument("--overwrite", action="store_true", help="replace a data set already there")
@@ -920,8 +944,10 @@ def run_phantom(args) -> int:
         args.seed,
         dataset_name=args.name,
         max_size=args.max_size,
+        contrast=args.contrast,
         overwrite=args.overwrite,
         progress=progress,
     )
-    print(f"wrote {args.cases} {args.modality} phantom cases to {out} (dataset.json, imagesTr, labelsTr)")
+    kind = f"{args.modality} {args.contrast}" if args.contrast else args.modality
+    print(f"wrote {args.cases} {kind} phantom cases to {out} (dataset.json, imagesTr, labelsTr)")
     return 0
