@@ -69,3 +69,11 @@ def save_tiny_model(folder: Path, seed: int = 0, name: str = "m4oe-tiny") -> Pat
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny M4oE model folder shared by the tests of one session (read-only by convention)."""
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    """``(model, card)`` of the tiny model, loaded once per test module."""
+    from m4oe.checkpoint import load_checkpoint
+
+    return load_checkpoint(tiny_model_dir)

@@ -356,28 +356,25 @@ def test_progress_json_lines(tiny_model_dir, volumes, tmp_path, capsys):
     assert done["test_time_passes"] == 1  # nor for test-time augmentation
 
 
-def test_through_plane_sigma_option_smooths_and_is_reported(tiny_model_dir, volumes, tmp_path, capsys):
-    outputs = {}
-    for sigma in ("0", "12"):
-        out = tmp_path / f"sigma{sigma}.nii.gz"
+@pytest.mark.parametrize(
+    ("option", "values", "key", "kind"),
+    [
+        ("--through-plane-sigma", ("0", "12"), "through_plane_sigma_mm", float),
+        ("--tta", ("1", "5"), "test_time_passes", int),
+    ],
+)
+def test_inference_option_changes_the_output_and_is_reported(
+    tiny_model_dir, volumes, tmp_path, capsys, option, values, key, kind
+):
+    outputs = []
+    for value in values:
+        out = tmp_path / f"{key}{value}.nii.gz"
         argv = segment_args(volumes["flipped"], out, tiny_model_dir, "--progress", "json")
-        code, stdout, err = run_cli([*argv, "--through-plane-sigma", sigma], capsys)
+        code, stdout, err = run_cli([*argv, option, value], capsys)
         assert code == 0, err
-        assert json.loads(stdout.splitlines()[-1])["through_plane_sigma_mm"] == float(sigma)
-        outputs[sigma] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
-    assert not np.array_equal(outputs["0"], outputs["12"])
-
-
-def test_tta_option_averages_passes_and_is_reported(tiny_model_dir, volumes, tmp_path, capsys):
-    outputs = {}
-    for passes in ("1", "5"):
-        out = tmp_path / f"tta{passes}.nii.gz"
-        argv = segment_args(volumes["flipped"], out, tiny_model_dir, "--progress", "json")
-        code, stdout, err = run_cli([*argv, "--tta", passes], capsys)
-        assert code == 0, err
-        assert json.loads(stdout.splitlines()[-1])["test_time_passes"] == int(passes)
-        outputs[passes] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
-    assert not np.array_equal(outputs["1"], outputs["5"])
+        assert json.loads(stdout.splitlines()[-1])[key] == kind(value)
+        outputs.append(sitk.GetArrayFromImage(sitk.ReadImage(str(out))))
+    assert not np.array_equal(*outputs)
 
 
 def test_progress_json_error_line_matches_the_exit_code(tiny_model_dir, tmp_path, capsys):

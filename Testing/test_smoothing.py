@@ -15,7 +15,6 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from m4oe.checkpoint import load_checkpoint
 from m4oe.demo import synthetic_ct
 from m4oe.errors import InputError
 from m4oe.model_card import TaskInfo
@@ -77,11 +76,6 @@ def test_streaming_filter_refuses_bad_use():
     smoother.push(torch.zeros(2, 1))
     with pytest.raises(ValueError, match="more than the 3 slices"):
         smoother.push(torch.zeros(2, 1))
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    return load_checkpoint(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -17,18 +17,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from m4oe.checkpoint import load_checkpoint
 from m4oe.demo import synthetic_ct
 from m4oe.errors import InputError
 from m4oe.predictor import TEST_TIME_PASSES, Predictor, averaged_probabilities, shift_slices, zoom_slices
 
 SHAPE_ZYX = (7, 64, 64)  # the tiny model's 64-pixel input
 SPACING_XYZ = (5.0, 5.0, 4.0)
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    return load_checkpoint(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
