@@ -32,7 +32,7 @@ from m4oe.phantom import PHANTOM_LABELS, write_dataset
 from m4oe.terminology import standard_label
 from m4oe_training.config import ConfigError, DatasetConfig, StageConfig, TrainConfig, load_config
 from m4oe_training.state import load_state, save_state
-from m4oe_training.train import StageLoss, run
+from m4oe_training.train import StageLoss, portable_config, portable_path, run
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES_3 = [
@@ -352,6 +352,27 @@ def test_state_of_another_version_is_refused(tmp_path):
 
 
 @pytest.mark.slow
+def test_card_paths_are_relative_to_the_working_directory_when_under_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "ct").mkdir(parents=True)
+    assert portable_path(tmp_path / "data" / "ct") == "data/ct"
+    assert portable_path(str(tmp_path / "runs" / ".." / "data")) == "data"
+    elsewhere = tmp_path.parent / "other" / "ct"
+    assert portable_path(elsewhere) == str(elsewhere)
+    config = {
+        "datasets": [{"path": str(tmp_path / "data" / "ct"), "expert": "ct"}, {"path": str(elsewhere)}],
+        "init": str(tmp_path / "runs" / "a" / "model"),
+        "seed": 3,
+    }
+    portable = portable_config(config)
+    assert portable == {
+        "datasets": [{"path": "data/ct", "expert": "ct"}, {"path": str(elsewhere)}],
+        "init": "runs/a/model",
+        "seed": 3,
+    }
+    assert config["datasets"][0]["path"] == str(tmp_path / "data" / "ct")  # the input is left alone
+
+
 def test_end_to_end_run_exports_a_model_the_engine_uses(phantoms, tmp_path):
     """``m4oe train`` through all three stages, then ``m4oe segment`` with the exported model."""
     path = write_config(
@@ -402,6 +423,8 @@ def test_end_to_end_run_exports_a_model_the_engine_uses(phantoms, tmp_path):
     assert [s["kind"] for s in provenance["config"]["stages"]] == ["mim", "experts", "joint"]
     assert provenance["world_size"] == 1
     assert provenance["data"]["ct"]["train_cases"] == ["phantomct_000", "phantomct_001"]
+    # The data lie outside the working directory (tmp_path): their paths stay absolute.
+    assert provenance["data"]["ct"]["path"] == str(phantoms["ct"].resolve())
     assert card.preprocessing.intensity["ct"] != card.preprocessing.intensity["mr"]
     validation = card.metrics["validation"]
     assert set(validation) == {"0:ct", "1:t1"}

@@ -233,6 +233,30 @@ def validate(model: SwinUNet, card, cfg: TrainConfig, infos: list[DatasetInfo], 
     return results
 
 
+def portable_path(path: str | Path, base: Path | None = None) -> str:
+    """``path`` relative to ``base`` (default: the working directory) when it lies under it, else as given.
+
+    The card's provenance records data and init paths this way, so that with its ``command`` (also
+    relative to the working directory) it reads the same on any machine and does not carry the
+    trainer's home folder.
+    """
+    base = Path.cwd() if base is None else base
+    try:
+        return Path(path).resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def portable_config(config: dict) -> dict:
+    """``TrainConfig.to_dict()`` with dataset, ``init`` and ``imagenet`` paths made :func:`portable_path`."""
+    config = dict(config)
+    config["datasets"] = [dict(d, path=portable_path(d["path"])) for d in config.get("datasets", [])]
+    for key in ("init", "imagenet"):
+        if isinstance(config.get(key), str):
+            config[key] = portable_path(config[key])
+    return config
+
+
 def data_keys(infos: list[DatasetInfo]) -> list[str]:
     """Names for the datasets in the card's provenance: folder names, made unique by position when two
     folders share a name (``0:ct``, ``1:ct``)."""
@@ -437,11 +461,11 @@ def run(
     log_path = out / "train_log.csv"
     provenance = {
         "command": " ".join(command or sys.argv),
-        "config": cfg.to_dict(),
+        "config": portable_config(cfg.to_dict()),
         "seed": cfg.seed,
         "world_size": world,
         "data": {
-            key: {"path": str(info.root), "modality": info.modality, "train_cases": cases}
+            key: {"path": portable_path(info.root), "modality": info.modality, "train_cases": cases}
             for key, info, cases in zip(data_keys(infos), infos, train_cases, strict=True)
         },
         "init_weights_sha256": init_sha256,
