@@ -351,7 +351,6 @@ def test_state_of_another_version_is_refused(tmp_path):
 # Whole runs on phantoms
 
 
-@pytest.mark.slow
 def test_card_paths_are_relative_to_the_working_directory_when_under_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data" / "ct").mkdir(parents=True)
@@ -373,6 +372,7 @@ def test_card_paths_are_relative_to_the_working_directory_when_under_it(tmp_path
     assert config["datasets"][0]["path"] == str(tmp_path / "data" / "ct")  # the input is left alone
 
 
+@pytest.mark.slow
 def test_end_to_end_run_exports_a_model_the_engine_uses(phantoms, tmp_path):
     """``m4oe train`` through all three stages, then ``m4oe segment`` with the exported model."""
     path = write_config(

@@ -30,6 +30,7 @@ anatomies (better for training a mixture of experts that must not pair cases acr
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import sys
@@ -859,14 +860,15 @@ def write_dataset(
         raise OutputError(f"cannot be written ({error.strerror or error})", out) from None
 
     records = []
-    index = -1
+    # (index in the seed's case order, generator seed) of the cases to write
+    chosen = ((j, case_seed(seed, sequence, j)) for j in itertools.count())
+    if contrast is not None:
+        chosen = ((j, c) for j, c in chosen if case_contrast(sequence, c) == contrast)
     for i in range(cases):
         if cancel is not None and cancel():
             raise CancelledError(f"cancelled after {i} of {cases} phantom cases", out)
-        index += 1
-        while contrast is not None and case_contrast(sequence, case_seed(seed, sequence, index)) != contrast:
-            index += 1
-        image, label_map, info = _make_case(sequence, case_seed(seed, sequence, index), max_size)
+        index, case = next(chosen)
+        image, label_map, info = _make_case(sequence, case, max_size)
         if contrast is not None:
             info = {"index": index, **info}
         stored = sitk.Cast(sitk.Round(image), sitk.sitkInt16 if sequence == "ct" else sitk.sitkUInt16)
