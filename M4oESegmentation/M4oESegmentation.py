@@ -25,7 +25,7 @@ import vtk
 from M4oESegmentationLib import dependencies, models, sample_data, status, views
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -37,6 +37,9 @@ from slicer.util import VTKObservationMixin
 MODULE_DIR = pathlib.Path(__file__).resolve().parent
 MODALITY_CHOICES = ("Auto", "CT", "MR")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+BACKEND_CHOICES = ("torch", "onnx", "auto")
+MODEL_SMOOTHING = -1.0
+"""``smoothingMm`` value (the spin box's minimum, shown as its special text) for the model card's."""
 POLL_INTERVAL_MS = 200
 SAMPLE_CATEGORY = "M4oE Segmentation"
 LIBRARY_MODULES = (
@@ -126,7 +129,10 @@ class M4oESegmentationParameterNode:
     model: a model name (``m4oe models``) or a model card path; "" is the embedded default.
     task: the model's label set; "" is its first. forcedExpert: the expert that Compare uses.
     datasetPath: the training dataset folder that Export writes to. fastInference: one forward
-    pass per slice instead of the model card's test-time augmentation.
+    pass per slice instead of the model card's test-time augmentation. smoothingMm: sigma in mm of
+    the Gaussian that averages class probabilities over neighbouring slices (0: off;
+    MODEL_SMOOTHING: the model card's). keepAllPieces: keep every connected component of each
+    segment instead of the card's clean-up. backend: the engine's network runtime.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -135,6 +141,9 @@ class M4oESegmentationParameterNode:
     task: str = ""
     device: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"
     fastInference: bool = False
+    smoothingMm: Annotated[float, WithinRange(MODEL_SMOOTHING, 20.0)] = MODEL_SMOOTHING
+    keepAllPieces: bool = False
+    backend: Annotated[str, Choice(list(BACKEND_CHOICES))] = "torch"
     outputSegmentation: vtkMRMLSegmentationNode
     replaceExisting: bool = False
     showGateOverlay: bool = False
@@ -430,6 +439,9 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 forceExpert=forceExpert,
                 comparedWith=p.outputSegmentation if forceExpert else None,
                 testTimePasses=1 if p.fastInference else None,
+                throughPlaneSigmaMm=None if p.smoothingMm < 0 else p.smoothingMm,
+                keepAllComponents=p.keepAllPieces,
+                backend=p.backend,
                 replaceExisting=p.replaceExisting,
                 onProgress=self._onProgress,
                 onFinished=self._onFinished,
@@ -598,6 +610,9 @@ class M4oESegmentationLogic(ScriptedLoadableModuleLogic):
         comparedWith=None,
         replaceExisting: bool = False,
         testTimePasses: int | None = None,
+        throughPlaneSigmaMm: float | None = None,
+        keepAllComponents: bool = False,
+        backend: str = "torch",
         onProgress=None,
         onFinished=None,
     ):
@@ -624,6 +639,9 @@ class M4oESegmentationLogic(ScriptedLoadableModuleLogic):
             compared_with=comparedWith,
             replace_existing=replaceExisting,
             test_time_passes=testTimePasses,
+            through_plane_sigma_mm=throughPlaneSigmaMm,
+            keep_all_components=keepAllComponents,
+            backend=backend,
             on_progress=onProgress,
             on_finished=finished,
         )

@@ -363,6 +363,10 @@ def test_ui_parameter_bindings_are_parameters_the_wrapper_can_drive(ui):
             )
         elif cls == "QCheckBox":
             assert annotation == "bool", f"{where}; expected bool"
+        elif cls == "QDoubleSpinBox":  # bounded, or the wrapper would open the range to +-inf
+            assert re.match(r"Annotated\[float, WithinRange\(", annotation), (
+                f"{where}; expected Annotated[float, WithinRange]"
+            )
         elif cls == "qMRMLNodeComboBox":
             assert annotation.startswith("vtkMRML"), f"{where}; expected a MRML node class"
         else:

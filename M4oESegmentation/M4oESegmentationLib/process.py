@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import shutil
@@ -37,6 +38,7 @@ except ImportError:  # pragma: no cover - psutil is a pinned dependency of the p
 logger = logging.getLogger(__name__)
 
 MODALITIES = ("auto", "ct", "mr")
+BACKENDS = ("torch", "onnx", "auto")
 STDERR_LINES_KEPT = 500
 KILL_WAIT_S = 10.0
 
@@ -52,7 +54,11 @@ class InferenceRequest:
     the gate map, dominant-expert map and gate summary there. ``force_expert``: route every token
     to this expert (name or index). ``probabilities``: also write uint8 probabilities.
     ``test_time_passes``: forward passes averaged per slice, 1-5 (None: the model card's; 1 is the
-    fastest). ``extra_args``: further command-line arguments, passed as they are.
+    fastest). ``through_plane_sigma_mm``: sigma in mm of the Gaussian that averages class
+    probabilities over neighbouring slices (0: off; None: the model card's). ``keep_all_components``:
+    keep every connected component of each organ instead of the model card's clean-up. ``backend``:
+    "torch", "onnx" or "auto" (see ``m4oe segment --backend``). ``extra_args``: further command-line
+    arguments, passed as they are.
     """
 
     input_path: str | Path
@@ -65,6 +71,9 @@ class InferenceRequest:
     force_expert: str | int | None = None
     probabilities: bool = False
     test_time_passes: int | None = None
+    through_plane_sigma_mm: float | None = None
+    keep_all_components: bool = False
+    backend: str = "torch"
     extra_args: Sequence[str] = ()
 
     def __post_init__(self):
@@ -75,6 +84,16 @@ class InferenceRequest:
             isinstance(passes, bool) or not isinstance(passes, int) or not 1 <= passes <= 5
         ):
             raise ValueError(f"test_time_passes must be an integer 1-5 or None, got {passes!r}")
+        sigma = self.through_plane_sigma_mm
+        if sigma is not None and (
+            isinstance(sigma, bool)
+            or not isinstance(sigma, (int, float))
+            or not math.isfinite(sigma)
+            or sigma < 0
+        ):
+            raise ValueError(f"through_plane_sigma_mm must be a number >= 0 or None, got {sigma!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if isinstance(self.extra_args, str):
             raise ValueError(
                 f"extra_args must be a sequence of arguments, got the string {self.extra_args!r}"
@@ -102,6 +121,12 @@ def build_command(request: InferenceRequest, python_executable: str | Path) -> l
         command.append("--probabilities")
     if request.test_time_passes is not None:
         command += ["--tta", str(request.test_time_passes)]
+    if request.through_plane_sigma_mm is not None:
+        command += ["--through-plane-sigma", repr(float(request.through_plane_sigma_mm))]
+    if request.keep_all_components:
+        command.append("--no-cleanup")
+    if request.backend != "torch":
+        command += ["--backend", request.backend]
     command += [str(arg) for arg in request.extra_args]
     return command
 

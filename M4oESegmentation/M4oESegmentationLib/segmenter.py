@@ -91,6 +91,7 @@ class _Job:
     modality_source: str | None  # overrides the engine's when this module chose the modality
     force_expert: str | None
     compared_with: object
+    keep_all_components: bool
     on_progress: Callable[[dict], None] | None
     on_finished: Callable[[SegmentationResult | None, str | None], None] | None
     cancel_requested: bool = field(default=False)
@@ -138,6 +139,9 @@ class Segmenter:
         compared_with=None,
         replace_existing: bool = False,
         test_time_passes: int | None = None,
+        through_plane_sigma_mm: float | None = None,
+        keep_all_components: bool = False,
+        backend: str = "torch",
         extra_args: tuple[str, ...] = (),
         on_progress: Callable[[dict], None] | None = None,
         on_finished: Callable[[SegmentationResult | None, str | None], None] | None = None,
@@ -160,6 +164,11 @@ class Segmenter:
                 when the same expert is compared again.
             test_time_passes: forward passes averaged per slice (test-time augmentation), 1-5;
                 None is the model card's, 1 the fastest.
+            through_plane_sigma_mm: sigma in mm of the Gaussian that averages class probabilities
+                over neighbouring slices before the argmax; 0 is off, None the model card's.
+            keep_all_components: keep every connected component of each segment instead of the
+                model card's clean-up (which keeps the largest one of single organs).
+            backend: network runtime, "torch", "onnx" (ONNX Runtime on the CPU) or "auto".
             extra_args: further ``m4oe segment`` arguments (e.g. ``("--batch-size", "2")``).
             on_progress(record): each progress record of the engine (see :mod:`.process`).
             on_finished(result, error): once, from :meth:`poll`, with a :class:`SegmentationResult`
@@ -210,6 +219,9 @@ class Segmenter:
                 gates_dir=None if force_expert else workspace.gates_dir,
                 force_expert=force_expert or None,
                 test_time_passes=test_time_passes,
+                through_plane_sigma_mm=through_plane_sigma_mm,
+                keep_all_components=keep_all_components,
+                backend=backend,
                 extra_args=extra_args,
             )
             inference = process.InferenceProcess()
@@ -232,6 +244,7 @@ class Segmenter:
             modality_source=modality_source,
             force_expert=force_expert or None,
             compared_with=compared_with,
+            keep_all_components=bool(keep_all_components),
             on_progress=on_progress,
             on_finished=on_finished,
         )
@@ -336,6 +349,9 @@ class Segmenter:
             "Task": job.task,
             "ForcedExpert": job.force_expert or "",
             "TestTimePasses": str(done.get("test_time_passes", "")),
+            "ThroughPlaneSigmaMm": str(done.get("through_plane_sigma_mm", "")),
+            "KeepAllComponents": str(job.keep_all_components).lower(),
+            "Backend": str(done.get("backend", "")),
         }
         for key, value in attributes.items():
             segmentation.SetAttribute(ATTRIBUTE + key, value)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 try:
     import slicer
@@ -203,6 +204,41 @@ def test_test_time_passes_reach_the_engine_and_are_recorded(scene, study_volume,
             volumes.segmentation_to_labelmap(result.segmentation, volume, labels)
         )
     assert not np.array_equal(maps[1], maps[5])  # the engine averaged other passes
+    assert list(temp_root.iterdir()) == []
+
+
+def test_smoothing_clean_up_and_backend_reach_the_engine_and_are_recorded(
+    scene, study_volume, tiny_model_dir, temp_root
+):
+    volume, _ = study_volume
+    runner = new_segmenter()
+    labels = [Label.from_dict(label) for label in card_task(tiny_model_dir)["labels"]]
+    options = dict(modality="ct", model=str(tiny_model_dir), device="cpu", test_time_passes=1)
+
+    def segment(**chosen):
+        result = runner.run(volume, **options, **chosen)
+        array = sitk.GetArrayFromImage(volumes.segmentation_to_labelmap(result.segmentation, volume, labels))
+        return result.segmentation, array
+
+    raw_node, raw = segment(through_plane_sigma_mm=0, keep_all_components=True)
+    assert raw_node.GetAttribute("M4oESegmentation.ThroughPlaneSigmaMm") == "0.0"
+    assert raw_node.GetAttribute("M4oESegmentation.KeepAllComponents") == "true"
+    assert raw_node.GetAttribute("M4oESegmentation.Backend") == "torch"
+    cleaned_node, cleaned = segment(through_plane_sigma_mm=0)
+    assert cleaned_node.GetAttribute("M4oESegmentation.KeepAllComponents") == "false"
+    # The tiny card keeps the largest component of label 1 only: the clean-up removes, never adds.
+    assert np.array_equal(cleaned[raw != 1], raw[raw != 1])
+    assert np.all(raw[cleaned == 1] == 1) and np.all(cleaned[raw == 1] <= 1)
+    touching = np.ones((3, 3, 3), bool)  # the clean-up's 26-connectivity
+    _, pieces = ndimage.label(raw == 1, structure=touching)
+    _, kept = ndimage.label(cleaned == 1, structure=touching)
+    assert pieces > 1 and kept == 1
+    smoothed_node, smoothed = segment(through_plane_sigma_mm=8.0)
+    assert smoothed_node.GetAttribute("M4oESegmentation.ThroughPlaneSigmaMm") == "8.0"
+    assert not np.array_equal(smoothed, cleaned)  # slices 4 mm apart share probabilities
+    with pytest.raises(ValueError, match="through_plane_sigma_mm must be a number >= 0"):
+        runner.start(volume, through_plane_sigma_mm=-1.0, **options)
+    assert not runner.running
     assert list(temp_root.iterdir()) == []
 
 

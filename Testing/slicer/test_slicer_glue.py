@@ -472,6 +472,19 @@ def test_build_command_and_parse_line():
     for bad in (0, 6, True, "3", 2.0):
         with pytest.raises(ValueError, match="test_time_passes must be an integer 1-5"):
             process.InferenceRequest("a", "b", test_time_passes=bad)
+    tuned = process.InferenceRequest(
+        "in.nrrd", "out.nrrd", through_plane_sigma_mm=0, keep_all_components=True, backend="onnx"
+    )
+    assert process.build_command(tuned, "py")[-5:] == [
+        "--through-plane-sigma", "0.0", "--no-cleanup", "--backend", "onnx",
+    ]  # fmt: skip
+    plain = process.build_command(process.InferenceRequest("a", "b"), "py")
+    assert not {"--through-plane-sigma", "--no-cleanup", "--backend"} & set(plain)
+    for bad in (-1.0, float("nan"), float("inf"), True, "3"):
+        with pytest.raises(ValueError, match="through_plane_sigma_mm must be a number >= 0"):
+            process.InferenceRequest("a", "b", through_plane_sigma_mm=bad)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        process.InferenceRequest("a", "b", backend="tensorrt")
     assert process.parse_line('{"stage": "inference", "fraction": 0.5}\n')["fraction"] == 0.5
     assert process.parse_line("plain text\n") == {"stage": "log", "message": "plain text"}
     assert process.parse_line("[1, 2]") == {"stage": "log", "message": "[1, 2]"}
