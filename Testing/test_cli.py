@@ -354,6 +354,7 @@ def test_progress_json_lines(tiny_model_dir, volumes, tmp_path, capsys):
     assert done["modality_source"] == "intensity" and done["warning"] is None
     assert done["through_plane_sigma_mm"] == 0.0  # the tiny model's card asks for none
     assert done["test_time_passes"] == 1  # nor for test-time augmentation
+    assert done["largest_component"] == ["liver"]  # the tiny card cleans up label 1 only
 
 
 @pytest.mark.parametrize(

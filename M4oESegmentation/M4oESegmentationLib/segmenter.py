@@ -9,7 +9,9 @@ engine's process tree and adds nothing to the scene. The temporary folder is rem
 
 A result is a segmentation node that carries what produced it, so it can be reviewed, edited and
 exported after the scene is saved and loaded again: attributes ``M4oESegmentation.*`` (Labels,
-Modality, ModalitySource, Model, Task, ForcedExpert, GateSummary) and node references
+Modality, ModalitySource, Model, Task, ForcedExpert, TestTimePasses, ThroughPlaneSigmaMm,
+KeepAllComponents, LargestComponentLabels, Backend, GateSummary: the settings as the engine reports
+them in its final record) and node references
 ``M4oEGate{Table,Chart,Overlay,Colors}`` to its gate views and ``M4oEComparison.{expert}`` to its
 forced-expert comparisons.
 
@@ -91,7 +93,6 @@ class _Job:
     modality_source: str | None  # overrides the engine's when this module chose the modality
     force_expert: str | None
     compared_with: object
-    keep_all_components: bool
     on_progress: Callable[[dict], None] | None
     on_finished: Callable[[SegmentationResult | None, str | None], None] | None
     cancel_requested: bool = field(default=False)
@@ -244,7 +245,6 @@ class Segmenter:
             modality_source=modality_source,
             force_expert=force_expert or None,
             compared_with=compared_with,
-            keep_all_components=bool(keep_all_components),
             on_progress=on_progress,
             on_finished=on_finished,
         )
@@ -350,7 +350,9 @@ class Segmenter:
             "ForcedExpert": job.force_expert or "",
             "TestTimePasses": str(done.get("test_time_passes", "")),
             "ThroughPlaneSigmaMm": str(done.get("through_plane_sigma_mm", "")),
-            "KeepAllComponents": str(job.keep_all_components).lower(),
+            # From the engine's record: the labels it cut down to their largest piece (none: all kept).
+            "KeepAllComponents": str(not done.get("largest_component")).lower(),
+            "LargestComponentLabels": json.dumps(done.get("largest_component", [])),
             "Backend": str(done.get("backend", "")),
         }
         for key, value in attributes.items():

@@ -327,6 +327,9 @@ def cmd_segment(args) -> int:
                 "backend": prediction.backend,
                 "through_plane_sigma_mm": prediction.through_plane_sigma_mm,
                 "test_time_passes": prediction.test_time_passes,
+                "largest_component": [
+                    label.name for label in prediction.labels if label.value in prediction.largest_component
+                ],
             }
         )
     else:

@@ -171,7 +171,8 @@ class Prediction:
     float32 from float16), only when asked. ``gate_map``: E-component image of expert weights per
     token (see :func:`m4oe.gates.gate_map_image`), and ``gate_summary`` (JSON-ready dict), for
     mixture-of-experts models when asked. ``through_plane_sigma_mm``: the smoothing applied (0:
-    none). ``test_time_passes``: forward passes averaged per slice (1: one).
+    none). ``test_time_passes``: forward passes averaged per slice (1: one). ``largest_component``:
+    the label values cut down to their largest 26-connected piece (empty: no clean-up).
     """
 
     labelmap: sitk.Image
@@ -185,6 +186,7 @@ class Prediction:
     backend: str = "torch"
     through_plane_sigma_mm: float = 0.0
     test_time_passes: int = 1
+    largest_component: list[int] = field(default_factory=list)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -411,8 +413,9 @@ class Predictor:
         seconds["inference"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        if cleanup and task_info.largest_component:
-            labels = keep_largest_components(labels, task_info.largest_component)
+        cleaned = list(task_info.largest_component) if cleanup else []
+        if cleaned:
+            labels = keep_largest_components(labels, cleaned)
         prediction = Prediction(
             labelmap=from_axial_stack(labels, stack),
             labels=list(task_info.labels),
@@ -422,6 +425,7 @@ class Predictor:
             backend=backend,
             through_plane_sigma_mm=float(sigma_mm),
             test_time_passes=passes,
+            largest_component=cleaned,
         )
         if recorder is not None:
             prediction.gate_map = gate_map_image(recorder.map, stack, grid)

@@ -223,9 +223,12 @@ def test_smoothing_clean_up_and_backend_reach_the_engine_and_are_recorded(
     raw_node, raw = segment(through_plane_sigma_mm=0, keep_all_components=True)
     assert raw_node.GetAttribute("M4oESegmentation.ThroughPlaneSigmaMm") == "0.0"
     assert raw_node.GetAttribute("M4oESegmentation.KeepAllComponents") == "true"
+    assert raw_node.GetAttribute("M4oESegmentation.LargestComponentLabels") == "[]"
     assert raw_node.GetAttribute("M4oESegmentation.Backend") == "torch"
     cleaned_node, cleaned = segment(through_plane_sigma_mm=0)
     assert cleaned_node.GetAttribute("M4oESegmentation.KeepAllComponents") == "false"
+    cleaned_names = cleaned_node.GetAttribute("M4oESegmentation.LargestComponentLabels")
+    assert json.loads(cleaned_names) == [labels[0].name]
     # The tiny card keeps the largest component of label 1 only: the clean-up removes, never adds.
     assert np.array_equal(cleaned[raw != 1], raw[raw != 1])
     assert np.all(raw[cleaned == 1] == 1) and np.all(cleaned[raw == 1] <= 1)
