@@ -1188,9 +1188,10 @@ def test_datasets_sharing_a_folder_name_keep_their_own_cases(phantoms, tmp_path)
     [
         ({"model_overrides": {"embed_dim": 48}}, "ct", "with init the architecture is the init model's"),
         ({}, "mr", r"init .*: the datasets' experts \['mr'\] are not among its \['ct', 'mr-t1', 'mr-t2'\]"),
-        ({"init": "missing-model"}, "ct", "init: .*no such file"),
+        ({"init": "missing-model"}, "ct", "init: unknown model 'missing-model'; available: .*m4oe-phantom"),
+        ({"init": "models/missing"}, "ct", "init: .*models/missing.*no such model folder or file"),
     ],
-    ids=["other-width", "unknown-expert", "missing"],
+    ids=["other-width", "unknown-expert", "missing-name", "missing-path"],
 )
 def test_run_from_init_refuses_what_does_not_fit_before_training(
     phantoms, tmp_path, top, dataset_expert, message
@@ -1305,3 +1306,263 @@ def test_a_context_stage_trains_the_slice_context_alone(phantoms, tmp_path):
 
     with pytest.raises(ConfigError, match="the model has none"):
         train("plain")
+
+
+# ---------------------------------------------------------------------------------------------
+# The correction loop: fine-tuning on a few corrected cases keeps what the model was
+
+
+SOURCE_CT = {"modality": "ct", "clip": [-732.0, 837.0], "mean": 113.2, "std": 178.8}
+
+
+def save_source_model(folder: Path, **preprocessing) -> Path:
+    """A tiny CT/MR model over the phantom labels whose card differs from every training default:
+    CT window [-732, 837] HU, 1st-99th percentile MR, 5 mm in-plane spacing, clean-up of the liver
+    and spleen, 2.5 mm through-plane smoothing and 3 test-time passes."""
+    from m4oe.checkpoint import save_checkpoint
+    from m4oe.model import build_model
+    from m4oe.model_card import ExpertInfo, ModelCard, Preprocessing, TaskInfo
+
+    torch.manual_seed(1)
+    model = build_model("m4oe-tiny", experts=("ct", "mr"), tasks=(("abdomen", len(PHANTOM_LABELS) + 1),))
+    labels = [standard_label(key, value) for key, value in PHANTOM_LABELS.items()]
+    card = ModelCard(
+        name="source",
+        architecture=model.cfg,
+        experts=[ExpertInfo("ct", "ct"), ExpertInfo("mr", "mr")],
+        tasks=[TaskInfo("abdomen", labels, [1, 2], through_plane_sigma_mm=2.5, test_time_passes=3)],
+        preprocessing=Preprocessing(
+            **{
+                "in_plane": "spacing",
+                "target_spacing_mm": (5.0, 5.0),
+                "intensity": {"ct": SOURCE_CT, "mr": {"modality": "mr", "percentiles": [1.0, 99.0]}},
+                **preprocessing,
+            }
+        ),
+    )
+    return save_checkpoint(model, card, folder)
+
+
+@pytest.fixture(scope="module")
+def one_case(tmp_path_factory) -> Path:
+    """A CT data set of a single case, as one case exported from Slicer is."""
+    return write_dataset(tmp_path_factory.mktemp("one_case") / "ct", "ct", 1, seed=7, max_size=48)
+
+
+def fine_tune_config(path: Path, one_case: Path, phantoms, **top) -> Path:
+    """One corrected CT case (no validation) plus the T1 phantoms replayed (no validation)."""
+    return write_config(
+        path,
+        [dataset(one_case, "ct", val_cases=0), dataset(phantoms["t1"], "mr", val_cases=0)],
+        [{"kind": "joint", "epochs": 2, "lr": 1e-4, "shared_lr_scale": 0.1}],
+        batch_size=2,
+        iterations_per_epoch=1,
+        optimizer="adamw",
+        **top,
+    )
+
+
+@pytest.mark.slow
+def test_fine_tuning_one_case_by_model_name_keeps_the_init_models_preprocessing_and_clean_up(
+    phantoms, one_case, tmp_path, monkeypatch, capsys
+):
+    """``init`` names a cached model; one case and no validation anywhere: the run trains, exports
+    the last epoch of the stage, says so in the card, and the card normalises, resamples and cleans
+    up exactly as the init model's does. ``m4oe train`` says "exported" only once a model is there."""
+    cache = tmp_path / "cache"
+    source = save_source_model(cache / "tiny-source")
+    monkeypatch.setenv("M4OE_CACHE_DIR", str(cache))
+    path = fine_tune_config(tmp_path / "configs" / "tune.toml", one_case, phantoms, init="tiny-source")
+    cfg, _ = load_config(path)
+    assert cfg.init == "tiny-source"  # a name: nothing of that name beside the config
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs" / "run"
+
+    # Mid-stage, with no validation, nothing is exported yet, and the command says so.
+    assert m4oe_main(["train", str(path), "--stop-after-epochs", "1"]) == 0
+    assert "no model exported yet" in capsys.readouterr().out and not (out / "model").exists()
+    assert m4oe_main(["train", str(path), "--resume"]) == 0
+    assert f"exported model: {out / 'model'}" in capsys.readouterr().out
+
+    model, card = load_checkpoint(out / "model")
+    _, parent = load_checkpoint(source)
+    assert card.preprocessing.intensity == parent.preprocessing.intensity  # CT clip, mean, std; MR
+    assert card.preprocessing.intensity["ct"]["clip"] == [-732.0, 837.0]
+    assert (card.preprocessing.in_plane, card.preprocessing.target_spacing_mm) == ("spacing", (5.0, 5.0))
+    task, theirs = card.task("abdomen"), parent.task("abdomen")
+    assert (task.largest_component, task.through_plane_sigma_mm, task.test_time_passes) == ([1, 2], 2.5, 3)
+    assert task.labels == theirs.labels
+    assert card.provenance["init_weights_sha256"] == parent.weights_sha256
+    assert card.provenance["config"]["init"] == "tiny-source"
+    assert card.metrics["validation"] is None
+    assert card.metrics["selected"] == {"stage": 0, "epoch": 2, "mean_dice": None}
+    assert [r["val_mean_dice"] for r in read_log(out)] == ["", ""]
+    assert model.cfg.experts == ("ct", "mr")
+
+    # Clean-up the config sets, even to the defaults, replaces the inherited one.
+    path = fine_tune_config(
+        tmp_path / "configs" / "set.toml",
+        one_case,
+        phantoms,
+        init="tiny-source",
+        output_dir=str(tmp_path / "set"),
+        largest_component=[],
+        through_plane_sigma_mm=0.0,
+        test_time_passes=1,
+    )
+    _, card = load_checkpoint(run(load_config(path)[0], base_dir=tmp_path) / "model")
+    task = card.task("abdomen")
+    assert (task.largest_component, task.through_plane_sigma_mm, task.test_time_passes) == ([], 0.0, 1)
+    assert card.preprocessing.intensity == parent.preprocessing.intensity
+
+
+@pytest.mark.parametrize(
+    ("top", "message"),
+    [
+        ({"in_plane": "resize"}, r"in_plane = 'resize': the init model 'source' .* in_plane = 'spacing'"),
+        ({"target_spacing_mm": [1.0, 1.0]}, r"target_spacing_mm = \(1.0, 1.0\): .* \(5.0, 5.0\)"),
+    ],
+    ids=["in-plane", "spacing"],
+)
+def test_fine_tuning_refuses_other_in_plane_preprocessing_than_the_init_models(
+    phantoms, one_case, tmp_path, top, message
+):
+    source = save_source_model(tmp_path / "source")
+    path = fine_tune_config(
+        tmp_path / "cfg.toml", one_case, phantoms, init=str(source), output_dir=str(tmp_path / "run"), **top
+    )
+    with pytest.raises(ConfigError, match=message):
+        run(load_config(path)[0], base_dir=tmp_path)
+    assert not (tmp_path / "run" / "train_log.csv").exists()
+    # Repeating the init model's own values is allowed; leaving them out takes them.
+    from m4oe.checkpoint import read_model_card
+    from m4oe_training.train import inherit_preprocessing
+
+    card = read_model_card(source)
+    for top in ({"in_plane": "spacing", "target_spacing_mm": [5.0, 5.0]}, {}):
+        cfg = load_config(fine_tune_config(tmp_path / "same.toml", one_case, phantoms, **top))[0]
+        resolved = inherit_preprocessing(cfg, card)
+        assert (resolved.in_plane, resolved.target_spacing_mm) == ("spacing", (5.0, 5.0))
+    assert inherit_preprocessing(cfg, None).in_plane == "resize"  # without init: the default
+
+
+def test_a_one_case_dataset_with_the_default_validation_cases_says_what_to_set(one_case, tmp_path):
+    path = write_config(
+        tmp_path / "cfg.toml",
+        [{"path": str(one_case), "expert": "ct", "task": "abdomen"}],  # val_cases left at 2
+        [{"kind": "experts", "epochs": 1, "lr": 1e-3}],
+        model="swin-unet-tiny",
+        output_dir=str(tmp_path / "run"),
+    )
+    message = r"datasets\[0\] .*val_cases = 2 leaves none of its 1 case\(s\) to train on; set val_cases = 0"
+    with pytest.raises(ConfigError, match=message):
+        run(load_config(path)[0], base_dir=tmp_path)
+    assert not (tmp_path / "run").joinpath("train_log.csv").exists()
+
+
+def test_init_is_a_path_beside_the_config_or_else_a_model_name(tmp_path):
+    stages = [{"kind": "joint", "epochs": 1, "lr": 1e-3}]
+    datasets = [dataset("/data/ct", "ct")]
+    (tmp_path / "configs" / "m4oe-phantom").mkdir(parents=True)
+    beside = load_config(write_config(tmp_path / "configs" / "a.toml", datasets, stages, init="m4oe-phantom"))
+    assert beside[0].init == str(tmp_path / "configs" / "m4oe-phantom")  # a folder there wins
+    named = load_config(write_config(tmp_path / "b.toml", datasets, stages, init="m4oe-phantom"))
+    assert named[0].init == "m4oe-phantom"
+    relative = load_config(write_config(tmp_path / "c.toml", datasets, stages, init="models/x"))
+    assert relative[0].init == str(tmp_path / "models" / "x")  # a path, missing or not
+    from m4oe.hub import EMBEDDED_DIR
+    from m4oe_training.train import resolve_init
+
+    assert resolve_init("m4oe-phantom") == EMBEDDED_DIR / "m4oe-phantom"
+    with pytest.raises(ConfigError, match="init: unknown model 'no-such-model'"):
+        resolve_init("no-such-model")
+
+
+def test_parameter_groups_split_gates_shared_layers_and_the_rest():
+    from m4oe_training.train import group_lr, parameter_groups
+
+    module = tiny_stage_loss(0)
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in parameter_groups(module)}
+    assert list(groups) == ["gates", "rest", "shared"]
+    names = {id(p): name for name, p in module.named_parameters()}
+    by_group = {k: {names[i] for i in ids} for k, ids in groups.items()}
+    assert sum(len(v) for v in by_group.values()) == len(names)
+    assert all(".mlp.gate." in n for n in by_group["gates"])
+    assert all(
+        ".mlp.experts." in n or n.startswith("model.heads.") or n.startswith("reconstruct.")
+        for n in by_group["rest"]
+    )
+    assert {"model.patch_embed.proj.weight", "model.norm_up.weight"} <= by_group["shared"]
+    assert not any(".mlp." in n or "heads" in n for n in by_group["shared"])
+    stage = StageConfig("joint", 1, 0.1, gate_lr_scale=4.0, shared_lr_scale=0.0)
+    assert [group_lr(stage, g, 0.1) for g in groups] == [pytest.approx(0.4), 0.1, 0.0]  # 0 freezes
+    with pytest.raises(ConfigError, match="shared_lr_scale must be >= 0"):
+        TrainConfig(
+            "x", (DatasetConfig("/d", "ct", "a"),), (StageConfig("joint", 1, 0.1, shared_lr_scale=-1.0),)
+        )
+
+
+@pytest.mark.slow
+def test_shared_learning_rate_scale_moves_only_the_shared_layers_slower(phantoms, tmp_path):
+    """Plain SGD, one step: updates of the shared layers are ``shared_lr_scale`` times the full
+    rate's, experts', gates' and heads' updates the same."""
+    from m4oe.model import build_model
+    from m4oe_training.train import is_shared_parameter
+
+    def one_step(scale: float) -> dict:
+        path = write_config(
+            tmp_path / f"shared{scale}.toml",
+            [dataset(phantoms["ct"], "ct", val_cases=0), dataset(phantoms["t1"], "mr", val_cases=0)],
+            [{"kind": "joint", "epochs": 1, "lr": 0.01, "shared_lr_scale": scale}],
+            batch_size=2,
+            iterations_per_epoch=1,
+            momentum=0.0,
+            weight_decay=0.0,
+            grad_clip_norm=0.0,
+            output_dir=str(tmp_path / f"shared{scale}"),
+        )
+        out = run(load_config(path)[0], base_dir=tmp_path, command=["test"])
+        state = load_file(out / "state" / "weights.safetensors")
+        return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+
+    torch.manual_seed(0)
+    initial = build_model("m4oe-tiny", experts=("ct", "mr"), tasks=(("abdomen", len(PHANTOM_LABELS) + 1),))
+    initial = initial.state_dict()
+    full, slow = one_step(1.0), one_step(0.25)
+    shared = [k for k in initial if is_shared_parameter(f"model.{k}")]
+    assert 0 < len(shared) < len(initial)
+    for key, start in initial.items():
+        step, scaled = full[key] - start, slow[key] - start
+        if key in shared:
+            torch.testing.assert_close(scaled, 0.25 * step, rtol=1e-3, atol=1e-7, msg=key)
+        else:
+            torch.testing.assert_close(scaled, step, rtol=1e-3, atol=1e-7, msg=key)
+    assert any(full[k].ne(initial[k]).any() for k in shared)
+
+
+def test_a_state_saved_with_two_optimiser_groups_resumes_with_three(tmp_path, monkeypatch):
+    """States written before the "shared" group (version 2) still resume: each parameter gets its own
+    AdamW moments back."""
+    from m4oe_training import state as state_module
+    from m4oe_training.train import is_gate_parameter, parameter_groups
+
+    module = tiny_stage_loss(0)
+    named = list(module.named_parameters())
+    old_groups = [
+        {"params": [p for n, p in named if is_gate_parameter(n)], "name": "gates"},
+        {"params": [p for n, p in named if not is_gate_parameter(n)], "name": "rest"},
+    ]
+    old = torch.optim.AdamW(old_groups, lr=1e-3)
+    train_steps(module, old, 1, seed=0)
+    monkeypatch.setattr(state_module, "STATE_VERSION", 2)
+    save_state(tmp_path / "state", module, old, {"stage": 0})
+    monkeypatch.undo()
+    new = torch.optim.AdamW(parameter_groups(module), lr=1e-3)
+    assert load_state(tmp_path / "state", module, new)["version"] == 2
+    assert [g["name"] for g in new.param_groups] == ["gates", "rest", "shared"]
+    assert len(old.state) > len(named) // 2
+    for _, p in named:  # parameters without a gradient (the MIM read-out) have no moments
+        assert (p in new.state) == (p in old.state)
+        for key in ("exp_avg", "exp_avg_sq") if p in old.state else ():
+            torch.testing.assert_close(new.state[p][key], old.state[p][key])
+    train_steps(module, new, 1, seed=1)  # and it steps on

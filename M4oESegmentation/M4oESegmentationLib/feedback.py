@@ -10,12 +10,15 @@ of a dataset the training subpackage reads (``m4oe_training.data.DatasetInfo``):
                                           file_ending; ours: modality ("ct" | "mr"), terminology
                                           {label name: key of m4oe.terminology.TERMS or null}
 
-Label names in the dataset are the model's label names with spaces replaced by underscores
-("right kidney" -> "right_kidney"); the ``terminology`` block ties each one to its standard
-structure, found by SNOMED CT code (type and modifier) among :data:`m4oe.terminology.TERMS`, so a
-model trained on the dataset carries the same codes. The first export creates the dataset; later
-ones add cases, and a dataset whose modality or labels differ is refused. Every file is written
-atomically (temporary name, then rename); a failed export removes what it wrote.
+Label names in the dataset are the keys of :data:`m4oe.terminology.TERMS` that the labels' SNOMED
+CT codes (type and modifier) identify ("right kidney" -> ``kidney_right``), the names the phantoms,
+the converters and the training configs use, so an exported case's label table is the model's own
+and ``m4oe train`` puts each organ on the output channel its model gave it. A label without a
+standard code keeps its name with spaces replaced by underscores. The ``terminology`` block ties
+each name to its key (null for none), so a model trained on the dataset carries the same codes.
+The first export creates the dataset; later ones add cases, and a dataset whose modality or labels
+differ is refused. Every file is written atomically (temporary name, then rename); a failed export
+removes what it wrote.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ CASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def dataset_label_name(label: Label) -> str:
-    """The label's name as a dataset.json key: spaces replaced by underscores."""
-    return "_".join(label.name.split())
+    """The label's name as a dataset.json key: its :data:`m4oe.terminology.TERMS` key (found from
+    its codes, :func:`terminology_key`), else its name with spaces replaced by underscores."""
+    return terminology_key(label) or "_".join(label.name.split())
 
 
 def terminology_key(label: Label) -> str | None:

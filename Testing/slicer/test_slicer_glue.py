@@ -30,7 +30,7 @@ from m4oe.demo import synthetic_ct
 from m4oe.errors import InputError, OutputError
 from m4oe.io import write_image
 from m4oe.labels import Label
-from m4oe.phantom import generate_case, phantom_labels
+from m4oe.phantom import PHANTOM_LABELS, generate_case, phantom_labels, write_dataset
 from m4oe.terminology import standard_label
 
 TINY_TASK = [standard_label(k, i + 1) for i, k in enumerate(("liver", "spleen", "kidney_right"))]
@@ -369,7 +369,9 @@ def test_export_creates_then_extends_a_training_dataset(scene, tmp_path):
     assert names == ["Dataset501_Feedback_001", "Dataset501_Feedback_002"]
     meta = json.loads((dataset / "dataset.json").read_text())
     assert meta["numTraining"] == 2 and meta["channel_names"] == {"0": "CT"} and meta["modality"] == "ct"
-    assert meta["labels"]["right_kidney"] == 3 and meta["terminology"]["right_kidney"] == "kidney_right"
+    # The keys of m4oe.terminology.TERMS, found from the segments' codes: the phantoms' label table.
+    assert meta["labels"] == {"background": 0, **PHANTOM_LABELS}
+    assert meta["terminology"] == {key: key for key in PHANTOM_LABELS}
     info = DatasetInfo.read(dataset)
     assert info.cases == tuple(names) and info.modality == "ct"
     assert [(lab.value, lab.name) for lab in dataset_labels(info)] == [
@@ -382,40 +384,48 @@ def test_export_creates_then_extends_a_training_dataset(scene, tmp_path):
 
 
 @pytest.mark.slow
-def test_corrections_exported_for_training_fine_tune_the_embedded_model(tmp_path):
-    """The feedback loop: CT cases exported as corrections, then ``m4oe train`` with ``init`` on the
-    embedded model. The run keeps all three experts (only the CT one has data) and the labels."""
+def test_corrections_exported_for_training_fine_tune_the_embedded_model(scene, tmp_path):
+    """The feedback loop: one CT case, its segmentation edited in the scene, exported as a
+    correction, then ``m4oe train`` with ``init = "m4oe-phantom"`` (the embedded model, by name) and
+    phantom CT data replayed beside it. The exported labels are the phantoms', so both data sets
+    share the task's label table and each organ trains the head channel the model gave it. The run
+    keeps all three experts (only the CT one has data), the model's intensity normalisation and
+    clean-up, and with no validation case exports its last epoch."""
     from m4oe.checkpoint import load_checkpoint, read_model_card
+    from m4oe.hub import resolve_model
     from m4oe_training.config import load_config
     from m4oe_training.train import run
 
-    embedded = Path(__file__).resolve().parents[2] / "M4oESegmentation" / "m4oe" / "models" / "m4oe-phantom"
-    card = read_model_card(embedded)
+    card = read_model_card(resolve_model("m4oe-phantom"))
     labels = card.task("abdomen").labels
     dataset = tmp_path / "Dataset502_Corrections"
-    for seed in (0, 1):
-        image, truth = generate_case("ct", seed, max_size=32)
-        feedback.export_case(image, truth, labels, dataset, modality="ct")
+    image, truth = generate_case("ct", 0, max_size=32)
+    volume = volumes.sitk_to_volume_node(image, "case")
+    segmentation = volumes.labelmap_to_segmentation(truth, labels, volume)
+    corrected = volumes.segmentation_to_labelmap(segmentation, volume, labels)
+    feedback.export_case(volumes.volume_node_to_sitk(volume), corrected, labels, dataset, modality="ct")
+    assert json.loads((dataset / "dataset.json").read_text())["labels"] == {"background": 0, **PHANTOM_LABELS}
+    write_dataset(tmp_path / "replay_ct", "ct", 1, seed=3, max_size=32)
     config = tmp_path / "finetune.toml"
     config.write_text(
         "\n".join(
             [
                 'name = "m4oe-phantom-finetuned"',
-                f"init = {json.dumps(str(embedded))}",
+                'init = "m4oe-phantom"',
                 "batch_size = 2",
                 "iterations_per_epoch = 1",
                 'optimizer = "adamw"',
                 "threads = 1",
                 'output_dir = "run"',
-                "[[datasets]]",
-                'path = "Dataset502_Corrections"',
-                'expert = "ct"',
-                'task = "abdomen"',
-                "val_cases = 1",
+                *(
+                    f'[[datasets]]\npath = "{path}"\nexpert = "ct"\ntask = "abdomen"\nval_cases = 0'
+                    for path in ("Dataset502_Corrections", "replay_ct")
+                ),
                 "[[stages]]",
                 'kind = "joint"',
                 "epochs = 1",
                 "lr = 1e-5",
+                "shared_lr_scale = 0.1",
             ]
         )
         + "\n"
@@ -424,10 +434,11 @@ def test_corrections_exported_for_training_fine_tune_the_embedded_model(tmp_path
     _, tuned = load_checkpoint(run(cfg, base_dir=tmp_path, command=["test"]) / "model")
     assert tuned.architecture == card.architecture  # experts, heads and shapes all kept
     assert [(e.name, e.modality) for e in tuned.experts] == [(e.name, e.modality) for e in card.experts]
-    assert tuned.task("abdomen").labels == labels  # names, colours and codes as before
+    assert tuned.task("abdomen") == card.task("abdomen")  # labels, codes, colours and clean-up
+    assert tuned.preprocessing.intensity == card.preprocessing.intensity
     assert tuned.provenance["init_weights_sha256"] == card.weights_sha256
     assert tuned.provenance["config"]["expert_order"] == ["ct", "mr-t1", "mr-t2"]
-    assert set(tuned.metrics["validation"]) == {"0:Dataset502_Corrections"}
+    assert tuned.metrics["validation"] is None
 
 
 def test_export_refuses_a_dataset_of_another_kind(tmp_path):

@@ -29,6 +29,8 @@ def register(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from m4oe.checkpoint import CARD_NAME, WEIGHTS_NAME
+
     from .config import load_config
     from .train import run
 
@@ -40,5 +42,9 @@ def run_train(args: argparse.Namespace) -> int:
         stop_after_epochs=args.stop_after_epochs,
         command=["m4oe", *sys.argv[1:]],
     )
-    print(f"run folder: {out}; exported model: {out / 'model'}")
+    model = out / "model"
+    if (model / CARD_NAME).is_file() and (model / WEIGHTS_NAME).is_file():
+        print(f"run folder: {out}; exported model: {model}")
+    else:  # e.g. --stop-after-epochs before the first export
+        print(f"run folder: {out}; no model exported yet (--resume continues the run)")
     return 0

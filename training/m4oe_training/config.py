@@ -64,6 +64,10 @@ class StageConfig:
     ``gate_lr_scale``: the gates' learning rate relative to ``lr``. With AdamW a parameter moves
     about ``lr`` per step whatever its gradient, so a gate that must grow large weights to tell
     similar modalities apart (T1 from T2) learns it slowly at the experts' rate.
+    ``shared_lr_scale``: the learning rate of the shared layers (everything but the experts, the
+    gates and the task heads: patch embedding, attention, norms, up- and down-sampling) relative to
+    ``lr``. Below 1 a fine-tuning run on a few corrected cases adapts experts and heads while the
+    layers every modality depends on move less; 0 freezes them.
     """
 
     kind: str
@@ -75,10 +79,20 @@ class StageConfig:
     trainable: str = "all"
     warmup_iterations: int = 0
     gate_lr_scale: float = 1.0
+    shared_lr_scale: float = 1.0
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """A whole run. Fields left out (None) that a model card also holds are inherited from the
+    ``init`` model when one is given, so that a fine-tuned model sees its inputs exactly as its
+    parent did and cleans up as it did: ``in_plane`` and ``target_spacing_mm`` (the init model's;
+    setting a different value is an error, unless ``keep_init_in_plane = false``: a deliberate
+    change of the in-plane geometry, which the network then has to learn anew), ``largest_component``, ``through_plane_sigma_mm`` and
+    ``test_time_passes`` (the init model's per task unless set). Without ``init`` they default to
+    "resize", none, (), 0.0 and 1.
+    """
+
     name: str
     datasets: tuple[DatasetConfig, ...]
     stages: tuple[StageConfig, ...]
@@ -87,8 +101,9 @@ class TrainConfig:
     imagenet: str | None = None
     init: str | None = None
     expert_order: tuple[str, ...] = ()
-    in_plane: str = "resize"
+    in_plane: str | None = None
     target_spacing_mm: tuple[float, float] | None = None
+    keep_init_in_plane: bool = True
     batch_size: int = 16
     iterations_per_epoch: int = 250
     optimizer: str = "sgd"
@@ -107,9 +122,9 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     output_dir: str = "runs/{name}"
-    largest_component: tuple[str, ...] = ()
-    through_plane_sigma_mm: float = 0.0
-    test_time_passes: int = 1
+    largest_component: tuple[str, ...] | None = None
+    through_plane_sigma_mm: float | None = None
+    test_time_passes: int | None = None
     export_dtype: str = "float32"
     description: str = ""
     notes: str = ""
@@ -134,12 +149,14 @@ class TrainConfig:
                 )
             if s.gate_lr_scale <= 0:
                 raise ConfigError(f"stages[{i}].gate_lr_scale must be > 0, got {s.gate_lr_scale}")
+            if s.shared_lr_scale < 0:
+                raise ConfigError(f"stages[{i}].shared_lr_scale must be >= 0, got {s.shared_lr_scale}")
             if s.warmup_iterations < 0:
                 raise ConfigError(f"stages[{i}].warmup_iterations must be >= 0, got {s.warmup_iterations}")
         checks = {
             "optimizer": self.optimizer in OPTIMIZERS,
             "amp": self.amp in AMP_MODES,
-            "in_plane": self.in_plane in ("resize", "spacing"),
+            "in_plane": self.in_plane in (None, "resize", "spacing"),
             "export_dtype": self.export_dtype in ("float32", "float16"),
             "batch_size": self.batch_size >= 1,
             "iterations_per_epoch": self.iterations_per_epoch >= 1,
@@ -149,8 +166,9 @@ class TrainConfig:
             "val_every": self.val_every >= 1,
             "ce_weight": self.ce_weight >= 0 and self.ce_weight + self.dice_weight > 0,
             "dice_weight": self.dice_weight >= 0,
-            "through_plane_sigma_mm": valid_sigma_mm(self.through_plane_sigma_mm),
-            "test_time_passes": valid_passes(self.test_time_passes),
+            "through_plane_sigma_mm": self.through_plane_sigma_mm is None
+            or valid_sigma_mm(self.through_plane_sigma_mm),
+            "test_time_passes": self.test_time_passes is None or valid_passes(self.test_time_passes),
         }
         for key, ok in checks.items():
             if not ok:
@@ -276,7 +294,9 @@ def parse_override(text: str) -> tuple[list[str], object]:
 def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[TrainConfig, dict]:
     """Read a TOML config, apply ``key.sub=value`` overrides, validate. Returns (config, raw dict).
 
-    Dataset, ``imagenet`` and ``init`` paths are made absolute relative to the config file's folder.
+    Dataset, ``imagenet`` and ``init`` paths are made absolute relative to the config file's folder;
+    an ``init`` that is a bare name (no folder separator, nothing of that name in the config's
+    folder) stays a model name, looked up at the start of the run as ``m4oe segment --model`` does.
     """
     path = Path(path)
     try:
@@ -294,12 +314,23 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[TrainConfi
         if isinstance(d, dict) and isinstance(d.get("path"), str) and not Path(d["path"]).is_absolute():
             d["path"] = str((path.parent / d["path"]).resolve())
     for key in ("imagenet", "init"):
-        if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
-            data[key] = str((path.parent / data[key]).resolve())
+        value = data.get(key)
+        if not isinstance(value, str) or Path(value).is_absolute():
+            continue
+        beside = path.parent / value
+        if key == "init" and is_model_name(value) and not beside.exists():
+            continue
+        data[key] = str(beside.resolve())
     try:
         return _build(TrainConfig, data), data
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
+
+
+def is_model_name(value: str) -> bool:
+    """Whether ``init`` reads as a model name (``m4oe-phantom``) rather than a path: one component,
+    not a model file."""
+    return bool(value) and Path(value).name == value and Path(value).suffix not in (".json", ".safetensors")
 
 
 def _apply_override(data: dict, keys: list[str], value) -> None:

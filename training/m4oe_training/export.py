@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from m4oe.checkpoint import read_model_card, save_checkpoint
+from m4oe.checkpoint import save_checkpoint
 from m4oe.labels import Label
 from m4oe.model import SwinUNet
 from m4oe.model_card import ExpertInfo, ModelCard, Preprocessing, TaskInfo
@@ -53,22 +53,25 @@ def task_labels(cfg: TrainConfig, infos: list[DatasetInfo]) -> dict[str, list[La
                 f"{info.root}: task {d.task!r} is shared with {tasks[d.task][0].root} but their labels differ"
             )
         tasks.setdefault(d.task, (info, labels))
-    unknown = [n for n in cfg.largest_component if not any(info.labels.get(n) for info in infos)]
+    unknown = [n for n in cfg.largest_component or () if not any(info.labels.get(n) for info in infos)]
     if unknown:
         raise ConfigError(f"largest_component: {unknown} are not foreground labels of any dataset")
     return {name: labels for name, (_, labels) in tasks.items()}
 
 
-def expert_modalities(cfg: TrainConfig, infos: list[DatasetInfo]) -> list[ExpertInfo]:
-    """Each expert's modality, from the datasets assigned to it (all must agree)."""
+def expert_modalities(
+    cfg: TrainConfig, infos: list[DatasetInfo], init_card: ModelCard | None = None
+) -> list[ExpertInfo]:
+    """Each expert's modality, from the datasets assigned to it (all must agree) and, for experts
+    the run has no data for, from ``init_card`` (the card of the run's ``init`` model)."""
     found: dict[str, str] = {}
     for d, info in zip(cfg.datasets, infos, strict=True):
         if found.setdefault(d.expert, info.modality) != info.modality:
             raise ConfigError(
                 f"expert {d.expert!r} is given both {found[d.expert]} and {info.modality} datasets"
             )
-    if cfg.init:  # experts the run has no data for keep the init model's modality
-        for expert in read_model_card(cfg.init).experts:
+    if init_card is not None:  # experts the run has no data for keep the init model's modality
+        for expert in init_card.experts:
             if found.setdefault(expert.name, expert.modality) != expert.modality:
                 raise ConfigError(
                     f"expert {expert.name!r} is a {expert.modality} expert in the init model, "
@@ -80,6 +83,33 @@ def expert_modalities(cfg: TrainConfig, infos: list[DatasetInfo]) -> list[Expert
     return [ExpertInfo(name, found[name], f"trained on {name} data") for name in cfg.experts]
 
 
+def task_postprocessing(
+    cfg: TrainConfig, infos: list[DatasetInfo], init_card: ModelCard | None = None
+) -> dict[str, dict]:
+    """Each task's clean-up for the exported card (and for validation, which uses that card):
+    ``largest_component`` (label values), ``through_plane_sigma_mm`` (mm) and ``test_time_passes``.
+
+    A value the config sets applies to every task; one it leaves out (None) is the ``init_card``
+    task's of the same name, else the default (none, 0.0 mm, 1 pass).
+    """
+    values = {d.task: info.labels for d, info in zip(cfg.datasets, infos, strict=True)}
+    inherited = {task.name: task for task in init_card.tasks} if init_card is not None else {}
+    result = {}
+    for name in cfg.task_names:
+        parent = inherited.get(name)
+        if cfg.largest_component is not None:
+            clean = [values[name][n] for n in cfg.largest_component if values[name].get(n)]
+        else:
+            clean = list(parent.largest_component) if parent is not None else []
+        sigma, passes = cfg.through_plane_sigma_mm, cfg.test_time_passes
+        if sigma is None:
+            sigma = parent.through_plane_sigma_mm if parent is not None else 0.0
+        if passes is None:
+            passes = parent.test_time_passes if parent is not None else 1
+        result[name] = dict(largest_component=clean, through_plane_sigma_mm=sigma, test_time_passes=passes)
+    return result
+
+
 def build_card(
     cfg: TrainConfig,
     model: SwinUNet,
@@ -89,26 +119,20 @@ def build_card(
     metrics: dict,
     provenance: dict,
     notes: str = "",
+    init_card: ModelCard | None = None,
 ) -> ModelCard:
+    """The card of the run's model. ``cfg`` must have its preprocessing resolved (``in_plane`` set,
+    as :func:`m4oe_training.train.inherit_preprocessing` leaves it); ``params`` are the intensity
+    parameters the run normalised with; clean-up missing from ``cfg`` comes from ``init_card``
+    (:func:`task_postprocessing`)."""
     labels = task_labels(cfg, infos)
-    values = {d.task: info.labels for d, info in zip(cfg.datasets, infos, strict=True)}
-    tasks = []
-    for name in cfg.task_names:
-        clean = [values[name][n] for n in cfg.largest_component if values[name].get(n)]
-        tasks.append(
-            TaskInfo(
-                name,
-                labels[name],
-                largest_component=clean,
-                through_plane_sigma_mm=cfg.through_plane_sigma_mm,
-                test_time_passes=cfg.test_time_passes,
-            )
-        )
+    clean_up = task_postprocessing(cfg, infos, init_card)
+    tasks = [TaskInfo(name, labels[name], **clean_up[name]) for name in cfg.task_names]
     return ModelCard(
         name=cfg.name,
         description=cfg.description or f"M4oE trained with config {cfg.name!r}",
         architecture=model.cfg,
-        experts=expert_modalities(cfg, infos) if model.cfg.is_moe else [],
+        experts=expert_modalities(cfg, infos, init_card) if model.cfg.is_moe else [],
         tasks=tasks,
         preprocessing=Preprocessing(
             in_plane=cfg.in_plane,

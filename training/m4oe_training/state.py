@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-STATE_VERSION = 2  # 2: two optimiser parameter groups (gates, rest)
+STATE_VERSION = 3  # 3: three optimiser parameter groups (gates, rest, shared); 2: two (gates, rest)
+READABLE_VERSIONS = (2, 3)
 
 
 def save_state(folder: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> None:
@@ -45,11 +46,15 @@ def load_state(folder: Path, module: torch.nn.Module, optimizer: torch.optim.Opt
     """Restore module and optimiser from :func:`save_state` output; returns the metadata."""
     folder = Path(folder)
     meta = json.loads((folder / "state.json").read_text())
-    if meta.get("version") != STATE_VERSION:
-        raise ValueError(f"{folder}: training state version {meta.get('version')}, expected {STATE_VERSION}")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise ValueError(
+            f"{folder}: training state version {meta.get('version')}, expected one of {READABLE_VERSIONS}"
+        )
     module.load_state_dict(load_file(str(folder / "weights.safetensors")))
     tensors = load_file(str(folder / "optimizer.safetensors"))
     saved = _unflatten_optimizer(tensors, meta["optimizer"])
+    if meta["version"] == 2:
+        saved = _split_rest_group(saved, module, optimizer)
     # JSON has no tuples: give hyper-parameters back the type the optimiser uses (AdamW's betas).
     for group, current in zip(saved["param_groups"], optimizer.param_groups, strict=False):
         for key, value in group.items():
@@ -58,6 +63,29 @@ def load_state(folder: Path, module: torch.nn.Module, optimizer: torch.optim.Opt
     optimizer.load_state_dict(saved)
     torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
     return meta
+
+
+def _split_rest_group(saved: dict, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """A version-2 optimiser state (groups "gates", "rest") in the layout of ``optimizer``'s groups
+    ("gates", "rest", "shared"), whose "rest" and "shared" together are the old "rest".
+
+    Parameter ids are positions in the groups' concatenated order; the old "rest" held every
+    non-gate parameter in the module's order, so the old id of each parameter follows from it.
+    """
+    groups = optimizer.param_groups
+    if [g["name"] for g in saved["param_groups"]] != ["gates", "rest"] or len(groups) != 3:
+        raise ValueError("a version-2 training state must have the optimiser groups gates and rest")
+    gates = {id(p) for p in groups[0]["params"]}
+    old_order = list(groups[0]["params"]) + [p for p in module.parameters() if id(p) not in gates]
+    new_id = {id(p): i for i, p in enumerate(p for g in groups for p in g["params"])}
+    state = {new_id[id(old_order[i])]: entries for i, entries in saved["state"].items()}
+    old_gates, old_rest = saved["param_groups"]
+    param_groups, start = [], 0
+    for group, hyper in zip(groups, (old_gates, old_rest, old_rest), strict=True):
+        ids = list(range(start, start + len(group["params"])))
+        param_groups.append(dict(hyper, params=ids, name=group["name"]))
+        start += len(ids)
+    return {"state": state, "param_groups": param_groups}
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

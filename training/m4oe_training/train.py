@@ -32,10 +32,12 @@ from m4oe import __version__
 from m4oe.checkpoint import load_checkpoint, read_model_card
 from m4oe.errors import ModelError
 from m4oe.evaluate import evaluate
+from m4oe.hub import resolve_model
 from m4oe.io import read_image
 from m4oe.model import SwinUNet, build_model, get_config, load_balancing_loss, load_imagenet_weights
+from m4oe.model_card import ModelCard
 from m4oe.predictor import Predictor
-from m4oe.preprocessing import DEFAULT_PARAMS
+from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams
 
 from .augment import augment_batch, build_augmentation
 from .config import ConfigError, TrainConfig
@@ -172,14 +174,40 @@ def is_context_parameter(name: str) -> bool:
     return ".mlp.context." in name or ".slice_context." in name or name.startswith(".context_probe.")
 
 
+def is_shared_parameter(name: str) -> bool:
+    """Whether a parameter of the network (by its name in the network or the training module) is
+    shared by every modality and task: not an expert's, a gate's or a task head's, nor one of the
+    training module's own read-outs. Patch embedding, attention, norms, down- and up-sampling; in a
+    dense model its feed-forward layers too."""
+    name = name.removeprefix("model.") if name.startswith("model.") else f"training.{name}"
+    return not (
+        name.startswith("training.")
+        or name.startswith("heads.")
+        or ".mlp.experts." in f".{name}"
+        or is_gate_parameter(name)
+    )
+
+
 def parameter_groups(module: nn.Module) -> list[dict]:
-    """Two optimiser groups, "gates" (the MoE gates) and "rest", so that a stage can give the gates
-    their own learning rate (``gate_lr_scale``). Both exist for every model (a dense one has no
-    gate parameters), so a saved optimiser state always has the same layout."""
+    """Three optimiser groups: "gates" (the MoE gates), "rest" (experts, task heads and the training
+    read-outs) and "shared" (:func:`is_shared_parameter`), so that a stage can give the gates and
+    the shared layers their own learning rates (``gate_lr_scale``, ``shared_lr_scale``). All three
+    exist for every model (a dense one has no gate parameters), so a saved optimiser state always
+    has the same layout."""
     named = list(module.named_parameters())
     gates = [p for name, p in named if is_gate_parameter(name)]
-    rest = [p for name, p in named if not is_gate_parameter(name)]
-    return [{"params": gates, "name": "gates"}, {"params": rest, "name": "rest"}]
+    shared = [p for name, p in named if is_shared_parameter(name)]
+    rest = [p for name, p in named if not is_gate_parameter(name) and not is_shared_parameter(name)]
+    return [
+        {"params": gates, "name": "gates"},
+        {"params": rest, "name": "rest"},
+        {"params": shared, "name": "shared"},
+    ]
+
+
+def group_lr(stage, group: str, lr: float) -> float:
+    """The learning rate of optimiser group ``group`` when the stage's rate is ``lr``."""
+    return lr * {"gates": stage.gate_lr_scale, "shared": stage.shared_lr_scale}.get(group, 1.0)
 
 
 def hidden_blocks(rng: np.random.Generator, batch: int, size: int, ratio: float) -> torch.Tensor:
@@ -293,7 +321,60 @@ def init_overrides(cfg: TrainConfig, card) -> dict:
     return {k: v for k, v in cfg.model_overrides.items() if k in free}
 
 
-def load_initial_weights(model: SwinUNet, path: str, labels: dict[str, list]) -> str:
+def resolve_init(init: str) -> Path:
+    """The model ``init`` names: a folder, card or weights file, or a model name (embedded,
+    registered and downloaded, or cached) resolved as ``m4oe segment --model`` resolves it."""
+    try:
+        return resolve_model(init)
+    except ModelError as error:
+        raise ConfigError(f"init: {error}") from None
+
+
+def inherit_preprocessing(cfg: TrainConfig, init_card: ModelCard | None) -> TrainConfig:
+    """``cfg`` with its in-plane preprocessing settled: the init model's (a fine-tuned model must see
+    its inputs prepared as its parent did), else the config's (``in_plane`` "resize" when left out).
+
+    Raises ConfigError when the config sets an ``in_plane`` or ``target_spacing_mm`` other than the
+    init model's.
+    """
+    if init_card is None or not cfg.keep_init_in_plane:
+        return dataclasses.replace(cfg, in_plane=cfg.in_plane or "resize")
+    theirs = init_card.preprocessing
+    for key, value, inherited in (
+        ("in_plane", cfg.in_plane, theirs.in_plane),
+        ("target_spacing_mm", cfg.target_spacing_mm, theirs.target_spacing_mm),
+    ):
+        if value is not None and value != inherited:
+            raise ConfigError(
+                f"{key} = {value!r}: the init model {init_card.name!r} was trained with {key} = "
+                f"{inherited!r}, which a fine-tuning run keeps; leave {key} out"
+            )
+    return dataclasses.replace(cfg, in_plane=theirs.in_plane, target_spacing_mm=theirs.target_spacing_mm)
+
+
+def init_intensity(init_card: ModelCard) -> dict[str, IntensityParams]:
+    """The init model's intensity normalisation per modality (the engine's default for a modality
+    its card lacks), which a fine-tuning run keeps instead of measuring its own data."""
+    params = dict(DEFAULT_PARAMS)
+    for modality, values in init_card.preprocessing.intensity.items():
+        params[modality] = IntensityParams.from_dict(values)
+    return params
+
+
+def check_validation_cases(cfg: TrainConfig, infos: list[DatasetInfo]) -> None:
+    """Refuse, with what to set, a ``val_cases`` that leaves a dataset nothing to train on."""
+    for i, (d, info) in enumerate(zip(cfg.datasets, infos, strict=True)):
+        if d.val_cases >= len(info.cases):
+            most = len(info.cases) - 1
+            raise ConfigError(
+                f"datasets[{i}] ({info.root}): val_cases = {d.val_cases} leaves none of its "
+                f"{len(info.cases)} case(s) to train on; set val_cases = {most} or less for it "
+                "(0: train on every case; with no validation case in any dataset the run exports "
+                "the last epoch of each stage)"
+            )
+
+
+def load_initial_weights(model: SwinUNet, path: str | Path, labels: dict[str, list]) -> str:
     """Copy an exported model's weights into ``model`` (fine-tuning); returns their SHA-256.
 
     The exported model (a folder, card or ``.safetensors`` file in the engine's format; never a
@@ -359,10 +440,11 @@ def run(
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         logger.setLevel(logging.INFO)  # the m4oe CLI configures the root logger for warnings only
-    init_card = None
+    init_card = init_path = None
     if cfg.init:
+        init_path = resolve_init(cfg.init)
         try:
-            init_card = read_model_card(cfg.init)
+            init_card = read_model_card(init_path)
         except ModelError as error:
             raise ConfigError(f"init: {error}") from None
         names = tuple(e.name for e in init_card.experts)
@@ -373,12 +455,18 @@ def run(
             )
         if not cfg.expert_order:
             cfg = dataclasses.replace(cfg, expert_order=names)  # every expert, data or not
+    cfg = inherit_preprocessing(cfg, init_card)
     infos = [DatasetInfo.read(d.path) for d in cfg.datasets]
     labels = task_labels(cfg, infos)
-    expert_modalities(cfg, infos)  # a config error found now, not at the first validation
+    expert_modalities(cfg, infos, init_card)  # a config error found now, not at the first validation
+    check_validation_cases(cfg, infos)
     splits = [split_cases(info, d.val_cases) for d, info in zip(cfg.datasets, infos, strict=True)]
     train_cases = [split["train"] for split in splits]
-    params = {"ct": ct_intensity_params(infos, train_cases, out / "cache"), "mr": DEFAULT_PARAMS["mr"]}
+    validating = any(d.val_cases > 0 for d in cfg.datasets)
+    if init_card is not None:  # a fine-tuned model normalises exactly as its parent did
+        params = init_intensity(init_card)
+    else:
+        params = {"ct": ct_intensity_params(infos, train_cases, out / "cache"), "mr": DEFAULT_PARAMS["mr"]}
 
     torch.manual_seed(cfg.seed)
     if "experts" in cfg.model_overrides or "tasks" in cfg.model_overrides:
@@ -407,9 +495,9 @@ def run(
         report = load_imagenet_weights(model, cfg.imagenet)
         logger.info("ImageNet initialisation: %s", report.summary())
     init_sha256 = init_card.weights_sha256 if init_card is not None else None  # kept on --resume
-    if cfg.init and not resume:
-        init_sha256 = load_initial_weights(model, cfg.init, labels)
-        logger.info("initialised from %s (weights SHA-256 %s)", cfg.init, init_sha256)
+    if init_path is not None and not resume:
+        init_sha256 = load_initial_weights(model, init_path, labels)
+        logger.info("initialised from %s (weights SHA-256 %s)", init_path, init_sha256)
     data = SliceData(
         list(cfg.datasets),
         infos,
@@ -480,6 +568,20 @@ def run(
     }
     epochs_run = 0
     start = time.perf_counter() - position["seconds"]
+
+    def export(metrics: dict) -> None:
+        elapsed = round(time.perf_counter() - start, 1)
+        card = build_card(
+            cfg,
+            model,
+            infos,
+            params,
+            metrics=metrics,
+            provenance=dict(provenance, training_seconds=elapsed),
+            init_card=init_card,
+        )
+        export_model(model, card, out / "model", cfg.export_dtype)
+
     for stage_index, stage in enumerate(cfg.stages):
         if stage_index < position["stage"]:
             continue
@@ -493,7 +595,7 @@ def run(
                 step_in_stage = epoch * cfg.iterations_per_epoch + it
                 lr = stage_lr(stage, step_in_stage, total_steps, cfg.poly_power)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr * (stage.gate_lr_scale if group["name"] == "gates" else 1.0)
+                    group["lr"] = group_lr(stage, group["name"], lr)
                 seed = step_seed(cfg.seed, rank, position["step"])
                 rng = np.random.default_rng(seed)
                 torch.manual_seed(seed)
@@ -550,34 +652,29 @@ def run(
                 " ".join(f"{k}={v:.4f}" for k, v in means.items()),
             )
             last_epoch = epoch + 1 == stage.epochs
-            # mim and context stages leave the segmentation as it was: nothing to validate.
-            if stage.kind not in ("mim", "context") and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
-                card = build_card(cfg, model, infos, params, metrics={}, provenance=provenance)
-                results = validate(model, card, cfg, infos, device, stage.kind)
-                score = float(
-                    np.mean([r["mean_dice"] for r in results.values() if r["mean_dice"] is not None])
+            # mim and context stages leave the segmentation as it was: nothing to validate or export.
+            segmenting = stage.kind not in ("mim", "context")
+            if segmenting and validating and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
+                card = build_card(
+                    cfg, model, infos, params, metrics={}, provenance=provenance, init_card=init_card
                 )
-                record["val_mean_dice"] = round(score, 4)
+                results = validate(model, card, cfg, infos, device, stage.kind)
+                scores = [r["mean_dice"] for r in results.values() if r["mean_dice"] is not None]
+                score = float(np.mean(scores)) if scores else None
+                record["val_mean_dice"] = round(score, 4) if score is not None else None
                 position["history"].append({"stage": stage_index, "epoch": epoch + 1, "val": results})
-                logger.info("validation mean Dice %.4f %s", score, json.dumps(results))
+                logger.info("validation mean Dice %s %s", record["val_mean_dice"], json.dumps(results))
                 # Each stage keeps its best epoch; a later stage's export replaces an earlier one's,
                 # so what ships is the best epoch of the last stage.
-                if score > position["best"].get(str(stage_index), -1.0):
+                if score is not None and score > position["best"].get(str(stage_index), -1.0):
                     position["best"][str(stage_index)] = score
-                    metrics = {
-                        "validation": results,
-                        "selected": {"stage": stage_index, "epoch": epoch + 1, "mean_dice": round(score, 4)},
-                    }
-                    elapsed = round(time.perf_counter() - start, 1)
-                    card = build_card(
-                        cfg,
-                        model,
-                        infos,
-                        params,
-                        metrics=metrics,
-                        provenance=dict(provenance, training_seconds=elapsed),
-                    )
-                    export_model(model, card, out / "model", cfg.export_dtype)
+                    selected = {"stage": stage_index, "epoch": epoch + 1, "mean_dice": round(score, 4)}
+                    export(dict(validation=results, selected=selected))
+            if segmenting and last_epoch and str(stage_index) not in position["best"]:
+                # Nothing scored this stage (no validation cases, e.g. one corrected case): its last
+                # epoch is what the run has, so that is exported, and the card says it was not chosen.
+                selected = {"stage": stage_index, "epoch": epoch + 1, "mean_dice": None}
+                export(dict(validation=None, selected=selected, note="no validation cases: the last epoch"))
             _append_csv(log_path, record)
             position["seconds"] = round(time.perf_counter() - start, 1)
             save_state(out / "state", module, optimizer, dict(position, config=cfg.to_dict()))
