@@ -88,9 +88,9 @@ class TrainConfig:
     ``init`` model when one is given, so that a fine-tuned model sees its inputs exactly as its
     parent did and cleans up as it did: ``in_plane`` and ``target_spacing_mm`` (the init model's;
     setting a different value is an error, unless ``keep_init_in_plane = false``: a deliberate
-    change of the in-plane geometry, which the network then has to learn anew), ``largest_component``, ``through_plane_sigma_mm`` and
-    ``test_time_passes`` (the init model's per task unless set). Without ``init`` they default to
-    "resize", none, (), 0.0 and 1.
+    change of the in-plane geometry, which the network then has to learn anew),
+    ``largest_component``, ``through_plane_sigma_mm`` and ``test_time_passes`` (the init model's
+    per task unless set). Without ``init`` they default to "resize", none, (), 0.0 and 1.
     """
 
     name: str
