@@ -1444,6 +1444,13 @@ def test_fine_tuning_refuses_other_in_plane_preprocessing_than_the_init_models(
         resolved = inherit_preprocessing(cfg, card)
         assert (resolved.in_plane, resolved.target_spacing_mm) == ("spacing", (5.0, 5.0))
     assert inherit_preprocessing(cfg, None).in_plane == "resize"  # without init: the default
+    # A deliberate change of geometry (a model retrained for another grid) says so explicitly.
+    changed = load_config(
+        fine_tune_config(
+            tmp_path / "new.toml", one_case, phantoms, in_plane="resize", keep_init_in_plane=False
+        )
+    )[0]
+    assert (inherit_preprocessing(changed, card).in_plane, changed.target_spacing_mm) == ("resize", None)
 
 
 def test_a_one_case_dataset_with_the_default_validation_cases_says_what_to_set(one_case, tmp_path):

@@ -48,3 +48,37 @@ def run_train(args: argparse.Namespace) -> int:
     else:  # e.g. --stop-after-epochs before the first export
         print(f"run folder: {out}; no model exported yet (--resume continues the run)")
     return 0
+
+
+def register_synth(subparsers) -> None:
+    synth = subparsers.add_parser(
+        "synth", help="render training slices from a dataset's label maps (domain randomisation) to look at"
+    )
+    synth.add_argument(
+        "dataset", type=Path, help="an nnU-Net dataset folder (dataset.json, imagesTr, labelsTr)"
+    )
+    synth.add_argument("out", type=Path, help="folder for examples.png, images.nii.gz and labels.nii.gz")
+    synth.add_argument("--family", required=True, choices=("ct", "t1", "t2", "any"), help="contrast family")
+    synth.add_argument("--count", type=int, default=16, help="slices to render (default 16)")
+    synth.add_argument(
+        "--seed", type=int, default=0, help="random seed (the same seed renders the same slices)"
+    )
+    synth.add_argument(
+        "--model", default=None, help="model whose preprocessing (grid, CT window) to use (default: embedded)"
+    )
+    synth.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    synth.set_defaults(handler=run_synth)
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from m4oe.checkpoint import read_model_card
+    from m4oe.hub import resolve_model
+
+    from .synth import write_examples
+
+    card = read_model_card(resolve_model(args.model))
+    paths = write_examples(
+        args.dataset, args.out, args.family, args.count, args.seed, card, overwrite=args.overwrite
+    )
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0

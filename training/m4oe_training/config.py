@@ -22,6 +22,7 @@ STAGE_KINDS = ("mim", "experts", "joint", "context")
 TRAINABLE = ("all", "gates", "context")
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("auto", "off", "bf16")
+SYNTH_CHOICES = ("off", "ct", "t1", "t2", "any")
 
 
 class ConfigError(InputError):
@@ -34,12 +35,22 @@ class DatasetConfig:
 
     ``path`` is relative to the config file's folder when not absolute. ``val_cases`` cases (the
     last ones in sorted order) are held out for validation.
+
+    ``synth``: "off" (the dataset's images), or a contrast family of :mod:`.synth` ("ct", "t1",
+    "t2", "any"): training slices are then rendered from the cases' anatomy (organ labels plus
+    tissue sub-classes derived from the image) with random intensities, for a fraction
+    ``synth_fraction`` of the samples drawn from this dataset (the rest are its real images). A
+    family of another modality than the images' (MR renders of a CT dataset) needs
+    ``synth_fraction = 1`` and ``val_cases = 0``: the real images would be the wrong modality for
+    the expert.
     """
 
     path: str
     expert: str
     task: str
     val_cases: int = 2
+    synth: str = "off"
+    synth_fraction: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,10 @@ class TrainConfig:
         for i, d in enumerate(self.datasets):
             if d.val_cases < 0:
                 raise ConfigError(f"datasets[{i}].val_cases must be >= 0, got {d.val_cases}")
+            if d.synth not in SYNTH_CHOICES:
+                raise ConfigError(f"datasets[{i}].synth must be one of {SYNTH_CHOICES}, got {d.synth!r}")
+            if not 0.0 < d.synth_fraction <= 1.0:
+                raise ConfigError(f"datasets[{i}].synth_fraction must be in (0, 1], got {d.synth_fraction}")
         if self.expert_order:
             if len(set(self.expert_order)) != len(self.expert_order):
                 raise ConfigError(f"expert_order names an expert twice: {list(self.expert_order)}")

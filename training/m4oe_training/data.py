@@ -6,6 +6,10 @@ with the engine's own preprocessing (:class:`m4oe.prepare.SlicePlan`: axial stac
 normalisation, in-plane resampling), so the model sees at training exactly what it sees at
 inference, and kept in memory and in an on-disk cache as float16 (Z, S, S) images and uint8
 labels. Sampling is deterministic per (seed, rank, step): a resumed run draws the same batches.
+
+A dataset with ``synth`` on also keeps each case's anatomy map on the model grid
+(:func:`.synth.anatomy_from_image`), and its samples are rendered from it by
+:func:`.synth.render_slice` (domain randomisation) instead of read from the image.
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams, ct_statistics_fr
 
 from .config import ConfigError, DatasetConfig
 from .nnunet import read_dataset_json
+from .synth import FAMILY_MODALITY, anatomy_from_image, neighbours, render_slice, structure_keys
 
 logger = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -83,15 +88,33 @@ class DatasetInfo:
         return len(self.labels)
 
 
+def dataset_modality(cfg: DatasetConfig, info: DatasetInfo) -> str:
+    """What the dataset's samples are for its expert: the synthesis family's modality, or the images'."""
+    return FAMILY_MODALITY[cfg.synth] if cfg.synth != "off" else info.modality
+
+
+def check_synth(cfg: DatasetConfig, info: DatasetInfo) -> None:
+    """Renders of another modality than the images' must replace them everywhere (see DatasetConfig)."""
+    if cfg.synth == "off" or dataset_modality(cfg, info) == info.modality:
+        return
+    if cfg.synth_fraction < 1.0 or cfg.val_cases:
+        raise ConfigError(
+            f"{info.root}: synth = {cfg.synth!r} renders {dataset_modality(cfg, info)} images of a "
+            f"{info.modality} dataset; set synth_fraction = 1 and val_cases = 0"
+        )
+
+
 @dataclass
 class PreparedCase:
-    """One case on the model grid: ``image`` float16 (Z, S, S) normalised, ``label`` uint8 (Z, S, S)."""
+    """One case on the model grid: ``image`` float16 (Z, S, S) normalised, ``label`` uint8 (Z, S, S),
+    and for synthesis ``anatomy`` uint8 (Z, S, S) (:func:`.synth.anatomy_from_image`), else None."""
 
     dataset: int
     case: str
     image: np.ndarray
     label: np.ndarray
     foreground_slices: np.ndarray
+    anatomy: np.ndarray | None = None
 
 
 def ct_intensity_params(
@@ -136,9 +159,19 @@ def _sample_key(info: DatasetInfo, case: str) -> str:
 
 
 def prepare_case(
-    info: DatasetInfo, case: str, params: IntensityParams, size: int, in_plane: str, target_spacing
-) -> tuple[np.ndarray, np.ndarray]:
-    """Read, reorient, normalise and resample one case. Returns float16 and uint8 (Z, S, S) arrays."""
+    info: DatasetInfo,
+    case: str,
+    params: IntensityParams,
+    size: int,
+    in_plane: str,
+    target_spacing,
+    anatomy: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Read, reorient, normalise and resample one case.
+
+    Returns the image float16, the labels uint8 and, with ``anatomy``, the anatomy map uint8, all
+    (Z, S, S) on the model grid (rows anterior -> posterior, columns right -> left); else None.
+    """
     image = to_axial_stack(read_image(info.image_path(case)).image)
     label = to_axial_stack(read_image(info.label_path(case)).image)
     if label.array.shape != image.array.shape:
@@ -150,7 +183,10 @@ def prepare_case(
     plan = SlicePlan.for_stack(image, info.modality, params, size, in_plane, target_spacing)
     slices = plan.model_input(image.array).numpy()[:, 0].astype(np.float16)
     labels = labels_to_model_grid(values.astype(np.uint8), plan.grid).numpy().astype(np.uint8)
-    return slices, labels
+    if not anatomy:
+        return slices, labels, None
+    tissue = anatomy_from_image(image.array, values.astype(np.uint8), info.modality)
+    return slices, labels, labels_to_model_grid(tissue, plan.grid).numpy().astype(np.uint8)
 
 
 class SliceData:
@@ -175,24 +211,34 @@ class SliceData:
         cache_dir: Path | None = None,
     ):
         self.infos = infos
+        self.synth = [cfg.synth for cfg in datasets]
+        self.synth_fraction = [cfg.synth_fraction for cfg in datasets]
+        self.structure_keys = [structure_keys(info.labels) for info in infos]
+        self.ct_params = params["ct"]
         self.cases: list[PreparedCase] = []
         for d_index, (cfg, info) in enumerate(zip(datasets, infos, strict=True)):
+            check_synth(cfg, info)
+            with_anatomy = cfg.synth != "off"
             for case in split_cases(info, cfg.val_cases)["train"]:
                 key = _cache_key(info, case, params[info.modality], size, in_plane, target_spacing)
-                cached = cache_dir / f"{key}.npz" if cache_dir else None
+                cached = cache_dir / f"{key}{'_anatomy' if with_anatomy else ''}.npz" if cache_dir else None
                 if cached is not None and cached.exists():
                     with np.load(cached) as z:
                         image, label = z["image"], z["label"]
+                        anatomy = z["anatomy"] if with_anatomy else None
                 else:
-                    image, label = prepare_case(
-                        info, case, params[info.modality], size, in_plane, target_spacing
+                    image, label, anatomy = prepare_case(
+                        info, case, params[info.modality], size, in_plane, target_spacing, with_anatomy
                     )
                     if cached is not None:
                         cached.parent.mkdir(parents=True, exist_ok=True)
+                        arrays = {"image": image, "label": label}
+                        if anatomy is not None:
+                            arrays["anatomy"] = anatomy
                         # A unique temporary name: DDP ranks prepare the same cases at the same time.
-                        write_atomic(cached, partial(np.savez, image=image, label=label), overwrite=True)
+                        write_atomic(cached, partial(np.savez, **arrays), overwrite=True)
                 fg = np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1))
-                self.cases.append(PreparedCase(d_index, case, image, label, fg))
+                self.cases.append(PreparedCase(d_index, case, image, label, fg, anatomy))
         self.by_dataset = [[c for c in self.cases if c.dataset == d] for d in range(len(infos))]
         for d, cases in enumerate(self.by_dataset):
             if not cases:
@@ -203,7 +249,8 @@ class SliceData:
     def sample(self, rng: np.random.Generator, batch: int, foreground_fraction: float):
         """Draw a batch: dataset uniformly (balancing datasets), then a case, then a slice.
 
-        With probability ``foreground_fraction`` the slice is one holding foreground.
+        With probability ``foreground_fraction`` the slice is one holding foreground. A dataset with
+        ``synth`` on renders the slice from its anatomy for a ``synth_fraction`` of its samples.
         Returns images (B, 1, S, S) float32, labels (B, S, S) int64, dataset indices (B,).
         """
         images, labels, index = [], [], []
@@ -214,8 +261,20 @@ class SliceData:
                 k = int(case.foreground_slices[rng.integers(case.foreground_slices.size)])
             else:
                 k = int(rng.integers(case.image.shape[0]))
-            images.append(case.image[k])
-            labels.append(case.label[k])
+            if case.anatomy is not None and rng.random() < self.synth_fraction[d]:
+                image, label = render_slice(
+                    neighbours(case.anatomy, k),
+                    case.label[k],
+                    self.structure_keys[d],
+                    self.synth[d],
+                    rng,
+                    self.ct_params,
+                )
+                images.append(image)
+                labels.append(label)
+            else:
+                images.append(case.image[k])
+                labels.append(case.label[k])
             index.append(d)
         return (
             torch.from_numpy(np.stack(images).astype(np.float32))[:, None],

@@ -14,7 +14,7 @@ from m4oe.preprocessing import IntensityParams
 from m4oe.terminology import STANDARD_KEYS, generic_label, standard_label
 
 from .config import ConfigError, TrainConfig
-from .data import DatasetInfo
+from .data import DatasetInfo, dataset_modality
 
 
 def dataset_labels(info: DatasetInfo) -> list[Label]:
@@ -66,10 +66,9 @@ def expert_modalities(
     the run has no data for, from ``init_card`` (the card of the run's ``init`` model)."""
     found: dict[str, str] = {}
     for d, info in zip(cfg.datasets, infos, strict=True):
-        if found.setdefault(d.expert, info.modality) != info.modality:
-            raise ConfigError(
-                f"expert {d.expert!r} is given both {found[d.expert]} and {info.modality} datasets"
-            )
+        modality = dataset_modality(d, info)
+        if found.setdefault(d.expert, modality) != modality:
+            raise ConfigError(f"expert {d.expert!r} is given both {found[d.expert]} and {modality} datasets")
     if init_card is not None:  # experts the run has no data for keep the init model's modality
         for expert in init_card.experts:
             if found.setdefault(expert.name, expert.modality) != expert.modality:

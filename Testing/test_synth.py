@@ -1,0 +1,256 @@
+"""Images rendered from label maps (m4oe_training.synth) and their use as a training data source."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from m4oe.checkpoint import read_model_card
+from m4oe.hub import resolve_model
+from m4oe.phantom import PHANTOM_LABELS, write_dataset
+from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams
+from m4oe_training.config import SYNTH_CHOICES, ConfigError, DatasetConfig
+from m4oe_training.data import DatasetInfo, SliceData, dataset_modality
+from m4oe_training.synth import (
+    CT_HU,
+    DENSE,
+    FAMILIES,
+    FAT,
+    SOFT_HIGH,
+    SOFT_LOW,
+    SynthSettings,
+    anatomy_from_image,
+    deform,
+    neighbours,
+    render_slice,
+    structure_keys,
+    write_examples,
+)
+
+CT = IntensityParams.ct((-1000.0, 1000.0), mean=0.0, std=1000.0)  # normalised = HU / 1000
+STILL = SynthSettings(  # no deformation, texture, blur, noise or resolution loss
+    max_rotation_deg=0.0,
+    scale=(1.0, 1.0),
+    max_shear=0.0,
+    max_shift=0.0,
+    p_elastic=0.0,
+    texture_std=(0.0, 0.0),
+    neighbour_weight=(0.0, 0.0),
+    blur_sigma=(0.0, 0.0),
+    bias_strength=(0.0, 0.0),
+    gamma_std=0.0,
+    ct_noise_hu=(0.0, 0.0),
+    mr_noise=(0.0, 0.0),
+    p_low_resolution=0.0,
+    p_opposed_phase=0.0,
+    p_fat_suppressed=0.0,
+    p_invert=0.0,
+)
+KEYS = structure_keys(PHANTOM_LABELS)
+
+
+def toy_anatomy(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """A body of fat around soft tissue holding a liver (1), spleen (2) and a vertebra (7): (3, S, S)
+    anatomy (the same slice three times) and (S, S) target labels."""
+    yy, xx = np.mgrid[:size, :size]
+    anatomy = np.zeros((size, size), np.uint8)
+    anatomy[(yy - 32) ** 2 / 26**2 + (xx - 32) ** 2 / 30**2 < 1] = FAT
+    anatomy[(yy - 32) ** 2 / 20**2 + (xx - 32) ** 2 / 24**2 < 1] = SOFT_LOW
+    target = np.zeros((size, size), np.uint8)
+    target[20:36, 12:30] = PHANTOM_LABELS["liver"]
+    target[22:32, 40:50] = PHANTOM_LABELS["spleen"]
+    target[42:48, 29:35] = PHANTOM_LABELS["vertebrae"]
+    anatomy[target > 0] = target[target > 0]
+    return np.stack([anatomy] * 3), target
+
+
+def test_anatomy_from_ct_splits_the_unlabelled_body_by_hounsfield_units_and_keeps_organs():
+    hu = np.array([-1000, -100, 10, 60, 400], np.float32)
+    image = np.repeat(np.repeat(hu, 4)[None, None, :], 4, axis=1)  # (1, 4, 20): 4-pixel bands
+    labels = np.zeros(image.shape, np.uint8)
+    labels[0, :, 8:12] = 1  # the 10 HU band is liver
+    anatomy = anatomy_from_image(image, labels, "ct")
+    assert anatomy.dtype == np.uint8 and anatomy.shape == image.shape
+    assert anatomy[0, 1, ::4].tolist() == [0, FAT, 1, SOFT_HIGH, DENSE]
+    labels[0, :, 8:12] = 0
+    assert anatomy_from_image(image, labels, "ct")[0, 1, 8] == SOFT_LOW
+
+
+def test_anatomy_from_mr_uses_intensity_tertiles_of_the_unlabelled_body():
+    values = np.array([0, 100, 200, 300], np.float32)
+    image = np.repeat(np.repeat(values, 5)[None, None, :], 5, axis=1)
+    labels = np.zeros(image.shape, np.uint8)
+    anatomy = anatomy_from_image(image, labels, "mr")
+    assert anatomy[0, 2, ::5].tolist() == [0, SOFT_LOW, SOFT_HIGH, FAT]
+
+
+def test_anatomy_refuses_mismatched_shapes_and_unknown_modalities():
+    with pytest.raises(ValueError, match="differs from label shape"):
+        anatomy_from_image(np.zeros((2, 4, 4)), np.zeros((2, 4, 5), np.uint8), "ct")
+    with pytest.raises(ValueError, match="modality must be"):
+        anatomy_from_image(np.zeros((2, 4, 4)), np.zeros((2, 4, 4), np.uint8), "pet")
+    with pytest.raises(ValueError, match="organ labels must lie in"):
+        anatomy_from_image(np.zeros((1, 2, 2)), np.full((1, 2, 2), FAT, np.uint8), "ct")
+
+
+def test_ct_renders_give_each_structure_one_plausible_hounsfield_value_per_phase():
+    anatomy, target = toy_anatomy()
+    for seed in range(12):
+        image, labels = render_slice(anatomy, target, KEYS, "ct", np.random.default_rng(seed), CT, STILL)
+        hu = image * 1000.0
+        np.testing.assert_array_equal(labels, target)
+        for key in ("liver", "spleen", "vertebrae"):
+            region = hu[target == PHANTOM_LABELS[key]]
+            assert np.ptp(region) < 1e-3  # one value per structure when texture and noise are off
+            low = min(r[0] for r in CT_HU[key])
+            high = max(r[1] for r in CT_HU[key])
+            assert low - 1e-3 <= region[0] <= high + 1e-3, (key, region[0])
+        assert -1010 <= hu[0, 0] <= -950  # air outside the body
+        assert -130 <= hu[anatomy[1] == FAT][0] <= -70
+
+
+def test_mr_families_keep_their_characteristic_contrasts():
+    anatomy, target = toy_anatomy()
+    fat = anatomy[1] == FAT
+    liver, spleen = target == PHANTOM_LABELS["liver"], target == PHANTOM_LABELS["spleen"]
+    for seed in range(10):
+        t1, _ = render_slice(anatomy, target, KEYS, "t1", np.random.default_rng(seed), CT, STILL)
+        t2, _ = render_slice(anatomy, target, KEYS, "t2", np.random.default_rng(seed), CT, STILL)
+        assert t1[fat].mean() > t1[liver].mean()  # fat bright on T1
+        assert t2[spleen].mean() > t2[liver].mean()  # spleen brighter than liver on T2
+        for image in (t1, t2):  # MR z-score: order kept, air the darkest, the body spread around 0
+            assert image[0, 0] == image.min() and -3.0 < image.min() < 0.0 < image.max() < 3.0
+
+
+def test_renders_are_reproducible_from_the_generator_and_vary_between_seeds():
+    anatomy, target = toy_anatomy()
+    first = render_slice(anatomy, target, KEYS, "any", np.random.default_rng(5), CT)
+    again = render_slice(anatomy, target, KEYS, "any", np.random.default_rng(5), CT)
+    other = render_slice(anatomy, target, KEYS, "any", np.random.default_rng(6), CT)
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    assert not np.allclose(first[0], other[0])
+
+
+def test_deformation_moves_anatomy_and_labels_together():
+    """With deformation on and every other effect off, each target label still covers pixels of one
+    intensity: the image was rendered from the anatomy warped exactly as the labels were."""
+    anatomy, target = toy_anatomy()
+    settings = dataclasses.replace(
+        STILL, max_rotation_deg=25.0, scale=(0.8, 1.2), max_shift=0.1, p_elastic=1.0
+    )
+    moved = 0
+    for seed in range(6):
+        image, labels = render_slice(anatomy, target, KEYS, "ct", np.random.default_rng(seed), CT, settings)
+        moved += int((labels != target).sum())
+        for value in (1, 2, 7):
+            region = image[labels == value]
+            assert region.size > 10 and np.ptp(region) < 1e-6
+    assert moved > 100  # the maps did move
+
+
+def test_deform_keeps_label_values_and_slice_thickness_mixes_neighbours():
+    import torch
+
+    anatomy, target = toy_anatomy()
+    warped = deform(torch.from_numpy(anatomy.astype(np.int64)), np.random.default_rng(0), SynthSettings())
+    assert set(np.unique(warped.numpy())) <= set(np.unique(anatomy))
+    volume = np.stack([anatomy[0], np.zeros_like(anatomy[0]), anatomy[0]])
+    np.testing.assert_array_equal(neighbours(volume, 0), volume[[0, 0, 1]])
+    np.testing.assert_array_equal(neighbours(volume, 2), volume[[1, 2, 2]])
+    thick = dataclasses.replace(STILL, neighbour_weight=(0.5, 0.5))
+    mixed, _ = render_slice(
+        neighbours(volume, 1), target * 0, KEYS, "ct", np.random.default_rng(1), CT, thick
+    )
+    liver = target == 1
+    # slice k is air; its neighbours' liver shows through at half weight each: between air and liver
+    assert -1.0 < mixed[liver].mean() < mixed[0, 0] + 0.6
+
+
+def test_render_refuses_bad_arguments():
+    anatomy, target = toy_anatomy()
+    with pytest.raises(ValueError, match="family must be one of"):
+        render_slice(anatomy, target, KEYS, "pet", np.random.default_rng(0), CT)
+    with pytest.raises(ValueError, match=r"anatomy \(3, S, S\)"):
+        render_slice(anatomy[:2], target, KEYS, "ct", np.random.default_rng(0), CT)
+
+
+def test_config_synth_choices_are_the_generators_families():
+    assert SYNTH_CHOICES == ("off", *FAMILIES)
+
+
+@pytest.fixture(scope="module")
+def ct_phantoms(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("synth") / "ct", "ct", 2, seed=3, max_size=48)
+
+
+def test_slice_data_renders_synth_datasets_and_keeps_real_images_otherwise(ct_phantoms, tmp_path):
+    info = DatasetInfo.read(ct_phantoms)
+    real = DatasetConfig(str(ct_phantoms), "ct", "abdomen", val_cases=0)
+    t1 = DatasetConfig(str(ct_phantoms), "mr-t1", "abdomen", val_cases=0, synth="t1")
+    params = {"ct": DEFAULT_PARAMS["ct"], "mr": DEFAULT_PARAMS["mr"]}
+    data = SliceData([real, t1], [info, info], params, 48, "resize", None, tmp_path / "cache")
+    assert data.by_dataset[0][0].anatomy is None
+    anatomy = data.by_dataset[1][0].anatomy
+    assert anatomy.shape == data.by_dataset[1][0].label.shape and anatomy.dtype == np.uint8
+    assert {FAT, SOFT_LOW} <= set(np.unique(anatomy))
+    images, labels, index = data.sample(np.random.default_rng(0), 16, 1.0)
+    again = data.sample(np.random.default_rng(0), 16, 1.0)
+    assert all(torch_equal(a, b) for a, b in zip((images, labels, index), again, strict=True))
+    stored = {c.case: c for c in data.cases if c.dataset == 0}
+    for image, d in zip(images[:, 0].numpy(), index.tolist(), strict=True):
+        is_stored = any(
+            np.array_equal(image, c.image[k].astype(np.float32))
+            for c in stored.values()
+            for k in range(len(c.image))
+        )
+        assert is_stored == (d == 0)
+    # the anatomy is cached with the prepared slices and read back, not derived again
+    cached = SliceData([t1], [info], params, 48, "resize", None, tmp_path / "cache")
+    np.testing.assert_array_equal(cached.by_dataset[0][0].anatomy, anatomy)
+    assert dataset_modality(t1, info) == "mr" and dataset_modality(real, info) == "ct"
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())
+
+
+def test_renders_of_another_modality_may_not_mix_with_or_validate_on_the_real_images(ct_phantoms):
+    info = DatasetInfo.read(ct_phantoms)
+    params = {"ct": DEFAULT_PARAMS["ct"], "mr": DEFAULT_PARAMS["mr"]}
+    for bad in (
+        DatasetConfig(str(ct_phantoms), "mr-t1", "abdomen", val_cases=1, synth="t1"),
+        DatasetConfig(str(ct_phantoms), "mr-t1", "abdomen", val_cases=0, synth="t1", synth_fraction=0.5),
+    ):
+        with pytest.raises(ConfigError, match="set synth_fraction = 1 and val_cases = 0"):
+            SliceData([bad], [info], params, 48, "resize", None, None)
+
+
+def test_write_examples_writes_a_picture_and_aligned_volumes_once(ct_phantoms, tmp_path):
+    from m4oe.errors import OutputError
+
+    card = read_model_card(resolve_model("m4oe-phantom"))
+    paths = write_examples(ct_phantoms, tmp_path / "ex", "t2", 5, 0, card)
+    assert [p.name for p in paths] == ["examples.png", "images.nii.gz", "labels.nii.gz"]
+    images = sitk.GetArrayFromImage(sitk.ReadImage(str(paths[1])))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(paths[2])))
+    size = card.architecture.img_size
+    assert images.shape == labels.shape == (5, size, size)
+    assert set(np.unique(labels)) - {0} and set(np.unique(labels)) <= set(range(10))
+    before = paths[0].stat().st_mtime_ns
+    with pytest.raises(OutputError, match="exists"):
+        write_examples(ct_phantoms, tmp_path / "ex", "t2", 5, 0, card)
+    assert paths[0].stat().st_mtime_ns == before
+
+
+def test_synth_command_renders_examples(ct_phantoms, tmp_path, capsys):
+    from m4oe.cli import main
+
+    assert main(["synth", str(ct_phantoms), str(tmp_path / "out"), "--family", "ct", "--count", "3"]) == 0
+    assert "examples.png" in capsys.readouterr().out
+    assert json.loads((ct_phantoms / "dataset.json").read_text())["modality"] == "ct"
+    assert (tmp_path / "out" / "labels.nii.gz").exists()

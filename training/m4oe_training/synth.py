@@ -1,0 +1,427 @@
+"""Training images rendered from label maps: domain randomisation in the manner of SynthSeg.
+
+SynthSeg (Billot et al., Medical Image Analysis 2023) trains a network on images drawn from
+anatomical label maps with random intensities per structure, so that it learns shapes rather
+than one scanner's contrast. Here the anatomy is an *anatomy map*: the organ labels of a case
+plus sub-classes of the unlabelled body (fat, two kinds of soft tissue such as muscle and bowel,
+dense tissue such as bone or oral contrast) derived from its image by :func:`anatomy_from_image`.
+:func:`render_slice` turns three neighbouring anatomy slices on the model grid into one
+normalised training slice:
+
+1. deformation of the anatomy (random affine: rotation, anisotropic scaling, shear, shift; and a
+   smooth elastic field), applied to the anatomy and the target labels alike (nearest neighbour);
+2. an intensity per structure drawn for the contrast family: ``"ct"`` (Hounsfield units in
+   CT-plausible ranges for a random phase: native, arterial, portal venous, delayed), ``"t1"``
+   (T1-like, in/opposed phase, fat-suppressed), ``"t2"`` (T2-like, fat-suppressed) or ``"any"``
+   (every structure uniform at random, sometimes inverted); each structure gets a texture
+   (Gaussian, its own standard deviation);
+3. slice thickness: the neighbouring slices mixed in with random weights (partial volume);
+4. blur, a smooth multiplicative bias field (MR), a gamma curve (MR), noise (Gaussian for CT,
+   Rician for MR), and a lower in-plane resolution (down- then up-sampled);
+5. the engine's own intensity normalisation (:func:`m4oe.preprocessing.normalize_slices`): the
+   model's CT window for CT, per-image percentiles and z-score for MR.
+
+All randomness comes from one ``numpy.random.Generator``, so a (seed, case, slice) always renders
+the same image. Arrays are (Z, S, S) or (S, S) on the model grid: rows anterior -> posterior,
+columns patient right -> left (:func:`m4oe.geometry.to_axial_stack`), S the model input size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from m4oe.errors import OutputError
+from m4oe.io import all_or_nothing, write_atomic
+from m4oe.model_card import ModelCard
+from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams, mr_volume_statistics, normalize_slices
+
+FAMILIES = ("ct", "t1", "t2", "any")
+"""Contrast families :func:`render_slice` draws from; "off" in a config means real images only."""
+
+FAMILY_MODALITY = {"ct": "ct", "t1": "mr", "t2": "mr", "any": "mr"}
+
+FAT, SOFT_LOW, SOFT_HIGH, DENSE = 250, 251, 252, 253
+"""Anatomy-map values of the unlabelled body's sub-classes (organs keep their label values, air 0)."""
+TISSUE_KEYS = {FAT: "fat", SOFT_LOW: "soft_tissue_low", SOFT_HIGH: "soft_tissue_high", DENSE: "dense"}
+
+# CT sub-class bounds in HU of the median-filtered image: air | fat | soft low | soft high | dense.
+CT_TISSUE_BOUNDS_HU = (-400.0, -20.0, 45.0, 180.0)
+
+CT_PHASES = ("native", "arterial", "portal", "delayed")
+# HU range of each structure per phase (native, arterial, portal venous, delayed), from the usual
+# abdominal CT attenuation values; keys not listed use "soft_tissue_high".
+CT_HU: dict[str, tuple[tuple[float, float], ...]] = {
+    "air": ((-1010, -950),) * 4,
+    "fat": ((-130, -70),) * 4,
+    "soft_tissue_low": ((-15, 35), (-15, 35), (-10, 40), (-10, 40)),
+    "soft_tissue_high": ((30, 60), (40, 80), (50, 100), (45, 90)),
+    "dense": ((180, 700), (180, 700), (180, 700), (180, 700)),
+    "liver": ((40, 70), (55, 95), (90, 150), (70, 110)),
+    "spleen": ((35, 60), (70, 170), (95, 145), (70, 110)),
+    "kidney_right": ((25, 45), (120, 250), (130, 220), (110, 200)),
+    "kidney_left": ((25, 45), (120, 250), (130, 220), (110, 200)),
+    "aorta": ((30, 55), (200, 420), (120, 210), (90, 150)),
+    "inferior_vena_cava": ((30, 55), (60, 140), (110, 190), (90, 150)),
+    "vertebrae": ((150, 450),) * 4,
+    "stomach": ((-20, 50), (-20, 60), (-10, 70), (-10, 70)),
+    "pancreas": ((30, 55), (80, 140), (70, 120), (60, 100)),
+}
+
+# MR families: a structure's mean on [0, 1] drawn from a range; keys not listed are uniform.
+MR_RANGES: dict[str, dict[str, tuple[float, float]]] = {
+    "t1": {
+        "air": (0.0, 0.04),
+        "fat": (0.7, 1.0),
+        "soft_tissue_low": (0.1, 0.35),
+        "soft_tissue_high": (0.25, 0.5),
+        "dense": (0.05, 0.3),
+        "liver": (0.35, 0.65),
+        "spleen": (0.25, 0.5),
+        "kidney_right": (0.2, 0.55),
+        "kidney_left": (0.2, 0.55),
+        "vertebrae": (0.35, 0.75),
+        "stomach": (0.05, 0.4),
+        "pancreas": (0.4, 0.7),
+    },
+    "t2": {
+        "air": (0.0, 0.04),
+        "fat": (0.45, 0.85),
+        "soft_tissue_low": (0.35, 0.9),
+        "soft_tissue_high": (0.15, 0.4),
+        "dense": (0.05, 0.25),
+        "liver": (0.12, 0.3),
+        "spleen": (0.35, 0.6),
+        "kidney_right": (0.4, 0.75),
+        "kidney_left": (0.4, 0.75),
+        "vertebrae": (0.2, 0.5),
+        "stomach": (0.2, 0.95),
+        "pancreas": (0.2, 0.45),
+    },
+}
+VESSELS = ("aorta", "inferior_vena_cava")
+
+
+@dataclass(frozen=True)
+class SynthSettings:
+    """Ranges of the random draws (pixels are model-grid pixels)."""
+
+    max_rotation_deg: float = 20.0
+    scale: tuple[float, float] = (0.75, 1.3)
+    max_shear: float = 0.08
+    max_shift: float = 0.06
+    p_elastic: float = 0.6
+    elastic_grid: int = 5
+    elastic_max_shift: float = 5.0
+    texture_std: tuple[float, float] = (0.0, 0.08)
+    neighbour_weight: tuple[float, float] = (0.0, 0.5)
+    blur_sigma: tuple[float, float] = (0.0, 1.0)
+    bias_strength: tuple[float, float] = (0.0, 0.4)
+    gamma_std: float = 0.3
+    ct_noise_hu: tuple[float, float] = (3.0, 25.0)
+    mr_noise: tuple[float, float] = (0.0, 0.05)
+    resolution_factor: tuple[float, float] = (1.0, 2.2)
+    p_low_resolution: float = 0.5
+    p_opposed_phase: float = 0.2
+    p_fat_suppressed: float = 0.25
+    p_invert: float = 0.2
+
+
+def anatomy_from_image(image: np.ndarray, labels: np.ndarray, modality: str) -> np.ndarray:
+    """An anatomy map: the organ labels, and the unlabelled voxels split into tissue sub-classes.
+
+    Args:
+        image: (Z, Y, X) intensities, HU for CT, arbitrary units for MR (any axis order works; the
+            labels must share it).
+        labels: (Z, Y, X) integer organ labels (values 1..249; 0 unlabelled).
+        modality: "ct" (sub-classes by HU: air, fat, soft tissue below and above 45 HU, dense above
+            180 HU, on a 3x3 in-plane median of the image so noise does not speckle them) or "mr"
+            (background below 5 % of the 99.5th percentile, the rest in three intensity tertiles,
+            kept as fat / soft low / soft high for want of a better name: for MR they only carry
+            random intensities, never a CT meaning).
+
+    Returns:
+        uint8 (Z, Y, X): organ label values where labelled, else 0 (air) or one of
+        :data:`FAT`, :data:`SOFT_LOW`, :data:`SOFT_HIGH`, :data:`DENSE`.
+    """
+    from scipy import ndimage
+
+    image = np.asarray(image, dtype=np.float32)
+    labels = np.asarray(labels)
+    if image.shape != labels.shape:
+        raise ValueError(f"anatomy: image shape {image.shape} differs from label shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= FAT):
+        raise ValueError(
+            f"anatomy: organ labels must lie in 0..{FAT - 1}, got {labels.min()}..{labels.max()}"
+        )
+    smooth = ndimage.median_filter(image, size=(1, 3, 3)) if image.ndim == 3 else image
+    out = np.zeros(image.shape, dtype=np.uint8)
+    if modality == "ct":
+        bounds = CT_TISSUE_BOUNDS_HU
+        classes = np.digitize(smooth, bounds)  # 0 air, 1 fat, 2 soft low, 3 soft high, 4 dense
+        table = np.array([0, FAT, SOFT_LOW, SOFT_HIGH, DENSE], dtype=np.uint8)
+        out[:] = table[classes]
+    elif modality == "mr":
+        top = float(np.percentile(smooth, 99.5)) if smooth.size else 0.0
+        body = smooth > 0.05 * top
+        free = body & (labels == 0)
+        if free.any():
+            t1, t2 = np.percentile(smooth[free], (100 / 3, 200 / 3))
+            out[body] = np.where(smooth[body] < t1, SOFT_LOW, np.where(smooth[body] < t2, SOFT_HIGH, FAT))
+    else:
+        raise ValueError(f"anatomy: modality must be 'ct' or 'mr', got {modality!r}")
+    organ = labels > 0
+    out[organ] = labels[organ].astype(np.uint8)
+    return out
+
+
+def structure_keys(organ_labels: dict[str, int]) -> dict[int, str]:
+    """Anatomy-map value -> structure key: the dataset's organs, the tissue sub-classes and air."""
+    keys = {0: "air", **TISSUE_KEYS}
+    keys.update({int(v): k for k, v in organ_labels.items() if int(v) > 0})
+    return keys
+
+
+def deform(maps: torch.Tensor, rng: np.random.Generator, settings: SynthSettings) -> torch.Tensor:
+    """Warp integer maps (C, S, S) (anatomy slices and target labels) by one random affine + elastic field.
+
+    Nearest-neighbour sampling keeps label values; outside the grid is 0 (air, background).
+    """
+    size = maps.shape[-1]
+    angle = math.radians(rng.uniform(-settings.max_rotation_deg, settings.max_rotation_deg))
+    sy, sx = (1.0 / rng.uniform(*settings.scale) for _ in range(2))
+    shear = rng.uniform(-settings.max_shear, settings.max_shear)
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    matrix = rot @ np.array([[sx, shear], [0.0, sy]])
+    theta = torch.zeros(1, 2, 3)
+    theta[0, :, :2] = torch.from_numpy(matrix)
+    theta[0, :, 2] = torch.from_numpy(rng.uniform(-settings.max_shift, settings.max_shift, 2))
+    grid = F.affine_grid(theta, [1, 1, size, size], align_corners=False)
+    if rng.random() < settings.p_elastic:
+        coarse = torch.from_numpy(rng.standard_normal((1, 2, settings.elastic_grid, settings.elastic_grid)))
+        coarse = coarse.float() / coarse.abs().max().clamp_min(1e-6)
+        field = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True)
+        grid = grid + (field * settings.elastic_max_shift * 2 / size).permute(0, 2, 3, 1)
+    warped = F.grid_sample(
+        maps[None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
+    )
+    return warped[0].round().to(maps.dtype)
+
+
+def _structure_means(keys: list[str], family: str, rng: np.random.Generator, settings: SynthSettings):
+    """Mean intensity of each structure: HU for "ct", [0, 1] units for the MR families."""
+    if family == "ct":
+        phase = int(rng.integers(len(CT_PHASES)))
+        means = []
+        for key in keys:
+            low, high = CT_HU.get(key, CT_HU["soft_tissue_high"])[phase]
+            means.append(rng.uniform(low, high))
+        return np.array(means, dtype=np.float32)
+    if family == "any":
+        means = rng.uniform(0.0, 1.0, len(keys)).astype(np.float32)
+        if rng.random() < settings.p_invert:
+            means = 1.0 - means
+        means[keys.index("air")] = rng.uniform(0.0, 0.05)  # air stays dark in every MR image
+        return means
+    ranges = MR_RANGES[family]
+    means = np.array([rng.uniform(*ranges.get(k, (0.0, 1.0))) for k in keys], dtype=np.float32)
+    fat = keys.index("fat")
+    if rng.random() < settings.p_fat_suppressed:
+        means[fat] = rng.uniform(0.03, 0.2)
+    for vessel in VESSELS:  # flow void, or bright blood (gradient echo, contrast)
+        if vessel in keys:
+            bright = rng.random() < (0.5 if family == "t1" else 0.15)
+            means[keys.index(vessel)] = rng.uniform(0.6, 0.95) if bright else rng.uniform(0.0, 0.12)
+    return means
+
+
+def render_slice(
+    anatomy: np.ndarray,
+    target: np.ndarray,
+    keys: dict[int, str],
+    family: str,
+    rng: np.random.Generator,
+    ct_params: IntensityParams,
+    settings: SynthSettings | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Render one training slice from an anatomy map.
+
+    Args:
+        anatomy: (3, S, S) uint8 anatomy map of slices k-1, k, k+1 on the model grid (repeat slice k
+            at the ends of a volume).
+        target: (S, S) integer organ labels of slice k (what the network must predict).
+        keys: anatomy value -> structure key (:func:`structure_keys`); values not in it are treated
+            as "soft_tissue_high".
+        family: one of :data:`FAMILIES`.
+        rng: the only source of randomness.
+        ct_params: the model's CT normalisation (used when ``family == "ct"``).
+        settings: ranges of the draws (default :class:`SynthSettings`).
+
+    Returns:
+        (image, labels): float32 (S, S) normalised as the engine normalises that modality, and the
+        target deformed with it, uint8 (S, S).
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"synthesis family must be one of {FAMILIES}, got {family!r}")
+    if anatomy.ndim != 3 or anatomy.shape[0] != 3 or anatomy.shape[1:] != target.shape:
+        raise ValueError(
+            f"render_slice: anatomy (3, S, S) and target (S, S), got {anatomy.shape}, {target.shape}"
+        )
+    settings = settings or SynthSettings()
+    maps = torch.from_numpy(np.concatenate([anatomy, target[None]]).astype(np.int64))
+    maps = deform(maps, rng, settings).numpy()
+    anatomy, target = maps[:3], maps[3].astype(np.uint8)
+    present = np.unique(anatomy)
+    names = [keys.get(int(v), "soft_tissue_high") for v in present]
+    for needed in ("air", "fat"):
+        if needed not in names:
+            names.append(needed)
+    means = _structure_means(names, family, rng, settings)
+    scale = 1000.0 if family == "ct" else 1.0  # texture in HU for CT (0..80 HU), else [0, 1] units
+    stds = rng.uniform(*settings.texture_std, len(names)).astype(np.float32) * scale
+    index = np.searchsorted(present, anatomy)  # anatomy values -> rows of present (== names order)
+    weights = np.array(
+        [rng.uniform(*settings.neighbour_weight), 1.0, rng.uniform(*settings.neighbour_weight)]
+    )
+    image = np.tensordot(weights / weights.sum(), means[index], axes=1)
+    image = image + stds[index[1]] * rng.standard_normal(image.shape).astype(np.float32)
+    if family == "t1" and rng.random() < settings.p_opposed_phase:
+        image = _opposed_phase(image, anatomy[1], keys)
+    image = _acquire(image.astype(np.float32), family, rng, settings)
+    if family == "ct":
+        return normalize_slices(image, "ct", ct_params), target
+    stats = mr_volume_statistics(image)
+    return normalize_slices(image, "mr", volume_stats=stats), target
+
+
+def _opposed_phase(image: np.ndarray, anatomy: np.ndarray, keys: dict[int, str]) -> np.ndarray:
+    """Opposed-phase T1: voxels where fat meets water-rich tissue cancel (the 'India ink' edge)."""
+    from scipy import ndimage
+
+    fat = np.isin(anatomy, [v for v, k in keys.items() if k in ("fat", "vertebrae")])
+    water = (anatomy > 0) & ~fat
+    edge = (ndimage.binary_dilation(fat) & water) | (ndimage.binary_dilation(water) & fat)
+    return np.where(edge, image * 0.15, image)
+
+
+def _acquire(image: np.ndarray, family: str, rng: np.random.Generator, settings: SynthSettings) -> np.ndarray:
+    """Blur, bias field and gamma (MR), noise and reduced resolution of an (S, S) slice."""
+    from scipy import ndimage
+
+    size = image.shape[-1]
+    sigma = rng.uniform(*settings.blur_sigma)
+    if sigma > 0.05:
+        image = ndimage.gaussian_filter(image, sigma)
+    if family != "ct":
+        coarse = torch.from_numpy(rng.standard_normal((1, 1, 4, 4)).astype(np.float32))
+        field = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True)[0, 0].numpy()
+        image = image * np.exp(field * rng.uniform(*settings.bias_strength))
+        image = np.clip(image, 0.0, None) ** math.exp(rng.normal(0.0, settings.gamma_std))
+        noise = rng.uniform(*settings.mr_noise)
+        real = image + noise * rng.standard_normal(image.shape)
+        imaginary = noise * rng.standard_normal(image.shape)
+        image = np.sqrt(real**2 + imaginary**2)  # Rician: magnitude of a complex signal
+    else:
+        image = image + rng.uniform(*settings.ct_noise_hu) * rng.standard_normal(image.shape)
+    if rng.random() < settings.p_low_resolution:
+        small = max(8, round(size / rng.uniform(*settings.resolution_factor)))
+        t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+        t = F.interpolate(t, size=(small, small), mode="bilinear", align_corners=False, antialias=True)
+        image = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
+    return image.astype(np.float32)
+
+
+def neighbours(volume: np.ndarray, k: int) -> np.ndarray:
+    """Slices k-1, k, k+1 of a (Z, S, S) volume as (3, S, S), the end slices repeated at the edges."""
+    z = volume.shape[0]
+    return volume[[max(k - 1, 0), k, min(k + 1, z - 1)]]
+
+
+def write_examples(
+    dataset: str | Path,
+    out_dir: str | Path,
+    family: str,
+    count: int,
+    seed: int,
+    card: ModelCard,
+    *,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Render ``count`` training slices of an nnU-Net dataset for a person to look at.
+
+    The slices are prepared as a training run with ``card``'s preprocessing prepares them (in-plane
+    geometry, CT window), drawn at random from slices holding an organ, and rendered with
+    :func:`render_slice`. Writes ``examples.png`` (each rendered slice beside its labels),
+    ``images.nii.gz`` (float32, (count, S, S): one model-grid slice per z index, normalised units)
+    and ``labels.nii.gz`` (uint8, same grid), each through a temporary name, and nothing when any
+    of them exists and not ``overwrite``. Returns the three paths.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import SimpleITK as sitk
+
+    from .data import DatasetInfo, prepare_case
+
+    if family not in FAMILIES:
+        raise ValueError(f"synthesis family must be one of {FAMILIES}, got {family!r}")
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    out_dir = Path(out_dir)
+    paths = [out_dir / name for name in ("examples.png", "images.nii.gz", "labels.nii.gz")]
+    if not overwrite:
+        for path in paths:
+            if path.exists():
+                raise OutputError("exists; pass --overwrite to replace it", path)
+    info = DatasetInfo.read(dataset)
+    pre = card.preprocessing
+    ct_params = DEFAULT_PARAMS["ct"]
+    if "ct" in pre.intensity:
+        ct_params = IntensityParams.from_dict(pre.intensity["ct"])
+    params = ct_params if info.modality == "ct" else DEFAULT_PARAMS["mr"]
+    size = card.architecture.img_size
+    keys = structure_keys(info.labels)
+    rng = np.random.default_rng(seed)
+    prepared = {}
+    images, labels = [], []
+    for _ in range(count):
+        case = info.cases[int(rng.integers(len(info.cases)))]
+        if case not in prepared:
+            _, label, anatomy = prepare_case(
+                info, case, params, size, pre.in_plane, pre.target_spacing_mm, anatomy=True
+            )
+            prepared[case] = (label, anatomy)
+        label, anatomy = prepared[case]
+        organ_slices = np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1))
+        k = int(rng.choice(organ_slices)) if organ_slices.size else int(rng.integers(label.shape[0]))
+        image, target = render_slice(neighbours(anatomy, k), label[k], keys, family, rng, ct_params)
+        images.append(image)
+        labels.append(target)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns = min(count, 8)
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(2 * rows, columns, figsize=(2 * columns, 4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (image, target) in enumerate(zip(images, labels, strict=True)):
+        r, c = divmod(i, columns)
+        axes[2 * r, c].imshow(image, cmap="gray")
+        axes[2 * r + 1, c].imshow(target, cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+    fig.suptitle(f"{info.name}: {family} renders, seed {seed}")
+    fig.tight_layout()
+
+    def volume(slices):
+        return lambda p: sitk.WriteImage(sitk.GetImageFromArray(np.stack(slices)), str(p))
+
+    with all_or_nothing():
+        write_atomic(paths[0], lambda p: fig.savefig(p, dpi=80), overwrite=True)
+        write_atomic(paths[1], volume(images), overwrite=True)
+        write_atomic(paths[2], volume(labels), overwrite=True)
+    plt.close(fig)
+    return paths
