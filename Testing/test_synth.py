@@ -49,6 +49,7 @@ STILL = SynthSettings(  # no deformation, texture, blur, noise or resolution los
     p_opposed_phase=0.0,
     p_fat_suppressed=0.0,
     p_invert=0.0,
+    p_random_contrast=0.0,
 )
 KEYS = structure_keys(PHANTOM_LABELS)
 

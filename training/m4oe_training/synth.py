@@ -13,8 +13,11 @@ normalised training slice:
 2. an intensity per structure drawn for the contrast family: ``"ct"`` (Hounsfield units in
    CT-plausible ranges for a random phase: native, arterial, portal venous, delayed), ``"t1"``
    (T1-like, in/opposed phase, fat-suppressed), ``"t2"`` (T2-like, fat-suppressed) or ``"any"``
-   (every structure uniform at random, sometimes inverted); each structure gets a texture
-   (Gaussian, its own standard deviation);
+   (every structure uniform at random, sometimes inverted); the "t1" and "t2" families draw like
+   "any" for a share ``p_random_contrast`` of their images, because a real sequence often breaks
+   the textbook ordering (a fatty liver darker than the spleen on T1) and a network that has only
+   seen the textbook misreads it; each structure gets a texture (Gaussian, its own standard
+   deviation);
 3. slice thickness: the neighbouring slices mixed in with random weights (partial volume);
 4. blur, a smooth multiplicative bias field (MR), a gamma curve (MR), noise (Gaussian for CT,
    Rician for MR), and a lower in-plane resolution (down- then up-sampled);
@@ -130,6 +133,7 @@ class SynthSettings:
     p_opposed_phase: float = 0.2
     p_fat_suppressed: float = 0.25
     p_invert: float = 0.2
+    p_random_contrast: float = 0.5
 
 
 def anatomy_from_image(image: np.ndarray, labels: np.ndarray, modality: str) -> np.ndarray:
@@ -222,7 +226,7 @@ def _structure_means(keys: list[str], family: str, rng: np.random.Generator, set
             low, high = CT_HU.get(key, CT_HU["soft_tissue_high"])[phase]
             means.append(rng.uniform(low, high))
         return np.array(means, dtype=np.float32)
-    if family == "any":
+    if family == "any" or rng.random() < settings.p_random_contrast:
         means = rng.uniform(0.0, 1.0, len(keys)).astype(np.float32)
         if rng.random() < settings.p_invert:
             means = 1.0 - means
