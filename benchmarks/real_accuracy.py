@@ -1,0 +1,72 @@
+"""Accuracy of a model on the two real validation scans: Dice and HD95 per organ, gate routing.
+
+The scans (``example_ct_dicom``, contrast CT; ``example_mr_sm``, MRI) and their TotalSegmentator
+reference labels are described in ``m4oe_training.realval``; no model of this project trains on
+them. The model runs with its card's defaults, as ``m4oe segment`` runs it (``--tta`` overrides
+the test-time passes), on the CPU. ``--record`` writes the figures into the model folder's card
+(``metrics.real_validation``).
+
+Run: ``python benchmarks/real_accuracy.py [--model NAME_OR_FOLDER] [--data DIR] [--tta N]
+[--threads 2] [--json] [--record]``. Exit code 2 when the data folder or a file is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "totalsegmentator"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="model name or folder (default: the embedded model)")
+    p.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help=f"the scans' folder (default {DEFAULT_DATA})"
+    )
+    p.add_argument("--tta", type=int, default=None, help="test-time passes (default: the card's)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--record", action="store_true", help="write the result into the model's card")
+    args = p.parse_args(argv)
+
+    from m4oe.errors import M4oEError
+    from m4oe.hub import resolve_model
+    from m4oe.predictor import Predictor
+    from m4oe_training.realval import benchmark, format_table, record
+
+    if not args.data.is_dir():
+        print(f"error: {args.data}: real validation data folder not found", file=sys.stderr)
+        return 2
+    try:
+        folder = resolve_model(args.model)
+        predictor = Predictor.from_pretrained(folder, device="cpu", threads=args.threads)
+        start = time.perf_counter()
+        results = benchmark(predictor, args.data, args.tta)
+    except M4oEError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    seconds = round(time.perf_counter() - start, 1)
+    if args.record:
+        card = folder / "model.json" if folder.is_dir() else folder.with_suffix(".json")
+        command = "python benchmarks/real_accuracy.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
+        record(card, results, command)
+    if args.json:
+        print(
+            json.dumps(
+                {"model": str(args.model or predictor.card.name), "seconds": seconds, "scans": results},
+                indent=1,
+            )
+        )
+    else:
+        print(format_table(results))
+        print(f"({seconds} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
