@@ -365,3 +365,106 @@ def test_command_line(atlas2023, tmp_path, capsys):
     assert main(["atlas2023", str(atlas2023), str(tmp_path / "atlas")]) == 3
     error = capsys.readouterr().err
     assert error.startswith("error: ") and error.count("\n") == 1 and "exists" in error
+
+
+# ---------------------------------------------------------------------------------------------
+# TotalSegmentator outputs (m4oe_training.totalsegmentator)
+
+
+def ts_ids() -> np.ndarray:
+    """A (4, 8, 8) TotalSegmentator ``total`` map: liver 5, aorta 52, L5 26, C1 50, sacrum 25, colon 99."""
+    ids = np.zeros(SHAPE, np.uint8)
+    for z, value in enumerate((5, 52, 26, 50)):
+        ids[z, 1:3, 1:3] = value
+    ids[0, 5:7, 5:7] = 25
+    ids[1, 5:7, 5:7] = 99
+    return ids
+
+
+def test_totalsegmentator_folder_is_mapped_to_the_project_organs_on_the_exact_grid(tmp_path):
+    from m4oe.phantom import PHANTOM_LABELS
+    from m4oe_training.totalsegmentator import convert_totalsegmentator
+
+    src = tmp_path / "ts"
+    for seed, case in enumerate(("s0001", "s0002")):
+        write_volume(src / "images" / f"{case}.nii.gz", np.full(SHAPE, 40, np.int16), seed)
+        write_volume(src / "labels" / f"{case}.nii.gz", ts_ids(), seed)
+    result = convert_totalsegmentator(tmp_path / "out", "ct", src=src)
+    assert result.cases == ("s0001", "s0002") and result.modality == "ct"
+    meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, **PHANTOM_LABELS}
+    assert meta["terminology"] == {k: k for k in PHANTOM_LABELS} and meta["source"]["task"] == "total"
+    label = sitk.ReadImage(str(tmp_path / "out" / "labelsTr" / "s0002.nii.gz"))
+    source = sitk.ReadImage(str(src / "labels" / "s0002.nii.gz"))
+    assert (label.GetSpacing(), label.GetOrigin(), label.GetDirection()) == (
+        source.GetSpacing(),
+        source.GetOrigin(),
+        source.GetDirection(),
+    )
+    mapped = sitk.GetArrayFromImage(label)
+    assert mapped.dtype == np.uint8
+    assert [int(mapped[z, 1, 1]) for z in range(4)] == [1, 5, 7, 7]  # liver, aorta, L5 and C1 vertebrae
+    assert mapped[0, 5, 5] == 0 and mapped[1, 5, 5] == 0  # sacrum and colon are not project organs
+    verify_dataset(tmp_path / "out")
+
+
+def test_totalsegmentator_one_case_mr_and_refusals_leave_nothing_behind(tmp_path):
+    from m4oe_training.totalsegmentator import convert_totalsegmentator
+    from m4oe_training.totalsegmentator import main as ts_main
+
+    image, labels = tmp_path / "mr.nii.gz", tmp_path / "seg.nii.gz"
+    write_volume(image, np.full(SHAPE, 300, np.int16), 0, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    mr_ids = np.zeros(SHAPE, np.uint8)
+    mr_ids[0, :2, :2], mr_ids[1, :2, :2], mr_ids[2, :2, :2] = 23, 19, 52  # aorta, vertebrae; 52 unknown in MR
+    write_volume(labels, mr_ids, 0, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    assert (
+        ts_main(
+            [
+                str(tmp_path / "one"),
+                "--modality",
+                "mr",
+                "--image",
+                str(image),
+                "--labels",
+                str(labels),
+                "--case",
+                "patient1",
+            ]
+        )
+        == 0
+    )
+    mapped = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "one" / "labelsTr" / "patient1.nii.gz")))
+    assert [int(mapped[z, 0, 0]) for z in range(3)] == [5, 7, 0]
+    assert json.loads((tmp_path / "one" / "dataset.json").read_text())["modality"] == "mr"
+    with pytest.raises(OutputError, match="exists"):
+        convert_totalsegmentator(tmp_path / "one", "mr", image=image, labels=labels, case="patient1")
+    moved = tmp_path / "moved.nii.gz"
+    write_volume(moved, mr_ids, 3, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))  # another spacing and origin
+    with pytest.raises(InputError, match="geometry differs from its image"):
+        convert_totalsegmentator(tmp_path / "bad", "mr", image=image, labels=moved, case="p")
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+    (tmp_path / "src" / "images").mkdir(parents=True)
+    (tmp_path / "src" / "labels").mkdir()
+    write_volume(tmp_path / "src" / "images" / "a.nii.gz", np.zeros(SHAPE, np.int16), 0)
+    with pytest.raises(InputError, match=r"has no label map a\.nii\.gz"):
+        convert_totalsegmentator(tmp_path / "out2", "ct", src=tmp_path / "src")
+    with pytest.raises(InputError, match="must be letters"):
+        convert_totalsegmentator(tmp_path / "out3", "ct", image=image, labels=labels, case="../x")
+    assert ts_main([str(tmp_path / "out4"), "--modality", "ct", "--image", str(image)]) == 2
+
+
+@pytest.mark.realdata
+def test_totalsegmentator_conversion_of_the_real_training_ct(shared_data, tmp_path):
+    from m4oe_training.totalsegmentator import convert_totalsegmentator
+
+    convert_totalsegmentator(
+        tmp_path / "example_ct",
+        "ct",
+        image=shared_data / "example_ct.nii.gz",
+        labels=shared_data / "example_seg_fast_force_split.nii.gz",
+        case="example_ct",
+    )
+    label = sitk.ReadImage(str(tmp_path / "example_ct" / "labelsTr" / "example_ct.nii.gz"))
+    ml = np.bincount(sitk.GetArrayViewFromImage(label).reshape(-1)) * np.prod(label.GetSpacing()) / 1000
+    assert ml[1] == pytest.approx(1126, rel=0.02)  # liver
+    assert ml[2] == pytest.approx(261, rel=0.02)  # spleen

@@ -45,6 +45,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import SimpleITK as sitk
+
 from m4oe.errors import InputError, M4oEError, OutputError
 from m4oe.progress import CancelCheck, ProgressCallback, ProgressEvent
 from m4oe.terminology import TERMS
@@ -148,6 +151,9 @@ class _Case:
 
 @dataclass(frozen=True)
 class _Job:
+    """One dataset to write. ``remap``: None copies label files byte for byte; a 256-entry table
+    rewrites each label map through it (source id -> written value), allowing source ids 0..255."""
+
     dataset: str
     modality: str
     structures: tuple[Structure, ...]
@@ -155,6 +161,7 @@ class _Job:
     cases: tuple[_Case, ...]
     unlabelled: int
     source: dict
+    remap: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -464,12 +471,16 @@ def _convert(
             staged.append(stage)
             (stage / "imagesTr").mkdir()
             (stage / "labelsTr").mkdir()
-            allowed = {0} | {s.value for s in job.structures}
+            allowed = {0} | {s.value for s in job.structures} if job.remap is None else set(range(256))
             for case in job.cases:
                 check_cancel(cancel, case.image)
                 check_pair([case.image], case.label, allowed, f"among the {job.source['dataset']} labels")
                 _place(case.image, stage / "imagesTr" / f"{case.case_id}_0000{FILE_ENDING}", link)
-                _place(case.label, stage / "labelsTr" / f"{case.case_id}{FILE_ENDING}", link)
+                target = stage / "labelsTr" / f"{case.case_id}{FILE_ENDING}"
+                if job.remap is None:
+                    _place(case.label, target, link)
+                else:
+                    _write_remapped(case.label, target, job.remap)
                 tracker.step(case.case_id)
             text = json.dumps(_dataset_json(job), indent=2) + "\n"
             (stage / "dataset.json").write_text(text, encoding="utf-8")
@@ -516,6 +527,14 @@ def _place(source: Path, target: Path, link: bool) -> None:
         os.link(source, target)
     except OSError:
         target.symlink_to(source.resolve())
+
+
+def _write_remapped(source: Path, target: Path, table: np.ndarray) -> None:
+    """Write the label map ``source`` through ``table`` as uint8 on exactly its grid."""
+    image = sitk.ReadImage(str(source))
+    mapped = sitk.GetImageFromArray(table[sitk.GetArrayViewFromImage(image).astype(np.int64)])
+    mapped.CopyInformation(image)
+    sitk.WriteImage(mapped, str(target), useCompression=True)
 
 
 def _swap_into_place(stage: Path, dst: Path) -> None:

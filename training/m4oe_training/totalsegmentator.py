@@ -6,13 +6,36 @@ project's organ keys (keys of :data:`m4oe.terminology.TERMS`, the values of
 :data:`m4oe.phantom.PHANTOM_LABELS`) turns a folder of volumes into training data, and the
 reference labels of the real validation scans into something a model's output can be scored
 against. Ids from TotalSegmentator's class map (``totalsegmentator/map_to_binary.py``, v2).
+
+A folder of scans with TotalSegmentator multi-label outputs becomes an nnU-Net training dataset
+(the layout ``m4oe train`` reads, see :mod:`.converters`) in one command::
+
+    python -m m4oe_training.totalsegmentator SRC DST --modality ct|mr [--task total|total_mr]
+    python -m m4oe_training.totalsegmentator DST --modality ct --image CT.nii.gz --labels SEG.nii.gz \
+        --case NAME
+
+``SRC`` holds ``images/<case>.nii.gz`` and ``labels/<case>.nii.gz`` (TotalSegmentator's
+``--ml`` multi-label file of the same name; run it per scan with ``-o labels/<case>.nii.gz --ml``).
+Labels are mapped to the project's nine organs (liver 1 ... pancreas 9, the values of
+:data:`m4oe.phantom.PHANTOM_LABELS`), written as uint8 on the image's exact grid; every other
+structure becomes 0. The image and label map must share size, spacing, origin and direction.
 """
 
 from __future__ import annotations
 
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
 
+from m4oe.errors import InputError, M4oEError
 from m4oe.phantom import PHANTOM_LABELS
+from m4oe.progress import CancelCheck, ProgressCallback
+
+from .converters import FILE_ENDING, ConversionResult, Structure, _Case, _convert, _Job, _print_progress
 
 TS_TASKS = ("total", "total_mr")
 
@@ -70,3 +93,127 @@ def map_labels(array: np.ndarray, task: str, labels: dict[str, int] | None = Non
     if values.size and (values.min() < 0 or values.max() > 255):
         raise ValueError(f"TotalSegmentator ids must lie in 0..255, got {values.min()}..{values.max()}")
     return lookup_table(task, labels)[values.astype(np.int64)]
+
+
+TS_MODALITY_TASK = {"ct": "total", "mr": "total_mr"}
+_CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def convert_totalsegmentator(
+    dst: str | Path,
+    modality: str,
+    *,
+    src: str | Path | None = None,
+    image: str | Path | None = None,
+    labels: str | Path | None = None,
+    case: str | None = None,
+    task: str | None = None,
+    link: bool = False,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> ConversionResult:
+    """Scans with TotalSegmentator label maps -> an nnU-Net dataset at ``dst`` with the project's organs.
+
+    Either ``src`` (a folder with ``images/<case>.nii.gz`` and ``labels/<case>.nii.gz``) or one
+    ``image`` with its ``labels`` file and a ``case`` name. ``modality`` is "ct" or "mr";
+    ``task`` is the TotalSegmentator task whose ids the label maps hold (default "total" for CT,
+    "total_mr" for MR). Images are copied (or linked with ``link``); label maps are rewritten
+    through :func:`lookup_table`. Errors (missing or unpaired files, a label map on another grid
+    than its image, ids outside 0..255, an existing ``dst`` without ``overwrite``) name the file,
+    and nothing is left at ``dst``.
+    """
+    if modality not in TS_MODALITY_TASK:
+        raise InputError(f"modality must be 'ct' or 'mr', got {modality!r}")
+    task = task or TS_MODALITY_TASK[modality]
+    table = lookup_table(task)
+    if src is not None:
+        if image is not None or labels is not None:
+            raise InputError("give a source folder or one image with its labels, not both")
+        root = Path(src)
+        cases = _folder_cases(root)
+    else:
+        if image is None or labels is None or case is None:
+            raise InputError("one case needs --image, --labels and --case")
+        if not _CASE_ID.fullmatch(case):
+            raise InputError(f"case name {case!r} must be letters, digits, '_', '.', '-'")
+        for path in (image, labels):
+            if not Path(path).is_file():
+                raise InputError("not found", path)
+        root = Path(image).parent
+        cases = (_Case(case, case, Path(image), Path(labels)),)
+    structures = tuple(
+        Structure(value, key, key, f"TotalSegmentator {task}") for key, value in PHANTOM_LABELS.items()
+    )
+    source = {
+        "dataset": "TotalSegmentator outputs",
+        "reference": "https://github.com/wasserth/TotalSegmentator",
+        "folder": str(root.resolve()),
+        "task": task,
+        "original_labels": {key: list(ids) for key, ids in TOTALSEGMENTATOR_IDS[task].items()},
+    }
+    job = _Job(
+        f"TotalSegmentator_{modality.upper()}", modality, structures, Path(dst), cases, 0, source, table
+    )
+    return _convert([job], root, link=link, overwrite=overwrite, progress=progress, cancel=cancel)[0]
+
+
+def _folder_cases(root: Path) -> tuple[_Case, ...]:
+    images, labels = root / "images", root / "labels"
+    for folder in (images, labels):
+        if not folder.is_dir():
+            raise InputError(
+                "expected a folder with images/ and labels/ (TotalSegmentator --ml outputs)", folder
+            )
+    cases = []
+    for path in sorted(images.glob(f"*{FILE_ENDING}")):
+        case_id = path.name[: -len(FILE_ENDING)]
+        label = labels / path.name
+        if not label.is_file():
+            raise InputError(f"has no label map {label.name} in {labels}", path)
+        if not _CASE_ID.fullmatch(case_id):
+            raise InputError(f"case name {case_id!r} must be letters, digits, '_', '.', '-'", path)
+        cases.append(_Case(case_id, case_id, path, label))
+    if not cases:
+        raise InputError(f"holds no {FILE_ENDING} images", images)
+    return tuple(cases)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m m4oe_training.totalsegmentator",
+        description="Scans with TotalSegmentator multi-label outputs -> an nnU-Net training dataset.",
+    )
+    parser.add_argument("src", type=Path, nargs="?", help="folder with images/ and labels/")
+    parser.add_argument("dst", type=Path, help="output dataset folder")
+    parser.add_argument("--modality", required=True, choices=("ct", "mr"))
+    parser.add_argument("--task", choices=TS_TASKS, help="TotalSegmentator task of the label maps")
+    parser.add_argument("--image", type=Path, help="one image (instead of src)")
+    parser.add_argument("--labels", type=Path, help="its TotalSegmentator label map")
+    parser.add_argument("--case", help="its case name in the dataset")
+    parser.add_argument("--link", action="store_true", help="hard-link images instead of copying them")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = parser.parse_args(argv)
+    progress = _print_progress if sys.stderr.isatty() else None
+    try:
+        result = convert_totalsegmentator(
+            args.dst,
+            args.modality,
+            src=args.src,
+            image=args.image,
+            labels=args.labels,
+            case=args.case,
+            task=args.task,
+            link=args.link,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+    except M4oEError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    print(f"{result.dataset}: {len(result.cases)} cases -> {result.folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
