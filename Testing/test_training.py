@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
-from m4oe.checkpoint import load_checkpoint
+from m4oe.checkpoint import load_checkpoint, read_model_card
 from m4oe.cli import main as m4oe_main
 from m4oe.phantom import PHANTOM_LABELS, write_dataset
 from m4oe.terminology import standard_label
@@ -503,6 +503,30 @@ def test_segmentation_loss_decreases(phantoms, tmp_path):
     seg = [float(r["seg"]) for r in read_log(out)]
     assert len(seg) == 4
     assert seg[-1] < seg[0] - 0.2, seg
+
+
+@pytest.mark.parametrize("export_epoch", ["best", "last"])
+def test_export_epoch_ships_the_best_or_the_last_validated_epoch(phantoms, tmp_path, export_epoch):
+    """With high-rate updates the validation score moves every epoch; "best" ships the highest,
+    "last" the final epoch whatever its score."""
+    path = write_config(
+        tmp_path / "cfg.toml",
+        [dataset(phantoms["ct"], "ct")],
+        [{"kind": "experts", "epochs": 3, "lr": 3e-3}],
+        model="swin-unet-tiny",
+        batch_size=2,
+        iterations_per_epoch=2,
+        optimizer="adamw",
+        augment=False,
+        export_epoch=export_epoch,
+        output_dir=str(tmp_path / "run"),
+    )
+    out = run(load_config(path)[0], base_dir=tmp_path, command=["test"])
+    scores = [float(r["val_mean_dice"]) for r in read_log(out)]
+    card = read_model_card(out / "model")
+    chosen = 3 if export_epoch == "last" else 1 + int(np.argmax(scores))
+    assert card.metrics["selected"]["epoch"] == chosen
+    assert card.metrics["selected"]["mean_dice"] == pytest.approx(scores[chosen - 1], abs=1e-4)
 
 
 @pytest.mark.slow

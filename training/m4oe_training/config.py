@@ -137,6 +137,7 @@ class TrainConfig:
     through_plane_sigma_mm: float | None = None
     test_time_passes: int | None = None
     export_dtype: str = "float32"
+    export_epoch: str = "best"
     description: str = ""
     notes: str = ""
 
@@ -169,6 +170,7 @@ class TrainConfig:
             "amp": self.amp in AMP_MODES,
             "in_plane": self.in_plane in (None, "resize", "spacing"),
             "export_dtype": self.export_dtype in ("float32", "float16"),
+            "export_epoch": self.export_epoch in ("best", "last"),
             "batch_size": self.batch_size >= 1,
             "iterations_per_epoch": self.iterations_per_epoch >= 1,
             "foreground_fraction": 0.0 <= self.foreground_fraction <= 1.0,

@@ -664,10 +664,13 @@ def run(
                 record["val_mean_dice"] = round(score, 4) if score is not None else None
                 position["history"].append({"stage": stage_index, "epoch": epoch + 1, "val": results})
                 logger.info("validation mean Dice %s %s", record["val_mean_dice"], json.dumps(results))
-                # Each stage keeps its best epoch; a later stage's export replaces an earlier one's,
-                # so what ships is the best epoch of the last stage.
-                if score is not None and score > position["best"].get(str(stage_index), -1.0):
-                    position["best"][str(stage_index)] = score
+                # Each stage keeps its best epoch (export_epoch "best") or its last validated one
+                # ("last": when the validation cases do not stand for the data the model is for, as
+                # phantoms for a model trained on renders to segment patients); a later stage's
+                # export replaces an earlier one's, so what ships is the last stage's.
+                best = position["best"].get(str(stage_index), -1.0)
+                if score is not None and (score > best or cfg.export_epoch == "last"):
+                    position["best"][str(stage_index)] = max(score, best)
                     selected = {"stage": stage_index, "epoch": epoch + 1, "mean_dice": round(score, 4)}
                     export(dict(validation=results, selected=selected))
             if segmenting and last_epoch and str(stage_index) not in position["best"]:
