@@ -1,4 +1,4 @@
-"""Public dataset converters (FLARE22, AMOS22, ATLAS2023) and the nnU-Net dataset check.
+"""Public dataset converters (FLARE22, AMOS22, ATLAS2023, TotalSegmentator) and the nnU-Net dataset check.
 
 The source trees are tiny fakes (8x8x4 volumes) that follow each release's real folder and file
 names and label numbering, so a converter that passes here finds its files in the real download.
@@ -23,6 +23,7 @@ from m4oe_training.converters import (
     convert_amos22,
     convert_atlas2023,
     convert_flare22,
+    convert_totalsegmentator,
     main,
 )
 from m4oe_training.nnunet import verify_dataset
@@ -368,11 +369,11 @@ def test_command_line(atlas2023, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# TotalSegmentator outputs (m4oe_training.totalsegmentator)
+# TotalSegmentator outputs (converters totalsegmentator, m4oe_training.totalsegmentator)
 
 
 def ts_ids() -> np.ndarray:
-    """A (4, 8, 8) TotalSegmentator ``total`` map: liver 5, aorta 52, L5 26, C1 50, sacrum 25, colon 99."""
+    """A (4, 8, 8) TotalSegmentator ``total`` map: liver 5, aorta 52, S1 26, C1 50, sacrum 25, colon 99."""
     ids = np.zeros(SHAPE, np.uint8)
     for z, value in enumerate((5, 52, 26, 50)):
         ids[z, 1:3, 1:3] = value
@@ -383,7 +384,6 @@ def ts_ids() -> np.ndarray:
 
 def test_totalsegmentator_folder_is_mapped_to_the_project_organs_on_the_exact_grid(tmp_path):
     from m4oe.phantom import PHANTOM_LABELS
-    from m4oe_training.totalsegmentator import convert_totalsegmentator
 
     src = tmp_path / "ts"
     for seed, case in enumerate(("s0001", "s0002")):
@@ -403,13 +403,12 @@ def test_totalsegmentator_folder_is_mapped_to_the_project_organs_on_the_exact_gr
     )
     mapped = sitk.GetArrayFromImage(label)
     assert mapped.dtype == np.uint8
-    assert [int(mapped[z, 1, 1]) for z in range(4)] == [1, 5, 7, 7]  # liver, aorta, L5 and C1 vertebrae
+    assert [int(mapped[z, 1, 1]) for z in range(4)] == [1, 5, 7, 7]  # liver, aorta, S1 and C1 vertebrae
     assert mapped[0, 5, 5] == 0 and mapped[1, 5, 5] == 0  # sacrum and colon are not project organs
     verify_dataset(tmp_path / "out")
 
 
 def test_totalsegmentator_one_case_mr_and_refusals_leave_nothing_behind(tmp_path):
-    from m4oe_training.totalsegmentator import convert_totalsegmentator
     from m4oe_training.totalsegmentator import main as ts_main
 
     image, labels = tmp_path / "mr.nii.gz", tmp_path / "seg.nii.gz"
@@ -454,17 +453,56 @@ def test_totalsegmentator_one_case_mr_and_refusals_leave_nothing_behind(tmp_path
 
 
 @pytest.mark.realdata
-def test_totalsegmentator_conversion_of_the_real_training_ct(shared_data, tmp_path):
-    from m4oe_training.totalsegmentator import convert_totalsegmentator
-
-    convert_totalsegmentator(
-        tmp_path / "example_ct",
-        "ct",
-        image=shared_data / "example_ct.nii.gz",
-        labels=shared_data / "example_seg_fast_force_split.nii.gz",
-        case="example_ct",
-    )
+def test_totalsegmentator_conversion_of_the_real_training_ct(shared_data, tmp_path, capsys):
+    command = ["totalsegmentator", str(tmp_path / "example_ct"), "--modality", "ct", "--case", "example_ct"]
+    command += ["--image", str(shared_data / "example_ct.nii.gz")]
+    assert main([*command, "--labels", str(shared_data / "example_seg_fast_force_split.nii.gz")]) == 0
+    assert "TotalSegmentator_CT: 1 cases" in capsys.readouterr().out
     label = sitk.ReadImage(str(tmp_path / "example_ct" / "labelsTr" / "example_ct.nii.gz"))
+    image = sitk.ReadImage(str(tmp_path / "example_ct" / "imagesTr" / "example_ct_0000.nii.gz"))
+    assert label.GetSize() == image.GetSize() == (122, 101, 112)
+    assert (label.GetSpacing(), label.GetOrigin(), label.GetDirection()) == (
+        image.GetSpacing(),
+        image.GetOrigin(),
+        image.GetDirection(),
+    )
     ml = np.bincount(sitk.GetArrayViewFromImage(label).reshape(-1)) * np.prod(label.GetSpacing()) / 1000
     assert ml[1] == pytest.approx(1126, rel=0.02)  # liver
     assert ml[2] == pytest.approx(261, rel=0.02)  # spleen
+
+
+def test_totalsegmentator_command_writes_labels_on_the_image_grid_and_refuses_what_it_cannot_read(
+    tmp_path, capsys
+):
+    src = tmp_path / "ts"
+    write_volume(src / "images" / "c1.nii.gz", np.full(SHAPE, 40, np.int16), 1)
+    labels = sitk.GetImageFromArray(ts_ids())
+    labels.SetSpacing((0.71 + 2e-4, 0.71, 3.5))  # within the geometry tolerance of the image's
+    labels.SetOrigin((101.0 - 3e-4, -50.5, 20.25))
+    labels.SetDirection(CT_DIRECTION)
+    (src / "labels").mkdir()
+    sitk.WriteImage(labels, str(src / "labels" / "c1.nii.gz"))
+    assert main(["totalsegmentator", str(src), str(tmp_path / "out"), "--modality", "ct"]) == 0
+    written = tmp_path / "out" / "labelsTr" / "c1.nii.gz"
+    assert geometry(written) == geometry(src / "images" / "c1.nii.gz")  # the image's, exactly
+    assert sitk.ReadImage(str(written)).GetPixelID() == sitk.sitkUInt8
+    before = read_array(written)
+    # An existing dataset is kept: exit 3, one line naming it.
+    capsys.readouterr()
+    assert main(["totalsegmentator", str(src), str(tmp_path / "out"), "--modality", "ct"]) == 3
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and str(tmp_path / "out") in error and "exists" in error
+    assert np.array_equal(read_array(written), before)
+    # --task total_mr reads the same ids as MR ones: 52 is not an MR id, 5 is still the liver.
+    command = ["totalsegmentator", str(src), str(tmp_path / "out"), "--modality", "ct"]
+    assert main([*command, "--task", "total_mr", "--overwrite"]) == 0
+    assert [int(read_array(written)[z, 1, 1]) for z in range(4)] == [1, 0, 0, 0]
+    assert json.loads((tmp_path / "out" / "dataset.json").read_text())["source"]["task"] == "total_mr"
+    # TotalSegmentator's default output (one mask per structure) is refused with advice.
+    per_structure = tmp_path / "default_output"
+    write_volume(per_structure / "s01" / "segmentations" / "liver.nii.gz", np.zeros(SHAPE, np.uint8), 0)
+    with pytest.raises(InputError, match="--ml"):
+        convert_totalsegmentator(tmp_path / "out5", "ct", src=per_structure)
+    with pytest.raises(InputError, match="is not a folder"):
+        convert_totalsegmentator(tmp_path / "out6", "ct", src=tmp_path / "absent")
+    assert not (tmp_path / "out5").exists() and not (tmp_path / "out6").exists()

@@ -1,4 +1,4 @@
-"""Public abdominal datasets -> nnU-Net v2 raw dataset folders (checked by :mod:`.nnunet`).
+"""Public abdominal datasets and TotalSegmentator outputs -> nnU-Net v2 raw dataset folders.
 
 The training layout is nnU-Net v2's raw dataset folder::
 
@@ -11,14 +11,24 @@ Each public dataset keeps its own label numbering: every dataset trains its own 
 label is remapped and label files are copied (or linked) byte for byte after validation. The
 ``terminology`` block maps each label name to a key of :data:`m4oe.terminology.TERMS` (or null
 where no single standard structure fits, AMOS's "prostate/uterus") so a model card can carry
-standard codes.
+standard codes. The exception is TotalSegmentator output (:mod:`.totalsegmentator`): its
+label maps hold ids of TotalSegmentator's ``total`` (CT) or ``total_mr`` (MRI) task and are
+mapped onto the project's nine organs (liver 1 ... pancreas 9, the embedded model's task) and
+rewritten as uint8 on the image's exact grid.
 
 Commands (``m4oe convert`` will wrap the same functions)::
 
     python -m m4oe_training.converters flare22   FLARE2022/           data/FLARE22_CT
     python -m m4oe_training.converters amos22    amos22/              data/AMOS22_CT data/AMOS22_MR
     python -m m4oe_training.converters atlas2023 atlas-train-dataset-1.0.1/ data/ATLAS2023_MR
+    python -m m4oe_training.converters totalsegmentator SRC/ data/real/my_cts --modality ct
+    python -m m4oe_training.converters totalsegmentator data/real/example_ct --modality ct \
+        --image example_ct.nii.gz --labels example_seg_fast_force_split.nii.gz --case example_ct
     python -m m4oe_training.converters verify    data/AMOS22_MR
+
+``totalsegmentator`` reads ``SRC/images/<case>.nii.gz`` with ``SRC/labels/<case>.nii.gz``
+(TotalSegmentator's ``--ml`` multi-label file), or one ``--image`` / ``--labels`` pair named
+``--case``; ``--task total|total_mr`` when the ids are not the modality's default task.
 
 Options: ``--link`` hard-links the files (symbolic links across file systems) instead of copying;
 ``--overwrite`` replaces an existing dataset folder. The expected source layouts and the label
@@ -28,52 +38,53 @@ Images are read with SimpleITK: geometry is size (voxels, x y z), spacing (mm), 
 and direction cosines; label and image must agree on all four (within
 :data:`.nnunet.GEOMETRY_TOLERANCE`). Every problem is an :class:`~m4oe.errors.InputError` or
 :class:`~m4oe.errors.OutputError` whose one-line message names the file. A conversion is built in
-a hidden folder next to DST and renamed into place when complete, so a failed or cancelled run
-leaves no partial dataset behind.
+a hidden folder next to DST and renamed into place when complete (:mod:`.dataset_writer`), so a
+failed or cancelled run leaves no partial dataset behind.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
-import shutil
 import sys
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
-
-from m4oe.errors import InputError, M4oEError, OutputError
-from m4oe.progress import CancelCheck, ProgressCallback, ProgressEvent
+from m4oe.errors import InputError, M4oEError
+from m4oe.progress import CancelCheck, ProgressCallback
 from m4oe.terminology import TERMS
 
-from .nnunet import (
-    CHANNEL_NAMES,
-    Tracker,
-    check_cancel,
-    check_pair,
-    load_json,
-    verify_dataset,
+from .dataset_writer import (
+    FILE_ENDING,
+    Case,
+    ConversionResult,
+    Job,
+    Structure,
+    print_progress,
+    write_datasets,
 )
+from .nnunet import CHANNEL_NAMES, load_json, verify_dataset
+from .totalsegmentator import add_arguments as add_totalsegmentator_arguments
+from .totalsegmentator import convert_totalsegmentator, run_from_arguments
 
-FILE_ENDING = ".nii.gz"
+__all__ = [
+    "AMOS22_LABELS",
+    "ATLAS2023_LABELS",
+    "FILE_ENDING",
+    "FLARE22_LABELS",
+    "ConversionResult",
+    "Structure",
+    "convert_amos22",
+    "convert_atlas2023",
+    "convert_flare22",
+    "convert_totalsegmentator",
+    "main",
+    "verify_dataset",
+]
+
 AMOS_LAST_CT_ID = 500
 """AMOS22 cases amos_0001..amos_0500 are CT, amos_0501..amos_0600 MRI."""
-
-
-@dataclass(frozen=True)
-class Structure:
-    """One class of a public dataset: label value, our label name, TERMS key, the release's own name."""
-
-    value: int
-    name: str
-    term: str | None
-    original: str
 
 
 def _table(*rows: tuple[int, str, str]) -> tuple[Structure, ...]:
@@ -141,40 +152,6 @@ AMOS22_NAMING = _Naming("amos_{id}.nii.gz", "amos_{id}.nii.gz", "amos_{}".format
 ATLAS2023_NAMING = _Naming("im{id}.nii.gz", "lb{id}.nii.gz", lambda n: f"atlas_{int(n):04d}", r"\d+")
 
 
-@dataclass(frozen=True)
-class _Case:
-    case_id: str
-    number: str
-    image: Path
-    label: Path
-
-
-@dataclass(frozen=True)
-class _Job:
-    """One dataset to write. ``remap``: None copies label files byte for byte; a 256-entry table
-    rewrites each label map through it (source id -> written value), allowing source ids 0..255."""
-
-    dataset: str
-    modality: str
-    structures: tuple[Structure, ...]
-    dst: Path
-    cases: tuple[_Case, ...]
-    unlabelled: int
-    source: dict
-    remap: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class ConversionResult:
-    """One written dataset: its folder, modality ("ct" | "mr"), case ids, unlabelled cases skipped."""
-
-    dataset: str
-    folder: Path
-    modality: str
-    cases: tuple[str, ...]
-    unlabelled_skipped: int
-
-
 # ---------------------------------------------------------------------------------------------
 # Converters
 
@@ -224,8 +201,8 @@ def convert_flare22(
         if folder.is_dir()
     )
     source = _source("FLARE22", "https://flare22.grand-challenge.org/", root, FLARE22_NAMING, FLARE22_LABELS)
-    job = _Job("FLARE22", "ct", FLARE22_LABELS, Path(dst), cases, unlabelled, source)
-    return _convert([job], src, link=link, overwrite=overwrite, progress=progress, cancel=cancel)[0]
+    job = Job("FLARE22", "ct", FLARE22_LABELS, Path(dst), cases, unlabelled, source)
+    return write_datasets([job], src, link=link, overwrite=overwrite, progress=progress, cancel=cancel)[0]
 
 
 def convert_amos22(
@@ -264,7 +241,7 @@ def convert_amos22(
     src = _source_folder(src)
     root = _find_root(src, ("", "amos22"), ("imagesTr",), "AMOS22 folder")
     _check_amos_dataset_json(root)
-    cases: list[_Case] = []
+    cases: list[Case] = []
     unlabelled: list[str] = []
     for split in ("Tr", "Va"):
         images, labels = root / f"images{split}", root / f"labels{split}"
@@ -290,9 +267,11 @@ def convert_amos22(
         source = _source("AMOS22", "https://amos22.grand-challenge.org/", root, AMOS22_NAMING, AMOS22_LABELS)
         source["subset"] = "CT, ids 0001-0500" if modality == "ct" else "MRI, ids 0501-0600"
         jobs.append(
-            _Job(f"AMOS22_{modality.upper()}", modality, AMOS22_LABELS, Path(dst), chosen, skipped, source)
+            Job(f"AMOS22_{modality.upper()}", modality, AMOS22_LABELS, Path(dst), chosen, skipped, source)
         )
-    results = iter(_convert(jobs, src, link=link, overwrite=overwrite, progress=progress, cancel=cancel))
+    results = iter(
+        write_datasets(jobs, src, link=link, overwrite=overwrite, progress=progress, cancel=cancel)
+    )
     return (next(results) if dst_ct is not None else None, next(results) if dst_mr is not None else None)
 
 
@@ -333,8 +312,8 @@ def convert_atlas2023(
     source = _source(
         "ATLAS2023", "https://atlas-challenge.u-bourgogne.fr/", root, ATLAS2023_NAMING, ATLAS2023_LABELS
     )
-    job = _Job("ATLAS2023", "mr", ATLAS2023_LABELS, Path(dst), cases, 0, source)
-    return _convert([job], src, link=link, overwrite=overwrite, progress=progress, cancel=cancel)[0]
+    job = Job("ATLAS2023", "mr", ATLAS2023_LABELS, Path(dst), cases, 0, source)
+    return write_datasets([job], src, link=link, overwrite=overwrite, progress=progress, cancel=cancel)[0]
 
 
 def _source_folder(src: str | Path) -> Path:
@@ -377,7 +356,7 @@ def _count_images(folder: Path) -> int:
     return sum(1 for path in folder.rglob(f"*{FILE_ENDING}") if not path.name.startswith("."))
 
 
-def _pair_cases(images: Path, labels: Path, naming: _Naming) -> tuple[_Case, ...]:
+def _pair_cases(images: Path, labels: Path, naming: _Naming) -> tuple[Case, ...]:
     """Image-label pairs; an image without its label (or the reverse) is an error naming the missing file."""
     image_files = _listing(images, naming, naming.image)
     label_files = _listing(labels, naming, naming.label)
@@ -391,7 +370,7 @@ def _pair_cases(images: Path, labels: Path, naming: _Naming) -> tuple[_Case, ...
             raise InputError(f"missing: no image for label {label.name}", expected)
     if not image_files:
         raise InputError(f"holds no images named {naming.image.replace('{id}', 'N')}", images)
-    cases = [_Case(naming.case(n), n, image_files[n], label_files[n]) for n in image_files]
+    cases = [Case(naming.case(n), n, image_files[n], label_files[n]) for n in image_files]
     seen: dict[str, Path] = {}
     for case in cases:
         if case.case_id in seen:
@@ -442,140 +421,14 @@ def _source(dataset: str, reference: str, root: Path, naming: _Naming, table: Se
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing
-
-
-def _convert(
-    jobs: Sequence[_Job],
-    src: Path,
-    *,
-    link: bool,
-    overwrite: bool,
-    progress: ProgressCallback | None,
-    cancel: CancelCheck | None,
-) -> list[ConversionResult]:
-    destinations = [job.dst.resolve() for job in jobs]
-    if len(set(destinations)) < len(destinations):
-        raise OutputError(
-            "is given as two outputs; the CT and MRI datasets need their own folders", jobs[0].dst
-        )
-    for job in jobs:
-        _check_destination(job.dst, src, overwrite)
-    tracker = Tracker("convert", sum(len(job.cases) for job in jobs), progress)
-    staged: list[Path] = []
-    try:
-        for job in jobs:
-            job.dst.parent.mkdir(parents=True, exist_ok=True)
-            stage = job.dst.parent / f".{job.dst.name}.{uuid.uuid4().hex[:12]}.partial"
-            stage.mkdir()
-            staged.append(stage)
-            (stage / "imagesTr").mkdir()
-            (stage / "labelsTr").mkdir()
-            allowed = {0} | {s.value for s in job.structures} if job.remap is None else set(range(256))
-            for case in job.cases:
-                check_cancel(cancel, case.image)
-                check_pair([case.image], case.label, allowed, f"among the {job.source['dataset']} labels")
-                _place(case.image, stage / "imagesTr" / f"{case.case_id}_0000{FILE_ENDING}", link)
-                target = stage / "labelsTr" / f"{case.case_id}{FILE_ENDING}"
-                if job.remap is None:
-                    _place(case.label, target, link)
-                else:
-                    _write_remapped(case.label, target, job.remap)
-                tracker.step(case.case_id)
-            text = json.dumps(_dataset_json(job), indent=2) + "\n"
-            (stage / "dataset.json").write_text(text, encoding="utf-8")
-        for job, stage in zip(jobs, staged, strict=True):
-            _swap_into_place(stage, job.dst)
-    except OSError as error:
-        reason = error.strerror or str(error)
-        raise OutputError(f"cannot be read or written ({reason})", error.filename or jobs[0].dst) from None
-    finally:
-        for stage in staged:
-            shutil.rmtree(stage, ignore_errors=True)
-    return [
-        ConversionResult(
-            job.dataset, job.dst, job.modality, tuple(c.case_id for c in job.cases), job.unlabelled
-        )
-        for job in jobs
-    ]
-
-
-def _check_destination(dst: Path, src: Path, overwrite: bool) -> None:
-    resolved = dst.resolve()
-    if resolved == src.resolve() or src.resolve().is_relative_to(resolved):
-        raise OutputError(f"would replace the source folder {src}", dst)
-    if not (dst.exists() or dst.is_symlink()):
-        return
-    if not dst.is_dir():
-        raise OutputError("exists and is not a folder", dst)
-    if not any(dst.iterdir()):
-        return
-    if not overwrite:
-        raise OutputError("exists; pass overwrite=True (--overwrite) to replace it", dst)
-    if not any((dst / name).exists() for name in ("dataset.json", "imagesTr", "labelsTr")):
-        raise OutputError(
-            "is not a dataset folder (no dataset.json, imagesTr, labelsTr); not replacing it", dst
-        )
-
-
-def _place(source: Path, target: Path, link: bool) -> None:
-    """Copy ``source`` to ``target``, or hard-link it (symbolic link where hard links fail)."""
-    if not link:
-        shutil.copyfile(source, target)
-        return
-    try:
-        os.link(source, target)
-    except OSError:
-        target.symlink_to(source.resolve())
-
-
-def _write_remapped(source: Path, target: Path, table: np.ndarray) -> None:
-    """Write the label map ``source`` through ``table`` as uint8 on exactly its grid."""
-    image = sitk.ReadImage(str(source))
-    mapped = sitk.GetImageFromArray(table[sitk.GetArrayViewFromImage(image).astype(np.int64)])
-    mapped.CopyInformation(image)
-    sitk.WriteImage(mapped, str(target), useCompression=True)
-
-
-def _swap_into_place(stage: Path, dst: Path) -> None:
-    """Rename the finished ``stage`` to ``dst``; an old ``dst`` is moved aside first, then deleted."""
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:12]}.old"
-        os.replace(dst, old)
-        os.replace(stage, dst)
-        shutil.rmtree(old)
-    else:
-        os.replace(stage, dst)
-
-
-def _dataset_json(job: _Job) -> dict:
-    return {
-        "name": job.dataset,
-        "channel_names": {"0": CHANNEL_NAMES[job.modality]},
-        "labels": {"background": 0, **{s.name: s.value for s in job.structures}},
-        "numTraining": len(job.cases),
-        "file_ending": FILE_ENDING,
-        "modality": job.modality,
-        "source": {**job.source, "unlabelled_skipped": job.unlabelled},
-        "terminology": {s.name: s.term for s in job.structures},
-    }
-
-
-# ---------------------------------------------------------------------------------------------
 # Command line
-
-
-def _print_progress(event: ProgressEvent) -> None:
-    sys.stderr.write(f"\r{event.stage} {event.done}/{event.total} {event.item:<24}")
-    if event.done == event.total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m m4oe_training.converters",
-        description="Convert FLARE22, AMOS22 or ATLAS2023 into nnU-Net v2 dataset folders, or check one.",
+        description="Convert FLARE22, AMOS22, ATLAS2023 or TotalSegmentator outputs into nnU-Net v2 dataset "
+        "folders, or check one.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("flare22", "FLARE22 labelled CTs"), ("atlas2023", "ATLAS2023 liver/tumour MRIs")):
@@ -589,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (commands.choices["flare22"], commands.choices["atlas2023"], amos):
         command.add_argument("--link", action="store_true", help="hard-link files instead of copying them")
         command.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    totalsegmentator = commands.add_parser(
+        "totalsegmentator", help="scans with TotalSegmentator labels, mapped to the project's nine organs"
+    )
+    add_totalsegmentator_arguments(totalsegmentator)
     verify = commands.add_parser("verify", help="check an nnU-Net dataset folder")
     verify.add_argument("folder", type=Path)
     return parser
@@ -596,7 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    progress = _print_progress if sys.stderr.isatty() else None
+    if args.command == "totalsegmentator":
+        return run_from_arguments(args)
+    progress = print_progress if sys.stderr.isatty() else None
     try:
         if args.command == "verify":
             summary = verify_dataset(args.folder, progress=progress)

@@ -8,14 +8,17 @@ reference labels of the real validation scans into something a model's output ca
 against. Ids from TotalSegmentator's class map (``totalsegmentator/map_to_binary.py``, v2).
 
 A folder of scans with TotalSegmentator multi-label outputs becomes an nnU-Net training dataset
-(the layout ``m4oe train`` reads, see :mod:`.converters`) in one command::
+(the layout ``m4oe train`` reads, see :mod:`.dataset_writer`) in one command (the same as
+``python -m m4oe_training.totalsegmentator ...``)::
 
-    python -m m4oe_training.totalsegmentator SRC DST --modality ct|mr [--task total|total_mr]
-    python -m m4oe_training.totalsegmentator DST --modality ct --image CT.nii.gz --labels SEG.nii.gz \
-        --case NAME
+    python -m m4oe_training.converters totalsegmentator SRC DST --modality ct|mr [--task total|total_mr]
+    python -m m4oe_training.converters totalsegmentator DST --modality ct \
+        --image CT.nii.gz --labels SEG.nii.gz --case NAME
 
 ``SRC`` holds ``images/<case>.nii.gz`` and ``labels/<case>.nii.gz`` (TotalSegmentator's
-``--ml`` multi-label file of the same name; run it per scan with ``-o labels/<case>.nii.gz --ml``).
+multi-label file of the same name: ``TotalSegmentator -i images/<case>.nii.gz -o
+labels/<case>.nii.gz --ml``). TotalSegmentator's default output, one mask per structure in
+``<case>/segmentations/``, is not read: a folder laid out that way is refused with that advice.
 Labels are mapped to the project's nine organs (liver 1 ... pancreas 9, the values of
 :data:`m4oe.phantom.PHANTOM_LABELS`), written as uint8 on the image's exact grid; every other
 structure becomes 0. The image and label map must share size, spacing, origin and direction.
@@ -35,7 +38,15 @@ from m4oe.errors import InputError, M4oEError
 from m4oe.phantom import PHANTOM_LABELS
 from m4oe.progress import CancelCheck, ProgressCallback
 
-from .converters import FILE_ENDING, ConversionResult, Structure, _Case, _convert, _Job, _print_progress
+from .dataset_writer import (
+    FILE_ENDING,
+    Case,
+    ConversionResult,
+    Job,
+    Structure,
+    print_progress,
+    write_datasets,
+)
 
 TS_TASKS = ("total", "total_mr")
 
@@ -47,7 +58,7 @@ TOTALSEGMENTATOR_IDS: dict[str, dict[str, tuple[int, ...]]] = {
         "kidney_left": (3,),
         "aorta": (52,),
         "inferior_vena_cava": (63,),
-        # vertebrae L5 (26) ... C1 (50); the sacrum (25) is not a vertebra in the phantom.
+        # vertebrae S1 (26), L5 (27) ... C1 (50); the sacrum (25) is not a vertebra in the phantom.
         "vertebrae": tuple(range(26, 51)),
         "stomach": (6,),
         "pancreas": (7,),
@@ -141,7 +152,7 @@ def convert_totalsegmentator(
             if not Path(path).is_file():
                 raise InputError("not found", path)
         root = Path(image).parent
-        cases = (_Case(case, case, Path(image), Path(labels)),)
+        cases = (Case(case, case, Path(image), Path(labels)),)
     structures = tuple(
         Structure(value, key, key, f"TotalSegmentator {task}") for key, value in PHANTOM_LABELS.items()
     )
@@ -152,14 +163,23 @@ def convert_totalsegmentator(
         "task": task,
         "original_labels": {key: list(ids) for key, ids in TOTALSEGMENTATOR_IDS[task].items()},
     }
-    job = _Job(
+    job = Job(
         f"TotalSegmentator_{modality.upper()}", modality, structures, Path(dst), cases, 0, source, table
     )
-    return _convert([job], root, link=link, overwrite=overwrite, progress=progress, cancel=cancel)[0]
+    return write_datasets([job], root, link=link, overwrite=overwrite, progress=progress, cancel=cancel)[0]
 
 
-def _folder_cases(root: Path) -> tuple[_Case, ...]:
+def _folder_cases(root: Path) -> tuple[Case, ...]:
+    """The pairs ``root/images/<case>.nii.gz`` + ``root/labels/<case>.nii.gz``, sorted by case."""
+    if not root.is_dir():
+        raise InputError("is not a folder", root)
     images, labels = root / "images", root / "labels"
+    if not images.is_dir() and any(root.glob("*/segmentations")):
+        raise InputError(
+            "holds TotalSegmentator's one-mask-per-structure output (<case>/segmentations/); "
+            "run TotalSegmentator with --ml into labels/<case>.nii.gz beside images/<case>.nii.gz",
+            root,
+        )
     for folder in (images, labels):
         if not folder.is_dir():
             raise InputError(
@@ -173,28 +193,33 @@ def _folder_cases(root: Path) -> tuple[_Case, ...]:
             raise InputError(f"has no label map {label.name} in {labels}", path)
         if not _CASE_ID.fullmatch(case_id):
             raise InputError(f"case name {case_id!r} must be letters, digits, '_', '.', '-'", path)
-        cases.append(_Case(case_id, case_id, path, label))
+        cases.append(Case(case_id, case_id, path, label))
     if not cases:
         raise InputError(f"holds no {FILE_ENDING} images", images)
     return tuple(cases)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m m4oe_training.totalsegmentator",
-        description="Scans with TotalSegmentator multi-label outputs -> an nnU-Net training dataset.",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line arguments of a TotalSegmentator conversion (shared by both commands)."""
     parser.add_argument("src", type=Path, nargs="?", help="folder with images/ and labels/")
     parser.add_argument("dst", type=Path, help="output dataset folder")
     parser.add_argument("--modality", required=True, choices=("ct", "mr"))
-    parser.add_argument("--task", choices=TS_TASKS, help="TotalSegmentator task of the label maps")
+    parser.add_argument(
+        "--task", choices=TS_TASKS, help="TotalSegmentator task of the label maps (default: the modality's)"
+    )
     parser.add_argument("--image", type=Path, help="one image (instead of src)")
-    parser.add_argument("--labels", type=Path, help="its TotalSegmentator label map")
+    parser.add_argument("--labels", type=Path, help="its TotalSegmentator multi-label map")
     parser.add_argument("--case", help="its case name in the dataset")
     parser.add_argument("--link", action="store_true", help="hard-link images instead of copying them")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    args = parser.parse_args(argv)
-    progress = _print_progress if sys.stderr.isatty() else None
+
+
+def run_from_arguments(args: argparse.Namespace) -> int:
+    """Run the conversion :func:`add_arguments` describes; print a one-line result or error.
+
+    Returns 0, or the error's exit code (2 for bad input, 3 for an output problem).
+    """
+    progress = print_progress if sys.stderr.isatty() else None
     try:
         result = convert_totalsegmentator(
             args.dst,
@@ -213,6 +238,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error.exit_code
     print(f"{result.dataset}: {len(result.cases)} cases -> {result.folder}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m m4oe_training.totalsegmentator",
+        description="Scans with TotalSegmentator multi-label outputs -> an nnU-Net training dataset.",
+    )
+    add_arguments(parser)
+    return run_from_arguments(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
