@@ -4,7 +4,9 @@ The scans (``example_ct_dicom``, contrast CT; ``example_mr_sm``, MRI) and their 
 reference labels are described in ``m4oe_training.realval``; no model of this project trains on
 them. The model runs with its card's defaults, as ``m4oe segment`` runs it (``--tta`` overrides
 the test-time passes), on the CPU. ``--record`` writes the figures into the model folder's card
-(``metrics.real_validation``).
+(``metrics.real_validation``); it needs ``--model FOLDER``: the embedded model's card is part of
+the source tree and a downloaded model's card is checked against the catalogue's SHA-256, so
+neither is rewritten.
 
 Run: ``python benchmarks/real_accuracy.py [--model NAME_OR_FOLDER] [--data DIR] [--tta N]
 [--threads 2] [--json] [--record]``. Exit code 2 when the data folder or a file is missing.
@@ -35,12 +37,24 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from m4oe.errors import M4oEError
-    from m4oe.hub import resolve_model
+    from m4oe.hub import EMBEDDED_DIR, cache_dir, resolve_model
     from m4oe.predictor import Predictor
     from m4oe_training.realval import benchmark, format_table, record
 
     if not args.data.is_dir():
         print(f"error: {args.data}: real validation data folder not found", file=sys.stderr)
+        return 2
+    protected = (EMBEDDED_DIR.resolve(), cache_dir().resolve())
+    if args.record and (
+        args.model is None
+        or not Path(args.model).is_dir()
+        or any(Path(args.model).resolve().is_relative_to(folder) for folder in protected)
+    ):
+        print(
+            f"error: {args.model or 'the embedded model'}: --record needs --model FOLDER, a model folder "
+            "of yours (embedded and downloaded models' cards are not rewritten)",
+            file=sys.stderr,
+        )
         return 2
     try:
         folder = resolve_model(args.model)
@@ -52,7 +66,7 @@ def main(argv=None) -> int:
         return 2
     seconds = round(time.perf_counter() - start, 1)
     if args.record:
-        card = folder / "model.json" if folder.is_dir() else folder.with_suffix(".json")
+        card = folder / "model.json"
         command = "python benchmarks/real_accuracy.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
         record(card, results, command)
     if args.json:

@@ -11,9 +11,14 @@ series reads with, so it is resampled onto the series grid through physical coor
 nearest neighbour, identity transform), never matched by array index.
 
 A model is scored as a user runs it: the model card's default settings (test-time passes,
-smoothing across slices, clean-up), the modality given. Per organ present in the reference: Dice
-and HD95 (mm, :func:`m4oe.evaluate.evaluate`); the mean Dice over the organs present; and the mean
-gate weight of each expert over the volume.
+smoothing across slices, clean-up), the modality given. The model's classes are matched to the
+reference's organs by their standard codes (:data:`m4oe.terminology.TERMS`), not by label value,
+so a model numbering its organs differently is scored correctly; organs are reported by their
+TERMS key ("kidney_right"). Per organ present in the reference: Dice and HD95 (mm,
+:func:`m4oe.evaluate.evaluate`); the mean Dice over the organs present (a missed organ counts 0);
+the mean HD95 over the organs the model found (a missed organ has no HD95, so it is left out of
+that mean); and the mean gate weight of each expert over the volume (all tokens, mean of the MoE
+layers, from the prediction's gate summary).
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ import SimpleITK as sitk
 from m4oe.errors import InputError
 from m4oe.evaluate import evaluate
 from m4oe.io import read_image, write_atomic
+from m4oe.labels import Label
 from m4oe.model_card import ModelCard
+from m4oe.terminology import TERMS
 
-from .totalsegmentator import map_labels
+from .totalsegmentator import TOTALSEGMENTATOR_IDS, map_labels
 
 
 @dataclass(frozen=True)
@@ -53,16 +60,44 @@ REAL_SCANS = (
 """The real validation set. Never train on these images or their label maps."""
 
 
-def load_scan(data_dir: str | Path, scan: RealScan) -> tuple[sitk.Image, sitk.Image]:
-    """The scan's image and its reference on the image's grid, in project label values (uint8).
+def organ_keys(labels: list[Label]) -> dict[int, str]:
+    """Label value -> TERMS key for the classes of a task whose codes name a standard structure.
+
+    A class matches a TERMS entry when its type code and laterality modifier (coding scheme and
+    value) are the entry's; classes matching none (a tumour class of a custom model) are left out.
+    """
+
+    def identity(type_code, modifier) -> tuple:
+        return (
+            type_code.scheme,
+            type_code.value,
+            None if modifier is None else (modifier.scheme, modifier.value),
+        )
+
+    by_code = {identity(term.type, term.modifier): key for key, term in TERMS.items()}
+    found = {}
+    for label in labels:
+        key = by_code.get(identity(label.type, label.modifier))
+        if key is not None:
+            found[label.value] = key
+    return found
+
+
+def load_scan(
+    data_dir: str | Path, scan: RealScan, labels: dict[str, int] | None = None
+) -> tuple[sitk.Image, sitk.Image]:
+    """The scan's image and its reference on the image's grid, as label values of a model (uint8).
 
     Args:
         data_dir: the folder holding TotalSegmentator's test files.
         scan: one of :data:`REAL_SCANS`.
+        labels: organ key -> label value to write; default the project's nine organs
+            (:data:`m4oe.phantom.PHANTOM_LABELS`). Keys TotalSegmentator does not label are ignored.
 
     Returns:
         (image, reference): the image as the engine reads it (LPS, mm; HU for CT) and a uint8 label
-        map of the same size, spacing, origin and direction, resampled through physical space.
+        map of the same size, spacing, origin and direction, resampled through physical space
+        (nearest neighbour, identity transform; voxels outside the stored label map are 0).
     """
     data_dir = Path(data_dir)
     for part in (scan.image, scan.reference):
@@ -70,7 +105,7 @@ def load_scan(data_dir: str | Path, scan: RealScan) -> tuple[sitk.Image, sitk.Im
             raise InputError(f"real validation file {part} not found", data_dir / part)
     image = read_image(data_dir / scan.image).image
     reference = sitk.ReadImage(str(data_dir / scan.reference))
-    mapped = sitk.GetImageFromArray(map_labels(sitk.GetArrayViewFromImage(reference), scan.ts_task))
+    mapped = sitk.GetImageFromArray(map_labels(sitk.GetArrayViewFromImage(reference), scan.ts_task, labels))
     mapped.CopyInformation(reference)
     on_grid = sitk.Resample(mapped, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     return image, on_grid
@@ -105,13 +140,31 @@ def score(labelmap: sitk.Image, reference: sitk.Image, names: dict[int, str]) ->
 def benchmark(predictor, data_dir: str | Path, test_time_passes: int | None = None) -> dict:
     """Score a :class:`m4oe.predictor.Predictor` on every scan of :data:`REAL_SCANS`.
 
-    Returns {scan name: {"modality", **:func:`score`, "gate_mean_weights": {expert: weight}}}.
+    The predictor's first task is scored; its classes are matched to the references' organs by
+    :func:`organ_keys`. ``test_time_passes`` None keeps the card's default.
+
+    Returns:
+        {scan name: {"modality", **:func:`score` (organs by TERMS key), "gate_mean_weights":
+        {expert: mean weight} or None for a dense model, "routing_confidence"}}.
+
+    Raises:
+        InputError: the model's task has none of the organs the references label, or a file is missing.
     """
     card = predictor.card
-    names = {label.value: label.name for label in card.tasks[0].labels}
+    names = {
+        value: key
+        for value, key in organ_keys(card.tasks[0].labels).items()
+        if key in TOTALSEGMENTATOR_IDS["total"]
+    }
+    if not names:
+        raise InputError(
+            f"task {card.tasks[0].name!r} of model {card.name!r} has none of the organs the references "
+            f"label ({', '.join(TOTALSEGMENTATOR_IDS['total'])})"
+        )
+    values = {key: value for value, key in names.items()}
     results = {}
     for scan in REAL_SCANS:
-        image, reference = load_scan(data_dir, scan)
+        image, reference = load_scan(data_dir, scan, values)
         prediction = predictor.predict(
             image, modality=scan.modality, gates=card.architecture.is_moe, test_time_passes=test_time_passes
         )
@@ -122,6 +175,7 @@ def benchmark(predictor, data_dir: str | Path, test_time_passes: int | None = No
             if summary
             else None
         )
+        entry["routing_confidence"] = summary["overall"]["routing_confidence"] if summary else None
         results[scan.name] = entry
     return results
 
