@@ -498,11 +498,57 @@ def test_totalsegmentator_command_writes_labels_on_the_image_grid_and_refuses_wh
     assert main([*command, "--task", "total_mr", "--overwrite"]) == 0
     assert [int(read_array(written)[z, 1, 1]) for z in range(4)] == [1, 0, 0, 0]
     assert json.loads((tmp_path / "out" / "dataset.json").read_text())["source"]["task"] == "total_mr"
-    # TotalSegmentator's default output (one mask per structure) is refused with advice.
-    per_structure = tmp_path / "default_output"
-    write_volume(per_structure / "s01" / "segmentations" / "liver.nii.gz", np.zeros(SHAPE, np.uint8), 0)
-    with pytest.raises(InputError, match="--ml"):
-        convert_totalsegmentator(tmp_path / "out5", "ct", src=per_structure)
     with pytest.raises(InputError, match="is not a folder"):
         convert_totalsegmentator(tmp_path / "out6", "ct", src=tmp_path / "absent")
-    assert not (tmp_path / "out5").exists() and not (tmp_path / "out6").exists()
+    assert not (tmp_path / "out6").exists()
+
+
+def write_masks(case: Path, ids: np.ndarray, task: str, seed: int = 0) -> None:
+    """TotalSegmentator's default output for ``ids``: one binary mask per mapped structure."""
+    from m4oe_training.totalsegmentator import TOTALSEGMENTATOR_NAMES
+
+    for ts_id, name in TOTALSEGMENTATOR_NAMES[task].items():
+        write_volume(case / "segmentations" / f"{name}.nii.gz", (ids == ts_id).astype(np.uint8), seed)
+
+
+def test_totalsegmentator_per_structure_masks_give_the_same_dataset_as_the_multilabel_map(tmp_path):
+    from m4oe_training.totalsegmentator import TOTALSEGMENTATOR_IDS, TOTALSEGMENTATOR_NAMES
+
+    for task in ("total", "total_mr"):  # a mask file for every id that maps to an organ
+        assert sorted(TOTALSEGMENTATOR_NAMES[task]) == sorted(
+            i for v in TOTALSEGMENTATOR_IDS[task].values() for i in v
+        )
+    assert (
+        TOTALSEGMENTATOR_NAMES["total"][27] == "vertebrae_L5"
+        and TOTALSEGMENTATOR_NAMES["total"][50] == "vertebrae_C1"
+    )
+    ids = ts_ids()
+    ids[2, 5:7, 5:7] = 31  # L1 beside S1, and the unmapped sacrum and colon stay unwritten
+    multi, masks = tmp_path / "multi", tmp_path / "masks"
+    write_volume(multi / "images" / "c1.nii.gz", np.full(SHAPE, 40, np.int16), 0)
+    write_volume(multi / "labels" / "c1.nii.gz", ids, 0)
+    write_volume(masks / "c1" / "ct.nii.gz", np.full(SHAPE, 40, np.int16), 0)
+    write_masks(masks / "c1", ids, "total")
+    convert_totalsegmentator(tmp_path / "from_multi", "ct", src=multi)
+    assert main(["totalsegmentator", str(masks), str(tmp_path / "from_masks"), "--modality", "ct"]) == 0
+    expected = read_array(tmp_path / "from_multi" / "labelsTr" / "c1.nii.gz")
+    written = tmp_path / "from_masks" / "labelsTr" / "c1.nii.gz"
+    assert np.array_equal(read_array(written), expected) and expected[2, 5, 5] == 7
+    assert geometry(written) == geometry(masks / "c1" / "ct.nii.gz")
+    verify_dataset(tmp_path / "from_masks")
+    # A missing mask (a --roi_subset run) would silently turn an organ into background: refused.
+    (masks / "c1" / "segmentations" / "pancreas.nii.gz").unlink()
+    with pytest.raises(InputError, match=r"missing: TotalSegmentator total mask of pancreas") as error:
+        convert_totalsegmentator(tmp_path / "out", "ct", src=masks)
+    assert str(masks / "c1" / "segmentations" / "pancreas.nii.gz") in str(error.value)
+    # A mask on another grid than its image, or a mask that is not binary: nothing written.
+    write_volume(masks / "c1" / "segmentations" / "pancreas.nii.gz", np.zeros(SHAPE, np.uint8), 2)
+    with pytest.raises(InputError, match=r"geometry differs from its image ct\.nii\.gz"):
+        convert_totalsegmentator(tmp_path / "out", "ct", src=masks)
+    write_volume(masks / "c1" / "segmentations" / "pancreas.nii.gz", np.full(SHAPE, 7, np.uint8), 0)
+    with pytest.raises(InputError, match="label value 7 is not a binary mask"):
+        convert_totalsegmentator(tmp_path / "out", "ct", src=masks)
+    write_volume(masks / "c1" / "extra.nii.gz", np.zeros(SHAPE, np.int16), 0)
+    with pytest.raises(InputError, match=r"exactly one \.nii\.gz image beside segmentations/, found 2"):
+        convert_totalsegmentator(tmp_path / "out", "ct", src=masks)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

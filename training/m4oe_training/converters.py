@@ -27,8 +27,10 @@ Commands (``m4oe convert`` will wrap the same functions)::
     python -m m4oe_training.converters verify    data/AMOS22_MR
 
 ``totalsegmentator`` reads ``SRC/images/<case>.nii.gz`` with ``SRC/labels/<case>.nii.gz``
-(TotalSegmentator's ``--ml`` multi-label file), or one ``--image`` / ``--labels`` pair named
-``--case``; ``--task total|total_mr`` when the ids are not the modality's default task.
+(TotalSegmentator's ``--ml`` multi-label file), or TotalSegmentator's default output
+(``SRC/<case>/<image>.nii.gz`` beside ``SRC/<case>/segmentations/<structure>.nii.gz``), or one
+``--image`` / ``--labels`` pair named ``--case``; ``--task total|total_mr`` when the ids are not
+the modality's default task.
 
 Options: ``--link`` hard-links the files (symbolic links across file systems) instead of copying;
 ``--overwrite`` replaces an existing dataset folder. The expected source layouts and the label

@@ -43,12 +43,18 @@ class Structure:
 
 @dataclass(frozen=True)
 class Case:
-    """One image-label pair: case id in the dataset, number in the source naming, the two files."""
+    """One image-label pair: case id in the dataset, number in the source naming, the two files.
+
+    ``masks``: for a label map stored as one binary mask per structure (TotalSegmentator's default
+    output), the (source id, mask file) pairs it is made of; ``label`` is then their folder. Masks
+    need a ``Job.remap`` table: they are combined into source ids, then rewritten through it.
+    """
 
     case_id: str
     number: str
     image: Path
     label: Path
+    masks: tuple[tuple[int, Path], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,13 +112,18 @@ def write_datasets(
             allowed = {0} | {s.value for s in job.structures} if job.remap is None else set(range(256))
             for case in job.cases:
                 check_cancel(cancel, case.image)
-                check_pair([case.image], case.label, allowed, f"among the {job.source['dataset']} labels")
+                if case.masks:
+                    assert job.remap is not None, "per-structure masks are always remapped"
+                    for _, mask in case.masks:
+                        check_pair([case.image], mask, {0, 1}, "a binary mask")
+                else:
+                    check_pair([case.image], case.label, allowed, f"among the {job.source['dataset']} labels")
                 _place(case.image, stage / "imagesTr" / f"{case.case_id}_0000{FILE_ENDING}", link)
                 target = stage / "labelsTr" / f"{case.case_id}{FILE_ENDING}"
                 if job.remap is None:
                     _place(case.label, target, link)
                 else:
-                    _write_remapped(case.label, case.image, target, job.remap)
+                    _write_remapped(_source_ids(case), case.image, target, job.remap)
                 tracker.step(case.case_id)
             text = json.dumps(_dataset_json(job), indent=2) + "\n"
             (stage / "dataset.json").write_text(text, encoding="utf-8")
@@ -161,15 +172,29 @@ def _place(source: Path, target: Path, link: bool) -> None:
         target.symlink_to(source.resolve())
 
 
-def _write_remapped(label: Path, image: Path, target: Path, table: np.ndarray) -> None:
-    """Write the label map ``label`` through ``table`` (source id -> value) as uint8 on ``image``'s grid.
+def _source_ids(case: Case) -> np.ndarray:
+    """The case's source label ids, (z, y, x): its label map, or its masks combined.
+
+    Masks are painted in order, each voxel set in a mask taking the mask's id (TotalSegmentator's
+    masks come from one label map, so they do not overlap).
+    """
+    if not case.masks:
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(case.label)))
+    ids = None
+    for value, mask in case.masks:
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(mask)))
+        ids = np.zeros(array.shape, np.uint8) if ids is None else ids
+        ids[array != 0] = value
+    return ids
+
+
+def _write_remapped(ids: np.ndarray, image: Path, target: Path, table: np.ndarray) -> None:
+    """Write source label ``ids`` (z, y, x) through ``table`` (id -> value) as uint8 on ``image``'s grid.
 
     The pair has been checked (:func:`.nnunet.check_pair`): same size, geometry within tolerance;
     the written map takes the image's spacing, origin and direction exactly.
     """
-    mapped = sitk.GetImageFromArray(
-        table[sitk.GetArrayFromImage(sitk.ReadImage(str(label))).astype(np.int64)]
-    )
+    mapped = sitk.GetImageFromArray(table[ids.astype(np.int64)])
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(image))
     reader.ReadImageInformation()

@@ -17,8 +17,9 @@ A folder of scans with TotalSegmentator multi-label outputs becomes an nnU-Net t
 
 ``SRC`` holds ``images/<case>.nii.gz`` and ``labels/<case>.nii.gz`` (TotalSegmentator's
 multi-label file of the same name: ``TotalSegmentator -i images/<case>.nii.gz -o
-labels/<case>.nii.gz --ml``). TotalSegmentator's default output, one mask per structure in
-``<case>/segmentations/``, is not read: a folder laid out that way is refused with that advice.
+labels/<case>.nii.gz --ml``), or TotalSegmentator's default output: one folder per case,
+``SRC/<case>/<image>.nii.gz`` beside ``SRC/<case>/segmentations/<structure>.nii.gz`` (one binary
+mask per structure; every structure that maps to a project organ must be there).
 Labels are mapped to the project's nine organs (liver 1 ... pancreas 9, the values of
 :data:`m4oe.phantom.PHANTOM_LABELS`), written as uint8 on the image's exact grid; every other
 structure becomes 0. The image and label map must share size, spacing, origin and direction.
@@ -77,6 +78,44 @@ TOTALSEGMENTATOR_IDS: dict[str, dict[str, tuple[int, ...]]] = {
 }
 """Per TotalSegmentator task, the ids that make up each project organ key."""
 
+_SPINE = (
+    "S1",
+    "L5",
+    "L4",
+    "L3",
+    "L2",
+    "L1",
+    *(f"T{n}" for n in range(12, 0, -1)),
+    *(f"C{n}" for n in range(7, 0, -1)),
+)
+
+TOTALSEGMENTATOR_NAMES: dict[str, dict[int, str]] = {
+    "total": {
+        5: "liver",
+        1: "spleen",
+        2: "kidney_right",
+        3: "kidney_left",
+        52: "aorta",
+        63: "inferior_vena_cava",
+        6: "stomach",
+        7: "pancreas",
+        **{26 + i: f"vertebrae_{level}" for i, level in enumerate(_SPINE)},  # vertebrae_S1 26 ... C1 50
+    },
+    "total_mr": {
+        5: "liver",
+        1: "spleen",
+        2: "kidney_right",
+        3: "kidney_left",
+        23: "aorta",
+        24: "inferior_vena_cava",
+        19: "vertebrae",
+        6: "stomach",
+        7: "pancreas",
+    },
+}
+"""Per task, TotalSegmentator's structure name (its mask file ``<name>.nii.gz``) of each id in
+:data:`TOTALSEGMENTATOR_IDS`."""
+
 
 def lookup_table(task: str, labels: dict[str, int] | None = None) -> np.ndarray:
     """A 256-entry uint8 table: ``table[ts_id]`` is the project label value (0 where unmapped).
@@ -126,8 +165,12 @@ def convert_totalsegmentator(
 ) -> ConversionResult:
     """Scans with TotalSegmentator label maps -> an nnU-Net dataset at ``dst`` with the project's organs.
 
-    Either ``src`` (a folder with ``images/<case>.nii.gz`` and ``labels/<case>.nii.gz``) or one
-    ``image`` with its ``labels`` file and a ``case`` name. ``modality`` is "ct" or "mr";
+    Either ``src`` or one ``image`` with its ``labels`` file (a multi-label map) and a ``case``
+    name. ``src`` is a folder with ``images/<case>.nii.gz`` and ``labels/<case>.nii.gz``
+    (multi-label maps), or TotalSegmentator's default output, one folder per case holding the
+    image (its only ``.nii.gz`` file) and ``segmentations/<structure>.nii.gz`` binary masks, of
+    which every structure in :data:`TOTALSEGMENTATOR_NAMES` must be present (a subset run would
+    otherwise turn a missing organ into background). ``modality`` is "ct" or "mr";
     ``task`` is the TotalSegmentator task whose ids the label maps hold (default "total" for CT,
     "total_mr" for MR). Images are copied (or linked with ``link``); label maps are rewritten
     through :func:`lookup_table`. Errors (missing or unpaired files, a label map on another grid
@@ -142,7 +185,7 @@ def convert_totalsegmentator(
         if image is not None or labels is not None:
             raise InputError("give a source folder or one image with its labels, not both")
         root = Path(src)
-        cases = _folder_cases(root)
+        cases = _folder_cases(root, task)
     else:
         if image is None or labels is None or case is None:
             raise InputError("one case needs --image, --labels and --case")
@@ -169,21 +212,17 @@ def convert_totalsegmentator(
     return write_datasets([job], root, link=link, overwrite=overwrite, progress=progress, cancel=cancel)[0]
 
 
-def _folder_cases(root: Path) -> tuple[Case, ...]:
-    """The pairs ``root/images/<case>.nii.gz`` + ``root/labels/<case>.nii.gz``, sorted by case."""
+def _folder_cases(root: Path, task: str) -> tuple[Case, ...]:
+    """The cases of ``root``: ``images/`` with ``labels/``, else one folder per case with masks."""
     if not root.is_dir():
         raise InputError("is not a folder", root)
     images, labels = root / "images", root / "labels"
     if not images.is_dir() and any(root.glob("*/segmentations")):
-        raise InputError(
-            "holds TotalSegmentator's one-mask-per-structure output (<case>/segmentations/); "
-            "run TotalSegmentator with --ml into labels/<case>.nii.gz beside images/<case>.nii.gz",
-            root,
-        )
+        return _mask_cases(root, task)
     for folder in (images, labels):
         if not folder.is_dir():
             raise InputError(
-                "expected a folder with images/ and labels/ (TotalSegmentator --ml outputs)", folder
+                "expected images/ and labels/ (multi-label maps) or <case>/segmentations/ folders", folder
             )
     cases = []
     for path in sorted(images.glob(f"*{FILE_ENDING}")):
@@ -199,9 +238,35 @@ def _folder_cases(root: Path) -> tuple[Case, ...]:
     return tuple(cases)
 
 
+def _mask_cases(root: Path, task: str) -> tuple[Case, ...]:
+    """``root/<case>/<image>.nii.gz`` with ``root/<case>/segmentations/<structure>.nii.gz``."""
+    cases = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        masks = folder / "segmentations"
+        if not masks.is_dir():
+            raise InputError("has no segmentations/ folder (TotalSegmentator's per-structure output)", folder)
+        if not _CASE_ID.fullmatch(folder.name):
+            raise InputError(f"case name {folder.name!r} must be letters, digits, '_', '.', '-'", folder)
+        found = sorted(p for p in folder.glob(f"*{FILE_ENDING}") if not p.name.startswith("."))
+        if len(found) != 1:
+            raise InputError(
+                f"must hold exactly one {FILE_ENDING} image beside segmentations/, found {len(found)}", folder
+            )
+        parts = []
+        for ts_id, name in TOTALSEGMENTATOR_NAMES[task].items():
+            mask = masks / f"{name}{FILE_ENDING}"
+            if not mask.is_file():
+                raise InputError(f"missing: TotalSegmentator {task} mask of {name}", mask)
+            parts.append((ts_id, mask))
+        cases.append(Case(folder.name, folder.name, found[0], masks, tuple(parts)))
+    return tuple(cases)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command-line arguments of a TotalSegmentator conversion (shared by both commands)."""
-    parser.add_argument("src", type=Path, nargs="?", help="folder with images/ and labels/")
+    parser.add_argument(
+        "src", type=Path, nargs="?", help="folder with images/ and labels/, or <case>/segmentations/ folders"
+    )
     parser.add_argument("dst", type=Path, help="output dataset folder")
     parser.add_argument("--modality", required=True, choices=("ct", "mr"))
     parser.add_argument(
