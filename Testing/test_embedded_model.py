@@ -65,6 +65,12 @@ def test_card_says_what_the_model_is_and_how_it_was_made():
         assert set(result["dice"]) >= {"liver", "spleen", "kidney_right", "kidney_left"}
     labels = {lab.name for lab in card.task(None).labels}
     assert {"liver", "spleen", "pancreas"} <= labels
+    # Its figures on the two real validation scans (benchmarks/real_accuracy.py --record) travel with it.
+    real = card.metrics["real_validation"]["scans"]
+    assert set(real) == {"example_ct_dicom", "example_mr_sm"}
+    assert all(
+        0.0 <= scan["mean_dice"] <= 1.0 and scan["dice"]["liver"] is not None for scan in real.values()
+    )
 
 
 OWN_EXPERT = {"ct": "ct", "t1": "mr-t1", "t2": "mr-t2"}
