@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save
 
 from m4oe.checkpoint import load_checkpoint, read_model_card
 from m4oe.cli import main as m4oe_main
+from m4oe.model import build_model
 from m4oe.phantom import PHANTOM_LABELS, write_dataset
 from m4oe.terminology import standard_label
 from m4oe_training.config import ConfigError, DatasetConfig, StageConfig, TrainConfig, load_config
@@ -1246,33 +1247,40 @@ def test_expert_order_must_hold_every_dataset_expert_once(tmp_path):
         load_config(write_config(tmp_path / "c.toml", datasets, stages, expert_order=["ct", "mr", "ct"]))
 
 
+def initial_tiny_weights() -> dict[str, torch.Tensor]:
+    """The weights a run of the tiny two-expert model starts from (seed 0, as ``run`` seeds it)."""
+    torch.manual_seed(0)
+    tasks = (("abdomen", len(PHANTOM_LABELS) + 1),)
+    return build_model("m4oe-tiny", experts=("ct", "mr"), tasks=tasks).state_dict()
+
+
+def one_sgd_step(tmp_path: Path, name: str, datasets: list[dict], **stage) -> dict[str, torch.Tensor]:
+    """The network's weights after one plain SGD step (no momentum, decay or clipping) of a joint stage."""
+    path = write_config(
+        tmp_path / f"{name}.toml",
+        datasets,
+        [{"kind": "joint", "epochs": 1, "lr": 0.01, **stage}],
+        batch_size=2,
+        iterations_per_epoch=1,
+        momentum=0.0,
+        weight_decay=0.0,
+        grad_clip_norm=0.0,
+        val_every=100,
+        output_dir=str(tmp_path / name),
+    )
+    out = run(load_config(path)[0], base_dir=tmp_path, command=["test"])
+    state = load_file(out / "state" / "weights.safetensors")
+    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+
+
 @pytest.mark.slow
 def test_gate_learning_rate_scale_moves_only_the_gates_faster(phantoms, tmp_path):
     """Plain SGD, one step: gate updates are ``gate_lr_scale`` times larger, every other one equal."""
-    from m4oe.model import build_model
     from m4oe_training.train import is_gate_parameter
 
-    def one_step(scale: float) -> dict:
-        path = write_config(
-            tmp_path / f"scale{scale}.toml",
-            [dataset(phantoms["ct"], "ct"), dataset(phantoms["t1"], "mr")],
-            [{"kind": "joint", "epochs": 1, "lr": 0.01, "gate_lr_scale": scale}],
-            batch_size=2,
-            iterations_per_epoch=1,
-            momentum=0.0,
-            weight_decay=0.0,
-            grad_clip_norm=0.0,
-            val_every=100,
-            output_dir=str(tmp_path / f"scale{scale}"),
-        )
-        out = run(load_config(path)[0], base_dir=tmp_path, command=["test"])
-        state = load_file(out / "state" / "weights.safetensors")
-        return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-
-    torch.manual_seed(0)
-    initial = build_model("m4oe-tiny", experts=("ct", "mr"), tasks=(("abdomen", len(PHANTOM_LABELS) + 1),))
-    initial = initial.state_dict()
-    plain, fast = one_step(1.0), one_step(8.0)
+    initial = initial_tiny_weights()
+    datasets = [dataset(phantoms["ct"], "ct"), dataset(phantoms["t1"], "mr")]
+    plain, fast = (one_sgd_step(tmp_path, f"scale{s}", datasets, gate_lr_scale=s) for s in (1.0, 8.0))
     gates = [k for k in initial if is_gate_parameter(k)]
     assert len(gates) == 28
     for key, start in initial.items():
@@ -1537,29 +1545,11 @@ def test_parameter_groups_split_gates_shared_layers_and_the_rest():
 def test_shared_learning_rate_scale_moves_only_the_shared_layers_slower(phantoms, tmp_path):
     """Plain SGD, one step: updates of the shared layers are ``shared_lr_scale`` times the full
     rate's, experts', gates' and heads' updates the same."""
-    from m4oe.model import build_model
     from m4oe_training.train import is_shared_parameter
 
-    def one_step(scale: float) -> dict:
-        path = write_config(
-            tmp_path / f"shared{scale}.toml",
-            [dataset(phantoms["ct"], "ct", val_cases=0), dataset(phantoms["t1"], "mr", val_cases=0)],
-            [{"kind": "joint", "epochs": 1, "lr": 0.01, "shared_lr_scale": scale}],
-            batch_size=2,
-            iterations_per_epoch=1,
-            momentum=0.0,
-            weight_decay=0.0,
-            grad_clip_norm=0.0,
-            output_dir=str(tmp_path / f"shared{scale}"),
-        )
-        out = run(load_config(path)[0], base_dir=tmp_path, command=["test"])
-        state = load_file(out / "state" / "weights.safetensors")
-        return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-
-    torch.manual_seed(0)
-    initial = build_model("m4oe-tiny", experts=("ct", "mr"), tasks=(("abdomen", len(PHANTOM_LABELS) + 1),))
-    initial = initial.state_dict()
-    full, slow = one_step(1.0), one_step(0.25)
+    initial = initial_tiny_weights()
+    datasets = [dataset(phantoms["ct"], "ct", val_cases=0), dataset(phantoms["t1"], "mr", val_cases=0)]
+    full, slow = (one_sgd_step(tmp_path, f"shared{s}", datasets, shared_lr_scale=s) for s in (1.0, 0.25))
     shared = [k for k in initial if is_shared_parameter(f"model.{k}")]
     assert 0 < len(shared) < len(initial)
     for key, start in initial.items():
