@@ -132,6 +132,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
+    # CPU processes drawing the next steps' batches while the network trains on this one (0: the
+    # training process draws each batch itself). The batches are the same either way; on a GPU
+    # the draw (synthetic rendering above all) bounds the step time of the small models.
+    loader_workers: int = 0
     output_dir: str = "runs/{name}"
     largest_component: tuple[str, ...] | None = None
     through_plane_sigma_mm: float | None = None
@@ -172,6 +176,7 @@ class TrainConfig:
             "export_dtype": self.export_dtype in ("float32", "float16"),
             "export_epoch": self.export_epoch in ("best", "last"),
             "batch_size": self.batch_size >= 1,
+            "loader_workers": self.loader_workers >= 0,
             "iterations_per_epoch": self.iterations_per_epoch >= 1,
             "foreground_fraction": 0.0 <= self.foreground_fraction <= 1.0,
             "elastic_probability": 0.0 <= self.elastic_probability <= 1.0,

@@ -39,14 +39,14 @@ from m4oe.model_card import ModelCard
 from m4oe.predictor import Predictor
 from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams
 
-from .augment import augment_batch, build_augmentation
+from .augment import build_augmentation
+from .batches import BatchPlan, BatchSource, step_seed
 from .config import ConfigError, TrainConfig
 from .data import DatasetInfo, SliceData, ct_intensity_params, split_cases
 from .export import build_card, expert_modalities, export_model, task_labels
 from .state import load_state, save_state
 
 logger = logging.getLogger("m4oe_training")
-MIM_BLOCK = 16  # masked-image-modelling mask block side in pixels (a 4x4 group of patch tokens)
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=3)
 
 
@@ -148,10 +148,6 @@ def distributed_setup(device: str) -> tuple[int, int, torch.device]:
     return rank, world, dev
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
-
-
 def stage_lr(stage, step: int, total_steps: int, poly_power: float) -> float:
     """Learning rate at ``step`` (0-based) of a stage: linear warm-up, then poly decay to 0."""
     lr = stage.lr * (1 - step / max(total_steps, 1)) ** poly_power
@@ -208,16 +204,6 @@ def parameter_groups(module: nn.Module) -> list[dict]:
 def group_lr(stage, group: str, lr: float) -> float:
     """The learning rate of optimiser group ``group`` when the stage's rate is ``lr``."""
     return lr * {"gates": stage.gate_lr_scale, "shared": stage.shared_lr_scale}.get(group, 1.0)
-
-
-def hidden_blocks(rng: np.random.Generator, batch: int, size: int, ratio: float) -> torch.Tensor:
-    """A (B, 1, S, S) mask hiding ``ratio`` of the MIM_BLOCK x MIM_BLOCK blocks of each slice."""
-    n = size // MIM_BLOCK
-    hidden = np.zeros((batch, n * n), np.float32)
-    for b in range(batch):
-        hidden[b, rng.permutation(n * n)[: round(ratio * n * n)]] = 1.0
-    mask = torch.from_numpy(hidden.reshape(batch, 1, n, n))
-    return F.interpolate(mask, scale_factor=MIM_BLOCK, mode="nearest")
 
 
 def validate(model: SwinUNet, card, cfg: TrainConfig, infos: list[DatasetInfo], device, kind: str) -> dict:
@@ -582,105 +568,106 @@ def run(
         )
         export_model(model, card, out / "model", cfg.export_dtype)
 
-    for stage_index, stage in enumerate(cfg.stages):
-        if stage_index < position["stage"]:
-            continue
-        total_steps = stage.epochs * cfg.iterations_per_epoch
-        for epoch in range(position["epoch"] if stage_index == position["stage"] else 0, stage.epochs):
-            if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
-                return out
-            module.train()
-            sums: dict[str, float] = {}
-            for it in range(cfg.iterations_per_epoch):
-                step_in_stage = epoch * cfg.iterations_per_epoch + it
-                lr = stage_lr(stage, step_in_stage, total_steps, cfg.poly_power)
-                for group in optimizer.param_groups:
-                    group["lr"] = group_lr(stage, group["name"], lr)
-                seed = step_seed(cfg.seed, rank, position["step"])
-                rng = np.random.default_rng(seed)
-                torch.manual_seed(seed)
-                images, targets, datasets = data.sample(rng, cfg.batch_size, cfg.foreground_fraction)
-                if augmentation is not None:
-                    images, targets = augment_batch(augmentation, images, targets, seed)
-                if model.cfg.in_chans == 3:
-                    images = images.expand(-1, 3, -1, -1)
-                mask = (
-                    hidden_blocks(rng, images.shape[0], images.shape[-1], stage.mask_ratio)
-                    if stage.kind == "mim"
-                    else None
-                )
-                batch = [t.to(device) if t is not None else None for t in (images, targets, datasets, mask)]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss, stats = wrapped(
-                        stage.kind,
-                        *batch,
-                        load_balance=stage.load_balance_weight,
-                        routing=stage.routing_weight,
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                trainable = "context" if stage.kind == "context" else stage.trainable
-                for p in frozen[trainable]:  # no gradient: AdamW and SGD leave the parameter alone
-                    p.grad = None
-                if cfg.grad_clip_norm > 0:  # gradients are already averaged over ranks here
-                    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip_norm)
-                    stats["grad_norm"] = float(norm)
-                optimizer.step()
-                position["step"] += 1
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-            epochs_run += 1
-            position.update(stage=stage_index, epoch=epoch + 1)
-            means = {k: v / cfg.iterations_per_epoch for k, v in sums.items()}
-            if not main_process:
+    plan = BatchPlan(data, augmentation, cfg.batch_size, cfg.foreground_fraction, cfg.seed, rank)
+    with BatchSource(plan, cfg.loader_workers) as batches:
+        for stage_index, stage in enumerate(cfg.stages):
+            if stage_index < position["stage"]:
                 continue
-            record = {
-                "stage": stage_index,
-                "kind": stage.kind,
-                "epoch": epoch + 1,
-                "step": position["step"],
-                "lr": lr,
-                "seconds": round(time.perf_counter() - start, 1),
-                **means,
-            }
-            logger.info(
-                "stage %d (%s) epoch %d/%d %s",
-                stage_index,
-                stage.kind,
-                epoch + 1,
-                stage.epochs,
-                " ".join(f"{k}={v:.4f}" for k, v in means.items()),
-            )
-            last_epoch = epoch + 1 == stage.epochs
-            # mim and context stages leave the segmentation as it was: nothing to validate or export.
-            segmenting = stage.kind not in ("mim", "context")
-            if segmenting and validating and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
-                card = build_card(
-                    cfg, model, infos, params, metrics={}, provenance=provenance, init_card=init_card
+            total_steps = stage.epochs * cfg.iterations_per_epoch
+            for epoch in range(position["epoch"] if stage_index == position["stage"] else 0, stage.epochs):
+                if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+                    return out
+                module.train()
+                sums: dict[str, float] = {}
+                for it in range(cfg.iterations_per_epoch):
+                    step_in_stage = epoch * cfg.iterations_per_epoch + it
+                    lr = stage_lr(stage, step_in_stage, total_steps, cfg.poly_power)
+                    for group in optimizer.param_groups:
+                        group["lr"] = group_lr(stage, group["name"], lr)
+                    torch.manual_seed(step_seed(cfg.seed, rank, position["step"]))
+                    images, targets, datasets, mask = batches.get(
+                        position["step"],
+                        stage.kind,
+                        stage.mask_ratio,
+                        last_step=position["step"] + total_steps - step_in_stage,
+                    )
+                    if model.cfg.in_chans == 3:
+                        images = images.expand(-1, 3, -1, -1)
+                    batch = [
+                        t.to(device) if t is not None else None for t in (images, targets, datasets, mask)
+                    ]
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        loss, stats = wrapped(
+                            stage.kind,
+                            *batch,
+                            load_balance=stage.load_balance_weight,
+                            routing=stage.routing_weight,
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    trainable = "context" if stage.kind == "context" else stage.trainable
+                    for p in frozen[trainable]:  # no gradient: AdamW and SGD leave the parameter alone
+                        p.grad = None
+                    if cfg.grad_clip_norm > 0:  # gradients are already averaged over ranks here
+                        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip_norm)
+                        stats["grad_norm"] = float(norm)
+                    optimizer.step()
+                    position["step"] += 1
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                epochs_run += 1
+                position.update(stage=stage_index, epoch=epoch + 1)
+                means = {k: v / cfg.iterations_per_epoch for k, v in sums.items()}
+                if not main_process:
+                    continue
+                record = {
+                    "stage": stage_index,
+                    "kind": stage.kind,
+                    "epoch": epoch + 1,
+                    "step": position["step"],
+                    "lr": lr,
+                    "seconds": round(time.perf_counter() - start, 1),
+                    **means,
+                }
+                logger.info(
+                    "stage %d (%s) epoch %d/%d %s",
+                    stage_index,
+                    stage.kind,
+                    epoch + 1,
+                    stage.epochs,
+                    " ".join(f"{k}={v:.4f}" for k, v in means.items()),
                 )
-                results = validate(model, card, cfg, infos, device, stage.kind)
-                scores = [r["mean_dice"] for r in results.values() if r["mean_dice"] is not None]
-                score = float(np.mean(scores)) if scores else None
-                record["val_mean_dice"] = round(score, 4) if score is not None else None
-                position["history"].append({"stage": stage_index, "epoch": epoch + 1, "val": results})
-                logger.info("validation mean Dice %s %s", record["val_mean_dice"], json.dumps(results))
-                # Each stage keeps its best epoch (export_epoch "best") or its last validated one
-                # ("last": when the validation cases do not stand for the data the model is for, as
-                # phantoms for a model trained on renders to segment patients); a later stage's
-                # export replaces an earlier one's, so what ships is the last stage's.
-                best = position["best"].get(str(stage_index), -1.0)
-                if score is not None and (score > best or cfg.export_epoch == "last"):
-                    position["best"][str(stage_index)] = max(score, best)
-                    selected = {"stage": stage_index, "epoch": epoch + 1, "mean_dice": round(score, 4)}
-                    export(dict(validation=results, selected=selected))
-            if segmenting and last_epoch and str(stage_index) not in position["best"]:
-                # Nothing scored this stage (no validation cases, e.g. one corrected case): its last
-                # epoch is what the run has, so that is exported, and the card says it was not chosen.
-                selected = {"stage": stage_index, "epoch": epoch + 1, "mean_dice": None}
-                export(dict(validation=None, selected=selected, note="no validation cases: the last epoch"))
-            _append_csv(log_path, record)
-            position["seconds"] = round(time.perf_counter() - start, 1)
-            save_state(out / "state", module, optimizer, dict(position, config=cfg.to_dict()))
+                last_epoch = epoch + 1 == stage.epochs
+                # mim and context stages leave the segmentation as it was: nothing to validate or export.
+                segmenting = stage.kind not in ("mim", "context")
+                if segmenting and validating and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
+                    card = build_card(
+                        cfg, model, infos, params, metrics={}, provenance=provenance, init_card=init_card
+                    )
+                    results = validate(model, card, cfg, infos, device, stage.kind)
+                    scores = [r["mean_dice"] for r in results.values() if r["mean_dice"] is not None]
+                    score = float(np.mean(scores)) if scores else None
+                    record["val_mean_dice"] = round(score, 4) if score is not None else None
+                    position["history"].append({"stage": stage_index, "epoch": epoch + 1, "val": results})
+                    logger.info("validation mean Dice %s %s", record["val_mean_dice"], json.dumps(results))
+                    # Each stage keeps its best epoch (export_epoch "best") or its last validated one
+                    # ("last": when the validation cases do not stand for the data the model is for, as
+                    # phantoms for a model trained on renders to segment patients); a later stage's
+                    # export replaces an earlier one's, so what ships is the last stage's.
+                    best = position["best"].get(str(stage_index), -1.0)
+                    if score is not None and (score > best or cfg.export_epoch == "last"):
+                        position["best"][str(stage_index)] = max(score, best)
+                        selected = {"stage": stage_index, "epoch": epoch + 1, "mean_dice": round(score, 4)}
+                        export(dict(validation=results, selected=selected))
+                if segmenting and last_epoch and str(stage_index) not in position["best"]:
+                    # Nothing scored this stage (no validation cases, e.g. one corrected case): its last
+                    # epoch is what the run has, so that is exported, and the card says it was not chosen.
+                    selected = {"stage": stage_index, "epoch": epoch + 1, "mean_dice": None}
+                    note = "no validation cases: the last epoch"
+                    export(dict(validation=None, selected=selected, note=note))
+                _append_csv(log_path, record)
+                position["seconds"] = round(time.perf_counter() - start, 1)
+                save_state(out / "state", module, optimizer, dict(position, config=cfg.to_dict()))
     if world > 1:
         dist.barrier()
     return out

@@ -1,0 +1,84 @@
+"""Training batches drawn ahead by worker processes are the batches the training process would draw."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from m4oe.phantom import write_dataset
+from m4oe.preprocessing import DEFAULT_PARAMS
+from m4oe_training.augment import build_augmentation
+from m4oe_training.batches import MIM_BLOCK, BatchPlan, BatchSource, draw_batch
+from m4oe_training.config import ConfigError, DatasetConfig, StageConfig, TrainConfig
+from m4oe_training.data import DatasetInfo, SliceData
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory):
+    root = write_dataset(tmp_path_factory.mktemp("batches") / "ct", "ct", 2, seed=5, max_size=48)
+    info = DatasetInfo.read(root)
+    datasets = [
+        DatasetConfig(str(root), "ct", "abdomen", val_cases=0),
+        DatasetConfig(str(root), "mr-t1", "abdomen", val_cases=0, synth="t1"),
+    ]
+    params = {"ct": DEFAULT_PARAMS["ct"], "mr": DEFAULT_PARAMS["mr"]}
+    data = SliceData(datasets, [info, info], params, 48, "resize", None, None)
+    return BatchPlan(data, build_augmentation(0.5), batch_size=4, foreground_fraction=0.8, seed=7, rank=0)
+
+
+def assert_same(a, b) -> None:
+    for x, y in zip(a, b, strict=True):
+        if x is None or y is None:
+            assert x is None and y is None
+        else:
+            assert x.dtype == y.dtype and x.shape == y.shape
+            assert bool((x == y).all())
+
+
+def test_workers_draw_exactly_the_batches_of_the_training_process(plan):
+    # Steps in the order a run asks for them: a mim stage, then a joint stage, then a resumed run
+    # that starts again at an earlier step (what was drawn ahead is dropped).
+    requests = [(s, "mim", 0.5, 3) for s in range(3)] + [(s, "joint", 0.75, 8) for s in range(3, 8)]
+    requests += [(s, "joint", 0.75, 8) for s in (5, 6, 7)]
+    with BatchSource(plan, workers=2) as ahead:
+        drawn = [ahead.get(step, kind, ratio, last_step=last) for step, kind, ratio, last in requests]
+    for (step, kind, ratio, _), batch in zip(requests, drawn, strict=True):
+        assert_same(batch, draw_batch(plan, step, kind, ratio))
+    images, labels, datasets, mask = drawn[0]
+    assert images.shape == (4, 1, 48, 48) and labels.shape == (4, 48, 48) and datasets.shape == (4,)
+    # a mim batch hides blocks of MIM_BLOCK pixels, about the asked ratio of them
+    assert mask.shape == (4, 1, 48, 48) and 0.3 < float(mask.mean()) < 0.7
+    assert bool(
+        (
+            mask[:, :, ::MIM_BLOCK, ::MIM_BLOCK]
+            .repeat_interleave(MIM_BLOCK, 2)
+            .repeat_interleave(MIM_BLOCK, 3)
+            == mask
+        ).all()
+    )
+    assert drawn[3][3] is None  # joint stages have no mask
+    # different steps give different batches (the seed is the step's)
+    assert not bool((drawn[3][0] == drawn[4][0]).all())
+
+
+def test_without_workers_each_batch_is_drawn_on_request(plan):
+    with BatchSource(plan, workers=0) as here:
+        assert here.pool is None
+        assert_same(here.get(4, "joint", 0.75, last_step=10), draw_batch(plan, 4, "joint", 0.75))
+
+
+def test_loader_workers_must_not_be_negative(tmp_path):
+    stage = StageConfig(kind="joint", epochs=1, lr=1e-3)
+    dataset = DatasetConfig(str(tmp_path), "ct", "abdomen")
+    with pytest.raises(ConfigError, match="loader_workers"):
+        TrainConfig(name="x", datasets=(dataset,), stages=(stage,), loader_workers=-1)
+    assert TrainConfig(name="x", datasets=(dataset,), stages=(stage,), loader_workers=3).loader_workers == 3
+
+
+def test_worker_batches_use_the_step_seed_not_the_order_of_requests(plan):
+    with BatchSource(plan, workers=1) as ahead:
+        late = ahead.get(6, "joint", 0.75, last_step=7)
+        early = ahead.get(2, "joint", 0.75, last_step=7)
+    assert_same(late, draw_batch(plan, 6, "joint", 0.75))
+    assert_same(early, draw_batch(plan, 2, "joint", 0.75))
+    assert not np.array_equal(late[0].numpy(), early[0].numpy())
