@@ -224,6 +224,28 @@ def test_a_run_killed_between_log_row_and_state_save_resumes_without_a_duplicate
     assert all(r["seg"] and float(r["seg"]) != 123.0 for r in rows)
 
 
+@pytest.mark.parametrize("killed", ["between-the-renames", "after-the-renames"])
+def test_a_run_killed_inside_the_state_save_resumes_from_the_newest_state(tiny_config, killed):
+    """The state is written to ``state.tmp``, then ``state`` is renamed to ``state.old`` and
+    ``state.tmp`` to ``state``, then ``state.old`` removed. A kill between the renames left no
+    ``state`` ("nothing to resume"); one after them, a ``state.old`` on which the next save's rename
+    failed. Both folder layouts are made from the real states of epochs 1 and 2."""
+    cfg, _ = load_config(tiny_config)
+    base = tiny_config.parent
+    out = run(cfg, base_dir=base, stop_after_epochs=1, command=["test"])
+    shutil.copytree(out / "state", base / "epoch1")
+    run(cfg, base_dir=base, resume=True, stop_after_epochs=1, command=["test"])
+    if killed == "between-the-renames":
+        (out / "state").rename(out / "state.tmp")
+        (base / "epoch1").rename(out / "state.old")
+    else:
+        (base / "epoch1").rename(out / "state.old")
+    run(cfg, base_dir=base, resume=True, command=["test"])
+    assert [(r["epoch"], r["step"]) for r in read_log(out)] == [("1", "1"), ("2", "2"), ("3", "3")]
+    assert json.loads((out / "state" / "state.json").read_text())["step"] == 3
+    assert not (out / "state.old").exists() and not (out / "state.tmp").exists()
+
+
 def test_a_fresh_run_into_an_old_run_folder_starts_a_fresh_log(tiny_config):
     """Without --resume the run starts at step 0: the old run's rows go with its state."""
     cfg, _ = load_config(tiny_config)

@@ -36,6 +36,7 @@ READABLE_VERSIONS = (2, 3)
 def save_state(folder: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> None:
     """Atomically replace ``folder`` with the current training state."""
     folder = Path(folder)
+    recover_state(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -52,6 +53,24 @@ def save_state(folder: Path, module: torch.nn.Module, optimizer: torch.optim.Opt
         os.replace(folder, old)
     os.replace(tmp, folder)
     if old.exists():
+        shutil.rmtree(old)
+
+
+def recover_state(folder: Path) -> None:
+    """Finish a :func:`save_state` that a kill interrupted between or after its renames.
+
+    Between them the previous state is at ``folder.old`` and the new one, already complete, at
+    ``folder.tmp``, with no ``folder``: the new one is put in place. After them a ``folder.old`` may
+    be left over, which would stop the next save's rename: it is removed. A kill while ``.tmp`` is
+    written leaves ``folder`` as it was (the next save replaces the partial ``.tmp``).
+    """
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    if not old.exists():
+        return
+    if not folder.exists() and tmp.exists():
+        os.replace(tmp, folder)
+    if folder.exists():
         shutil.rmtree(old)
 
 

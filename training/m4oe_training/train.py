@@ -45,7 +45,7 @@ from .augment import augment_batch, build_augmentation
 from .config import ConfigError, TrainConfig
 from .data import DatasetInfo, SliceData, ct_intensity_params, split_cases
 from .export import build_card, expert_modalities, export_model, task_labels
-from .state import folder_lock, load_state, save_state
+from .state import folder_lock, load_state, recover_state, save_state
 
 logger = logging.getLogger("m4oe_training")
 MIM_BLOCK = 16  # masked-image-modelling mask block side in pixels (a 4x4 group of patch tokens)
@@ -554,6 +554,7 @@ def _run(
     # was kept lack it), so that logs and the card count the whole run.
     position = {"stage": 0, "epoch": 0, "step": 0, "best": {}, "history": [], "seconds": 0.0}
     if resume:
+        recover_state(out / "state")
         if not (out / "state").exists():
             raise FileNotFoundError(f"{out / 'state'}: nothing to resume")
         meta = load_state(out / "state", module, optimizer)
