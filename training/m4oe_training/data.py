@@ -33,7 +33,7 @@ from m4oe.prepare import SlicePlan
 from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams, ct_statistics_from_samples
 
 from .config import ConfigError, DatasetConfig
-from .nnunet import read_dataset_json
+from .nnunet import read_dataset_json, verify_dataset
 from .synth import FAMILY_MODALITY, anatomy_from_image, neighbours, render_slice, structure_keys
 
 logger = logging.getLogger(__name__)
@@ -54,28 +54,26 @@ class DatasetInfo:
 
     @classmethod
     def read(cls, root: str | Path) -> DatasetInfo:
-        """Read and check ``root/dataset.json`` (:func:`.nnunet.read_dataset_json`) and pair the cases.
+        """Check the dataset folder and read its ``dataset.json``.
 
-        Training needs one channel per case; the modality is dataset.json's ``modality`` or, without
-        it, "ct" for a channel named CT and "mr" otherwise.
+        The folder is checked as ``python -m m4oe_training.converters verify`` does, from the files'
+        headers (:func:`.nnunet.verify_dataset` without the label values, which :func:`prepare_case`
+        checks as it reads each case): dataset.json, an image for every label map and a label map
+        for every image, numTraining equal to the number of cases, each label map on its image's
+        grid. The first problem is an InputError naming the file. Training needs one channel per
+        case; the modality is dataset.json's ``modality`` or, without it, "ct" for a channel named
+        CT and "mr" otherwise.
         """
         root = Path(root)
         meta = read_dataset_json(root)
         meta_path = root / "dataset.json"
         if len(meta["channel_names"]) != 1:
             raise ConfigError(f"{meta_path}: M4oE reads one channel per case, got {meta['channel_names']}")
+        cases = tuple(sorted(verify_dataset(root, label_values=False).cases))  # sorted by case name
         channel = meta["channel_names"]["0"]
         modality = meta.get("modality") or ("ct" if channel.upper() == "CT" else "mr")
-        ending = meta["file_ending"]
-        cases = sorted(p.name[: -len(ending)] for p in (root / "labelsTr").glob(f"*{ending}"))
-        if not cases:
-            raise ConfigError(f"{root / 'labelsTr'}: no label files ending in {ending}")
-        for case in cases:
-            image = root / "imagesTr" / f"{case}_0000{ending}"
-            if not image.exists():
-                raise ConfigError(f"{image}: missing image for label {case}{ending}")
         terminology = dict(meta.get("terminology", {}))
-        return cls(root, root.name, modality, dict(meta["labels"]), ending, tuple(cases), terminology)
+        return cls(root, root.name, modality, dict(meta["labels"]), meta["file_ending"], cases, terminology)
 
     def image_path(self, case: str) -> Path:
         return self.root / "imagesTr" / f"{case}_0000{self.file_ending}"
@@ -294,13 +292,13 @@ def split_cases(info: DatasetInfo, val_cases: int) -> dict[str, list[str]]:
 
 
 def _cache_key(info: DatasetInfo, case: str, params: IntensityParams, size, in_plane, target_spacing) -> str:
-    stat = info.image_path(case).stat()
+    """The prepared case's cache name: a changed image or label file (size or modification time),
+    or other preprocessing, is prepared again."""
+    files = [(str(f), f.stat()) for f in (info.image_path(case), info.label_path(case))]
     text = json.dumps(
         [
             CACHE_VERSION,
-            str(info.image_path(case)),
-            stat.st_size,
-            stat.st_mtime_ns,
+            *[(name, st.st_size, st.st_mtime_ns) for name, st in files],
             params.to_dict(),
             size,
             in_plane,

@@ -3,18 +3,31 @@
 A state folder holds ``weights.safetensors`` (the trained module), ``optimizer.safetensors``
 (optimiser buffers) and ``state.json`` (position in the recipe, best metric, RNG state, optimiser
 hyper-parameters). It is written to a temporary folder and renamed into place, so a crash while
-saving leaves the previous state intact.
+saving leaves the previous state intact. A run holds its folder's lock (:func:`folder_lock`) so
+that a second run cannot write the same state at the same time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from m4oe.errors import OutputError
+
+if os.name == "nt":
+    import msvcrt
+else:
+    import fcntl
+
+LOCK_NAME = "train.lock"
+LOCK_OFFSET = 1 << 20  # Windows locks a byte range and refuses reads in it: lock one far past the pid
 
 STATE_VERSION = 3  # 3: three optimiser parameter groups (gates, rest, shared); 2: two (gates, rest)
 READABLE_VERSIONS = (2, 3)
@@ -23,6 +36,7 @@ READABLE_VERSIONS = (2, 3)
 def save_state(folder: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> None:
     """Atomically replace ``folder`` with the current training state."""
     folder = Path(folder)
+    recover_state(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -39,6 +53,24 @@ def save_state(folder: Path, module: torch.nn.Module, optimizer: torch.optim.Opt
         os.replace(folder, old)
     os.replace(tmp, folder)
     if old.exists():
+        shutil.rmtree(old)
+
+
+def recover_state(folder: Path) -> None:
+    """Finish a :func:`save_state` that a kill interrupted between or after its renames.
+
+    Between them the previous state is at ``folder.old`` and the new one, already complete, at
+    ``folder.tmp``, with no ``folder``: the new one is put in place. After them a ``folder.old`` may
+    be left over, which would stop the next save's rename: it is removed. A kill while ``.tmp`` is
+    written leaves ``folder`` as it was (the next save replaces the partial ``.tmp``).
+    """
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    if not old.exists():
+        return
+    if not folder.exists() and tmp.exists():
+        os.replace(tmp, folder)
+    if folder.exists():
         shutil.rmtree(old)
 
 
@@ -105,3 +137,38 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
         param_id, name = key.split(".", 1)
         state.setdefault(int(param_id), {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold the run folder's lock (``folder/train.lock``, made with the folder if absent) while the
+    block runs; a second run into the same folder meanwhile raises an OutputError
+    "<folder>: folder in use by another training run (pid N)".
+
+    The lock belongs to the open file (``flock``; a byte-range lock on Windows), so the operating
+    system releases it when the process ends in any way: a killed run leaves no stale lock. The
+    file holds the pid of the process holding it and stays in place, since removing it would let a
+    run that opened the old file and a run that makes a new one hold two different locks.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK_NAME, "a+")  # closed by the with block below
+    except OSError as error:
+        raise OutputError(f"cannot hold the run's lock file {LOCK_NAME} ({error.strerror})", folder) from None
+    with handle:
+        try:
+            if os.name == "nt":
+                handle.seek(LOCK_OFFSET)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            pid = handle.read().strip() or "unknown"
+            raise OutputError(f"folder in use by another training run (pid {pid})", folder) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield

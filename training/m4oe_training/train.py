@@ -8,6 +8,7 @@ through the engine's Predictor (rank 0), export the best model, save a resumable
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -18,6 +19,7 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,7 @@ from m4oe.checkpoint import load_checkpoint, read_model_card
 from m4oe.errors import ModelError
 from m4oe.evaluate import evaluate
 from m4oe.hub import resolve_model
-from m4oe.io import read_image
+from m4oe.io import read_image, write_atomic
 from m4oe.model import SwinUNet, build_model, get_config, load_balancing_loss, load_imagenet_weights
 from m4oe.model_card import ModelCard
 from m4oe.predictor import Predictor
@@ -44,7 +46,7 @@ from .batches import BatchPlan, BatchSource, step_seed
 from .config import ConfigError, TrainConfig
 from .data import DatasetInfo, SliceData, ct_intensity_params, split_cases
 from .export import build_card, expert_modalities, export_model, task_labels
-from .state import load_state, save_state
+from .state import folder_lock, load_state, recover_state, save_state
 
 logger = logging.getLogger("m4oe_training")
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=3)
@@ -417,11 +419,30 @@ def run(
     stop_after_epochs: int | None = None,
     command: list[str] | None = None,
 ) -> Path:
-    """Train according to ``cfg``; returns the run folder. ``stop_after_epochs`` ends early (a budget)."""
+    """Train according to ``cfg``; returns the run folder. ``stop_after_epochs`` ends early (a budget).
+
+    Every dataset is checked first (:meth:`DatasetInfo.read`), before the run folder is made or
+    anything built. The main process then holds the run folder's lock (:func:`.state.folder_lock`)
+    for the whole run, so that a second run into the same folder stops at once with an OutputError.
+    """
+    infos = [DatasetInfo.read(d.path) for d in cfg.datasets]
+    out = cfg.resolved_output_dir(base_dir)
+    lock = folder_lock(out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    with lock:
+        return _run(cfg, infos, out, resume, stop_after_epochs, command)
+
+
+def _run(
+    cfg: TrainConfig,
+    infos: list[DatasetInfo],
+    out: Path,
+    resume: bool,
+    stop_after_epochs: int | None,
+    command: list[str] | None,
+) -> Path:
     rank, world, device = distributed_setup(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = cfg.resolved_output_dir(base_dir)
     main_process = rank == 0
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -442,7 +463,6 @@ def run(
         if not cfg.expert_order:
             cfg = dataclasses.replace(cfg, expert_order=names)  # every expert, data or not
     cfg = inherit_preprocessing(cfg, init_card)
-    infos = [DatasetInfo.read(d.path) for d in cfg.datasets]
     labels = task_labels(cfg, infos)
     expert_modalities(cfg, infos, init_card)  # a config error found now, not at the first validation
     check_validation_cases(cfg, infos)
@@ -520,6 +540,7 @@ def run(
     # was kept lack it), so that logs and the card count the whole run.
     position = {"stage": 0, "epoch": 0, "step": 0, "best": {}, "history": [], "seconds": 0.0}
     if resume:
+        recover_state(out / "state")
         if not (out / "state").exists():
             raise FileNotFoundError(f"{out / 'state'}: nothing to resume")
         meta = load_state(out / "state", module, optimizer)
@@ -533,6 +554,8 @@ def run(
     )
     augmentation = build_augmentation(cfg.elastic_probability) if cfg.augment else None
     log_path = out / "train_log.csv"
+    if main_process:
+        _log_up_to(log_path, position["step"])
     provenance = {
         "command": " ".join(command or sys.argv),
         "config": portable_config(cfg.to_dict()),
@@ -698,3 +721,37 @@ def _append_csv(path: Path, record: dict) -> None:
         if new:
             writer.writeheader()
         writer.writerow(record)
+
+
+def _log_up_to(path: Path, step: int) -> None:
+    """Make the log follow the saved state: keep the rows of the epochs the state holds (``step``
+    column at most ``step``, the state's step count; 0 for a run that starts afresh) and drop the
+    others.
+
+    Each epoch appends its row just before it saves the state, so a run killed between the two
+    leaves a row that its state lacks (killed inside the append: a partial last line), and the
+    resumed run writes that epoch's row again. The log is rewritten atomically, and only when a
+    row is dropped, so a kill here leaves either log, both of which the next start repairs.
+    """
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        text = f.read()
+    complete = [line + "\n" for line in text.split("\n")[:-1]]  # csv ends every row with \r\n
+    if not complete:  # killed while writing the header
+        path.unlink()
+        return
+    column = next(csv.reader(complete[:1])).index("step")
+
+    def held(line: str) -> bool:
+        value = next(csv.reader([line]))[column : column + 1]
+        return bool(value) and value[0].isdigit() and int(value[0]) <= step
+
+    kept = complete[:1] + [line for line in complete[1:] if held(line)]
+    if "".join(kept) != text:
+        write_atomic(path, partial(_write_text, text="".join(kept)), overwrite=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", newline="") as f:
+        f.write(text)
