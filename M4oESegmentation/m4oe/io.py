@@ -424,16 +424,22 @@ def sweep_temporaries(folder: str | Path, older_than_s: float = STALE_TEMPORARY_
     """
     removed = []
     now = time.time()
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if not _TEMPORARY_NAME.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
-                continue
-            try:
-                if now - entry.stat(follow_symlinks=False).st_mtime > older_than_s:
-                    os.unlink(entry.path)
-                    removed.append(Path(entry.path))
-            except OSError as error:
-                logger.debug("cannot remove the stale temporary file %s: %s", entry.path, error)
+    try:
+        with os.scandir(folder) as listing:
+            entries = [entry for entry in listing if _TEMPORARY_NAME.fullmatch(entry.name)]
+    except OSError as error:  # a folder that can be written but not listed: nothing to sweep
+        logger.debug("cannot list %s for stale temporary files: %s", folder, error)
+        return removed
+    for entry in entries:
+        try:
+            if (
+                entry.is_file(follow_symlinks=False)
+                and now - entry.stat(follow_symlinks=False).st_mtime > older_than_s
+            ):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError as error:
+            logger.debug("cannot remove the stale temporary file %s: %s", entry.path, error)
     for path in removed:
         logger.info("removed %s, a temporary file left by a killed run", path)
     return removed
