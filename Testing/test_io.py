@@ -349,15 +349,23 @@ def test_write_image_keeps_signed_intensities_and_geometry(tmp_path):
 def test_write_atomic_temporary_name_keeps_the_extensions(tmp_path, name):
     seen: list[Path] = []
 
+    image = sitk.Image([4, 3, 2], sitk.sitkUInt8)  # a real file of the format: write_atomic checks it
+
     def writer(temporary: Path) -> None:
         seen.append(temporary)
-        temporary.write_text("content")
+        if name.endswith(".json"):
+            temporary.write_text("content")
+        else:
+            sitk.WriteImage(image, str(temporary), useCompression=True)
 
     write_atomic(tmp_path / name, writer)
     extension = name[name.index(".") :]
     assert seen[0].parent == tmp_path and seen[0].name.endswith(extension) and seen[0].name != name
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
-    assert (tmp_path / name).read_text() == "content"
+    if name.endswith(".json"):
+        assert (tmp_path / name).read_text() == "content"
+    else:
+        assert sitk.ReadImage(str(tmp_path / name)).GetSize() == (4, 3, 2)
 
 
 @pytest.mark.parametrize(
@@ -520,7 +528,7 @@ def test_all_or_nothing_renames_every_file_at_the_end_of_the_block(tmp_path):
 
 
 def test_all_or_nothing_leaves_no_new_or_replaced_file_when_a_later_write_fails(tmp_path):
-    (tmp_path / "old.nii.gz").write_text("previous result")
+    (tmp_path / "old.txt").write_text("previous result")
 
     def full_disk(temporary: Path) -> None:
         temporary.write_bytes(b"half")
@@ -529,7 +537,7 @@ def test_all_or_nothing_leaves_no_new_or_replaced_file_when_a_later_write_fails(
     with pytest.raises(OutputError, match=r"last\.json: cannot be written \(No space left on device\)"):
         with all_or_nothing():
             write_atomic(tmp_path / "first.json", text_writer("1"))
-            write_atomic(tmp_path / "old.nii.gz", text_writer("new"), overwrite=True)
+            write_atomic(tmp_path / "old.txt", text_writer("new"), overwrite=True)
             write_atomic(tmp_path / "last.json", full_disk)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.nii.gz"]
-    assert (tmp_path / "old.nii.gz").read_text() == "previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.txt"]
+    assert (tmp_path / "old.txt").read_text() == "previous result"

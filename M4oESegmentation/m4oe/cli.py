@@ -1,19 +1,23 @@
 """The ``m4oe`` command line: segment, info, evaluate, models.
 
 One argparse builder; every user error ends in one line on stderr and a non-zero exit code
-(2 bad input, 3 output not writable or already there, 4 model problem, 130 cancelled).
+(2 bad input, 3 output not writable or already there, 4 model problem, 130 cancelled or
+interrupted, 143 terminated by SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -24,6 +28,12 @@ from .phantom import add_phantom_parser, run_phantom
 
 SEGMENTATION_SUFFIX = ".seg.nrrd"
 LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+REPORT_SUFFIX = ".png"  # what m4oe.report.write_report writes
+TERMINATED_EXIT_CODE = 128 + signal.SIGTERM  # 143, as a shell reports a process SIGTERM ended
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it unwinds (and cleans up) exactly as Ctrl-C does."""
 
 
 class UsageError(SystemExit):
@@ -206,7 +216,12 @@ def _segment_outputs(args) -> dict[str, Path]:
         outputs["gate_summary"] = gates / "gate_summary.json"
     if args.report:
         outputs["report"] = Path(args.report)
+        if outputs["report"].suffix.lower() != REPORT_SUFFIX:
+            raise OutputError(f"a report must be written as {REPORT_SUFFIX}", outputs["report"])
+    _check_distinct(outputs)
     for path in outputs.values():
+        if path.is_dir():
+            raise OutputError("is a folder; expected a file name", path)
         if path.exists() and not args.overwrite:
             raise OutputError("exists; pass --overwrite to replace it", path)
         folder = path.parent
@@ -220,6 +235,19 @@ def _segment_outputs(args) -> dict[str, Path]:
         if not os.access(folder, os.W_OK | os.X_OK):
             raise OutputError("folder is not writable", folder)
     return outputs
+
+
+def _check_distinct(outputs: dict[str, Path]) -> None:
+    """Refuse two outputs with the same file (one would silently replace the other), or an output
+    file that another output's folder would have to be (``-o DIR/gate_map.nrrd --gates DIR``,
+    ``-o OUT --gates OUT``). Paths are compared after resolving symbolic links."""
+    resolved = {kind: path.resolve() for kind, path in outputs.items()}
+    for kind, other in itertools.permutations(resolved, 2):
+        path, names = outputs[kind], (kind.replace("_", " "), other.replace("_", " "))
+        if resolved[kind] == resolved[other]:
+            raise OutputError("would be written twice, as the {} and as the {}".format(*names), path)
+        if resolved[kind] in resolved[other].parents:
+            raise OutputError("is the {} output and also a folder of the {} output".format(*names), path)
 
 
 def cmd_segment(args) -> int:
@@ -485,15 +513,45 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s"
     )
     json_mode = getattr(args, "progress", None) == "json"
+    with _sigterm_as_interrupt():
+        try:
+            handler = COMMANDS.get(args.command) or args.handler
+            return handler(args)
+        except M4oEError as error:
+            return _fail(str(error), error.exit_code, json_mode, args.debug)
+        except Terminated:
+            return _fail("terminated (SIGTERM)", TERMINATED_EXIT_CODE, json_mode, args.debug)
+        except KeyboardInterrupt:
+            return _fail("interrupted", 130, json_mode, args.debug)
+        except Exception as error:  # the last resort keeps the one-line contract
+            return _fail(f"internal error: {type(error).__name__}: {error}", 1, json_mode, args.debug)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block SIGTERM raises :class:`Terminated` in the main thread, as Ctrl-C raises
+    KeyboardInterrupt; the previous handler is restored afterwards.
+
+    Without this a SIGTERM ends the process at once: no error line, and a temporary output file
+    left behind when it comes during a write. A second SIGTERM while the first unwinds is ignored,
+    so that the clean-up is not cut short (SIGKILL still ends the process; the next write into
+    the folder removes what it leaves, see :func:`m4oe.io.sweep_temporaries`). Outside the main
+    thread, where Python cannot install signal handlers, nothing changes.
+    """
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
     try:
-        handler = COMMANDS.get(args.command) or args.handler
-        return handler(args)
-    except M4oEError as error:
-        return _fail(str(error), error.exit_code, json_mode, args.debug)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130, json_mode, args.debug)
-    except Exception as error:  # the last resort keeps the one-line contract
-        return _fail(f"internal error: {type(error).__name__}: {error}", 1, json_mode, args.debug)
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _wants_json(argv: list[str]) -> bool:

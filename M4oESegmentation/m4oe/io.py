@@ -8,8 +8,9 @@ the reversed axis order (z, y, x).
 
 Every user-facing failure is an :class:`~m4oe.errors.InputError` (bad input) or
 :class:`~m4oe.errors.OutputError` (output that cannot be written) whose message is one line,
-``"PATH: problem"``. Outputs are written to a temporary file in the target folder and renamed into
-place when complete, so a failed or interrupted write never leaves a partial file behind.
+``"PATH: problem"``. Outputs are written to a temporary file in the target folder, synced to disk,
+checked to hold everything their header announces and only then renamed into place, so a failed
+or interrupted write (a full disk included) never leaves a partial file behind.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import os
 import re
 import struct
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -273,6 +275,17 @@ def _sitk_reason(error: RuntimeError) -> str:
 _PENDING: contextvars.ContextVar[list[tuple[Path, Path]] | None] = contextvars.ContextVar(
     "m4oe_pending_writes", default=None
 )
+# A temporary file of write_atomic older than this (by modification time) belongs to a run that was
+# killed: no run keeps one that long (it lives from the start of its write to the end of the run's
+# last output), so the next write into the same folder removes it.
+STALE_TEMPORARY_S = 24 * 3600
+# ".<stem>.<12 hex digits>.tmp<extension>", the extension as _extension() takes it.
+_TEMPORARY_NAME = re.compile(
+    r"\..*\.[0-9a-f]{12}\.tmp(?:"
+    + "".join(f"(?i:{re.escape(compound)})|" for compound in COMPOUND_EXTENSIONS)
+    + r"\.[^.]+)?"
+)
+_SWEPT_FOLDERS: set[Path] = set()
 
 
 @contextlib.contextmanager
@@ -282,7 +295,8 @@ def all_or_nothing() -> Iterator[None]:
     Inside the block each file stays under its temporary name in its own folder; when the block
     ends normally every one is renamed into place, and when it raises every temporary file is
     removed, so that an error in a later output (a full disk, a failing report) leaves neither new
-    files nor replaced ones behind. Blocks may nest; the outermost one decides.
+    files nor replaced ones behind. Blocks may nest; the outermost one decides. A rename that
+    fails is an :class:`OutputError`; the files not yet renamed are removed.
     """
     if _PENDING.get() is not None:
         yield
@@ -297,20 +311,33 @@ def all_or_nothing() -> Iterator[None]:
         raise
     finally:
         _PENDING.reset(token)
-    for temporary, final in pending:
-        os.replace(temporary, final)
+    for done, (temporary, final) in enumerate(pending):
+        try:
+            os.replace(temporary, final)
+        except OSError as error:
+            for left, _ in pending[done:]:
+                left.unlink(missing_ok=True)
+            raise OutputError(f"cannot be renamed into place ({error.strerror or error})", final) from None
+    for folder in {final.parent for _, final in pending}:
+        _sync_folder(folder)
 
 
 def write_atomic(path: str | Path, writer: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Write a file through a temporary name in its folder, then rename it into place.
+    """Write a file through a temporary name in its folder, check it, then rename it into place.
 
-    ``writer(temporary_path)`` writes the whole file; the temporary name keeps the extension(s) of
-    ``path`` (``.nii.gz``, ``.seg.nrrd``, ...) so that format-by-extension writers pick the right
-    format. On any failure the temporary file is removed and ``path`` is left as it was. Inside
-    :func:`all_or_nothing` the rename waits for the end of the block. Raises
-    :class:`OutputError` when ``path`` exists and not ``overwrite``, when it is a folder, when its
-    folder is missing or not writable, or when the writer fails with an OSError or SimpleITK
-    RuntimeError. Returns ``path``.
+    ``writer(temporary_path)`` writes the whole file; the temporary name
+    (``.<stem>.<12 hex digits>.tmp<extension>``) keeps the extension(s) of ``path`` (``.nii.gz``,
+    ``.seg.nrrd``, ...) so that format-by-extension writers pick the right format. The file is then
+    synced to disk and checked to be complete (:func:`_missing_data`: ITK's NIfTI writer, for one,
+    leaves a short file on a full disk without any error); only then is it renamed and its folder
+    synced. On any failure the temporary file is removed and ``path`` is left as it was. Inside
+    :func:`all_or_nothing` the rename waits for the end of the block. The first write into a
+    folder removes the temporary files that killed runs left there (:func:`sweep_temporaries`).
+
+    Raises :class:`OutputError` when ``path`` exists and not ``overwrite``, when it is a folder,
+    when its folder is missing or not writable, when the writer fails with an OSError or SimpleITK
+    RuntimeError, or when the written file is incomplete; the message carries the file system's
+    error (``No space left on device``) when one more write to the file is refused. Returns ``path``.
     """
     path = Path(path)
     if path.is_dir():
@@ -322,24 +349,215 @@ def write_atomic(path: str | Path, writer: Callable[[Path], None], overwrite: bo
         raise OutputError(f"folder {folder} does not exist", path)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"folder {folder} is not writable", path)
+    if folder.resolve() not in _SWEPT_FOLDERS:
+        sweep_temporaries(folder)
+        _SWEPT_FOLDERS.add(folder.resolve())
     extension = _extension(path.name)
     stem = path.name[: len(path.name) - len(extension)]
     temporary = folder / f".{stem}.{uuid.uuid4().hex[:12]}.tmp{extension}"
     pending = _PENDING.get()
     try:
         writer(temporary)
+        with open(temporary, "r+b") as stream:  # r+: Windows syncs only a file open for writing
+            os.fsync(stream.fileno())
+        missing = _missing_data(temporary, extension)
+        if missing:
+            raise _IncompleteFile(f"incomplete file: {missing}")
         if pending is None:
             os.replace(temporary, path)
+            _sync_folder(folder)
         else:
             pending.append((temporary, path))
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, _IncompleteFile) as error:
+        if isinstance(error, OSError) and error.strerror:
+            reason = error.strerror
+        else:
+            reason = _sitk_reason(error) if isinstance(error, RuntimeError) else str(error)
+            refused = _disk_error(temporary)
+            reason = reason if refused is None else f"{refused}; {reason}"
         temporary.unlink(missing_ok=True)
-        reason = _sitk_reason(error) if isinstance(error, RuntimeError) else (error.strerror or str(error))
         raise OutputError(f"cannot be written ({reason})", path) from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
     return path
+
+
+class _IncompleteFile(Exception):
+    """A file that its writer reported as written holds less than its header announces."""
+
+
+def _disk_error(temporary: Path) -> str | None:
+    """The file system's error for one more 64 KiB block written to ``temporary``; None if it takes it.
+
+    Writers that ignore a failed write (ITK's NIfTI writer) or word it vaguely (``_nrrdGzWrite:
+    failed to write to file``) hide the reason; the same write from here shows it (``No space left
+    on device``, ``Disk quota exceeded``). ``temporary`` is removed afterwards by the caller.
+    """
+    try:
+        with open(temporary, "ab") as stream:
+            stream.write(bytes(1 << 16))
+            stream.flush()
+            os.fsync(stream.fileno())
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; Windows cannot open a folder to sync it)."""
+    if os.name == "nt":
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def sweep_temporaries(folder: str | Path, older_than_s: float = STALE_TEMPORARY_S) -> list[Path]:
+    """Remove the temporary files of killed runs from ``folder``; return the removed paths.
+
+    Only regular files named as :func:`write_atomic` names them (``.<stem>.<12 hex
+    digits>.tmp<extension>``) and last modified more than ``older_than_s`` seconds ago are removed;
+    subfolders are not visited. A file that cannot be removed is left (and logged).
+    """
+    removed = []
+    now = time.time()
+    try:
+        with os.scandir(folder) as listing:
+            entries = [entry for entry in listing if _TEMPORARY_NAME.fullmatch(entry.name)]
+    except OSError as error:  # a folder that can be written but not listed: nothing to sweep
+        logger.debug("cannot list %s for stale temporary files: %s", folder, error)
+        return removed
+    for entry in entries:
+        try:
+            if (
+                entry.is_file(follow_symlinks=False)
+                and now - entry.stat(follow_symlinks=False).st_mtime > older_than_s
+            ):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError as error:
+            logger.debug("cannot remove the stale temporary file %s: %s", entry.path, error)
+    for path in removed:
+        logger.info("removed %s, a temporary file left by a killed run", path)
+    return removed
+
+
+_NRRD_TYPE_SIZES = {
+    **dict.fromkeys(("signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t"), 1),
+    **dict.fromkeys(
+        ("short", "short int", "signed short", "signed short int", "int16", "int16_t", "ushort",
+         "unsigned short", "unsigned short int", "uint16", "uint16_t"),
+        2,
+    ),
+    **dict.fromkeys(
+        ("int", "signed int", "int32", "int32_t", "uint", "unsigned int", "uint32", "uint32_t", "float"), 4
+    ),
+    **dict.fromkeys(
+        ("longlong", "long long", "long long int", "signed long long", "signed long long int", "int64",
+         "int64_t", "ulonglong", "unsigned long long", "unsigned long long int", "uint64", "uint64_t",
+         "double"),
+        8,
+    ),
+}  # fmt: skip
+_MET_TYPE_SIZES = {
+    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+    "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8,
+}  # fmt: skip
+_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC: the last 8 bytes of every PNG
+
+
+def _missing_data(path: Path, extension: str) -> str | None:
+    """What a file just written lacks, or None when it holds everything its header announces.
+
+    NIfTI, NRRD (``.seg.nrrd`` too) and MetaImage files are streamed once (decompressed when
+    gzip- or zlib-compressed: the stream must also end with its trailer, and gzip checks its CRC)
+    and their voxel data is measured against the size the header gives; a PNG must end with its
+    IEND chunk. Other files (JSON, NumPy) come from Python writers, which raise on a failed write.
+    """
+    lower = extension.lower()
+    try:
+        with open(path, "rb") as stream:
+            if lower in (".nii", ".nii.gz"):
+                return _missing_nifti_data(gzip.GzipFile(fileobj=stream) if lower == ".nii.gz" else stream)
+            if lower in (".nrrd", ".seg.nrrd"):
+                return _missing_nrrd_data(stream)
+            if lower == ".mha":
+                return _missing_metaimage_data(stream)
+            if lower == ".png":
+                stream.seek(0, os.SEEK_END)
+                stream.seek(max(stream.tell() - len(_PNG_END), 0))
+                return None if stream.read() == _PNG_END else "the PNG stops before its end chunk"
+    except (EOFError, OSError, zlib.error) as error:
+        return f"the compressed data is truncated or corrupt: {error}"
+    return None
+
+
+def _stream_length(stream, decompressor=None) -> tuple[int, bool]:
+    """(bytes read to the end of ``stream``, after ``decompressor`` if given; whether its stream ended)."""
+    total = 0
+    while chunk := stream.read(1 << 22):
+        total += len(chunk if decompressor is None else decompressor.decompress(chunk))
+    if decompressor is None:
+        return total, True
+    return total + len(decompressor.flush()), decompressor.eof
+
+
+def _shortfall(found: int, expected: int, what: str) -> str | None:
+    return f"holds {found} of the {expected} bytes of {what}" if found < expected else None
+
+
+def _missing_nifti_data(stream) -> str | None:
+    header = stream.read(540)
+    layout = _nifti_layout(header)
+    if layout is None:
+        return "has no NIfTI-1 or NIfTI-2 header"
+    offset, length, _ = layout
+    found, _ = _stream_length(stream)
+    return _shortfall(len(header) + found, offset + length, "header and voxel data")
+
+
+def _missing_nrrd_data(stream) -> str | None:
+    fields = {}
+    while (line := stream.readline()) not in (b"\n", b"\r\n", b""):
+        key, colon, value = line.decode("latin-1").partition(":")
+        if colon and not value.startswith("="):  # "key:=value" lines are key/value pairs, not fields
+            fields[key.strip().lower()] = value.strip()
+    if not {"sizes", "type", "encoding"} <= fields.keys() or fields["type"] not in _NRRD_TYPE_SIZES:
+        return "has no complete NRRD header"
+    if "data file" in fields or "datafile" in fields:
+        return None  # detached data: not a format written here (WRITE_EXTENSIONS)
+    expected = int(np.prod([int(n) for n in fields["sizes"].split()])) * _NRRD_TYPE_SIZES[fields["type"]]
+    if fields["encoding"] in ("gzip", "gz"):
+        found, _ = _stream_length(gzip.GzipFile(fileobj=stream))
+    elif fields["encoding"] == "raw":
+        found, _ = _stream_length(stream)
+    else:
+        return None
+    return _shortfall(found, expected, "voxel data")
+
+
+def _missing_metaimage_data(stream) -> str | None:
+    fields = {}
+    while line := stream.readline():
+        key, equals, value = line.decode("latin-1").partition("=")
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile" or not equals:
+            break
+    if "ElementDataFile" not in fields:
+        return "has no complete MetaImage header"
+    if fields["ElementDataFile"] != "LOCAL" or fields.get("ElementType") not in _MET_TYPE_SIZES:
+        return None  # detached data (not written here: WRITE_EXTENSIONS) or a type without a fixed size
+    count = np.prod([int(n) for n in fields.get("DimSize", "0").split()], dtype=np.int64)
+    channels = int(fields.get("ElementNumberOfChannels", "1"))
+    expected = int(count) * channels * _MET_TYPE_SIZES[fields["ElementType"]]
+    compressed = fields.get("CompressedData", "False") == "True"
+    found, ended = _stream_length(stream, zlib.decompressobj() if compressed else None)
+    if not ended:
+        return "the compressed voxel data stops before its end"
+    return _shortfall(found, expected, "voxel data")
 
 
 def _extension(name: str) -> str:
