@@ -320,7 +320,8 @@ def _read_dicom_series(folder: Path, warnings: list[str], max_voxels: int) -> tu
     slices = _dicom_slices(series[uid], folder, warnings)
     slices = _one_acquisition(slices, uid, folder, warnings)
     first = slices[0]
-    _check_voxels((*first.size[:2], len(slices)), first.pixel_id, folder, max_voxels)
+    frames = int(np.prod(first.size[2:], dtype=np.int64))  # 1, or the frames of a multi-frame file
+    _check_voxels((first.size[0], first.size[1], frames * len(slices)), first.pixel_id, folder, max_voxels)
     reader.SetFileNames([s.file for s in slices])
     reader.MetaDataDictionaryArrayUpdateOn()
     reader.LoadPrivateTagsOn()
@@ -347,43 +348,50 @@ def _read_dicom_series(folder: Path, warnings: list[str], max_voxels: int) -> tu
 @dataclass(frozen=True)
 class _DicomSlice:
     """One DICOM file's header: ``position`` along the first file's slice normal (mm; None when the
-    file has no ImagePositionPatient or ImageOrientationPatient), size (columns, rows, 1), pixel type,
-    and ``group``: series number, acquisition number and orientation, which tell acquisitions apart."""
+    file has no ImagePositionPatient or ImageOrientationPatient), size (columns, rows, frames), pixel
+    type, ``group``: series number, acquisition number and orientation, which tell acquisitions
+    apart, and ``normal``: the slice normal used (LPS, unit length for orthonormal cosines)."""
 
     file: str
     position: float | None
     size: tuple[int, ...]
     pixel_id: int
     group: tuple[str, str, str]
+    normal: np.ndarray | None = None
 
 
 def _dicom_slices(files: Sequence[str], folder: Path, warnings: list[str]) -> list[_DicomSlice]:
     """The header of every file of a series, in the reader's order (no voxel is read)."""
     reader = sitk.ImageFileReader()
     slices, normal = [], None
-    for file in files:
-        reader.SetFileName(file)
-        try:
-            with _itk_warnings(folder, warnings):
-                reader.ReadImageInformation()
-        except RuntimeError as error:
-            raise InputError(f"DICOM file cannot be read ({_sitk_reason(error)})", file) from None
-        tags = {
-            key: reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
-            for key, tag in DICOM_TAGS.items()
-        }
-        position = None
-        try:
-            origin = np.array([float(v) for v in tags["position"].split("\\")])
-            if normal is None:
-                cosines = np.array([float(v) for v in tags["orientation"].split("\\")])
-                normal = np.cross(cosines[:3], cosines[3:])
-            position = float(origin @ normal)
-        except ValueError:
-            pass
-        group = (tags["series"], tags["acquisition"], tags["orientation"])
-        slices.append(_DicomSlice(file, position, tuple(reader.GetSize()), reader.GetPixelID(), group))
+    with _itk_warnings(folder, warnings):
+        for file in files:
+            slices.append(_dicom_slice(reader, file, normal))
+            normal = normal if normal is not None else slices[-1].normal
     return slices
+
+
+def _dicom_slice(reader: sitk.ImageFileReader, file: str, normal: np.ndarray | None) -> _DicomSlice:
+    """One file's header; ``normal``: the series' slice normal (None: this file's own)."""
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise InputError(f"DICOM file cannot be read ({_sitk_reason(error)})", file) from None
+    tags = {
+        key: reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+        for key, tag in DICOM_TAGS.items()
+    }
+    position = None
+    try:
+        if normal is None:
+            cosines = np.array([float(v) for v in tags["orientation"].split("\\")])
+            normal = np.cross(cosines[:3], cosines[3:])
+        position = float(np.array([float(v) for v in tags["position"].split("\\")]) @ normal)
+    except ValueError:  # no or unreadable ImagePositionPatient / ImageOrientationPatient
+        pass
+    group = (tags["series"], tags["acquisition"], tags["orientation"])
+    return _DicomSlice(file, position, tuple(reader.GetSize()), reader.GetPixelID(), group, normal)
 
 
 def _one_acquisition(
@@ -568,7 +576,7 @@ def _check_nifti_sform(header: _NiftiHeader, path: Path) -> None:
 
 def _nifti_geometry_notes(header: _NiftiHeader, reader: sitk.ImageFileReader, path: Path) -> list[str]:
     """Warnings where the geometry ITK reads differs from the NIfTI header's: a pixdim of 0 (read
-    as 1 mm) and an sform in use that ITK set aside (its voxel sizes differ from pixdim)."""
+    as 1 mm) and an sform in use (sform_code > 0) that ITK set aside for the qform."""
     notes = []
     zero = ["xyz"[n] for n in range(3) if header.pixdim[n] == 0]
     if zero:
@@ -585,8 +593,9 @@ def _nifti_geometry_notes(header: _NiftiHeader, reader: sitk.ImageFileReader, pa
             sizes = " x ".join(f"{v:.4g}" for v in np.linalg.norm(sform, axis=0))
             read_sizes = " x ".join(f"{v:.4g}" for v in reader.GetSpacing()[:3])
             notes.append(
-                f"{path}: NIfTI sform (voxel size {sizes} mm) disagrees with pixdim and was set aside: "
-                f"read with the qform and pixdim ({read_sizes} mm), as ITK does; check the geometry"
+                f"{path}: NIfTI sform (voxel size {sizes} mm) was set aside by ITK, which read the qform "
+                f"and pixdim instead (voxel size {read_sizes} mm; the sform's scales disagree with pixdim "
+                "or its rotation with the qform's): check the geometry"
             )
     return notes
 
@@ -614,8 +623,13 @@ def _itk_warnings(path: Path, warnings: list[str]) -> Iterator[None]:
     """Catch what ITK prints on the process's stderr during the block (file descriptor 2: its C++
     output goes there, past Python) and add each multi-line ITK warning to ``warnings`` as one
     line, ``"PATH: ITK: message"``, once. Anything else it caught is written back to stderr."""
-    sys.stderr.flush()
-    saved = os.dup(2)
+    if sys.stderr is not None:
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all (a process without a console): nothing reaches a terminal
+        yield
+        return
     with tempfile.TemporaryFile() as capture:
         os.dup2(capture.fileno(), 2)
         try:
@@ -632,7 +646,7 @@ def _itk_warnings(path: Path, warnings: list[str]) -> Iterator[None]:
                 if not any(known in message for known in _ITK_WARNINGS_REPORTED) and line not in warnings:
                     warnings.append(line)
             rest = _ITK_WARNING.sub("", text).strip()
-            if rest:
+            if rest and sys.stderr is not None:
                 sys.stderr.write(rest + "\n")
 
 
