@@ -12,7 +12,7 @@ import torch
 
 from m4oe import checkpoint
 from m4oe.checkpoint import load_checkpoint, read_model_card, save_checkpoint, sha256_file
-from m4oe.errors import ModelError, OutputError
+from m4oe.errors import InputError, ModelError, OutputError
 from m4oe.model import SwinUNet, build_model
 from m4oe.model_card import ExpertInfo, ModelCard, Preprocessing, TaskInfo
 from m4oe.terminology import LEFT, RIGHT, STANDARD_KEYS, TERMS, standard_label
@@ -93,7 +93,7 @@ def test_card_json_round_trip(card, saved):
     assert re.fullmatch(r"[0-9a-f]{64}", written.weights_sha256)
     assert written.task().name == "abdomen" and written.task("liver").labels[0].name == "liver"
     assert written.expert_index("mr") == [1, 2] and written.expert_index("ct") == [0]
-    with pytest.raises(ModelError, match="unknown task 'lungs'"):
+    with pytest.raises(InputError, match="unknown task 'lungs'"):  # a bad --task: exit code 2
         written.task("lungs")
 
 

@@ -19,7 +19,7 @@ codes and an example message each (the ``case`` column is the test id, checked a
 | constant-volume | 2 | m4oe: error: /tmp/constant.nii.gz: is empty: every voxel has the value -1000 |
 | smaller-than-model | 2 | m4oe: error: /tmp/s.nii.gz: slices of 5x5 pixels are too small for ... |
 | output-exists | 3 | m4oe: error: /tmp/out/seg.nii.gz: exists; pass --overwrite to replace it |
-| unknown-task | 4 | m4oe: error: unknown task 'kidneys'; this model has ['abdomen', 'liver'] |
+| unknown-task | 2 | m4oe: error: unknown task 'kidneys'; this model has ['abdomen', 'liver'] |
 | unknown-model | 4 | m4oe: error: unknown model 'no-such-model'; available: (none) |
 | sha256-mismatch | 4 | m4oe: error: /tmp/tiny/model.safetensors: SHA-256 mismatch: the file hashes to ... |
 | tampered-weights | 4 | m4oe: error: /tmp/tampered/model.safetensors: SHA-256 mismatch: ... its card ... |
@@ -683,7 +683,7 @@ BAD_INPUT = [
     Bad("constant-volume", 2, "is empty", constant_volume),
     Bad("smaller-than-model", 2, "too small", smaller_than_model),
     Bad("output-exists", 3, "--overwrite", output_exists),
-    Bad("unknown-task", 4, "unknown task", unknown_task),
+    Bad("unknown-task", 2, "unknown task", unknown_task),
     Bad("unknown-model", 4, "unknown model", unknown_model),
     Bad("sha256-mismatch", 4, "SHA-256 mismatch", sha256_mismatch),
     Bad("tampered-weights", 4, "SHA-256 mismatch", tampered_weights),
@@ -888,7 +888,7 @@ def test_evaluate_names_labels_from_segments_or_a_model_card(tmp_path, capsys, t
     assert code == 0
     assert [r["name"] for r in json.loads(out)["labels"]] == [card_names[1], card_names[2]]
     code, _, err = run_cli(["evaluate", pred, pred, "--model", str(tiny_model_dir), "--task", "nope"], capsys)
-    assert code == 4 and "unknown task 'nope'" in err
+    assert code == 2 and "unknown task 'nope'" in err
 
 
 @pytest.mark.parametrize("progress", [["--progress", "json"], ["--progress=json"], []])

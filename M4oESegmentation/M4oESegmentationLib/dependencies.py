@@ -24,8 +24,9 @@ except ImportError:  # slicer-core and plain Python have no translations: Englis
         return text
 
 
-TORCH_REQUIREMENT = ">=2.1"
-"""The torch versions the engine runs with (pyproject.toml says the same)."""
+TORCH_REQUIREMENT = ">=2.6"
+"""The torch versions the engine runs with (pyproject.toml says the same): 2.6 and later, since
+``torch.load(weights_only=True)`` (ImageNet ``.pth`` initialisation) can run code before 2.6."""
 PYTHON_REQUIREMENTS = ("timm>=1.0,<2", "safetensors>=0.4", "slicerio>=1.1", "psutil>=5.9")
 """pip packages ``m4oe segment`` and this module need beyond what Slicer bundles (numpy, scipy,
 SimpleITK) and PyTorch. Testing/test_packaging.py keeps them in step with pyproject.toml."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import struct
@@ -22,10 +23,12 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
-from m4oe.errors import ModelError, OutputError
+from m4oe.errors import InputError, ModelError, OutputError
 from m4oe.hub import sha256_file
 from m4oe.model.swin_unet import SwinUNet
 from m4oe.model_card import FORMAT_VERSION, READABLE_VERSIONS, ModelCard
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "model.json"
@@ -106,7 +109,7 @@ def load_checkpoint(
         path: the checkpoint folder, its ``.json`` card, or its ``.safetensors`` weights (the card is
             the ``.json`` file with the same stem, else ``model.json`` in the same folder).
         sha256: expected SHA-256 of the weights (hex); None checks only the card's record (a card
-            without ``weights_sha256``, written by hand, is then not verified).
+            without ``weights_sha256``, written by hand, is then not verified, with a warning).
         device: where to put the model.
     Raises:
         ModelError naming the file: pickle formats, missing card or weights, unknown card format
@@ -130,9 +133,16 @@ def load_checkpoint(
     if sha256 is not None:
         expected = sha256.strip().lower()
         if not _SHA256.match(expected):
-            raise ModelError(f"expected SHA-256 {sha256!r} is not 64 hex digits", weights)
+            raise InputError(f"expected SHA-256 {sha256!r} is not 64 hex digits")
         if actual != expected:
             raise ModelError(f"SHA-256 mismatch: the file hashes to {actual}, expected {expected}", weights)
+    if not card.weights_sha256 and sha256 is None:
+        logger.warning(
+            "%s: its card %s records no weights_sha256, and no --sha256 was given: the weights are "
+            "loaded unverified",
+            weights,
+            card_path.name,
+        )
     if card.weights_sha256 and actual != card.weights_sha256:
         raise ModelError(
             f"SHA-256 mismatch: the file hashes to {actual}, its card {card_path.name} records "

@@ -1,8 +1,8 @@
 """The ``m4oe`` command line: segment, info, evaluate, models.
 
 One argparse builder; every user error ends in one line on stderr and a non-zero exit code
-(2 bad input, 3 output not writable or already there, 4 model problem, 130 cancelled or
-interrupted, 143 terminated by SIGTERM).
+(2 bad input or bad argument, 3 output not writable or already there, 4 model missing, corrupt or
+not matching its checksum, 130 cancelled or interrupted, 143 terminated by SIGTERM).
 """
 
 from __future__ import annotations
@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--report", metavar="FILE.png", default=None, help="write a one-page picture of the result"
     )
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_max_voxels_argument(seg)
     seg.add_argument(
         "--progress",
         choices=("auto", "bar", "json", "none"),
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--task", default=None, help="the model's task whose labels name the values")
     ev.add_argument("--json", action="store_true")
+    add_max_voxels_argument(ev)
 
     models = sub.add_parser("models", help="list, download and delete models")
     group = models.add_mutually_exclusive_group()
@@ -164,6 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     for entry in entry_points(group="m4oe.commands"):
         entry.load()(sub)
     return parser
+
+
+def add_max_voxels_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-voxels",
+        type=int,
+        metavar="N",
+        default=None,
+        help="refuse input volumes of more voxels, from their header before reading them (default: "
+        "$M4OE_MAX_VOXELS, else 2^30 = 1,073,741,824, a 512x512x4096 CT)",
+    )
 
 
 class ProgressPrinter:
@@ -260,7 +273,8 @@ def cmd_segment(args) -> int:
     outputs = _segment_outputs(args)
     printer = ProgressPrinter(args.progress)
     t0 = time.perf_counter()
-    loaded = read_image(args.input)  # before the model: a bad input is refused at once
+    # Before the model: a bad input is refused at once.
+    loaded = read_image(args.input, max_voxels=args.max_voxels)
     predictor = Predictor.from_pretrained(
         args.model,
         sha256=args.sha256,
@@ -448,8 +462,8 @@ def cmd_evaluate(args) -> int:
             labels = [int(v) for v in args.labels.split(",")]
         except ValueError:
             raise InputError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
-    pred = read_image(args.prediction)
-    ref = read_image(args.reference)
+    pred = read_image(args.prediction, max_voxels=args.max_voxels)
+    ref = read_image(args.reference, max_voxels=args.max_voxels)
     result = evaluate(
         pred.image,
         ref.image,

@@ -22,6 +22,8 @@ import logging
 import os
 import re
 import struct
+import sys
+import tempfile
 import time
 import uuid
 import zlib
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 import SimpleITK as sitk
 import slicerio
 from slicerio.segmentation import terminology_entry_from_string
@@ -52,6 +55,29 @@ _COMPLEX_PIXEL_IDS = {sitk.sitkComplexFloat32, sitk.sitkComplexFloat64}
 # slices at normalisation gives the same numbers as casting the volume on reading, and a CT stays
 # 2 bytes a voxel. Every other type (32- and 64-bit integers, float64) is cast to float32 here.
 KEPT_PIXEL_IDS = {sitk.sitkInt8, sitk.sitkUInt8, sitk.sitkInt16, sitk.sitkUInt16, sitk.sitkFloat32}
+_PIXEL_BYTES = {
+    sitk.sitkInt8: 1, sitk.sitkUInt8: 1, sitk.sitkInt16: 2, sitk.sitkUInt16: 2, sitk.sitkInt32: 4,
+    sitk.sitkUInt32: 4, sitk.sitkFloat32: 4, sitk.sitkInt64: 8, sitk.sitkUInt64: 8, sitk.sitkFloat64: 8,
+}  # fmt: skip
+# Volumes above this many voxels are refused from their header, before any voxel is read: 2^30, a
+# 512x512x4096 CT (2 GB as int16). A header claiming more is far likelier corrupt or hostile than a
+# scan; --max-voxels or this environment variable raises the limit.
+DEFAULT_MAX_VOXELS = 1 << 30
+MAX_VOXELS_ENV = "M4OE_MAX_VOXELS"
+# Direction cosines further than this from orthonormal (largest entry of D^T D - I; 1e-3 is an
+# angle of 0.06 degrees between axes) are refused: SimpleITK's writers and resamplers would change
+# them, and the output would not have the input's direction.
+ORTHONORMAL_TOLERANCE = 1e-3
+# DICOM slice gaps further than this fraction of the mean gap from it are reported as uneven.
+# Positions printed to a few decimals differ from an even grid by about 1e-5 mm.
+UNEVEN_SPACING_TOLERANCE = 0.01
+SAME_POSITION_MM = 1e-3
+DICOM_TAGS = {
+    "position": "0020|0032",
+    "orientation": "0020|0037",
+    "acquisition": "0020|0012",
+    "series": "0020|0011",
+}
 
 
 @dataclass
@@ -75,30 +101,39 @@ class LoadedImage:
     warnings: list[str] = field(default_factory=list)
 
 
-def read_image(path: str | Path) -> LoadedImage:
+def read_image(path: str | Path, *, max_voxels: int | None = None) -> LoadedImage:
     """Read a 3D scalar volume from NIfTI, NRRD, MetaImage or a DICOM series folder.
 
     A folder is read as a DICOM series; when it holds several series, the one with the most files
-    is read and a warning says so. The voxels (HU for CT) keep an 8- or 16-bit integer or float32
-    type, other types are cast to float32; the geometry (size, spacing in mm, origin and direction
-    in LPS) is the file's.
+    is read and a warning says so; when one series holds several acquisitions at the same slice
+    positions (a blank or shared SeriesInstanceUID), the largest acquisition is read and a warning
+    says so. The voxels (HU for CT) keep an 8- or 16-bit integer or float32 type, other types are
+    cast to float32; the geometry (size, spacing in mm, origin and direction in LPS) is the file's.
+
+    ``max_voxels``: the largest volume read (None: :func:`max_voxels_limit`); the size comes from
+    the header, so a larger volume is refused before any voxel is read.
 
     Refused with :class:`InputError` naming the file: a missing path, a folder without a DICOM
     series, a single DICOM file (pass its folder), an unsupported or corrupt or truncated file, a
     2D image, a 4D image (unless its 4th axis has size 1), an axis with fewer than
     ``MIN_AXIS_SIZE`` voxels (a single slice has no slice spacing, and the model needs real
-    in-plane extent whichever axis turns out to be axial), vector or RGB or complex voxels, and
-    NaN or infinite voxels. An empty (constant) volume is accepted here; see :func:`check_volume`.
+    in-plane extent whichever axis turns out to be axial), more voxels than ``max_voxels`` or than
+    the computer's memory holds, a zero or non-finite spacing, direction cosines that are singular
+    or not orthonormal (a NIfTI sform included), DICOM slices at the same position that no
+    acquisition or series number separates, vector or RGB or complex voxels, and NaN or infinite
+    voxels. An empty (constant) volume is accepted here; see :func:`check_volume`. ITK's console
+    warnings are caught and become one-line ``warnings``.
     """
     path = Path(path)
     warnings: list[str] = []
     modality = None
+    limit = max_voxels_limit(max_voxels)
     if not path.exists():
         raise InputError("no such file or folder", path)
     if path.is_dir():
-        image, modality = _read_dicom_series(path, warnings)
+        image, modality = _read_dicom_series(path, warnings, limit)
     else:
-        image = _read_file(path)
+        image = _read_file(path, warnings, limit)
     _check_size(image.GetSize(), path)
     if image.GetDimension() == 4:
         image = sitk.Extract(image, [*image.GetSize()[:3], 0], [0, 0, 0, 0])
@@ -116,6 +151,25 @@ def read_image(path: str | Path) -> LoadedImage:
     )
 
 
+def max_voxels_limit(max_voxels: int | None = None) -> int:
+    """The largest volume :func:`read_image` reads, in voxels: ``max_voxels``, else the environment
+    variable ``M4OE_MAX_VOXELS``, else :data:`DEFAULT_MAX_VOXELS`. Raises InputError for a value
+    that is not a positive integer."""
+    source = "--max-voxels"
+    if max_voxels is None:
+        text = os.environ.get(MAX_VOXELS_ENV, "").strip()
+        if not text:
+            return DEFAULT_MAX_VOXELS
+        source = MAX_VOXELS_ENV
+        try:
+            max_voxels = int(text)
+        except ValueError:
+            raise InputError(f"{source} must be a positive number of voxels, got {text!r}") from None
+    if max_voxels < 1:
+        raise InputError(f"{source} must be a positive number of voxels, got {max_voxels}")
+    return max_voxels
+
+
 def check_volume(image: sitk.Image, path: str | Path) -> None:
     """Refuse an empty volume: every voxel has the same value (nothing to segment)."""
     values = sitk.GetArrayViewFromImage(image)
@@ -124,13 +178,18 @@ def check_volume(image: sitk.Image, path: str | Path) -> None:
         raise InputError(f"is empty: every voxel has the value {low:g}", path)
 
 
-def _read_file(path: Path) -> sitk.Image:
+def _read_file(path: Path, warnings: list[str], max_voxels: int) -> sitk.Image:
+    """Read one image file: header checks first (size, voxel count, geometry), then the voxels."""
     name = path.name.lower()
     supported = name.endswith(READ_EXTENSIONS)
+    nifti = _read_nifti_header(path) if name.endswith((".nii", ".nii.gz")) else None
+    if nifti is not None:
+        _check_nifti_sform(nifti, path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with _itk_warnings(path, warnings):
+            reader.ReadImageInformation()
     except RuntimeError as error:
         if not supported:
             raise InputError(f"is not a supported image file; expected {_READ_FORMATS}", path) from None
@@ -148,10 +207,14 @@ def _read_file(path: Path) -> sitk.Image:
         )
     if reader.GetPixelID() in _COMPLEX_PIXEL_IDS:
         raise InputError("has complex voxels; expected a real scalar volume", path)
-    if name.endswith((".nii", ".nii.gz")):
-        _check_nifti_data(path)
+    _check_voxels(reader.GetSize()[:3], reader.GetPixelID(), path, max_voxels)
+    _check_geometry(reader.GetSpacing(), reader.GetDirection(), path)
+    if nifti is not None:
+        _check_nifti_data(path, nifti)
+        warnings.extend(_nifti_geometry_notes(nifti, reader, path))
     try:
-        return reader.Execute()
+        with _itk_warnings(path, warnings):
+            return reader.Execute()
     except RuntimeError as error:
         raise InputError(f"cannot be read, corrupt or truncated ({_sitk_reason(error)})", path) from None
 
@@ -159,12 +222,95 @@ def _read_file(path: Path) -> sitk.Image:
 _READ_FORMATS = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
 
 
-def _read_dicom_series(folder: Path, warnings: list[str]) -> tuple[sitk.Image, str | None]:
-    """Read the largest DICOM series of ``folder`` (not its subfolders); return it and its Modality."""
+def _check_voxels(size: Sequence[int], pixel_id: int, path: Path, max_voxels: int) -> None:
+    """Refuse a volume of ``size`` (x, y, z) voxels of ``pixel_id`` before it is read: more than
+    ``max_voxels`` voxels, or more bytes (as read, plus the float32 copy of a cast type) than the
+    computer's memory."""
+    count = int(np.prod(size, dtype=np.int64))
+    nbytes = count * (_PIXEL_BYTES.get(pixel_id, 8) + (0 if pixel_id in KEPT_PIXEL_IDS else 4))
+    shape = "x".join(str(n) for n in size)
+    if count > max_voxels:
+        raise InputError(
+            f"has size {shape} (x, y, z) = {count:,} voxels ({nbytes / 1e9:.1f} GB to read), more than "
+            f"the limit of {max_voxels:,}; if the volume is real, raise the limit with --max-voxels "
+            f"or {MAX_VOXELS_ENV}",
+            path,
+        )
+    memory = psutil.virtual_memory().total
+    if nbytes > memory:
+        raise InputError(
+            f"has size {shape} (x, y, z) = {count:,} voxels, {nbytes / 1e9:.1f} GB to read: more than "
+            f"this computer's {memory / 1e9:.1f} GB of memory",
+            path,
+        )
+
+
+def _check_geometry(spacing: Sequence[float], direction: Sequence[float], path: Path) -> None:
+    """Refuse a zero or non-finite spacing (mm) and singular or non-orthonormal direction cosines.
+
+    ``spacing`` and ``direction`` (row-major, column n = LPS direction of index axis n) as a reader
+    gives them, for 3 or more axes; the first three axes are checked. ITK would refuse the first
+    two with a message naming neither, and keep or silently change the third.
+    """
+    axes = "xyz"
+    dimension = len(spacing)
+    spacing = np.asarray(spacing[:3], dtype=float)
+    matrix = np.asarray(direction, dtype=float).reshape(dimension, dimension)[:3, :3]
+    bad = [axes[n] for n in range(3) if not np.isfinite(spacing[n]) or spacing[n] == 0]
+    if bad:
+        shown = " x ".join(f"{v:g}" for v in spacing)
+        raise InputError(
+            f"has voxel spacing {shown} mm (x, y, z): zero or not a number along {', '.join(bad)}; "
+            "expected a positive voxel size along every axis",
+            path,
+        )
+    if not np.all(np.isfinite(matrix)):
+        raise InputError("has direction cosines that are not numbers (NaN or infinite)", path)
+    lengths = np.linalg.norm(matrix, axis=0)
+    if np.any(lengths < 1e-6) or abs(np.linalg.det(matrix / np.where(lengths > 0, lengths, 1))) < 1e-6:
+        columns = ", ".join(f"{axes[n]} ({' '.join(f'{v:g}' for v in matrix[:, n])})" for n in range(3))
+        raise InputError(
+            f"has a singular direction matrix: the voxel axes {columns} do not span 3D space "
+            "(two are parallel or one is zero); the header is corrupt",
+            path,
+        )
+    problem = _not_orthonormal(matrix)
+    if problem:
+        raise InputError(
+            f"has direction cosines that are not orthonormal ({problem}): a sheared or scaled grid "
+            "cannot be kept exactly, so the output could not have the input's direction",
+            path,
+        )
+
+
+def _not_orthonormal(matrix: np.ndarray) -> str | None:
+    """What keeps a 3x3 direction matrix (columns = axis directions) from being orthonormal, or None."""
+    gram = matrix.T @ matrix
+    if np.max(np.abs(gram - np.eye(3))) <= ORTHONORMAL_TOLERANCE:
+        return None
+    lengths = np.sqrt(np.diag(gram))
+    for m, n in ((0, 1), (0, 2), (1, 2)):
+        cosine = gram[m, n] / (lengths[m] * lengths[n])
+        if abs(cosine) > ORTHONORMAL_TOLERANCE:
+            angle = np.degrees(np.arccos(np.clip(cosine, -1, 1)))
+            return f"axes {'xyz'[m]} and {'xyz'[n]} are {angle:.2f} degrees apart, expected 90"
+    n = int(np.argmax(np.abs(lengths - 1)))
+    return f"axis {'xyz'[n]} has length {lengths[n]:.4g}, expected 1"
+
+
+def _read_dicom_series(folder: Path, warnings: list[str], max_voxels: int) -> tuple[sitk.Image, str | None]:
+    """Read the largest DICOM series of ``folder`` (not its subfolders); return it and its Modality.
+
+    Every file's header is read first (position, orientation, acquisition and series numbers), so
+    that several acquisitions under one SeriesInstanceUID are split, and the voxel limit checked,
+    before any voxel is read.
+    """
     reader = sitk.ImageSeriesReader()
-    series = {
-        uid: reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in reader.GetGDCMSeriesIDs(str(folder))
-    }
+    with _itk_warnings(folder, warnings):
+        series = {
+            uid: reader.GetGDCMSeriesFileNames(str(folder), uid)
+            for uid in reader.GetGDCMSeriesIDs(str(folder))
+        }
     if not series:
         raise InputError("folder holds no DICOM series", folder)
     uid = max(series, key=lambda key: len(series[key]))
@@ -173,23 +319,131 @@ def _read_dicom_series(folder: Path, warnings: list[str]) -> tuple[sitk.Image, s
             f"{folder}: holds {len(series)} DICOM series; read series {uid!r} ({len(series[uid])} files), "
             "the one with the most files"
         )
-    reader.SetFileNames(series[uid])
+    slices = _dicom_slices(series[uid], folder, warnings)
+    slices = _one_acquisition(slices, uid, folder, warnings)
+    first = slices[0]
+    frames = int(np.prod(first.size[2:], dtype=np.int64))  # 1, or the frames of a multi-frame file
+    _check_voxels((first.size[0], first.size[1], frames * len(slices)), first.pixel_id, folder, max_voxels)
+    reader.SetFileNames([s.file for s in slices])
     reader.MetaDataDictionaryArrayUpdateOn()
     reader.LoadPrivateTagsOn()
     try:
-        image = reader.Execute()
+        with _itk_warnings(folder, warnings):
+            image = reader.Execute()
     except RuntimeError as error:
         raise InputError(f"DICOM series cannot be read ({_sitk_reason(error)})", folder) from None
     if image.GetNumberOfComponentsPerPixel() > 1:
         raise InputError("DICOM series has colour (RGB) voxels; expected a scalar volume", folder)
-    if image.HasMetaDataKey("ITK_non_uniform_sampling_deviation"):
+    _check_geometry(image.GetSpacing(), image.GetDirection(), folder)
+    gaps = _slice_gaps(slices)
+    if gaps.size > 1 and np.max(np.abs(gaps - gaps.mean())) > UNEVEN_SPACING_TOLERANCE * gaps.mean():
         warnings.append(
-            f"{folder}: DICOM slices are unevenly spaced or some are missing; spacing is an average"
+            f"{folder}: DICOM slices are unevenly spaced or some are missing (gaps of {gaps.min():.4g} to "
+            f"{gaps.max():.4g} mm); read on an even grid of {image.GetSpacing()[2]:.4g} mm"
         )
     modality = None
     if reader.HasMetaDataKey(0, DICOM_MODALITY_TAG):
         modality = reader.GetMetaData(0, DICOM_MODALITY_TAG).strip() or None
     return image, modality
+
+
+@dataclass(frozen=True)
+class _DicomSlice:
+    """One DICOM file's header: ``position`` along the first file's slice normal (mm; None when the
+    file has no ImagePositionPatient or ImageOrientationPatient), size (columns, rows, frames), pixel
+    type, ``group``: series number, acquisition number and orientation, which tell acquisitions
+    apart, and ``normal``: the slice normal used (LPS, unit length for orthonormal cosines)."""
+
+    file: str
+    position: float | None
+    size: tuple[int, ...]
+    pixel_id: int
+    group: tuple[str, str, str]
+    normal: np.ndarray | None = None
+
+
+def _dicom_slices(files: Sequence[str], folder: Path, warnings: list[str]) -> list[_DicomSlice]:
+    """The header of every file of a series, in the reader's order (no voxel is read)."""
+    reader = sitk.ImageFileReader()
+    slices, normal = [], None
+    with _itk_warnings(folder, warnings):
+        for file in files:
+            slices.append(_dicom_slice(reader, file, normal))
+            normal = normal if normal is not None else slices[-1].normal
+    return slices
+
+
+def _dicom_slice(reader: sitk.ImageFileReader, file: str, normal: np.ndarray | None) -> _DicomSlice:
+    """One file's header; ``normal``: the series' slice normal (None: this file's own)."""
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise InputError(f"DICOM file cannot be read ({_sitk_reason(error)})", file) from None
+    tags = {
+        key: reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+        for key, tag in DICOM_TAGS.items()
+    }
+    position = None
+    try:
+        if normal is None:
+            cosines = np.array([float(v) for v in tags["orientation"].split("\\")])
+            normal = np.cross(cosines[:3], cosines[3:])
+        position = float(np.array([float(v) for v in tags["position"].split("\\")]) @ normal)
+    except ValueError:  # no or unreadable ImagePositionPatient / ImageOrientationPatient
+        pass
+    group = (tags["series"], tags["acquisition"], tags["orientation"])
+    return _DicomSlice(file, position, tuple(reader.GetSize()), reader.GetPixelID(), group, normal)
+
+
+def _one_acquisition(
+    slices: list[_DicomSlice], uid: str, folder: Path, warnings: list[str]
+) -> list[_DicomSlice]:
+    """The slices of one acquisition: all of them, unless two lie at the same position.
+
+    Then the series mixes acquisitions (often a blank SeriesInstanceUID shared by several scans),
+    which ITK would interleave into one volume: they are split by series number, acquisition number
+    and orientation, and the one with the most slices is kept, with a warning. Refused when that
+    does not separate them.
+    """
+    if not _has_duplicates(slices):
+        return slices
+    groups: dict[tuple[str, str, str], list[_DicomSlice]] = {}
+    for s in slices:
+        groups.setdefault(s.group, []).append(s)
+    named = "blank SeriesInstanceUID" if not uid.strip() else f"SeriesInstanceUID {uid!r}"
+    positions = np.array([s.position for s in slices])
+    distinct = len(np.unique(np.round(positions / SAME_POSITION_MM)))
+    if len(groups) == 1 or any(_has_duplicates(g) for g in groups.values()):
+        raise InputError(
+            f"DICOM series ({named}) holds {len(slices)} slices at only {distinct} distinct positions: "
+            "several acquisitions share it and no series or acquisition number tells them apart; "
+            "put each acquisition in a folder of its own",
+            folder,
+        )
+    key = max(groups, key=lambda k: len(groups[k]))
+    names = ("series number", "acquisition number", "orientation")
+    differ = [n for n in range(3) if len({k[n] for k in groups}) > 1]
+    which = ", ".join(f"{names[n]} {key[n] or '(none)'}" for n in differ)
+    warnings.append(
+        f"{folder}: DICOM series ({named}) holds {len(groups)} acquisitions with slices at the same "
+        f"positions; read the one with the most slices ({which}, {len(groups[key])} files)"
+    )
+    return groups[key]
+
+
+def _has_duplicates(slices: Sequence[_DicomSlice]) -> bool:
+    """Whether two slices lie within SAME_POSITION_MM of each other along the slice normal."""
+    if any(s.position is None for s in slices):
+        return False
+    return bool(np.any(np.diff(np.sort([s.position for s in slices])) < SAME_POSITION_MM))
+
+
+def _slice_gaps(slices: Sequence[_DicomSlice]) -> np.ndarray:
+    """Distances (mm) between neighbouring slice positions; empty when a position is unknown."""
+    if any(s.position is None for s in slices):
+        return np.zeros(0)
+    return np.diff(np.sort([s.position for s in slices]))
 
 
 def _check_size(size: Sequence[int], path: Path) -> None:
@@ -205,23 +459,47 @@ def _check_size(size: Sequence[int], path: Path) -> None:
         )
 
 
-def _check_nifti_data(path: Path) -> None:
+@dataclass(frozen=True)
+class _NiftiHeader:
+    """The fields of a single-file NIfTI-1 or NIfTI-2 header that the checks here use.
+
+    ``offset``: bytes before the voxel data; ``data_bytes``: length of the voxel data; ``dtype``:
+    numpy type of floating-point voxels, else None; ``pixdim``: voxel size (x, y, z) as stored;
+    ``sform_code``, ``qform_code``: NIfTI xform codes; ``sform``: the 3x4 sform (RAS, mm).
+    """
+
+    offset: int
+    data_bytes: int
+    dtype: np.dtype | None
+    pixdim: tuple[float, float, float]
+    qform_code: int
+    sform_code: int
+    sform: np.ndarray
+
+
+def _read_nifti_header(path: Path) -> _NiftiHeader | None:
+    """The header of a ``.nii`` / ``.nii.gz`` file; None when it is not single-file NIfTI-1/-2
+    (left to ITK, which then refuses or reads it). A truncated gzip header is left to ITK too."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as stream:
+            return _nifti_header(stream.read(540))
+    except (EOFError, OSError, zlib.error):
+        return None
+
+
+def _check_nifti_data(path: Path, header: _NiftiHeader) -> None:
     """Refuse a truncated NIfTI file, or one holding NaN or infinite voxels.
 
     ITK reads both silently: zeros in place of missing data, and zeros in place of NaN and
     infinities. So the voxel data is streamed once here (decompressed for ``.nii.gz``, which also
-    catches a truncated gzip stream). Only single-file NIfTI-1 and NIfTI-2 are checked; anything
-    else is left to ITK.
+    catches a truncated gzip stream).
     """
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    missing = bad = 0
+    missing, dtype, bad = header.data_bytes, header.dtype, 0
     try:
         with opener(path, "rb") as stream:
-            layout = _nifti_layout(stream.read(540))
-            if layout is None:
-                return
-            offset, missing, dtype = layout
-            stream.seek(offset)
+            stream.seek(header.offset)
             while missing > 0 and (chunk := stream.read(min(missing, 1 << 22))):
                 missing -= len(chunk)
                 if dtype is not None:
@@ -235,8 +513,8 @@ def _check_nifti_data(path: Path) -> None:
         raise InputError(f"holds {bad} NaN or infinite voxels", path)
 
 
-def _nifti_layout(header: bytes) -> tuple[int, int, np.dtype | None] | None:
-    """(data offset, data length in bytes, numpy dtype when floating point) of a NIfTI-1/-2 header."""
+def _nifti_header(header: bytes) -> _NiftiHeader | None:
+    """Parse the first 540 bytes of a file as a NIfTI-1 or NIfTI-2 header; None if it is neither."""
     if len(header) < 348:
         return None
     for endian in "<>":
@@ -244,19 +522,84 @@ def _nifti_layout(header: bytes) -> tuple[int, int, np.dtype | None] | None:
         if size_of_header == 348 and header[344:347] == b"n+1":
             code, bits = struct.unpack(endian + "2h", header[70:74])
             dims = struct.unpack(endian + "8h", header[40:56])
+            pixdim = struct.unpack(endian + "8f", header[76:108])
             offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            qform_code, sform_code = struct.unpack(endian + "2h", header[252:256])
+            sform = struct.unpack(endian + "12f", header[280:328])
             break
         if size_of_header == 540 and len(header) == 540 and header[4:7] == b"n+2":
             code, bits = struct.unpack(endian + "2h", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
+            pixdim = struct.unpack(endian + "8d", header[104:168])
             offset = struct.unpack(endian + "q", header[168:176])[0]
+            qform_code, sform_code = struct.unpack(endian + "2i", header[344:352])
+            sform = struct.unpack(endian + "12d", header[400:496])
             break
     else:
         return None
     count = int(np.prod([max(n, 1) for n in dims[1 : 1 + min(max(dims[0], 1), 7)]], dtype=np.int64))
     floats = {16: "f4", 64: "f8"}  # NIfTI datatype codes FLOAT32, FLOAT64
     dtype = np.dtype(endian + floats[code]) if code in floats else None
-    return offset, count * bits // 8, dtype
+    return _NiftiHeader(
+        offset=offset,
+        data_bytes=count * bits // 8,
+        dtype=dtype,
+        pixdim=tuple(float(v) for v in pixdim[1:4]),
+        qform_code=int(qform_code),
+        sform_code=int(sform_code),
+        sform=np.array(sform, dtype=float).reshape(3, 4),
+    )
+
+
+def _check_nifti_sform(header: _NiftiHeader, path: Path) -> None:
+    """Refuse a NIfTI whose sform (in use: sform_code > 0) is singular or sheared.
+
+    ITK would replace it by the qform without a word (or refuse with "no orthonormal definition
+    found" when there is none), so the output's geometry would differ from the input's sform.
+    """
+    if header.sform_code <= 0:
+        return
+    matrix = header.sform[:, :3]
+    lengths = np.linalg.norm(matrix, axis=0)
+    if not np.all(np.isfinite(matrix)) or np.any(lengths < 1e-6):
+        raise InputError("has a NIfTI sform with a zero or non-finite axis; the header is corrupt", path)
+    if abs(np.linalg.det(matrix / lengths)) < 1e-6:
+        raise InputError(
+            "has a singular NIfTI sform (two voxel axes are parallel); the header is corrupt", path
+        )
+    problem = _not_orthonormal(matrix / lengths)
+    if problem:
+        raise InputError(
+            f"has a sheared NIfTI sform ({problem}): its voxels are not on a rectangular grid, which "
+            "ITK would silently replace by the qform, so the output could not have the input's geometry",
+            path,
+        )
+
+
+def _nifti_geometry_notes(header: _NiftiHeader, reader: sitk.ImageFileReader, path: Path) -> list[str]:
+    """Warnings where the geometry ITK reads differs from the NIfTI header's: a pixdim of 0 (read
+    as 1 mm) and an sform in use (sform_code > 0) that ITK set aside for the qform."""
+    notes = []
+    zero = ["xyz"[n] for n in range(3) if header.pixdim[n] == 0]
+    if zero:
+        notes.append(
+            f"{path}: NIfTI pixdim gives voxel size 0 along {', '.join(zero)}; read as 1 mm, "
+            "so distances, volumes and the in-plane resampling may be wrong"
+        )
+    if header.sform_code > 0:
+        dimension = reader.GetDimension()
+        direction = np.array(reader.GetDirection()).reshape(dimension, dimension)[:3, :3]
+        read = np.diag([-1.0, -1.0, 1.0]) @ direction @ np.diag(reader.GetSpacing()[:3])  # LPS -> RAS
+        sform = header.sform[:, :3]
+        if not np.allclose(read, sform, rtol=0, atol=1e-3 * max(1.0, float(np.abs(sform).max()))):
+            sizes = " x ".join(f"{v:.4g}" for v in np.linalg.norm(sform, axis=0))
+            read_sizes = " x ".join(f"{v:.4g}" for v in reader.GetSpacing()[:3])
+            notes.append(
+                f"{path}: NIfTI sform (voxel size {sizes} mm) was set aside by ITK, which read the qform "
+                f"and pixdim instead (voxel size {read_sizes} mm; the sform's scales disagree with pixdim "
+                "or its rotation with the qform's): check the geometry"
+            )
+    return notes
 
 
 def _sitk_reason(error: RuntimeError) -> str:
@@ -269,6 +612,44 @@ def _sitk_reason(error: RuntimeError) -> str:
     for prefix in ("sitk::ERROR:", "ITK ERROR:", "[nrrd]"):
         reason = reason.removeprefix(prefix).strip()
     return re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", reason)[:300]
+
+
+# ITK's console warning: "WARNING: In FILE, line N\nClass (0xADDRESS): message...\n\n".
+_ITK_WARNING = re.compile(r"WARNING: In [^\n]*, line \d+\n(.*?)(?:\n[ \t]*\n|\Z)", re.DOTALL)
+# ITK warnings that the checks here already report in their own words.
+_ITK_WARNINGS_REPORTED = ("unexpected scales in sform", "Non uniform sampling or missing slices")
+
+
+@contextlib.contextmanager
+def _itk_warnings(path: Path, warnings: list[str]) -> Iterator[None]:
+    """Catch what ITK prints on the process's stderr during the block (file descriptor 2: its C++
+    output goes there, past Python) and add each multi-line ITK warning to ``warnings`` as one
+    line, ``"PATH: ITK: message"``, once. Anything else it caught is written back to stderr."""
+    if sys.stderr is not None:
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all (a process without a console): nothing reaches a terminal
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode(errors="replace")
+            for match in _ITK_WARNING.finditer(text):
+                message = " ".join(match.group(1).split())
+                message = re.sub(r"^\w+ \(0x[0-9a-fA-F]+\):\s*", "", message)
+                line = f"{path}: ITK: {message[:300]}"
+                if not any(known in message for known in _ITK_WARNINGS_REPORTED) and line not in warnings:
+                    warnings.append(line)
+            rest = _ITK_WARNING.sub("", text).strip()
+            if rest and sys.stderr is not None:
+                sys.stderr.write(rest + "\n")
 
 
 # Files written inside ``all_or_nothing()`` wait here under their temporary names: (temporary, final).
@@ -511,12 +892,11 @@ def _shortfall(found: int, expected: int, what: str) -> str | None:
 
 def _missing_nifti_data(stream) -> str | None:
     header = stream.read(540)
-    layout = _nifti_layout(header)
-    if layout is None:
+    parsed = _nifti_header(header)
+    if parsed is None:
         return "has no NIfTI-1 or NIfTI-2 header"
-    offset, length, _ = layout
     found, _ = _stream_length(stream)
-    return _shortfall(len(header) + found, offset + length, "header and voxel data")
+    return _shortfall(len(header) + found, parsed.offset + parsed.data_bytes, "header and voxel data")
 
 
 def _missing_nrrd_data(stream) -> str | None:

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from m4oe import __version__
-from m4oe.errors import ModelError
+from m4oe.errors import InputError, ModelError
 from m4oe.labels import Code, Label
 from m4oe.modality import MODALITIES
 from m4oe.model.config import ModelConfig
@@ -233,13 +233,15 @@ class ModelCard:
             raise ModelError(f"weights_sha256 must be 64 lower-case hex digits, got {self.weights_sha256!r}")
 
     def task(self, name: str | None = None) -> TaskInfo:
-        """The task called ``name``; None gives the first (the model's default head)."""
+        """The task called ``name``; None gives the first (the model's default head).
+
+        An unknown name is a bad argument (``--task``), so an :class:`InputError` (exit code 2)."""
         if name is None:
             return self.tasks[0]
         for task in self.tasks:
             if task.name == name:
                 return task
-        raise ModelError(f"unknown task {name!r}; this model has {[t.name for t in self.tasks]}")
+        raise InputError(f"unknown task {name!r}; this model has {[t.name for t in self.tasks]}")
 
     def expert_index(self, modality: str) -> list[int]:
         """Indices of the experts serving ``modality`` ("ct" or "mr"); empty for a dense model."""

@@ -141,8 +141,8 @@ def test_missing_requirements_reads_the_installed_versions():
 
 
 def test_torch_version_problem():
-    assert dependencies.torch_version_problem("2.4.1+cu121") is None
-    assert dependencies.torch_version_problem("2.1.0") is None
+    assert dependencies.torch_version_problem("2.6.0+cu124") is None
+    assert "2.5.1 is installed" in dependencies.torch_version_problem("2.5.1")  # weights_only bypass
     assert "2.0.1 is installed" in dependencies.torch_version_problem("2.0.1")
     assert "not installed" in dependencies.torch_version_problem(None)
     assert "unreadable" in dependencies.torch_version_problem("banana")
