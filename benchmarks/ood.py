@@ -138,7 +138,7 @@ def inputs(data: Path, phantoms: int, max_size: int) -> list[tuple[str, str, Cal
         ("below the kidneys: slices 31-60", "not abdominal", ct_crop(31, 61)),
         ("noise, CT range (0 +- 200 HU)", "not abdominal", noise(0, 200)),
         ("noise, soft tissue (40 +- 30 HU)", "not abdominal", noise(40, 30)),
-        ("noise, MR range (|300 +- 150|)", "not abdominal", noise(300, 150, absolute=True)),
+        ("noise, MR range (abs(300 +- 150))", "not abdominal", noise(300, 150, absolute=True)),
         ("nearly constant (0 +- 1)", "not abdominal", noise(0, 1)),
         ("constant (0)", "not abdominal", lambda: (volume(np.zeros((30, 120, 120))), None)),
         ("head phantom, CT", "not abdominal", lambda: (head_phantom("ct"), None)),
