@@ -161,3 +161,21 @@ def test_report_shows_the_scan_warning(predictor, shared_data):
     figure = render_report(image, prediction)
     lines = [t.get_text() for t in figure.texts if t.get_color() == "#c00000"]
     assert lines and lines[0].startswith("\u26a0 the scan may not be one the model knows")
+
+
+def test_routing_and_scan_warnings_combine(tmp_path, capsys):
+    """The MR head phantom segmented as CT: the gate disagrees with the modality and the labels
+    show no abdomen. Both warnings are kept, in the CLI and in gate_summary.json."""
+    from m4oe.cli import main
+
+    source = tmp_path / "head.nii.gz"
+    sitk.WriteImage(load_benchmark().head_phantom("mr"), str(source))
+    gates = tmp_path / "gates"
+    args = ["segment", source, "-o", tmp_path / "s.nii.gz", "--modality", "ct", "--gates", gates]
+    assert main([*args, "--threads", "1", "--tta", "1", "--device", "cpu"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("WARNING: ")]
+    summary = json.loads((gates / "gate_summary.json").read_text())
+    assert list(summary["warnings"]) == ["routing", "scan"]
+    assert lines == [f"WARNING: {summary['warnings']['routing']}", f"WARNING: {summary['warnings']['scan']}"]
+    assert summary["warning"] == "; ".join(summary["warnings"].values())
+    assert summary["warnings"]["routing"].startswith("routing disagrees with the input modality")
