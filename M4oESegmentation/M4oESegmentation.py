@@ -316,11 +316,12 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
 
     def _updateResultViews(self) -> None:
-        """Detected modality, gate table, chart, map and warning of the selected output segmentation."""
+        """Modality, scan warning, gate table, chart, map and routing warning of the selected output."""
         segmentation = self._parameterNode.outputSegmentation
         self._gateReview = self.logic.gateReview(segmentation)
         review = self._gateReview
         self.ui.detectedModalityLabel.text = status.detected_modality_text(segmentation)
+        self.ui.scanWarningLabel.text = status.scan_warning_text(segmentation)
         self.ui.expertTableView.setMRMLTableNode(review.table if review else None)
         self.ui.gatePlotWidget.mrmlPlotViewNode().SetPlotChartNodeID(review.chart.GetID() if review else None)
         self.ui.routingWarningLabel.text = (review.warning or "") if review else ""
@@ -481,6 +482,8 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Done in {duration}.").format(
                 duration=status.human_duration(result.seconds.get("total", 0.0))
             )
+            if result.scan_warning:
+                self.ui.statusLabel.text += " " + _("The scan may not be one the model knows: see Outputs.")
             if result.warning:
                 self.ui.statusLabel.text += " " + _("The gate's routing needs a look: see Gate review.")
             if self._parameterNode is not None:

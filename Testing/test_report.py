@@ -134,6 +134,7 @@ def prediction(gates: bool = True, warning: str | None = None) -> tuple[sitk.Ima
         modality=modality,
         gate_map=synthetic_gate_map() if gates else None,
         gate_summary=gate_summary(warning) if gates else None,
+        warnings={"routing": warning} if warning else {},
         seconds={"preprocess": 0.1, "inference": 2.4, "postprocess": 0.2, "total": 2.7},
     )
 

@@ -5,8 +5,9 @@ All functions read the engine's gate summary, the dict of ``gate_summary.json`` 
 [{name, modality}] in expert order, ``overall`` {mean_weights, dominant_expert, entropy,
 routing_confidence}, ``per_slice`` [{index, position_mm, mean_weights {expert: w},
 dominant_expert, entropy}], ``per_segment`` {segment name: {label, mean_weights, dominant_expert,
-entropy}}, ``warning``, ``forced_expert``, ``input_modality``, ``dominant_expert_values``
-{expert: value in the dominant-expert map}.
+entropy}}, ``warning`` (every warning of the run in one line), ``warnings`` {kind: message}
+("routing": the gate's, "scan": the scan check's), ``scan_check``, ``forced_expert``,
+``input_modality``, ``dominant_expert_values`` {expert: value in the dominant-expert map}.
 
 Weights are mean gate weights in [0, 1] (they sum to 1 over experts); entropy is normalised by
 log(E): 0 = one expert takes everything, 1 = all experts equal. Slice positions are in mm along
@@ -294,8 +295,10 @@ def routing_warning(summary: dict) -> str | None:
     if summary.get("forced_expert"):
         return None
     messages = []
-    if summary.get("warning"):
-        messages.append(str(summary["warning"]))
+    # The gate's own warning; a summary written before "warnings" existed has it as "warning".
+    routing = summary["warnings"].get("routing") if "warnings" in summary else summary.get("warning")
+    if routing:
+        messages.append(str(routing))
     confidence = summary.get("overall", {}).get("routing_confidence")
     if confidence is not None and float(confidence) < LOW_ROUTING_CONFIDENCE:
         messages.append(

@@ -10,8 +10,8 @@ engine's process tree and adds nothing to the scene. The temporary folder is rem
 A result is a segmentation node that carries what produced it, so it can be reviewed, edited and
 exported after the scene is saved and loaded again: attributes ``M4oESegmentation.*`` (Labels,
 Modality, ModalitySource, Model, Task, ForcedExpert, TestTimePasses, ThroughPlaneSigmaMm,
-KeepAllComponents, LargestComponentLabels, Backend, GateSummary: the settings as the engine reports
-them in its final record) and node references
+KeepAllComponents, LargestComponentLabels, Backend, ScanWarning, GateSummary: the settings and
+the scan check's warning as the engine reports them in its final record) and node references
 ``M4oEGate{Table,Chart,Overlay,Colors}`` to its gate views and ``M4oEComparison.{expert}`` to its
 forced-expert comparisons.
 
@@ -53,8 +53,9 @@ class SegmentationResult:
 
     ``modality``: "ct" or "mr", the one the engine used; ``modality_source``: how it was decided.
     ``seconds``: the engine's timings (load, preprocess, inference, total...). ``warning``: the
-    engine's routing warning, or None. ``compared_with``: the segmentation a forced-expert run is
-    compared with, else None.
+    engine's routing warning, or None. ``scan_warning``: the engine's warning that the scan may
+    not show an abdomen (see ``m4oe.ood``), or None. ``compared_with``: the segmentation a
+    forced-expert run is compared with, else None.
     """
 
     segmentation: object
@@ -64,6 +65,7 @@ class SegmentationResult:
     seconds: dict
     warning: str | None = None
     compared_with: object = None
+    scan_warning: str | None = None
 
 
 @dataclass
@@ -354,6 +356,7 @@ class Segmenter:
             "KeepAllComponents": str(not done.get("largest_component")).lower(),
             "LargestComponentLabels": json.dumps(done.get("largest_component", [])),
             "Backend": str(done.get("backend", "")),
+            "ScanWarning": done.get("warnings", {}).get("scan") or "",
         }
         for key, value in attributes.items():
             segmentation.SetAttribute(ATTRIBUTE + key, value)
@@ -369,8 +372,9 @@ class Segmenter:
             modality_source,
             job.task,
             done.get("seconds", {}),
-            done.get("warning"),
+            done.get("warnings", {}).get("routing"),
             job.compared_with,
+            done.get("warnings", {}).get("scan"),
         )
 
 

@@ -1,5 +1,5 @@
 """What the panel says about a segmentation: the progress bar's fraction, the status line while it
-runs, and the modality a result was made with.
+runs, and the modality a result was made with and any warning about its scan.
 
 The engine (``m4oe segment --progress json``) reports each stage on its own scale: a record
 ``{"stage", "done", "total", "fraction", "elapsed_s", "eta_s"}`` per step (see
@@ -93,3 +93,15 @@ def detected_modality_text(segmentation) -> str:
         return ""
     source = segmentation.GetAttribute(RESULT_ATTRIBUTE + "ModalitySource")
     return f"{modality.upper()} ({source})" if source else modality.upper()
+
+
+def scan_warning_text(segmentation) -> str:
+    """The engine's warning that a result's scan may not show an abdomen the model knows, or "".
+
+    Read from a result segmentation's ``ScanWarning`` attribute (see ``m4oe.ood``); "" for None,
+    a segmentation M4oE did not make, or a scan that passed the check.
+    """
+    if segmentation is None:
+        return ""
+    warning = segmentation.GetAttribute(RESULT_ATTRIBUTE + "ScanWarning")
+    return _("Warning: {text}").format(text=warning) if warning else ""

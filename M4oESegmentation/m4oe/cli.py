@@ -351,7 +351,6 @@ def cmd_segment(args) -> int:
         raise
     seconds = dict(prediction.seconds, load=round(load_s, 3), total=round(time.perf_counter() - t0, 3))
     found = prediction.modality
-    warning = prediction.gate_summary.get("warning") if prediction.gate_summary else None
     if printer.mode == "json":
         printer.emit(
             {
@@ -364,7 +363,9 @@ def cmd_segment(args) -> int:
                 "modality_evidence": found.evidence,
                 "task": prediction.task,
                 "outputs": {k: str(v) for k, v in written.items()},
-                "warning": warning,
+                "warning": prediction.warning,
+                "warnings": prediction.warnings,
+                "scan_check": None if prediction.scan_check is None else prediction.scan_check.to_dict(),
                 "seconds": seconds,
                 "backend": prediction.backend,
                 "through_plane_sigma_mm": prediction.through_plane_sigma_mm,
@@ -381,7 +382,7 @@ def cmd_segment(args) -> int:
         print(f"task: {prediction.task}; output grid {size} voxels of {spacing} mm, same as the input")
         for kind, path in written.items():
             print(f"wrote {kind}: {path}")
-        if warning:
+        for warning in prediction.warnings.values():
             print(f"WARNING: {warning}", file=sys.stderr)
         print(
             f"done in {seconds['total']:.1f} s (model and image load {seconds['load']:.1f} s; "

@@ -4,7 +4,8 @@ A volume goes: axial stack (no resampling) -> intensity normalisation for its mo
 batches of slices resampled in plane to the model input -> forward passes (optionally several,
 on the slices shifted or zoomed in plane, their probabilities averaged) -> optional through-plane smoothing
 of the probabilities (see :mod:`m4oe.smoothing`) -> logits or probabilities resampled back to each
-slice -> argmax -> optional largest-component clean-up -> the input's exact grid. Only one batch
+slice -> argmax -> optional largest-component clean-up -> the input's exact grid; then a check that
+the labels look like an abdomen (:mod:`m4oe.ood`). Only one batch
 of full-resolution logits exists at a time (plus, when smoothing, the few model-grid slices the
 Gaussian still needs), so memory does not grow with classes x voxels.
 """
@@ -34,6 +35,7 @@ from .labels import Label
 from .modality import ModalityResult, detect_modality
 from .model import SwinUNet
 from .model_card import MAX_TEST_TIME_PASSES, ModelCard, valid_passes, valid_sigma_mm
+from .ood import ScanCheck, check_scan
 from .prepare import SlicePlan
 from .preprocessing import IntensityParams
 from .progress import CancelCheck, ProgressCallback, ProgressEvent
@@ -173,6 +175,10 @@ class Prediction:
     mixture-of-experts models when asked. ``through_plane_sigma_mm``: the smoothing applied (0:
     none). ``test_time_passes``: forward passes averaged per slice (1: one). ``largest_component``:
     the label values cut down to their largest 26-connected piece (empty: no clean-up).
+    ``scan_check``: whether the labels look like an abdomen (see :mod:`m4oe.ood`; None when the
+    task has none of the organs it checks). ``warnings``: what the user should know, by kind:
+    ``"routing"`` (the gate disagreed with the modality, only with gates recorded) and ``"scan"``
+    (the scan check failed); :attr:`warning` joins them.
     """
 
     labelmap: sitk.Image
@@ -187,6 +193,13 @@ class Prediction:
     through_plane_sigma_mm: float = 0.0
     test_time_passes: int = 1
     largest_component: list[int] = field(default_factory=list)
+    scan_check: ScanCheck | None = None
+    warnings: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def warning(self) -> str | None:
+        """Every warning in one line (routing first), or None."""
+        return "; ".join(self.warnings.values()) or None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -426,6 +439,7 @@ class Predictor:
             through_plane_sigma_mm=float(sigma_mm),
             test_time_passes=passes,
             largest_component=cleaned,
+            scan_check=check_scan(labels, stack.spacing, list(task_info.labels)),
         )
         if recorder is not None:
             prediction.gate_map = gate_map_image(recorder.map, stack, grid)
@@ -436,6 +450,16 @@ class Predictor:
             )
             prediction.gate_summary["forced_expert"] = None if expert is None else card.experts[expert].name
             prediction.gate_summary["input_modality"] = found.modality
+            if prediction.gate_summary["warning"]:
+                prediction.warnings["routing"] = prediction.gate_summary["warning"]
+        if prediction.scan_check is not None and prediction.scan_check.warning:
+            prediction.warnings["scan"] = prediction.scan_check.warning
+        if prediction.gate_summary is not None:  # the summary file names every warning, not only the gate's
+            prediction.gate_summary["warning"] = prediction.warning
+            prediction.gate_summary["warnings"] = dict(prediction.warnings)
+            prediction.gate_summary["scan_check"] = (
+                None if prediction.scan_check is None else prediction.scan_check.to_dict()
+            )
         seconds["postprocess"] = time.perf_counter() - t2
         seconds["total"] = time.perf_counter() - t0
         prediction.seconds = {k: round(v, 3) for k, v in seconds.items()}

@@ -9,7 +9,8 @@ The page (a PNG of 1600 x 1000 pixels) is for a reader who would rather look tha
 - (d) the mean weight of each expert per slice along the volume, the slice of (a) marked;
 
 with a legend of the organs (and their volumes), the detected modality and why, the routing
-warning in red when the gate disagrees with the modality, and the timings.
+warnings in red (the gate disagrees with the modality; the scan may not show an abdomen, see
+:mod:`m4oe.ood`), and the timings.
 
 Image panels follow the radiological convention, which is the layout of the axial stack
 (:mod:`m4oe.geometry`): patient right on the left of the picture, anterior up in axial views,
@@ -482,7 +483,7 @@ def _write_header(figure: Figure, prediction: Prediction, title: str | None, win
     lines = [
         (text, "black") for text in textwrap.wrap(line + m.evidence, 190, max_lines=2, placeholder=" ...")
     ]
-    for note in ((prediction.gate_summary or {}).get("warning"), window_note):
+    for note in (*prediction.warnings.values(), window_note):
         if note:
             wrapped = textwrap.wrap("\u26a0 " + note, 170, max_lines=2, placeholder=" ...")
             lines += [(text, WARNING_COLOR) for text in wrapped]

@@ -134,3 +134,26 @@ def standard_label(key: str, value: int) -> Label:
     if key not in TERMS:
         raise ValueError(f"unknown structure {key!r}; standard structures are {', '.join(STANDARD_KEYS)}")
     return TERMS[key].label(value)
+
+
+def organ_keys(labels: list[Label]) -> dict[int, str]:
+    """Label value -> TERMS key for the classes of a task whose codes name a standard structure.
+
+    A class matches a TERMS entry when its type code and laterality modifier (coding scheme and
+    value) are the entry's; classes matching none (a tumour class of a custom model) are left out.
+    """
+
+    def identity(type_code, modifier) -> tuple:
+        return (
+            type_code.scheme,
+            type_code.value,
+            None if modifier is None else (modifier.scheme, modifier.value),
+        )
+
+    by_code = {identity(term.type, term.modifier): key for key, term in TERMS.items()}
+    found = {}
+    for label in labels:
+        key = by_code.get(identity(label.type, label.modifier))
+        if key is not None:
+            found[label.value] = key
+    return found

@@ -62,6 +62,16 @@ def test_detected_modality_text(scene):
     assert status.detected_modality_text(node) == "MR (intensity statistics)"
 
 
+def test_scan_warning_text(scene):
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "result")
+    assert status.scan_warning_text(None) == ""
+    assert status.scan_warning_text(node) == ""
+    node.SetAttribute(status.RESULT_ATTRIBUTE + "ScanWarning", "")
+    assert status.scan_warning_text(node) == ""
+    node.SetAttribute(status.RESULT_ATTRIBUTE + "ScanWarning", "no vertebrae were found (0 mL)")
+    assert status.scan_warning_text(node) == "Warning: no vertebrae were found (0 mL)"
+
+
 # --- models ------------------------------------------------------------------------------------
 
 

@@ -142,6 +142,26 @@ def test_run_loads_the_result_into_the_input_study(scene, study_volume, tiny_mod
     assert list(temp_root.iterdir()) == [], "the temporary folder is removed"
 
 
+def test_scan_warning_reaches_the_result_and_the_panel(scene, shared_data, temp_root):
+    """The embedded model on a pelvis-only CT (the lowest 20 slices of example_ct): the engine's
+    scan warning comes back with the result, stays on the segmentation, and the panel shows it."""
+    image = sitk.ReadImage(str(shared_data / "example_ct.nii.gz"))[:, :, :20]
+    volume = volumes.sitk_to_volume_node(image, "pelvis CT")
+    result = new_segmenter().run(
+        volume, modality="ct", device="cpu", test_time_passes=1, extra_args=("--threads", "1")
+    )
+    assert result.scan_warning.startswith("the scan may not be one the model knows")
+    assert "no vertebrae" in result.scan_warning
+    assert result.warning is None, "the gate agreed with the modality: no routing warning"
+    node = result.segmentation
+    assert node.GetAttribute(status.RESULT_ATTRIBUTE + "ScanWarning") == result.scan_warning
+    assert status.scan_warning_text(node) == f"Warning: {result.scan_warning}"
+    review = segmenter.gate_review_of(node)
+    assert review.summary["warnings"]["scan"] == result.scan_warning
+    assert review.warning is None, "the scan warning is not shown as a routing warning"
+    assert list(temp_root.iterdir()) == []
+
+
 def test_new_result_by_default_replaced_only_when_asked(scene, study_volume, tiny_model_dir, temp_root):
     volume, _ = study_volume
     runner = new_segmenter()

@@ -314,9 +314,14 @@ def test_gate_overlay_legend_and_voxels(scene, gate_run):
 def test_routing_warning_and_nearest_slice(gate_run):
     summary, _ = gate_run
     message = gate_review.routing_warning(summary)
-    if summary["warning"]:
-        assert summary["warning"] in message
-    confident = dict(summary, warning=None, overall=dict(summary["overall"], routing_confidence=0.8))
+    if summary["warnings"].get("routing"):
+        assert summary["warnings"]["routing"] in message
+    scan = gate_review.routing_warning(dict(summary, warnings={"scan": "no vertebrae were found"}))
+    assert scan is None or "vertebrae" not in scan, "the scan warning is not a routing warning"
+    older = {k: v for k, v in summary.items() if k != "warnings"}  # written before "warnings"
+    message = gate_review.routing_warning(dict(older, warning="the gate sent most weight"))
+    assert "gate sent most weight" in message
+    confident = dict(summary, warnings={}, overall=dict(summary["overall"], routing_confidence=0.8))
     assert gate_review.routing_warning(confident) is None
     unsure = dict(confident, overall=dict(summary["overall"], routing_confidence=0.02))
     assert "routing confidence is very low (0.02)" in gate_review.routing_warning(unsure)

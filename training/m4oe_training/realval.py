@@ -35,9 +35,8 @@ import SimpleITK as sitk
 from m4oe.errors import InputError
 from m4oe.evaluate import evaluate
 from m4oe.io import read_image, write_atomic
-from m4oe.labels import Label
 from m4oe.model_card import ModelCard
-from m4oe.terminology import TERMS
+from m4oe.terminology import organ_keys
 
 from .totalsegmentator import TOTALSEGMENTATOR_IDS, map_labels
 
@@ -58,29 +57,6 @@ REAL_SCANS = (
     RealScan("example_mr_sm", "example_mr_sm.nii.gz", "example_seg_mr.nii.gz", "total_mr", "mr"),
 )
 """The real validation set. Never train on these images or their label maps."""
-
-
-def organ_keys(labels: list[Label]) -> dict[int, str]:
-    """Label value -> TERMS key for the classes of a task whose codes name a standard structure.
-
-    A class matches a TERMS entry when its type code and laterality modifier (coding scheme and
-    value) are the entry's; classes matching none (a tumour class of a custom model) are left out.
-    """
-
-    def identity(type_code, modifier) -> tuple:
-        return (
-            type_code.scheme,
-            type_code.value,
-            None if modifier is None else (modifier.scheme, modifier.value),
-        )
-
-    by_code = {identity(term.type, term.modifier): key for key, term in TERMS.items()}
-    found = {}
-    for label in labels:
-        key = by_code.get(identity(label.type, label.modifier))
-        if key is not None:
-            found[label.value] = key
-    return found
 
 
 def load_scan(

@@ -58,6 +58,9 @@ class M4oESegmentationSelfTest(unittest.TestCase):
         self.assertIsNotNone(segmentation)
         self.assertGreater(segmentation.GetSegmentation().GetNumberOfSegments(), 0)
         self.assertTrue(ui.detectedModalityLabel.text.startswith("CT"))
+        # The scan check's warning (none expected on the phantom CT, an abdomen) under Outputs.
+        warning = segmentation.GetAttribute("M4oESegmentation.ScanWarning") or ""
+        self.assertEqual(ui.scanWarningLabel.text, f"Warning: {warning}" if warning else "")
         self.assertEqual(self.widget.segmentEditorWidget.segmentationNode(), segmentation)
 
         # Gate review: table, chart, slice readout following the red slice, map overlay, warning.
