@@ -232,15 +232,41 @@ def test_extension_icon_url_is_a_file_of_this_repository(extension):
     assert icon.is_file(), f"EXTENSION_ICONURL names {icon.relative_to(ROOT)}, which does not exist"
 
 
-def test_extension_screenshots_are_files_of_this_repository(extension):
+SCREENSHOT_MAX_BYTES = 400_000
+"""A screenshot stays in git history forever: keep it small (tools/screenshot.py writes ~210 KB)."""
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk; AssertionError when the file is not a PNG."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", f"{path.name} is not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_extension_screenshots_are_small_pngs_of_this_repository(extension):
     (homepage,) = extension["EXTENSION_HOMEPAGE"]
-    missing = []
-    for url in " ".join(extension["EXTENSION_SCREENSHOTURLS"]).split():
+    urls = " ".join(extension["EXTENSION_SCREENSHOTURLS"]).split()
+    assert urls, "CMakeLists.txt lists no screenshot"
+    for url in urls:
         path = _repository_file(url, homepage)
-        if not path.is_file():
-            missing.append(path.relative_to(ROOT).as_posix())
-    if missing:
-        pytest.skip(f"screenshots to capture in a running Slicer and commit: {missing}")
+        assert path.is_file(), f"EXTENSION_SCREENSHOTURLS names {path.relative_to(ROOT)}: no such file"
+        width, height = _png_size(path)
+        assert 800 <= width <= 2000 and 400 <= height <= 1600, f"{path.name}: {width}x{height} pixels"
+        size = path.stat().st_size
+        assert size <= SCREENSHOT_MAX_BYTES, f"{path.name}: {size} bytes, over {SCREENSHOT_MAX_BYTES}"
+
+
+def test_readme_figure_is_the_extension_screenshot_rendered_by_the_script(extension):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    figures = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", readme)
+    assert figures, "README.md shows no figure"
+    (homepage,) = extension["EXTENSION_HOMEPAGE"]
+    first_url = " ".join(extension["EXTENSION_SCREENSHOTURLS"]).split()[0]
+    assert ROOT / figures[0] == _repository_file(first_url, homepage), f"README shows {figures[0]}"
+    # The figure is reproducible: the README names the script that renders it, whose default output it is.
+    assert "tools/screenshot.py" in readme
+    script = (ROOT / "tools" / "screenshot.py").read_text(encoding="utf-8")
+    assert f'"{figures[0]}"' in script, f"tools/screenshot.py does not write {figures[0]} by default"
 
 
 # ---------------------------------------------------------------------------------------- catalog
