@@ -17,6 +17,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["M4OE_CACHE_DIR"] = tempfile.mkdtemp(prefix="m4oe-test-cache-")
 
 import pytest
+from tiny_models import save_tiny_model
 
 atexit.register(shutil.rmtree, os.environ["M4OE_CACHE_DIR"], ignore_errors=True)
 
@@ -31,38 +32,6 @@ def shared_data() -> Path:
     if not folder.is_dir():
         pytest.skip(f"real test data not found at {folder}")
     return folder
-
-
-def save_tiny_model(folder: Path, seed: int = 0, name: str = "m4oe-tiny") -> Path:
-    """Save a seeded, untrained tiny M4oE model (64-pixel input, 3 experts) with a full card."""
-    import torch
-
-    from m4oe.checkpoint import save_checkpoint
-    from m4oe.model import build_model
-    from m4oe.model_card import ExpertInfo, ModelCard, Preprocessing, TaskInfo
-    from m4oe.preprocessing import DEFAULT_PARAMS
-    from m4oe.terminology import standard_label
-
-    torch.manual_seed(seed)
-    model = build_model(name)
-    organs = ("liver", "spleen", "kidney_right")
-    card = ModelCard(
-        name="tiny-test-model",
-        description="untrained tiny model for tests",
-        architecture=model.cfg,
-        experts=[ExpertInfo("ct", "ct"), ExpertInfo("mr", "mr"), ExpertInfo("mr-t2", "mr")],
-        tasks=[
-            TaskInfo(
-                "abdomen", [standard_label(k, i + 1) for i, k in enumerate(organs)], largest_component=[1]
-            ),
-            TaskInfo("liver", [standard_label("liver", 1)]),
-        ],
-        preprocessing=Preprocessing(
-            intensity={m: DEFAULT_PARAMS[m].to_dict() for m in ("ct", "mr")}, slice_batch=4
-        ),
-        provenance={"training": "none"},
-    )
-    return save_checkpoint(model, card, folder)
 
 
 @pytest.fixture(scope="session")

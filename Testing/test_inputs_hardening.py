@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import ROOT, save_tiny_model
 from packaging.requirements import Requirement
+from tiny_models import save_tiny_model
 
 import m4oe
 from m4oe import cli
@@ -30,6 +30,8 @@ from m4oe.checkpoint import load_checkpoint
 from m4oe.errors import InputError
 from m4oe.hub import sha256_file
 from m4oe.io import DEFAULT_MAX_VOXELS, MAX_VOXELS_ENV, _itk_warnings, read_image
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RAW_ITK = ("WARNING: In", ".cxx", ".hxx", "0x")
 

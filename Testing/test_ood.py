@@ -7,15 +7,17 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import ROOT
 
 from m4oe.errors import InputError
 from m4oe.ood import check_scan
 from m4oe.terminology import standard_label
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ORGANS = ("liver", "spleen", "kidney_right", "kidney_left", "vertebrae")
 LABELS = [standard_label(key, n + 1) for n, key in enumerate(ORGANS)]
