@@ -344,6 +344,14 @@ def test_a_non_dicom_input_is_refused_for_dicom_seg_before_the_model_loads(tmp_p
     assert list(out.iterdir()) == []
 
 
+def test_a_dicom_seg_option_without_dcm_is_refused_before_anything_is_read(tmp_path, capsys):
+    argv = ["segment", tmp_path / "absent", "-o", tmp_path / "l.nii.gz", "--dicom-seg", tmp_path / "r.nrrd"]
+    code, _, stderr = run_cli(argv, capsys)
+    assert code == 3
+    assert stderr.strip() == f"m4oe: error: {tmp_path / 'r.nrrd'}: a DICOM SEG must be written as .dcm"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.realdata
 def test_an_anonymised_series_without_uids_is_refused_before_the_model_loads(shared_data, tmp_path, capsys):
     out = tmp_path / "r.dcm"
