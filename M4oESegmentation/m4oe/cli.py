@@ -27,6 +27,7 @@ from .errors import InputError, M4oEError, OutputError
 from .phantom import add_phantom_parser, run_phantom
 
 SEGMENTATION_SUFFIX = ".seg.nrrd"
+DICOM_SEG_SUFFIX = ".dcm"  # a DICOM Segmentation object, written by m4oe.dicom_seg
 LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 REPORT_SUFFIX = ".png"  # what m4oe.report.write_report writes
 TERMINATED_EXIT_CODE = 128 + signal.SIGTERM  # 143, as a shell reports a process SIGTERM ended
@@ -68,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         required=True,
-        help="label map (.nii.gz, .nii, .nrrd, .mha) or Slicer segmentation (.seg.nrrd)",
+        help="label map (.nii.gz, .nii, .nrrd, .mha), Slicer segmentation (.seg.nrrd) or DICOM SEG (.dcm, "
+        "for a DICOM series input)",
     )
     seg.add_argument("--modality", default="auto", choices=("auto", "ct", "mr"), help="default: detect")
     seg.add_argument("--model", default=None, help="model name or path (default: the embedded model)")
@@ -91,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="network runtime: torch (default); onnx = ONNX Runtime (CPU, float32, not top-k; exports "
         "the network on first use, tens of seconds, then cached); auto = ONNX Runtime once a graph "
         "is cached, else PyTorch",
+    )
+    seg.add_argument(
+        "--dicom-seg", metavar="FILE.dcm", default=None, help="also write the result as a DICOM SEG"
     )
     seg.add_argument("--gates", metavar="DIR", default=None, help="write gate maps and the gate summary here")
     seg.add_argument(
@@ -211,17 +216,21 @@ def _segment_outputs(args) -> dict[str, Path]:
     """Every file the segment command will write, checked before any work is done."""
     output = Path(args.output)
     name = output.name.lower()
-    if not name.endswith((SEGMENTATION_SUFFIX, *LABELMAP_SUFFIXES)):
+    suffixes = (SEGMENTATION_SUFFIX, DICOM_SEG_SUFFIX, *LABELMAP_SUFFIXES)
+    if not name.endswith(suffixes):
         raise OutputError(
-            f"unsupported output format; use {SEGMENTATION_SUFFIX} or one of {', '.join(LABELMAP_SUFFIXES)}",
+            f"unsupported output format; use {SEGMENTATION_SUFFIX}, {DICOM_SEG_SUFFIX} (DICOM SEG) or one "
+            f"of {', '.join(LABELMAP_SUFFIXES)}",
             output,
         )
     outputs = {"segmentation": output}
     if args.probabilities:
-        stem = output.name[
-            : -len(next(s for s in (SEGMENTATION_SUFFIX, *LABELMAP_SUFFIXES) if name.endswith(s)))
-        ]
+        stem = output.name[: -len(next(s for s in suffixes if name.endswith(s)))]
         outputs["probabilities"] = output.with_name(f"{stem}_probabilities.nrrd")
+    if args.dicom_seg:
+        outputs["dicom_seg"] = Path(args.dicom_seg)
+        if not outputs["dicom_seg"].name.lower().endswith(DICOM_SEG_SUFFIX):
+            raise OutputError(f"a DICOM SEG must be written as {DICOM_SEG_SUFFIX}", outputs["dicom_seg"])
     if args.gates:
         gates = Path(args.gates)
         outputs["gate_map"] = gates / "gate_map.nrrd"
@@ -267,14 +276,19 @@ def cmd_segment(args) -> int:
     import numpy as np
     import SimpleITK as sitk
 
+    from . import dicom_seg
     from .io import all_or_nothing, read_image, write_atomic, write_image, write_segmentation
     from .predictor import Predictor
 
     outputs = _segment_outputs(args)
+    dicom_segs = [k for k, path in outputs.items() if path.name.lower().endswith(DICOM_SEG_SUFFIX)]
     printer = ProgressPrinter(args.progress)
     t0 = time.perf_counter()
     # Before the model: a bad input is refused at once.
+    if dicom_segs:
+        dicom_seg.check_dicom_input(args.input)
     loaded = read_image(args.input, max_voxels=args.max_voxels)
+    source = dicom_seg.read_source_series(loaded) if dicom_segs else None
     predictor = Predictor.from_pretrained(
         args.model,
         sha256=args.sha256,
@@ -311,8 +325,19 @@ def cmd_segment(args) -> int:
                 written["segmentation"] = write_segmentation(
                     prediction.labelmap, prediction.labels, out, overwrite=args.overwrite
                 )
-            else:
+            elif "segmentation" not in dicom_segs:
                 written["segmentation"] = write_image(prediction.labelmap, out, overwrite=args.overwrite)
+            for kind in dicom_segs:
+                written[kind] = dicom_seg.write_dicom_seg(
+                    prediction.labelmap,
+                    prediction.labels,
+                    source,
+                    outputs[kind],
+                    model=predictor.card.name,
+                    task=prediction.task,
+                    model_sha256=predictor.card.weights_sha256,
+                    overwrite=args.overwrite,
+                )
             if prediction.probabilities is not None:
                 written["probabilities"] = write_image(
                     prediction.probabilities, outputs["probabilities"], overwrite=args.overwrite
@@ -350,6 +375,9 @@ def cmd_segment(args) -> int:
             shutil.rmtree(gate_folder, ignore_errors=True)
         raise
     seconds = dict(prediction.seconds, load=round(load_s, 3), total=round(time.perf_counter() - t0, 3))
+    # A DICOM SEG has no empty segments (a label map and .seg.nrrd keep every label): say which are left out.
+    found_labels = dicom_seg.present_labels(prediction.labelmap, prediction.labels) if dicom_segs else []
+    left_out = [label.name for label in prediction.labels if dicom_segs and label not in found_labels]
     found = prediction.modality
     if printer.mode == "json":
         printer.emit(
@@ -366,6 +394,7 @@ def cmd_segment(args) -> int:
                 "warning": prediction.warning,
                 "warnings": prediction.warnings,
                 "scan_check": None if prediction.scan_check is None else prediction.scan_check.to_dict(),
+                "dicom_seg_left_out": left_out,
                 "seconds": seconds,
                 "backend": prediction.backend,
                 "through_plane_sigma_mm": prediction.through_plane_sigma_mm,
@@ -382,6 +411,8 @@ def cmd_segment(args) -> int:
         print(f"task: {prediction.task}; output grid {size} voxels of {spacing} mm, same as the input")
         for kind, path in written.items():
             print(f"wrote {kind}: {path}")
+        if left_out:
+            print(f"DICOM SEG: no segment for {', '.join(left_out)} (none found in the image)")
         for warning in prediction.warnings.values():
             print(f"WARNING: {warning}", file=sys.stderr)
         print(

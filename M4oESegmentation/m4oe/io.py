@@ -91,7 +91,8 @@ class LoadedImage:
     volume was read from a DICOM series, else None. ``pixel_type`` is the numpy name of the voxel
     type as SimpleITK read it, after any rescale slope of the file (``"int16"``, ``"float32"``).
     ``warnings`` holds one-line notes about choices made while reading (for example which of
-    several DICOM series was read).
+    several DICOM series was read). ``dicom_files``: the files of a DICOM series that were read, in
+    the order the reader stacked them (empty for other formats); a DICOM SEG output references them.
     """
 
     image: sitk.Image
@@ -99,6 +100,7 @@ class LoadedImage:
     dicom_modality: str | None
     pixel_type: str
     warnings: list[str] = field(default_factory=list)
+    dicom_files: list[Path] = field(default_factory=list)
 
 
 def read_image(path: str | Path, *, max_voxels: int | None = None) -> LoadedImage:
@@ -126,12 +128,12 @@ def read_image(path: str | Path, *, max_voxels: int | None = None) -> LoadedImag
     """
     path = Path(path)
     warnings: list[str] = []
-    modality = None
+    modality, files = None, []
     limit = max_voxels_limit(max_voxels)
     if not path.exists():
         raise InputError("no such file or folder", path)
     if path.is_dir():
-        image, modality = _read_dicom_series(path, warnings, limit)
+        image, modality, files = _read_dicom_series(path, warnings, limit)
     else:
         image = _read_file(path, warnings, limit)
     _check_size(image.GetSize(), path)
@@ -147,7 +149,12 @@ def read_image(path: str | Path, *, max_voxels: int | None = None) -> LoadedImag
     for warning in warnings:
         logger.warning(warning)
     return LoadedImage(
-        image=image, path=path, dicom_modality=modality, pixel_type=pixel_type, warnings=warnings
+        image=image,
+        path=path,
+        dicom_modality=modality,
+        pixel_type=pixel_type,
+        warnings=warnings,
+        dicom_files=files,
     )
 
 
@@ -298,8 +305,11 @@ def _not_orthonormal(matrix: np.ndarray) -> str | None:
     return f"axis {'xyz'[n]} has length {lengths[n]:.4g}, expected 1"
 
 
-def _read_dicom_series(folder: Path, warnings: list[str], max_voxels: int) -> tuple[sitk.Image, str | None]:
-    """Read the largest DICOM series of ``folder`` (not its subfolders); return it and its Modality.
+def _read_dicom_series(
+    folder: Path, warnings: list[str], max_voxels: int
+) -> tuple[sitk.Image, str | None, list[Path]]:
+    """Read the largest DICOM series of ``folder`` (not its subfolders); return it, its Modality and
+    the files read, in the order they were stacked.
 
     Every file's header is read first (position, orientation, acquisition and series numbers), so
     that several acquisitions under one SeriesInstanceUID are split, and the voxel limit checked,
@@ -344,7 +354,7 @@ def _read_dicom_series(folder: Path, warnings: list[str], max_voxels: int) -> tu
     modality = None
     if reader.HasMetaDataKey(0, DICOM_MODALITY_TAG):
         modality = reader.GetMetaData(0, DICOM_MODALITY_TAG).strip() or None
-    return image, modality
+    return image, modality, [Path(s.file) for s in slices]
 
 
 @dataclass(frozen=True)
