@@ -282,6 +282,7 @@ class WarmEngine:
                     continue
                 run._deliver(record)
                 if run._ended.is_set():
+                    self._last_request = time.monotonic()  # the server's idle time starts now
                     with self._lock:
                         self._runs.pop(run.request_id, None)
         # The server has ended: the runs it left unanswered fail.
