@@ -41,6 +41,12 @@ BACKEND_CHOICES = ("torch", "onnx", "auto")
 MODEL_SMOOTHING = -1.0
 """``smoothingMm`` value (the spin box's minimum, shown as its special text) for the model card's."""
 POLL_INTERVAL_MS = 200
+WARM_ENGINE_SETTING = "M4oESegmentation/WarmEngine"
+"""Application setting: keep one engine process with the model loaded between runs (default on);
+off starts a new ``m4oe segment`` process for every run."""
+ENGINE_IDLE_SETTING = "M4oESegmentation/EngineIdleMinutes"
+"""Application setting: minutes without a run after which the warm engine ends (default 10)."""
+ENGINE_IDLE_MINUTES = 10.0
 SAMPLE_CATEGORY = "M4oE Segmentation"
 LIBRARY_MODULES = (
     "status",
@@ -50,9 +56,11 @@ LIBRARY_MODULES = (
     "volumes",
     "gate_review",
     "process",
+    "engine",
     "feedback",
     "sample_data",
     "segmenter",
+    "batch",
 )
 """M4oESegmentationLib modules, in the order Reload re-imports them (a module after those it uses)."""
 
@@ -132,7 +140,8 @@ class M4oESegmentationParameterNode:
     pass per slice instead of the model card's test-time augmentation. smoothingMm: sigma in mm of
     the Gaussian that averages class probabilities over neighbouring slices (0: off;
     MODEL_SMOOTHING: the model card's). keepAllPieces: keep every connected component of each
-    segment instead of the card's clean-up. backend: the engine's network runtime.
+    segment instead of the card's clean-up. backend: the engine's network runtime. severalVolumes:
+    Apply segments every volume checked in the batch list, each result next to its volume.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -149,6 +158,7 @@ class M4oESegmentationParameterNode:
     showGateOverlay: bool = False
     forcedExpert: str = ""
     datasetPath: str = ""
+    severalVolumes: bool = False
 
 
 #
@@ -199,6 +209,10 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.taskComboBox.connect("currentIndexChanged(int)", self.onTaskSelected)
         self.ui.forceExpertComboBox.connect("currentIndexChanged(int)", self.onForcedExpertSelected)
         self.ui.datasetPathLineEdit.connect("currentPathChanged(QString)", self.onDatasetPathChanged)
+        self.ui.studyVolumesButton.connect("clicked(bool)", self.onStudyVolumesButton)
+        self.ui.batchVolumesComboBox.connect("checkedNodesChanged()", self._updateButtons)
+        # The warm engine process ends with Slicer (it would also end by itself when idle).
+        slicer.app.connect("aboutToQuit()", self.logic.stopEngine)
 
         self.initializeParameterNode()
         self.populateModels()
@@ -207,6 +221,7 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.stop()
         if self.logic is not None:
             self.logic.cancel(wait=True)
+            self.logic.stopEngine()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -229,6 +244,7 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onReload(self) -> None:
         self.logic.cancel(wait=True)
+        self.logic.stopEngine()
         for name in LIBRARY_MODULES:
             module = sys.modules.get(f"M4oESegmentationLib.{name}")
             if module is not None:
@@ -297,15 +313,22 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         running = self.logic.isRunning
         haveModel = self.ui.modelComboBox.currentIndex >= 0
+        several = p.severalVolumes
+        checked = len(self.ui.batchVolumesComboBox.checkedNodes()) if several else 0
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
-        self.ui.applyButton.enabled = running or bool(p.inputVolume and haveModel)
+        self.ui.applyButton.enabled = running or bool((checked if several else p.inputVolume) and haveModel)
         self.ui.applyButton.toolTip = (
             _("Stop the segmentation.")
             if running
+            else _("Segment the {n} checked volumes, one after another.").format(n=checked)
+            if several
             else _("Segment the input volume.")
             if p.inputVolume
             else _("Select an input volume.")
         )
+        self.ui.batchVolumesComboBox.enabled = several and not running
+        self.ui.studyVolumesButton.enabled = several and not running and bool(p.inputVolume)
+        self.ui.severalVolumesCheckBox.enabled = not running
         self.ui.inputsCollapsibleButton.enabled = not running
         self.ui.outputsCollapsibleButton.enabled = not running
         self.ui.compareButton.enabled = not running and bool(
@@ -416,7 +439,63 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.cancel()
             self.ui.statusLabel.text = _("Cancelling...")
             return
+        if self._parameterNode.severalVolumes:
+            self._startBatch()
+            return
         self._start(forceExpert=None)
+
+    def onStudyVolumesButton(self) -> None:
+        """Check the volumes of the input volume's study, and only those."""
+        combo = self.ui.batchVolumesComboBox
+        chosen = {node.GetID() for node in self.logic.studyVolumes(self._parameterNode.inputVolume)}
+        for index in range(combo.nodeCount()):
+            node = combo.nodeFromIndex(index)
+            combo.setCheckState(node, qt.Qt.Checked if node.GetID() in chosen else qt.Qt.Unchecked)
+        self._updateButtons()
+
+    def _startBatch(self) -> None:
+        p = self._parameterNode
+        self.ui.errorLabel.text = ""
+        self.ui.statusLabel.text = _("Starting...")
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.show()
+        try:
+            self.logic.setupPythonRequirements(confirm=True)
+            self.logic.ensureModel(p.model, onProgress=self._onDownloadProgress)
+            self.logic.startBatch(
+                list(self.ui.batchVolumesComboBox.checkedNodes()),
+                modality=p.modality,
+                model=p.model,
+                task=p.task,
+                device=p.device,
+                testTimePasses=1 if p.fastInference else None,
+                throughPlaneSigmaMm=None if p.smoothingMm < 0 else p.smoothingMm,
+                keepAllComponents=p.keepAllPieces,
+                backend=p.backend,
+                onProgress=self._onProgress,
+                onFinished=self._onBatchFinished,
+            )
+        except Exception as error:
+            logging.exception("M4oE segmentation of several volumes could not start")
+            self._showError(str(error))
+            return
+        self._timer.start()
+        self._updateButtons()
+
+    def _onBatchFinished(self, outcomes) -> None:
+        self.ui.progressBar.hide()
+        done = [o for o in outcomes if o.result is not None]
+        failed = [o for o in outcomes if o.error and o.error != status.CANCELLED]
+        skipped = len(outcomes) - len(done) - len(failed)
+        text = _("Segmented {done} of {n} volumes.").format(done=len(done), n=len(outcomes))
+        if skipped:
+            text += " " + _("{n} cancelled.").format(n=skipped)
+        self.ui.statusLabel.text = text
+        self.ui.errorLabel.text = "\n".join(f"{o.volume.GetName()}: {o.error}" for o in failed)
+        if done and self._parameterNode is not None:
+            self._parameterNode.outputSegmentation = done[-1].result.segmentation
+        self._updateButtons()
+        self.updateGUIFromParameterNode()
 
     def onCompareButton(self) -> None:
         self._start(forceExpert=self.ui.forceExpertComboBox.currentData)
@@ -558,13 +637,15 @@ class M4oESegmentationLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._segmenter = None
+        self._batch = None
 
     def getParameterNode(self):
         return M4oESegmentationParameterNode(super().getParameterNode())
 
     @property
     def isRunning(self) -> bool:
-        return self._segmenter is not None and self._segmenter.running
+        batch = self._batch is not None and self._batch.running
+        return batch or (self._segmenter is not None and self._segmenter.running)
 
     def setupPythonRequirements(self, confirm: bool = True) -> None:
         """Install PyTorch (through the PyTorch extension) and the engine's packages if missing.
@@ -591,14 +672,77 @@ class M4oESegmentationLogic(ScriptedLoadableModuleLogic):
 
     def _getSegmenter(self):
         if self._segmenter is None:
+            from M4oESegmentationLib.engine import WarmEngine
             from M4oESegmentationLib.segmenter import Segmenter
 
             # PythonSlicer is on Slicer's PATH; sys.executable would start a second Slicer.
             pythonSlicer = shutil.which("PythonSlicer")
             if not pythonSlicer:
                 raise RuntimeError(_("PythonSlicer was not found: the engine cannot be started."))
-            self._segmenter = Segmenter(pythonSlicer, MODULE_DIR)
+            warm = slicer.util.settingsValue(WARM_ENGINE_SETTING, True, converter=slicer.util.toBool)
+            minutes = float(slicer.util.settingsValue(ENGINE_IDLE_SETTING, ENGINE_IDLE_MINUTES))
+            idle_s = max(minutes, 1.0) * 60
+            engine = WarmEngine(pythonSlicer, MODULE_DIR, idle_timeout_s=idle_s) if warm else None
+            self._segmenter = Segmenter(pythonSlicer, MODULE_DIR, engine=engine)
         return self._segmenter
+
+    def stopEngine(self) -> None:
+        """End the warm engine process, if one runs (a later run starts a new one)."""
+        if self._segmenter is not None and self._segmenter.engine is not None:
+            self._segmenter.engine.stop()
+
+    @staticmethod
+    def studyVolumes(volume) -> list:
+        """The scalar volumes of ``volume``'s study (its subject hierarchy folder), itself included."""
+        if volume is None:
+            return []
+        from M4oESegmentationLib import volumes
+
+        return volumes.study_volumes(volume)
+
+    def startBatch(
+        self,
+        volumes,
+        *,
+        modality: str = "auto",
+        model: str | None = None,
+        task: str | None = None,
+        device: str = "auto",
+        testTimePasses: int | None = None,
+        throughPlaneSigmaMm: float | None = None,
+        keepAllComponents: bool = False,
+        backend: str = "torch",
+        onProgress=None,
+        onVolumeFinished=None,
+        onFinished=None,
+    ):
+        """Segment several volumes one after another; return the ``BatchSegmentation``.
+
+        Each result is a new segmentation named after its volume, in its volume's study. Progress
+        records carry ``case``/``cases``/``volume``; ``onVolumeFinished(outcome)`` per volume,
+        ``onFinished(outcomes)`` once (a failed volume is in them and does not stop the others).
+        :meth:`poll` drives it, :meth:`cancel` stops the current volume and skips the rest.
+        """
+        from M4oESegmentationLib.batch import BatchSegmentation
+
+        if self.isRunning:
+            raise RuntimeError(_("A segmentation is already running; cancel it or wait for it."))
+        self._batch = BatchSegmentation(
+            self._getSegmenter(),
+            volumes,
+            modality=modality,
+            model=model,
+            task=task,
+            device=device,
+            test_time_passes=testTimePasses,
+            through_plane_sigma_mm=throughPlaneSigmaMm,
+            keep_all_components=keepAllComponents,
+            backend=backend,
+            on_progress=onProgress,
+            on_volume_finished=onVolumeFinished,
+            on_finished=onFinished,
+        )
+        return self._batch.start()
 
     def startSegmentation(
         self,
@@ -651,11 +795,16 @@ class M4oESegmentationLogic(ScriptedLoadableModuleLogic):
 
     def poll(self) -> bool:
         """Forward progress; load the result once the engine has ended. Returns whether it runs."""
+        if self._batch is not None and self._batch.running:
+            return self._batch.poll()
         return self._segmenter is not None and self._segmenter.poll()
 
     def cancel(self, wait: bool = False) -> None:
-        """Kill the running segmentation's process tree; the scene stays as it was."""
-        if self._segmenter is not None:
+        """Stop the running segmentation (of several volumes: also skip the rest); the scene
+        stays as it was."""
+        if self._batch is not None and self._batch.running:
+            self._batch.cancel(wait=wait)
+        elif self._segmenter is not None:
             self._segmenter.cancel(wait=wait)
 
     def process(self, inputVolume, outputSegmentation=None, *, waitForCompletion: bool = True, **options):

@@ -106,8 +106,13 @@ def build_command(request: InferenceRequest, python_executable: str | Path) -> l
     ``python_executable``: in Slicer, ``shutil.which("PythonSlicer")``; elsewhere ``sys.executable``.
     The ``m4oe`` package must be importable by that interpreter (see :func:`engine_environment`).
     """
-    command = [str(python_executable), "-m", "m4oe.cli", "segment", str(request.input_path)]
-    command += ["-o", str(request.output_path), "--progress", "json"]
+    return [str(python_executable), "-m", "m4oe.cli", "segment", *segment_arguments(request)]
+
+
+def segment_arguments(request: InferenceRequest) -> list[str]:
+    """The ``m4oe segment`` arguments of ``request`` (what follows ``segment`` on its command line;
+    also what a request to the warm engine, ``m4oe serve``, carries)."""
+    command = [str(request.input_path), "-o", str(request.output_path), "--progress", "json"]
     command += ["--modality", request.modality, "--device", request.device]
     if request.model is not None:
         command += ["--model", str(request.model)]
@@ -206,11 +211,7 @@ class InferenceProcess:
         if self._proc is not None and self._proc.poll() is None:
             raise RuntimeError("an inference process is already running; cancel it or wait for it")
         self._reset()
-        options = {}
-        if os.name == "nt":
-            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
-        else:
-            options["start_new_session"] = True
+        options = new_session_options()
         logger.debug("starting %s", subprocess.list2cmdline([str(c) for c in command]))
         self._proc = subprocess.Popen(
             [str(c) for c in command],
@@ -336,35 +337,53 @@ class InferenceProcess:
         if self._proc is None or self._proc.poll() is not None:
             return
         self.cancelled = True
-        victims = []
-        if psutil is not None:
-            try:
-                parent = psutil.Process(self._proc.pid)
-                victims = [*parent.children(recursive=True), parent]
-            except psutil.NoSuchProcess:
-                victims = []
-            for victim in victims:
-                try:
-                    victim.kill()
-                except psutil.NoSuchProcess:
-                    pass
-        else:
-            self._proc.kill()
-        if os.name != "nt":
-            # The process group catches anything started between the listing and the kills.
-            try:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        try:
-            self._proc.wait(KILL_WAIT_S)  # reaps our child: no zombie
-        except subprocess.TimeoutExpired:  # e.g. stuck in the GPU driver; returncode stays None
-            logger.warning("process %d did not end within %g s of being killed", self._proc.pid, KILL_WAIT_S)
-        if psutil is not None and victims:
-            psutil.wait_procs(victims[:-1], timeout=KILL_WAIT_S)
+        kill_process_tree(self._proc)
         for reader in self._readers:
             reader.join(KILL_WAIT_S)
         logger.info("cancelled the inference process %d", self._proc.pid)
+
+
+def new_session_options() -> dict:
+    """``subprocess.Popen`` options that start a process in its own session (POSIX) or process
+    group without a console window (Windows), so :func:`kill_process_tree` reaches all it starts."""
+    if os.name == "nt":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
+    return {"start_new_session": True}
+
+
+def kill_process_tree(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` (started in its own session or process group) and every process it started.
+
+    Every descendant (found with psutil) is killed before the process itself, so none is left
+    running as an orphan; on POSIX the process group is killed too, which catches a child started
+    in between. ``proc`` is reaped, descendants are waited for (no zombie is left).
+    """
+    victims = []
+    if psutil is not None:
+        try:
+            parent = psutil.Process(proc.pid)
+            victims = [*parent.children(recursive=True), parent]
+        except psutil.NoSuchProcess:
+            victims = []
+        for victim in victims:
+            try:
+                victim.kill()
+            except psutil.NoSuchProcess:
+                pass
+    else:
+        proc.kill()
+    if os.name != "nt":
+        # The process group catches anything started between the listing and the kills.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        proc.wait(KILL_WAIT_S)  # reaps our child: no zombie
+    except subprocess.TimeoutExpired:  # e.g. stuck in the GPU driver; returncode stays None
+        logger.warning("process %d did not end within %g s of being killed", proc.pid, KILL_WAIT_S)
+    if psutil is not None and victims:
+        psutil.wait_procs(victims[:-1], timeout=KILL_WAIT_S)
 
 
 class TemporaryWorkspace:

@@ -109,6 +109,8 @@ class Segmenter:
         engine_dir: the folder holding the ``m4oe`` package (the module's folder).
         environment: the environment to start the engine in (default ``os.environ``); the engine
             folder is put first on its ``PYTHONPATH``.
+        engine: a :class:`~.engine.WarmEngine` to send the runs to (the model stays loaded between
+            runs); None starts one ``m4oe segment`` process per run.
     """
 
     def __init__(
@@ -116,10 +118,12 @@ class Segmenter:
         python_executable: str | Path,
         engine_dir: str | Path,
         environment: Mapping[str, str] | None = None,
+        engine=None,
     ) -> None:
         self.python_executable = str(python_executable)
         self.engine_dir = Path(engine_dir)
         self.environment = environment
+        self.engine = engine
         self._job: _Job | None = None
 
     @property
@@ -148,8 +152,9 @@ class Segmenter:
         extra_args: tuple[str, ...] = (),
         on_progress: Callable[[dict], None] | None = None,
         on_finished: Callable[[SegmentationResult | None, str | None], None] | None = None,
-    ) -> process.InferenceProcess:
-        """Start segmenting ``input_volume`` in a separate process; return the running process.
+    ):
+        """Start segmenting ``input_volume`` in a separate process; return the running process
+        (an :class:`~.process.InferenceProcess`, or an :class:`~.engine.EngineRun` of the warm engine).
 
         Args:
             input_volume: scalar volume node (CT in HU, or MR), in a scene.
@@ -227,11 +232,14 @@ class Segmenter:
                 backend=backend,
                 extra_args=extra_args,
             )
-            inference = process.InferenceProcess()
-            inference.start(
-                process.build_command(request, self.python_executable),
-                env=process.engine_environment(self.engine_dir, self.environment),
-            )
+            if self.engine is not None:
+                inference = self.engine.submit(process.segment_arguments(request))
+            else:
+                inference = process.InferenceProcess()
+                inference.start(
+                    process.build_command(request, self.python_executable),
+                    env=process.engine_environment(self.engine_dir, self.environment),
+                )
         except BaseException:
             workspace.cleanup()
             raise
@@ -287,7 +295,8 @@ class Segmenter:
         return False
 
     def cancel(self, wait: bool = False) -> None:
-        """Stop the running segmentation: kill the engine's process tree; nothing reaches the scene.
+        """Stop the running segmentation: kill the engine's process tree (the warm engine: ask it to
+        stop the run, and kill it if it does not); nothing reaches the scene.
 
         The next :meth:`poll` reports :data:`CANCELLED` to ``on_finished``, even when the engine
         had already finished; with ``wait`` that happens here.

@@ -39,15 +39,22 @@ def overall_fraction(record: dict) -> float | None:
     """Fraction (0..1) of the whole run done after a progress record, or None when unknown.
 
     A stage's own fraction is clipped to [0, 1] and placed in its :data:`STAGE_SPANS` share;
-    the ``done`` record is 1.0; a log line or an unknown stage is None (the bar stays put).
+    the ``done`` record is 1.0; a log line or an unknown stage is None (the bar stays put). A
+    record of a batch of volumes (``case`` i of ``cases`` n, see ``M4oESegmentationLib.batch``)
+    gives the fraction of the whole batch: ``(i - 1 + fraction of volume i) / n``.
     """
     if record.get("stage") == "done":
-        return 1.0
-    span = STAGE_SPANS.get(record.get("stage"))
-    fraction = record.get("fraction")
-    if span is None or fraction is None:
-        return None
-    return span[0] + (span[1] - span[0]) * min(max(float(fraction), 0.0), 1.0)
+        run = 1.0
+    else:
+        span = STAGE_SPANS.get(record.get("stage"))
+        fraction = record.get("fraction")
+        if span is None or fraction is None:
+            return None
+        run = span[0] + (span[1] - span[0]) * min(max(float(fraction), 0.0), 1.0)
+    cases = record.get("cases")
+    if not cases:
+        return run
+    return (min(max(int(record.get("case", 1)), 1), cases) - 1 + run) / cases
 
 
 def human_duration(seconds: float) -> str:
@@ -63,7 +70,8 @@ def human_duration(seconds: float) -> str:
 def progress_text(record: dict) -> str:
     """Status line for a progress record: stage, units done of the stage, estimated time left.
 
-    E.g. ``"Segmenting 12/40, about 1 min 10 s left"``; an unknown stage is shown by its name.
+    E.g. ``"Segmenting 12/40, about 1 min 10 s left"``; an unknown stage is shown by its name. A
+    record of a batch of volumes starts with the volume: ``"Volume 2/5 (liver CT): Segmenting..."``.
     """
     names = {
         "load": _("Loading the model"),
@@ -78,6 +86,11 @@ def progress_text(record: dict) -> str:
         text += f" {record.get('done', 0)}/{record['total']}"
     if record.get("eta_s"):
         text += ", " + _("about {duration} left").format(duration=human_duration(float(record["eta_s"])))
+    if record.get("cases"):
+        volume = _("Volume {case}/{cases} ({name})").format(
+            case=record.get("case", 1), cases=record["cases"], name=record.get("volume", "")
+        )
+        text = f"{volume}: {text}"
     return text
 
 

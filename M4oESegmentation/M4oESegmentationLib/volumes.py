@@ -412,3 +412,33 @@ def place_in_study(node, reference_node) -> bool:
     else:
         hierarchy.SetItemParent(item, parent)
     return item != invalid
+
+
+def study_volumes(volume_node) -> list:
+    """The scalar volumes (not label maps) of ``volume_node``'s study, in subject hierarchy order.
+
+    The study is the volume's subject hierarchy parent (for a DICOM series, its study), searched
+    with its sub-folders; a volume directly under the scene, or without a subject hierarchy item,
+    has the whole scene as its study. ``volume_node`` itself is always in the list.
+    """
+    scene = volume_node.GetScene()
+    hierarchy_class = getattr(slicer, "vtkMRMLSubjectHierarchyNode", None)
+    hierarchy = None if hierarchy_class is None else hierarchy_class.GetSubjectHierarchyNode(scene)
+    item = hierarchy.GetItemByDataNode(volume_node) if hierarchy is not None else 0
+    if not item:
+        nodes = [
+            scene.GetNthNodeByClass(n, "vtkMRMLScalarVolumeNode")
+            for n in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))
+        ]
+    else:
+        children = vtk.vtkIdList()
+        hierarchy.GetItemChildren(hierarchy.GetItemParent(item), children, True)
+        nodes = [hierarchy.GetItemDataNode(children.GetId(n)) for n in range(children.GetNumberOfIds())]
+    found = [
+        node
+        for node in nodes
+        if node is not None
+        and node.IsA("vtkMRMLScalarVolumeNode")
+        and not node.IsA("vtkMRMLLabelMapVolumeNode")
+    ]
+    return found if volume_node in found else [volume_node, *found]

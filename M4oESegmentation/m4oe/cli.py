@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--force", action="store_true", help="download again even if cached")
     models.add_argument("--json", action="store_true")
     add_phantom_parser(sub)
+    from .serve import add_serve_parser  # here: m4oe.serve imports this module
+
+    add_serve_parser(sub)
     for entry in entry_points(group="m4oe.commands"):
         entry.load()(sub)
     return parser
@@ -185,12 +188,16 @@ def add_max_voxels_argument(parser: argparse.ArgumentParser) -> None:
 
 
 class ProgressPrinter:
-    """Turns progress events into a terminal bar (stderr) or JSON lines (stdout)."""
+    """Turns progress events into a terminal bar (stderr) or JSON lines (stdout).
 
-    def __init__(self, mode: str):
+    ``sink``: where JSON records go instead of stdout (``m4oe serve`` tags them with the request id).
+    """
+
+    def __init__(self, mode: str, sink=None):
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "none"
         self.mode = mode
+        self.sink = sink
 
     def __call__(self, event) -> None:
         if self.mode == "json":
@@ -208,7 +215,9 @@ class ProgressPrinter:
             sys.stderr.flush()
 
     def emit(self, record: dict) -> None:
-        if self.mode == "json":
+        if self.mode == "json" and self.sink is not None:
+            self.sink(record)
+        elif self.mode == "json":
             print(json.dumps(record), flush=True)
 
 
@@ -272,24 +281,11 @@ def _check_distinct(outputs: dict[str, Path]) -> None:
             raise OutputError("is the {} output and also a folder of the {} output".format(*names), path)
 
 
-def cmd_segment(args) -> int:
-    import numpy as np
-    import SimpleITK as sitk
-
-    from . import dicom_seg
-    from .io import all_or_nothing, read_image, write_atomic, write_image, write_segmentation
+def load_predictor(args):
+    """The :class:`~m4oe.predictor.Predictor` the ``segment`` arguments ask for, freshly loaded."""
     from .predictor import Predictor
 
-    outputs = _segment_outputs(args)
-    dicom_segs = [k for k, path in outputs.items() if path.name.lower().endswith(DICOM_SEG_SUFFIX)]
-    printer = ProgressPrinter(args.progress)
-    t0 = time.perf_counter()
-    # Before the model: a bad input is refused at once.
-    if dicom_segs:
-        dicom_seg.check_dicom_input(args.input)
-    loaded = read_image(args.input, max_voxels=args.max_voxels)
-    source = dicom_seg.read_source_series(loaded) if dicom_segs else None
-    predictor = Predictor.from_pretrained(
+    return Predictor.from_pretrained(
         args.model,
         sha256=args.sha256,
         device=args.device,
@@ -298,8 +294,40 @@ def cmd_segment(args) -> int:
         batch_size=args.batch_size,
         backend=args.backend,
     )
+
+
+def cmd_segment(args) -> int:
+    return run_segment(args, ProgressPrinter(args.progress))
+
+
+def run_segment(args, printer: ProgressPrinter, *, predictors=None, cancel=None) -> int:
+    """``m4oe segment`` with parsed ``args``, reporting through ``printer``; returns the exit code 0.
+
+    ``predictors(args) -> (predictor, reused)``: where the model comes from (default: loaded for
+    this run; ``m4oe serve`` passes its cache, see :mod:`m4oe.serve`). ``cancel() -> bool``:
+    checked between slice batches and before the outputs are written; True raises
+    :class:`~m4oe.errors.CancelledError` and nothing is written. Errors are raised, as ``main``
+    reports them.
+    """
+    import numpy as np
+    import SimpleITK as sitk
+
+    from . import dicom_seg
+    from .errors import CancelledError
+    from .io import all_or_nothing, read_image, write_atomic, write_image, write_segmentation
+
+    outputs = _segment_outputs(args)
+    dicom_segs = [k for k, path in outputs.items() if path.name.lower().endswith(DICOM_SEG_SUFFIX)]
+    t0 = time.perf_counter()
+    # Before the model: a bad input is refused at once.
+    if dicom_segs:
+        dicom_seg.check_dicom_input(args.input)
+    loaded = read_image(args.input, max_voxels=args.max_voxels)
+    source = dicom_seg.read_source_series(loaded) if dicom_segs else None
+    predictor, reused = (load_predictor(args), False) if predictors is None else predictors(args)
     load_s = time.perf_counter() - t0
-    printer.emit({"stage": "load", "fraction": 1.0, "elapsed_s": round(load_s, 3), "eta_s": None})
+    load_record = {"stage": "load", "fraction": 1.0, "elapsed_s": round(load_s, 3), "eta_s": None}
+    printer.emit(dict(load_record, model_reused=True) if reused else load_record)
     prediction = predictor.predict(
         loaded.image,
         modality=args.modality,
@@ -313,8 +341,11 @@ def cmd_segment(args) -> int:
         through_plane_sigma_mm=args.through_plane_sigma,
         test_time_passes=args.tta,
         progress=printer,
+        cancel=cancel,
         source=loaded.path,
     )
+    if cancel is not None and cancel():
+        raise CancelledError("cancelled by the user", loaded.path)
     written = {}
     gate_folder = outputs["gate_map"].parent if args.gates else None
     made_gate_folder = gate_folder is not None and not gate_folder.exists()
