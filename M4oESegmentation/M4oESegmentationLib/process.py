@@ -373,7 +373,7 @@ class TemporaryWorkspace:
     Use as a context manager, or call :meth:`cleanup` when the asynchronous run has ended (after
     :meth:`InferenceProcess.cancel` too). ``path`` is the folder; :attr:`input_path`,
     :attr:`output_path` and :attr:`gates_dir` name the files a run uses in it (NRRD, which keeps
-    the volume's geometry exact in double precision).
+    the volume's geometry exact in double precision; the result is a Slicer ``.seg.nrrd``).
     """
 
     def __init__(self, prefix: str = "m4oe-", parent: str | Path | None = None):
@@ -385,7 +385,7 @@ class TemporaryWorkspace:
 
     @property
     def output_path(self) -> Path:
-        return self.path / "segmentation.nrrd"
+        return self.path / "segmentation.seg.nrrd"
 
     @property
     def gates_dir(self) -> Path:
