@@ -136,10 +136,11 @@ def engine_environment(engine_parent: str | Path, base: Mapping[str, str] | None
 
     ``engine_parent``: the folder holding the ``m4oe`` package (the module's folder), put first on
     ``PYTHONPATH``. ``base``: the environment to extend (default ``os.environ``). In Slicer the
-    running application's environment is the right base, as Slicer's own ``slicer.pydeps`` uses it
-    for ``PythonSlicer``: the launcher prepends its paths to ``PYTHONPATH``, so the engine folder
-    stays on it, and ``M4OE_*`` settings made in the session reach the engine. Output is made
-    unbuffered so progress lines arrive as they are printed.
+    running application's environment is the right base, as ``slicer.util`` uses it when it runs
+    ``PythonSlicer -m`` (``launchConsoleProcess(..., useStartupEnvironment=False)``): the launcher
+    prepends its paths to ``PYTHONPATH``, so the engine folder stays on it, and ``M4OE_*``
+    settings made in the session reach the engine. Output is made unbuffered so progress lines
+    arrive as they are printed.
     """
     env = dict(os.environ if base is None else base)
     paths = [str(engine_parent)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]

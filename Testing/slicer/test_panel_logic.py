@@ -120,10 +120,27 @@ def test_model_choices_list_models_and_a_chosen_card(tiny_model_dir):
 
 def test_model_info_text(tiny_model_dir):
     card = models.model_card(str(tiny_model_dir))
-    assert models.model_info(card) == "untrained tiny model for tests"
-    assert models.model_info(dict(card, notes="demo only")).endswith("<br><b>demo only</b>")
+    assert models.model_info(card).startswith(
+        "untrained tiny model for tests<br><b>Licence:</b> not stated<br>"
+    )
+    assert "<br><b>demo only</b><br>" in models.model_info(dict(card, notes="demo only"))
     assert models.model_info(None, "cannot read") == "cannot read"
     assert "downloaded" in models.model_info(None)
+
+
+def test_model_facts_of_the_embedded_model():
+    """What the panel shows a reviewer under the model list: licence, training data, real scans."""
+    lines = models.model_facts(models.model_card(None)).split("<br>")
+    assert lines[0] == "<b>Licence:</b> Apache-2.0"
+    assert lines[1].startswith("<b>Intended use:</b> Research and demonstration")
+    assert lines[2].startswith("<b>Training data:</b> Synthetic phantoms") and "CC-BY-4.0" in lines[2]
+    assert "85 training cases" in lines[2]
+    assert lines[3] == "<b>Real-scan validation:</b>"
+    assert lines[4].startswith("example_ct_dicom (CT): mean Dice 0.49, mean HD95 22.6 mm; liver 0.94")
+    assert lines[5].startswith("example_mr_sm (MR): mean Dice 0.26")
+    assert lines[6].startswith("reference labels: TotalSegmentator outputs (pseudo-labels)")
+    bare = models.model_facts({"name": "x"})
+    assert bare.endswith("<b>Real-scan validation:</b> none recorded") and "Licence:</b> not stated" in bare
 
 
 # --- dependencies --------------------------------------------------------------------------------
