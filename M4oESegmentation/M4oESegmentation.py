@@ -22,9 +22,10 @@ from typing import Annotated
 import qt
 import slicer
 import vtk
-from M4oESegmentationLib import dependencies, models, sample_data, status, views
+from M4oESegmentationLib import dependencies, models, sample_data, status, terminology, views
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -35,6 +36,9 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 MODULE_DIR = pathlib.Path(__file__).resolve().parent
+CONTRIBUTORS = ["M4oE Segmentation contributors (SlicerM4oESegmentation)"]
+"""The module's authors, as Slicer's module docs ask ("Name (Organization)"); the extension's
+EXTENSION_CONTRIBUTORS (CMakeLists.txt) says the same (Testing/test_packaging.py)."""
 MODALITY_CHOICES = ("Auto", "CT", "MR")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 BACKEND_CHOICES = ("torch", "onnx", "auto")
@@ -52,6 +56,7 @@ LIBRARY_MODULES = (
     "status",
     "models",
     "dependencies",
+    "terminology",
     "views",
     "volumes",
     "gate_review",
@@ -74,9 +79,9 @@ class M4oESegmentation(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("M4oE Segmentation")
-        self.parent.categories = ["Segmentation"]
-        self.parent.dependencies = []
-        self.parent.contributors = ["M4oE Segmentation contributors"]
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = ["Terminologies"]
+        self.parent.contributors = CONTRIBUTORS
         self.parent.helpText = _("""
 Segments abdominal organs on CT and MRI with M4oE, a Swin-UNet whose feed-forward layers are a
 mixture of modality experts chosen per token by a gate. <b>Gate review</b> shows how the gate
@@ -94,6 +99,16 @@ Image Segmentation with Mixture of Experts", MICCAI 2024. The Swin-UNet backbone
 The module follows the design of SlicerTotalSegmentator and SlicerMONAIAuto3DSeg.
 """)
         slicer.app.connect("startupCompleted()", registerSampleData)
+        slicer.app.connect("startupCompleted()", registerTerminology)
+
+
+def registerTerminology():
+    """Load the module's terminology context (the codes, colours and names of its segments) into
+    Slicer's Terminologies module, so that Slicer shows the engine's segments with their meaning."""
+    try:
+        terminology.load_terminology(slicer.modules.terminologies.logic())
+    except RuntimeError as error:
+        logging.error(str(error))
 
 
 def registerSampleData():

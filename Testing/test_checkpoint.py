@@ -15,7 +15,7 @@ from m4oe.checkpoint import load_checkpoint, read_model_card, save_checkpoint, s
 from m4oe.errors import InputError, ModelError, OutputError
 from m4oe.model import SwinUNet, build_model
 from m4oe.model_card import ExpertInfo, ModelCard, Preprocessing, TaskInfo
-from m4oe.terminology import LEFT, RIGHT, STANDARD_KEYS, TERMS, standard_label
+from m4oe.terminology import LEFT, RIGHT, SOURCES, STANDARD_KEYS, TERMS, standard_label
 
 
 @pytest.fixture(scope="module")
@@ -348,7 +348,7 @@ def test_terminology_entries_are_well_formed():
             if code is not None:
                 assert code.scheme == "SCT" and code.value.isdigit() and code.meaning
         assert label.category.value in ("123037004", "85756007", "49755003")
-        assert term.source in ("slicer", "totalsegmentator")
+        assert term.source in SOURCES
         assert (label.modifier is not None) == key.endswith(("_right", "_left"))
         if label.modifier is not None:
             assert label.modifier == (RIGHT if key.endswith("_right") else LEFT)

@@ -27,6 +27,8 @@ UI_FILE = MODULE / "Resources" / "UI" / "M4oESegmentation.ui"
 SELF_TEST = MODULE / "Testing" / "Python" / "M4oESegmentationSelfTest.py"
 LIB = MODULE / "M4oESegmentationLib"
 DEPENDENCIES = LIB / "dependencies.py"
+REQUIREMENTS = MODULE / "Resources" / "requirements.txt"
+PINNED = ROOT / "requirements" / "pinned.txt"
 ENGINE = MODULE / "m4oe"
 CATALOG = ROOT / "M4oESegmentation.json"
 ICON_SIZE = (128, 128)
@@ -559,6 +561,12 @@ def module_constant(name: str):
     raise AssertionError(f"{DEPENDENCIES.name} defines no {name}")
 
 
+def requirement_lines(path: Path) -> list[str]:
+    """The requirements of a requirements file, as ``slicer.packaging.load_requirements`` reads it."""
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith(("#", "-"))]
+
+
 def test_slicer_requirements_follow_pyproject():
     tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
@@ -566,14 +574,98 @@ def test_slicer_requirements_follow_pyproject():
     everything = dict(runtime)
     for extra in project.get("optional-dependencies", {}).values():
         everything.update(_requirement(r) for r in extra)
-    installed = dict(_requirement(r) for r in module_constant("PYTHON_REQUIREMENTS"))
+    installed = dict(_requirement(r) for r in requirement_lines(REQUIREMENTS))
+    assert installed, f"{REQUIREMENTS.relative_to(ROOT)} lists no requirement"
     differ = {n: (s, everything.get(n)) for n, s in installed.items() if everything.get(n) != s}
-    assert not differ, f"PYTHON_REQUIREMENTS differ from pyproject.toml (module, pyproject): {differ}"
+    assert not differ, f"{REQUIREMENTS.name} differs from pyproject.toml (module, pyproject): {differ}"
     assert runtime["torch"] == _requirement("torch" + module_constant("TORCH_REQUIREMENT"))[1]
     exempt = {_requirement(n)[0] for n in NOT_INSTALLED_IN_SLICER}
     forgotten = sorted(set(runtime) - set(installed) - exempt)
     assert not forgotten, (
         f"pyproject.toml dependencies the Slicer module neither installs nor explains: {forgotten}"
     )
-    skipped = {_requirement(n)[0] for n in module_constant("PIP_SKIP_PACKAGES")}
-    assert {"torch", "simpleitk"} <= skipped, "pip must never replace Slicer's SimpleITK or the PyTorch build"
+    assert not {"torch", "torchvision", "simpleitk"} & set(installed), (
+        "pip must never be asked for torch (the PyTorch extension's) or SimpleITK (Slicer's own)"
+    )
+
+
+def test_slicer_requirements_hold_the_tested_versions():
+    """The versions the project is tested with (requirements/pinned.txt) satisfy requirements.txt."""
+    from packaging.requirements import Requirement
+
+    pinned = {}
+    for line in requirement_lines(PINNED):
+        requirement = Requirement(line)
+        (spec,) = requirement.specifier
+        pinned[_requirement(requirement.name)[0]] = spec.version
+    for line in requirement_lines(REQUIREMENTS):
+        requirement = Requirement(line)  # a line Slicer's load_requirements could not parse fails here
+        name = _requirement(requirement.name)[0]
+        assert name in pinned, f"{line!r} has no tested version in {PINNED.name}"
+        assert requirement.specifier.contains(pinned[name]), f"tested {name} {pinned[name]} is not {line!r}"
+
+
+def _calls(tree: ast.AST) -> list[ast.Call]:
+    return [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+
+
+def _called_name(call: ast.Call) -> str:
+    func = call.func
+    return func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+
+
+def test_slicer_packages_are_handled_with_slicer_packaging():
+    """Slicer's ``slicer.packaging`` reads, checks and installs the requirements file, with its
+    defaults: no ``skip_packages`` (a discouraged workaround), installation skipped in testing mode."""
+    text = DEPENDENCIES.read_text(encoding="utf-8")
+    tree = ast.parse(text)
+    assert '"slicer.packaging"' in text and "slicer.pydeps" not in text
+    names = [_called_name(call) for call in _calls(tree)]
+    for api in ("load_requirements", "pip_check", "pip_ensure"):
+        assert api in names, f"{DEPENDENCIES.name} never calls slicer.packaging.{api}"
+    (ensure,) = [call for call in _calls(tree) if _called_name(call) == "pip_ensure"]
+    keywords = {k.arg for k in ensure.keywords}
+    assert not keywords & {"skip_packages", "skip_in_testing"}, keywords
+    assert "requester" in keywords
+    assert "REQUIREMENTS_FILE" in text and '"requirements.txt"' in text
+
+
+# ---------------------------------------------------------------------------------------- metadata
+
+
+def _parent_assignment(tree: ast.AST, attribute: str) -> ast.expr:
+    """The value assigned to ``self.parent.<attribute>`` in the module class."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if (
+                    isinstance(target, ast.Attribute)
+                    and target.attr == attribute
+                    and isinstance(target.value, ast.Attribute)
+                    and target.value.attr == "parent"
+                ):
+                    return node.value
+    raise AssertionError(f"M4oESegmentation.py sets no self.parent.{attribute}")
+
+
+def test_module_and_extension_metadata_follow_slicer_conventions(extension):
+    """Contributors as "Name (Organization)", the same in the module and the extension; a one-line
+    extension description; the module category translated with Slicer's core-module context."""
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    contributors = _parent_assignment(tree, "contributors")
+    if isinstance(contributors, ast.Name):
+        (assignment,) = [
+            n
+            for n in tree.body
+            if isinstance(n, ast.Assign) and any(getattr(t, "id", "") == contributors.id for t in n.targets)
+        ]
+        contributors = assignment.value
+    names = ast.literal_eval(contributors)
+    assert names and all(re.fullmatch(r"[^()]+ \([^()]+\)", name) for name in names), names
+    assert ", ".join(names) == " ".join(extension["EXTENSION_CONTRIBUTORS"])
+    (description,) = extension["EXTENSION_DESCRIPTION"]
+    assert "\n" not in description and len(description) <= 200 and description.endswith("."), description
+    category = _parent_assignment(tree, "categories")
+    (call,) = category.elts
+    assert isinstance(call, ast.Call) and _called_name(call) == "translate"
+    assert [ast.literal_eval(a) for a in call.args] == ["qSlicerAbstractCoreModule", "Segmentation"]

@@ -6,16 +6,17 @@ the ``tasks`` (label sets, each with ``labels``: value, name, colour and standar
 ``experts`` ({name, modality}) a forced-expert comparison can choose from.
 
 Uses only the torch-free, pip-free part of the engine (``m4oe.hub``, ``m4oe.labels``,
-``m4oe.errors``), so the module file may import it when Slicer loads the module.
+``m4oe.errors``, ``m4oe.card_summary``), so the module file may import it when Slicer loads the module.
 """
 
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from m4oe import hub
+from m4oe import card_summary, hub
 from m4oe.errors import ModelError
 from m4oe.labels import Label
 
@@ -137,10 +138,28 @@ def expert_choices(card: dict | None) -> list[tuple[str, str]]:
 
 
 def model_info(card: dict | None, error: str | None = None) -> str:
-    """Rich text under the model list: the card's description and notes, or why there is none."""
+    """Rich text under the model list: the card's description and notes, then the facts a reviewer
+    needs (:func:`model_facts`); or why there is no card."""
     if card is None:
         return error or _("The model is downloaded and verified when you click Apply.")
-    info = str(card.get("description", ""))
+    info = html.escape(str(card.get("description", "")))
     if card.get("notes"):
-        info += f"<br><b>{card['notes']}</b>"
-    return info
+        info += f"<br><b>{html.escape(str(card['notes']))}</b>"
+    return info + "<br>" + model_facts(card)
+
+
+def model_facts(card: dict) -> str:
+    """Rich text: the card's licence and intended use, its training data (statement, datasets,
+    cases, iterations, time) and its figures on real scans (:mod:`m4oe.card_summary`)."""
+    lines = [
+        _("<b>Licence:</b> {licence}").format(licence=html.escape(card_summary.licence_text(card))),
+        _("<b>Intended use:</b> {use}").format(use=html.escape(card_summary.intended_use_text(card))),
+        _("<b>Training data:</b> {data}").format(data=html.escape(card_summary.training_data_text(card))),
+    ]
+    real = card_summary.real_validation_lines(card)
+    if real:
+        lines.append(_("<b>Real-scan validation:</b>"))
+        lines += [html.escape(line) for line in real]
+    else:
+        lines.append(_("<b>Real-scan validation:</b> none recorded"))
+    return "<br>".join(lines)

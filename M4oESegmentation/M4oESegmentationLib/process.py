@@ -141,10 +141,11 @@ def engine_environment(engine_parent: str | Path, base: Mapping[str, str] | None
 
     ``engine_parent``: the folder holding the ``m4oe`` package (the module's folder), put first on
     ``PYTHONPATH``. ``base``: the environment to extend (default ``os.environ``). In Slicer the
-    running application's environment is the right base, as Slicer's own ``slicer.pydeps`` uses it
-    for ``PythonSlicer``: the launcher prepends its paths to ``PYTHONPATH``, so the engine folder
-    stays on it, and ``M4OE_*`` settings made in the session reach the engine. Output is made
-    unbuffered so progress lines arrive as they are printed.
+    running application's environment is the right base, as ``slicer.util`` uses it when it runs
+    ``PythonSlicer -m`` (``launchConsoleProcess(..., useStartupEnvironment=False)``): the launcher
+    prepends its paths to ``PYTHONPATH``, so the engine folder stays on it, and ``M4OE_*``
+    settings made in the session reach the engine. Output is made unbuffered so progress lines
+    arrive as they are printed.
     """
     env = dict(os.environ if base is None else base)
     paths = [str(engine_parent)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -392,7 +393,7 @@ class TemporaryWorkspace:
     Use as a context manager, or call :meth:`cleanup` when the asynchronous run has ended (after
     :meth:`InferenceProcess.cancel` too). ``path`` is the folder; :attr:`input_path`,
     :attr:`output_path` and :attr:`gates_dir` name the files a run uses in it (NRRD, which keeps
-    the volume's geometry exact in double precision).
+    the volume's geometry exact in double precision; the result is a Slicer ``.seg.nrrd``).
     """
 
     def __init__(self, prefix: str = "m4oe-", parent: str | Path | None = None):
@@ -404,7 +405,7 @@ class TemporaryWorkspace:
 
     @property
     def output_path(self) -> Path:
-        return self.path / "segmentation.nrrd"
+        return self.path / "segmentation.seg.nrrd"
 
     @property
     def gates_dir(self) -> Path:

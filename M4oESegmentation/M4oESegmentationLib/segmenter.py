@@ -3,8 +3,9 @@
 :class:`Segmenter` writes the input volume to a private temporary folder, runs ``m4oe segment
 --progress json`` in a separate process (:mod:`.process`), forwards the engine's progress from
 :meth:`Segmenter.poll` (which the module's ``qt.QTimer`` calls, or :meth:`Segmenter.run` when the
-caller waits), and when the process has ended loads its outputs into the scene: the label map as a
-segmentation node (:mod:`.volumes`) and the gate views (:mod:`.gate_review`). Cancel kills the
+caller waits), and when the process has ended loads its outputs into the scene: the ``.seg.nrrd``
+through Slicer's segmentation storage node (:func:`.volumes.load_segmentation_file`) and the gate
+views (:mod:`.gate_review`). Cancel kills the
 engine's process tree and adds nothing to the scene. The temporary folder is removed in every case.
 
 A result is a segmentation node that carries what produced it, so it can be reviewed, edited and
@@ -344,9 +345,10 @@ class Segmenter:
         done = job.process.result
         outputs = done["outputs"]
         modality_source = job.modality_source or done.get("modality_source", "")
-        labelmap = sitk.ReadImage(outputs["segmentation"])
-        segmentation = volumes.labelmap_to_segmentation(
-            labelmap,
+        # The engine's .seg.nrrd, read by Slicer's segmentation storage node: segments, names,
+        # colours and terminology as the engine wrote them.
+        segmentation = volumes.load_segmentation_file(
+            outputs["segmentation"],
             job.labels,
             job.input_volume,
             segmentation_node=job.segmentation,

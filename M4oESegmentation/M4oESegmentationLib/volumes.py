@@ -269,6 +269,108 @@ def labelmap_to_segmentation(
     return segmentation_node
 
 
+def load_segmentation_file(
+    path,
+    labels: Sequence[Label],
+    reference_volume_node,
+    *,
+    segmentation_node=None,
+    name: str = "M4oE segmentation",
+    scene=None,
+):
+    """The engine's ``.seg.nrrd`` read with Slicer's segmentation storage node, as a segmentation node.
+
+    Slicer's ``vtkMRMLSegmentationStorageNode`` (what ``slicer.util.loadSegmentation`` uses) reads
+    the file: segments with their IDs (:func:`segment_id`), names, colours, label values and
+    ``TerminologyEntry`` tags as :func:`m4oe.io.write_segmentation` wrote them, on the file's grid.
+
+    Args:
+        path: the ``.seg.nrrd`` that ``m4oe segment`` wrote for ``reference_volume_node``.
+        labels: every label of the task; the file must hold exactly these segments (IDs, names and
+            terminology), each a layer of the input volume's grid.
+        reference_volume_node: the volume that was segmented; its grid (size; spacing, origin and
+            direction within :data:`GEOMETRY_TOLERANCE`) must be the file's. It becomes the
+            segmentation's reference geometry, and for a new node its place in the scene and its
+            parent transform.
+        segmentation_node: an existing segmentation node whose segments are replaced; by default
+            a new node named ``name`` is added to ``scene`` (default: the reference's scene).
+    Returns:
+        The ``vtkMRMLSegmentationNode``. Nothing is added to or changed in the scene when the file
+        is refused.
+
+    Raises ValueError naming the file when Slicer cannot read it, when its segments are not the
+    labels' or its grid is not the reference volume's.
+    """
+    _check_labels(labels)
+    # Read in a private scene (the storage node gives the node display nodes) until it is checked.
+    private_scene = slicer.vtkMRMLScene()
+    read = private_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(read):
+        raise ValueError(f"{path}: Slicer could not read the segmentation")
+    segmentation = read.GetSegmentation()
+    found = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    expected = [segment_id(label) for label in labels]
+    if sorted(found) != sorted(expected):
+        raise ValueError(f"{path}: the segmentation holds segments {found}; the task's labels are {expected}")
+    tag = slicer.vtkSegment.GetTerminologyEntryTagName()
+    for label in labels:
+        segment = segmentation.GetSegment(segment_id(label))
+        terminology = vtk.reference("")
+        segment.GetTag(tag, terminology)
+        if segment.GetName() != label.name or str(terminology) != label.terminology_entry():
+            raise ValueError(
+                f"{path}: segment {segment_id(label)} is {segment.GetName()!r} ({terminology}), "
+                f"not the task's {label.name!r} ({label.terminology_entry()})"
+            )
+    _check_file_grid(path, segmentation.GetSegment(expected[0]), reference_volume_node)
+
+    created = segmentation_node is None
+    if created:
+        scene = _scene(scene, reference_volume_node)
+        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        segmentation_node.CreateDefaultDisplayNodes()
+    segmentation_node.GetSegmentation().DeepCopy(segmentation)
+    segmentation_node.SetAndObserveTransformNodeID(reference_volume_node.GetTransformNodeID())
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
+    if reference_volume_node.GetID():
+        segmentation_node.SetNodeReferenceID(
+            segmentation_node.GetReferenceImageGeometryReferenceRole(), reference_volume_node.GetID()
+        )
+    if created:
+        place_in_study(segmentation_node, reference_volume_node)
+    return segmentation_node
+
+
+def _check_file_grid(path, segment, reference_volume_node) -> None:
+    """Refuse a segment whose labelmap (IJK to RAS, dimensions) is not the reference volume's grid."""
+    labelmap = segment.GetRepresentation(BINARY_LABELMAP)
+    file_matrix, volume_matrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(file_matrix)
+    reference_volume_node.GetIJKToRASMatrix(volume_matrix)
+    extent = labelmap.GetExtent()
+    size = tuple(extent[2 * i + 1] - extent[2 * i] + 1 for i in range(3))
+    start = np.array(extent[::2], dtype=float)
+    file_ijk = np.array([[file_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    volume_ijk = np.array([[volume_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    file_origin = (file_ijk @ np.append(start, 1.0))[:3]
+    volume_origin = (volume_ijk @ np.append(start, 1.0))[:3]
+    reference_size = tuple(reference_volume_node.GetImageData().GetDimensions())
+    scale = np.maximum(1.0, np.abs(volume_ijk[:3, :3]))
+    if (
+        size != reference_size
+        or np.any(np.abs(file_ijk[:3, :3] - volume_ijk[:3, :3]) > GEOMETRY_TOLERANCE * scale)
+        or np.any(
+            np.abs(file_origin - volume_origin) > GEOMETRY_TOLERANCE * np.maximum(1.0, np.abs(volume_origin))
+        )
+    ):
+        raise ValueError(
+            f"{path}: the segmentation's grid (size {size}) is not that of volume "
+            f"{_node_name(reference_volume_node)!r} (size {reference_size})"
+        )
+
+
 def _checked_labelmap_voxels(
     labelmap: sitk.Image, labels: Sequence[Label], reference: sitk.Image, reference_name: str
 ) -> np.ndarray:

@@ -140,11 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="bar on a terminal; json prints one JSON object per line on stdout for a program to read",
     )
 
-    info = sub.add_parser("info", help="print a model card")
+    info = sub.add_parser(
+        "info", help="what a model is: licence, intended use, training data, validation figures"
+    )
     info.add_argument(
         "model", nargs="?", default=None, help="model name or path (default: the embedded model)"
     )
-    info.add_argument("--json", action="store_true", help="print the card as JSON")
+    info.add_argument("--json", action="store_true", help="print the full model card as JSON")
 
     ev = sub.add_parser("evaluate", help="Dice and HD95 (mm) of a label map against a reference")
     ev.add_argument("prediction")
@@ -454,50 +456,17 @@ def run_segment(args, printer: ProgressPrinter, *, predictors=None, cancel=None)
 
 
 def cmd_info(args) -> int:
-    from .checkpoint import read_model_card
+    from .card_summary import info_page
+    from .checkpoint import WEIGHTS_NAME, read_model_card
     from .hub import resolve_model
 
-    card = read_model_card(resolve_model(args.model))
+    path = resolve_model(args.model)
+    card = read_model_card(path)
     if args.json:
         print(json.dumps(card.to_dict(), indent=1))
         return 0
-    print(f"{card.name}: {card.description}")
-    if card.notes:
-        print(f"NOTE: {card.notes}")
-    arch = card.architecture
-    context = ", slice context" if arch.gate_context != "none" else ""
-    kind = (
-        f"M4oE, {arch.num_experts} experts ({arch.gate} gate{context}, top_k={arch.top_k})"
-        if arch.is_moe
-        else "dense"
-    )
-    print(f"architecture: Swin-UNet {arch.img_size}px, {kind}, in_chans {arch.in_chans}")
-    for e in card.experts:
-        print(f"  expert {e.name}: {e.modality}")
-    for task in card.tasks:
-        print(f"task {task.name}: " + ", ".join(f"{lab.value} {lab.name}" for lab in task.labels))
-        steps = []
-        if task.test_time_passes > 1:
-            steps.append(f"test-time augmentation, {task.test_time_passes} passes averaged")
-        if task.through_plane_sigma_mm:
-            steps.append(f"through-plane smoothing sigma {task.through_plane_sigma_mm:g} mm")
-        if task.largest_component:
-            steps.append(
-                "largest component of " + ", ".join(task.label(v).name for v in task.largest_component)
-            )
-        if steps:
-            print("  post-processing: " + "; ".join(steps))
-    pre = card.preprocessing
-    print(
-        f"preprocessing: in-plane {pre.in_plane}"
-        + (f" to {pre.target_spacing_mm} mm" if pre.target_spacing_mm else "")
-    )
-    for modality, params in pre.intensity.items():
-        print(f"  {modality}: {params}")
-    for key, value in card.provenance.items():
-        print(f"provenance {key}: {value}")
-    for key, value in card.metrics.items():
-        print(f"metric {key}: {value}")
+    weights = path / WEIGHTS_NAME if path.is_dir() else path.with_suffix(".safetensors")
+    print(info_page(card.to_dict(), weights))
     return 0
 
 

@@ -10,6 +10,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+TERMINOLOGY_CONTEXT = "Segmentation category and type - M4oE Segmentation"
+"""The terminology context every label names: the module's own Slicer terminology file
+(``M4oESegmentation/Resources/Terminology/SegmentationCategoryTypeModifier-M4oESegmentation.term.json``),
+which holds exactly the structures of :data:`m4oe.terminology.TERMS` with their codes, colours and
+names; the Slicer module loads it into Slicer's terminologies at start-up."""
+REGION_CONTEXT = "Anatomic codes - DICOM master list"
+"""The anatomic region context Slicer names in a terminology entry (no label sets a region)."""
+
 
 @dataclass(frozen=True)
 class Code:
@@ -42,12 +50,13 @@ class Label:
             raise ValueError(f"label {self.name!r}: color must be 3 numbers in [0, 1], got {self.color!r}")
 
     def terminology_entry(self) -> str:
-        """The segment's ``TerminologyEntry`` tag as Slicer writes it in ``.seg.nrrd`` files."""
+        """The segment's ``TerminologyEntry`` tag as Slicer writes it in ``.seg.nrrd`` files: context
+        :data:`TERMINOLOGY_CONTEXT`, category, type, type modifier (or ``^^``), region context, no
+        region (see Slicer's developer guide, "TerminologyEntry tag")."""
         modifier = self.modifier.as_slicer() if self.modifier else "^^"
         return (
-            "Segmentation category and type - 3D Slicer General Anatomy list"
-            f"~{self.category.as_slicer()}~{self.type.as_slicer()}~{modifier}"
-            "~Anatomic codes - DICOM master list~^^~^^"
+            f"{TERMINOLOGY_CONTEXT}~{self.category.as_slicer()}~{self.type.as_slicer()}~{modifier}"
+            f"~{REGION_CONTEXT}~^^~^^"
         )
 
     def to_dict(self) -> dict:

@@ -29,8 +29,15 @@ Example (abridged)::
                      "date": "...", "code_version": "..."},
       "metrics": {"dice": {"liver": 0.95}},
       "notes": "demonstration model trained on synthetic phantoms; not for clinical use",
+      "license": "Apache-2.0",
+      "intended_use": "research and demonstration of ...; not for clinical use",
+      "training_data": "synthetic phantoms (generated, no licence needed) and ... (CC-BY-4.0)",
       "weights_sha256": "3b0c...e9"
     }
+
+``license`` (the weights' licence, an SPDX identifier), ``intended_use`` and ``training_data`` (a
+summary of the data and its licences) came after format version 1 was fixed: optional, written only
+when set, and a card without them reads as "not stated" (:mod:`m4oe.card_summary`).
 """
 
 from __future__ import annotations
@@ -203,6 +210,9 @@ class ModelCard:
     provenance: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     notes: str = ""
+    license: str = ""
+    intended_use: str = ""
+    training_data: str = ""
     weights_sha256: str = ""
 
     def __post_init__(self):
@@ -275,6 +285,8 @@ class ModelCard:
             "provenance": self.provenance,
             "metrics": self.metrics,
             "notes": self.notes,
+            # written only when stated, so cards without them stay readable by older engines
+            **{key: getattr(self, key) for key in _CARD_FACTS if getattr(self, key)},
             "weights_sha256": self.weights_sha256,
         }
 
@@ -306,6 +318,7 @@ class ModelCard:
                 provenance=_check(data.get("provenance", {}), dict, "provenance", path),
                 metrics=_check(data.get("metrics", {}), dict, "metrics", path),
                 notes=_check(data.get("notes", ""), str, "notes", path),
+                **{key: _check(data.get(key, ""), str, key, path) for key in _CARD_FACTS},
                 weights_sha256=_check(data.get("weights_sha256", ""), str, "weights_sha256", path),
             )
         except ModelError as error:
@@ -339,7 +352,17 @@ class ModelCard:
 
 
 _CARD_REQUIRED = ("format_version", "name", "architecture", "experts", "tasks")
-_CARD_OPTIONAL = ("description", "preprocessing", "provenance", "metrics", "notes", "weights_sha256")
+_CARD_FACTS = ("license", "intended_use", "training_data")
+"""Optional statements for a reviewer, added after format version 1 (see the module docstring)."""
+_CARD_OPTIONAL = (
+    "description",
+    "preprocessing",
+    "provenance",
+    "metrics",
+    "notes",
+    *_CARD_FACTS,
+    "weights_sha256",
+)
 _JSON_KIND = {
     str: "a string",
     int: "an integer",

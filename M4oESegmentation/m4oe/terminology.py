@@ -4,19 +4,27 @@ Each entry gives a segment's display name, Slicer's recommended colour and its D
 meaning (category, type and, for paired organs, a laterality modifier), so that a model card can
 name its classes the way Slicer's terminology module and DICOM SEG writers expect.
 
-Sources (looked up, not remembered):
-- 3D Slicer's ``SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.json`` ("3D Slicer General
-  Anatomy list"): codes, code meanings and ``recommendedDisplayRGBValue`` of every entry marked
-  ``slicer`` below.
-- SlicerTotalSegmentator's ``totalsegmentator_snomed_mapping.csv`` and
-  ``SegmentationCategoryTypeModifier-TotalSegmentator.term.json`` for the structures the General
-  Anatomy list lacks (inferior vena cava, portal and splenic vein, vertebra, liver tumour),
-  marked ``totalsegmentator``.
+The module ships these structures as a Slicer terminology context of its own,
+``M4oESegmentation/Resources/Terminology/SegmentationCategoryTypeModifier-M4oESegmentation.term.json``
+(context :data:`m4oe.labels.TERMINOLOGY_CONTEXT`, the one every label's ``TerminologyEntry`` names),
+as SlicerTotalSegmentator does: Slicer's "3D Slicer General Anatomy list" lacks the inferior vena
+cava, the portal and splenic vein, the vertebra and the liver tumour, so naming that list for them
+would point at codes it does not hold. Testing/test_terminology.py checks that file and this table
+against each other, and both against the entries of Slicer's own terminology files
+(Testing/data/slicer_terminology/) that hold the same codes.
 
-Two choices of ours: the liver tumour takes the colour of the General Anatomy list's "Mass" (its
-"Morphologically Altered Structure" category has no neoplasm entry), and its anatomic region
-(liver, SCT 10200004, in TotalSegmentator's mapping) is not kept because a ``Label`` has no region
-field; the vertebra takes TotalSegmentator's lumbar vertebra colour.
+Sources of the codes and colours (looked up, not remembered):
+- Slicer's ``SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.json``: codes, code meanings and
+  ``recommendedDisplayRGBValue`` of every entry it holds (all but the five below).
+- Slicer's ``SegmentationCategoryTypeModifier-DICOM-Master.json`` for the inferior vena cava
+  (SCT 64131007), the vertebra (SCT 51282000) and the neoplasm (SCT 108369006).
+- SlicerTotalSegmentator's ``SegmentationCategoryTypeModifier-TotalSegmentator.term.json`` for the
+  portal vein and splenic vein (SCT 110765007, in no Slicer file) and the colour of the veins.
+
+Our choices: the liver tumour takes the colour of TotalSegmentator's neoplasm and has no anatomic
+region (a ``Label`` has no region field); the vertebra takes the General Anatomy list's bone colour;
+:func:`generic_label`'s "Anatomical structure" (SCT 91723000, in no Slicer file) the list's
+neutral tissue colour.
 """
 
 from __future__ import annotations
@@ -32,16 +40,24 @@ RIGHT = Code("SCT", "24028007", "Right")
 LEFT = Code("SCT", "7771000", "Left")
 
 
+SOURCES = ("general-anatomy", "dicom-master", "totalsegmentator")
+
+
 @dataclass(frozen=True)
 class Term:
-    """A structure's display name, recommended colour (RGB, 0..255), codes and where they come from."""
+    """A structure's display name, recommended colour (RGB, 0..255), codes and where they come from.
+
+    ``source``: the file whose entry gives the codes, :data:`SOURCES` ("general-anatomy": Slicer's
+    General Anatomy list; "dicom-master": Slicer's DICOM master list; "totalsegmentator":
+    SlicerTotalSegmentator's terminology).
+    """
 
     name: str
     rgb: tuple[int, int, int]
     category: Code
     type: Code
     modifier: Code | None = None
-    source: str = "slicer"
+    source: str = "general-anatomy"
 
     def label(self, value: int) -> Label:
         """This structure as class ``value`` of a task (colour converted to 0..1)."""
@@ -70,7 +86,7 @@ TERMS: dict[str, Term] = {
         (0, 151, 206),
         ANATOMICAL_STRUCTURE,
         _sct("64131007", "Inferior vena cava"),
-        source="totalsegmentator",
+        source="dicom-master",
     ),
     "portal_vein_and_splenic_vein": Term(
         "portal vein and splenic vein",
@@ -99,14 +115,14 @@ TERMS: dict[str, Term] = {
         (212, 188, 102),
         ANATOMICAL_STRUCTURE,
         _sct("51282000", "Vertebra"),
-        source="totalsegmentator",
+        source="dicom-master",
     ),
     "liver_tumor": Term(
         "liver tumor",
         (144, 238, 144),
         MORPHOLOGICALLY_ALTERED_STRUCTURE,
         _sct("108369006", "Neoplasm"),
-        source="totalsegmentator",
+        source="dicom-master",
     ),
     "muscle": Term("muscle", (192, 104, 88), TISSUE, _sct("71616004", "Muscle")),
     "body_fat": Term("body fat", (230, 220, 70), TISSUE, _sct("248300009", "Body fat")),

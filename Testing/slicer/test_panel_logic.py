@@ -130,10 +130,27 @@ def test_model_choices_list_models_and_a_chosen_card(tiny_model_dir):
 
 def test_model_info_text(tiny_model_dir):
     card = models.model_card(str(tiny_model_dir))
-    assert models.model_info(card) == "untrained tiny model for tests"
-    assert models.model_info(dict(card, notes="demo only")).endswith("<br><b>demo only</b>")
+    assert models.model_info(card).startswith(
+        "untrained tiny model for tests<br><b>Licence:</b> not stated<br>"
+    )
+    assert "<br><b>demo only</b><br>" in models.model_info(dict(card, notes="demo only"))
     assert models.model_info(None, "cannot read") == "cannot read"
     assert "downloaded" in models.model_info(None)
+
+
+def test_model_facts_of_the_embedded_model():
+    """What the panel shows a reviewer under the model list: licence, training data, real scans."""
+    lines = models.model_facts(models.model_card(None)).split("<br>")
+    assert lines[0] == "<b>Licence:</b> Apache-2.0"
+    assert lines[1].startswith("<b>Intended use:</b> Research and demonstration")
+    assert lines[2].startswith("<b>Training data:</b> Synthetic phantoms") and "CC-BY-4.0" in lines[2]
+    assert "85 training cases" in lines[2]
+    assert lines[3] == "<b>Real-scan validation:</b>"
+    assert lines[4].startswith("example_ct_dicom (CT): mean Dice 0.49, mean HD95 22.6 mm; liver 0.94")
+    assert lines[5].startswith("example_mr_sm (MR): mean Dice 0.26")
+    assert lines[6].startswith("reference labels: TotalSegmentator outputs (pseudo-labels)")
+    bare = models.model_facts({"name": "x"})
+    assert bare.endswith("<b>Real-scan validation:</b> none recorded") and "Licence:</b> not stated" in bare
 
 
 # --- dependencies --------------------------------------------------------------------------------
@@ -146,8 +163,61 @@ def test_missing_requirements_reads_the_installed_versions():
     assert dependencies.missing_requirements(["m4oe-no-such-package>=1"]) == ["m4oe-no-such-package>=1"]
     assert dependencies.missing_requirements(['psutil>=999; sys_platform == "no-such-os"']) == []
     # This environment has what the engine needs, as Slicer has after the first-use install.
+    assert [str(r) for r in dependencies.requirements()] == [
+        "timm<2,>=1.0",
+        "safetensors>=0.4",
+        "slicerio>=1.1",
+        "psutil>=5.9",
+    ]
     assert dependencies.missing_requirements() == []
     dependencies.ensure_packages(confirm=True)  # nothing missing: no question, no install
+
+
+class FakeSlicerPackaging:
+    """The three functions of Slicer's ``slicer.packaging`` (Slicer >= 5.11) the module calls, which
+    slicer-core lacks: ``load_requirements`` and ``pip_check`` as Slicer's (the same parsing and
+    version test, extras left out), ``pip_ensure`` recording its call and installing nothing, as
+    Slicer's does in testing mode."""
+
+    def __init__(self):
+        self.ensured = []
+
+    @staticmethod
+    def load_requirements(path):
+        from packaging.requirements import Requirement
+
+        lines = (line.strip() for line in open(path, encoding="utf-8"))
+        return [Requirement(line) for line in lines if line and not line.startswith(("#", "-"))]
+
+    @staticmethod
+    def pip_check(requirement):
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            return True
+        try:
+            return importlib.metadata.version(requirement.name) in requirement.specifier
+        except importlib.metadata.PackageNotFoundError:
+            return False
+
+    def pip_ensure(self, requirements, **options):
+        self.ensured.append(([str(r) for r in requirements], options))
+
+
+def test_packages_are_ensured_with_slicer_packaging(monkeypatch, tmp_path):
+    fake = FakeSlicerPackaging()
+    monkeypatch.setitem(__import__("sys").modules, "slicer.packaging", fake)
+    assert dependencies.slicer_packaging() is fake
+    dependencies.ensure_packages(confirm=True)  # all installed: pip_ensure is not called
+    assert fake.ensured == []
+    wanted = tmp_path / "requirements.txt"
+    wanted.write_text("# a comment\npsutil>=5.9\nm4oe-no-such-package>=1\n--index-url x\n", encoding="utf-8")
+    monkeypatch.setattr(dependencies, "REQUIREMENTS_FILE", wanted)
+    assert dependencies.missing_requirements() == ["m4oe-no-such-package>=1"]
+    # pip_ensure installed nothing (Slicer's testing mode): the module says what is missing.
+    with pytest.raises(RuntimeError, match="not installed: m4oe-no-such-package>=1"):
+        dependencies.ensure_packages(confirm=False)
+    ((requested, options),) = fake.ensured
+    assert requested == ["psutil>=5.9", "m4oe-no-such-package>=1"]
+    assert options == {"prompt_install": False, "requester": "M4oE Segmentation"}
 
 
 def test_torch_version_problem():
@@ -160,9 +230,8 @@ def test_torch_version_problem():
 
 
 def test_pytorch_comes_only_from_the_pytorch_extension():
-    names = {req.split(">")[0].split("=")[0].split("<")[0] for req in dependencies.PYTHON_REQUIREMENTS}
-    assert not names & {"torch", "torchvision"}, "pip is never asked for torch"
-    assert {"torch", "SimpleITK"} <= set(dependencies.PIP_SKIP_PACKAGES)
+    names = {requirement.name for requirement in dependencies.requirements()}
+    assert not names & {"torch", "torchvision", "SimpleITK"}, "pip is never asked for torch or SimpleITK"
     with pytest.raises(RuntimeError, match="PyTorch extension"):  # no PyTorchUtils outside Slicer
         dependencies.ensure_torch(confirm=False)
 

@@ -144,6 +144,11 @@ class TrainConfig:
     export_epoch: str = "best"
     description: str = ""
     notes: str = ""
+    # The model card's statements for a reviewer (m4oe.model_card): the weights' licence (SPDX),
+    # the intended use, and the training data with its licences.
+    license: str = ""
+    intended_use: str = ""
+    training_data: str = ""
 
     def __post_init__(self):
         if not self.datasets:

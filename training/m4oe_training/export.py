@@ -142,6 +142,9 @@ def build_card(
         provenance=provenance,
         metrics=metrics,
         notes=notes or cfg.notes,
+        license=cfg.license,
+        intended_use=cfg.intended_use,
+        training_data=cfg.training_data,
     )
 
 

@@ -1,0 +1,208 @@
+"""A model card in words: what a reviewer needs before using a model.
+
+``m4oe info MODEL`` prints :func:`info_page`; the Slicer panel shows :func:`licence_text`,
+:func:`training_data_text` and :func:`real_validation_lines` under the model list. Everything here
+reads the card as the JSON dict of ``model.json`` (``ModelCard.to_dict()``), so the Slicer module,
+which reads cards without the engine's packages, uses the same text; standard library only.
+
+The facts come from the card's fields: ``license``, ``intended_use`` and ``training_data`` (say
+"not stated" when a card lacks them), the training ``provenance`` (datasets and their training
+cases, stages, iterations, time) and ``metrics`` (``validation`` on held-out phantom cases,
+``real_validation`` on real scans with reference labels).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+NOT_STATED = "not stated"
+
+
+def licence_text(card: dict) -> str:
+    """The weights' licence (an SPDX identifier such as ``"Apache-2.0"``), or "not stated"."""
+    return str(card.get("license") or NOT_STATED)
+
+
+def intended_use_text(card: dict) -> str:
+    """What the model is meant for, or "not stated"."""
+    return str(card.get("intended_use") or NOT_STATED)
+
+
+def human_duration(seconds: float) -> str:
+    """``4358.4`` -> ``"1 h 13 min"``; ``95`` -> ``"1 min 35 s"``."""
+    seconds = round(float(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def _datasets(provenance: dict) -> list[tuple[str, int, list[str]]]:
+    """(path, training cases, modalities) of each distinct dataset folder of the provenance."""
+    folders: dict[str, tuple[int, list[str]]] = {}
+    for entry in (provenance.get("data") or {}).values():
+        if not isinstance(entry, dict):
+            continue
+        path = str(entry.get("path", "?"))
+        cases = len(entry.get("train_cases") or [])
+        count, modalities = folders.get(path, (0, []))
+        modality = str(entry.get("modality", "?")).upper()
+        folders[path] = (max(count, cases), modalities + ([modality] if modality not in modalities else []))
+    return [(path, count, modalities) for path, (count, modalities) in folders.items()]
+
+
+def _iterations(config: dict) -> tuple[int, int] | None:
+    """(iterations, batch size) of a training config's stages, or None when it does not say."""
+    per_epoch = config.get("iterations_per_epoch")
+    stages = config.get("stages") or []
+    if not isinstance(per_epoch, int) or not stages:
+        return None
+    epochs = sum(int(stage.get("epochs", 0)) for stage in stages if isinstance(stage, dict))
+    return epochs * per_epoch, int(config.get("batch_size", 0))
+
+
+def training_data_text(card: dict) -> str:
+    """One paragraph: the card's ``training_data`` statement, then what the provenance records.
+
+    Example: ``"Synthetic phantoms and one real CT (CC-BY-4.0). 5 datasets, 85 training cases:
+    data/phantom/ct 20 (CT), ...; 5000 iterations of batch 8 in 1 h 12 min; continued from an
+    earlier model."``
+    """
+    parts = [str(card.get("training_data") or "").strip() or f"Training data {NOT_STATED}."]
+    provenance = card.get("provenance") or {}
+    datasets = _datasets(provenance)
+    if datasets:
+        total = sum(count for _path, count, _m in datasets)
+        listed = ", ".join(f"{path} {count} ({'/'.join(mods)})" for path, count, mods in datasets)
+        parts.append(f"{len(datasets)} datasets, {total} training cases: {listed}.")
+    run = []
+    iterations = _iterations(provenance.get("config") or {})
+    if iterations:
+        run.append(f"{iterations[0]} iterations of batch {iterations[1]}")
+    if isinstance(provenance.get("training_seconds"), (int, float)):
+        run.append(f"in {human_duration(provenance['training_seconds'])}")
+    if run:
+        text = " ".join(run)
+        if provenance.get("init_weights_sha256"):
+            text += ", continued from an earlier model"
+        parts.append(text[0].upper() + text[1:] + ".")
+    return " ".join(parts)
+
+
+def _figure(value, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def real_validation_lines(card: dict) -> list[str]:
+    """One line per real validation scan (``metrics.real_validation``): modality, mean Dice and
+    HD95, then the Dice of each organ; a last line says what the reference labels were."""
+    real = (card.get("metrics") or {}).get("real_validation") or {}
+    lines = []
+    for name, scan in (real.get("scans") or {}).items():
+        dice = ", ".join(f"{organ} {_figure(value)}" for organ, value in (scan.get("dice") or {}).items())
+        lines.append(
+            f"{name} ({str(scan.get('modality', '?')).upper()}): mean Dice {_figure(scan.get('mean_dice'))}, "
+            f"mean HD95 {_figure(scan.get('mean_hd95_mm'), 1)} mm; {dice}"
+        )
+    if lines and real.get("labels"):
+        lines.append(
+            f"reference labels: {real['labels']}" + (f" ({real['date']})" if real.get("date") else "")
+        )
+    return lines
+
+
+def phantom_validation_lines(card: dict) -> list[str]:
+    """One line per validation set with held-out cases (``metrics.validation``): mean Dice."""
+    lines = []
+    for name, result in ((card.get("metrics") or {}).get("validation") or {}).items():
+        if isinstance(result, dict) and result.get("cases"):
+            lines.append(
+                f"{name} ({str(result.get('modality', '?')).upper()}, {result['cases']} cases): "
+                f"mean Dice {_figure(result.get('mean_dice'))}"
+            )
+    return lines
+
+
+def _preprocessing_line(pre: dict, img_size) -> str:
+    if pre.get("in_plane") == "spacing" and pre.get("target_spacing_mm"):
+        sy, sx = pre["target_spacing_mm"]
+        text = f"slices resampled to {sy:g} x {sx:g} mm and padded or cropped to {img_size} px"
+    else:
+        text = f"slices resized to {img_size} x {img_size} px"
+    for modality, params in (pre.get("intensity") or {}).items():
+        described = ", ".join(
+            f"{key} {' to '.join(f'{v:g}' for v in value) if isinstance(value, list) else _number(value)}"
+            for key, value in params.items()
+            if key != "modality"
+        )
+        text += f"; {modality.upper()}: {described}"
+    return text + f"; {pre.get('slice_batch', 16)} slices per batch"
+
+
+def _number(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def weights_facts(weights: str | Path) -> str:
+    """``"13.1 MB, 3.2 M parameters"`` from a safetensors file (its header only; no torch)."""
+    path = Path(weights)
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    count = 0
+    for name, tensor in header.items():
+        if name != "__metadata__":
+            elements = 1
+            for dim in tensor["shape"]:
+                elements *= dim
+            count += elements
+    return f"{size / 1e6:.1f} MB, {count / 1e6:.1f} M parameters"
+
+
+def info_page(card: dict, weights: str | Path | None = None) -> str:
+    """The readable page ``m4oe info`` prints: what the model is, does, was trained on and scores.
+
+    ``card``: the card as a dict; ``weights``: its safetensors file, for size and parameter count.
+    """
+    arch = card["architecture"]
+    experts = arch.get("experts") or []
+    lines = [f"{card['name']}: {card.get('description', '')}"]
+    if card.get("notes"):
+        lines.append(f"NOTE: {card['notes']}")
+    lines += [f"licence: {licence_text(card)}", f"intended use: {intended_use_text(card)}"]
+    context = ", slice context" if arch.get("gate_context", "none") != "none" else ""
+    kind = (
+        f"M4oE, {len(experts)} experts ({arch.get('gate')} gate{context}, top_k={arch.get('top_k')})"
+        if experts
+        else "dense"
+    )
+    size = f"; {weights_facts(weights)}" if weights is not None and Path(weights).is_file() else ""
+    lines.append(f"architecture: Swin-UNet {arch['img_size']}px, {kind}, in_chans {arch['in_chans']}{size}")
+    for expert in card.get("experts") or []:
+        lines.append(f"  expert {expert['name']}: {expert['modality']}")
+    for task in card.get("tasks") or []:
+        names = {label["value"]: label["name"] for label in task["labels"]}
+        lines.append(f"task {task['name']}: " + ", ".join(f"{v} {n}" for v, n in names.items()))
+        steps = []
+        if task.get("test_time_passes", 1) > 1:
+            steps.append(f"test-time augmentation, {task['test_time_passes']} passes averaged")
+        if task.get("through_plane_sigma_mm"):
+            steps.append(f"through-plane smoothing sigma {task['through_plane_sigma_mm']:g} mm")
+        if task.get("largest_component"):
+            steps.append("largest component of " + ", ".join(names[v] for v in task["largest_component"]))
+        if steps:
+            lines.append("  post-processing: " + "; ".join(steps))
+    lines.append("preprocessing: " + _preprocessing_line(card.get("preprocessing") or {}, arch["img_size"]))
+    lines.append("training data: " + training_data_text(card))
+    phantom = phantom_validation_lines(card)
+    real = real_validation_lines(card)
+    lines.append("validation:" + ("" if phantom or real else f" {NOT_STATED}"))
+    lines += [f"  held-out {line}" for line in phantom]
+    lines += [f"  real scan {line}" if not line.startswith("reference") else f"  {line}" for line in real]
+    lines.append(f"weights sha256: {card.get('weights_sha256') or NOT_STATED}")
+    lines.append("(the full model card: m4oe info MODEL --json)")
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""Model facts a reviewer needs: the card's licence, intended use and training-data statement, and
+``m4oe info`` as a readable page (the full card behind ``--json``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from m4oe import cli
+from m4oe.card_summary import (
+    NOT_STATED,
+    human_duration,
+    info_page,
+    licence_text,
+    real_validation_lines,
+    training_data_text,
+    weights_facts,
+)
+from m4oe.checkpoint import read_model_card
+from m4oe.errors import ModelError
+from m4oe.hub import resolve_model
+from m4oe.model_card import ModelCard
+
+
+def run_cli(argv: list, capsys) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_the_embedded_card_states_licence_intended_use_and_training_data():
+    card = read_model_card(resolve_model(None))
+    assert card.license == "Apache-2.0"
+    assert "not for clinical use" in card.intended_use
+    # The data it was trained on, with their licences.
+    assert "TotalSegmentator" in card.training_data and "CC-BY-4.0" in card.training_data
+    assert "Apache-2.0" in card.training_data and "phantom" in card.training_data
+
+
+def test_card_facts_round_trip_are_optional_and_checked(tiny_model_dir, tmp_path):
+    card = read_model_card(tiny_model_dir)
+    assert (card.license, card.intended_use, card.training_data) == ("", "", "")
+    assert not {"license", "intended_use", "training_data"} & set(card.to_dict())  # older engines read it
+    stated = dataclasses.replace(card, license="CC-BY-4.0", intended_use="tests", training_data="none")
+    data = stated.to_dict()
+    assert ModelCard.from_dict(data) == stated
+    assert list(data)[-4:] == ["license", "intended_use", "training_data", "weights_sha256"]
+    with pytest.raises(ModelError, match="model card key 'license' must be a string, got an integer"):
+        ModelCard.from_dict(dict(data, license=2), tmp_path / "model.json")
+
+
+def test_info_prints_a_readable_page_of_the_embedded_model(capsys):
+    code, out, _ = run_cli(["info"], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert len(out) < 4000, f"{len(out)} characters: a page, not the provenance dump"
+    assert "phantomct_000" not in out and "provenance" not in out
+    assert lines[0].startswith("m4oe-phantom: M4oE abdominal model")
+    assert "licence: Apache-2.0" in lines
+    assert any(line.startswith("intended use: Research and demonstration") for line in lines)
+    assert any(line.startswith("architecture: Swin-UNet 128px, M4oE, 3 experts") for line in lines)
+    assert any("13.1 MB, 6.5 M parameters" in line for line in lines)
+    (pre,) = [line for line in lines if line.startswith("preprocessing: ")]
+    assert "3.5 x 3.5 mm" in pre and "CT: clip -732 to 837" in pre and "MR: percentiles 0.5 to 99.5" in pre
+    (training,) = [line for line in lines if line.startswith("training data: ")]
+    assert "CC-BY-4.0" in training and "5 datasets, 85 training cases" in training
+    assert "5000 iterations of batch 8 in 1 h 12 min, continued from an earlier model." in training
+    assert "  held-out 0:ct (CT, 4 cases): mean Dice 0.85" in lines
+    (ct_scan,) = [line for line in lines if line.startswith("  real scan example_ct_dicom (CT)")]
+    assert "mean Dice 0.49" in ct_scan and "liver 0.94" in ct_scan
+    assert any(line.startswith("  real scan example_mr_sm (MR): mean Dice 0.26") for line in lines)
+    assert "weights sha256: 9ea16cf9a030d8749e0f4aa4806eca6ce0d21a31f1ccc42a8b0aacb22a3f4f0a" in lines
+    code, out, _ = run_cli(["info", "--json"], capsys)
+    assert code == 0 and json.loads(out)["provenance"]["data"]["0:ct"]["train_cases"][0] == "phantomct_000"
+
+
+def test_info_of_a_card_that_states_nothing_says_so(tiny_model_dir, tmp_path, capsys):
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "bare"))
+    card = json.loads((folder / "model.json").read_text())
+    card["metrics"], card["provenance"] = {}, {}
+    (folder / "model.json").write_text(json.dumps(card))
+    code, out, _ = run_cli(["info", folder], capsys)
+    assert code == 0
+    for line in ("licence: not stated", "intended use: not stated", "validation: not stated"):
+        assert line in out.splitlines()
+    assert "training data: Training data not stated." in out.splitlines()
+
+
+def test_summary_pieces():
+    assert human_duration(4358.4) == "1 h 12 min" and human_duration(95) == "1 min 35 s"
+    assert human_duration(7) == "7 s"
+    assert licence_text({}) == NOT_STATED and licence_text({"license": "MIT"}) == "MIT"
+    card = {
+        "training_data": "Phantoms.",
+        "provenance": {
+            "data": {
+                "0:ct": {"path": "a", "modality": "ct", "train_cases": ["x", "y"]},
+                "1:ct": {"path": "a", "modality": "mr", "train_cases": ["x", "y"]},
+                "2:t1": {"path": "b", "modality": "mr", "train_cases": ["z"]},
+            },
+            "config": {"iterations_per_epoch": 10, "batch_size": 4, "stages": [{"epochs": 2}, {"epochs": 3}]},
+            "training_seconds": 61,
+        },
+        "metrics": {
+            "real_validation": {
+                "scans": {"s": {"modality": "mr", "dice": {"liver": 0.9, "spleen": None}, "mean_dice": 0.9}},
+                "labels": "manual",
+            }
+        },
+    }
+    assert training_data_text(card) == (
+        "Phantoms. 2 datasets, 3 training cases: a 2 (CT/MR), b 1 (MR). "
+        "50 iterations of batch 4 in 1 min 01 s."
+    )
+    assert real_validation_lines(card) == [
+        "s (MR): mean Dice 0.90, mean HD95 n/a mm; liver 0.90, spleen n/a",
+        "reference labels: manual",
+    ]
+    assert info_page(dict(card, name="m", architecture={"img_size": 8, "in_chans": 1})).endswith("--json)")
+
+
+def test_weights_facts_read_the_safetensors_header(tiny_model_dir):
+    from safetensors.numpy import load_file
+
+    weights = tiny_model_dir / "model.safetensors"
+    count = sum(array.size for array in load_file(str(weights)).values())
+    size = weights.stat().st_size
+    assert weights_facts(weights) == f"{size / 1e6:.1f} MB, {count / 1e6:.1f} M parameters"
