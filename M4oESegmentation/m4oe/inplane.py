@@ -9,6 +9,7 @@ slice coordinate ``(u - o + 0.5) * (n / r) - 0.5`` along an axis with n slice pi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,11 +85,51 @@ def to_model_grid(slices: torch.Tensor, grid: InPlaneGrid, pad_value: float) -> 
     return canvas
 
 
-def from_model_grid(maps: torch.Tensor, grid: InPlaneGrid) -> torch.Tensor:
-    """Resample model-grid maps (B, K, S, S) (logits or probabilities) back to slices (B, K, Y, X)."""
+def from_model_grid(
+    maps: torch.Tensor, grid: InPlaneGrid, rows: slice | None = None, cols: slice | None = None
+) -> torch.Tensor:
+    """Resample model-grid maps (B, K, S, S) (logits or probabilities) back to slices (B, K, Y, X).
+
+    ``rows``, ``cols``: only this window of the slice (slice pixel indices, step 1), as
+    (B, K, len(rows), len(cols)): the same values as the window of the whole slice's resampling
+    (bilinear, ``align_corners=False``), at the cost of the window only.
+    """
     (ry, rx), (oy, ox) = grid.scaled_shape, grid.offset
     maps = maps[..., oy : oy + ry, ox : ox + rx]
-    return F.interpolate(maps, size=grid.slice_shape, mode="bilinear", align_corners=False)
+    ny, nx = grid.slice_shape
+    if (rows is None or (rows.start, rows.stop) == (0, ny)) and (
+        cols is None or (cols.start, cols.stop) == (0, nx)
+    ):
+        return F.interpolate(maps, size=grid.slice_shape, mode="bilinear", align_corners=False)
+    for axis, window, n, r in ((-2, rows or slice(0, ny), ny, ry), (-1, cols or slice(0, nx), nx, rx)):
+        i0, i1, w1 = _linear_taps(window, n, r, maps.device)
+        shape = [1] * maps.dim()
+        shape[axis] = -1
+        w1 = w1.to(maps.dtype).view(shape)
+        maps = maps.index_select(axis, i0) * (1 - w1) + maps.index_select(axis, i1) * w1
+    return maps
+
+
+def _linear_taps(window: slice, n: int, r: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For slice pixels ``window`` of an axis of n pixels resampled from r model pixels: the two
+    model pixels each one interpolates and the second one's weight, as PyTorch's bilinear
+    ``align_corners=False`` computes them (source coordinate clamped at 0, last pixel repeated)."""
+    dst = torch.arange(window.start, window.stop, dtype=torch.float32, device=device)
+    src = ((dst + 0.5) * torch.tensor(r / n, dtype=torch.float32) - 0.5).clamp_min(0.0)
+    i0 = src.floor().long().clamp_max(r - 1)
+    i1 = (i0 + 1).clamp_max(r - 1)
+    return i0, i1, src - i0
+
+
+def model_window(grid: InPlaneGrid, rows: slice, cols: slice) -> tuple[slice, slice]:
+    """The model-grid pixels (rows, columns of the S x S input) whose area overlaps slice pixels
+    ``rows``, ``cols`` (slice pixel indices)."""
+    out = []
+    for window, n, r, o in zip((rows, cols), grid.slice_shape, grid.scaled_shape, grid.offset, strict=True):
+        lo = o + math.floor(window.start * r / n)
+        hi = o + math.ceil(window.stop * r / n)
+        out.append(slice(max(lo, 0), min(hi, grid.size)))
+    return tuple(out)
 
 
 def labels_to_model_grid(labels: np.ndarray, grid: InPlaneGrid) -> torch.Tensor:
