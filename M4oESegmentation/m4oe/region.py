@@ -35,7 +35,7 @@ BODY_MASK_SIDE = 128
 """In-plane pixels per side of the subsampled mask the body is found on (plus the margin)."""
 BODY_PIECE_FRACTION = 0.1
 """Connected pieces of at least this fraction of the largest one count as body (arms, a split torso)."""
-TOLERANCE = 1e-6  # in voxels: a box face on a voxel centre includes that voxel
+TOLERANCE = 1e-3  # voxels: a box face within this of a voxel centre (mm rounded in text) includes it
 
 
 @dataclass(frozen=True)
