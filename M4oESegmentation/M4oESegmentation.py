@@ -23,7 +23,7 @@ import qt
 import slicer
 import vtk
 from M4oESegmentationLib import dependencies, models, sample_data, status, terminology, views
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -157,6 +157,9 @@ class M4oESegmentationParameterNode:
     MODEL_SMOOTHING: the model card's). keepAllPieces: keep every connected component of each
     segment instead of the card's clean-up. backend: the engine's network runtime. severalVolumes:
     Apply segments every volume checked in the batch list, each result next to its volume.
+    skippedStructures: the task's structures left unchecked (comma-separated keys; "": all are
+    segmented). roi: segment only inside this markups ROI (none: everywhere). bodyCrop: segment
+    only the box around the body.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -168,6 +171,9 @@ class M4oESegmentationParameterNode:
     smoothingMm: Annotated[float, WithinRange(MODEL_SMOOTHING, 20.0)] = MODEL_SMOOTHING
     keepAllPieces: bool = False
     backend: Annotated[str, Choice(list(BACKEND_CHOICES))] = "torch"
+    skippedStructures: str = ""
+    roi: vtkMRMLMarkupsROINode
+    bodyCrop: bool = True
     outputSegmentation: vtkMRMLSegmentationNode
     replaceExisting: bool = False
     showGateOverlay: bool = False
@@ -223,6 +229,7 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
         self.ui.taskComboBox.connect("currentIndexChanged(int)", self.onTaskSelected)
         self.ui.forceExpertComboBox.connect("currentIndexChanged(int)", self.onForcedExpertSelected)
+        self.ui.structuresListWidget.connect("itemChanged(QListWidgetItem*)", self.onStructureToggled)
         self.ui.datasetPathLineEdit.connect("currentPathChanged(QString)", self.onDatasetPathChanged)
         self.ui.studyVolumesButton.connect("clicked(bool)", self.onStudyVolumesButton)
         self.ui.batchVolumesComboBox.connect("checkedNodesChanged()", self._updateButtons)
@@ -312,6 +319,7 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._shownModel != p.model:
                 self._showModelDetails(p.model)
             self._selectItemData(self.ui.taskComboBox, p.task)
+            self._showStructures(p.model, p.task, p.skippedStructures)
             self._selectItemData(self.ui.forceExpertComboBox, p.forcedExpert)
             if self.ui.datasetPathLineEdit.currentPath != p.datasetPath:
                 self.ui.datasetPathLineEdit.currentPath = p.datasetPath
@@ -346,6 +354,7 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.severalVolumesCheckBox.enabled = not running
         self.ui.inputsCollapsibleButton.enabled = not running
         self.ui.outputsCollapsibleButton.enabled = not running
+        self.ui.regionCollapsibleButton.enabled = not running
         self.ui.compareButton.enabled = not running and bool(
             p.inputVolume and p.outputSegmentation and self.ui.forceExpertComboBox.currentData
         )
@@ -421,10 +430,45 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.model = model
                 self._parameterNode.task = ""
                 self._parameterNode.forcedExpert = ""
+                self._parameterNode.skippedStructures = ""
 
     def onTaskSelected(self, index=None) -> None:
         if self._parameterNode is not None and not self._updatingGUI:
-            self._parameterNode.task = self.ui.taskComboBox.currentData or ""
+            task = self.ui.taskComboBox.currentData or ""
+            if self._parameterNode.task != task:
+                with slicer.util.NodeModify(self._parameterNode.parameterNode):
+                    self._parameterNode.task = task
+                    self._parameterNode.skippedStructures = ""
+
+    def _showStructures(self, model, task, skipped) -> None:
+        """The task's structures as a checkable list, the skipped ones unchecked."""
+        try:
+            choices = models.structure_choices(models.model_card(model), task or None)
+        except ValueError:
+            choices = []
+        left_out = set(skipped.split(","))
+        listWidget = self.ui.structuresListWidget
+        wasBlocked = listWidget.blockSignals(True)
+        try:
+            listWidget.clear()
+            for key, name in choices:
+                item = qt.QListWidgetItem(name)
+                item.setData(qt.Qt.UserRole, key)
+                item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+                item.setCheckState(qt.Qt.Unchecked if key in left_out else qt.Qt.Checked)
+                listWidget.addItem(item)
+        finally:
+            listWidget.blockSignals(wasBlocked)
+
+    def _structureKeys(self) -> tuple[list, list]:
+        """(every structure key of the list, the checked ones)."""
+        items = [self.ui.structuresListWidget.item(n) for n in range(self.ui.structuresListWidget.count)]
+        keys = [item.data(qt.Qt.UserRole) for item in items]
+        return keys, [k for k, item in zip(keys, items, strict=True) if item.checkState() == qt.Qt.Checked]
+
+    def onStructureToggled(self, item=None) -> None:
+        if self._parameterNode is not None and not self._updatingGUI:
+            self._parameterNode.skippedStructures = models.skipped_text(*self._structureKeys())
 
     def onForcedExpertSelected(self, index=None) -> None:
         if self._parameterNode is not None and not self._updatingGUI:
@@ -537,6 +581,9 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 throughPlaneSigmaMm=None if p.smoothingMm < 0 else p.smoothingMm,
                 keepAllComponents=p.keepAllPieces,
                 backend=p.backend,
+                structures=models.checked_structures(self._structureKeys()[0], p.skippedStructures),
+                roi=p.roi,
+                bodyCrop=p.bodyCrop,
                 replaceExisting=p.replaceExisting,
                 onProgress=self._onProgress,
                 onFinished=self._onFinished,
@@ -775,6 +822,9 @@ class M4oESegmentationLogic(ScriptedLoadableModuleLogic):
         throughPlaneSigmaMm: float | None = None,
         keepAllComponents: bool = False,
         backend: str = "torch",
+        structures=None,
+        roi=None,
+        bodyCrop: bool = True,
         onProgress=None,
         onFinished=None,
     ):
@@ -804,6 +854,9 @@ class M4oESegmentationLogic(ScriptedLoadableModuleLogic):
             through_plane_sigma_mm=throughPlaneSigmaMm,
             keep_all_components=keepAllComponents,
             backend=backend,
+            structures=structures,
+            roi=roi,
+            body_crop=bodyCrop,
             on_progress=onProgress,
             on_finished=finished,
         )

@@ -118,6 +118,24 @@ def test_no_warning_on_real_abdominal_scans(predictor, shared_data, name):
     assert "scan" not in prediction.warnings
 
 
+def test_chosen_structures_and_regions_do_not_raise_false_warnings(predictor, shared_data):
+    # The check reads every class of the task, cleaned up as for the whole task, also when only the
+    # liver is kept; a user's region (here, one slab of the upper abdomen) is not checked at all.
+    from m4oe.region import VoxelBox
+
+    image = sitk.ReadImage(str(shared_data / "example_ct_sm.nii.gz"))
+    whole = predictor.predict(image, test_time_passes=1)
+    liver = predictor.predict(image, test_time_passes=1, structures=["liver"])
+    assert [label.name for label in liver.labels] == ["liver"]
+    assert liver.scan_check.warning is None and "scan" not in liver.warnings
+    assert liver.scan_check.to_dict() == whole.scan_check.to_dict()
+    slab = VoxelBox((0, 0, 10), (image.GetWidth(), image.GetHeight(), 14))
+    part = predictor.predict(image, test_time_passes=1, roi=slab)
+    assert part.scan_check is None and "scan" not in part.warnings
+    # the pelvis is still warned about when one structure is asked for
+    assert "scan" in predictor.predict(pelvis(shared_data), test_time_passes=1, structures=["liver"]).warnings
+
+
 def test_warning_on_pelvis_noise_and_head(predictor, shared_data):
     bench = load_benchmark()
     noise = bench.volume(np.random.default_rng(0).normal(0, 200, (30, 120, 120)))

@@ -19,6 +19,7 @@ from pathlib import Path
 from m4oe import card_summary, hub
 from m4oe.errors import ModelError
 from m4oe.labels import Label
+from m4oe.terminology import select_labels, structure_key
 
 try:
     from slicer.i18n import tr as _
@@ -163,3 +164,29 @@ def model_facts(card: dict) -> str:
     else:
         lines.append(_("<b>Real-scan validation:</b> none recorded"))
     return "<br>".join(lines)
+
+
+def structure_choices(card: dict | None, task: str | None) -> list[tuple[str, str]]:
+    """(structure key, display name) of a task's classes, for the checkable structure list."""
+    if card is None:
+        return []
+    return [(structure_key(label), label.name) for label in task_labels(card, task)[1]]
+
+
+def chosen_labels(labels: list[Label], structures: Sequence[str] | None) -> list[Label]:
+    """The labels ``structures`` choose (keys or names, see ``m4oe.terminology.select_labels``);
+    None is all of them. Raises ValueError naming an unknown structure, or when none is chosen."""
+    return list(labels) if structures is None else select_labels(labels, list(structures))
+
+
+def skipped_text(keys: Sequence[str], checked: Sequence[str]) -> str:
+    """The parameter-node text of a structure list: the unchecked keys, comma-separated (so a model's
+    new structures start checked)."""
+    return ",".join(k for k in keys if k not in set(checked))
+
+
+def checked_structures(keys: Sequence[str], skipped: str) -> list[str] | None:
+    """The keys left checked when ``skipped`` (comma-separated) are not; None when all are."""
+    left_out = {k for k in skipped.split(",") if k}
+    kept = [k for k in keys if k not in left_out]
+    return None if len(kept) == len(keys) else kept

@@ -57,7 +57,10 @@ class InferenceRequest:
     fastest). ``through_plane_sigma_mm``: sigma in mm of the Gaussian that averages class
     probabilities over neighbouring slices (0: off; None: the model card's). ``keep_all_components``:
     keep every connected component of each organ instead of the model card's clean-up. ``backend``:
-    "torch", "onnx" or "auto" (see ``m4oe segment --backend``). ``extra_args``: further command-line
+    "torch", "onnx" or "auto" (see ``m4oe segment --backend``). ``structures``: segment only these
+    structures of the task (keys or names; None: all). ``roi_mm``: segment only this box,
+    (x0, y0, z0, x1, y1, z1) in mm in the LPS frame (None: everywhere). ``body_crop``: segment only
+    the box around the body (the engine's default). ``extra_args``: further command-line
     arguments, passed as they are.
     """
 
@@ -74,6 +77,9 @@ class InferenceRequest:
     through_plane_sigma_mm: float | None = None
     keep_all_components: bool = False
     backend: str = "torch"
+    structures: Sequence[str] | None = None
+    roi_mm: Sequence[float] | None = None
+    body_crop: bool = True
     extra_args: Sequence[str] = ()
 
     def __post_init__(self):
@@ -94,6 +100,16 @@ class InferenceRequest:
             raise ValueError(f"through_plane_sigma_mm must be a number >= 0 or None, got {sigma!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.structures is not None and (
+            isinstance(self.structures, str)
+            or not self.structures
+            or any("," in str(n) for n in self.structures)
+        ):
+            raise ValueError(f"structures must be a non-empty list of names, got {self.structures!r}")
+        if self.roi_mm is not None and (
+            len(self.roi_mm) != 6 or not all(math.isfinite(float(v)) for v in self.roi_mm)
+        ):
+            raise ValueError(f"roi_mm must be six finite numbers x0,y0,z0,x1,y1,z1, got {self.roi_mm!r}")
         if isinstance(self.extra_args, str):
             raise ValueError(
                 f"extra_args must be a sequence of arguments, got the string {self.extra_args!r}"
@@ -132,6 +148,12 @@ def segment_arguments(request: InferenceRequest) -> list[str]:
         command.append("--no-cleanup")
     if request.backend != "torch":
         command += ["--backend", request.backend]
+    if request.structures is not None:
+        command += ["--structures", ",".join(str(n) for n in request.structures)]
+    if request.roi_mm is not None:  # "=": the first number may be negative
+        command.append("--roi-mm=" + ",".join(repr(float(v)) for v in request.roi_mm))
+    if not request.body_crop:
+        command.append("--no-body-crop")
     command += [str(arg) for arg in request.extra_args]
     return command
 

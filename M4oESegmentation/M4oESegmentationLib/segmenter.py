@@ -11,8 +11,9 @@ engine's process tree and adds nothing to the scene. The temporary folder is rem
 A result is a segmentation node that carries what produced it, so it can be reviewed, edited and
 exported after the scene is saved and loaded again: attributes ``M4oESegmentation.*`` (Labels,
 Modality, ModalitySource, Model, Task, ForcedExpert, TestTimePasses, ThroughPlaneSigmaMm,
-KeepAllComponents, LargestComponentLabels, Backend, ScanWarning, GateSummary: the settings and
-the scan check's warning as the engine reports them in its final record) and node references
+KeepAllComponents, LargestComponentLabels, Backend, ScanWarning, Structures, Region,
+GateSummary: the settings and the scan check's warning as the engine reports them in its
+final record) and node references
 ``M4oEGate{Table,Chart,Overlay,Colors}`` to its gate views and ``M4oEComparison.{expert}`` to its
 forced-expert comparisons.
 
@@ -150,6 +151,9 @@ class Segmenter:
         through_plane_sigma_mm: float | None = None,
         keep_all_components: bool = False,
         backend: str = "torch",
+        structures: list[str] | None = None,
+        roi=None,
+        body_crop: bool = True,
         extra_args: tuple[str, ...] = (),
         on_progress: Callable[[dict], None] | None = None,
         on_finished: Callable[[SegmentationResult | None, str | None], None] | None = None,
@@ -178,6 +182,11 @@ class Segmenter:
             keep_all_components: keep every connected component of each segment instead of the
                 model card's clean-up (which keeps the largest one of single organs).
             backend: network runtime, "torch", "onnx" (ONNX Runtime on the CPU) or "auto".
+            structures: segment only these structures of the task (keys such as "kidney_right",
+                or names); None is all. Only they become segments.
+            roi: a markups ROI node: segment only inside it (its axis-aligned box in the input's
+                LPS frame, see :func:`.volumes.roi_lps_bounds`); None is everywhere.
+            body_crop: segment only the box around the body (the engine's default).
             extra_args: further ``m4oe segment`` arguments (e.g. ``("--batch-size", "2")``).
             on_progress(record): each progress record of the engine (see :mod:`.process`).
             on_finished(result, error): once, from :meth:`poll`, with a :class:`SegmentationResult`
@@ -199,6 +208,8 @@ class Segmenter:
         if card is None:
             raise ValueError(f"model {model} is not downloaded yet")
         task_name, labels = models.task_labels(card, task)
+        labels = models.chosen_labels(labels, structures)
+        roi_mm = None if roi is None else volumes.roi_lps_bounds(roi, input_volume)
         if force_expert and force_expert not in models.expert_names(card):
             raise ValueError(f"model {card.get('name')!r} has no expert {force_expert!r}")
         segmentation = output_segmentation if replace_existing else None
@@ -231,6 +242,9 @@ class Segmenter:
                 through_plane_sigma_mm=through_plane_sigma_mm,
                 keep_all_components=keep_all_components,
                 backend=backend,
+                structures=None if structures is None else [models.structure_key(x) for x in labels],
+                roi_mm=roi_mm,
+                body_crop=body_crop,
                 extra_args=extra_args,
             )
             if self.engine is not None:
@@ -368,6 +382,8 @@ class Segmenter:
             "LargestComponentLabels": json.dumps(done.get("largest_component", [])),
             "Backend": str(done.get("backend", "")),
             "ScanWarning": done.get("warnings", {}).get("scan") or "",
+            "Structures": json.dumps(done.get("structures", [])),
+            "Region": json.dumps(done.get("region")),
         }
         for key, value in attributes.items():
             segmentation.SetAttribute(ATTRIBUTE + key, value)

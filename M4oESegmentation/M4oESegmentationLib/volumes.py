@@ -544,3 +544,36 @@ def study_volumes(volume_node) -> list:
         and not node.IsA("vtkMRMLLabelMapVolumeNode")
     ]
     return found if volume_node in found else [volume_node, *found]
+
+
+def roi_lps_bounds(roi_node, volume_node=None) -> tuple[float, float, float, float, float, float]:
+    """A markups ROI as the engine's region: (x0, y0, z0, x1, y1, z1), mm, LPS, axis-aligned.
+
+    The ROI's eight corners (its box, in world RAS through its parent transforms) are brought into
+    ``volume_node``'s local frame (the frame of :func:`volume_node_to_sitk`: through the inverse of
+    the volume's parent transform, which must be linear) and converted to LPS. A ROI rotated
+    against the LPS axes becomes the axis-aligned box around it. Raises ValueError for a ROI that
+    has no size yet (not placed) or a volume under a non-linear transform.
+    """
+    size = np.array(roi_node.GetSize(), dtype=float)
+    if roi_node.GetNumberOfControlPoints() == 0 or not (size > 0).all():
+        raise ValueError(f"{_node_name(roi_node)}: the ROI has no size; place it in the views first")
+    object_to_world = roi_node.GetObjectToWorldMatrix()
+    corners = []
+    for signs in np.array(np.meshgrid([-1, 1], [-1, 1], [-1, 1])).reshape(3, -1).T:
+        point = [*(signs * size / 2), 1.0]
+        corners.append(object_to_world.MultiplyPoint(point)[:3])
+    world_to_local = vtk.vtkMatrix4x4()
+    parent = volume_node.GetParentTransformNode() if volume_node is not None else None
+    if parent is not None and not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
+        None, parent, world_to_local
+    ):
+        raise ValueError(f"{_node_name(volume_node)}: the ROI cannot be used under a non-linear transform")
+    local = [world_to_local.MultiplyPoint([*c, 1.0])[:3] for c in corners]
+    return lps_bounds_of_ras_points(local)
+
+
+def lps_bounds_of_ras_points(points_ras) -> tuple[float, float, float, float, float, float]:
+    """The axis-aligned LPS box (x0, y0, z0, x1, y1, z1), mm, around points given in RAS (N, 3)."""
+    lps = np.asarray(points_ras, dtype=float) @ LPS_FROM_RAS.T
+    return (*(float(v) for v in lps.min(axis=0)), *(float(v) for v in lps.max(axis=0)))

@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--report", metavar="FILE.png", default=None, help="write a one-page picture of the result"
     )
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_region_arguments(seg)
     add_max_voxels_argument(seg)
     seg.add_argument(
         "--progress",
@@ -176,6 +177,53 @@ def build_parser() -> argparse.ArgumentParser:
     for entry in entry_points(group="m4oe.commands"):
         entry.load()(sub)
     return parser
+
+
+def add_region_arguments(parser: argparse.ArgumentParser) -> None:
+    """--structures, --roi-mm / --roi-ijk and --body-crop of ``m4oe segment``."""
+    from .region import parse_bounds
+
+    def bounds(integer: bool):
+        def parse(text: str):
+            try:
+                return parse_bounds(text, integer)
+            except ValueError as error:
+                raise argparse.ArgumentTypeError(str(error)) from None
+
+        return parse
+
+    parser.add_argument(
+        "--structures",
+        metavar="NAMES",
+        default=None,
+        help="segment only these structures of the task, comma-separated (e.g. liver,spleen,kidney_right; "
+        "display names also work, any case); default: all",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--roi-mm",
+        metavar="X0,Y0,Z0,X1,Y1,Z1",
+        type=bounds(False),
+        default=None,
+        help="segment only this box, in mm in the LPS frame (x towards the patient's left, y posterior, "
+        "z superior; Slicer's RAS negates x and y): the voxels whose centres lie inside it; write "
+        "--roi-mm=-50,... when the first number is negative",
+    )
+    where.add_argument(
+        "--roi-ijk",
+        metavar="I0,J0,K0,I1,J1,K1",
+        type=bounds(True),
+        default=None,
+        help="segment only these voxels: indices i, j, k of the input (as Slicer's IJK), start "
+        "inclusive, stop exclusive (0,0,0,10,10,5 is 10x10x5 voxels)",
+    )
+    parser.add_argument(
+        "--body-crop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="segment only the box around the patient's body (CT above -500 HU, MR above the Otsu "
+        "threshold, 10 mm margin), so the air around it costs nothing (default: on)",
+    )
 
 
 def add_max_voxels_argument(parser: argparse.ArgumentParser) -> None:
@@ -317,6 +365,7 @@ def run_segment(args, printer: ProgressPrinter, *, predictors=None, cancel=None)
     from . import dicom_seg
     from .errors import CancelledError
     from .io import all_or_nothing, read_image, write_atomic, write_image, write_segmentation
+    from .region import box_from_ijk, box_from_lps_mm
 
     outputs = _segment_outputs(args)
     dicom_segs = [k for k, path in outputs.items() if path.name.lower().endswith(DICOM_SEG_SUFFIX)]
@@ -326,6 +375,12 @@ def run_segment(args, printer: ProgressPrinter, *, predictors=None, cancel=None)
         dicom_seg.check_dicom_input(args.input)
     loaded = read_image(args.input, max_voxels=args.max_voxels)
     source = dicom_seg.read_source_series(loaded) if dicom_segs else None
+    roi = None
+    if args.roi_mm is not None:
+        roi = box_from_lps_mm(args.roi_mm, loaded.image, loaded.path)
+    elif args.roi_ijk is not None:
+        roi = box_from_ijk(args.roi_ijk, loaded.image, loaded.path)
+    structures = None if args.structures is None else [n for n in args.structures.split(",") if n.strip()]
     predictor, reused = (load_predictor(args), False) if predictors is None else predictors(args)
     load_s = time.perf_counter() - t0
     load_record = {"stage": "load", "fraction": 1.0, "elapsed_s": round(load_s, 3), "eta_s": None}
@@ -342,6 +397,9 @@ def run_segment(args, printer: ProgressPrinter, *, predictors=None, cancel=None)
         cleanup=not args.no_cleanup,
         through_plane_sigma_mm=args.through_plane_sigma,
         test_time_passes=args.tta,
+        structures=structures,
+        roi=roi,
+        body_crop=args.body_crop,
         progress=printer,
         cancel=cancel,
         source=loaded.path,
@@ -435,6 +493,8 @@ def run_segment(args, printer: ProgressPrinter, *, predictors=None, cancel=None)
                 "largest_component": [
                     label.name for label in prediction.labels if label.value in prediction.largest_component
                 ],
+                "structures": [label.name for label in prediction.labels],
+                "region": dict(prediction.region.to_dict(), body_crop=args.body_crop, roi=roi is not None),
             }
         )
     else:
@@ -442,6 +502,12 @@ def run_segment(args, printer: ProgressPrinter, *, predictors=None, cancel=None)
         spacing = "x".join(f"{s:.3g}" for s in prediction.labelmap.GetSpacing())
         print(f"modality: {found.modality} ({found.source}: {found.evidence})")
         print(f"task: {prediction.task}; output grid {size} voxels of {spacing} mm, same as the input")
+        print("structures: " + ", ".join(label.name for label in prediction.labels))
+        box = prediction.region
+        if box.size != prediction.labelmap.GetSize():
+            print(
+                f"segmented voxels {list(box.start)} to {list(box.stop)} (i, j, k; stop exclusive), 0 outside"
+            )
         for kind, path in written.items():
             print(f"wrote {kind}: {path}")
         if left_out:

@@ -197,13 +197,16 @@ def oriented_frame(stack: AxialStack) -> tuple[np.ndarray, np.ndarray]:
     return origin, np.stack(columns, axis=1)
 
 
-def gate_map_image(array: np.ndarray, stack: AxialStack, grid: InPlaneGrid) -> sitk.Image:
+def gate_map_image(
+    array: np.ndarray, stack: AxialStack, grid: InPlaneGrid, first_slice: int = 0
+) -> sitk.Image:
     """Vector image of per-token expert weights, placed over the patient.
 
     Args:
         array: (Z, h, w, E) float32 expert weights per token; h = w = S / factor.
         stack: the axial stack the tokens were computed from.
         grid: the in-plane mapping used for the model input.
+        first_slice: the stack slice of ``array[0]`` (a run over part of the stack).
     Returns:
         An E-component image (x = columns, y = rows, z = slices of the stack, LPS frame): spacing
         is the token size in mm, origin the centre of token (0, 0) of slice 0.
@@ -217,7 +220,7 @@ def gate_map_image(array: np.ndarray, stack: AxialStack, grid: InPlaneGrid) -> s
     image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32), isVector=True)
     image.SetSpacing((mx * factor, my * factor, sz))
     image.SetDirection(direction.flatten().tolist())
-    image.SetOrigin((origin + direction @ np.array([col0 * sx, row0 * sy, 0.0])).tolist())
+    image.SetOrigin((origin + direction @ np.array([col0 * sx, row0 * sy, first_slice * sz])).tolist())
     return image
 
 

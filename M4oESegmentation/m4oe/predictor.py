@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from .errors import CancelledError, InputError, ModelError
 from .gates import GateRecorder, gate_map_image, slice_positions
 from .geometry import from_axial_stack, to_axial_stack
 from .hub import resolve_model
-from .inplane import from_model_grid
+from .inplane import from_model_grid, model_window
 from .labels import Label
 from .modality import ModalityResult, detect_modality
 from .model import SwinUNet
@@ -39,7 +40,9 @@ from .ood import ScanCheck, check_scan
 from .prepare import SlicePlan
 from .preprocessing import IntensityParams
 from .progress import CancelCheck, ProgressCallback, ProgressEvent
-from .smoothing import SliceSmoother
+from .region import VoxelBox, body_box, box_from_stack_slices, stack_slices
+from .smoothing import TRUNCATE, SliceSmoother
+from .terminology import select_labels
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +182,10 @@ class Prediction:
     task has none of the organs it checks). ``warnings``: what the user should know, by kind:
     ``"routing"`` (the gate disagreed with the modality, only with gates recorded) and ``"scan"``
     (the scan check failed); :attr:`warning` joins them.
+    ``labels``: the task's classes the label map holds (those chosen with ``structures``).
+    ``region``: the voxels segmented (the whole image unless a region or the body crop narrowed
+    it); outside it the label map is 0, the probabilities say background, and the gate map and
+    summary cover the slices of the run.
     """
 
     labelmap: sitk.Image
@@ -194,6 +201,7 @@ class Prediction:
     test_time_passes: int = 1
     largest_component: list[int] = field(default_factory=list)
     scan_check: ScanCheck | None = None
+    region: VoxelBox | None = None
     warnings: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -291,6 +299,9 @@ class Predictor:
         cleanup: bool = True,
         through_plane_sigma_mm: float | None = None,
         test_time_passes: int | None = None,
+        structures: Sequence[str] | None = None,
+        roi: VoxelBox | None = None,
+        body_crop: bool = False,
         progress: ProgressCallback | None = None,
         cancel: CancelCheck | None = None,
         source: str | Path | None = None,
@@ -315,6 +326,16 @@ class Predictor:
                 (:data:`TEST_TIME_PASSES`), the class probabilities mapped back and averaged
                 (costs as many times the inference time); None uses the model card's. Gate maps
                 come from the first pass.
+            structures: the task's classes to keep, by structure key (``"kidney_right"``) or name
+                (see :func:`m4oe.terminology.select_labels`); None keeps all. The argmax is taken
+                over all classes first and the others then set to 0, so a chosen organ is exactly
+                what the whole task gives it, never grown into a neighbour the model found.
+            roi: segment only these voxels of ``image`` (see :mod:`m4oe.region`); 0 elsewhere.
+            body_crop: segment only the box around the patient's body (:func:`m4oe.region.body_box`).
+                Only the region's slices (and the neighbours the through-plane smoothing reads)
+                go through the network; each still goes in whole, at the model's usual scale,
+                so the labels inside the region are those of a whole-image run (up to float
+                rounding; the largest-component clean-up looks inside the region only).
             progress: called after each stage and each batch with a :class:`ProgressEvent`.
             cancel: checked between batches; returning True raises :class:`CancelledError`.
             source: the file the volume came from, named in error messages.
@@ -324,6 +345,13 @@ class Predictor:
         where = source if source is not None else "input volume"
         card, cfg = self.card, self.model.cfg
         task_info = card.task(task)
+        try:
+            chosen = (
+                list(task_info.labels) if structures is None else select_labels(task_info.labels, structures)
+            )
+        except ValueError as error:
+            raise InputError(str(error), card.name) from None
+        keep = [label.value for label in chosen] if len(chosen) < len(task_info.labels) else None
         expert = self._expert_index(force_expert)
         if gates and not cfg.is_moe:
             raise InputError("gate maps need a mixture-of-experts model; this model is dense", card.name)
@@ -365,6 +393,11 @@ class Predictor:
             pre.target_spacing_mm,
         )
         grid = plan.grid
+        zs, ys, xs = self._region(stack, found.modality, roi, body_crop, where)
+        # The run: the region's slices and the neighbours the through-plane Gaussian reads.
+        sigma_slices = sigma_mm / stack.spacing[0]
+        reach = int(TRUNCATE * sigma_slices + 0.5) if sigma_mm > 0 else 0
+        run = slice(max(0, zs.start - reach), min(Z, zs.stop + reach))
         seconds["preprocess"] = time.perf_counter() - t0
         report("preprocess", 1, 1)
 
@@ -376,23 +409,42 @@ class Predictor:
             if probabilities
             else None
         )
-        recorder = GateRecorder(Z, gate_layer) if gates else None
+        whole = (zs, ys, xs) == (slice(0, Z), slice(0, Y), slice(0, X))
+        if probs is not None and not whole:
+            probs[..., 0] = 255 if probabilities == "uint8" else 1.0  # outside the region: background
+        Zrun = run.stop - run.start
+        recorder = GateRecorder(Zrun, gate_layer) if gates else None
         network, backend = self._network(task_info.name, expert, report)
-        batches = range(0, Z, self.batch_size)
-        smoother = SliceSmoother(sigma_mm / stack.spacing[0], Z) if sigma_mm > 0 else None
+        batches = range(run.start, run.stop, self.batch_size)
+        smoother = SliceSmoother(sigma_slices, Zrun) if sigma_mm > 0 else None
+        kept = None
+        if keep is not None:  # label value -> itself if chosen, else 0
+            kept = torch.zeros(K, dtype=torch.long)
+            kept[keep] = torch.tensor(keep)
+        # Model-grid pixels over the region, for the per-segment routing (None: all of them).
+        window = None if whole else model_window(grid, ys, xs)
 
         def write(first: int, maps: torch.Tensor, are_probabilities: bool) -> None:
-            """Resample model-grid maps (B, K, S, S) of slices first.. back to the slices; keep labels."""
+            """Resample model-grid maps (B, K, S, S) of run slices first.. back to the region; keep labels."""
             if recorder is not None:  # per-segment routing of the labels as written (after smoothing)
-                recorder.add_segments(first, maps.argmax(dim=1))
-            for sub in range(0, maps.shape[0], 4):
-                full = from_model_grid(maps[sub : sub + 4], grid)
-                at = slice(first + sub, first + sub + full.shape[0])
-                labels[at] = full.argmax(dim=1).cpu().numpy()
+                segments = maps.argmax(dim=1)
+                segments = segments if kept is None else kept.to(segments.device)[segments]
+                if window is not None:
+                    outside = torch.ones_like(segments, dtype=torch.bool)
+                    outside[:, window[0], window[1]] = False
+                    segments = segments.masked_fill(outside, 0)
+                recorder.add_segments(first, segments)
+            # Only the region's slices of this batch are mapped back.
+            lo, hi = max(first + run.start, zs.start), min(first + run.start + maps.shape[0], zs.stop)
+            for at in range(lo, hi, 4):
+                sub = slice(at - run.start - first, min(at + 4, hi) - run.start - first)
+                full = from_model_grid(maps[sub], grid, ys, xs)
+                k = slice(at, at + full.shape[0])
+                labels[k, ys, xs] = full.argmax(dim=1).cpu().numpy()
                 if probs is not None:
                     p = (full if are_probabilities else full.softmax(dim=1)).permute(0, 2, 3, 1)
                     p = (p * 255).round().to(torch.uint8) if probabilities == "uint8" else p.half()
-                    probs[at] = p.cpu().numpy()
+                    probs[k, ys, xs] = p.cpu().numpy()
 
         t1 = time.perf_counter()
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -400,14 +452,14 @@ class Predictor:
             for b, start in enumerate(batches):
                 if cancel is not None and cancel():
                     raise CancelledError("cancelled by the user", where)
-                stop = min(start + self.batch_size, Z)
+                stop = min(start + self.batch_size, run.stop)
                 x = plan.model_input(values[start:stop], self.device)
                 if cfg.in_chans == 3:
                     x = x.expand(-1, 3, -1, -1)
                 logits, layer_gates = network(x)
                 logits = logits.float()
                 if recorder is not None:
-                    recorder.add(start, layer_gates)
+                    recorder.add(start - run.start, layer_gates)
                 if passes > 1:
                     mean = averaged_probabilities(network, x, passes, step, first=logits)
                 if smoother is not None:  # slices come out once the Gaussian has all their neighbours
@@ -415,9 +467,9 @@ class Predictor:
                         *smoother.push(mean if passes > 1 else logits.softmax(dim=1)), are_probabilities=True
                     )
                 elif passes > 1:
-                    write(start, mean, are_probabilities=True)
+                    write(start - run.start, mean, are_probabilities=True)
                 else:
-                    write(start, logits, are_probabilities=False)
+                    write(start - run.start, logits, are_probabilities=False)
                 if MALLOC_TRIM is not None and self.device.type == "cpu":
                     MALLOC_TRIM(0)
                 elapsed = time.perf_counter() - t1
@@ -426,12 +478,26 @@ class Predictor:
         seconds["inference"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        cleaned = list(task_info.largest_component) if cleanup else []
+        # The scan check reads every class of the task, cleaned up as the whole task would be: taken
+        # before unchosen structures are dropped; not made inside a user's region, which need not
+        # hold an abdomen's organs (the body crop keeps the whole body, so it is checked).
+        every_class = labels[zs, ys, xs].copy() if kept is not None and roi is None else None
+        if kept is not None:
+            labels[zs, ys, xs] = kept.numpy().astype(labels.dtype)[labels[zs, ys, xs]]
+        cleaned = [v for v in task_info.largest_component if keep is None or v in keep] if cleanup else []
         if cleaned:
-            labels = keep_largest_components(labels, cleaned)
+            keep_largest_components(labels[zs, ys, xs], cleaned)
+        if roi is not None:
+            scan_check = None
+        elif every_class is None:
+            scan_check = check_scan(labels, stack.spacing, list(task_info.labels))
+        else:
+            if cleanup and task_info.largest_component:
+                keep_largest_components(every_class, list(task_info.largest_component))
+            scan_check = check_scan(every_class, stack.spacing, list(task_info.labels))
         prediction = Prediction(
             labelmap=from_axial_stack(labels, stack),
-            labels=list(task_info.labels),
+            labels=chosen,
             task=task_info.name,
             modality=found,
             probabilities=from_axial_stack(probs, stack) if probs is not None else None,
@@ -439,14 +505,15 @@ class Predictor:
             through_plane_sigma_mm=float(sigma_mm),
             test_time_passes=passes,
             largest_component=cleaned,
-            scan_check=check_scan(labels, stack.spacing, list(task_info.labels)),
+            scan_check=scan_check,
+            region=box_from_stack_slices((zs, ys, xs), stack),
         )
         if recorder is not None:
-            prediction.gate_map = gate_map_image(recorder.map, stack, grid)
+            prediction.gate_map = gate_map_image(recorder.map, stack, grid, first_slice=run.start)
             experts = [{"name": e.name, "modality": e.modality} for e in card.experts]
             expected = [expert] if expert is not None else card.expert_index(found.modality)
             prediction.gate_summary = recorder.summary(
-                experts, expected, {lab.value: lab.name for lab in task_info.labels}, slice_positions(stack)
+                experts, expected, {lab.value: lab.name for lab in chosen}, slice_positions(stack)[run]
             )
             prediction.gate_summary["forced_expert"] = None if expert is None else card.experts[expert].name
             prediction.gate_summary["input_modality"] = found.modality
@@ -465,6 +532,23 @@ class Predictor:
         prediction.seconds = {k: round(v, 3) for k, v in seconds.items()}
         report("postprocess", 1, 1)
         return prediction
+
+    @staticmethod
+    def _region(
+        stack, modality: str, roi: VoxelBox | None, body_crop: bool, where
+    ) -> tuple[slice, slice, slice]:
+        """The (slices, rows, columns) of the stack to segment: ``roi`` (a box of the stack's image)
+        and, with ``body_crop``, the box around the body; the whole stack when neither narrows it."""
+        box = VoxelBox.full(stack.reference)
+        if roi is not None:
+            box = box.intersect(roi)
+            if box.empty:
+                raise InputError(f"the region {roi.to_dict()} holds no voxel of this image", where)
+        if body_crop:
+            body = body_box(stack, modality)
+            if body is not None and not box.intersect(body).empty:
+                box = box.intersect(body)
+        return stack_slices(box, stack)
 
     def _network(self, task: str, expert: int | None, report=None):
         """The forward pass for this task and routing, and the name of its runtime.

@@ -173,3 +173,36 @@ def organ_keys(labels: list[Label]) -> dict[int, str]:
         if key is not None:
             found[label.value] = key
     return found
+
+
+def structure_key(label: Label) -> str:
+    """The name a user types for a class: its :data:`TERMS` key (``"kidney_right"``) when the label
+    is that standard structure (same display name and codes), else its name with spaces as
+    underscores."""
+    for key, term in TERMS.items():
+        if (term.name, term.type, term.modifier) == (label.name, label.type, label.modifier):
+            return key
+    return label.name.replace(" ", "_")
+
+
+def select_labels(labels: list[Label], names: list[str]) -> list[Label]:
+    """The labels that ``names`` choose, in the task's order.
+
+    A name is a :func:`structure_key` (``"kidney_right"``) or a display name (``"right kidney"``),
+    any case, spaces and underscores alike. Raises ``ValueError`` naming the first unknown name and
+    listing the task's structures; an empty list is refused too.
+    """
+    by_name = {}
+    for label in labels:
+        for name in (structure_key(label), label.name):
+            by_name[name.lower().replace(" ", "_")] = label
+    chosen = set()
+    for name in names:
+        label = by_name.get(str(name).strip().lower().replace(" ", "_"))
+        if label is None:
+            known = ", ".join(structure_key(label) for label in labels)
+            raise ValueError(f"unknown structure {name!r}; this task has: {known}")
+        chosen.add(label.value)
+    if not chosen:
+        raise ValueError("no structure chosen; name at least one of the task's structures")
+    return [label for label in labels if label.value in chosen]

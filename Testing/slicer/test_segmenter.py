@@ -29,6 +29,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
 
 import psutil
+import vtk
 from M4oESegmentationLib import gate_review, segmenter, status, volumes
 
 from m4oe.demo import synthetic_ct
@@ -383,3 +384,62 @@ def test_edited_result_exports_as_a_training_case(scene, study_volume, tiny_mode
     np.testing.assert_allclose(image.GetOrigin(), volumes.volume_node_to_sitk(volume).GetOrigin(), atol=1e-4)
     with pytest.raises(ValueError, match="dataset folder"):
         segmenter.export_case(volume, node, "")
+
+
+def test_structures_and_roi_reach_the_engine_and_only_they_become_segments(
+    scene, study_volume, tiny_model_dir, temp_root
+):
+    """Issue #24: the checked structures and a markups ROI (RAS, under a transform) go to the engine."""
+    volume, _ = study_volume
+    runner = new_segmenter()
+    # The clean-up off: inside a region it looks at the region only (the largest piece there).
+    options = dict(
+        modality="ct", model=str(tiny_model_dir), device="cpu", test_time_passes=1, keep_all_components=True
+    )
+    labels = [Label.from_dict(label) for label in card_task(tiny_model_dir)["labels"]]
+    whole = runner.run(volume, **options, through_plane_sigma_mm=0, body_crop=False)
+    full = sitk.GetArrayFromImage(volumes.segmentation_to_labelmap(whole.segmentation, volume, labels))
+
+    # A ROI over voxels i 10..29, j 5..39, k 1..3 of the volume, placed in RAS under a transform.
+    image = volumes.volume_node_to_sitk(volume)
+    lo = np.array(image.TransformIndexToPhysicalPoint((10, 5, 1)))
+    hi = np.array(image.TransformIndexToPhysicalPoint((29, 39, 3)))
+    centre_ras = volumes.LPS_FROM_RAS @ ((lo + hi) / 2)
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetSize(*(np.abs(hi - lo) + 1.0))  # half a voxel (5, 5, 4 mm) beyond the outer centres: < 1 voxel
+    shift = slicer.vtkMRMLLinearTransformNode()
+    scene.AddNode(shift)
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 30.0)
+    shift.SetMatrixTransformToParent(matrix)
+    roi.SetAndObserveTransformNodeID(shift.GetID())
+    roi.SetCenter(*(centre_ras - [30.0, 0.0, 0.0]))  # the transform moves it back over the voxels
+    result = runner.run(
+        volume, **options, through_plane_sigma_mm=0, structures=["Liver", "kidney_right"], roi=roi
+    )
+    segments = result.segmentation.GetSegmentation()
+    assert [segments.GetNthSegment(n).GetName() for n in range(segments.GetNumberOfSegments())] == [
+        "liver",
+        "right kidney",
+    ]
+    assert json.loads(result.segmentation.GetAttribute("M4oESegmentation.Structures")) == [
+        "liver",
+        "right kidney",
+    ]
+    region = json.loads(result.segmentation.GetAttribute("M4oESegmentation.Region"))
+    assert region["start_ijk"][2] >= 1 and region["stop_ijk"][2] <= 4 and region["roi"]
+    part = sitk.GetArrayFromImage(volumes.segmentation_to_labelmap(result.segmentation, volume, labels))
+    i0, j0, k0 = region["start_ijk"]
+    i1, j1, k1 = region["stop_ijk"]
+    inside = (slice(k0, k1), slice(j0, j1), slice(i0, i1))
+    expected = np.where(np.isin(full[inside], [1, 3]), full[inside], 0)
+    np.testing.assert_array_equal(part[inside], expected)
+    part[inside] = 0
+    assert not part.any()
+    with pytest.raises(ValueError, match="unknown structure 'lungs'"):
+        runner.start(volume, structures=["lungs"], **options)
+    empty = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    with pytest.raises(ValueError, match="the ROI has no size"):
+        runner.start(volume, roi=empty, **options)
+    assert not runner.running
+    assert list(temp_root.iterdir()) == []

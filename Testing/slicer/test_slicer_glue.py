@@ -24,7 +24,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
 
 import psutil
 import vtk
-from M4oESegmentationLib import feedback, gate_review, process, volumes
+from M4oESegmentationLib import feedback, gate_review, models, process, volumes
 
 from m4oe.demo import synthetic_ct
 from m4oe.errors import InputError, OutputError
@@ -602,3 +602,66 @@ def test_cancel_kills_the_whole_process_tree(tiny_model_dir):
         assert not workspace.output_path.exists()
         folder = workspace.path
     assert not folder.exists()
+
+
+def test_roi_bounds_in_lps_for_plain_rotated_and_transformed_rois(scene):
+    """Issue #24 point 2: a markups ROI (RAS) as the engine's LPS box, in the volume's local frame."""
+    assert volumes.lps_bounds_of_ras_points([[1, 2, 3], [-4, 5, -6]]) == (-1, -5, -6, 4, -2, 3)
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetCenter(10, 20, 30)
+    roi.SetSize(4, 6, 8)
+    np.testing.assert_allclose(volumes.roi_lps_bounds(roi), (-12, -23, 26, -8, -17, 34))
+    # Rotated 90 degrees about S: x and y sizes swap. 45 degrees: the axis-aligned box around it.
+    rotation = vtk.vtkTransform()
+    rotation.Translate(10, 20, 30)
+    rotation.RotateZ(90)
+    roi.SetAndObserveObjectToNodeMatrix(rotation.GetMatrix())
+    np.testing.assert_allclose(volumes.roi_lps_bounds(roi), (-13, -22, 26, -7, -18, 34), atol=1e-9)
+    rotation = vtk.vtkTransform()
+    rotation.RotateZ(45)
+    roi.SetAndObserveObjectToNodeMatrix(rotation.GetMatrix())
+    half = (4 + 6) / 2 / np.sqrt(2)
+    np.testing.assert_allclose(volumes.roi_lps_bounds(roi), (-half, -half, -4, half, half, 4), atol=1e-9)
+    # A volume moved 100 mm to the right (RAS x): the ROI in the volume's frame is 100 mm left of it.
+    volume = volumes.sitk_to_volume_node(sitk.Image([4, 4, 4], sitk.sitkInt16), "v")
+    moved = slicer.vtkMRMLLinearTransformNode()
+    scene.AddNode(moved)
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 100.0)
+    moved.SetMatrixTransformToParent(matrix)
+    volume.SetAndObserveTransformNodeID(moved.GetID())
+    np.testing.assert_allclose(
+        volumes.roi_lps_bounds(roi, volume), (100 - half, -half, -4, 100 + half, half, 4), atol=1e-9
+    )
+    with pytest.raises(ValueError, match="no size"):
+        volumes.roi_lps_bounds(scene.AddNewNodeByClass("vtkMRMLMarkupsROINode"))
+
+
+def test_structure_list_helpers_and_the_command_line(tiny_model_dir):
+    """Issue #24 point 1: the checkable list's keys, its parameter text, and the engine arguments."""
+    card = models.model_card(str(tiny_model_dir))
+    keys = ["liver", "spleen", "kidney_right"]
+    assert models.structure_choices(card, None) == [
+        ("liver", "liver"),
+        ("spleen", "spleen"),
+        ("kidney_right", "right kidney"),
+    ]
+    assert models.skipped_text(keys, ["liver", "kidney_right"]) == "spleen"
+    assert models.checked_structures(keys, "spleen") == ["liver", "kidney_right"]
+    assert models.checked_structures(keys, "") is None  # all: no --structures at all
+    assert models.checked_structures(keys, "gone_from_the_model") is None
+    request = process.InferenceRequest(
+        "in.nrrd",
+        "out.seg.nrrd",
+        structures=["liver", "kidney_right"],
+        roi_mm=(-1, 2, 3, 4, 5, 6),
+        body_crop=False,
+    )
+    command = process.build_command(request, "python")
+    assert command[command.index("--structures") + 1] == "liver,kidney_right"
+    assert "--roi-mm=-1.0,2.0,3.0,4.0,5.0,6.0" in command and "--no-body-crop" in command
+    plain = process.build_command(process.InferenceRequest("in.nrrd", "out.seg.nrrd"), "python")
+    assert not any(a.startswith(("--structures", "--roi", "--no-body-crop")) for a in plain)
+    for bad in (dict(structures="liver"), dict(structures=[]), dict(roi_mm=(1, 2, 3))):
+        with pytest.raises(ValueError):
+            process.InferenceRequest("in.nrrd", "out.nrrd", **bad)
