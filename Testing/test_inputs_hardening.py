@@ -16,6 +16,7 @@ import os
 import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -372,6 +373,32 @@ def test_itk_console_warnings_become_one_line_each_and_other_text_passes_through
         os.write(2, b"something else\n")
     assert warnings == [f"{tmp_path}: ITK: first line second line"]
     assert capfd.readouterr().err == "something else\n"
+
+
+def test_what_a_failing_reader_printed_goes_into_its_error_not_onto_stderr(tmp_path, capfd):
+    """MetaIO prints two lines before a truncated .mha fails; the error quotes them instead."""
+    warnings: list[str] = []
+    with pytest.raises(RuntimeError), _itk_warnings(tmp_path, warnings) as console:
+        os.write(2, b"MetaImage: M_ReadElementsData: data not read completely\n   ideal = 10 : actual = 5\n")
+        raise RuntimeError("File cannot be read")
+    assert console == ["MetaImage: M_ReadElementsData: data not read completely ideal = 10 : actual = 5"]
+    assert warnings == [] and capfd.readouterr().err == ""
+
+
+def test_a_compressed_metaimage_without_its_compressed_size_is_refused_not_read_as_garbage(tmp_path, capfd):
+    """Without CompressedDataSize in the header MetaIO prints "Uncompress failed" and returns
+    garbage voxels (-492..31587 here, from values -500..-165), raising no error; whole or cut."""
+    stream = zlib.compress(values((6, 7, 8)))
+    for name, data in (("whole.mha", stream), ("cut.mha", stream[:-100])):
+        path = mha(tmp_path / name, (6, 7, 8), data=data)
+        assert_refused(path, "cannot be read, corrupt or truncated (Uncompress failed)")
+        assert capfd.readouterr().err == ""
+    sized = tmp_path / "sized.mha"
+    sized.write_bytes((tmp_path / "whole.mha").read_bytes().replace(
+        b"CompressedData = True\n", f"CompressedData = True\nCompressedDataSize = {len(stream)}\n".encode()
+    ))  # fmt: skip
+    array = sitk.GetArrayFromImage(read_image(sized).image)
+    assert (array.min(), array.max()) == (-500, -165)
 
 
 # Point 9: one exit code for bad arguments, the torch floor, an unverified model warned.

@@ -195,12 +195,13 @@ def _read_file(path: Path, warnings: list[str], max_voxels: int) -> sitk.Image:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        with _itk_warnings(path, warnings):
+        with _itk_warnings(path, warnings) as console:
             reader.ReadImageInformation()
     except RuntimeError as error:
         if not supported:
             raise InputError(f"is not a supported image file; expected {_READ_FORMATS}", path) from None
-        raise InputError(f"cannot be read, corrupt or not an image ({_sitk_reason(error)})", path) from None
+        reason = _read_failure(console, error)
+        raise InputError(f"cannot be read, corrupt or not an image ({reason})", path) from None
     if sitk.ImageFileReader.GetImageIOFromFileName(str(path)) == "GDCMImageIO":
         raise InputError("is a single DICOM file; pass the folder that holds the whole series", path)
     if not supported:
@@ -220,10 +221,17 @@ def _read_file(path: Path, warnings: list[str], max_voxels: int) -> sitk.Image:
         _check_nifti_data(path, nifti)
         warnings.extend(_nifti_geometry_notes(nifti, reader, path))
     try:
-        with _itk_warnings(path, warnings):
-            return reader.Execute()
+        with _itk_warnings(path, warnings, keep_other=True) as console:
+            image = reader.Execute()
     except RuntimeError as error:
-        raise InputError(f"cannot be read, corrupt or truncated ({_sitk_reason(error)})", path) from None
+        reason = _read_failure(console, error)
+        raise InputError(f"cannot be read, corrupt or truncated ({reason})", path) from None
+    if console:
+        # A reader that prints anything but a warning has failed, whether or not it says so: MetaIO
+        # reads a cut compressed .mha whose header has no CompressedDataSize as garbage voxels,
+        # printing only "Uncompress failed".
+        raise InputError(f"cannot be read, corrupt or truncated ({'; '.join(console)})", path)
+    return image
 
 
 _READ_FORMATS = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
@@ -338,10 +346,10 @@ def _read_dicom_series(
     reader.MetaDataDictionaryArrayUpdateOn()
     reader.LoadPrivateTagsOn()
     try:
-        with _itk_warnings(folder, warnings):
+        with _itk_warnings(folder, warnings) as console:
             image = reader.Execute()
     except RuntimeError as error:
-        raise InputError(f"DICOM series cannot be read ({_sitk_reason(error)})", folder) from None
+        raise InputError(f"DICOM series cannot be read ({_read_failure(console, error)})", folder) from None
     if image.GetNumberOfComponentsPerPixel() > 1:
         raise InputError("DICOM series has colour (RGB) voxels; expected a scalar volume", folder)
     _check_geometry(image.GetSpacing(), image.GetDirection(), folder)
@@ -624,6 +632,12 @@ def _sitk_reason(error: RuntimeError) -> str:
     return re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", reason)[:300]
 
 
+def _read_failure(console: list[str], error: RuntimeError) -> str:
+    """Why a read failed: what the reader printed (MetaIO says which data were short, where
+    SimpleITK's exception says only "File cannot be read"), else the exception's last line."""
+    return "; ".join(console) or _sitk_reason(error)
+
+
 # ITK's console warning: "WARNING: In FILE, line N\nClass (0xADDRESS): message...\n\n".
 _ITK_WARNING = re.compile(r"WARNING: In [^\n]*, line \d+\n(.*?)(?:\n[ \t]*\n|\Z)", re.DOTALL)
 # ITK warnings that the checks here already report in their own words.
@@ -631,21 +645,31 @@ _ITK_WARNINGS_REPORTED = ("unexpected scales in sform", "Non uniform sampling or
 
 
 @contextlib.contextmanager
-def _itk_warnings(path: Path, warnings: list[str]) -> Iterator[None]:
+def _itk_warnings(path: Path, warnings: list[str], *, keep_other: bool = False) -> Iterator[list[str]]:
     """Catch what ITK prints on the process's stderr during the block (file descriptor 2: its C++
     output goes there, past Python) and add each multi-line ITK warning to ``warnings`` as one
-    line, ``"PATH: ITK: message"``, once. Anything else it caught is written back to stderr."""
+    line, ``"PATH: ITK: message"``, once. Anything else it caught is written back to stderr, unless
+    the block raised or ``keep_other`` is set: then it goes, as one line, into the list the block
+    received (``with _itk_warnings(path, warnings) as console:``), for the caller's error message.
+    A failed read must print one line, the error, not first what the reader printed (MetaIO:
+    "MetaImage: M_ReadElementsData: data not read completely" and the byte counts on a line of
+    their own)."""
+    console: list[str] = []
     if sys.stderr is not None:
         sys.stderr.flush()
     try:
         saved = os.dup(2)
     except OSError:  # no stderr at all (a process without a console): nothing reaches a terminal
-        yield
+        yield console
         return
+    failed = False
     with tempfile.TemporaryFile() as capture:
         os.dup2(capture.fileno(), 2)
         try:
-            yield
+            yield console
+        except BaseException:
+            failed = True
+            raise
         finally:
             os.dup2(saved, 2)
             os.close(saved)
@@ -658,7 +682,9 @@ def _itk_warnings(path: Path, warnings: list[str]) -> Iterator[None]:
                 if not any(known in message for known in _ITK_WARNINGS_REPORTED) and line not in warnings:
                     warnings.append(line)
             rest = _ITK_WARNING.sub("", text).strip()
-            if rest and sys.stderr is not None:
+            if rest and (failed or keep_other):
+                console.append(" ".join(rest.split())[:300])
+            elif rest and sys.stderr is not None:
                 sys.stderr.write(rest + "\n")
 
 
