@@ -340,9 +340,9 @@ def test_dense_swin_unet_has_the_published_size():
     assert abs(count - 27.2e6) <= 0.02 * 27.2e6, count
 
 
-def test_m4oe_paper_sizes_with_channel_and_softmax_gates():
-    channel = _num_params(build_model("m4oe-paper"))
-    softmax = _num_params(build_model("m4oe-paper", gate="softmax"))
+def test_m4oe_paper_released_sizes_with_channel_and_softmax_gates():
+    channel = _num_params(build_model("m4oe-paper-released"))
+    softmax = _num_params(build_model("m4oe-paper-released", gate="softmax"))
     assert abs(channel - 60.4e6) <= 0.01 * 60.4e6, channel
     assert 1.9e6 <= channel - softmax <= 2.0e6, channel - softmax
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def save_tiny_model(folder: Path, seed: int = 0, name: str = "m4oe-tiny") -> Path:
+def save_tiny_model(folder: Path, seed: int = 0, name: str = "m4oe-tiny", **overrides) -> Path:
     """Save a seeded, untrained tiny M4oE model (64-pixel input, 3 experts) with a full card."""
     import torch
 
@@ -17,7 +17,7 @@ def save_tiny_model(folder: Path, seed: int = 0, name: str = "m4oe-tiny") -> Pat
     from m4oe.terminology import standard_label
 
     torch.manual_seed(seed)
-    model = build_model(name)
+    model = build_model(name, **overrides)
     organs = ("liver", "spleen", "kidney_right")
     card = ModelCard(
         name="tiny-test-model",

@@ -9,7 +9,9 @@ the source tree and a downloaded model's card is checked against the catalogue's
 neither is rewritten.
 
 Run: ``python benchmarks/real_accuracy.py [--model NAME_OR_FOLDER] [--data DIR] [--tta N]
-[--threads 2] [--json] [--record]``. Exit code 2 when the data folder or a file is missing.
+[--threads 2] [--json] [--record] [--protocol released]``. ``--protocol released`` adds the
+released M4oE code's scores (its Dice conventions, HD95 in voxels) beside the native ones.
+Exit code 2 when the data folder or a file is missing.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--record", action="store_true", help="write the result into the model's card")
+    p.add_argument(
+        "--protocol",
+        choices=("native", "released"),
+        default="native",
+        help="released: add the released M4oE code's Dice and HD95 (voxels) columns beside the native ones",
+    )
     args = p.parse_args(argv)
 
     from m4oe.errors import M4oEError
@@ -60,7 +68,7 @@ def main(argv=None) -> int:
         folder = resolve_model(args.model)
         predictor = Predictor.from_pretrained(folder, device="cpu", threads=args.threads)
         start = time.perf_counter()
-        results = benchmark(predictor, args.data, args.tta)
+        results = benchmark(predictor, args.data, args.tta, args.protocol)
     except M4oEError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -7,7 +7,9 @@ routing_confidence}, ``per_slice`` [{index, position_mm, mean_weights {expert: w
 dominant_expert, entropy}], ``per_segment`` {segment name: {label, mean_weights, dominant_expert,
 entropy}}, ``warning`` (every warning of the run in one line), ``warnings`` {kind: message}
 ("routing": the gate's, "scan": the scan check's), ``scan_check``, ``forced_expert``,
-``input_modality``, ``dominant_expert_values`` {expert: value in the dominant-expert map}.
+``input_modality``, ``dominant_expert_values`` {expert: value in the dominant-expert map},
+``gate`` (the model's gate) and ``gate_can_prefer_experts`` (false for the channel gate, whose
+weights are 1/E everywhere: its views show no routing).
 
 Weights are mean gate weights in [0, 1] (they sum to 1 over experts); entropy is normalised by
 log(E): 0 = one expert takes everything, 1 = all experts equal. Slice positions are in mm along
@@ -291,12 +293,23 @@ def routing_warning(summary: dict) -> str | None:
     The engine's warning when the gate sent most weight to an expert of another modality than the
     input's; and a note when the routing confidence (``overall.routing_confidence``, 1 - mean
     normalised entropy) is below :data:`LOW_ROUTING_CONFIDENCE`. Neither applies to forced routing.
+    A model whose gate cannot prefer an expert (``gate_can_prefer_experts`` false: the released
+    code's channel gate) gets the engine's plain statement of that instead, and no confidence note.
     """
     if summary.get("forced_expert"):
         return None
     messages = []
     # The gate's own warning; a summary written before "warnings" existed has it as "warning".
     routing = summary["warnings"].get("routing") if "warnings" in summary else summary.get("warning")
+    if summary.get("gate_can_prefer_experts") is False:
+        return (
+            str(routing)
+            if routing
+            else (
+                f"this model's gate weighs every expert equally ({summary.get('gate', 'channel')} gate): "
+                "the gate map shows no routing"
+            )
+        )
     if routing:
         messages.append(str(routing))
     confidence = summary.get("overall", {}).get("routing_confidence")

@@ -161,6 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
         "reference or prediction)",
     )
     ev.add_argument("--task", default=None, help="the model's task whose labels name the values")
+    ev.add_argument(
+        "--protocol",
+        choices=("native", "released"),
+        default="native",
+        help="native: this grid, HD95 in mm (default); released: also the released M4oE code's test "
+        "protocol (its Dice conventions, HD95 in voxels of its test grid), beside the native scores",
+    )
+    ev.add_argument(
+        "--test-spacing",
+        nargs=3,
+        type=float,
+        default=None,
+        metavar=("X", "Y", "Z"),
+        help="released protocol: the test grid's spacing in mm (nnU-Net v1's target spacing of the "
+        "dataset; default: the prediction's grid)",
+    )
     ev.add_argument("--json", action="store_true")
     add_max_voxels_argument(ev)
 
@@ -560,6 +576,11 @@ def cmd_evaluate(args) -> int:
             labels = [int(v) for v in args.labels.split(",")]
         except ValueError:
             raise InputError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
+    if args.test_spacing is not None and args.protocol != "released":
+        raise InputError("--test-spacing applies to --protocol released only")
+    if args.protocol == "released" and labels is None and args.model is not None:
+        # The released means count every class of the task, those absent from both images too.
+        labels = sorted({(label_map or {}).get(value, value) for value in pred_names} - {0})
     pred = read_image(args.prediction, max_voxels=args.max_voxels)
     ref = read_image(args.reference, max_voxels=args.max_voxels)
     result = evaluate(
@@ -570,6 +591,8 @@ def cmd_evaluate(args) -> int:
         pred_path=pred.path,
         ref_path=ref.path,
         names=names,
+        protocol=args.protocol,
+        test_spacing_mm=args.test_spacing,
     )
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0

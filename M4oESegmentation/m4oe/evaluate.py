@@ -34,10 +34,12 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 from scipy import ndimage
 
 from m4oe.errors import InputError
+from m4oe.evaluate_released import released_scores
 
 SPACING_TOLERANCE = 1e-3
 """Relative tolerance on spacing, and on origin as a fraction of the smallest spacing."""
 DIRECTION_TOLERANCE = 1e-4
+PROTOCOLS = ("native", "released")
 MAX_LABEL = 1 << 20
 """Largest label value accepted: per-label counts are kept in an array of that length."""
 
@@ -50,6 +52,8 @@ def evaluate(
     pred_path: str | Path | None = None,
     ref_path: str | Path | None = None,
     names: dict[int, str] | None = None,
+    protocol: str = "native",
+    test_spacing_mm: Sequence[float] | None = None,
 ) -> dict:
     """Score a predicted label map against a reference label map.
 
@@ -62,17 +66,25 @@ def evaluate(
         label_map: prediction value -> reference value, when the two are numbered differently.
         names: reference label value -> structure name, copied into each row (``name``, else None).
         pred_path, ref_path: file names, used in messages and copied into the result.
+        protocol: "native" (the scores below) or "released": also the scores as the released M4oE
+            code computes them (:mod:`m4oe.evaluate_released`), in the block ``released``. Give it
+            every label of the task (``labels``): the released means count labels absent from both.
+        test_spacing_mm: (x, y, z) spacing in mm of the released protocol's test grid; None scores
+            it on the prediction grid.
 
     Returns:
         A JSON-ready dict: ``labels`` (a list, one dict per label with ``label``, ``name``, ``dice``,
         ``hd95_mm``, ``pred_voxels``, ``ref_voxels``, ``pred_ml``, ``ref_ml``, ``status``),
         ``mean_dice``, ``mean_hd95_mm``, ``labels_missing_in_one`` (count), ``resampled``,
         ``notes`` (list of lines), ``spacing_mm`` (x, y, z), ``label_map``, ``prediction``,
-        ``reference``.
+        ``reference``, ``protocol``; with protocol "released" also ``released`` (see
+        :func:`m4oe.evaluate_released.released_scores`).
 
     Raises:
         InputError: an image is not a label map, the images do not overlap, a label is invalid.
     """
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown evaluation protocol {protocol!r}; expected one of {PROTOCOLS}")
     pred_name = str(pred_path) if pred_path is not None else "prediction"
     ref_name = str(ref_path) if ref_path is not None else "reference"
     _check_label_image(pred, pred_name)
@@ -146,7 +158,7 @@ def evaluate(
 
     dices = [row["dice"] for row in rows if row["dice"] is not None]
     distances = [row["hd95_mm"] for row in rows if row["hd95_mm"] is not None]
-    return {
+    result = {
         "prediction": None if pred_path is None else str(pred_path),
         "reference": None if ref_path is None else str(ref_path),
         "labels": rows,
@@ -159,7 +171,23 @@ def evaluate(
         "notes": notes,
         "spacing_mm": list(spacing_xyz),
         "label_map": None if label_map is None else {str(k): v for k, v in label_map.items()},
+        "protocol": protocol,
     }
+    if protocol == "released":
+        if test_spacing_mm is not None and len(test_spacing_mm) != pred.GetDimension():
+            raise InputError(
+                f"the test spacing needs {pred.GetDimension()} values (x, y, z mm), "
+                f"got {list(test_spacing_mm)}"
+            )
+        result["released"] = released_scores(
+            pred_array,
+            ref_array,
+            spacing_zyx,
+            labels,
+            None if test_spacing_mm is None else tuple(reversed(test_spacing_mm)),
+            names,
+        )
+    return result
 
 
 def format_table(result: dict) -> str:
@@ -184,6 +212,45 @@ def format_table(result: dict) -> str:
         + (f"  (HD95 over labels in both; {missing} label(s) in one image only)" if missing else "")
     )
     lines.extend(f"note: {note}" for note in result["notes"])
+    if "released" in result:
+        lines += ["", format_protocols(result)]
+    return "\n".join(lines)
+
+
+def format_protocols(result: dict) -> str:
+    """The native and released scores of :func:`evaluate` (protocol "released") side by side."""
+
+    def number(value, digits):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    released = result["released"]
+    by_label = {row["label"]: row for row in result["labels"]}
+    width = max([len(row.get("name") or "") for row in released["labels"]] + [4])
+    head = f"{'':>6}  {'':<{width}}  {'Dice':^17}  {'HD95':^21}"
+    lines = [
+        "native (this grid, mm) beside released (M4oE test protocol, voxels):",
+        head,
+        f"{'label':>6}  {'name':<{width}}  {'native':>8} {'released':>8}  "
+        f"{'native mm':>10} {'rel. vox':>10}  case",
+    ]
+    for row in released["labels"]:
+        native = by_label.get(row["label"], {})
+        lines.append(
+            f"{row['label']:>6}  {row.get('name') or '-':<{width}}  {number(native.get('dice'), 4):>8} "
+            f"{number(row['dice'], 4):>8}  {number(native.get('hd95_mm'), 2):>10} "
+            f"{number(row['hd95_voxels'], 2):>10}  {row['case']}"
+        )
+    lines.append(
+        f"{'mean':>6}  {'':<{width}}  {number(result['mean_dice'], 4):>8} "
+        f"{number(released['mean_dice'], 4):>8}  "
+        f"{number(result['mean_hd95_mm'], 2):>10} {number(released['mean_hd95_voxels'], 2):>10}"
+    )
+    grid = "x".join(f"{s:.3g}" for s in released["test_spacing_mm"])
+    lines.append(
+        f"released test grid: {grid} mm"
+        + (" (resampled as nnU-Net v1 does)" if released["resampled"] else " (the prediction grid)")
+    )
+    lines.extend(f"released convention: {text}" for text in released["conventions"])
     return "\n".join(lines)
 
 

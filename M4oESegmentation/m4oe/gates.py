@@ -20,6 +20,12 @@ from .errors import InputError
 from .geometry import AxialStack
 from .inplane import InPlaneGrid
 
+CHANNEL_GATE_WARNING = (
+    "this model's gate weighs every expert equally (channel gate, as in the released M4oE code): "
+    "every expert weighs 1/{experts} on every token, so the gate map and the expert weights show "
+    "no routing"
+)
+
 
 def _entropy(weights: torch.Tensor, dim: int) -> torch.Tensor:
     """Shannon entropy over ``dim`` normalised by log(E): 0 = one expert, 1 = uniform."""
@@ -117,6 +123,8 @@ class GateRecorder:
         expected: list[int],
         segment_names: dict[int, str],
         slice_positions_mm: list[float],
+        gate: str = "softmax",
+        forced: bool = False,
     ) -> dict:
         """The gate summary (JSON-ready).
 
@@ -125,6 +133,11 @@ class GateRecorder:
             expected: indices of the experts of the input's modality.
             segment_names: label value -> segment name.
             slice_positions_mm: per stack slice, its superior (LPS z) coordinate in mm.
+            gate: the model's gate (``ModelConfig.gate``). The "channel" gate cannot prefer an
+                expert: ``gate_can_prefer_experts`` is then False and, unless the routing was
+                ``forced`` to one expert, the warning says so instead of comparing the dominant
+                expert with the modality (with equal weights the "dominant" one is only the first).
+            forced: the routing was forced to one expert (the gate did not run).
         """
         names = [e["name"] for e in experts]
 
@@ -160,7 +173,11 @@ class GateRecorder:
             per_segment[segment_names.get(value, f"label_{value}")] = entry
         dominant = int(np.argmax(overall_w))
         warning = None
-        if expected and dominant not in expected:
+        can_prefer = gate != "channel"
+        if not can_prefer:
+            if not forced:
+                warning = CHANNEL_GATE_WARNING.format(experts=len(names))
+        elif expected and dominant not in expected:
             wanted = ", ".join(names[i] for i in expected)
             warning = (
                 f"routing disagrees with the input modality: the gate sent most weight to expert "
@@ -169,6 +186,8 @@ class GateRecorder:
             )
         return {
             "experts": experts,
+            "gate": gate,
+            "gate_can_prefer_experts": can_prefer,
             "expected_experts": [names[i] for i in expected],
             "layers": self.layers,
             "mapped_layer": self.layer or "mean",

@@ -513,7 +513,12 @@ class Predictor:
             experts = [{"name": e.name, "modality": e.modality} for e in card.experts]
             expected = [expert] if expert is not None else card.expert_index(found.modality)
             prediction.gate_summary = recorder.summary(
-                experts, expected, {lab.value: lab.name for lab in chosen}, slice_positions(stack)[run]
+                experts,
+                expected,
+                {lab.value: lab.name for lab in chosen},
+                slice_positions(stack)[run],
+                gate=card.architecture.gate,
+                forced=expert is not None,
             )
             prediction.gate_summary["forced_expert"] = None if expert is None else card.experts[expert].name
             prediction.gate_summary["input_modality"] = found.modality

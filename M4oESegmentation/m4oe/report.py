@@ -9,8 +9,9 @@ The page (a PNG of 1600 x 1000 pixels) is for a reader who would rather look tha
 - (d) the mean weight of each expert per slice along the volume, the slice of (a) marked;
 
 with a legend of the organs (and their volumes), the detected modality and why, the routing
-warnings in red (the gate disagrees with the modality; the scan may not show an abdomen, see
-:mod:`m4oe.ood`), and the timings.
+warnings in red (the gate disagrees with the modality; the gate cannot prefer an expert, as the
+released code's channel gate cannot, so (c) and (d) show no routing; the scan may not show an
+abdomen, see :mod:`m4oe.ood`), and the timings.
 
 Image panels follow the radiological convention, which is the layout of the axial stack
 (:mod:`m4oe.geometry`): patient right on the left of the picture, anterior up in axial views,
@@ -384,6 +385,8 @@ def _draw_gate_map(
     mapped = summary.get("mapped_layer", "mean")
     if summary.get("forced_expert"):
         note = f"routing forced to {summary['forced_expert']}"
+    elif summary.get("gate_can_prefer_experts") is False:
+        note = f"{summary.get('gate', 'channel')} gate: equal weights, no routing"
     else:
         note = "mean over layers" if mapped == "mean" else f"layer {mapped}"
     ax.set_title(f"(c) Dominant expert on slice (a) ({note})", loc="left")
@@ -421,7 +424,9 @@ def _draw_gate_curves(ax: Axes, summary: dict, experts: list[str], position: flo
     ax.legend(loc="best", fontsize=9, framealpha=0.85)
     confidence = summary.get("overall", {}).get("routing_confidence")
     title = "(d) Expert weight per slice"
-    if confidence is not None:
+    if summary.get("gate_can_prefer_experts") is False and not summary.get("forced_expert"):
+        title += f" ({summary.get('gate', 'channel')} gate: every expert weighs 1/E, no routing to show)"
+    elif confidence is not None:
         title += f" (routing confidence {confidence:.2f}: 1 = one expert, 0 = uniform)"
     ax.set_title(title, loc="left")
 

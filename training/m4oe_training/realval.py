@@ -34,6 +34,7 @@ import SimpleITK as sitk
 
 from m4oe.errors import InputError
 from m4oe.evaluate import evaluate
+from m4oe.evaluate_released import released_scores
 from m4oe.io import read_image, write_atomic
 from m4oe.model_card import ModelCard
 from m4oe.terminology import organ_keys
@@ -87,12 +88,18 @@ def load_scan(
     return image, on_grid
 
 
-def score(labelmap: sitk.Image, reference: sitk.Image, names: dict[int, str]) -> dict:
+def score(
+    labelmap: sitk.Image, reference: sitk.Image, names: dict[int, str], protocol: str = "native"
+) -> dict:
     """Dice and HD95 (mm) per organ present in ``reference`` and their means.
 
     Args:
         labelmap, reference: label maps on one grid (project label values).
         names: label value -> organ name.
+        protocol: "native", or "released" to add the released M4oE code's scores
+            (:mod:`m4oe.evaluate_released`, on this grid) over every organ of ``names``, as its test
+            counts every class: "released_dice", "released_hd95_voxels" {name: value},
+            "released_mean_dice", "released_mean_hd95_voxels".
 
     Returns:
         {"dice": {name: Dice}, "hd95_mm": {name: mm or None}, "mean_dice", "mean_hd95_mm",
@@ -102,7 +109,7 @@ def score(labelmap: sitk.Image, reference: sitk.Image, names: dict[int, str]) ->
     present = [int(v) for v in values if v in names]
     result = evaluate(labelmap, reference, labels=present, names=names)
     rows = result["labels"]
-    return {
+    scores = {
         "organs": [names[r["label"]] for r in rows],
         "dice": {names[r["label"]]: round(float(r["dice"]), 4) for r in rows},
         "hd95_mm": {
@@ -111,13 +118,31 @@ def score(labelmap: sitk.Image, reference: sitk.Image, names: dict[int, str]) ->
         "mean_dice": None if result["mean_dice"] is None else round(result["mean_dice"], 4),
         "mean_hd95_mm": None if result["mean_hd95_mm"] is None else round(result["mean_hd95_mm"], 2),
     }
+    if protocol == "released":
+        spacing_zyx = tuple(reversed(reference.GetSpacing()))
+        released = released_scores(
+            sitk.GetArrayViewFromImage(labelmap),
+            sitk.GetArrayViewFromImage(reference),
+            spacing_zyx,
+            sorted(names),
+            names=names,
+        )
+        rows = released["labels"]
+        scores["released_dice"] = {names[r["label"]]: round(r["dice"], 4) for r in rows}
+        scores["released_hd95_voxels"] = {names[r["label"]]: round(r["hd95_voxels"], 2) for r in rows}
+        scores["released_mean_dice"] = round(released["mean_dice"], 4)
+        scores["released_mean_hd95_voxels"] = round(released["mean_hd95_voxels"], 2)
+    return scores
 
 
-def benchmark(predictor, data_dir: str | Path, test_time_passes: int | None = None) -> dict:
+def benchmark(
+    predictor, data_dir: str | Path, test_time_passes: int | None = None, protocol: str = "native"
+) -> dict:
     """Score a :class:`m4oe.predictor.Predictor` on every scan of :data:`REAL_SCANS`.
 
     The predictor's first task is scored; its classes are matched to the references' organs by
-    :func:`organ_keys`. ``test_time_passes`` None keeps the card's default.
+    :func:`organ_keys`. ``test_time_passes`` None keeps the card's default. ``protocol``
+    "released" adds the released M4oE code's scores (see :func:`score`).
 
     Returns:
         {scan name: {"modality", **:func:`score` (organs by TERMS key), "gate_mean_weights":
@@ -144,7 +169,7 @@ def benchmark(predictor, data_dir: str | Path, test_time_passes: int | None = No
         prediction = predictor.predict(
             image, modality=scan.modality, gates=card.architecture.is_moe, test_time_passes=test_time_passes
         )
-        entry = {"modality": scan.modality, **score(prediction.labelmap, reference, names)}
+        entry = {"modality": scan.modality, **score(prediction.labelmap, reference, names, protocol)}
         summary = prediction.gate_summary
         entry["gate_mean_weights"] = (
             {k: round(float(v), 4) for k, v in summary["overall"]["mean_weights"].items()}
@@ -167,14 +192,26 @@ def record(card_path: str | Path, results: dict, command: str) -> None:
 
 def format_table(results: dict) -> str:
     """A plain-text table: one row per scan and organ present, then the scan's mean."""
-    lines = [f"{'scan':<18} {'organ':<20} {'Dice':>6} {'HD95 mm':>8}"]
+    released = any("released_dice" in entry for entry in results.values())
+    head = f"{'scan':<18} {'organ':<20} {'Dice':>6} {'HD95 mm':>8}"
+    lines = [head + (f" {'rel. Dice':>9} {'rel. HD95 vox':>13}" if released else "")]
     for name, entry in results.items():
-        for organ in entry["organs"]:
-            hd = entry["hd95_mm"][organ]
-            lines.append(
-                f"{name:<18} {organ:<20} {entry['dice'][organ]:>6.3f} {'-' if hd is None else f'{hd:.1f}':>8}"
+        organs = list(entry.get("released_dice", {})) or entry["organs"]
+        for organ in organs:
+            dice, hd = entry["dice"].get(organ), entry["hd95_mm"].get(organ)
+            line = (
+                f"{name:<18} {organ:<20} {'-' if dice is None else f'{dice:.3f}':>6} "
+                f"{'-' if hd is None else f'{hd:.1f}':>8}"
             )
-        lines.append(f"{name:<18} {'mean':<20} {entry['mean_dice']:>6.3f}")
+            if released:
+                hd_voxels = entry["released_hd95_voxels"][organ]
+                line += f" {entry['released_dice'][organ]:>9.3f} {hd_voxels:>13.1f}"
+            lines.append(line)
+        mean = f"{name:<18} {'mean':<20} {entry['mean_dice']:>6.3f}"
+        if released:
+            hd_voxels = entry["released_mean_hd95_voxels"]
+            mean += f" {'':>8} {entry['released_mean_dice']:>9.3f} {hd_voxels:>13.1f}"
+        lines.append(mean)
         if entry["gate_mean_weights"]:
             lines.append(f"{name:<18} routing {json.dumps(entry['gate_mean_weights'])}")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from .moe import DenseFeedForward, MoEFeedForward, load_balancing_loss
 from .swin_unet import SwinUNet
 
 __all__ = [
+    "MODEL_ALIASES",
     "MODEL_REGISTRY",
     "DenseFeedForward",
     "InitReport",
@@ -34,14 +35,26 @@ def _m4oe() -> ModelConfig:
     return ModelConfig(experts=("ct", "mr"))
 
 
-def _m4oe_paper() -> ModelConfig:
-    # The published setup: one expert per training dataset, heads for FLARE22 (13 organs),
-    # ATLAS2023 (liver, tumour) and AMOS2022 (15 organs), RGB input, the released channel gate.
+def _m4oe_paper_released() -> ModelConfig:
+    # The released code (csyfjiang/M4oE): one expert per training dataset (FLARE22 CT, ATLAS2023 MR,
+    # AMOS22 MR, as in its mkcsv.py), a head per dataset, RGB input and its channel gate, whose
+    # expert weights are a constant 1/E: this variant's gate cannot prefer an expert.
     return ModelConfig(
         in_chans=3,
-        experts=("flare22", "atlas2023", "amos2022"),
-        tasks=(("flare22", 14), ("atlas2023", 3), ("amos2022", 16)),
+        experts=("flare22", "atlas2023", "amos22"),
+        tasks=(("flare22", 14), ("atlas2023", 3), ("amos22", 16)),
         gate="channel",
+    )
+
+
+def _m4oe_paper_described() -> ModelConfig:
+    # The paper's description: one expert per modality, a Linear(C, E) softmax gate per token that
+    # weighs each expert, the same heads and input as the released code.
+    return ModelConfig(
+        in_chans=3,
+        experts=("ct", "mr"),
+        tasks=(("flare22", 14), ("atlas2023", 3), ("amos22", 16)),
+        gate="softmax",
     )
 
 
@@ -56,14 +69,20 @@ def _m4oe_tiny() -> ModelConfig:
 MODEL_REGISTRY: dict[str, Callable[[], ModelConfig]] = {
     "swin-unet": _swin_unet,
     "m4oe": _m4oe,
-    "m4oe-paper": _m4oe_paper,
+    "m4oe-paper-released": _m4oe_paper_released,
+    "m4oe-paper-described": _m4oe_paper_described,
     "swin-unet-tiny": _swin_unet_tiny,
     "m4oe-tiny": _m4oe_tiny,
 }
 
 
+MODEL_ALIASES: dict[str, str] = {"m4oe-paper": "m4oe-paper-released"}
+"""Former names, kept so that code naming them builds what it built before."""
+
+
 def get_config(name: str, **overrides) -> ModelConfig:
     """The config of a registered variant, with fields overridden (unknown fields are errors)."""
+    name = MODEL_ALIASES.get(name, name)
     if name not in MODEL_REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered: {sorted(MODEL_REGISTRY)}")
     return MODEL_REGISTRY[name]().replace(**overrides)
