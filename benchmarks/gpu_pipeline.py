@@ -18,8 +18,8 @@ label every organ in fragments all over the volume, the clean-up's worst case; t
 checks that the clean-up on the GPU (CuPy, when installed) gives SciPy's labels, and prints
 whether CuPy was found. Then it prints ``benchmarks/postprocess.py``'s stage table on the GPU.
 
-Run (about 2-4 minutes on one H200): ``PYTHONPATH=M4oESegmentation python benchmarks/gpu_pipeline.py
-[--slices 300] [--repeats 2] [--json out.json]``.
+Sized for under 5 minutes; not yet timed on a GPU. Run: ``PYTHONPATH=M4oESegmentation python
+benchmarks/gpu_pipeline.py [--slices 300] [--repeats 2] [--json out.json]``.
 """
 
 from __future__ import annotations
