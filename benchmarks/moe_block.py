@@ -1,18 +1,22 @@
 """Speed of one mixture-of-experts feed-forward layer and Swin block against the plain MLP ones.
 
 At each encoder stage's width and token count (a 224 x 224 slice stack: 56x56, 28x28, 14x14, 7x7
-tokens per slice at 96, 192, 384, 768 channels) three forms are timed on the CPU, under
+tokens per slice at 96, 192, 384, 768 channels) four forms are timed on ``--device`` (the CPU by
+default; on CUDA each call is synchronised before the clock stops), under
 ``torch.no_grad``, in one run, interleaved and repeated (median of ``--repeats`` after warm-up):
 
     dense   the plain Swin MLP (``DenseFeedForward``, C -> 4C -> C)
-    top-1   M4oE with 3 experts, each token through its most probable expert (``top_k=1``)
+    top-1   M4oE with 3 experts, each token through its most probable expert (``top_k=1``), the
+            tokens sorted by expert and each expert run on its own (``dispatch="sort"``)
+    top-1 dense  the same routing with every expert run on every token, each token keeping its
+            expert's output (``dispatch="dense"``: no host synchronisation; "auto" on a GPU)
     mixture M4oE with 3 experts, every token through all experts, gate-weighted (``top_k=None``)
 
 once for the feed-forward layer alone and once for the whole Swin block (window attention + ffn).
 Ratios are to the dense form; the total row sums the four stages (so it is token-weighted).
 
 Run: ``make benchmark``, or ``PYTHONPATH=M4oESegmentation python benchmarks/moe_block.py
-[--tokens N] [--repeats R] [--json out.json]``.
+[--tokens N] [--repeats R] [--device cuda] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -34,27 +38,38 @@ from m4oe.model.swin_unet import SwinBlock
 STAGES = ((96, 3, 56), (192, 6, 28), (384, 12, 14), (768, 24, 7))
 NUM_EXPERTS = 3
 WINDOW = 7
+
+
+def routed(dim: int, dispatch: str) -> MoEFeedForward:
+    ffn = MoEFeedForward(dim, num_experts=NUM_EXPERTS, top_k=1)
+    ffn.dispatch = dispatch
+    return ffn
+
+
 FORMS = {
     "dense": partial(DenseFeedForward),
-    "top-1": partial(MoEFeedForward, num_experts=NUM_EXPERTS, top_k=1),
+    "top-1": partial(routed, dispatch="sort"),
+    "top-1 dense": partial(routed, dispatch="dense"),
     "mixture": partial(MoEFeedForward, num_experts=NUM_EXPERTS, top_k=None),
 }
 TARGET = 1.3  # top-1 block at most this many times the plain MLP block
 
 
-def build_cases(slices: int) -> list[dict]:
-    """One case per (stage, layer kind, form): a module in eval mode and its input."""
+def build_cases(slices: int, device: torch.device) -> list[dict]:
+    """One case per (stage, layer kind, form): a module in eval mode and its input, on ``device``."""
     torch.manual_seed(0)
     cases = []
     for dim, heads, side in STAGES:
-        tokens = torch.randn(slices, side * side, dim)
+        tokens = torch.randn(slices, side * side, dim, device=device)
         grid = tokens.reshape(slices, side, side, dim)
         for form, ffn in FORMS.items():
-            cases.append(dict(stage=dim, kind="ffn", form=form, module=ffn(dim).eval(), input=tokens))
+            cases.append(
+                dict(stage=dim, kind="ffn", form=form, module=ffn(dim).to(device).eval(), input=tokens)
+            )
             block = SwinBlock(
                 ffn_layer=ffn, dim=dim, input_resolution=(side, side), num_heads=heads, window_size=WINDOW
             )
-            cases.append(dict(stage=dim, kind="block", form=form, module=block.eval(), input=grid))
+            cases.append(dict(stage=dim, kind="block", form=form, module=block.to(device).eval(), input=grid))
     return cases
 
 
@@ -66,6 +81,8 @@ def time_cases(cases: list[dict], repeats: int, warmup: int) -> None:
             for case in cases:
                 start = time.perf_counter()
                 case["module"](case["input"])
+                if case["input"].is_cuda:
+                    torch.cuda.synchronize(case["input"].device)
                 elapsed = time.perf_counter() - start
                 if r >= warmup:
                     samples[id(case)].append(elapsed * 1e3)
@@ -87,12 +104,12 @@ def table(cases: list[dict], kind: str) -> list[dict]:
 
 def print_table(title: str, rows: list[dict], tokens: list[int]) -> None:
     print(f"\n{title}")
-    header = f"{'width':>6} {'tokens':>7} " + " ".join(f"{f + ' ms':>11}" for f in FORMS)
-    header += " " + " ".join(f"{f + ' x':>10}" for f in FORMS if f != "dense")
+    header = f"{'width':>6} {'tokens':>7} " + " ".join(f"{f + ' ms':>15}" for f in FORMS)
+    header += " " + " ".join(f"{f + ' x':>13}" for f in FORMS if f != "dense")
     print(header)
     for row, n in zip(rows, [*tokens, sum(tokens)], strict=True):
-        line = f"{row['stage']:>6} {n:>7} " + " ".join(f"{row['ms'][f]:>11.2f}" for f in FORMS)
-        line += " " + " ".join(f"{row['ratio'][f]:>10.2f}" for f in FORMS if f != "dense")
+        line = f"{row['stage']:>6} {n:>7} " + " ".join(f"{row['ms'][f]:>15.2f}" for f in FORMS)
+        line += " " + " ".join(f"{row['ratio'][f]:>13.2f}" for f in FORMS if f != "dense")
         print(line)
 
 
@@ -119,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=9, help="timed calls per case (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per case first")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     first = STAGES[0][2] ** 2
@@ -134,7 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     info = machine()
     print(f"CPU {info['cpu']}, torch {info['torch']}, {info['threads']} threads, {slices} slices of 224x224")
-    cases = build_cases(slices)
+    device = torch.device(args.device)
+    info["device"] = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+    cases = build_cases(slices, device)
     time_cases(cases, args.repeats, args.warmup)
     tokens = [slices * side * side for _, _, side in STAGES]
     results = dict(machine=info, slices=slices, repeats=args.repeats, tokens=tokens)
@@ -144,6 +164,11 @@ def main(argv: list[str] | None = None) -> dict:
     top1 = results["block"][-1]["ratio"]["top-1"]
     verdict = "met" if top1 <= TARGET else "missed"
     print(f"\ntop-1 block / plain MLP block, all stages: {top1:.2f}x (target <= {TARGET}x: {verdict})")
+    block = results["block"][-1]["ms"]
+    print(
+        f"top-1 block, sorted / dense dispatch / dense mixture: {block['top-1']:.1f} / "
+        f"{block['top-1 dense']:.1f} / {block['mixture']:.1f} ms ({info['device']})"
+    )
     results["target"] = dict(limit=TARGET, top1_block_ratio=top1, met=top1 <= TARGET)
     if args.json:
         with open(args.json, "w") as f:

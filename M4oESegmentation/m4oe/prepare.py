@@ -64,7 +64,11 @@ class SlicePlan:
         """
         if isinstance(slices, np.ndarray):
             slices = np.array(slices, dtype=np.float32)  # also frees it from a read-only stack view
-        t = torch.as_tensor(slices, device=device)[:, None]
+        t = torch.as_tensor(slices)
+        if torch.device(device).type == "cuda" and t.device.type == "cpu":
+            # From page-locked memory the copy is queued behind the running batch, not waited for.
+            t = t.pin_memory().to(device, non_blocking=True)
+        t = t.to(device)[:, None]
         return to_model_grid(
             normalize_slices(t, self.modality, self.params, self.volume_stats), self.grid, self.pad_value
         )

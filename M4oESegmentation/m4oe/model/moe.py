@@ -16,6 +16,7 @@ from torch import nn
 from .config import GATES
 
 ForcedExpert = int | torch.Tensor | None
+DISPATCHES = ("auto", "sort", "dense")
 
 
 class DenseFeedForward(Mlp):
@@ -49,7 +50,16 @@ class MoEFeedForward(nn.Module):
 
     ``force_expert`` (an int, or a LongTensor (B,) giving one expert per sample) bypasses the gate:
     every token of a sample goes through that expert alone, with weight 1.
+
+    ``dispatch`` says how top-k routing reaches the experts when no gradient is taken (training
+    always sorts): "sort" groups the tokens by expert and runs each expert on its own tokens only
+    (the fewest operations, but the chunk sizes must reach the host: one device synchronisation
+    per layer, which on a GPU stalls the queue of kernels behind it); "dense" runs every expert on
+    every token and keeps each token's top k (the dense mixture's arithmetic, no synchronisation);
+    "auto" sorts on the CPU and computes densely on other devices. Both give the same outputs.
     """
+
+    dispatch = "auto"
 
     def __init__(
         self,
@@ -122,6 +132,11 @@ class MoEFeedForward(nn.Module):
         top_p, top_i = probs.reshape(-1, self.num_experts).topk(self.top_k, dim=-1)
         # Renormalised by a constant so the gate still gets a gradient at k=1, where the weight is 1.
         top_w = top_p / top_p.sum(dim=-1, keepdim=True).detach()
+        if self.dispatch not in DISPATCHES:
+            raise ValueError(f"dispatch must be one of {DISPATCHES}, got {self.dispatch!r}")
+        dense = self.dispatch == "dense" or (self.dispatch == "auto" and x.device.type != "cpu")
+        if dense and not top_w.requires_grad:
+            return self._top_k_dense(flat, top_i, top_w).reshape(B, N, C)
         # Group the (token, slot) pairs by expert (stable, so tokens keep their order): one gather,
         # one contiguous chunk per expert, one scatter. An expert no token picked still runs on an
         # empty chunk, so it stays in the autograd graph (a zero gradient, not a missing one, for DDP).
@@ -137,6 +152,25 @@ class MoEFeedForward(nn.Module):
             return torch.empty_like(flat).index_copy_(0, token, y.to(flat.dtype)).reshape(B, N, C)
         y = y * top_w.reshape(-1)[order, None]
         return torch.zeros_like(flat).index_add_(0, token, y.to(flat.dtype)).reshape(B, N, C)
+
+    def _top_k_dense(self, flat: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        """Tokens (T, C) through every expert, each keeping its top-k experts' weighted outputs.
+
+        ``top_i``, ``top_w``: (T, k) chosen experts and their renormalised weights. At k=1 the
+        weight is exactly 1, so each token takes its expert's output row as it is.
+        """
+        if self.top_k == 1:
+            choice = top_i[:, :1]
+            out = self.experts[0](flat).to(flat.dtype)
+            for e in range(1, self.num_experts):
+                out = torch.where(choice == e, self.experts[e](flat).to(flat.dtype), out)
+            return out
+        weights = torch.zeros(flat.shape[0], self.num_experts, dtype=top_w.dtype, device=flat.device)
+        weights.scatter_(1, top_i, top_w)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            out = out + (weights[:, e : e + 1] * expert(flat)).to(flat.dtype)
+        return out
 
     def _forced(self, x: torch.Tensor, force_expert: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B = x.shape[0]
