@@ -752,7 +752,7 @@ CASES = [
         "WARNING: {inputs}/series: DICOM slices are unevenly spaced or some are missing (gaps of 2 to 4 mm);"
         " read on an even grid of 2.5 mm"),
     Case("dicom-rounded-positions", "segment", "evenly spaced series, positions rounded in the header",
-        dicom_rounded_positions, 0, WROTE, absent="WARNING"),
+        dicom_rounded_positions, 0, WROTE, absent="unevenly spaced"),
     # Models.
     Case("unknown-model", "segment", "unknown model name",
         unknown_model, 4, E + "unknown model 'no-such-model'; available: ..."),
@@ -839,7 +839,8 @@ CASES = [
         output_read_only, 3, E + "{out}: folder is not writable", not_as_root=True),
     Case("output-suffix", "segment", "unsupported output suffix (.png)",
         output_suffix, 3,
-        E + "{out}/seg.png: unsupported output format; use .seg.nrrd or one of .nii.gz, .nii, .nrrd, .mha"),
+        E + "{out}/seg.png: unsupported output format; use .seg.nrrd, .dcm (DICOM SEG) or one of"
+        " .nii.gz, .nii, .nrrd, .mha"),
     Case("report-suffix", "segment", "--report not .png",
         report_suffix, 3, E + "{out}/report.pdf: a report must be written as .png"),
     Case("output-is-a-gate-map", "segment", "-o DIR/gate_map.nrrd --gates DIR",
