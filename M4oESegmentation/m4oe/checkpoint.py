@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 
 from m4oe.errors import InputError, ModelError, OutputError
 from m4oe.hub import sha256_file
+from m4oe.model.mome import MoME
 from m4oe.model.swin_unet import SwinUNet
 from m4oe.model_card import FORMAT_VERSION, READABLE_VERSIONS, ModelCard
 
@@ -154,7 +155,8 @@ def load_checkpoint(
     # (often more under load) for a 60 M-parameter M4oE, against a fixed 0.2 s here. Shapes are
     # known on the meta device, so the fit is checked before any memory is taken.
     with torch.device("meta"):
-        model = SwinUNet(card.architecture)
+        network = MoME if card.architecture.arch == "mome" else SwinUNet
+        model = network(card.architecture)
     _check_fit(state, model, weights)
     model.to_empty(device="cpu")
     model.init_non_persistent_buffers()

@@ -53,7 +53,7 @@ from m4oe import __version__
 from m4oe.errors import InputError, ModelError
 from m4oe.labels import Code, Label
 from m4oe.modality import MODALITIES
-from m4oe.model.config import ModelConfig
+from m4oe.model.config import MOME_FIELDS, ModelConfig
 
 FORMAT_VERSION = 1
 """The card format this engine writes."""
@@ -239,6 +239,14 @@ class ModelCard:
                     f"task {task.name!r}: labels must have values 1..{classes - 1} once each (the head has "
                     f"{classes} classes, 0 is background), got {values}"
                 )
+        if cfg.arch == "mome":
+            names = [label.name for label in sorted(self.tasks[0].labels, key=lambda label: label.value)]
+            if names != list(cfg.class_names):
+                raise ModelError(
+                    f"task {self.tasks[0].name!r}: a MoME model's label names {names} must be its "
+                    f"architecture's class_names {list(cfg.class_names)} (their text embeddings are its "
+                    "queries)"
+                )
         if self.weights_sha256 and not _SHA256.match(self.weights_sha256):
             raise ModelError(f"weights_sha256 must be 64 lower-case hex digits, got {self.weights_sha256!r}")
 
@@ -416,7 +424,7 @@ def _architecture(value, path) -> ModelConfig:
     fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     # Keys added to the architecture after format version 1 was fixed: optional, so that cards
     # written before them still load (with the default, which is what those models were).
-    later = ("gate_context",)
+    later = ("gate_context", *MOME_FIELDS)
     required = tuple(k for k in fields if k not in later)
     data = _object(value, "architecture", path, required=required, optional=later)
     for key, default in fields.items():
@@ -433,7 +441,7 @@ def _architecture(value, path) -> ModelConfig:
                 _check(pair[0], str, f"{where}[{i}][0]", path)
                 _check(pair[1], int, f"{where}[{i}][1]", path)
         elif isinstance(default, tuple):
-            item_kind = str if key == "experts" else int
+            item_kind = str if key in ("experts", "class_names") else int
             for i, item in enumerate(_check(data[key], list, where, path)):
                 _check(item, item_kind, f"{where}[{i}]", path)
         else:

@@ -65,6 +65,8 @@ def unsupported_reason(model: SwinUNet, device: torch.device, dtype: torch.dtype
         return f"the ONNX backend runs on the CPU only, not {device.type}"
     if dtype != torch.float32:
         return "the ONNX backend runs in float32 only"
+    if model.cfg.arch == "mome":
+        return "MoME models run in PyTorch only (their class queries are chosen per call)"
     if model.cfg.is_moe and model.cfg.top_k is not None:
         return f"top-{model.cfg.top_k} routing has data-dependent expert batches that a graph cannot hold"
     missing = missing_packages()

@@ -329,7 +329,10 @@ class Predictor:
             structures: the task's classes to keep, by structure key (``"kidney_right"``) or name
                 (see :func:`m4oe.terminology.select_labels`); None keeps all. The argmax is taken
                 over all classes first and the others then set to 0, so a chosen organ is exactly
-                what the whole task gives it, never grown into a neighbour the model found.
+                what the whole task gives it, never grown into a neighbour the model found. A MoME
+                model (classes by name, independent per-class logits) computes only the chosen
+                classes' logits: a chosen organ is where its own sigmoid passes 0.5 and beats the
+                other chosen ones.
             roi: segment only these voxels of ``image`` (see :mod:`m4oe.region`); 0 elsewhere.
             body_crop: segment only the box around the patient's body (:func:`m4oe.region.body_box`).
                 Only the region's slices (and the neighbours the through-plane smoothing reads)
@@ -414,7 +417,9 @@ class Predictor:
             probs[..., 0] = 255 if probabilities == "uint8" else 1.0  # outside the region: background
         Zrun = run.stop - run.start
         recorder = GateRecorder(Zrun, gate_layer) if gates else None
-        network, backend = self._network(task_info.name, expert, report)
+        # A MoME model computes only the chosen classes' logits (its classes are independent queries).
+        queries = keep if cfg.arch == "mome" else None
+        network, backend = self._network(task_info.name, expert, report, queries)
         batches = range(run.start, run.stop, self.batch_size)
         smoother = SliceSmoother(sigma_slices, Zrun) if sigma_mm > 0 else None
         kept = None
@@ -482,13 +487,16 @@ class Predictor:
         # before unchosen structures are dropped; not made inside a user's region, which need not
         # hold an abdomen's organs (the body crop keeps the whole body, so it is checked). Labels are
         # 0 outside the region, so cleaning the whole volume cleans the region.
+        # A MoME model asked for some classes never computed the others: it is not checked either
+        # (a check of the chosen ones alone would warn about every missing organ).
         host_dtype = np.uint8 if K <= 256 else np.uint16
-        every_class = labels.clone() if kept is not None and roi is None else None
+        whole_task = kept is not None and roi is None and queries is None
+        every_class = labels.clone() if whole_task else None
         if kept is not None:
             labels = kept.to(labels.device)[labels.long()].to(labels.dtype)
         cleaned = [v for v in task_info.largest_component if keep is None or v in keep] if cleanup else []
         labels = labels_to_host(labels, cleaned, host_dtype)
-        if roi is not None:
+        if roi is not None or queries is not None:
             scan_check = None
         elif every_class is None:
             scan_check = check_scan(labels, stack.spacing, list(task_info.labels))
@@ -557,8 +565,10 @@ class Predictor:
                 box = box.intersect(body)
         return stack_slices(box, stack)
 
-    def _network(self, task: str, expert: int | None, report=None):
+    def _network(self, task: str, expert: int | None, report=None, queries: list[int] | None = None):
         """The forward pass for this task and routing, and the name of its runtime.
+
+        ``queries``: a MoME model's label values to compute (None: all); others get no logits.
 
         An export to ONNX (backend "onnx", graph not cached yet) is reported as stage "export".
 
@@ -574,6 +584,8 @@ class Predictor:
             return self._graphs[key], "onnx"
 
         def network(x: torch.Tensor):
+            if queries is not None:
+                return self.model(x, task=task, force_expert=expert, return_gates=True, queries=queries)
             return self.model(x, task=task, force_expert=expert, return_gates=True)
 
         return network, "torch"

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from .config import ModelConfig
 from .imagenet import InitReport, imagenet_filter_fn, load_imagenet_weights
 from .moe import DenseFeedForward, MoEFeedForward, load_balancing_loss
+from .mome import MoME
 from .swin_unet import SwinUNet
 
 __all__ = [
@@ -15,9 +16,11 @@ __all__ = [
     "DenseFeedForward",
     "InitReport",
     "MoEFeedForward",
+    "MoME",
     "ModelConfig",
     "SwinUNet",
     "build_model",
+    "build_network",
     "get_config",
     "imagenet_filter_fn",
     "load_balancing_loss",
@@ -66,6 +69,37 @@ def _m4oe_tiny() -> ModelConfig:
     return ModelConfig(**_TINY, tasks=(("abdomen", 4), ("liver", 2)), experts=("ct", "mr", "mr-t2"))
 
 
+# MoME's default label space: the phantom organs by display name (what the text encoder reads).
+# Training replaces it with the union of its datasets' labels.
+_MOME_CLASSES = (
+    "liver",
+    "spleen",
+    "right kidney",
+    "left kidney",
+    "aorta",
+    "inferior vena cava",
+    "vertebrae",
+    "stomach",
+    "pancreas",
+)
+_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _mome() -> ModelConfig:
+    return ModelConfig(
+        arch="mome",
+        experts=("ct", "mr"),
+        tasks=(("organs", len(_MOME_CLASSES) + 1),),
+        class_names=_MOME_CLASSES,
+        text_dim=384,
+        text_encoder=_MINILM,
+    )
+
+
+def _mome_tiny() -> ModelConfig:
+    return _mome().replace(**_TINY)
+
+
 MODEL_REGISTRY: dict[str, Callable[[], ModelConfig]] = {
     "swin-unet": _swin_unet,
     "m4oe": _m4oe,
@@ -73,6 +107,8 @@ MODEL_REGISTRY: dict[str, Callable[[], ModelConfig]] = {
     "m4oe-paper-described": _m4oe_paper_described,
     "swin-unet-tiny": _swin_unet_tiny,
     "m4oe-tiny": _m4oe_tiny,
+    "mome": _mome,
+    "mome-tiny": _mome_tiny,
 }
 
 
@@ -88,7 +124,12 @@ def get_config(name: str, **overrides) -> ModelConfig:
     return MODEL_REGISTRY[name]().replace(**overrides)
 
 
+def build_network(cfg: ModelConfig) -> SwinUNet:
+    """The network class a config's ``arch`` names (:class:`SwinUNet` or :class:`MoME`), built."""
+    return MoME(cfg) if cfg.arch == "mome" else SwinUNet(cfg)
+
+
 def build_model(name: str | ModelConfig, **overrides) -> SwinUNet:
     """Build a randomly initialised network from a registered name or a config."""
     cfg = name.replace(**overrides) if isinstance(name, ModelConfig) else get_config(name, **overrides)
-    return SwinUNet(cfg)
+    return build_network(cfg)

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 MOE_PLACEMENTS = ("encoder", "decoder", "both")
 GATES = ("softmax", "channel")
 GATE_CONTEXTS = ("none", "slice")
+ARCHITECTURES = ("swin-unet", "mome")
+# Fields that only a MoME network has; a Swin-UNet / M4oE config leaves them out of its dict, so
+# the cards written before MoME existed stay byte for byte what they were.
+MOME_FIELDS = ("arch", "class_names", "text_dim", "text_encoder")
 _TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 
 
@@ -47,6 +51,15 @@ class ModelConfig:
             sequences whose organs differ mainly in brightness; the slice descriptor can. The
             projections start at zero, so a model gains the option without changing its output
             until it is trained.
+        arch: "swin-unet" (the network of :class:`~m4oe.model.swin_unet.SwinUNet`, dense or M4oE)
+            or "mome" (:class:`~m4oe.model.mome.MoME`: a dense Swin trunk, a router over
+            ``experts`` at the decoder scales conditioned on a text embedding of each class name,
+            and one logit map per class from a dot product with that class's query).
+        class_names: "mome" only: the class names whose text embeddings the model holds, in label
+            order (value 1 first); the single task has len(class_names) + 1 classes.
+        text_dim: "mome" only: width of the stored class-name embeddings.
+        text_encoder: "mome" only: which frozen text encoder made the stored embeddings (a name and
+            the SHA-256 of its weights, or the stand-in featurisation's name).
     """
 
     img_size: int = 224
@@ -67,6 +80,10 @@ class ModelConfig:
     gate: str = "softmax"
     top_k: int | None = None
     gate_context: str = "none"
+    arch: str = "swin-unet"
+    class_names: tuple[str, ...] = ()
+    text_dim: int = 0
+    text_encoder: str = ""
 
     def __post_init__(self):
         # Tuples arrive as lists from JSON; normalise before validating.
@@ -74,7 +91,34 @@ class ModelConfig:
         object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
         object.__setattr__(self, "tasks", tuple((str(n), int(k)) for n, k in self.tasks))
         object.__setattr__(self, "experts", tuple(str(e) for e in self.experts))
+        object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
         self._validate()
+        self._validate_mome()
+
+    def _validate_mome(self):
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}")
+        if self.arch != "mome":
+            if self.class_names or self.text_dim or self.text_encoder:
+                raise ValueError("class_names, text_dim and text_encoder belong to arch 'mome' only")
+            return
+        if len(self.tasks) != 1:
+            raise ValueError(f"a mome model has one task (its label space), got {list(self.task_names)}")
+        if len(self.class_names) != self.tasks[0][1] - 1:
+            raise ValueError(
+                f"a mome model needs one class name per class of its task ({self.tasks[0][1] - 1}), "
+                f"got {len(self.class_names)}: {list(self.class_names)}"
+            )
+        if len(set(self.class_names)) != len(self.class_names) or not all(self.class_names):
+            raise ValueError(f"class names must be unique and non-empty, got {list(self.class_names)}")
+        if self.text_dim < 1:
+            raise ValueError(f"a mome model needs text_dim >= 1, got {self.text_dim}")
+        plain_router = self.gate == "softmax" and self.top_k is None and self.gate_context == "none"
+        if not self.experts or not plain_router:
+            raise ValueError(
+                "a mome model needs experts (at least 2) and the plain softmax router: no top_k, no "
+                "gate_context, gate 'softmax'"
+            )
 
     def _validate(self):
         stages = len(self.depths)
@@ -169,6 +213,10 @@ class ModelConfig:
         data["num_heads"] = list(self.num_heads)
         data["tasks"] = [[n, k] for n, k in self.tasks]
         data["experts"] = list(self.experts)
+        data["class_names"] = list(self.class_names)
+        if self.arch == "swin-unet":
+            for name in MOME_FIELDS:
+                del data[name]
         return data
 
     @classmethod

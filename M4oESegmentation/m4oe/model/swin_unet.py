@@ -251,9 +251,13 @@ class SwinUNet(nn.Module):
         return self.final_up(self.norm_up(tokens)).permute(0, 3, 1, 2), gates
 
     def _decode(
-        self, x: torch.Tensor, force_expert: ForcedExpert
+        self, x: torch.Tensor, force_expert: ForcedExpert, scales: list | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Encoder and decoder up to the final expansion: tokens (B, S/p, S/p, embed_dim) and gates."""
+        """Encoder and decoder up to the final expansion: tokens (B, S/p, S/p, embed_dim) and gates.
+
+        ``scales``, when given, receives each decoder stage's output (B, H_l, W_l, C_l) before its
+        upsampling, deepest first (MoME routes there).
+        """
         if x.ndim != 4 or x.shape[1] != self.cfg.in_chans or x.shape[-2:] != (self.cfg.img_size,) * 2:
             raise ValueError(
                 f"expected input (B, {self.cfg.in_chans}, {self.cfg.img_size}, {self.cfg.img_size}), "
@@ -274,7 +278,10 @@ class SwinUNet(nn.Module):
             zip(self.concat_back_dim, self.layers_up, self.upsample, strict=True)
         ):
             x = fuse(torch.cat([x, skips[-2 - i]], dim=-1))
-            x = up(stage(x, force_expert, gates, f"decoder.{i}", context))
+            x = stage(x, force_expert, gates, f"decoder.{i}", context)
+            if scales is not None:
+                scales.append(x)
+            x = up(x)
         return x, gates
 
     def _logits(self, tokens: torch.Tensor, head: nn.Conv2d) -> torch.Tensor:
