@@ -23,6 +23,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from . import __version__
+from .batch import add_batch_parser
 from .errors import InputError, M4oEError, OutputError
 from .phantom import add_phantom_parser, run_phantom
 
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--force", action="store_true", help="download again even if cached")
     models.add_argument("--json", action="store_true")
     add_phantom_parser(sub)
+    add_batch_parser(sub)
     for entry in entry_points(group="m4oe.commands"):
         entry.load()(sub)
     return parser
