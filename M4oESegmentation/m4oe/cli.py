@@ -23,6 +23,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from . import __version__
+from .batch import add_batch_parser
 from .errors import InputError, M4oEError, OutputError
 from .phantom import add_phantom_parser, run_phantom
 
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve import add_serve_parser  # here: m4oe.serve imports this module
 
     add_serve_parser(sub)
+    add_batch_parser(sub)
     for entry in entry_points(group="m4oe.commands"):
         entry.load()(sub)
     return parser

@@ -1,0 +1,240 @@
+"""The summary of a batch run: one row per case, kept as ``summary.json`` and ``summary.csv`` in the
+output folder and rewritten (atomically) after each case; and the progress lines of a run.
+
+A row (JSON): ``case_id``, ``status`` (ok, failed, skipped, pending), ``seconds`` (the case's read +
+network + write time; ``stage_seconds`` splits it), ``input`` (absolute path), ``output``,
+``modality`` and ``modality_source``, ``task``, ``volumes_ml`` (mL per label of the task),
+``routing`` (the gate's ``mean_weights`` per expert over the volume, ``dominant_expert``,
+``routing_confidence``; None for a dense model), ``warnings`` (the reader's notes and the
+prediction's warnings), ``error`` (why a case failed), ``worker`` (the Dask worker that ran it),
+``run_id`` (the run that segmented it).
+"""
+
+from __future__ import annotations
+
+import csv
+import io as text_io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .cases import Case
+from .errors import M4oEError
+from .io import LoadedImage, write_atomic
+
+SUMMARY_CSV = "summary.csv"
+SUMMARY_JSON = "summary.json"
+
+
+def case_row(
+    case: Case,
+    status: str,
+    seconds: dict,
+    *,
+    prediction=None,
+    loaded: LoadedImage | None = None,
+    output: Path | None = None,
+    run_id: str | None = None,
+) -> dict:
+    """A summary row: the case, its status, its time and, from a prediction, what was found.
+
+    ``volumes_ml``: per label of the task, voxels x voxel volume (spacing in mm) / 1000. ``routing``:
+    the gate's mean weight per expert over the volume, its dominant expert and routing confidence
+    (None for a dense model). ``warnings``: the reader's notes and the prediction's warnings.
+    """
+    row = {
+        "case_id": case.case_id,
+        "status": status,
+        "seconds": round(sum(seconds.values()), 3) if seconds else None,
+        "input": os.path.abspath(case.input),
+        "output": None,
+        "modality": None,
+        "modality_source": None,
+        "task": None,
+        "volumes_ml": {},
+        "routing": None,
+        "warnings": [],
+        "error": None,
+        "worker": None,
+        "run_id": None,
+    }
+    if prediction is not None:
+        labelmap = prediction.labelmap
+        counts = np.bincount(sitk.GetArrayViewFromImage(labelmap).ravel())
+        voxel_ml = float(np.prod(labelmap.GetSpacing())) / 1000.0
+        overall = (prediction.gate_summary or {}).get("overall")
+        row.update(
+            output=str(output),
+            modality=prediction.modality.modality,
+            modality_source=prediction.modality.source,
+            task=prediction.task,
+            volumes_ml={
+                label.name: round(
+                    float(counts[label.value]) * voxel_ml if label.value < counts.size else 0.0, 3
+                )
+                for label in prediction.labels
+            },
+            routing=None
+            if overall is None
+            else {
+                "dominant_expert": overall["dominant_expert"],
+                "routing_confidence": overall["routing_confidence"],
+                "mean_weights": overall["mean_weights"],
+            },
+            warnings=[*loaded.warnings, *prediction.warnings.values()],
+            run_id=run_id,
+        )
+    return row
+
+
+def failed_row(case: Case, error: BaseException, seconds: dict, worker: str | None = None) -> dict:
+    row = case_row(case, "failed", seconds)
+    row["worker"] = worker
+    if isinstance(error, M4oEError):
+        row["error"] = " ".join(str(error).split())
+    elif isinstance(error, MemoryError):
+        row["error"] = f"{case.input}: out of memory"
+    else:
+        row["error"] = f"{case.input}: internal error: {type(error).__name__}: {error}"
+    return row
+
+
+class Summary:
+    """The summary of a run, one row per case in the order of the inputs, written after each case.
+
+    ``summary.json``: ``{"run_id", "out_dir", "model", "elapsed_s", "counts": {status: n}, "cases":
+    [row, ...]}``; ``summary.csv``: one line per row, ``volumes_ml`` as ``<label>_ml`` columns and
+    the routing as ``dominant_expert``, ``routing_confidence`` and ``gate_<expert>`` columns.
+    Statuses: ``ok`` (segmented by this run), ``skipped`` (finished by an earlier run; its row as
+    recorded then), ``failed`` (``error`` says why; retried by the next run), ``pending`` (not
+    reached: an interrupted run).
+    """
+
+    def __init__(self, cases: list[Case], out_dir: Path, run_id: str, model: str | None):
+        self.out_dir, self.run_id, self.model = out_dir, run_id, model
+        self.started = time.perf_counter()
+        self.rows = {case.case_id: case_row(case, "pending", {}) for case in cases}
+
+    def set(self, row: dict) -> None:
+        self.rows[row["case_id"]] = row
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(("ok", "failed", "skipped", "pending"), 0)
+        for row in self.rows.values():
+            counts[row["status"]] += 1
+        return counts
+
+    def write(self) -> None:
+        out = self.out_dir
+        document = {
+            "run_id": self.run_id,
+            "out_dir": str(out),
+            "model": self.model,
+            "elapsed_s": round(time.perf_counter() - self.started, 3),
+            "counts": self.counts(),
+            "cases": list(self.rows.values()),
+        }
+        text = json.dumps(document, indent=1) + "\n"
+        table = self.csv_text()
+        write_atomic(out / SUMMARY_JSON, lambda tmp: tmp.write_text(text), overwrite=True)
+        write_atomic(out / SUMMARY_CSV, lambda tmp: tmp.write_text(table, newline=""), overwrite=True)
+
+    def csv_text(self) -> str:
+        rows = list(self.rows.values())
+        experts = list(dict.fromkeys(e for r in rows if r["routing"] for e in r["routing"]["mean_weights"]))
+        organs = list(dict.fromkeys(name for r in rows for name in r["volumes_ml"]))
+        head = ["case_id", "status", "seconds", "modality", "modality_source", "task"]
+        columns = [
+            *head,
+            "dominant_expert",
+            "routing_confidence",
+            *(f"gate_{e}" for e in experts),
+            *(f"{o}_ml" for o in organs),
+            "warnings",
+            "error",
+            "worker",
+            "input",
+            "output",
+        ]
+        stream = text_io.StringIO()
+        writer = csv.writer(stream, lineterminator="\n")
+        writer.writerow(columns)
+        for r in rows:
+            routing = r["routing"] or {}
+            weights = routing.get("mean_weights", {})
+            writer.writerow(
+                [
+                    *(r[k] for k in head),
+                    routing.get("dominant_expert"),
+                    routing.get("routing_confidence"),
+                    *(weights.get(e) for e in experts),
+                    *(r["volumes_ml"].get(o) for o in organs),
+                    "; ".join(r["warnings"]),
+                    r["error"],
+                    r["worker"],
+                    r["input"],
+                    r["output"],
+                ]
+            )
+        return stream.getvalue()
+
+
+class BatchProgress:
+    """One line per finished case on stderr (``bar``, a bar over cases and the time left) or one
+    JSON object per line on stdout (``json``: ``stage`` ``case``, ``done``, ``total``, ``item`` the
+    case id, ``status``, ``seconds``, ``eta_s``; then ``stage`` ``done`` with the counts)."""
+
+    def __init__(self, mode: str, total: int, todo: int):
+        self.mode = "bar" if mode == "auto" else mode
+        self.total, self.todo, self.processed = total, todo, 0
+        self.started = time.perf_counter()
+
+    def start(self) -> None:
+        """Time left is measured from here (the model loaded, the workers started)."""
+        self.started = time.perf_counter()
+
+    def emit(self, record: dict) -> None:
+        if self.mode == "json":
+            print(json.dumps(record), flush=True)
+
+    def case(self, row: dict, summary: Summary) -> None:
+        self.processed += 1
+        elapsed = time.perf_counter() - self.started
+        left = self.todo - self.processed
+        eta = elapsed / self.processed * left
+        counts = summary.counts()
+        done = self.total - counts["pending"]
+        if self.mode == "json":
+            self.emit(
+                {
+                    "stage": "case",
+                    "done": done,
+                    "total": self.total,
+                    "fraction": round(done / self.total, 4),
+                    "elapsed_s": round(elapsed, 3),
+                    "eta_s": round(eta, 3),
+                    "item": row["case_id"],
+                    "status": row["status"],
+                    "seconds": row["seconds"],
+                    "error": row["error"],
+                }
+            )
+        elif self.mode == "bar":
+            width = 20
+            bar = "#" * int(width * done / self.total) + "-" * (width - int(width * done / self.total))
+            what = row["error"] if row["status"] == "failed" else f"{row['seconds']:.1f} s, {row['modality']}"
+            sys.stderr.write(
+                f"[{bar}] {done}/{self.total} {row['case_id']}: {row['status']} ({what}); "
+                f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped; "
+                f"~{_duration(eta)} left\n"
+            )
+            sys.stderr.flush()
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
