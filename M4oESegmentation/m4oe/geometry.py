@@ -15,6 +15,9 @@ closest to superior. The stack is a view of the image's own voxels in their own 
 copy: a 512x512x300 int16 CT stays 157 MB, not a second 315 MB float32 array).
 :func:`from_axial_stack` undoes the permutation and flips exactly and returns an image on the
 original grid (same size, spacing, origin and direction, bit for bit).
+
+Also the geometry of an image as numbers: :func:`ijk_to_lps` (voxel index to LPS mm),
+:func:`image_geometry` and :func:`same_geometry` (also importable from :mod:`m4oe.io`).
 """
 
 from __future__ import annotations
@@ -129,3 +132,35 @@ def from_axial_stack(array: np.ndarray, stack: AxialStack) -> sitk.Image:
     assert image.GetSize() == stack.reference.GetSize(), (image.GetSize(), stack.reference.GetSize())
     image.CopyInformation(stack.reference)
     return image
+
+
+def ijk_to_lps(image: sitk.Image) -> np.ndarray:
+    """4x4 matrix mapping voxel index (i, j, k) = (x, y, z) to physical LPS coordinates in mm."""
+    matrix = np.eye(4)
+    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    matrix[:3, :3] = direction @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = image.GetOrigin()
+    return matrix
+
+
+def image_geometry(image: sitk.Image) -> dict:
+    """Size (voxels, x y z), spacing (mm), origin (mm, LPS) and direction (row-major) as tuples."""
+    return {
+        "size": tuple(image.GetSize()),
+        "spacing": tuple(image.GetSpacing()),
+        "origin": tuple(image.GetOrigin()),
+        "direction": tuple(image.GetDirection()),
+    }
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-5) -> bool:
+    """Whether two images share size exactly, and spacing, origin and direction within ``tol``.
+
+    ``tol`` is relative for values above 1 (mm) and absolute below.
+    """
+    ga, gb = image_geometry(a), image_geometry(b)
+    if ga["size"] != gb["size"]:
+        return False
+    return all(
+        np.allclose(ga[key], gb[key], rtol=tol, atol=tol) for key in ("spacing", "origin", "direction")
+    )

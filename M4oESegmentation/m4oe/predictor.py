@@ -8,6 +8,9 @@ slice -> argmax -> optional largest-component clean-up -> the input's exact grid
 the labels look like an abdomen (:mod:`m4oe.ood`). Only one batch
 of full-resolution logits exists at a time (plus, when smoothing, the few model-grid slices the
 Gaussian still needs), so memory does not grow with classes x voxels.
+
+The test-time passes live in :mod:`m4oe.tta`, the argmax and the clean-up in
+:mod:`m4oe.postprocess`; their names are importable from here too.
 """
 
 from __future__ import annotations
@@ -37,12 +40,19 @@ from .modality import ModalityResult, detect_modality
 from .model import SwinUNet
 from .model_card import MAX_TEST_TIME_PASSES, ModelCard, valid_passes, valid_sigma_mm
 from .ood import ScanCheck, check_scan
+from .postprocess import class_argmax, labels_to_host
+from .postprocess import keep_largest_components as keep_largest_components
+from .postprocess import keep_largest_components_on_gpu as keep_largest_components_on_gpu
 from .prepare import SlicePlan
 from .preprocessing import IntensityParams
 from .progress import CancelCheck, ProgressCallback, ProgressEvent
 from .region import VoxelBox, body_box, box_from_stack_slices, stack_slices
 from .smoothing import TRUNCATE, SliceSmoother
 from .terminology import select_labels
+from .tta import TEST_TIME_PASSES as TEST_TIME_PASSES
+from .tta import averaged_probabilities
+from .tta import shift_slices as shift_slices
+from .tta import zoom_slices as zoom_slices
 
 logger = logging.getLogger(__name__)
 
@@ -54,61 +64,6 @@ MIN_UPSAMPLING = 8  # refuse slices that must be enlarged more than this to fill
 # 2-core EPYC, 1 thread: 4-8 slices 270-300 ms each, 16 slices 340, 32 slices 390-460).
 CPU_BATCH = 8
 TORCH_THREADS = torch.get_num_threads()  # PyTorch's own choice (one per core), or the caller's
-# Test-time augmentation: the forward passes a slice batch may get, in order, as (row offset,
-# column offset, zoom): offsets in half patches, zoom about the slice centre (> 1 enlarges). Pass 1
-# sees the slices as they are; 2 and 3 shifted diagonally by half a patch, which moves every token
-# boundary and window edge of the Swin blocks; 4 and 5 zoomed out and in by 10 %, within the
-# training augmentation's scale range. Each pass's probabilities are mapped back and averaged. (On
-# phantoms, see benchmarks/README.md: 3 passes beat 1, and 5 beat 3.)
-TEST_TIME_PASSES = ((0, 0, 1.0), (1, 1, 1.0), (-1, -1, 1.0), (0, 0, 0.9), (0, 0, 1.1))
-assert len(TEST_TIME_PASSES) == MAX_TEST_TIME_PASSES
-
-
-def shift_slices(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """``x`` (B, C, H, W) moved ``dy`` rows down and ``dx`` columns right, edge pixels repeated.
-
-    ``out[..., i, j] = x[..., clip(i - dy), clip(j - dx)]``; shifting the result by (-dy, -dx)
-    gives ``x`` back but for the ``|dy|``, ``|dx|`` edge rows and columns.
-    """
-    if dy == 0 and dx == 0:
-        return x
-    p = max(abs(dy), abs(dx))
-    padded = torch.nn.functional.pad(x, (p, p, p, p), mode="replicate")
-    H, W = x.shape[-2:]
-    return padded[..., p - dy : p - dy + H, p - dx : p - dx + W]
-
-
-def zoom_slices(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """``x`` (B, C, H, W) enlarged ``factor`` times about the slice centre (bilinear, edges repeated).
-
-    Shape is kept: ``factor`` > 1 crops the border away, < 1 brings more of the border in (its
-    outside filled with the edge values). Zooming by ``1 / factor`` maps the result back.
-    """
-    if factor == 1.0:
-        return x
-    theta = torch.tensor([[1 / factor, 0.0, 0.0], [0.0, 1 / factor, 0.0]], dtype=x.dtype, device=x.device)
-    grid = torch.nn.functional.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
-    return torch.nn.functional.grid_sample(
-        x, grid, mode="bilinear", padding_mode="border", align_corners=False
-    )
-
-
-def averaged_probabilities(network, x: torch.Tensor, passes: int, step: int, first=None) -> torch.Tensor:
-    """Mean class probabilities (B, K, S, S) of the first ``passes`` of :data:`TEST_TIME_PASSES`.
-
-    ``network(x)`` maps the model input (B, C, S, S) to ``(logits, gates)``; ``step`` is half a
-    patch in model-grid pixels; ``first``: the logits of the unshifted pass if already computed.
-    Each pass transforms the input, runs the network and maps its softmax back before averaging.
-    """
-    total = None
-    for k, (dy, dx, zoom) in enumerate(TEST_TIME_PASSES[:passes]):
-        if k == 0 and first is not None:
-            logits = first
-        else:
-            logits, _ = network(zoom_slices(shift_slices(x, dy * step, dx * step), zoom))
-        p = shift_slices(zoom_slices(logits.float().softmax(dim=1), 1 / zoom), -dy * step, -dx * step)
-        total = p if total is None else total + p
-    return total / passes
 
 
 def default_threads() -> int:
@@ -632,100 +587,3 @@ class Predictor:
                 f"model {self.card.name!r} has no intensity parameters for {modality}; it knows {known}"
             )
         return IntensityParams.from_dict(stored)
-
-
-def class_argmax(maps: torch.Tensor) -> torch.Tensor:
-    """The class (B, Y, X) int64 of the largest of the K maps (B, K, Y, X), the first on ties.
-
-    Equal to ``maps.argmax(dim=1)``, on any device; ``max(dim=1)`` takes a faster kernel on the CPU
-    for this layout (512 x 512 slices of 14 classes, 1 thread: 17 against 94 ms a slice).
-    """
-    return maps.max(dim=1).indices
-
-
-def labels_to_host(labels: torch.Tensor, cleanup: list[int], dtype: type = np.uint8) -> np.ndarray:
-    """The volume's labels as a NumPy array of ``dtype``, the listed values cut to their largest piece.
-
-    Args:
-        labels: (Z, Y, X) integer labels on any device (the network's).
-        cleanup: label values to keep only the largest 26-connected component of (see
-            :func:`keep_largest_components`); empty: none.
-
-    On a CUDA device with CuPy installed the clean-up runs on the GPU before the one transfer
-    (``cupyx.scipy.ndimage.label``); elsewhere the labels come to the host and SciPy cleans them.
-    Both give the same labels: components are numbered in raster order of their first voxel in
-    both, so even a tie for the largest piece is broken alike.
-    """
-    if cleanup and labels.is_cuda and keep_largest_components_on_gpu(labels, cleanup):
-        cleanup = []
-    host = labels.cpu().numpy()
-    host = host if host.dtype == dtype else host.astype(dtype)
-    return keep_largest_components(host, cleanup) if cleanup else host
-
-
-def keep_largest_components_on_gpu(labels: torch.Tensor, values: list[int]) -> bool:
-    """:func:`keep_largest_components` of a CUDA tensor (Z, Y, X), in place, with CuPy.
-
-    Returns False, having changed nothing, when CuPy is not installed; when CuPy fails on this GPU
-    (a CUDA version it was not built for), logs why and returns False too: the labels it already
-    cleaned are left as they are, and cleaning them again on the CPU changes nothing more.
-    """
-    try:
-        import cupy
-        from cupyx.scipy import ndimage as gpu_ndimage
-    except ImportError:
-        return False
-    try:
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(labels.device).cuda_stream)
-        with cupy.cuda.Device(labels.device.index), stream:
-            volume = cupy.from_dlpack(labels)  # the tensor's own memory
-            structure = np.ones((3, 3, 3), bool)
-            for value in values:
-                mask = volume == value
-                components, count = gpu_ndimage.label(mask, structure=structure)
-                if count <= 1:
-                    continue
-                sizes = cupy.bincount(components.ravel(), minlength=count + 1)
-                sizes[0] = 0
-                volume[mask & (components != sizes.argmax())] = 0
-        return True
-    except Exception as error:  # any CuPy failure: the CPU clean-up takes over
-        logger.warning("largest-component clean-up on the GPU failed (%s); cleaning up on the CPU", error)
-        return False
-
-
-def keep_largest_components(labels: np.ndarray, values: list[int]) -> np.ndarray:
-    """Keep, for each label value listed, only its largest 26-connected component (in place).
-
-    Args:
-        labels: (Z, Y, X) integer label array (any axis order works: connectivity is symmetric).
-
-    Each label is searched only inside its bounding box (all boxes found in one pass), so an organ
-    costs its own extent rather than the whole volume. Of components of equal size, the one whose
-    first voxel comes first in (Z, Y, X) raster order is kept.
-    """
-    from scipy import ndimage  # here, not at the top: 0.25 s of every start, for the clean-up only
-
-    structure = np.ones((3, 3, 3), bool)
-    boxes = ndimage.find_objects(labels, max_label=max(values, default=0))
-    for value in values:
-        box = boxes[value - 1] if 0 < value <= len(boxes) else None
-        if box is None:
-            continue
-        region = labels[box]
-        mask = region == value
-        # Every component holds at least one run of voxels along the last axis, so the run count
-        # bounds the component count: below 65536, a uint16 map (2 bytes per voxel, not 4) is safe.
-        # (Letting SciPy find out costs three labellings: uint16 fails, int32 inside SciPy, again here.)
-        runs = int(np.count_nonzero(mask)) - int(np.count_nonzero(mask[..., 1:] & mask[..., :-1]))
-        components, count = ndimage.label(
-            mask, structure=structure, output=np.uint16 if runs < 1 << 16 else np.int32
-        )
-        if count <= 1:
-            continue
-        # Counting only the label's own voxels skips the int64 copy of the whole box bincount makes.
-        sizes = np.bincount(components[mask], minlength=count + 1)
-        drop = components != sizes.argmax()
-        drop &= mask
-        region[drop] = 0
-    return labels
