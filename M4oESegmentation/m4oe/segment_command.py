@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import InputError, OutputError
 
 SEGMENTATION_SUFFIX = ".seg.nrrd"
 DICOM_SEG_SUFFIX = ".dcm"  # a DICOM Segmentation object, written by m4oe.dicom_seg
@@ -199,6 +199,8 @@ def run_segment(args, printer: ProgressPrinter, *, predictors=None, cancel=None)
     from .io import all_or_nothing, read_image, write_atomic, write_image, write_segmentation
     from .region import box_from_ijk, box_from_lps_mm
 
+    if args.gate_layer is not None and not args.gates:
+        raise InputError("--gate-layer chooses the layer the gate maps show; it needs --gates DIR")
     outputs = _segment_outputs(args)
     dicom_segs = [k for k, path in outputs.items() if path.name.lower().endswith(DICOM_SEG_SUFFIX)]
     t0 = time.perf_counter()

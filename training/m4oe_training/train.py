@@ -426,6 +426,11 @@ def run(
     for the whole run, so that a second run into the same folder stops at once with an OutputError.
     """
     infos = [DatasetInfo.read(d.path) for d in cfg.datasets]
+    if cfg.init is None:  # a model to build from the registry: an unknown name leaves no run folder
+        try:
+            get_config(cfg.model)
+        except ValueError as error:
+            raise ConfigError(f"model {cfg.model!r}: {error}") from None
     out = cfg.resolved_output_dir(base_dir)
     lock = folder_lock(out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
     with lock:
