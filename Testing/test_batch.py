@@ -347,3 +347,30 @@ def test_bad_batch_arguments_exit_2(tmp_path, phantoms, capsys):
     assert cli.main(["batch", str(tmp_path / "nothing-here"), "-o", str(out)]) == 2
     assert "nothing-here: no such file or folder" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_structures_and_body_crop_as_segment_gives_them(tmp_path, phantoms, tiny_model_dir, capsys):
+    # A cohort keeps segment's defaults (body crop on) and its --structures: the labels of one case
+    # equal `m4oe segment`'s with the same options; an unknown name stops the run before any case.
+    images = cohort(tmp_path / "images", phantoms, ["a"])
+    out, seg = tmp_path / "out", tmp_path / "seg.nii.gz"
+    common = ["--model", str(tiny_model_dir), "--threads", "1", "--tta", "1", "--progress", "none"]
+    argv = ["batch", str(images), "-o", str(out), "--format", "nii.gz", "--structures", "liver,spleen"]
+    assert cli.main([*argv, *common]) == 0
+    assert (
+        cli.main(
+            ["segment", str(images / "a.nii.gz"), "-o", str(seg), "--structures", "liver,spleen", *common]
+        )
+        == 0
+    )
+    batch_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "a.nii.gz")))
+    np.testing.assert_array_equal(batch_labels, sitk.GetArrayFromImage(sitk.ReadImage(str(seg))))
+    assert set(np.unique(batch_labels)) <= {0, 1, 2} and set(rows(out)["a"]["volumes_ml"]) == {
+        "liver",
+        "spleen",
+    }
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    assert cli.main(["batch", str(images), "-o", str(bad), "--structures", "liver,heart", *common]) == 2
+    assert "unknown structure 'heart'" in capsys.readouterr().err
+    assert not bad.exists()

@@ -70,6 +70,8 @@ class BatchSettings:
     tta: int | None = None
     through_plane_sigma: float | None = None
     cleanup: bool = True
+    structures: tuple[str, ...] | None = None  # the task's structures to keep (None: all)
+    body_crop: bool = True  # segment only the box around the body, as `m4oe segment` does
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def load_predictor(self, device: str | None = None):
@@ -162,6 +164,8 @@ def predict_case(predictor, case: Case, loaded: LoadedImage, settings: BatchSett
         cleanup=settings.cleanup,
         through_plane_sigma_mm=options["through_plane_sigma"],
         test_time_passes=options["tta"],
+        structures=settings.structures,
+        body_crop=settings.body_crop,
         source=loaded.path,
     )
 
@@ -378,6 +382,24 @@ def run_batch(
     return summary
 
 
+def _checked_structures(args) -> tuple[str, ...] | None:
+    """``--structures`` as names, checked against the model's task before any case is read (an
+    unknown name would otherwise fail every case): InputError (exit 2) listing the known ones."""
+    if args.structures is None:
+        return None
+    from .checkpoint import read_model_card
+    from .hub import resolve_model
+    from .terminology import select_labels
+
+    names = [n for n in args.structures.split(",") if n.strip()]
+    card = read_model_card(resolve_model(args.model))
+    try:
+        select_labels(card.task(args.task).labels, names)
+    except ValueError as error:
+        raise InputError(str(error), card.name) from None
+    return tuple(names)
+
+
 def add_batch_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``m4oe batch INPUTS... -o OUT_DIR`` (see the README's section on it)."""
     parser = subparsers.add_parser(
@@ -399,6 +421,18 @@ def add_batch_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--force-expert", default=None, help="route every token to this expert")
     parser.add_argument("--no-cleanup", action="store_true", help="keep every connected component")
     parser.add_argument("--through-plane-sigma", type=float, metavar="MM", default=None)
+    parser.add_argument(
+        "--structures",
+        metavar="NAMES",
+        default=None,
+        help="segment only these structures of the task, comma-separated (as for segment); default: all",
+    )
+    parser.add_argument(
+        "--body-crop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="segment only the box around the body, as segment does (default: on)",
+    )
     parser.add_argument("--tta", type=int, metavar="N", default=None, help="test-time passes, 1-5")
     parser.add_argument("--max-voxels", type=int, metavar="N", default=None, help="refuse larger volumes")
     parser.add_argument("--overwrite", action="store_true", help="segment finished cases again")
@@ -437,6 +471,8 @@ def cmd_batch(args) -> int:
         tta=args.tta,
         through_plane_sigma=args.through_plane_sigma,
         cleanup=not args.no_cleanup,
+        structures=_checked_structures(args),
+        body_crop=args.body_crop,
     )
     summary = run_batch(
         args.inputs, settings, workers=args.workers, scheduler=args.scheduler, progress=args.progress
