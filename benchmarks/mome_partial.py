@@ -24,7 +24,10 @@ sequence (CT, MR T1, MR T2; seeds no training set used). MoME answers for all 8 
 with per-data-set heads can only say what each head was trained on, so its answer is the union of
 its heads' predictions: each structure comes from the head that labels it (the liver, labelled by
 two heads, from the head of the scan's modality: ``liver_mr`` on MR, ``organs`` on CT); where two
-structures claim a voxel, the earlier one in the table's order keeps it. Every run: test-time
+structures claim a voxel, the earlier one in the table's order keeps it. MoME is scored twice: asked for all
+8 structures at once (the label map's argmax over background and the 8 classes: a class whose
+logit is highest wins the voxel), and asked for one structure at a time (``--structures KEY``:
+that class against background only; overlaps resolved in the table's order as above). Every run: test-time
 passes 1, the card's clean-up, PyTorch on the CPU, the modality given (not detected).
 
 Run (from the repository root; the three trainings one after another, one thread each)::
@@ -68,6 +71,13 @@ UNION = [
     "pancreas",
 ]
 MODELS = {"mome-partial": "mome-tiny", "m4oe-partial": "m4oe-tiny", "dense-partial": "swin-unet-tiny"}
+# (table row, run, whether MoME is asked for one structure at a time)
+ROWS = [
+    ("mome-partial", "mome-partial", False),
+    ("mome-partial, one query per structure", "mome-partial", True),
+    ("m4oe-partial", "m4oe-partial", False),
+    ("dense-partial", "dense-partial", False),
+]
 SEQUENCES = {"ct": "ct", "t1": "mr", "t2": "mr"}  # phantom sequence -> modality given to the predictor
 
 
@@ -104,7 +114,7 @@ def prepare(folder: Path, cases: int, max_size: int, iterations: int, epochs: in
         (folder / f"{run}.toml").write_text("\n".join(lines) + "\n")
 
 
-def union_prediction(predictor, image, modality: str):
+def union_prediction(predictor, image, modality: str, per_query: bool = False):
     """The model's answer for the 8 structures on ``image``, as a label map valued 1..8 in
     :data:`UNION` order (numpy, the image's z, y, x), and the seconds it took."""
     import time
@@ -115,6 +125,14 @@ def union_prediction(predictor, image, modality: str):
 
     card = predictor.card
     start = time.perf_counter()
+    if per_query:  # MoME asked for one structure at a time: each class against background only
+        out = None
+        for value, key in enumerate(UNION, start=1):
+            pred = predictor.predict(image, modality=modality, test_time_passes=1, structures=[key])
+            mask = sitk.GetArrayFromImage(pred.labelmap) > 0
+            out = np.zeros(mask.shape, np.uint8) if out is None else out
+            out[mask & (out == 0)] = value
+        return out, time.perf_counter() - start
     if card.architecture.arch == "mome":
         pred = predictor.predict(image, modality=modality, test_time_passes=1)
         labels = sitk.GetArrayFromImage(pred.labelmap)
@@ -154,7 +172,7 @@ def evaluate_models(folder: Path, cases: int, seed: int, max_size: int, threads:
     for value, key in enumerate(UNION, start=1):
         lookup[PHANTOM_LABELS[key]] = value
     results = {"cases": cases, "seeds": [seed, seed + cases - 1], "max_size": max_size, "models": {}}
-    for run in MODELS:
+    for row, run, per_query in ROWS:
         model, card = load_checkpoint(folder / "runs" / run / "model")
         predictor = Predictor(model, card, device="cpu", threads=threads)
         per_sequence = {}
@@ -163,7 +181,7 @@ def evaluate_models(folder: Path, cases: int, seed: int, max_size: int, threads:
             seconds = []
             for k in range(cases):
                 image, truth = generate_case(sequence, seed + k, max_size=max_size)
-                pred, took = union_prediction(predictor, image, modality)
+                pred, took = union_prediction(predictor, image, modality, per_query)
                 seconds.append(took)
                 ref = sitk.GetImageFromArray(lookup[sitk.GetArrayFromImage(truth)])
                 ref.CopyInformation(truth)
@@ -180,7 +198,7 @@ def evaluate_models(folder: Path, cases: int, seed: int, max_size: int, threads:
                 "mean_dice": round(float(np.mean(list(organs.values()))), 4),
                 "seconds_per_case": round(float(np.mean(seconds)), 2),
             }
-        results["models"][run] = {"training_seconds": card.provenance.get("training_seconds"), **per_sequence}
+        results["models"][row] = {"training_seconds": card.provenance.get("training_seconds"), **per_sequence}
     return results
 
 
