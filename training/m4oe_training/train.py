@@ -46,6 +46,7 @@ from .batches import BatchPlan, BatchSource, step_seed
 from .config import ConfigError, TrainConfig
 from .data import DatasetInfo, SliceData, ct_intensity_params, split_cases
 from .export import build_card, expert_modalities, export_model, task_labels
+from .mome import MoMELoss, build_mome, is_mome, label_space
 from .state import folder_lock, load_state, recover_state, save_state
 
 logger = logging.getLogger("m4oe_training")
@@ -208,22 +209,36 @@ def group_lr(stage, group: str, lr: float) -> float:
     return lr * {"gates": stage.gate_lr_scale, "shared": stage.shared_lr_scale}.get(group, 1.0)
 
 
-def validate(model: SwinUNet, card, cfg: TrainConfig, infos: list[DatasetInfo], device, kind: str) -> dict:
-    """Dice and HD95 (mm) per organ on whole held-out volumes, and how the gate routed them."""
+def validate(
+    model: SwinUNet, card, cfg: TrainConfig, infos: list[DatasetInfo], device, kind: str, space=None
+) -> dict:
+    """Dice and HD95 (mm) per organ on whole held-out volumes, and how the gate routed them.
+
+    A MoME run (``space``: its :class:`.mome.LabelSpace`) asks for each dataset's own structures and
+    scores them against the dataset's label maps mapped into the union space."""
     predictor = Predictor(model, card, device=str(device))
     results = {}
     for d, (dcfg, info) in enumerate(zip(cfg.datasets, infos, strict=True)):
         expert = cfg.experts.index(dcfg.expert) if (kind != "joint" and model.cfg.is_moe) else None
         dice, hd95, routing = [], {}, []
-        names = {value: name for name, value in info.labels.items()}
+        values = info.labels if space is None else space.values[d]
+        names = {value: name for name, value in values.items()}
         per_label: dict[str, list[float]] = {}
         for case in split_cases(info, dcfg.val_cases)["val"]:
             image = read_image(info.image_path(case)).image
             reference = read_image(info.label_path(case)).image
+            structures = None
+            if space is not None:
+                reference, structures = space.to_union(d, reference), space.structures(d)
             pred = predictor.predict(
-                image, modality=info.modality, task=dcfg.task, force_expert=expert, gates=model.cfg.is_moe
+                image,
+                modality=info.modality,
+                task=dcfg.task,
+                force_expert=expert,
+                gates=model.cfg.is_moe,
+                structures=structures,
             )
-            scores = evaluate(pred.labelmap, reference, labels=sorted(v for v in info.labels.values() if v))
+            scores = evaluate(pred.labelmap, reference, labels=sorted(v for v in values.values() if v))
             for entry in scores["labels"]:
                 if entry["dice"] is not None:
                     name = names[entry["label"]]
@@ -468,7 +483,9 @@ def _run(
         if not cfg.expert_order:
             cfg = dataclasses.replace(cfg, expert_order=names)  # every expert, data or not
     cfg = inherit_preprocessing(cfg, init_card)
-    labels = task_labels(cfg, infos)
+    space = label_space(cfg, infos) if is_mome(cfg) else None  # MoME: the union of the structures
+    labels = task_labels(cfg, infos) if space is None else {cfg.task_names[0]: list(space.labels)}
+    values = None if space is None else {cfg.task_names[0]: space.names}
     expert_modalities(cfg, infos, init_card)  # a config error found now, not at the first validation
     check_validation_cases(cfg, infos)
     splits = [split_cases(info, d.val_cases) for d, info in zip(cfg.datasets, infos, strict=True)]
@@ -484,7 +501,9 @@ def _run(
         raise ConfigError("model_overrides: experts and tasks come from the datasets, not from overrides")
     tasks = tuple((name, len(labels[name]) + 1) for name in cfg.task_names)
     try:
-        if init_card is not None:
+        if space is not None:
+            model = build_mome(cfg, space)
+        elif init_card is not None:
             model = build_model(
                 init_card.architecture, experts=cfg.experts, tasks=tasks, **init_overrides(cfg, init_card)
             )
@@ -518,13 +537,12 @@ def _run(
         cfg.target_spacing_mm,
         out / "cache",
     )
-    module = StageLoss(
-        model,
-        [cfg.experts.index(d.expert) for d in cfg.datasets],
-        [d.task for d in cfg.datasets],
-        cfg.ce_weight,
-        cfg.dice_weight,
-    ).to(device)
+    dataset_expert = [cfg.experts.index(d.expert) for d in cfg.datasets]
+    if space is not None:  # per-class BCE + Dice over the structures each dataset labels
+        module = MoMELoss(model, space, dataset_expert, cfg.ce_weight, cfg.dice_weight).to(device)
+    else:
+        tasks_of = [d.task for d in cfg.datasets]
+        module = StageLoss(model, dataset_expert, tasks_of, cfg.ce_weight, cfg.dice_weight).to(device)
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(
             parameter_groups(module),
@@ -593,6 +611,8 @@ def _run(
             metrics=metrics,
             provenance=dict(provenance, training_seconds=elapsed),
             init_card=init_card,
+            labels=labels,
+            values=values,
         )
         export_model(model, card, out / "model", cfg.export_dtype)
 
@@ -670,9 +690,17 @@ def _run(
                 segmenting = stage.kind not in ("mim", "context")
                 if segmenting and validating and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
                     card = build_card(
-                        cfg, model, infos, params, metrics={}, provenance=provenance, init_card=init_card
+                        cfg,
+                        model,
+                        infos,
+                        params,
+                        metrics={},
+                        provenance=provenance,
+                        init_card=init_card,
+                        labels=labels,
+                        values=values,
                     )
-                    results = validate(model, card, cfg, infos, device, stage.kind)
+                    results = validate(model, card, cfg, infos, device, stage.kind, space)
                     scores = [r["mean_dice"] for r in results.values() if r["mean_dice"] is not None]
                     score = float(np.mean(scores)) if scores else None
                     record["val_mean_dice"] = round(score, 4) if score is not None else None

