@@ -29,13 +29,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
-
 from .batch_summary import SUMMARY_CSV, SUMMARY_JSON, BatchProgress, Summary, case_row, failed_row
 from .cases import Case, collect_cases
 from .errors import InputError, OutputError
 from .io import LoadedImage, all_or_nothing, read_image, write_atomic, write_image, write_segmentation
+from .segment_command import write_gate_files
 
 FORMATS = {"seg.nrrd": ".seg.nrrd", "nii.gz": ".nii.gz", "nii": ".nii", "nrrd": ".nrrd", "mha": ".mha"}
 RECORDS = "cases"  # OUT_DIR/cases/<case_id>.json: the row of each finished case
@@ -188,7 +186,7 @@ def write_case(
     row["worker"] = worker
     with all_or_nothing():
         if settings.gates and prediction.gate_map is not None:
-            _write_gate_files(prediction, outputs, loaded.path, replace)
+            write_gate_files(prediction, outputs, loaded.path, replace)
         row["seconds"] = round(sum(seconds.values()) + time.perf_counter() - t0, 3)
         record = json.dumps(row, indent=1) + "\n"
         write_atomic(outputs["record"], lambda tmp: tmp.write_text(record), overwrite=replace)
@@ -202,21 +200,6 @@ def write_case(
     row["stage_seconds"] = dict(seconds)
     row["seconds"] = round(sum(seconds.values()), 3)
     return row
-
-
-def _write_gate_files(prediction, outputs: dict[str, Path], source: Path, overwrite: bool) -> None:
-    """The gate map, the dominant expert (1..E) and the gate summary, as ``m4oe segment --gates``."""
-    gate_map = prediction.gate_map
-    write_image(gate_map, outputs["gate_map"], overwrite=overwrite)
-    weights = sitk.GetArrayViewFromImage(gate_map)  # (z, y, x, E)
-    dominant = sitk.GetImageFromArray((np.argmax(weights, axis=-1) + 1).astype(np.uint8))
-    dominant.CopyInformation(gate_map)
-    write_image(dominant, outputs["dominant_expert"], overwrite=overwrite)
-    summary = dict(prediction.gate_summary)
-    summary["dominant_expert_values"] = {e["name"]: i + 1 for i, e in enumerate(summary["experts"])}
-    summary["source"] = str(source)
-    text = json.dumps(summary, indent=1) + "\n"
-    write_atomic(outputs["gate_summary"], lambda tmp: tmp.write_text(text), overwrite=overwrite)
 
 
 def run_case(predictor, case: Case, settings: BatchSettings, worker: str | None = None) -> dict:

@@ -182,6 +182,31 @@ def load_predictor(args):
     )
 
 
+def write_gate_files(prediction, outputs: dict[str, Path], source, overwrite: bool) -> dict[str, Path]:
+    """The gate map, the dominant expert (1..E, uint8) and the gate summary of ``m4oe segment
+    --gates``, to ``outputs["gate_map"]``, ``["dominant_expert"]`` and ``["gate_summary"]``;
+    returns the paths written by kind. ``source``: the input file, named in the summary."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .io import write_atomic, write_image
+
+    gate_map = prediction.gate_map
+    written = {"gate_map": write_image(gate_map, outputs["gate_map"], overwrite=overwrite)}
+    weights = sitk.GetArrayViewFromImage(gate_map)  # (z, y, x, E)
+    dominant = sitk.GetImageFromArray((np.argmax(weights, axis=-1) + 1).astype(np.uint8))
+    dominant.CopyInformation(gate_map)
+    written["dominant_expert"] = write_image(dominant, outputs["dominant_expert"], overwrite=overwrite)
+    summary = dict(prediction.gate_summary)
+    summary["dominant_expert_values"] = {e["name"]: i + 1 for i, e in enumerate(summary["experts"])}
+    summary["source"] = str(source)
+    text = json.dumps(summary, indent=1) + "\n"
+    written["gate_summary"] = write_atomic(
+        outputs["gate_summary"], lambda tmp: tmp.write_text(text), overwrite=overwrite
+    )
+    return written
+
+
 def run_segment(args, printer: ProgressPrinter, *, predictors=None, cancel=None) -> int:
     """``m4oe segment`` with parsed ``args``, reporting through ``printer``; returns the exit code 0.
 
@@ -191,12 +216,10 @@ def run_segment(args, printer: ProgressPrinter, *, predictors=None, cancel=None)
     :class:`~m4oe.errors.CancelledError` and nothing is written. Errors are raised, as ``main``
     reports them.
     """
-    import numpy as np
-    import SimpleITK as sitk
 
     from . import dicom_seg
     from .errors import CancelledError
-    from .io import all_or_nothing, read_image, write_atomic, write_image, write_segmentation
+    from .io import all_or_nothing, read_image, write_image, write_segmentation
     from .region import box_from_ijk, box_from_lps_mm
 
     if args.gate_layer is not None and not args.gates:
@@ -269,26 +292,7 @@ def run_segment(args, printer: ProgressPrinter, *, predictors=None, cancel=None)
                 )
             if args.gates:
                 gate_folder.mkdir(parents=True, exist_ok=True)
-                gate_map = prediction.gate_map
-                written["gate_map"] = write_image(gate_map, outputs["gate_map"], overwrite=args.overwrite)
-                weights = sitk.GetArrayViewFromImage(gate_map)
-                dominant = sitk.GetImageFromArray((np.argmax(weights, axis=-1) + 1).astype(np.uint8))
-                dominant.CopyInformation(gate_map)
-                written["dominant_expert"] = write_image(
-                    dominant, outputs["dominant_expert"], overwrite=args.overwrite
-                )
-                summary = dict(prediction.gate_summary)
-                summary["dominant_expert_values"] = {
-                    e["name"]: i + 1 for i, e in enumerate(summary["experts"])
-                }
-                summary["source"] = str(loaded.path)
-
-                def dump(tmp: Path) -> None:
-                    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-
-                written["gate_summary"] = write_atomic(
-                    outputs["gate_summary"], dump, overwrite=args.overwrite
-                )
+                written.update(write_gate_files(prediction, outputs, loaded.path, args.overwrite))
             if args.report:
                 from .report import write_report
 

@@ -11,6 +11,7 @@ registering the segmentation converter rules (without them no binary labelmap ca
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,13 @@ def scene():
     yield fresh
     fresh.Clear(1)
     slicer.mrmlScene = previous
+
+
+@pytest.fixture
+def temp_root(tmp_path, monkeypatch):
+    """The folder a run's temporary workspace is made in (``tempfile.tempdir``), for tests that
+    check it is left empty."""
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root

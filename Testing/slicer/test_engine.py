@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,14 +30,6 @@ from m4oe.demo import synthetic_ct
 MODULE_DIR = Path(__file__).resolve().parents[2] / "M4oESegmentation"
 TIMEOUT_S = 300
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def temp_root(tmp_path, monkeypatch):
-    root = tmp_path / "tmp"
-    root.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(root))
-    return root
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,15 +37,6 @@ from m4oe.labels import Label
 MODULE_DIR = Path(__file__).resolve().parents[2] / "M4oESegmentation"
 TIMEOUT_S = 300
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def temp_root(tmp_path, monkeypatch):
-    """The folder the run's temporary workspace is made in, checked empty by the tests."""
-    root = tmp_path / "tmp"
-    root.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(root))
-    return root
 
 
 @pytest.fixture
