@@ -256,6 +256,10 @@ def test_cli_gates_of_a_mome_model_per_decoder_scale(mome_dir, tmp_path):
         listed = [[s["per_layer"][f"router.{n}"]["mean_weights"][e] for e in ("ct", "mr")]
                   for s in summary["per_slice"]]  # fmt: skip
         np.testing.assert_allclose(listed, means, atol=2e-6)
+    from m4oe.report import gate_map_note
+
+    assert gate_map_note(summary) == "MoME router, mean over 3 decoder scales, averaged over 3 classes"
+    assert gate_map_note(dict(summary, mapped_layer="router.1")).startswith("MoME router, scale router.1")
     # gate_map.nrrd is the mean of the scales on the finest grid.
     np.testing.assert_allclose(sitk.GetArrayFromImage(mean), np.mean(upsampled, axis=0), atol=1e-6)
     for name, entry in summary["per_segment"].items():
