@@ -295,3 +295,22 @@ def test_gates_of_a_mome_segment_come_from_its_own_query(mome_dir):
         for k in spleen_both
     )
     assert set(alone.scale_gate_maps) == {"router.0", "router.1", "router.2"}
+
+
+def test_batch_gates_of_a_mome_model_keep_each_cases_scale_maps(mome_dir, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for n, seed in enumerate((11, 12)):
+        sitk.WriteImage(generate_case("ct", seed, max_size=64)[0], str(inputs / f"case{n}.nii.gz"))
+    out = tmp_path / "out"
+    argv = ["batch", inputs, "-o", out, "--model", mome_dir, "--gates", "--threads", "1", "--tta", "1"]
+    assert main([*argv, "--modality", "ct", "--progress", "none"]) == 0
+    for case in ("case0", "case1"):
+        summary = json.loads((out / f"{case}_gate_summary.json").read_text())
+        names = {f"router.{n}": f"{case}_gate_map_router.{n}.nrrd" for n in range(3)}
+        assert summary["scale_gate_maps"] == names
+        for layer, name in names.items():
+            weights = sitk.GetArrayFromImage(sitk.ReadImage(str(out / name)))
+            means = weights.mean(axis=(1, 2))[:, 0]
+            listed = [s["per_layer"][layer]["mean_weights"]["ct"] for s in summary["per_slice"]]
+            np.testing.assert_allclose(listed, means, atol=2e-6)  # this case's map, not the other's
