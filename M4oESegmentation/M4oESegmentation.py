@@ -159,7 +159,8 @@ class M4oESegmentationParameterNode:
     Apply segments every volume checked in the batch list, each result next to its volume.
     skippedStructures: the task's structures left unchecked (comma-separated keys; "": all are
     segmented). roi: segment only inside this markups ROI (none: everywhere). bodyCrop: segment
-    only the box around the body.
+    only the box around the body. gateLayer: the layer the gate review shows (a MoME model's
+    decoder scale, e.g. "router.0"; "": the mean over them).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -177,6 +178,7 @@ class M4oESegmentationParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     replaceExisting: bool = False
     showGateOverlay: bool = False
+    gateLayer: str = ""
     forcedExpert: str = ""
     datasetPath: str = ""
     severalVolumes: bool = False
@@ -229,6 +231,7 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
         self.ui.taskComboBox.connect("currentIndexChanged(int)", self.onTaskSelected)
         self.ui.forceExpertComboBox.connect("currentIndexChanged(int)", self.onForcedExpertSelected)
+        self.ui.gateLayerComboBox.connect("currentIndexChanged(int)", self.onGateLayerSelected)
         self.ui.structuresListWidget.connect("itemChanged(QListWidgetItem*)", self.onStructureToggled)
         self.ui.datasetPathLineEdit.connect("currentPathChanged(QString)", self.onDatasetPathChanged)
         self.ui.studyVolumesButton.connect("clicked(bool)", self.onStudyVolumesButton)
@@ -374,8 +377,20 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.routingWarningLabel.text = (review.warning or "") if review else ""
         self.ui.gateLegendLabel.text = self.logic.gateLegend(review)
         self.ui.showGateOverlayCheckBox.enabled = bool(review and review.overlay)
-        views.show_gate_overlay(review.overlay if review else None, self._parameterNode.showGateOverlay)
+        overlay = self._showGateLayer(review)
+        views.show_gate_overlay(overlay, self._parameterNode.showGateOverlay)
         self._onRedSliceModified()
+
+    def _showGateLayer(self, review):
+        """Fill the router-scale list (MoME only, else hidden), show the chosen scale; return its map."""
+        layers = review.layers if review else []
+        self._fillComboBox(self.ui.gateLayerComboBox, layers)
+        self.ui.gateLayerLabel.visible = self.ui.gateLayerComboBox.visible = bool(layers)
+        if not layers:
+            return review.overlay if review else None
+        layer = self._parameterNode.gateLayer if self._parameterNode.gateLayer in dict(layers) else ""
+        self._selectItemData(self.ui.gateLayerComboBox, layer)
+        return review.show_layer(layer)
 
     @staticmethod
     def _selectItemData(comboBox, value) -> None:
@@ -469,6 +484,10 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onStructureToggled(self, item=None) -> None:
         if self._parameterNode is not None and not self._updatingGUI:
             self._parameterNode.skippedStructures = models.skipped_text(*self._structureKeys())
+
+    def onGateLayerSelected(self, index=None) -> None:
+        if self._parameterNode is not None and not self._updatingGUI:
+            self._parameterNode.gateLayer = self.ui.gateLayerComboBox.currentData or ""
 
     def onForcedExpertSelected(self, index=None) -> None:
         if self._parameterNode is not None and not self._updatingGUI:
@@ -659,7 +678,9 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # The center of an axial slice view: RAS S, which is the summary's LPS z.
         position = self._redSliceNode.GetSliceToRAS().GetElement(2, 3)
         try:
-            self.ui.gateSliceLabel.text = self.logic.followSlice(review, position)
+            self.ui.gateSliceLabel.text = self.logic.followSlice(
+                review, position, self._parameterNode.gateLayer
+            )
         except ValueError as error:  # the user removed the chart's marker
             self.ui.gateSliceLabel.text = str(error)
 
@@ -937,12 +958,14 @@ class M4oESegmentationLogic(ScriptedLoadableModuleLogic):
         return gate_review.legend_html(review.summary)
 
     @staticmethod
-    def followSlice(review, positionMm: float) -> str:
-        """Move the chart's marker to the slice nearest ``positionMm`` (RAS S); return its weights."""
+    def followSlice(review, positionMm: float, layer: str = "") -> str:
+        """Move the chart's marker to the slice nearest ``positionMm`` (RAS S); return its weights
+        (at ``layer``, a MoME decoder scale, when the review has it; else the mean)."""
         from M4oESegmentationLib import gate_review
 
         index = gate_review.update_slice_marker(review.chart, review.summary, positionMm)
-        return gate_review.slice_weights_text(review.summary, index)
+        layer = layer if layer in dict(review.layers) else ""
+        return gate_review.slice_weights_text(review.summary, index, layer)
 
     # ------------------------------------------------------------------ export
 

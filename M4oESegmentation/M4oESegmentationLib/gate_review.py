@@ -11,6 +11,12 @@ entropy}}, ``warning`` (every warning of the run in one line), ``warnings`` {kin
 ``gate`` (the model's gate) and ``gate_can_prefer_experts`` (false for the channel gate, whose
 weights are 1/E everywhere: its views show no routing).
 
+A MoME model's summary also has ``router`` (its ``queries``, the chosen classes, and its
+``scales``, the decoder scales ``router.0`` (deepest) .. as layers), ``per_layer`` in each
+``per_slice`` and ``per_segment`` entry (a segment's weights are those of its own class query) and
+``scale_gate_maps`` {layer: file}: the views then show one scale at a time
+(:func:`layer_choices`; "" is the mean over the scales).
+
 Weights are mean gate weights in [0, 1] (they sum to 1 over experts); entropy is normalised by
 log(E): 0 = one expert takes everything, 1 = all experts equal. Slice positions are in mm along
 the patient's superior axis: LPS z, which is also RAS S, so Slicer's axial slice offset compares
@@ -49,6 +55,8 @@ ROLE_ATTRIBUTE = "M4oESegmentation.role"
 MARKER_ROLE = "slice marker"
 POSITION_COLUMN = "position (mm)"
 MARKER_COLUMN = "current slice"
+LAYER_ATTRIBUTE = "M4oESegmentation.gateLayer"
+"""Attribute of a chart made by :func:`expert_plot`: the layer its table and chart show ("" mean)."""
 
 
 def expert_names(summary: dict) -> list[str]:
@@ -67,6 +75,38 @@ def expert_legend(summary: dict) -> list[str]:
 def expert_color(index: int) -> tuple[float, float, float]:
     """Colour of expert ``index`` (0-based)."""
     return EXPERT_COLORS[index % len(EXPERT_COLORS)]
+
+
+def layer_choices(summary: dict) -> list[tuple[str, str]]:
+    """(layer, item text) of the layers the views can show one at a time; empty when they show only
+    the summary's mean (a model without a router per decoder scale, or a summary without them).
+
+    For a MoME summary: ``("", "mean over the 3 decoder scales")`` then, deepest first,
+    ``("router.0", "decoder scale 1 of 3 (deepest, 4x4 tokens)")``, ...
+    """
+    router = summary.get("router") or {}
+    scales = router.get("scales") or {}
+    if not scales:
+        return []
+    count = len(scales)
+    choices = [("", f"mean over the {count} decoder scales")]
+    for n, (layer, info) in enumerate(scales.items()):
+        grid = "x".join(str(v) for v in info.get("token_grid", []))
+        where = "deepest" if n == 0 else "finest" if n == count - 1 else "middle"
+        choices.append((layer, f"decoder scale {n + 1} of {count} ({where}, {grid} tokens)"))
+    return choices
+
+
+def layer_weights(entry: dict, layer: str = "") -> dict:
+    """The {mean_weights, dominant_expert, entropy} of a ``per_slice`` or ``per_segment`` entry at
+    ``layer`` ("" : the entry's own figures, the mean over layers). Raises ValueError for a layer
+    the entry does not list."""
+    if not layer:
+        return entry
+    per_layer = entry.get("per_layer") or {}
+    if layer not in per_layer:
+        raise ValueError(f"the gate summary has no layer {layer!r}; it has {sorted(per_layer)}")
+    return per_layer[layer]
 
 
 def _scene(scene):
@@ -93,13 +133,14 @@ def _fill_table(table_node, columns: list[tuple[str, list]]) -> None:
     table_node.Modified()
 
 
-def expert_table(summary: dict, *, scene=None, node=None):
+def expert_table(summary: dict, *, scene=None, node=None, layer: str = ""):
     """Per-segment routing as a table node: which expert each predicted organ was routed to.
 
     Rows: the segments of ``per_segment`` (organs present in the prediction), by label value.
     Columns: ``segment`` (name), ``dominant expert``, one column per expert named by the expert
     (mean gate weight over the segment's pixels on the model grid, 0..1), ``entropy`` (0..1).
-    Updates ``node`` when given, else adds a ``vtkMRMLTableNode`` to ``scene``
+    ``layer``: the figures of this layer (a MoME decoder scale, see :func:`layer_choices`);
+    "" the mean. Updates ``node`` when given, else adds a ``vtkMRMLTableNode`` to ``scene``
     (default ``slicer.mrmlScene``). The table is locked: it is derived data, not for editing.
     """
     names = expert_names(summary)
@@ -107,6 +148,7 @@ def expert_table(summary: dict, *, scene=None, node=None):
     if clash:
         raise ValueError(f"expert names {sorted(clash)} clash with the table's other column names")
     segments = sorted(summary.get("per_segment", {}).items(), key=lambda item: item[1].get("label", 0))
+    segments = [(name, layer_weights(entry, layer)) for name, entry in segments]
     if node is None:
         node = _scene(scene).AddNewNodeByClass("vtkMRMLTableNode", "M4oE expert per segment")
     columns: list[tuple[str, list]] = [
@@ -161,8 +203,11 @@ def nearest_slice(summary: dict, position_mm: float) -> int:
     return int(summary["per_slice"][row]["index"])
 
 
-def expert_plot(summary: dict, *, scene=None):
+def expert_plot(summary: dict, *, scene=None, layer: str = ""):
     """A chart of the mean gate weight of each expert per slice, with a current-slice marker.
+
+    ``layer``: the weights of this layer (a MoME decoder scale, see :func:`layer_choices`); ""
+    the mean. Switch it later with :func:`show_layer`.
 
     Adds to ``scene`` (default ``slicer.mrmlScene``): a table node (``position (mm)`` then one
     column per expert), one scatter-line series per expert (weight 0..1 against the slice's
@@ -174,16 +219,12 @@ def expert_plot(summary: dict, *, scene=None):
     scene = _scene(scene)
     names = expert_names(summary)
     legend = expert_legend(summary)
-    per_slice = summary["per_slice"]
     positions = _slice_positions(summary).tolist()
     data = scene.AddNewNodeByClass("vtkMRMLTableNode", "M4oE expert weight per slice")
-    _fill_table(
-        data,
-        [(POSITION_COLUMN, positions)] + [(e, [s["mean_weights"][e] for s in per_slice]) for e in names],
-    )
+    _fill_slice_weights(data, summary, layer)
     data.SetLocked(True)
     chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", "M4oE expert weight per slice")
-    chart.SetTitle("Gate weight per slice")
+    _set_chart_layer(chart, summary, layer)
     chart.SetXAxisTitle("slice position S (mm)")
     chart.SetYAxisTitle("mean gate weight")
     chart.SetYAxisRangeAuto(False)
@@ -200,6 +241,49 @@ def expert_plot(summary: dict, *, scene=None):
     marker.SetAttribute(ROLE_ATTRIBUTE, MARKER_ROLE)
     chart.AddAndObservePlotSeriesNodeID(marker.GetID())
     return chart
+
+
+def _fill_slice_weights(data, summary: dict, layer: str) -> None:
+    """Fill a chart's data table: ``position (mm)`` then one column per expert (weights at ``layer``)."""
+    per_slice = [layer_weights(entry, layer) for entry in summary["per_slice"]]
+    columns = [(POSITION_COLUMN, _slice_positions(summary).tolist())]
+    columns += [(e, [s["mean_weights"][e] for s in per_slice]) for e in expert_names(summary)]
+    _fill_table(data, columns)
+
+
+def _set_chart_layer(chart, summary: dict, layer: str) -> None:
+    text = dict(layer_choices(summary)).get(layer, "") if layer else ""
+    chart.SetTitle(f"Gate weight per slice, {text}" if text else "Gate weight per slice")
+    chart.SetAttribute(LAYER_ATTRIBUTE, layer)
+
+
+def shown_layer(chart_node) -> str:
+    """The layer a chart made by :func:`expert_plot` shows ("": the mean)."""
+    return chart_node.GetAttribute(LAYER_ATTRIBUTE) or ""
+
+
+def show_layer(summary: dict, chart_node, table_node, layer: str) -> None:
+    """Show ``layer`` (see :func:`layer_choices`; "" the mean) in a chart made by :func:`expert_plot`
+    and a table made by :func:`expert_table`, in place: the chart keeps its series and marker.
+
+    Raises ValueError for a layer the summary does not list (nothing is changed then).
+    """
+    if layer and layer not in dict(layer_choices(summary)):
+        known = [k for k, _ in layer_choices(summary) if k]
+        raise ValueError(f"the gate summary has no layer {layer!r} to show; it has {known}")
+    data = next(
+        (
+            chart_node.GetNthPlotSeriesNode(n).GetTableNode()
+            for n in range(chart_node.GetNumberOfPlotSeriesNodes())
+            if chart_node.GetNthPlotSeriesNode(n).GetAttribute(ROLE_ATTRIBUTE) != MARKER_ROLE
+        ),
+        None,
+    )
+    if data is None:
+        raise ValueError(f"{chart_node.GetName()}: not a chart made by expert_plot (no expert series)")
+    _fill_slice_weights(data, summary, layer)
+    _set_chart_layer(chart_node, summary, layer)
+    expert_table(summary, node=table_node, layer=layer)
 
 
 def _add_series(scene, name: str, table_node, y_column: str, color):
@@ -244,7 +328,7 @@ def update_slice_marker(chart_node, summary: dict, position_mm: float) -> int:
     return index
 
 
-def gate_overlay(gate_map: sitk.Image, summary: dict, *, scene=None):
+def gate_overlay(gate_map: sitk.Image, summary: dict, *, scene=None, colors=None, name: str = ""):
     """The expert with the largest gate weight at each token, as a label volume with a legend.
 
     Args:
@@ -258,6 +342,8 @@ def gate_overlay(gate_map: sitk.Image, summary: dict, *, scene=None):
         transparent. The volume's display uses the table. Both nodes go to ``scene``
         (default ``slicer.mrmlScene``); the volume is in the gate map's frame (place it under the
         input volume's transform with :func:`~M4oESegmentationLib.volumes.place_in_study`).
+        ``colors``: a colour table made by an earlier call to use instead of a new one (a MoME
+        model's scale maps share one legend). ``name``: the volume's name ("" the default).
 
     Raises ValueError when the map's component count is not the number of experts.
     """
@@ -276,13 +362,14 @@ def gate_overlay(gate_map: sitk.Image, summary: dict, *, scene=None):
     weights = sitk.GetArrayViewFromImage(gate_map)  # (z, y, x, E)
     dominant = sitk.GetImageFromArray((np.argmax(weights, axis=-1) + 1).astype(np.uint8))
     dominant.CopyInformation(gate_map)
-    colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "M4oE experts")
-    colors.SetTypeToUser()
-    colors.SetNumberOfColors(len(names) + 1)
-    colors.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
-    for n, text in enumerate(legend):
-        colors.SetColor(n + 1, text, *expert_color(n), 1.0)
-    volume = sitk_to_volume_node(dominant, "M4oE dominant expert", scene=scene, labelmap=True)
+    if colors is None:
+        colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "M4oE experts")
+        colors.SetTypeToUser()
+        colors.SetNumberOfColors(len(names) + 1)
+        colors.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
+        for n, text in enumerate(legend):
+            colors.SetColor(n + 1, text, *expert_color(n), 1.0)
+    volume = sitk_to_volume_node(dominant, name or "M4oE dominant expert", scene=scene, labelmap=True)
     volume.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
     return volume, colors
 
@@ -348,14 +435,15 @@ def legend_html(summary: dict | None) -> str:
     return "&nbsp;&nbsp;".join(swatches)
 
 
-def slice_weights_text(summary: dict, index: int) -> str:
+def slice_weights_text(summary: dict, index: int, layer: str = "") -> str:
     """The line under the chart for stack slice ``index``: its position and each expert's weight.
 
-    E.g. ``"Slice 12 (S 35.0 mm): ct 0.71, mr 0.20, mr-t2 0.09"``. Raises ValueError for a slice
-    the summary does not list.
+    E.g. ``"Slice 12 (S 35.0 mm): ct 0.71, mr 0.20, mr-t2 0.09"``; ``layer``: at that layer (a MoME
+    decoder scale), "" the mean. Raises ValueError for a slice or layer the summary does not list.
     """
     entry = next((s for s in summary.get("per_slice", []) if int(s["index"]) == index), None)
     if entry is None:
         raise ValueError(f"the gate summary lists no slice {index}")
-    weights = ", ".join(f"{name} {float(w):.2f}" for name, w in entry["mean_weights"].items())
+    shown = layer_weights(entry, layer)
+    weights = ", ".join(f"{name} {float(w):.2f}" for name, w in shown["mean_weights"].items())
     return f"Slice {index} (S {float(entry['position_mm']):.1f} mm): {weights}"

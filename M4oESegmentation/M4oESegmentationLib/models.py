@@ -152,7 +152,9 @@ def model_info(card: dict | None, error: str | None = None) -> str:
 def model_facts(card: dict) -> str:
     """Rich text: the card's licence and intended use, its training data (statement, datasets,
     cases, iterations, time) and its figures on real scans (:mod:`m4oe.card_summary`)."""
-    lines = [
+    mome = mome_text(card)
+    lines = [mome] if mome else []
+    lines += [
         _("<b>Licence:</b> {licence}").format(licence=html.escape(card_summary.licence_text(card))),
         _("<b>Intended use:</b> {use}").format(use=html.escape(card_summary.intended_use_text(card))),
         _("<b>Training data:</b> {data}").format(data=html.escape(card_summary.training_data_text(card))),
@@ -164,6 +166,23 @@ def model_facts(card: dict) -> str:
     else:
         lines.append(_("<b>Real-scan validation:</b> none recorded"))
     return "<br>".join(lines)
+
+
+def is_mome(card: dict | None) -> bool:
+    """Whether the card is a MoME model's (classes asked for by name, a router per decoder scale)."""
+    return (card or {}).get("architecture", {}).get("arch") == "mome"
+
+
+def mome_text(card: dict | None) -> str:
+    """Rich text for a MoME model: its classes are asked for by name, so only the checked
+    structures are computed, and the gate review shows its router per decoder scale; "" otherwise."""
+    if not is_mome(card):
+        return ""
+    architecture = card["architecture"]
+    return _(
+        "<b>MoME:</b> {classes} structures asked for by name (only the checked ones are computed); "
+        "text-routed experts at {scales} decoder scales, shown one at a time in the gate review."
+    ).format(classes=len(architecture.get("class_names", [])), scales=len(architecture.get("depths", [])) - 1)
 
 
 def structure_choices(card: dict | None, task: str | None) -> list[tuple[str, str]]:

@@ -14,7 +14,8 @@ Modality, ModalitySource, Model, Task, ForcedExpert, TestTimePasses, ThroughPlan
 KeepAllComponents, LargestComponentLabels, Backend, ScanWarning, Structures, Region,
 GateSummary: the settings and the scan check's warning as the engine reports them in its
 final record) and node references
-``M4oEGate{Table,Chart,Overlay,Colors}`` to its gate views and ``M4oEComparison.{expert}`` to its
+``M4oEGate{Table,Chart,Overlay,Colors}`` to its gate views (a MoME result also
+``M4oEGateOverlay.{layer}``, one map per decoder scale) and ``M4oEComparison.{expert}`` to its
 forced-expert comparisons.
 
 Needs a MRML scene (Slicer, or the ``slicer-core`` package) but no application, Qt or widget.
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 GATE_REFERENCE = "M4oEGate"
 GATE_ROLES = ("Table", "Chart", "Overlay", "Colors")
 """Node reference roles ``M4oEGate{role}`` from a result segmentation to its gate views."""
+SCALE_OVERLAY_ROLE = GATE_REFERENCE + "Overlay."
+"""``M4oEGateOverlay.{layer}``: a MoME result's dominant-expert map of one decoder scale."""
 COMPARISON_ROLE = "M4oEComparison."
 MODALITIES = {"auto": "auto", "ct": "ct", "mr": "mr"}
 DICOM_MODALITIES = {"CT": "ct", "MR": "mr"}
@@ -72,7 +75,8 @@ class SegmentationResult:
 
 @dataclass
 class GateReview:
-    """A result's gate views: the summary dict, its table, chart, map and colour nodes, the warning."""
+    """A result's gate views: the summary dict, its table, chart, map and colour nodes, the warning;
+    ``scale_overlays`` {layer: dominant-expert map} of a MoME result's decoder scales (else empty)."""
 
     summary: dict
     table: object
@@ -80,6 +84,22 @@ class GateReview:
     overlay: object
     colors: object
     warning: str | None
+    scale_overlays: dict = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[tuple[str, str]]:
+        """(layer, text) of the layers the views can show one at a time (empty: only the mean)."""
+        return gate_review.layer_choices(self.summary) if self.scale_overlays else []
+
+    def show_layer(self, layer: str):
+        """Show ``layer`` ("" the mean) in the table and chart; return the dominant-expert map of it."""
+        if layer and layer not in self.scale_overlays:
+            raise ValueError(
+                f"this result has no gate map of layer {layer!r}; it has {list(self.scale_overlays)}"
+            )
+        if gate_review.shown_layer(self.chart) != layer:
+            gate_review.show_layer(self.summary, self.chart, self.table, layer)
+        return self.scale_overlays[layer] if layer else self.overlay
 
 
 @dataclass
@@ -441,6 +461,17 @@ def _attach_gate_views(segmentation, input_volume, outputs: dict) -> None:
     segmentation.SetAttribute(ATTRIBUTE + "GateSummary", summary_text)
     for role, node in zip(GATE_ROLES, (table, chart, overlay, colors), strict=True):
         segmentation.SetNodeReferenceID(GATE_REFERENCE + role, node.GetID())
+    for layer in summary.get("scale_gate_maps", {}):
+        scale = gate_review.gate_overlay(
+            sitk.ReadImage(outputs[f"gate_map_{layer}"]),
+            summary,
+            scene=scene,
+            colors=colors,
+            name=f"{name} dominant expert {layer}",
+        )[0]
+        views.mark_gate_map(scale)
+        volumes.place_in_study(scale, input_volume)
+        segmentation.SetNodeReferenceID(SCALE_OVERLAY_ROLE + layer, scale.GetID())
 
 
 def remove_gate_views(segmentation) -> None:
@@ -449,7 +480,8 @@ def remove_gate_views(segmentation) -> None:
     chart = segmentation.GetNodeReference(GATE_REFERENCE + "Chart")
     if chart is not None:
         gate_review.remove_gate_nodes(chart)
-    for role in GATE_ROLES:
+    scales = [SCALE_OVERLAY_ROLE[len(GATE_REFERENCE) :] + layer for layer in _scale_layers(segmentation)]
+    for role in (*GATE_ROLES, *scales):
         node = segmentation.GetNodeReference(GATE_REFERENCE + role)
         if node is not None and node.GetScene() is not None:
             # Removing a volume leaves its display node in the scene: remove that too.
@@ -462,6 +494,12 @@ def remove_gate_views(segmentation) -> None:
     segmentation.RemoveAttribute(ATTRIBUTE + "GateSummary")
 
 
+def _scale_layers(segmentation) -> list[str]:
+    """The decoder scales whose gate maps a MoME result lists (from its gate summary attribute)."""
+    text = segmentation.GetAttribute(ATTRIBUTE + "GateSummary")
+    return list(json.loads(text).get("scale_gate_maps", {})) if text else []
+
+
 def gate_review_of(segmentation) -> GateReview | None:
     """The gate views of a result segmentation, or None (no segmentation, forced run, other origin)."""
     if segmentation is None or not segmentation.GetAttribute(ATTRIBUTE + "GateSummary"):
@@ -470,7 +508,13 @@ def gate_review_of(segmentation) -> GateReview | None:
     if nodes[0] is None or nodes[1] is None:
         return None
     summary = json.loads(segmentation.GetAttribute(ATTRIBUTE + "GateSummary"))
-    return GateReview(summary, *nodes, gate_review.routing_warning(summary))
+    scales = {
+        layer: segmentation.GetNodeReference(SCALE_OVERLAY_ROLE + layer)
+        for layer in _scale_layers(segmentation)
+    }
+    if any(node is None for node in scales.values()):  # a scale map removed by the user: no selector
+        scales = {}
+    return GateReview(summary, *nodes, gate_review.routing_warning(summary), scales)
 
 
 def comparison_of(segmentation, expert: str):

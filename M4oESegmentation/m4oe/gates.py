@@ -5,6 +5,14 @@ model input. :class:`GateRecorder` receives them batch by batch and keeps only s
 the per-token map of one layer or of the mean over layers (upsampled to the finest token grid):
 a (Z, h, w, E) array that :func:`gate_map_image` turns into a vector image whose geometry places
 each token over the patient region it saw, so any viewer overlays it on the input.
+
+A MoME model (:class:`~m4oe.model.mome.MoME`) routes per pixel *and per class query* at each
+decoder scale: its "layers" are the routers ``router.0`` (deepest) .. ``router.{n-1}`` (finest),
+each giving (B, Q, E, h_l, w_l). The recorder is then told the queries' label values: the maps,
+per-layer and per-slice figures are the weights averaged over the queries (the chosen classes),
+every scale is also kept as a map of its own (:attr:`GateRecorder.layer_maps`), per slice and per
+segment the summary adds each scale's figures (``per_layer``), and a segment's weights are those
+of *its own* query over its own pixels, not the average over every class.
 """
 
 from __future__ import annotations
@@ -40,11 +48,22 @@ class GateRecorder:
     Args:
         num_slices: Z of the axial stack.
         layer: name of the one layer to map, or None for the mean over all MoE layers.
+        queries: a MoME model's class queries, the label values of the gates' Q axis in order;
+            None for a model whose gates have no query axis.
     """
 
-    def __init__(self, num_slices: int, layer: str | None = None):
+    def __init__(self, num_slices: int, layer: str | None = None, queries: list[int] | None = None):
         self.num_slices = num_slices
         self.layer = layer
+        self.queries = None if queries is None else [int(v) for v in queries]
+        # MoME only: every layer's own map, (Z, h_l, w_l, E) each; per slice (Z, L, E) weights and
+        # (Z, L) entropy; each slice's per-query gates until its labels arrive; per segment and layer
+        # the summed weights of the segment's own query.
+        self.layer_maps: dict[str, np.ndarray] = {}
+        self.slice_layer_weights: np.ndarray | None = None
+        self.slice_layer_entropy: np.ndarray | None = None
+        self._query_gates: dict[int, dict[str, torch.Tensor]] = {}
+        self.segment_layer_sums: dict[int, dict[str, torch.Tensor]] = {}
         self.layers: list[str] = []
         self.map: np.ndarray | None = None  # (Z, h, w, E) float32
         self.slice_weights: np.ndarray | None = None  # (Z, E)
@@ -60,7 +79,8 @@ class GateRecorder:
 
         Args:
             start: stack index of the batch's first slice.
-            gates: {layer: (B, E, h_l, w_l)} expert weights on the model grid.
+            gates: {layer: (B, E, h_l, w_l)} expert weights on the model grid; with ``queries``
+                {layer: (B, Q, E, h_l, w_l)}, Q in the order of ``queries``.
         """
         if not gates:
             raise ValueError("the model returned no gates: it has no mixture-of-experts layer")
@@ -69,6 +89,8 @@ class GateRecorder:
             if self.layer is not None and self.layer not in gates:
                 raise InputError(f"unknown gate layer {self.layer!r}; this model has {self.layers}")
         gates = {k: v.float() for k, v in gates.items()}
+        if self.queries is not None:
+            gates = self._add_queries(start, gates)
         B = next(iter(gates.values())).shape[0]
         for name, g in gates.items():
             self.layer_sums[name] = self.layer_sums.get(name, 0) + g.sum(dim=(0, 2, 3))
@@ -94,6 +116,45 @@ class GateRecorder:
             torch.stack([_entropy(g, 1).mean(dim=(1, 2)) for g in gates.values()]).mean(dim=0).cpu().numpy()
         )
 
+    def _add_queries(self, start: int, gates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keep a MoME batch's per-query gates {layer: (B, Q, E, h, w)} (each layer's map, per-slice
+        figures, the gates per slice until :meth:`add_segments`); return their mean over Q."""
+        shapes = {k: tuple(v.shape) for k, v in gates.items()}
+        if any(len(shape) != 5 or shape[1] != len(self.queries) for shape in shapes.values()):
+            raise ValueError(f"expected gates (B, {len(self.queries)}, E, h, w) per layer, got {shapes}")
+        mean = {k: v.mean(dim=1) for k, v in gates.items()}
+        B, E = next(iter(mean.values())).shape[:2]
+        if self.slice_layer_weights is None:
+            self.slice_layer_weights = np.zeros((self.num_slices, len(gates), E), np.float32)
+            self.slice_layer_entropy = np.zeros((self.num_slices, len(gates)), np.float32)
+        for n, (name, g) in enumerate(mean.items()):
+            if name not in self.layer_maps:
+                self.layer_maps[name] = np.zeros((self.num_slices, *g.shape[2:], E), np.float32)
+            self.layer_maps[name][start : start + B] = g.permute(0, 2, 3, 1).cpu().numpy()
+            self.slice_layer_weights[start : start + B, n] = g.mean(dim=(2, 3)).cpu().numpy()
+            self.slice_layer_entropy[start : start + B, n] = _entropy(g, 1).mean(dim=(1, 2)).cpu().numpy()
+        for b in range(B):
+            self._query_gates[start + b] = {k: v[b].cpu() for k, v in gates.items()}
+        return mean
+
+    def _add_query_segments(self, start: int, labels: torch.Tensor) -> None:
+        """Per segment and layer: the weights of the segment's own query summed over its pixels
+        (each layer's gates upsampled, nearest, to the S x S model grid of ``labels`` (B, S, S))."""
+        size = labels.shape[-1]
+        for b in range(labels.shape[0]):
+            gates = self._query_gates.pop(start + b, None)
+            if gates is None:
+                raise ValueError(f"no per-query gates recorded for slice {start + b}")
+            present = [v for v in labels[b].unique().tolist() if v != 0]
+            for name, g in gates.items():
+                full = F.interpolate(g, size=(size, size), mode="nearest")  # (Q, E, S, S)
+                for value in present:
+                    if value not in self.queries:
+                        raise ValueError(f"label {value} is not one of the queries {self.queries}")
+                    w = full[self.queries.index(value)][:, labels[b] == value].sum(dim=1)
+                    sums = self.segment_layer_sums.setdefault(value, {})
+                    sums[name] = sums.get(name, 0) + w
+
     def add_segments(self, start: int, labels: torch.Tensor) -> None:
         """Record which segment each model-grid pixel of slices start.. was given (per-segment means).
 
@@ -110,6 +171,8 @@ class GateRecorder:
         mapped = torch.from_numpy(self.map[start : start + B]).permute(0, 3, 1, 2)  # (B, E, h, w)
         full = F.interpolate(mapped, size=(size, size), mode="nearest").permute(0, 2, 3, 1)  # (B, S, S, E)
         labels = labels.cpu()
+        if self.queries is not None:
+            self._add_query_segments(start, labels)
         for value in labels.unique().tolist():
             if value == 0:
                 continue
@@ -138,6 +201,14 @@ class GateRecorder:
                 ``forced`` to one expert, the warning says so instead of comparing the dominant
                 expert with the modality (with equal weights the "dominant" one is only the first).
             forced: the routing was forced to one expert (the gate did not run).
+
+        With ``queries`` (MoME) the summary also has ``router``: ``{"kind": "text-conditioned
+        router per class query", "queries": [the chosen classes' names, whose mean the maps show],
+        "layer_kind": "decoder scale", "scales": {layer: {"token_grid": [h, w]}}}`` (layers deepest
+        first); each ``per_slice`` entry has ``per_layer`` {layer: {mean_weights, dominant_expert,
+        entropy}} (weights averaged over the queries); each ``per_segment`` entry has ``per_layer``
+        with its own query's mean weights over its pixels at that scale, and its top-level
+        weights are their mean over the scales (or the mapped layer's).
         """
         names = [e["name"] for e in experts]
 
@@ -163,13 +234,27 @@ class GateRecorder:
         for k in range(self.num_slices):
             entry = {"index": k, "position_mm": round(float(slice_positions_mm[k]), 4)}
             entry.update(describe(self.slice_weights[k], self.slice_entropy[k]))
+            if self.slice_layer_weights is not None:
+                entry["per_layer"] = {
+                    name: describe(self.slice_layer_weights[k, n], self.slice_layer_entropy[k, n])
+                    for n, name in enumerate(self.layers)
+                }
             per_slice.append(entry)
+
+        def describe_weights(w) -> dict:
+            return describe(w, float(_entropy(torch.as_tensor(w)[None], 1)[0]))
+
         per_segment = {}
         for value in sorted(self.segment_sums):
-            w = (self.segment_sums[value] / self.segment_pixels[value]).cpu().numpy()
-            h = float(_entropy(torch.as_tensor(w)[None], 1)[0])
-            entry = {"label": value, "model_grid_pixels": self.segment_pixels[value]}
-            entry.update(describe(w, h))
+            pixels = self.segment_pixels[value]
+            entry = {"label": value, "model_grid_pixels": pixels}
+            if self.queries is None:
+                entry.update(describe_weights((self.segment_sums[value] / pixels).cpu().numpy()))
+            else:
+                own = {k: (v / pixels).cpu().numpy() for k, v in self.segment_layer_sums[value].items()}
+                mapped = own[self.layer] if self.layer is not None else np.mean(list(own.values()), axis=0)
+                entry.update(describe_weights(mapped))
+                entry["per_layer"] = {name: describe_weights(own[name]) for name in self.layers}
             per_segment[segment_names.get(value, f"label_{value}")] = entry
         dominant = int(np.argmax(overall_w))
         warning = None
@@ -184,6 +269,14 @@ class GateRecorder:
                 f"'{names[dominant]}' ({overall_w[dominant]:.2f}), not to {wanted} "
                 f"({sum(overall_w[i] for i in expected):.2f}); check the modality or the image"
             )
+        router = {}
+        if self.queries is not None:
+            router["router"] = {
+                "kind": "text-conditioned router per class query",
+                "queries": [segment_names.get(v, f"label_{v}") for v in self.queries],
+                "layer_kind": "decoder scale",
+                "scales": {k: {"token_grid": list(self.layer_maps[k].shape[1:3])} for k in self.layers},
+            }
         return {
             "experts": experts,
             "gate": gate,
@@ -191,6 +284,7 @@ class GateRecorder:
             "expected_experts": [names[i] for i in expected],
             "layers": self.layers,
             "mapped_layer": self.layer or "mean",
+            **router,
             "overall": overall,
             "per_layer": per_layer,
             "per_slice": per_slice,

@@ -130,8 +130,11 @@ class Prediction:
     direction). ``probabilities``: K-component vector image on the same grid (uint8 0-255 or
     float32 from float16), only when asked. ``gate_map``: E-component image of expert weights per
     token (see :func:`m4oe.gates.gate_map_image`), and ``gate_summary`` (JSON-ready dict), for
-    mixture-of-experts models when asked. ``through_plane_sigma_mm``: the smoothing applied (0:
-    none). ``test_time_passes``: forward passes averaged per slice (1: one). ``largest_component``:
+    mixture-of-experts models when asked. ``scale_gate_maps``: a MoME model's router weights at
+    each decoder scale {"router.0" (deepest) ..: E-component image on that scale's token grid},
+    averaged over the chosen classes (``gate_map`` is their mean, or the ``gate_layer`` one).
+    ``through_plane_sigma_mm``: the smoothing applied (0: none). ``test_time_passes``: forward
+    passes averaged per slice (1: one). ``largest_component``:
     the label values cut down to their largest 26-connected piece (empty: no clean-up).
     ``scan_check``: whether the labels look like an abdomen (see :mod:`m4oe.ood`; None when the
     task has none of the organs it checks). ``warnings``: what the user should know, by kind:
@@ -150,6 +153,7 @@ class Prediction:
     probabilities: sitk.Image | None = None
     gate_map: sitk.Image | None = None
     gate_summary: dict | None = None
+    scale_gate_maps: dict[str, sitk.Image] | None = None
     seconds: dict = field(default_factory=dict)
     backend: str = "torch"
     through_plane_sigma_mm: float = 0.0
@@ -371,10 +375,16 @@ class Predictor:
         if probs is not None and not whole:
             probs[..., 0] = 255 if probabilities == "uint8" else 1.0  # outside the region: background
         Zrun = run.stop - run.start
-        recorder = GateRecorder(Zrun, gate_layer) if gates else None
         # A MoME model computes only the chosen classes' logits (its classes are independent queries).
         queries = keep if cfg.arch == "mome" else None
-        network, backend = self._network(task_info.name, expert, report, queries)
+        # and routes per class query: the recorder is told which label value each query is.
+        recorder = None
+        if gates:
+            per_query = [label.value for label in chosen] if cfg.arch == "mome" else None
+            recorder = GateRecorder(Zrun, gate_layer, queries=per_query)
+        network, backend = self._network(
+            task_info.name, expert, report, queries, gates and cfg.arch == "mome"
+        )
         batches = range(run.start, run.stop, self.batch_size)
         smoother = SliceSmoother(sigma_slices, Zrun) if sigma_mm > 0 else None
         kept = None
@@ -475,6 +485,11 @@ class Predictor:
         )
         if recorder is not None:
             prediction.gate_map = gate_map_image(recorder.map, stack, grid, first_slice=run.start)
+            if recorder.layer_maps:
+                prediction.scale_gate_maps = {
+                    name: gate_map_image(array, stack, grid, first_slice=run.start)
+                    for name, array in recorder.layer_maps.items()
+                }
             experts = [{"name": e.name, "modality": e.modality} for e in card.experts]
             expected = [expert] if expert is not None else card.expert_index(found.modality)
             prediction.gate_summary = recorder.summary(
@@ -520,10 +535,19 @@ class Predictor:
                 box = box.intersect(body)
         return stack_slices(box, stack)
 
-    def _network(self, task: str, expert: int | None, report=None, queries: list[int] | None = None):
+    def _network(
+        self,
+        task: str,
+        expert: int | None,
+        report=None,
+        queries: list[int] | None = None,
+        query_gates: bool = False,
+    ):
         """The forward pass for this task and routing, and the name of its runtime.
 
         ``queries``: a MoME model's label values to compute (None: all); others get no logits.
+        ``query_gates``: a MoME model's gates per query, (B, Q, E, H_l, W_l) (Q: the queries in
+        order, see :meth:`m4oe.model.mome.MoME.class_logits`).
 
         An export to ONNX (backend "onnx", graph not cached yet) is reported as stage "export".
 
@@ -539,6 +563,10 @@ class Predictor:
             return self._graphs[key], "onnx"
 
         def network(x: torch.Tensor):
+            if query_gates:
+                return self.model(
+                    x, task=task, force_expert=expert, return_gates=True, queries=queries, query_gates=True
+                )
             if queries is not None:
                 return self.model(x, task=task, force_expert=expert, return_gates=True, queries=queries)
             return self.model(x, task=task, force_expert=expert, return_gates=True)

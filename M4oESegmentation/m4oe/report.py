@@ -367,6 +367,23 @@ def _draw_coronal(ax: Axes, views: _Views, labels: list[Label]) -> None:
     ax.set_title(f"(b) Coronal, row {views.row + 1} of {Y} (anterior to posterior)", loc="left")
 
 
+def gate_map_note(summary: dict) -> str:
+    """What the gate map of panel (c) shows: forced routing, a gate without routing, the mean over
+    layers or one layer; for a MoME router, its decoder scales and the classes averaged."""
+    mapped = summary.get("mapped_layer", "mean")
+    router = summary.get("router")
+    if summary.get("forced_expert"):
+        return f"routing forced to {summary['forced_expert']}"
+    if summary.get("gate_can_prefer_experts") is False:
+        return f"{summary.get('gate', 'channel')} gate: equal weights, no routing"
+    if router:
+        scales = (
+            f"mean over {len(router['scales'])} decoder scales" if mapped == "mean" else f"scale {mapped}"
+        )
+        return f"MoME router, {scales}, averaged over {len(router['queries'])} classes"
+    return "mean over layers" if mapped == "mean" else f"layer {mapped}"
+
+
 def _draw_gate_map(
     ax: Axes, image: sitk.Image, views: _Views, prediction: Prediction, experts: list[str]
 ) -> None:
@@ -381,15 +398,9 @@ def _draw_gate_map(
     ax.imshow(overlay, extent=_extent(dominant.shape, (sy, sx)), interpolation="nearest")
     _outline(ax, views.axial_labels, {lab.value: WHITE for lab in prediction.labels}, (sy, sx), 0.8)
     _orientation_letters(ax, "A", "P")
-    summary = prediction.gate_summary or {}
-    mapped = summary.get("mapped_layer", "mean")
-    if summary.get("forced_expert"):
-        note = f"routing forced to {summary['forced_expert']}"
-    elif summary.get("gate_can_prefer_experts") is False:
-        note = f"{summary.get('gate', 'channel')} gate: equal weights, no routing"
-    else:
-        note = "mean over layers" if mapped == "mean" else f"layer {mapped}"
-    ax.set_title(f"(c) Dominant expert on slice (a) ({note})", loc="left")
+    ax.set_title(
+        f"(c) Dominant expert on slice (a) ({gate_map_note(prediction.gate_summary or {})})", loc="left"
+    )
     handles = [Patch(facecolor=_expert_color(e), label=name) for e, name in enumerate(experts)]
     ax.legend(
         handles=handles, loc="upper left", fontsize=9, framealpha=0.85, title="Expert", title_fontsize=9

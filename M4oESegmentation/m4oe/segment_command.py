@@ -185,7 +185,14 @@ def load_predictor(args):
 def write_gate_files(prediction, outputs: dict[str, Path], source, overwrite: bool) -> dict[str, Path]:
     """The gate map, the dominant expert (1..E, uint8) and the gate summary of ``m4oe segment
     --gates``, to ``outputs["gate_map"]``, ``["dominant_expert"]`` and ``["gate_summary"]``;
-    returns the paths written by kind. ``source``: the input file, named in the summary."""
+    returns the paths written by kind. ``source``: the input file, named in the summary.
+
+    A MoME model's router weights at each decoder scale (``prediction.scale_gate_maps``) go beside
+    the gate map, named after it: ``{gate map name}_{layer}.nrrd`` (kind ``gate_map_{layer}``;
+    ``gate_map_router.0.nrrd`` for the deepest scale of ``m4oe segment``,
+    ``<case_id>_gate_map_router.0.nrrd`` in ``m4oe batch``), each an E-component map on its own
+    token grid placed like the gate map; the summary names them in ``scale_gate_maps``
+    {layer: file name}."""
     import numpy as np
     import SimpleITK as sitk
 
@@ -198,6 +205,13 @@ def write_gate_files(prediction, outputs: dict[str, Path], source, overwrite: bo
     dominant.CopyInformation(gate_map)
     written["dominant_expert"] = write_image(dominant, outputs["dominant_expert"], overwrite=overwrite)
     summary = dict(prediction.gate_summary)
+    if prediction.scale_gate_maps:
+        stem = outputs["gate_map"].name.removesuffix(".nrrd")
+        summary["scale_gate_maps"] = {}
+        for layer, image in prediction.scale_gate_maps.items():
+            path = outputs["gate_map"].with_name(f"{stem}_{layer}.nrrd")
+            written[f"gate_map_{layer}"] = write_image(image, path, overwrite=overwrite)
+            summary["scale_gate_maps"][layer] = path.name
     summary["dominant_expert_values"] = {e["name"]: i + 1 for i, e in enumerate(summary["experts"])}
     summary["source"] = str(source)
     text = json.dumps(summary, indent=1) + "\n"

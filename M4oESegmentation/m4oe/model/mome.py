@@ -122,11 +122,17 @@ class MoME(SwinUNet):
         return values
 
     def class_logits(
-        self, x: torch.Tensor, queries: Sequence[int] | None = None, force_expert=None
+        self,
+        x: torch.Tensor,
+        queries: Sequence[int] | None = None,
+        force_expert=None,
+        query_gates: bool = False,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits (B, Q, S, S) of the queried label values (in the order given; None: all) and the
         routers' expert weights {"router.{scale}": (B, E, H_l, W_l)}, averaged over the queries
-        (scale 0 is the deepest decoder stage). ``force_expert``: an expert index (int or (B,))
+        (scale 0 is the deepest decoder stage; H_l = W_l = S / (patch_size * 2**(n - 2 - scale))
+        model pixels). With ``query_gates`` each is (B, Q, E, H_l, W_l) instead: the weights of
+        every query, in the order of the logits. ``force_expert``: an expert index (int or (B,))
         that takes every pixel and query instead of the router."""
         values = self.query_indices(queries)
         q = self.query(self.class_embeddings[torch.tensor(values, device=x.device) - 1])  # (Q, D)
@@ -141,7 +147,7 @@ class MoME(SwinUNet):
         for i, (router, feats) in enumerate(zip(self.routers, scales, strict=True)):
             scale_logits, g = router(feats, q, force_expert)
             logits = logits + F.interpolate(scale_logits, size=size, mode="bilinear", align_corners=False)
-            gates[f"router.{i}"] = g.mean(dim=1)
+            gates[f"router.{i}"] = g if query_gates else g.mean(dim=1)
         return logits + self.class_bias(q)[None, :, :, None], gates
 
     def forward(
@@ -151,9 +157,11 @@ class MoME(SwinUNet):
         force_expert=None,
         return_gates: bool = False,
         queries: Sequence[int] | None = None,
+        query_gates: bool = False,
     ):
         """Logits (B, K, S, S): channel 0 (background) is 0, a queried class its logit, a class not
-        queried :data:`NOT_QUERIED`; with ``return_gates`` also the routers' expert weights."""
+        queried :data:`NOT_QUERIED`; with ``return_gates`` also the routers' expert weights, per
+        query with ``query_gates`` (see :meth:`class_logits`)."""
         name = self.cfg.task_names[0]
         if task is not None and task != name:
             raise ValueError(f"unknown task {task!r}; this model has {[name]}")
@@ -161,7 +169,7 @@ class MoME(SwinUNet):
             if not 0 <= force_expert < self.cfg.num_experts:
                 raise ValueError(f"expert index {force_expert} out of range 0..{self.cfg.num_experts - 1}")
         values = self.query_indices(queries)
-        logits, gates = self.class_logits(x, values, force_expert)
+        logits, gates = self.class_logits(x, values, force_expert, query_gates)
         B, _, H, W = logits.shape
         out = logits.new_full((B, len(self.cfg.class_names) + 1, H, W), NOT_QUERIED)
         out[:, 0] = 0.0
