@@ -1,11 +1,16 @@
-"""MoME training pieces (issue #26, point 3): the partial-label loss and partially labelled
-phantom data sets; the offline MiniLM tokeniser."""
+"""MoME training (issue #26): the partial-label and exclusion losses, partially labelled phantom
+data sets, the offline MiniLM text encoder (the real one, read once per session), the union label
+space, the routers' optimiser group, and MoME runs: exported, refused, resumed, on two processes."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +18,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file
+from test_training import free_port, tensors_sha256
 
 import m4oe_training.mome as mome_training
 from m4oe.checkpoint import load_checkpoint
@@ -422,3 +428,115 @@ def test_gate_lr_scale_sets_the_mome_routers_learning_rate(partial_sets, text_en
     assert [len(g["params"]) for g in groups if g["name"] == "gates"] == [9]
     moments = load_file(out / "state" / "optimizer.safetensors")
     assert all(f"{i}.exp_avg" in moments for i in groups[0]["params"])  # the gates stepped
+
+
+# ---------------------------------------------------------------------------------------------
+# A MoME run resumed, and on two processes
+
+
+def mome_run_config(partial_sets: dict[str, Path], name: str, out: Path, **top) -> TrainConfig:
+    """mome-tiny on the two partial sets: 2 "experts" epochs then 1 "joint" epoch (routing loss
+    on), 2 steps each, augmentation on, AdamW."""
+    datasets = (
+        DatasetConfig(str(partial_sets["ct"]), "ct", "organs", val_cases=1),
+        DatasetConfig(str(partial_sets["t1"]), "mr", "organs", val_cases=1),
+    )
+    stages = (StageConfig("experts", 2, 1e-3), StageConfig("joint", 1, 5e-4, routing_weight=0.1))
+    settings = dict(batch_size=2, iterations_per_epoch=2, optimizer="adamw", threads=1, output_dir=str(out))
+    return TrainConfig(name=name, model="mome-tiny", datasets=datasets, stages=stages, **(settings | top))
+
+
+@pytest.mark.slow
+def test_resumed_mome_run_is_bit_identical_to_an_uninterrupted_one(partial_sets, text_encoder, tmp_path):
+    """Interrupted after epoch 1 (mid-stage) and after epoch 2 (a stage boundary), then finished:
+    the same log, training state and exported weights as a run that never stopped."""
+    a = run(mome_run_config(partial_sets, "a", tmp_path / "a"), base_dir=tmp_path, command=["test"])
+    cfg = mome_run_config(partial_sets, "b", tmp_path / "b")
+    b = run(cfg, base_dir=tmp_path, stop_after_epochs=1, command=["test"])
+    position = json.loads((b / "state" / "state.json").read_text())
+    assert (position["stage"], position["epoch"], position["step"]) == (0, 1, 2)
+    run(cfg, base_dir=tmp_path, resume=True, stop_after_epochs=1, command=["test"])
+    assert json.loads((b / "state" / "state.json").read_text())["stage"] == 0
+    run(cfg, base_dir=tmp_path, resume=True, command=["test"])
+
+    def log(folder: Path) -> list[list[str]]:
+        with open(folder / "train_log.csv", newline="") as f:
+            keys = ("stage", "kind", "epoch", "step", "lr", "seg", "routing", "val_mean_dice")
+            return [[row[k] for k in keys] for row in csv.DictReader(f)]
+
+    assert len(log(a)) == 3 and log(a) == log(b)
+    assert log(a)[2][6]  # the joint epoch's routing loss was logged
+    for name in ("state/weights.safetensors", "state/optimizer.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    model_a, card_a = load_checkpoint(a / "model")
+    model_b, card_b = load_checkpoint(b / "model")
+    assert isinstance(model_b, MoME) and model_b.cfg == model_a.cfg
+    assert tensors_sha256(model_a.state_dict()) == tensors_sha256(model_b.state_dict())
+    assert card_a.metrics["validation"] == card_b.metrics["validation"]
+
+
+MOME_LAUNCHER = '''
+"""m4oe_training.train.run of a MoME config under torchrun; each rank records its module's weights."""
+import hashlib, sys
+from pathlib import Path
+
+import torch.distributed as dist
+from safetensors.torch import save
+
+from m4oe_training import train
+from m4oe_training.config import load_config
+
+modules = []
+
+
+def digest(module):
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    return hashlib.sha256(save(tensors)).hexdigest()
+
+
+class Recording(train.MoMELoss):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.initial = digest(self)
+        modules.append(self)
+
+
+train.MoMELoss = Recording
+cfg, _ = load_config(sys.argv[1])
+out = train.run(cfg, base_dir=Path(sys.argv[1]).parent, command=["launcher"])
+rank = dist.get_rank()
+(module,) = modules
+(out / f"rank{rank}.txt").write_text(f"{dist.get_world_size()} {module.initial} {digest(module)}")
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_mome_ddp_two_cpu_processes_keep_identical_weights(partial_sets, minilm, tmp_path):
+    """``torchrun --nproc_per_node 2`` (gloo, CPU) of a MoME run with the partial-label loss: both
+    ranks start from and end with the same weights, which are the saved state's and the export's."""
+    config = write_mome_config(tmp_path / "ddp.toml", partial_sets, name="ddp", device="cpu")
+    config.write_text(config.read_text().replace("iterations_per_epoch = 1", "iterations_per_epoch = 2"))
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(MOME_LAUNCHER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(launcher), str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "M4OE_MINILM_DIR": str(minilm.folder)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    out = tmp_path / "runs" / "ddp"
+    (world0, initial0, final0), (world1, initial1, final1) = (
+        (out / f"rank{r}.txt").read_text().split() for r in (0, 1)
+    )
+    assert world0 == world1 == "2"
+    assert initial0 == initial1
+    assert final0 == final1, "ranks diverged"
+    assert final0 != initial0, "no training happened"
+    assert final0 == tensors_sha256(load_file(str(out / "state" / "weights.safetensors")))
+    model, card = load_checkpoint(out / "model")
+    assert isinstance(model, MoME) and card.provenance["world_size"] == 2
+    weights = load_file(str(out / "state" / "weights.safetensors"))
+    network = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+    assert tensors_sha256(model.state_dict()) == tensors_sha256(network)
+    with open(out / "train_log.csv", newline="") as f:
+        assert [row["kind"] for row in csv.DictReader(f)] == ["experts", "joint"]
