@@ -10,10 +10,11 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/pinned.txt
+$(STAMP): pyproject.toml requirements/pinned.txt requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --no-cache-dir --upgrade pip
 	$(BIN)/python -m pip install --quiet --no-cache-dir -r requirements/pinned.txt
+	$(BIN)/python -m pip install --quiet --no-cache-dir --no-deps -r requirements/no-deps.txt
 	$(BIN)/python -m pip install --quiet --no-cache-dir --no-deps -e .
 	touch $(STAMP)
 

