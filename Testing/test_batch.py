@@ -26,6 +26,7 @@ from test_io import write_dicom_series
 
 from m4oe import cli
 from m4oe.batch import BatchSettings, run_batch
+from m4oe.batch_summary import label_counts
 from m4oe.cases import collect_cases
 from m4oe.errors import InputError
 from m4oe.io import read_image
@@ -231,6 +232,22 @@ def test_summary_volumes_and_routing_match_the_outputs(tmp_path, phantoms, tiny_
         assert sum(weights.values()) == pytest.approx(1.0, abs=1e-4)
         assert row["routing"]["dominant_expert"] == max(weights, key=weights.get)
         assert row["status"] == "ok" and row["seconds"] > 0 and row["modality"] == "ct"
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_label_counts_are_those_of_the_whole_volume(dtype):
+    # The summary's volumes count labels plane by plane: the same counts as one bincount of the
+    # whole volume, with labels present in some planes only, the largest one (300 for uint16) in
+    # the last plane but one, and an empty last plane.
+    rng = np.random.default_rng(0)
+    labels = np.zeros((6, 7, 9), dtype)
+    labels[1:3] = rng.integers(0, 4, (2, 7, 9))
+    top = 300 if dtype == np.uint16 else 255
+    labels[4, 2, 3] = top
+    counts = label_counts(labels)
+    np.testing.assert_array_equal(counts, np.bincount(labels.ravel()))
+    assert counts.size == top + 1 and counts[top] == 1 and counts.sum() == labels.size
+    np.testing.assert_array_equal(label_counts(np.zeros((3, 4, 5), dtype)), [60])
 
 
 # ------------------------------------------------------------------------------------------- kills

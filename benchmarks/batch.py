@@ -9,7 +9,9 @@ side in plane and 15 % head-feet (seeded: scan ``i`` uses seed ``--seed + i``), 
 int16 NIfTI into a temporary folder (never the repository). Every mode segments the same scans
 with the same settings into its own folder and must write every label map; the wall time of the
 whole mode, process start-ups included, gives the scans per hour. The label maps of ``batch`` are
-compared with the per-scan CLI's (voxels that differ, over all scans).
+compared with the per-scan CLI's (voxels that differ, over all scans). Each mode's time per scan
+is also split into stages (:func:`cli_stages`, :func:`batch_stages`), from the commands' own
+``--progress json`` records and ``summary.json``.
 
 Run: ``python benchmarks/batch.py [--cases 20] [--cli-cases N] [--tta 1] [--threads T] [--device
 cpu] [--workers 2] [--modes cli,batch,workers] [--seed 0] [--json FILE]``; ``--cli-cases`` times the
@@ -66,14 +68,42 @@ def make_scan(source: sitk.Image, seed: int) -> sitk.Image:
     return scan
 
 
-def run(command: list[str], env: dict) -> float:
-    """Run ``command``; return its wall time in seconds. Raises on a non-zero exit."""
+def run(command: list[str], env: dict) -> tuple[float, list[dict]]:
+    """Run ``command`` (with ``--progress json``); return its wall time in seconds and its JSON
+    progress records. Raises on a non-zero exit."""
     t0 = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
-    return seconds
+    return seconds, [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def cli_stages(wall: float, records: list[dict]) -> dict[str, float]:
+    """Where one ``m4oe segment`` process's wall time went, in seconds: ``startup`` (interpreter
+    and command-line imports, before the command's clock starts), ``load`` (reading the scan,
+    importing PyTorch, loading the model), ``preprocess``, ``inference``, ``postprocess`` (as
+    :meth:`m4oe.predictor.Predictor.predict` times them) and ``write`` (the rest: the label map)."""
+    seconds = next(r for r in records if r.get("stage") == "done")["seconds"]
+    timed = ("load", "preprocess", "inference", "postprocess")
+    stages = {"startup": wall - seconds["total"], **{k: seconds[k] for k in timed}}
+    stages["write"] = seconds["total"] - sum(seconds[k] for k in timed)
+    return stages
+
+
+def batch_stages(wall: float, records: list[dict], out: Path) -> dict[str, float]:
+    """Where an ``m4oe batch`` run's wall time went, in seconds: ``startup`` (the interpreter,
+    imports, the model load or the Dask cluster's start, and the exit: the wall time less the time
+    from the model loaded to the last case done, as the progress records give it), ``cases`` (that
+    time), and the sums over the cases of ``read``, ``predict`` and ``write`` (each case's
+    ``stage_seconds`` in ``summary.json``; in ``m4oe batch`` the three overlap, in threads, and on
+    Dask the cases run side by side, so these sums may exceed ``cases``)."""
+    cases = max(r["elapsed_s"] for r in records if r.get("stage") == "case")
+    stages = {"startup": wall - cases, "cases": cases, "read": 0.0, "predict": 0.0, "write": 0.0}
+    for row in json.loads((out / "summary.json").read_text())["cases"]:
+        for stage in ("read", "predict", "write"):
+            stages[stage] += row["stage_seconds"][stage]
+    return stages
 
 
 def labels_differ(a: Path, b: Path) -> int:
@@ -117,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT / "M4oESegmentation"), str(ROOT / "training"), env.get("PYTHONPATH", "")]
     )
-    common = ["--tta", str(args.tta), "--device", args.device]
+    common = ["--tta", str(args.tta), "--device", args.device, "--progress", "json"]
     threads = [] if args.threads is None else ["--threads", str(args.threads)]
     m4oe = [sys.executable, "-m", "m4oe.cli"]
     results: dict = {"cases": args.cases, "tta": args.tta, "threads": args.threads, "device": args.device}
@@ -138,22 +168,24 @@ def main(argv: list[str] | None = None) -> int:
             f"(e.g. {'x'.join(map(str, sizes[0]))}) made in {time.perf_counter() - t0:.0f} s",
             flush=True,
         )
-        timings = {}
+        timings, stages = {}, {}
         for mode in modes:
             out = Path(tmp) / mode
             out.mkdir()
             if mode == "cli":
-                seconds = 0.0
+                seconds, stages[mode] = 0.0, {}
                 for scan in sorted(scans.iterdir())[: args.cli_cases]:
                     name = scan.name.replace(".nii.gz", ".seg.nrrd")
-                    seconds += run(
+                    wall, records = run(
                         [*m4oe, "segment", str(scan), "-o", str(out / name), *common, *threads], env
                     )
-            elif mode == "batch":
-                seconds = run([*m4oe, "batch", str(scans), "-o", str(out), *common, *threads], env)
+                    seconds += wall
+                    for stage, value in cli_stages(wall, records).items():
+                        stages[mode][stage] = stages[mode].get(stage, 0.0) + value
             else:
-                workers = ["--workers", str(args.workers)]
-                seconds = run([*m4oe, "batch", str(scans), "-o", str(out), *common, *workers], env)
+                where = threads if mode == "batch" else ["--workers", str(args.workers)]
+                seconds, records = run([*m4oe, "batch", str(scans), "-o", str(out), *common, *where], env)
+                stages[mode] = batch_stages(seconds, records, out)
             count = min(args.cases, args.cli_cases or args.cases) if mode == "cli" else args.cases
             written = sorted(p.name for p in out.glob("ct*.seg.nrrd"))
             if len(written) != count:
@@ -163,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{mode:<8} {count:3d} scans {seconds:8.1f} s  {seconds / count:6.1f} s/scan  "
                 f"{3600 * count / seconds:6.1f} scans/hour",
+                flush=True,
+            )
+            print(
+                "         per scan: " + ", ".join(f"{k} {v / count:.2f} s" for k, v in stages[mode].items()),
                 flush=True,
             )
         if {"cli", "batch"} <= set(timings):
@@ -179,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(s, 1),
             "seconds_per_scan": round(s / n, 2),
             "scans_per_hour": round(3600 * n / s, 1),
+            "stage_seconds_per_scan": {k: round(v / n, 3) for k, v in stages[mode].items()},
         }
         for mode, (s, n) in timings.items()
     }

