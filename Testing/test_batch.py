@@ -26,7 +26,7 @@ from test_io import write_dicom_series
 
 from m4oe import cli
 from m4oe.batch import BatchSettings, run_batch
-from m4oe.batch_summary import label_counts
+from m4oe.batch_summary import Summary, label_counts
 from m4oe.cases import collect_cases
 from m4oe.errors import InputError
 from m4oe.io import read_image
@@ -250,6 +250,27 @@ def test_label_counts_are_those_of_the_whole_volume(dtype):
     np.testing.assert_array_equal(label_counts(np.zeros((3, 4, 5), dtype)), [60])
 
 
+def test_summary_rewrites_are_skipped_while_they_would_cost_more_than_their_share(tmp_path, phantoms):
+    # Each summary write rewrites every row; refresh() writes only when the time since the last
+    # write is at least that write's duration over write_share, write() always.
+    cases = collect_cases([str(cohort(tmp_path / "images", phantoms, ["a", "b"]))])
+    out = tmp_path / "out"
+    out.mkdir()
+    summary = Summary(cases, out, "run", None, write_share=1e-9)  # a write is never due again
+    summary.write()
+    first = (out / "summary.json").read_text()
+    summary.set(dict(summary.rows["a"], status="ok"))
+    assert summary.refresh() is False
+    assert (out / "summary.json").read_text() == first and rows(out)["a"]["status"] == "pending"
+    summary.write()
+    assert rows(out)["a"]["status"] == "ok"
+    cheap = Summary(cases, out, "run", None, write_share=0.5)  # due after twice the last write
+    cheap.write()
+    cheap.set(dict(cheap.rows["b"], status="ok"))
+    time.sleep(2.5 * cheap.last_write_s + 0.01)
+    assert cheap.refresh() is True and rows(out)["b"]["status"] == "ok"
+
+
 # ------------------------------------------------------------------------------------------- kills
 
 
@@ -292,8 +313,9 @@ def test_a_killed_run_leaves_no_partial_output_and_resumes(tmp_path, phantoms, t
     assert 1 <= len(finished) < 6
     summary = json.loads((out / "summary.json").read_text())  # whole: written atomically
     assert {r["case_id"] for r in summary["cases"] if r["status"] == "ok"} <= finished
-    if kill == signal.SIGTERM:  # a clean stop: no temporary file, the rest pending
+    if kill == signal.SIGTERM:  # a clean stop: no temporary file, every finished case in the summary
         assert not temporaries(out)
+        assert {r["case_id"] for r in summary["cases"] if r["status"] == "ok"} == finished
         assert {r["status"] for r in summary["cases"]} == {"ok", "pending"}
     resumed = run_batch([str(images)], settings(out, tiny_model_dir), progress="none")
     statuses = {k: r["status"] for k, r in resumed.rows.items()}

@@ -18,6 +18,7 @@ error) are rewritten, atomically, after each case.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -225,9 +226,10 @@ def run_case(predictor, case: Case, settings: BatchSettings, worker: str | None 
 def run_local(cases: list[Case], settings: BatchSettings, summary: Summary, progress: BatchProgress) -> None:
     """Segment ``cases`` in this process: reader thread -> network (this thread) -> writer thread.
 
-    Rows go to ``summary`` (written after each) and ``progress`` from the writer thread only. On an
-    interrupt (Ctrl-C, SIGTERM) the reader stops, the case in the network is dropped (its row stays
-    ``pending``) and the writer finishes the case it holds before this returns by re-raising.
+    Rows go to ``summary`` (written as they come: :meth:`Summary.refresh`) and ``progress`` from the
+    writer thread only. On an interrupt (Ctrl-C, SIGTERM) the reader stops, the case in the network
+    is dropped (its row stays ``pending``) and the writer finishes the case it holds before this
+    returns by re-raising.
     """
     t0 = time.perf_counter()
     predictor = settings.load_predictor()
@@ -261,7 +263,7 @@ def run_local(cases: list[Case], settings: BatchSettings, summary: Summary, prog
                 else:
                     row = failed_row(case, error, seconds)
                 summary.set(row)
-                summary.write()
+                summary.refresh()
                 progress.case(row, summary)
         except BaseException as error:  # the summary cannot be written: stop the run
             failures.append(error)
@@ -348,16 +350,21 @@ def run_batch(
     todo = [case for case in cases if summary.rows[case.case_id]["status"] == "pending"]
     summary.write()
     printer = BatchProgress(progress, len(cases), len(todo))
-    if todo and (workers or scheduler):
-        try:
-            from .cluster import run_on_dask  # Dask is an optional extra
-        except ImportError as error:
-            raise InputError(
-                f"--workers and --scheduler need Dask ({error}); install it: pip install 'm4oe[cluster]'"
-            ) from None
-        run_on_dask(todo, settings, summary, printer, workers=workers, scheduler=scheduler)
-    elif todo:
-        run_local(todo, settings, summary, printer)
+    try:
+        if todo and (workers or scheduler):
+            try:
+                from .cluster import run_on_dask  # Dask is an optional extra
+            except ImportError as error:
+                raise InputError(
+                    f"--workers and --scheduler need Dask ({error}); install it: pip install 'm4oe[cluster]'"
+                ) from None
+            run_on_dask(todo, settings, summary, printer, workers=workers, scheduler=scheduler)
+        elif todo:
+            run_local(todo, settings, summary, printer)
+    except BaseException:
+        with contextlib.suppress(Exception):  # every row as it stands; the first error is the one reported
+            summary.write()
+        raise
     summary.write()
     printer.emit(
         {"stage": "done", "fraction": 1.0, "counts": summary.counts(), "summary": str(out / SUMMARY_JSON)}

@@ -117,7 +117,7 @@ def run_on_dask(
                     row = failed_row(case, error, {})
                 future.release()
                 summary.set(row)
-                summary.write()
+                summary.refresh()
                 progress.case(row, summary)
     finally:
         if cluster is not None:
