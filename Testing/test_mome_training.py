@@ -28,8 +28,9 @@ from m4oe.model import MoME
 from m4oe_training.config import ConfigError, DatasetConfig, StageConfig, TrainConfig
 from m4oe_training.data import DatasetInfo
 from m4oe_training.mome import LabelSpace, MoMELoss, build_mome, partial_label_loss, write_partial_phantoms
+from m4oe_training.optim import group_lr, parameter_groups
 from m4oe_training.text_encoder import MINILM_SHA256, EncoderUnavailable, MiniLM, WordPiece, find_minilm
-from m4oe_training.train import group_lr, parameter_groups, run
+from m4oe_training.train import run
 
 
 def test_partial_label_loss_ignores_classes_a_dataset_does_not_label():

@@ -809,7 +809,8 @@ def test_with_a_slice_context_the_routing_loss_also_reads_the_modality_from_the_
     at log(E) and a few steps on the context alone make the read-out, and through it the gates, tell
     the modalities apart: here two that differ only in how much of the slice is bright."""
     from m4oe.model import build_model
-    from m4oe_training.train import StageLoss, is_context_parameter
+    from m4oe_training.optim import is_context_parameter
+    from m4oe_training.train import StageLoss
 
     torch.manual_seed(0)
     model = build_model("m4oe-tiny", experts=("a", "b"), tasks=(("abdomen", 3),), gate_context="slice")
@@ -848,7 +849,7 @@ def test_with_a_slice_context_the_routing_loss_also_reads_the_modality_from_the_
 
 
 def test_stage_learning_rate_warms_up_linearly_then_decays_to_zero():
-    from m4oe_training.train import stage_lr
+    from m4oe_training.optim import stage_lr
 
     stage = StageConfig(kind="experts", epochs=1, lr=1.0, warmup_iterations=4)
     lrs = [stage_lr(stage, step, 100, 1.0) for step in range(100)]
@@ -862,7 +863,7 @@ def test_stage_learning_rate_warms_up_linearly_then_decays_to_zero():
 def test_gate_warm_up_stage_trains_the_gates_only(phantoms, tmp_path):
     """A joint stage with ``trainable = "gates"`` changes every gate and nothing else."""
     from m4oe.model import get_config
-    from m4oe_training.train import is_gate_parameter
+    from m4oe_training.optim import is_gate_parameter
 
     path = write_config(
         tmp_path / "cfg.toml",
@@ -1021,7 +1022,7 @@ def test_run_initialised_from_an_exported_model_starts_from_its_weights(phantoms
 def test_init_from_a_model_that_does_not_fit_the_run_is_a_config_error(tmp_path):
     """Experts, labels or weight shapes that differ, and a pickled file, are refused by name."""
     from m4oe.model import build_model
-    from m4oe_training.train import load_initial_weights
+    from m4oe_training.init_model import load_initial_weights
 
     embedded = ROOT / "M4oESegmentation" / "m4oe" / "models" / "m4oe-phantom"
     source, card = load_checkpoint(embedded)
@@ -1064,7 +1065,8 @@ def test_init_may_add_a_slice_context_to_the_gates_but_not_take_it_away(tmp_path
     model trained with one cannot lose it."""
     from m4oe.checkpoint import save_checkpoint
     from m4oe.model import build_model
-    from m4oe_training.train import init_overrides, is_context_parameter, load_initial_weights
+    from m4oe_training.init_model import init_overrides, load_initial_weights
+    from m4oe_training.optim import is_context_parameter
 
     embedded = ROOT / "M4oESegmentation" / "m4oe" / "models" / "m4oe-phantom"
     source, card = load_checkpoint(embedded)
@@ -1278,7 +1280,7 @@ def one_sgd_step(tmp_path: Path, name: str, datasets: list[dict], **stage) -> di
 @pytest.mark.slow
 def test_gate_learning_rate_scale_moves_only_the_gates_faster(phantoms, tmp_path):
     """Plain SGD, one step: gate updates are ``gate_lr_scale`` times larger, every other one equal."""
-    from m4oe_training.train import is_gate_parameter
+    from m4oe_training.optim import is_gate_parameter
 
     initial = initial_tiny_weights()
     datasets = [dataset(phantoms["ct"], "ct"), dataset(phantoms["t1"], "mr")]
@@ -1300,7 +1302,7 @@ def test_a_context_stage_trains_the_slice_context_alone(phantoms, tmp_path):
     context learns; every other weight, the token gates included, stays as it was. A model without
     a context cannot have such stages."""
     from m4oe.model import build_model
-    from m4oe_training.train import is_context_parameter
+    from m4oe_training.optim import is_context_parameter
 
     def train(name: str, **top) -> Path:
         path = write_config(
@@ -1470,7 +1472,7 @@ def test_fine_tuning_refuses_other_in_plane_preprocessing_than_the_init_models(
     assert not (tmp_path / "run" / "train_log.csv").exists()
     # Repeating the init model's own values is allowed; leaving them out takes them.
     from m4oe.checkpoint import read_model_card
-    from m4oe_training.train import inherit_preprocessing
+    from m4oe_training.init_model import inherit_preprocessing
 
     card = read_model_card(source)
     for top in ({"in_plane": "spacing", "target_spacing_mm": [5.0, 5.0]}, {}):
@@ -1512,7 +1514,7 @@ def test_init_is_a_path_beside_the_config_or_else_a_model_name(tmp_path):
     relative = load_config(write_config(tmp_path / "c.toml", datasets, stages, init="models/x"))
     assert relative[0].init == str(tmp_path / "models" / "x")  # a path, missing or not
     from m4oe.hub import EMBEDDED_DIR
-    from m4oe_training.train import resolve_init
+    from m4oe_training.init_model import resolve_init
 
     assert resolve_init("m4oe-phantom") == EMBEDDED_DIR / "m4oe-phantom"
     with pytest.raises(ConfigError, match="init: unknown model 'no-such-model'"):
@@ -1520,7 +1522,7 @@ def test_init_is_a_path_beside_the_config_or_else_a_model_name(tmp_path):
 
 
 def test_parameter_groups_split_gates_shared_layers_and_the_rest():
-    from m4oe_training.train import group_lr, parameter_groups
+    from m4oe_training.optim import group_lr, parameter_groups
 
     module = tiny_stage_loss(0)
     groups = {g["name"]: {id(p) for p in g["params"]} for g in parameter_groups(module)}
@@ -1547,7 +1549,7 @@ def test_parameter_groups_split_gates_shared_layers_and_the_rest():
 def test_shared_learning_rate_scale_moves_only_the_shared_layers_slower(phantoms, tmp_path):
     """Plain SGD, one step: updates of the shared layers are ``shared_lr_scale`` times the full
     rate's, experts', gates' and heads' updates the same."""
-    from m4oe_training.train import is_shared_parameter
+    from m4oe_training.optim import is_shared_parameter
 
     initial = initial_tiny_weights()
     datasets = [dataset(phantoms["ct"], "ct", val_cases=0), dataset(phantoms["t1"], "mr", val_cases=0)]
@@ -1567,7 +1569,7 @@ def test_a_state_saved_with_two_optimiser_groups_resumes_with_three(tmp_path, mo
     """States written before the "shared" group (version 2) still resume: each parameter gets its own
     AdamW moments back."""
     from m4oe_training import state as state_module
-    from m4oe_training.train import is_gate_parameter, parameter_groups
+    from m4oe_training.optim import is_gate_parameter, parameter_groups
 
     module = tiny_stage_loss(0)
     named = list(module.named_parameters())

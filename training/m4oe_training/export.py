@@ -129,7 +129,7 @@ def build_card(
     values: dict[str, dict[str, int]] | None = None,
 ) -> ModelCard:
     """The card of the run's model. ``cfg`` must have its preprocessing resolved (``in_plane`` set,
-    as :func:`m4oe_training.train.inherit_preprocessing` leaves it); ``params`` are the intensity
+    as :func:`m4oe_training.init_model.inherit_preprocessing` leaves it); ``params`` are the intensity
     parameters the run normalised with; clean-up missing from ``cfg`` comes from ``init_card``
     (:func:`task_postprocessing`). ``labels`` (per task) and ``values`` (per task, label name ->
     value) replace the datasets' own: a MoME run's single task is the union of its datasets'

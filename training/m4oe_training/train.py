@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import platform
-import re
 import sys
 import time
 from functools import partial
@@ -32,22 +31,28 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from m4oe import __version__
-from m4oe.checkpoint import load_checkpoint, read_model_card
+from m4oe.checkpoint import read_model_card
 from m4oe.errors import ModelError
 from m4oe.evaluate import evaluate
-from m4oe.hub import resolve_model
 from m4oe.io import read_image, write_atomic
 from m4oe.model import SwinUNet, build_model, get_config, load_balancing_loss, load_imagenet_weights
-from m4oe.model_card import ModelCard
 from m4oe.predictor import Predictor
-from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams
+from m4oe.preprocessing import DEFAULT_PARAMS
 
 from .augment import build_augmentation
 from .batches import BatchPlan, BatchSource, step_seed
 from .config import ConfigError, TrainConfig
 from .data import DatasetInfo, SliceData, ct_intensity_params, split_cases
 from .export import build_card, expert_modalities, export_model, task_labels
+from .init_model import (
+    inherit_preprocessing,
+    init_intensity,
+    init_overrides,
+    load_initial_weights,
+    resolve_init,
+)
 from .mome import MoMELoss, build_mome, is_mome, label_space
+from .optim import group_lr, is_context_parameter, is_gate_parameter, parameter_groups, stage_lr
 from .state import folder_lock, load_state, recover_state, save_state
 
 logger = logging.getLogger("m4oe_training")
@@ -152,71 +157,6 @@ def distributed_setup(device: str) -> tuple[int, int, torch.device]:
     return rank, world, dev
 
 
-def stage_lr(stage, step: int, total_steps: int, poly_power: float) -> float:
-    """Learning rate at ``step`` (0-based) of a stage: linear warm-up, then poly decay to 0."""
-    lr = stage.lr * (1 - step / max(total_steps, 1)) ** poly_power
-    if step < stage.warmup_iterations:
-        lr *= (step + 1) / stage.warmup_iterations
-    return lr
-
-
-def is_gate_parameter(name: str) -> bool:
-    """Whether a parameter (by its name in the network or the training module) belongs to an MoE
-    gate: a gate's token projection, its slice-context projection, the slice-context encoder they
-    share, or the training-only read-out of that context; in a MoME network a router's pixel and
-    class-query projections (``routers.N.gate``, ``routers.N.gate_query``)."""
-    return (
-        ".mlp.gate." in f".{name}"
-        or re.search(r"(^|\.)routers\.\d+\.gate(_query)?\.", name) is not None
-        or is_context_parameter(name)
-    )
-
-
-def is_context_parameter(name: str) -> bool:
-    """Whether a parameter exists only with ``gate_context = "slice"`` (in the network, or the
-    training module's ``context_probe``)."""
-    name = f".{name}"
-    return ".mlp.context." in name or ".slice_context." in name or name.startswith(".context_probe.")
-
-
-def is_shared_parameter(name: str) -> bool:
-    """Whether a parameter of the network (by its name in the network or the training module) is
-    shared by every modality and task: not an expert's, a gate's or a task head's, nor one of the
-    training module's own read-outs. Patch embedding, attention, norms, down- and up-sampling; in a
-    dense model its feed-forward layers too. In a MoME network the routers' experts are experts,
-    and the class heads (the class-query MLP ``query``, the keys ``pixel_key`` and ``routers.N.key``,
-    ``class_bias``) are its task heads."""
-    name = name.removeprefix("model.") if name.startswith("model.") else f"training.{name}"
-    return not (
-        name.startswith(("training.", "heads.", "query.", "pixel_key.", "class_bias."))
-        or ".mlp.experts." in f".{name}"
-        or re.match(r"routers\.\d+\.(experts|key)\.", name) is not None
-        or is_gate_parameter(name)
-    )
-
-
-def parameter_groups(module: nn.Module) -> list[dict]:
-    """Three optimiser groups: "gates" (the MoE gates), "rest" (experts, task heads and the training
-    read-outs) and "shared" (:func:`is_shared_parameter`), so that a stage can give the gates and
-    the shared layers their own learning rates (``gate_lr_scale``, ``shared_lr_scale``). All three
-    exist for every model (a dense one has no gate parameters), so a saved optimiser state always
-    has the same layout."""
-    named = list(module.named_parameters())
-    gates = [p for name, p in named if is_gate_parameter(name)]
-    shared = [p for name, p in named if is_shared_parameter(name)]
-    rest = [p for name, p in named if not is_gate_parameter(name) and not is_shared_parameter(name)]
-    return [
-        {"params": gates, "name": "gates"},
-        {"params": rest, "name": "rest"},
-        {"params": shared, "name": "shared"},
-    ]
-
-
-def group_lr(stage, group: str, lr: float) -> float:
-    """The learning rate of optimiser group ``group`` when the stage's rate is ``lr``."""
-    return lr * {"gates": stage.gate_lr_scale, "shared": stage.shared_lr_scale}.get(group, 1.0)
-
-
 def validate(
     model: SwinUNet, card, cfg: TrainConfig, infos: list[DatasetInfo], device, kind: str, space=None
 ) -> dict:
@@ -305,73 +245,6 @@ def data_keys(infos: list[DatasetInfo]) -> list[str]:
     return [f"{i}:{name}" for i, name in enumerate(names)]
 
 
-def init_overrides(cfg: TrainConfig, card) -> dict:
-    """``model_overrides`` for a run that starts from ``init``: the architecture is the init model's,
-    so only the dropout rates may change, and ``gate_context`` may be added (its weights start at
-    zero, so the run starts from the init model's outputs); any other key must repeat the init
-    model's value."""
-    free = {"drop_rate", "attn_drop_rate", "drop_path_rate", "gate_context"}
-    architecture = card.architecture
-    trained_with = architecture.gate_context
-    for key, value in cfg.model_overrides.items():
-        if key == "gate_context" and trained_with != "none" and value != trained_with:
-            raise ConfigError(
-                f"model_overrides.gate_context = {value!r}: the init model's gates are trained with a "
-                f"{trained_with!r} context, which a run cannot take away"
-            )
-        if key in free:
-            continue
-        theirs = getattr(architecture, key, None)
-        if isinstance(theirs, tuple) and isinstance(value, list):
-            value = tuple(value)
-        if theirs != value:
-            raise ConfigError(
-                f"model_overrides.{key} = {value!r}: with init the architecture is the init model's "
-                f"({key} = {theirs!r}); only dropout rates may change"
-            )
-    return {k: v for k, v in cfg.model_overrides.items() if k in free}
-
-
-def resolve_init(init: str) -> Path:
-    """The model ``init`` names: a folder, card or weights file, or a model name (embedded,
-    registered and downloaded, or cached) resolved as ``m4oe segment --model`` resolves it."""
-    try:
-        return resolve_model(init)
-    except ModelError as error:
-        raise ConfigError(f"init: {error}") from None
-
-
-def inherit_preprocessing(cfg: TrainConfig, init_card: ModelCard | None) -> TrainConfig:
-    """``cfg`` with its in-plane preprocessing settled: the init model's (a fine-tuned model must see
-    its inputs prepared as its parent did), else the config's (``in_plane`` "resize" when left out).
-
-    Raises ConfigError when the config sets an ``in_plane`` or ``target_spacing_mm`` other than the
-    init model's.
-    """
-    if init_card is None or not cfg.keep_init_in_plane:
-        return dataclasses.replace(cfg, in_plane=cfg.in_plane or "resize")
-    theirs = init_card.preprocessing
-    for key, value, inherited in (
-        ("in_plane", cfg.in_plane, theirs.in_plane),
-        ("target_spacing_mm", cfg.target_spacing_mm, theirs.target_spacing_mm),
-    ):
-        if value is not None and value != inherited:
-            raise ConfigError(
-                f"{key} = {value!r}: the init model {init_card.name!r} was trained with {key} = "
-                f"{inherited!r}, which a fine-tuning run keeps; leave {key} out"
-            )
-    return dataclasses.replace(cfg, in_plane=theirs.in_plane, target_spacing_mm=theirs.target_spacing_mm)
-
-
-def init_intensity(init_card: ModelCard) -> dict[str, IntensityParams]:
-    """The init model's intensity normalisation per modality (the engine's default for a modality
-    its card lacks), which a fine-tuning run keeps instead of measuring its own data."""
-    params = dict(DEFAULT_PARAMS)
-    for modality, values in init_card.preprocessing.intensity.items():
-        params[modality] = IntensityParams.from_dict(values)
-    return params
-
-
 def check_validation_cases(cfg: TrainConfig, infos: list[DatasetInfo]) -> None:
     """Refuse, with what to set, a ``val_cases`` that leaves a dataset nothing to train on."""
     for i, (d, info) in enumerate(zip(cfg.datasets, infos, strict=True)):
@@ -383,55 +256,6 @@ def check_validation_cases(cfg: TrainConfig, infos: list[DatasetInfo]) -> None:
                 "(0: train on every case; with no validation case in any dataset the run exports "
                 "the last epoch of each stage)"
             )
-
-
-def load_initial_weights(model: SwinUNet, path: str | Path, labels: dict[str, list]) -> str:
-    """Copy an exported model's weights into ``model`` (fine-tuning); returns their SHA-256.
-
-    The exported model (a folder, card or ``.safetensors`` file in the engine's format; never a
-    pickle) must have the same experts in the same order, the same label names per task, and
-    weights of the same names and shapes (same width, depths, window and patch size). Dropout rates
-    and ``top_k`` may differ; a run may add a slice context to the gates of a model without one
-    (those weights keep their initialisation, which leaves the outputs unchanged). Raises
-    ConfigError naming the file and what differs.
-    """
-    try:
-        source, card = load_checkpoint(path)
-    except ModelError as error:
-        raise ConfigError(f"init: {error}") from None
-    problems = []
-    if list(source.cfg.experts) != list(model.cfg.experts):
-        problems.append(f"experts {list(source.cfg.experts)}, the run has {list(model.cfg.experts)}")
-    for task in card.tasks:
-        theirs = [label.name for label in task.labels]
-        ours = [label.name for label in labels.get(task.name, [])]
-        if task.name not in labels:
-            problems.append(f"task {task.name!r}, which the run does not train")
-        elif theirs != ours:
-            problems.append(f"task {task.name!r} labels {theirs}, the run's datasets have {ours}")
-    missing = [t for t in labels if t not in source.cfg.task_names]
-    if missing:
-        problems.append(f"no head for the run's tasks {missing}")
-    state, expected = source.state_dict(), model.state_dict()
-    if not problems:
-        wrong = [
-            f"{k} {tuple(state[k].shape)} (run: {tuple(v.shape)})"
-            for k, v in expected.items()
-            if k in state and state[k].shape != v.shape
-        ]
-        added = {k for k in expected if is_context_parameter(k) and k not in state}
-        absent = sorted((set(expected) - added) ^ set(state))
-        if wrong or absent:
-            shown = (wrong + absent)[:3]
-            problems.append(f"{len(wrong) + len(absent)} weights differ in name or shape: {', '.join(shown)}")
-    if problems:
-        raise ConfigError(f"init {path}: the model does not fit this run: {'; '.join(problems)}")
-    with torch.no_grad():
-        model.load_state_dict(
-            {**{k: expected[k] for k in added}, **{k: v.to(expected[k].dtype) for k, v in state.items()}},
-            strict=True,
-        )
-    return card.weights_sha256
 
 
 def run(
