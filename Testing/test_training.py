@@ -175,7 +175,8 @@ def test_config_unknown_key_is_an_error_naming_it(tmp_path, where, key):
         ({"exclusion_weight": "1"}, {}, "exclusion_weight"),
         ({}, {"kind": "finetune"}, r"stages\[0\].kind"),
         ({}, {"mask_ratio": 1.0}, r"stages\[0\].mask_ratio"),
-        ({}, {"trainable": "experts"}, r"stages\[0\].trainable must be one of"),
+        ({}, {"trainable": "shared"}, r"stages\[0\].trainable must be one of"),
+        ({}, {"trainable": "experts"}, r"stages\[0\]: trainable = 'experts' needs kind 'joint'"),
         ({}, {"trainable": "gates"}, r"stages\[0\]: trainable = 'gates' needs kind 'joint'"),
         ({}, {"trainable": "context"}, r"stages\[0\]: trainable = 'context' needs kind 'joint'"),
         ({}, {"warmup_iterations": -1}, r"stages\[0\].warmup_iterations"),
@@ -894,6 +895,69 @@ def test_gate_warm_up_stage_trains_the_gates_only(phantoms, tmp_path):
         else:
             assert torch.equal(before[key], after[key]), key
     assert [(r["stage"], r["kind"]) for r in read_log(out)] == [("0", "experts"), ("1", "joint")]
+
+
+@pytest.mark.slow
+def test_experts_stage_trains_only_the_experts_its_datasets_name(phantoms, tmp_path):
+    """Fine-tuning a CT/MR model with ``trainable = "experts"`` on MR data only: the exported model's
+    MR expert differs from the init model's in every block; the CT expert, the gates, the shared
+    layers and the task head are the init model's bit for bit (AdamW leaves them alone, weight decay
+    included)."""
+    from m4oe.checkpoint import load_checkpoint
+    from m4oe_training.optim import is_expert_parameter
+
+    source = save_source_model(tmp_path / "source")
+    path = write_config(
+        tmp_path / "cfg.toml",
+        [dataset(phantoms["t1"], "mr", val_cases=0)],
+        [{"kind": "joint", "epochs": 2, "lr": 1e-2, "trainable": "experts"}],
+        init=str(source),
+        batch_size=2,
+        iterations_per_epoch=2,
+        optimizer="adamw",
+        weight_decay=0.1,
+        output_dir=str(tmp_path / "run"),
+    )
+    cfg, _ = load_config(path)
+    out = run(cfg, base_dir=tmp_path, command=["test"])
+    before, _ = load_checkpoint(source)
+    after, card = load_checkpoint(out / "model")
+    assert card.experts[0].name == "ct" and card.experts[1].name == "mr"
+    before, after = before.state_dict(), after.state_dict()
+    assert before.keys() == after.keys()
+    mr = [k for k in before if is_expert_parameter(k, {1})]
+    ct = [k for k in before if is_expert_parameter(k, {0})]
+    assert len(mr) == len(ct) > 0
+    for key in before:
+        if key in mr:
+            assert not torch.equal(before[key], after[key]), key
+        else:
+            assert torch.equal(before[key], after[key]), key
+
+
+def test_experts_stage_on_a_dense_model_is_refused(phantoms, tmp_path):
+    path = write_config(
+        tmp_path / "cfg.toml",
+        [dataset(phantoms["ct"], "ct")],
+        [{"kind": "joint", "epochs": 1, "lr": 1e-2, "trainable": "experts"}],
+        model="swin-unet-tiny",
+        output_dir=str(tmp_path / "run"),
+    )
+    cfg, _ = load_config(path)
+    with pytest.raises(ConfigError, match="trainable = 'experts' needs a mixture-of-experts model"):
+        run(cfg, base_dir=tmp_path, command=["test"])
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_expert_parameter_names():
+    from m4oe_training.optim import is_expert_parameter
+
+    assert is_expert_parameter("layers.0.blocks.1.mlp.experts.2.fc1.weight", {2})
+    assert is_expert_parameter("model.layers_up.1.blocks.0.mlp.experts.0.fc2.bias", {0, 2})
+    assert not is_expert_parameter("layers.0.blocks.1.mlp.experts.2.fc1.weight", {0, 1})
+    assert not is_expert_parameter("layers.0.blocks.1.mlp.experts.12.fc1.weight", {1})
+    assert not is_expert_parameter("layers.0.blocks.1.mlp.gate.weight", {0})
+    assert not is_expert_parameter("routers.0.experts.0.fc1.weight", {0})  # MoME router experts
 
 
 def test_dataset_labels_standard_generic_and_unknown_terminology(phantoms, tmp_path):

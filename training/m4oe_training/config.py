@@ -19,7 +19,7 @@ from m4oe.errors import InputError
 from m4oe.model_card import valid_passes, valid_sigma_mm
 
 STAGE_KINDS = ("mim", "experts", "joint", "context")
-TRAINABLE = ("all", "gates", "context")
+TRAINABLE = ("all", "gates", "context", "experts")
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("auto", "off", "bf16")
 SYNTH_CHOICES = ("off", "ct", "t1", "t2", "any")
@@ -69,7 +69,13 @@ class StageConfig:
     ``trainable``: "all" parameters, or only the "gates" (joint stage: a gate warm-up on frozen
     experts, so that switching the gate on does not first undo what the experts learnt), or only the
     gates' slice "context" (joint stage, a model with ``gate_context``: the context learns to tell
-    the modalities apart while everything else, token gates included, stays as it was).
+    the modalities apart while everything else, token gates included, stays as it was), or only the
+    "experts" the run's datasets name (joint stage of a mixture model: the feed-forward experts of
+    those modalities learn, while the shared layers, the gates, the task heads and every other
+    expert keep their weights exactly, so a run on MR data leaves the CT expert as it was and a CT
+    token's output moves only by the small gate weight it gives the trained experts; AdamW would
+    otherwise move a parameter by about ``lr`` per step even on the near-zero gradient of an expert
+    the gate routes away from).
     ``warmup_iterations``: the learning rate rises linearly from 0 over the stage's first
     iterations, then follows the poly decay.
     ``gate_lr_scale``: the gates' learning rate relative to ``lr``. With AdamW a parameter moves
@@ -169,7 +175,7 @@ class TrainConfig:
                 raise ConfigError(f"stages[{i}].mask_ratio must be in (0, 1), got {s.mask_ratio}")
             if s.trainable not in TRAINABLE:
                 raise ConfigError(f"stages[{i}].trainable must be one of {TRAINABLE}, got {s.trainable!r}")
-            if s.trainable in ("gates", "context") and s.kind != "joint":
+            if s.trainable in ("gates", "context", "experts") and s.kind != "joint":
                 raise ConfigError(
                     f"stages[{i}]: trainable = {s.trainable!r} needs kind 'joint' (the gate is off)"
                 )

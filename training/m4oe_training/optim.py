@@ -32,6 +32,13 @@ def is_gate_parameter(name: str) -> bool:
     )
 
 
+def is_expert_parameter(name: str, experts: set[int]) -> bool:
+    """Whether a parameter (by its name in the network or the training module) belongs to the
+    feed-forward expert of one of the indices ``experts`` in an MoE block (``...mlp.experts.I.``)."""
+    match = re.search(r"(^|\.)mlp\.experts\.(\d+)\.", name)
+    return match is not None and int(match.group(2)) in experts
+
+
 def is_context_parameter(name: str) -> bool:
     """Whether a parameter exists only with ``gate_context = "slice"`` (in the network, or the
     training module's ``context_probe``)."""

@@ -52,7 +52,14 @@ from .init_model import (
     resolve_init,
 )
 from .mome import MoMELoss, build_mome, is_mome, label_space
-from .optim import group_lr, is_context_parameter, is_gate_parameter, parameter_groups, stage_lr
+from .optim import (
+    group_lr,
+    is_context_parameter,
+    is_expert_parameter,
+    is_gate_parameter,
+    parameter_groups,
+    stage_lr,
+)
 from .state import folder_lock, load_state, recover_state, save_state
 
 logger = logging.getLogger("m4oe_training")
@@ -356,6 +363,8 @@ def _run(
             "a stage trains only the gates' context (kind or trainable 'context'); the model has none "
             "(model_overrides.gate_context)"
         )
+    if any(s.trainable == "experts" for s in cfg.stages) and not model.cfg.is_moe:
+        raise ConfigError(f"trainable = 'experts' needs a mixture-of-experts model; {cfg.model!r} is dense")
     if not model.cfg.is_moe and len(cfg.experts) > 1:
         logger.info("dense model: the %d expert names only label the datasets", len(cfg.experts))
     if cfg.imagenet and not resume:
@@ -436,6 +445,9 @@ def _run(
         "all": [],
         "gates": [p for name, p in module.named_parameters() if not is_gate_parameter(name)],
         "context": [p for name, p in module.named_parameters() if not is_context_parameter(name)],
+        "experts": [
+            p for name, p in module.named_parameters() if not is_expert_parameter(name, set(dataset_expert))
+        ],
     }
     epochs_run = 0
     start = time.perf_counter() - position["seconds"]
