@@ -79,6 +79,20 @@ def parameter_groups(module: nn.Module) -> list[dict]:
     ]
 
 
+def frozen_parameters(module: nn.Module, dataset_experts: set[int]) -> dict[str, list[nn.Parameter]]:
+    """For each value of a stage's ``trainable``, the parameters whose gradients are dropped before
+    the optimiser step: none ("all"), all but the gates ("gates"), all but the slice context
+    ("context"), all but the feed-forward experts of the indices ``dataset_experts``, the experts
+    the run's datasets name ("experts")."""
+    named = list(module.named_parameters())
+    return {
+        "all": [],
+        "gates": [p for name, p in named if not is_gate_parameter(name)],
+        "context": [p for name, p in named if not is_context_parameter(name)],
+        "experts": [p for name, p in named if not is_expert_parameter(name, dataset_experts)],
+    }
+
+
 def group_lr(stage, group: str, lr: float) -> float:
     """The learning rate of optimiser group ``group`` when the stage's rate is ``lr``."""
     return lr * {"gates": stage.gate_lr_scale, "shared": stage.shared_lr_scale}.get(group, 1.0)

@@ -52,14 +52,7 @@ from .init_model import (
     resolve_init,
 )
 from .mome import MoMELoss, build_mome, is_mome, label_space
-from .optim import (
-    group_lr,
-    is_context_parameter,
-    is_expert_parameter,
-    is_gate_parameter,
-    parameter_groups,
-    stage_lr,
-)
+from .optim import frozen_parameters, group_lr, parameter_groups, stage_lr
 from .state import folder_lock, load_state, recover_state, save_state
 
 logger = logging.getLogger("m4oe_training")
@@ -441,14 +434,7 @@ def _run(
         "torch": torch.__version__,
         "host": platform.platform(),
     }
-    frozen = {
-        "all": [],
-        "gates": [p for name, p in module.named_parameters() if not is_gate_parameter(name)],
-        "context": [p for name, p in module.named_parameters() if not is_context_parameter(name)],
-        "experts": [
-            p for name, p in module.named_parameters() if not is_expert_parameter(name, set(dataset_expert))
-        ],
-    }
+    frozen = frozen_parameters(module, set(dataset_expert))
     epochs_run = 0
     start = time.perf_counter() - position["seconds"]
 
