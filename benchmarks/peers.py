@@ -705,7 +705,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ENGINE))
     import torch
 
-    from m4oe.predictor import default_threads
+    from m4oe.cpu import default_threads
 
     cores_threads = torch.get_num_threads()  # PyTorch's own choice: one per core
     # One thread count for every case, so that the ratios compare like with like: the engine's
