@@ -133,3 +133,28 @@ def test_cross_modal_flag_reaches_prepare(bench, tmp_path):
         row[1] == "ct" or row[0] == "data/mr_liver"
         for row in datasets(tmp_path / "mome-partial.toml", tmp_path)
     )
+
+
+def test_render_weight_sets_the_sampling_weight_of_the_renders_only(bench, tmp_path):
+    """``--render-weight 0.25``: each cross-modal render data set is drawn a quarter as often as
+    the others, so the two CT sets keep half of all samples; the other data sets keep weight 1."""
+    assert bench.main(["prepare", str(tmp_path), "--cases", "2", "--max-size", "32", "--cross-modal"]) == 0
+    cfg, _ = load_config(tmp_path / "m4oe-partial.toml")
+    assert {d.weight for d in cfg.datasets} == {1.0}
+    args = ["prepare", str(tmp_path), "--cases", "2", "--max-size", "32", "--cross-modal"]
+    assert bench.main([*args, "--render-weight", "0.25"]) == 0
+    cfg, _ = load_config(tmp_path / "m4oe-partial.toml")
+    weights = {(Path(d.path).name, d.synth): d.weight for d in cfg.datasets}
+    assert weights == {
+        ("ct_organs", "off"): 1.0,
+        ("ct_organs", "t1"): 0.25,
+        ("ct_organs", "t2"): 0.25,
+        ("ct_vessels", "off"): 1.0,
+        ("ct_vessels", "t1"): 0.25,
+        ("ct_vessels", "t2"): 0.25,
+        ("mr_liver", "off"): 1.0,
+    }
+    ct = sum(d.weight for d in cfg.datasets if d.expert == "ct")
+    assert ct / sum(d.weight for d in cfg.datasets) == 0.5
+    with pytest.raises(SystemExit):
+        bench.main([*args, "--render-weight", "0"])

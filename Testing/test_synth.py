@@ -216,6 +216,25 @@ def test_slice_data_renders_synth_datasets_and_keeps_real_images_otherwise(ct_ph
     assert dataset_modality(t1, info) == "mr" and dataset_modality(real, info) == "ct"
 
 
+def test_datasets_are_drawn_in_proportion_to_their_weights(ct_phantoms, tmp_path):
+    """``weight`` 3 : 1 draws about three quarters of the samples from the first dataset; equal
+    weights of any size keep the uniform draw, so a config without weights gives the batches it
+    always gave."""
+    info = DatasetInfo.read(ct_phantoms)
+    params = {"ct": DEFAULT_PARAMS["ct"], "mr": DEFAULT_PARAMS["mr"]}
+
+    def data(*weights):
+        datasets = [DatasetConfig(str(ct_phantoms), "ct", "abdomen", val_cases=0, weight=w) for w in weights]
+        return SliceData(datasets, [info] * len(weights), params, 48, "resize", None, tmp_path / "cache")
+
+    _, _, index = data(3.0, 1.0).sample(np.random.default_rng(0), 800, 0.0)
+    share = float((index == 0).float().mean())
+    assert 0.70 < share < 0.80  # binomial standard deviation 0.015 around 0.75
+    _, _, uniform = data(1.0, 1.0).sample(np.random.default_rng(0), 800, 0.0)
+    _, _, scaled = data(2.5, 2.5).sample(np.random.default_rng(0), 800, 0.0)
+    assert torch_equal(uniform, scaled) and 0.45 < float((uniform == 0).float().mean()) < 0.55
+
+
 def torch_equal(a, b) -> bool:
     return bool((a == b).all())
 

@@ -191,6 +191,18 @@ def test_config_wrong_type_or_value_is_an_error_naming_the_key(tmp_path, top, st
         load_config(path)
 
 
+@pytest.mark.parametrize("weight", [0, -1.0, "2", "inf"])
+def test_dataset_weight_must_be_a_positive_finite_number(tmp_path, weight):
+    weight = float(weight) if weight == "inf" else weight
+    path = write_config(
+        tmp_path / "cfg.toml",
+        [dataset("/data/ct", "ct"), {**dataset("/data/mr", "mr"), "weight": weight}],
+        [{"kind": "experts", "epochs": 1, "lr": 0.01}],
+    )
+    with pytest.raises(ConfigError, match=r"weight"):
+        load_config(path)
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "training" / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_committed_configs_load(path):
     """Every config shipped in training/configs passes the strict reader (keys, types, values)."""

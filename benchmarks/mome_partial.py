@@ -128,6 +128,7 @@ def prepare(
     batch: int,
     real_anatomy: Path | None = None,
     cross_modal: bool = False,
+    render_weight: float = 1.0,
 ) -> None:
     """Write the three partial data sets under ``folder/data`` and one TOML config per model.
 
@@ -144,7 +145,9 @@ def prepare(
     still only its own structures: the dropped organs become tissue of the render's body. So every
     structure is labelled on MR-like images, not only the MR set's liver. These renders use every
     case of the set (``val_cases = 0``; the CT set's validation case included: its anatomy is
-    rendered, never its CT image).
+    rendered, never its CT image). ``render_weight``: the sampling ``weight`` of each of those
+    render data sets (1: drawn as often as every other data set, so the renders take most of the
+    samples; 0.25 keeps half of all samples on the CT sets, as many as the MR data).
     """
     from m4oe_training.mome import write_partial_phantoms
 
@@ -183,6 +186,8 @@ def prepare(
                         lines += ["", "[[datasets]]", f'path = "data/{source}"', f'expert = "{MR_EXPERT}"']
                         lines += [f'task = "{task}"', "val_cases = 0", f'synth = "{family}"']
                         lines += ["synth_fraction = 1.0"]
+                        if render_weight != 1.0:
+                            lines += [f"weight = {render_weight}"]
         # The same steps for all: an "experts" stage (each data set's expert forced; for the dense
         # model the same thing as "joint") then a "joint" stage (routers/gates on).
         for kind, lr, warmup in (("experts", 3e-3, 100), ("joint", 1e-3, 0)):
@@ -359,6 +364,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also train the MR expert on T1/T2 renders of each CT set's own label maps (and of its "
         "real-anatomy sibling)",
     )
+    p.add_argument(
+        "--render-weight",
+        type=float,
+        default=1.0,
+        help="sampling weight of each --cross-modal render data set (default 1, as every other)",
+    )
     e = sub.add_parser("evaluate", help="score the three trained models on fresh full-label phantoms")
     e.add_argument("folder", type=Path)
     e.add_argument("--cases", type=int, default=3, help="phantoms per sequence (default 3)")
@@ -376,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "prepare":
         sizes = (args.cases, args.max_size, args.iterations, args.epochs, args.batch)
-        prepare(args.folder, *sizes, args.real_anatomy, args.cross_modal)
+        if not args.render_weight > 0:
+            parser.error(f"--render-weight must be > 0, got {args.render_weight}")
+        prepare(args.folder, *sizes, args.real_anatomy, args.cross_modal, args.render_weight)
         print(f"wrote {args.folder}/data and {', '.join(f'{args.folder}/{r}.toml' for r in MODELS)}")
         return 0
     results = evaluate_models(args.folder, args.cases, args.seed, args.max_size, args.threads)

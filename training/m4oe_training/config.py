@@ -8,6 +8,7 @@ through the same checks as the file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +44,10 @@ class DatasetConfig:
     family of another modality than the images' (MR renders of a CT dataset) needs
     ``synth_fraction = 1`` and ``val_cases = 0``: the real images would be the wrong modality for
     the expert.
+
+    ``weight``: how often a sample comes from this dataset relative to the others (default 1:
+    every dataset equally often, whatever its number of cases). A config that adds many render
+    datasets for one expert can weight them down so the other experts keep their share.
     """
 
     path: str
@@ -51,6 +56,7 @@ class DatasetConfig:
     val_cases: int = 2
     synth: str = "off"
     synth_fraction: float = 1.0
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -215,6 +221,8 @@ class TrainConfig:
                 raise ConfigError(f"datasets[{i}].synth must be one of {SYNTH_CHOICES}, got {d.synth!r}")
             if not 0.0 < d.synth_fraction <= 1.0:
                 raise ConfigError(f"datasets[{i}].synth_fraction must be in (0, 1], got {d.synth_fraction}")
+            if not (d.weight > 0 and math.isfinite(d.weight)):
+                raise ConfigError(f"datasets[{i}].weight must be a finite number > 0, got {d.weight}")
         if self.expert_order:
             if len(set(self.expert_order)) != len(self.expert_order):
                 raise ConfigError(f"expert_order names an expert twice: {list(self.expert_order)}")

@@ -211,6 +211,9 @@ class SliceData:
         self.infos = infos
         self.synth = [cfg.synth for cfg in datasets]
         self.synth_fraction = [cfg.synth_fraction for cfg in datasets]
+        weights = np.array([cfg.weight for cfg in datasets], dtype=np.float64)
+        # Equal weights keep the uniform draw (and so every earlier run's batches) exactly.
+        self.dataset_p = None if np.all(weights == weights[0]) else weights / weights.sum()
         self.structure_keys = [structure_keys(info.labels) for info in infos]
         self.ct_params = params["ct"]
         self.cases: list[PreparedCase] = []
@@ -245,7 +248,7 @@ class SliceData:
                 )
 
     def sample(self, rng: np.random.Generator, batch: int, foreground_fraction: float):
-        """Draw a batch: dataset uniformly (balancing datasets), then a case, then a slice.
+        """Draw a batch: a dataset (uniformly, or by the datasets' ``weight``), then a case, then a slice.
 
         With probability ``foreground_fraction`` the slice is one holding foreground. A dataset with
         ``synth`` on renders the slice from its anatomy for a ``synth_fraction`` of its samples.
@@ -253,7 +256,10 @@ class SliceData:
         """
         images, labels, index = [], [], []
         for _ in range(batch):
-            d = int(rng.integers(len(self.by_dataset)))
+            if self.dataset_p is None:
+                d = int(rng.integers(len(self.by_dataset)))
+            else:
+                d = int(rng.choice(len(self.by_dataset), p=self.dataset_p))
             case = self.by_dataset[d][int(rng.integers(len(self.by_dataset[d])))]
             if case.foreground_slices.size and rng.random() < foreground_fraction:
                 k = int(case.foreground_slices[rng.integers(case.foreground_slices.size)])
