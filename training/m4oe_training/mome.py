@@ -248,7 +248,7 @@ def build_mome(cfg: TrainConfig, space: LabelSpace) -> MoME:
 
 
 class MoMELoss(nn.Module):
-    """A MoME network plus its training loss, called as :class:`.train.StageLoss` is.
+    """A MoME network plus its training loss, called as :class:`.stage_loss.StageLoss` is.
 
     ``forward(kind, images, labels, datasets)``: images (B, C, S, S) normalised slices, labels
     (B, S, S) int64 in each sample's dataset's own values, datasets (B,) dataset indices. The

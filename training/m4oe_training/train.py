@@ -1,7 +1,7 @@
 """The M4oE training loop: stages of one recipe, DDP when launched by torchrun, resumable.
 
 Short and linear, nanoGPT style. Per step: draw a batch (deterministic from seed, rank and step),
-augment it, compute the stage's loss through :class:`StageLoss` (the same code for every stage
+augment it, compute the stage's loss through :class:`.stage_loss.StageLoss` (the same code for every stage
 kind), step the optimiser with a poly learning rate. Per epoch: validate on whole held-out volumes
 through the engine's Predictor (rank 0), export the best model, save a resumable state.
 """
@@ -25,9 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from monai.losses import DiceCELoss
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from m4oe import __version__
@@ -35,7 +32,7 @@ from m4oe.checkpoint import read_model_card
 from m4oe.errors import ModelError
 from m4oe.evaluate import evaluate
 from m4oe.io import read_image, write_atomic
-from m4oe.model import SwinUNet, build_model, get_config, load_balancing_loss, load_imagenet_weights
+from m4oe.model import SwinUNet, build_model, get_config, load_imagenet_weights
 from m4oe.predictor import Predictor
 from m4oe.preprocessing import DEFAULT_PARAMS
 
@@ -53,91 +50,11 @@ from .init_model import (
 )
 from .mome import MoMELoss, build_mome, is_mome, label_space
 from .optim import frozen_parameters, group_lr, parameter_groups, stage_lr
+from .stage_loss import StageLoss
 from .state import folder_lock, load_state, recover_state, save_state
 
 logger = logging.getLogger("m4oe_training")
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=3)
-
-
-class StageLoss(nn.Module):
-    """The network plus what training needs around it; ``forward`` returns one stage's loss.
-
-    Holding the loss computation inside the module lets DDP see every parameter that takes part.
-    """
-
-    def __init__(
-        self, model: SwinUNet, dataset_expert: list[int], dataset_task: list[str], ce: float, dice: float
-    ):
-        super().__init__()
-        self.model = model
-        self.reconstruct = nn.Conv2d(model.cfg.embed_dim, model.cfg.in_chans, 1)
-        # With a slice context, a linear read-out (training only) asks the context itself which
-        # expert the slice belongs to: the whole loss of a "context" stage, and a second part of the
-        # routing loss in joint stages. Through the gates alone the signal reaches the context only
-        # via projections that start at zero; for the embedded model it never left chance that way.
-        self.context_probe = (
-            nn.Linear(model.cfg.embed_dim, model.cfg.num_experts) if model.slice_context is not None else None
-        )
-        self.register_buffer("dataset_expert", torch.tensor(dataset_expert), persistent=False)
-        self.dataset_task = dataset_task
-        # Dice over the whole batch (per task): an organ absent from one slice does not give that
-        # slice a Dice loss of 1 for any stray probability, which stalls training from scratch.
-        self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=ce, lambda_dice=dice, batch=True)
-
-    def forward(
-        self, kind: str, images, labels, datasets, mask=None, load_balance: float = 0.0, routing: float = 0.0
-    ):
-        """Loss of a batch.
-
-        Args:
-            kind: "mim", "experts", "joint" or "context".
-            images: (B, C, S, S) normalised slices; labels: (B, S, S) int64; datasets: (B,) indices.
-            mask: (B, 1, S, S) 1 where pixels are hidden ("mim" only).
-        Returns (loss, {name: float}).
-        """
-        if kind == "context":
-            if self.context_probe is None:
-                raise ValueError("a context stage needs a model with a slice context (gate_context)")
-            context = self.model.slice_context(images)
-            probe = F.cross_entropy(self.context_probe(context).float(), self.dataset_expert[datasets])
-            return probe, {"context": float(probe.detach())}
-        force = self.dataset_expert[datasets] if (kind != "joint" and self.model.cfg.is_moe) else None
-        if kind == "mim":
-            features, _ = self.model.forward_features(images * (1 - mask), force)
-            error = (self.reconstruct(features) - images) ** 2 * mask
-            loss = error.sum() / mask.sum().clamp_min(1) / images.shape[1]
-            return loss, {"mim": float(loss.detach())}
-        features, gates = self.model.forward_features(images, force)
-        loss = features.new_zeros(())
-        for task in dict.fromkeys(self.dataset_task):
-            rows = torch.tensor(
-                [self.dataset_task[d] == task for d in datasets.tolist()], device=images.device
-            )
-            if rows.any():
-                logits = self.model.heads[task](features[rows])
-                loss = loss + self.seg_loss(logits.float(), labels[rows][:, None]) * rows.float().mean()
-        stats = {"seg": float(loss.detach())}
-        if kind == "joint" and gates and load_balance > 0:
-            balance = load_balancing_loss(gates)
-            loss = loss + load_balance * balance
-            stats["balance"] = float(balance.detach())
-        if kind == "joint" and gates and routing > 0:
-            expert = self.dataset_expert[datasets]
-            # Per token: -log of the probability the gate gives the sample's own modality expert.
-            nll = [
-                -(
-                    g.gather(1, expert[:, None, None, None].expand(-1, 1, *g.shape[2:])).clamp_min(1e-6).log()
-                ).mean()
-                for g in gates.values()
-            ]
-            routing_loss = torch.stack(nll).mean()
-            loss = loss + routing * routing_loss
-            stats["routing"] = float(routing_loss.detach())
-            if self.context_probe is not None:
-                probe = F.cross_entropy(self.context_probe(self.model.slice_context(images)).float(), expert)
-                loss = loss + routing * probe
-                stats["context"] = float(probe.detach())
-        return loss, stats
 
 
 def distributed_setup(device: str) -> tuple[int, int, torch.device]:
