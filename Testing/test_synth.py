@@ -16,15 +16,19 @@ from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams
 from m4oe_training.config import SYNTH_CHOICES, ConfigError, DatasetConfig
 from m4oe_training.data import DatasetInfo, SliceData, dataset_modality
 from m4oe_training.synth import (
+    CT_ENHANCING,
     CT_HU,
+    CT_PHASES,
     DENSE,
     FAMILIES,
     FAT,
+    IMAGE_FAMILIES,
     SOFT_HIGH,
     SOFT_LOW,
     SynthSettings,
     anatomy_from_image,
     deform,
+    enhance_slice,
     neighbours,
     render_slice,
     structure_keys,
@@ -137,6 +141,91 @@ def test_renders_are_reproducible_from_the_generator_and_vary_between_seeds():
     assert not np.allclose(first[0], other[0])
 
 
+def native_ct_slice(size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`toy_anatomy` as a textured native CT slice (HU / 1000, see ``CT``) and its labels."""
+    anatomy, target = toy_anatomy(size)
+    hu = np.full(anatomy.shape[1:], -1000.0, np.float32)
+    for value, base in ((FAT, -100.0), (SOFT_LOW, 20.0)):
+        hu[anatomy[1] == value] = base
+    for key, base in (("liver", 50.0), ("spleen", 42.0), ("vertebrae", 300.0)):
+        hu[target == PHANTOM_LABELS[key]] = base
+    body = hu > -1000
+    hu[body] += np.random.default_rng(seed).normal(0.0, 12.0, int(body.sum()))
+    return hu / 1000.0, target
+
+
+def interior(mask: np.ndarray, pixels: int = 3) -> np.ndarray:
+    """The mask without its rim: where the blurred shift map equals the organ's own shift."""
+    from scipy import ndimage
+
+    return ndimage.binary_erosion(mask, iterations=pixels)
+
+
+def test_ct_phase_moves_enhancing_organs_to_one_phase_and_keeps_the_real_texture():
+    image, target = native_ct_slice()
+    hu_in = image * 1000.0
+    organs = {key: target == PHANTOM_LABELS[key] for key in ("liver", "spleen", "vertebrae")}
+    phases_seen = set()
+    for seed in range(16):
+        out, labels = enhance_slice(image, target, KEYS, np.random.default_rng(seed), CT, STILL)
+        np.testing.assert_array_equal(labels, target)  # no deformation in STILL: labels in place
+        hu = out * 1000.0
+        medians = {key: float(np.median(hu[interior(m, 1)])) for key, m in organs.items()}
+        phases = [
+            p
+            for p in range(len(CT_PHASES))
+            if all(CT_HU[k][p][0] - 1 <= medians[k] <= CT_HU[k][p][1] + 1 for k in ("liver", "spleen"))
+        ]
+        assert phases, medians  # liver and spleen moved to the ranges of one and the same phase
+        phases_seen.update(phases)
+        for key in ("liver", "spleen"):  # the texture is the real one, shifted, not redrawn
+            inside = interior(organs[key])
+            np.testing.assert_allclose(
+                hu[inside] - hu[inside].mean(), hu_in[inside] - hu_in[inside].mean(), atol=1e-2
+            )
+        # bone and fat do not enhance: they keep their values exactly, away from an organ's rim
+        untouched = interior(organs["vertebrae"], 1) | interior(target == 0, 4)
+        np.testing.assert_allclose(hu[untouched], hu_in[untouched], atol=1e-2)
+    assert len(phases_seen) >= 3  # the draws cover the phases, not one
+    assert "vertebrae" not in CT_ENHANCING and "aorta" in CT_ENHANCING
+
+
+def test_ct_phase_deforms_image_and_labels_together_and_is_reproducible():
+    image, target = native_ct_slice(seed=1)
+    first = enhance_slice(image, target, KEYS, np.random.default_rng(3), CT)
+    again = enhance_slice(image, target, KEYS, np.random.default_rng(3), CT)
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    out, labels = first
+    assert out.shape == labels.shape == target.shape and labels.dtype == np.uint8
+    assert not np.array_equal(labels, target)  # the default settings deform
+    assert set(np.unique(labels)) <= set(np.unique(target))  # nearest neighbour: no new values
+    # the bright vertebra and its label moved together: the label covers the brightest pixels
+    vertebra = labels == PHANTOM_LABELS["vertebrae"]
+    assert vertebra.any() and np.median(out[vertebra]) * 1000 > 150 > np.median(out[labels == 0]) * 1000
+    with pytest.raises(ValueError, match="one \\(S, S\\) slice"):
+        enhance_slice(image[None], target[None], KEYS, np.random.default_rng(0), CT)
+
+
+def test_ct_phase_needs_a_ct_dataset_and_reads_no_anatomy(ct_phantoms, tmp_path):
+    info = DatasetInfo.read(ct_phantoms)
+    params = {"ct": DEFAULT_PARAMS["ct"], "mr": DEFAULT_PARAMS["mr"]}
+    phase = DatasetConfig(
+        str(ct_phantoms), "ct", "abdomen", val_cases=0, synth="ct-phase", synth_fraction=0.5
+    )
+    assert dataset_modality(phase, info) == "ct"
+    data = SliceData([phase], [info], params, 48, "resize", None, tmp_path / "cache")
+    assert data.by_dataset[0][0].anatomy is None  # it works on the images, not on label maps
+    images, labels, _ = data.sample(np.random.default_rng(0), 16, 1.0)
+    assert images.shape == (16, 1, 48, 48) and labels.shape == (16, 48, 48)
+    real = [c.image[k].astype(np.float32) for c in data.cases for k in range(c.image.shape[0])]
+    matches = [any(np.array_equal(images[i, 0].numpy(), r) for r in real) for i in range(16)]
+    assert 0 < sum(matches) < 16  # about half the samples real, the rest with a simulated phase
+    mr_info = dataclasses.replace(info, modality="mr")
+    with pytest.raises(ConfigError, match="works on the dataset's own ct images, but the dataset is mr"):
+        SliceData([phase], [mr_info], params, 48, "resize", None, None)
+
+
 def test_deformation_moves_anatomy_and_labels_together():
     """With deformation on and every other effect off, each target label still covers pixels of one
     intensity: the image was rendered from the anatomy warped exactly as the labels were."""
@@ -181,7 +270,7 @@ def test_render_refuses_bad_arguments():
 
 
 def test_config_synth_choices_are_the_generators_families():
-    assert SYNTH_CHOICES == ("off", *FAMILIES)
+    assert SYNTH_CHOICES == ("off", *FAMILIES, *IMAGE_FAMILIES)
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +354,16 @@ def test_write_examples_writes_a_picture_and_aligned_volumes_once(ct_phantoms, t
     with pytest.raises(OutputError, match="exists"):
         write_examples(ct_phantoms, tmp_path / "ex", "t2", 5, 0, card)
     assert paths[0].stat().st_mtime_ns == before
+
+
+def test_write_examples_simulates_phases_on_ct_datasets_only(ct_phantoms, tmp_path):
+    card = read_model_card(resolve_model("m4oe-phantom"))
+    paths = write_examples(ct_phantoms, tmp_path / "ph", "ct-phase", 3, 0, card)
+    assert sitk.ReadImage(str(paths[1])).GetSize()[2] == 3
+    mr = write_dataset(tmp_path / "t1", "t1", 1, seed=4, max_size=48)
+    with pytest.raises(ValueError, match="needs a ct dataset, got mr"):
+        write_examples(mr, tmp_path / "bad", "ct-phase", 3, 0, card)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_synth_command_renders_examples(ct_phantoms, tmp_path, capsys):

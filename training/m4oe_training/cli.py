@@ -58,7 +58,12 @@ def register_synth(subparsers) -> None:
         "dataset", type=Path, help="an nnU-Net dataset folder (dataset.json, imagesTr, labelsTr)"
     )
     synth.add_argument("out", type=Path, help="folder for examples.png, images.nii.gz and labels.nii.gz")
-    synth.add_argument("--family", required=True, choices=("ct", "t1", "t2", "any"), help="contrast family")
+    synth.add_argument(
+        "--family",
+        required=True,
+        choices=("ct", "t1", "t2", "any", "ct-phase"),
+        help="contrast family; ct-phase: a contrast phase simulated on the dataset's own CT slices",
+    )
     synth.add_argument("--count", type=int, default=16, help="slices to render (default 16)")
     synth.add_argument(
         "--seed", type=int, default=0, help="random seed (the same seed renders the same slices)"

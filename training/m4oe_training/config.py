@@ -23,7 +23,7 @@ STAGE_KINDS = ("mim", "experts", "joint", "context")
 TRAINABLE = ("all", "gates", "context", "experts")
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("auto", "off", "bf16")
-SYNTH_CHOICES = ("off", "ct", "t1", "t2", "any")
+SYNTH_CHOICES = ("off", "ct", "t1", "t2", "any", "ct-phase")
 
 
 class ConfigError(InputError):
@@ -40,7 +40,10 @@ class DatasetConfig:
     ``synth``: "off" (the dataset's images), or a contrast family of :mod:`.synth` ("ct", "t1",
     "t2", "any"): training slices are then rendered from the cases' anatomy (organ labels plus
     tissue sub-classes derived from the image) with random intensities, for a fraction
-    ``synth_fraction`` of the samples drawn from this dataset (the rest are its real images). A
+    ``synth_fraction`` of the samples drawn from this dataset (the rest are its real images); or
+    "ct-phase" (a CT dataset only): the dataset's own CT slices with a simulated contrast phase
+    (:func:`.synth.enhance_slice`: the enhancing organs moved to a random phase's HU, the real
+    texture kept), for the same fraction. A
     family of another modality than the images' (MR renders of a CT dataset) needs
     ``synth_fraction = 1`` and ``val_cases = 0``: the real images would be the wrong modality for
     the expert.

@@ -34,7 +34,15 @@ from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams, ct_statistics_fr
 
 from .config import ConfigError, DatasetConfig
 from .nnunet import read_dataset_json, verify_dataset
-from .synth import FAMILY_MODALITY, anatomy_from_image, neighbours, render_slice, structure_keys
+from .synth import (
+    FAMILY_MODALITY,
+    IMAGE_FAMILIES,
+    anatomy_from_image,
+    enhance_slice,
+    neighbours,
+    render_slice,
+    structure_keys,
+)
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = 2
@@ -93,6 +101,11 @@ def dataset_modality(cfg: DatasetConfig, info: DatasetInfo) -> str:
 
 def check_synth(cfg: DatasetConfig, info: DatasetInfo) -> None:
     """Renders of another modality than the images' must replace them everywhere (see DatasetConfig)."""
+    if cfg.synth in IMAGE_FAMILIES and info.modality != FAMILY_MODALITY[cfg.synth]:
+        raise ConfigError(
+            f"{info.root}: synth = {cfg.synth!r} works on the dataset's own "
+            f"{FAMILY_MODALITY[cfg.synth]} images, but the dataset is {info.modality}"
+        )
     if cfg.synth == "off" or dataset_modality(cfg, info) == info.modality:
         return
     if cfg.synth_fraction < 1.0 or cfg.val_cases:
@@ -219,7 +232,7 @@ class SliceData:
         self.cases: list[PreparedCase] = []
         for d_index, (cfg, info) in enumerate(zip(datasets, infos, strict=True)):
             check_synth(cfg, info)
-            with_anatomy = cfg.synth != "off"
+            with_anatomy = cfg.synth not in ("off", *IMAGE_FAMILIES)
             for case in split_cases(info, cfg.val_cases)["train"]:
                 key = _cache_key(info, case, params[info.modality], size, in_plane, target_spacing)
                 cached = cache_dir / f"{key}{'_anatomy' if with_anatomy else ''}.npz" if cache_dir else None
@@ -251,7 +264,8 @@ class SliceData:
         """Draw a batch: a dataset (uniformly, or by the datasets' ``weight``), then a case, then a slice.
 
         With probability ``foreground_fraction`` the slice is one holding foreground. A dataset with
-        ``synth`` on renders the slice from its anatomy for a ``synth_fraction`` of its samples.
+        ``synth`` on renders the slice from its anatomy (or, "ct-phase", simulates a contrast phase on
+        its real slice) for a ``synth_fraction`` of its samples.
         Returns images (B, 1, S, S) float32, labels (B, S, S) int64, dataset indices (B,).
         """
         images, labels, index = [], [], []
@@ -265,15 +279,20 @@ class SliceData:
                 k = int(case.foreground_slices[rng.integers(case.foreground_slices.size)])
             else:
                 k = int(rng.integers(case.image.shape[0]))
-            if case.anatomy is not None and rng.random() < self.synth_fraction[d]:
-                image, label = render_slice(
-                    neighbours(case.anatomy, k),
-                    case.label[k],
-                    self.structure_keys[d],
-                    self.synth[d],
-                    rng,
-                    self.ct_params,
-                )
+            if self.synth[d] != "off" and rng.random() < self.synth_fraction[d]:
+                if self.synth[d] in IMAGE_FAMILIES:
+                    image, label = enhance_slice(
+                        case.image[k], case.label[k], self.structure_keys[d], rng, self.ct_params
+                    )
+                else:
+                    image, label = render_slice(
+                        neighbours(case.anatomy, k),
+                        case.label[k],
+                        self.structure_keys[d],
+                        self.synth[d],
+                        rng,
+                        self.ct_params,
+                    )
                 images.append(image)
                 labels.append(label)
             else:

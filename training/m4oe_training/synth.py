@@ -24,6 +24,11 @@ normalised training slice:
 5. the engine's own intensity normalisation (:func:`m4oe.preprocessing.normalize_slices`): the
    model's CT window for CT, per-image percentiles and z-score for MR.
 
+:func:`enhance_slice` is the other source, for a CT dataset's own images (family "ct-phase"): the
+real slice keeps its texture (cortical bone, bowel content, fat stranding) and only the enhancing
+organs are moved to a random contrast phase's values, so that one native CT also teaches what its
+anatomy looks like in the arterial, portal venous and delayed phases.
+
 All randomness comes from one ``numpy.random.Generator``, so a (seed, case, slice) always renders
 the same image. Arrays are (Z, S, S) or (S, S) on the model grid: rows anterior -> posterior,
 columns patient right -> left (:func:`m4oe.geometry.to_axial_stack`), S the model input size.
@@ -47,7 +52,11 @@ from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams, mr_volume_statis
 FAMILIES = ("ct", "t1", "t2", "any")
 """Contrast families :func:`render_slice` draws from; "off" in a config means real images only."""
 
-FAMILY_MODALITY = {"ct": "ct", "t1": "mr", "t2": "mr", "any": "mr"}
+IMAGE_FAMILIES = ("ct-phase",)
+"""Families drawn from a dataset's own images rather than its label maps: "ct-phase"
+(:func:`enhance_slice`, a contrast phase simulated on a real CT)."""
+
+FAMILY_MODALITY = {"ct": "ct", "t1": "mr", "t2": "mr", "any": "mr", "ct-phase": "ct"}
 
 FAT, SOFT_LOW, SOFT_HIGH, DENSE = 250, 251, 252, 253
 """Anatomy-map values of the unlabelled body's sub-classes (organs keep their label values, air 0)."""
@@ -108,6 +117,10 @@ MR_RANGES: dict[str, dict[str, tuple[float, float]]] = {
     },
 }
 VESSELS = ("aorta", "inferior_vena_cava")
+
+CT_ENHANCING = ("liver", "spleen", "kidney_right", "kidney_left", "aorta", "inferior_vena_cava", "pancreas")
+"""Structures :func:`enhance_slice` moves to a phase's HU range (organ parenchyma and blood pool).
+Bone, air-filled bowel and the stomach keep their own values: their HU do not follow the phase."""
 
 
 @dataclass(frozen=True)
@@ -196,7 +209,15 @@ def deform(maps: torch.Tensor, rng: np.random.Generator, settings: SynthSettings
 
     Nearest-neighbour sampling keeps label values; outside the grid is 0 (air, background).
     """
-    size = maps.shape[-1]
+    grid = _random_grid(maps.shape[-1], rng, settings)
+    warped = F.grid_sample(
+        maps[None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
+    )
+    return warped[0].round().to(maps.dtype)
+
+
+def _random_grid(size: int, rng: np.random.Generator, settings: SynthSettings) -> torch.Tensor:
+    """One random affine + elastic sampling grid (1, S, S, 2) for ``F.grid_sample`` (normalised x, y)."""
     angle = math.radians(rng.uniform(-settings.max_rotation_deg, settings.max_rotation_deg))
     sy, sx = (1.0 / rng.uniform(*settings.scale) for _ in range(2))
     shear = rng.uniform(-settings.max_shear, settings.max_shear)
@@ -211,10 +232,7 @@ def deform(maps: torch.Tensor, rng: np.random.Generator, settings: SynthSettings
         coarse = coarse.float() / coarse.abs().max().clamp_min(1e-6)
         field = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True)
         grid = grid + (field * settings.elastic_max_shift * 2 / size).permute(0, 2, 3, 1)
-    warped = F.grid_sample(
-        maps[None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
-    )
-    return warped[0].round().to(maps.dtype)
+    return grid
 
 
 def _structure_means(keys: list[str], family: str, rng: np.random.Generator, settings: SynthSettings):
@@ -303,6 +321,69 @@ def render_slice(
     return normalize_slices(image, "mr", volume_stats=stats), target
 
 
+def enhance_slice(
+    image: np.ndarray,
+    target: np.ndarray,
+    keys: dict[int, str],
+    rng: np.random.Generator,
+    ct_params: IntensityParams,
+    settings: SynthSettings | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A contrast phase simulated on one real CT slice: the image's own texture, the phase's organ values.
+
+    A label-map render (:func:`render_slice`) draws every structure flat, so bone has no cortex and
+    bowel no content; a single real CT is often native (unenhanced), so its aorta is never bright.
+    Here the real slice is kept and only the enhancing structures (:data:`CT_ENHANCING`) are
+    shifted: each organ's median moves to a value drawn from its :data:`CT_HU` range for one random
+    phase (native, arterial, portal venous, delayed), its texture kept; the shift map is blurred by
+    0.7 pixels so the boundaries stay partial-volume rather than cut. Then the slice and its labels
+    are deformed together (:func:`render_slice`'s random affine and elastic field; bilinear for the
+    image, nearest neighbour for the labels; outside the slice is air) and acquired again (blur,
+    noise, lower resolution).
+
+    Args:
+        image: (S, S) float CT slice on the model grid, normalised with ``ct_params``
+            (rows anterior -> posterior, columns patient right -> left); values the window
+            clipped stay clipped.
+        target: (S, S) integer organ labels of the slice.
+        keys: label value -> structure key (:func:`structure_keys`); labels without a key or not in
+            :data:`CT_ENHANCING` keep their values.
+        rng: the only source of randomness.
+        ct_params: the model's CT normalisation (a linear map of HU inside its window).
+        settings: ranges of the draws (default :class:`SynthSettings`).
+
+    Returns:
+        (image, labels): float32 (S, S) normalised with ``ct_params``, and uint8 (S, S) labels.
+    """
+    from scipy import ndimage
+
+    if image.shape != target.shape or image.ndim != 2:
+        raise ValueError(
+            f"enhance_slice: image and target must be one (S, S) slice, got {image.shape}, {target.shape}"
+        )
+    settings = settings or SynthSettings()
+    hu = np.asarray(image, dtype=np.float32) * np.float32(ct_params.std) + np.float32(ct_params.mean)
+    phase = int(rng.integers(len(CT_PHASES)))
+    shift = np.zeros_like(hu)
+    for value in np.unique(target):
+        key = keys.get(int(value))
+        if key not in CT_ENHANCING:
+            continue
+        organ = target == value
+        low, high = CT_HU[key][phase]
+        shift[organ] = rng.uniform(low, high) - float(np.median(hu[organ]))
+    hu = hu + ndimage.gaussian_filter(shift, 0.7)
+    grid = _random_grid(hu.shape[-1], rng, settings)
+    air = float(ct_params.clip[0])
+    planes = torch.from_numpy(np.stack([hu - air, target.astype(np.float32)]))[:, None]
+    warped_image = F.grid_sample(planes[:1], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    warped_label = F.grid_sample(planes[1:], grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    hu = warped_image[0, 0].numpy() + air
+    labels = warped_label[0, 0].round().numpy().astype(np.uint8)
+    hu = _acquire(hu.astype(np.float32), "ct", rng, settings)
+    return normalize_slices(hu, "ct", ct_params), labels
+
+
 def _opposed_phase(image: np.ndarray, anatomy: np.ndarray, keys: dict[int, str]) -> np.ndarray:
     """Opposed-phase T1: voxels where fat meets water-rich tissue cancel (the 'India ink' edge)."""
     from scipy import ndimage
@@ -360,9 +441,10 @@ def write_examples(
 
     The slices are prepared as a training run with ``card``'s preprocessing prepares them (in-plane
     geometry, CT window), drawn at random from slices holding an organ, and rendered with
-    :func:`render_slice`. Writes ``examples.png`` (each rendered slice beside its labels),
-    ``images.nii.gz`` (float32, (count, S, S): one model-grid slice per z index, normalised units)
-    and ``labels.nii.gz`` (uint8, same grid), each through a temporary name, and nothing when any
+    :func:`render_slice` (family "ct-phase": :func:`enhance_slice` of the real slice). Writes
+    ``examples.png`` (each rendered slice beside its labels), ``images.nii.gz`` (float32,
+    (count, S, S): one model-grid slice per z index, normalised units) and ``labels.nii.gz``
+    (uint8, same grid), each through a temporary name, and nothing when any
     of them exists and not ``overwrite``. Returns the three paths.
     """
     import matplotlib
@@ -373,8 +455,8 @@ def write_examples(
 
     from .data import DatasetInfo, prepare_case
 
-    if family not in FAMILIES:
-        raise ValueError(f"synthesis family must be one of {FAMILIES}, got {family!r}")
+    if family not in (*FAMILIES, *IMAGE_FAMILIES):
+        raise ValueError(f"synthesis family must be one of {FAMILIES + IMAGE_FAMILIES}, got {family!r}")
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     out_dir = Path(out_dir)
@@ -384,6 +466,10 @@ def write_examples(
             if path.exists():
                 raise OutputError("exists; pass --overwrite to replace it", path)
     info = DatasetInfo.read(dataset)
+    if family in IMAGE_FAMILIES and info.modality != FAMILY_MODALITY[family]:
+        raise ValueError(
+            f"{dataset}: family {family!r} needs a {FAMILY_MODALITY[family]} dataset, got {info.modality}"
+        )
     pre = card.preprocessing
     ct_params = DEFAULT_PARAMS["ct"]
     if "ct" in pre.intensity:
@@ -397,14 +483,16 @@ def write_examples(
     for _ in range(count):
         case = info.cases[int(rng.integers(len(info.cases)))]
         if case not in prepared:
-            _, label, anatomy = prepare_case(
+            prepared[case] = prepare_case(
                 info, case, params, size, pre.in_plane, pre.target_spacing_mm, anatomy=True
             )
-            prepared[case] = (label, anatomy)
-        label, anatomy = prepared[case]
+        real, label, anatomy = prepared[case]
         organ_slices = np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1))
         k = int(rng.choice(organ_slices)) if organ_slices.size else int(rng.integers(label.shape[0]))
-        image, target = render_slice(neighbours(anatomy, k), label[k], keys, family, rng, ct_params)
+        if family in IMAGE_FAMILIES:
+            image, target = enhance_slice(real[k], label[k], keys, rng, ct_params)
+        else:
+            image, target = render_slice(neighbours(anatomy, k), label[k], keys, family, rng, ct_params)
         images.append(image)
         labels.append(target)
     out_dir.mkdir(parents=True, exist_ok=True)
