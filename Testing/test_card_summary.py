@@ -58,7 +58,7 @@ def test_info_prints_a_readable_page_of_the_embedded_model(capsys):
     assert code == 0
     lines = out.splitlines()
     assert len(out) < 4000, f"{len(out)} characters: a page, not the provenance dump"
-    assert "phantomct_000" not in out and "provenance" not in out
+    assert "phantomt1_000" not in out and "provenance" not in out
     assert lines[0].startswith("m4oe-phantom: M4oE abdominal model")
     assert "licence: Apache-2.0" in lines
     assert any(line.startswith("intended use: Research and demonstration") for line in lines)
@@ -67,15 +67,15 @@ def test_info_prints_a_readable_page_of_the_embedded_model(capsys):
     (pre,) = [line for line in lines if line.startswith("preprocessing: ")]
     assert "3.5 x 3.5 mm" in pre and "CT: clip -732 to 837" in pre and "MR: percentiles 0.5 to 99.5" in pre
     (training,) = [line for line in lines if line.startswith("training data: ")]
-    assert "CC-BY-4.0" in training and "5 datasets, 85 training cases" in training
-    assert "5000 iterations of batch 8 in 1 h 12 min, continued from an earlier model." in training
-    assert "  held-out 0:ct (CT, 4 cases): mean Dice 0.85" in lines
+    assert "CC-BY-4.0" in training and "4 datasets, 65 training cases" in training
+    assert "4000 iterations of batch 8 in 39 min 22 s, continued from an earlier model." in training
+    assert "  held-out 0:t1 (MR, 4 cases): mean Dice 0.85" in lines
     (ct_scan,) = [line for line in lines if line.startswith("  real scan example_ct_dicom (CT)")]
     assert "mean Dice 0.49" in ct_scan and "liver 0.94" in ct_scan
-    assert any(line.startswith("  real scan example_mr_sm (MR): mean Dice 0.26") for line in lines)
-    assert "weights sha256: 9ea16cf9a030d8749e0f4aa4806eca6ce0d21a31f1ccc42a8b0aacb22a3f4f0a" in lines
+    assert any(line.startswith("  real scan example_mr_sm (MR): mean Dice 0.40") for line in lines)
+    assert "weights sha256: 95e25fcbf29e198aa27274ecca561778366b7a4b580a7be13db5fe54351a5fef" in lines
     code, out, _ = run_cli(["info", "--json"], capsys)
-    assert code == 0 and json.loads(out)["provenance"]["data"]["0:ct"]["train_cases"][0] == "phantomct_000"
+    assert code == 0 and json.loads(out)["provenance"]["data"]["0:t1"]["train_cases"][0] == "phantomt1_000"
 
 
 def test_info_of_a_card_that_states_nothing_says_so(tiny_model_dir, tmp_path, capsys):
