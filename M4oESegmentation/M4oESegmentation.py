@@ -1,57 +1,37 @@
 """M4oE Segmentation: abdominal organs on CT and MRI with a mixture of modality experts, in 3D Slicer.
 
-The GUI layer only (DESIGN.md, "The Slicer module"): the panel, its parameter node, and a Logic
-that adapts ``M4oESegmentationLib`` to Slicer's conventions (camelCase, the application's event
-loop, the layout's views). Inference runs in a separate ``PythonSlicer -m m4oe.cli segment``
-process that a ``qt.QTimer`` polls (``M4oESegmentationLib.segmenter``), so the GUI never waits on
-PyTorch. At load time this file imports only what a fresh Slicer has, and the parts of
-``M4oESegmentationLib`` that need nothing more (``dependencies``, ``models``, ``sample_data``,
-``status``, ``views``; Testing/test_packaging.py checks it). PyTorch and the engine's pip packages
-(timm, safetensors, slicerio, psutil) are installed on first use, after the user agrees, and the
-rest of the library is imported after that.
+The GUI layer only (DESIGN.md, "The Slicer module"): the module's description, its start-up hooks
+and the panel. The panel's parameter node, the Logic and the Logic-level self-test are in
+``M4oESegmentationLib`` (``parameters``, ``logic``, ``logic_selftest``) and imported here under
+their usual names. Inference runs in a separate ``PythonSlicer -m m4oe.cli segment`` process that
+a ``qt.QTimer`` polls, so the GUI never waits on PyTorch. At load time this file imports only what
+a fresh Slicer has and the light modules of ``M4oESegmentationLib`` (Testing/test_packaging.py
+checks it); PyTorch and the engine's pip packages are installed on first use, after the user
+agrees, and the rest of the library is imported after that.
 """
 
 import importlib
 import logging
-import pathlib
-import shutil
 import sys
-import time
-from typing import Annotated
 
 import qt
 import slicer
 import vtk
-from M4oESegmentationLib import dependencies, models, sample_data, status, terminology, views
-from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from M4oESegmentationLib import models, sample_data, status, terminology, views
+from M4oESegmentationLib.logic import MODULE_DIR, POLL_INTERVAL_MS, M4oESegmentationLogic
+
+# Not used here, but looked up here: Slicer runs the class <ModuleName>Test of this namespace, and
+# scripts know the module's classes as M4oESegmentation.<ClassName>.
+from M4oESegmentationLib.logic_selftest import M4oESegmentationTest  # noqa: F401
+from M4oESegmentationLib.parameters import M4oESegmentationParameterNode  # noqa: F401
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
-MODULE_DIR = pathlib.Path(__file__).resolve().parent
 CONTRIBUTORS = ["M4oE Segmentation contributors (SlicerM4oESegmentation)"]
 """The module's authors, as Slicer's module docs ask ("Name (Organization)"); the extension's
 EXTENSION_CONTRIBUTORS (CMakeLists.txt) says the same (Testing/test_packaging.py)."""
-MODALITY_CHOICES = ("Auto", "CT", "MR")
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-BACKEND_CHOICES = ("torch", "onnx", "auto")
-MODEL_SMOOTHING = -1.0
-"""``smoothingMm`` value (the spin box's minimum, shown as its special text) for the model card's."""
-POLL_INTERVAL_MS = 200
-WARM_ENGINE_SETTING = "M4oESegmentation/WarmEngine"
-"""Application setting: keep one engine process with the model loaded between runs (default on);
-off starts a new ``m4oe segment`` process for every run."""
-ENGINE_IDLE_SETTING = "M4oESegmentation/EngineIdleMinutes"
-"""Application setting: minutes without a run after which the warm engine ends (default 10)."""
-ENGINE_IDLE_MINUTES = 10.0
-SAMPLE_CATEGORY = "M4oE Segmentation"
 LIBRARY_MODULES = (
     "status",
     "models",
@@ -66,6 +46,9 @@ LIBRARY_MODULES = (
     "sample_data",
     "segmenter",
     "batch",
+    "parameters",
+    "logic",
+    "logic_selftest",
 )
 """M4oESegmentationLib modules, in the order Reload re-imports them (a module after those it uses)."""
 
@@ -99,89 +82,18 @@ Image Segmentation with Mixture of Experts", MICCAI 2024. The Swin-UNet backbone
 The module follows the design of SlicerTotalSegmentator and SlicerMONAIAuto3DSeg.
 """)
         slicer.app.connect("startupCompleted()", registerSampleData)
-        slicer.app.connect("startupCompleted()", registerTerminology)
-
-
-def registerTerminology():
-    """Load the module's terminology context (the codes, colours and names of its segments) into
-    Slicer's Terminologies module, so that Slicer shows the engine's segments with their meaning."""
-    try:
-        terminology.load_terminology(slicer.modules.terminologies.logic())
-    except RuntimeError as error:
-        logging.error(str(error))
+        slicer.app.connect("startupCompleted()", terminology.register_terminology)
 
 
 def registerSampleData():
     """Phantom CT and MR volumes in the Sample Data module, generated locally when first loaded."""
-    import SampleData
-
-    icon = str(MODULE_DIR / "Resources" / "Icons" / "M4oESegmentation.png")
-    for sampleName in sample_data.PHANTOM_SAMPLES:
-        # SampleData's own loader reuses a file already in its cache folder, so once generated
-        # the sample also loads through SampleData.downloadSample(); the file:// URI is never fetched.
-        SampleData.SampleDataLogic.registerCustomSampleDataSource(
-            category=SAMPLE_CATEGORY,
-            sampleName=sampleName,
-            uris=phantomSamplePath(sampleName).as_uri(),
-            fileNames=f"{sampleName}.nrrd",
-            nodeNames=sampleName,
-            thumbnailFileName=icon,
-            loadFileType="VolumeFile",
-            customDownloader=_loadPhantomSample,
-        )
-
-
-def phantomSamplePath(sampleName: str) -> pathlib.Path:
-    return pathlib.Path(slicer.mrmlScene.GetCacheManager().GetRemoteCacheDirectory()) / f"{sampleName}.nrrd"
+    icon = MODULE_DIR / "Resources" / "Icons" / "M4oESegmentation.png"
+    sample_data.register_samples(icon, _loadPhantomSample)
 
 
 def _loadPhantomSample(source):
     with slicer.util.tryWithErrorDisplay(_("Failed to generate the phantom sample."), waitCursor=True):
         return M4oESegmentationLogic().loadPhantomSample(source.sampleName)
-
-
-#
-# M4oESegmentationParameterNode
-#
-
-
-@parameterNodeWrapper
-class M4oESegmentationParameterNode:
-    """The module's state in the scene.
-
-    model: a model name (``m4oe models``) or a model card path; "" is the embedded default.
-    task: the model's label set; "" is its first. forcedExpert: the expert that Compare uses.
-    datasetPath: the training dataset folder that Export writes to. fastInference: one forward
-    pass per slice instead of the model card's test-time augmentation. smoothingMm: sigma in mm of
-    the Gaussian that averages class probabilities over neighbouring slices (0: off;
-    MODEL_SMOOTHING: the model card's). keepAllPieces: keep every connected component of each
-    segment instead of the card's clean-up. backend: the engine's network runtime. severalVolumes:
-    Apply segments every volume checked in the batch list, each result next to its volume.
-    skippedStructures: the task's structures left unchecked (comma-separated keys; "": all are
-    segmented). roi: segment only inside this markups ROI (none: everywhere). bodyCrop: segment
-    only the box around the body. gateLayer: the layer the gate review shows (a MoME model's
-    decoder scale, e.g. "router.0"; "": the mean over them).
-    """
-
-    inputVolume: vtkMRMLScalarVolumeNode
-    modality: Annotated[str, Choice(list(MODALITY_CHOICES))] = "Auto"
-    model: str = ""
-    task: str = ""
-    device: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"
-    fastInference: bool = False
-    smoothingMm: Annotated[float, WithinRange(MODEL_SMOOTHING, 20.0)] = MODEL_SMOOTHING
-    keepAllPieces: bool = False
-    backend: Annotated[str, Choice(list(BACKEND_CHOICES))] = "torch"
-    skippedStructures: str = ""
-    roi: vtkMRMLMarkupsROINode
-    bodyCrop: bool = True
-    outputSegmentation: vtkMRMLSegmentationNode
-    replaceExisting: bool = False
-    showGateOverlay: bool = False
-    gateLayer: str = ""
-    forcedExpert: str = ""
-    datasetPath: str = ""
-    severalVolumes: bool = False
 
 
 #
@@ -700,406 +612,3 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
             message = _("Saved case {case} in {folder}.")
             self.ui.exportStatusLabel.text = message.format(case=case, folder=p.datasetPath)
-
-
-#
-# M4oESegmentationLogic
-#
-
-
-class M4oESegmentationLogic(ScriptedLoadableModuleLogic):
-    """Everything the module does, usable without its GUI (e.g. from the Python console).
-
-    A Slicer-style front of ``M4oESegmentationLib``: one segmentation runs at a time;
-    :meth:`startSegmentation` starts it, :meth:`poll` (from a timer, or the loop of :meth:`process`
-    with ``waitForCompletion``) forwards progress and loads the result when it ends.
-    """
-
-    CANCELLED = status.CANCELLED
-
-    def __init__(self) -> None:
-        ScriptedLoadableModuleLogic.__init__(self)
-        self._segmenter = None
-        self._batch = None
-
-    def getParameterNode(self):
-        return M4oESegmentationParameterNode(super().getParameterNode())
-
-    @property
-    def isRunning(self) -> bool:
-        batch = self._batch is not None and self._batch.running
-        return batch or (self._segmenter is not None and self._segmenter.running)
-
-    def setupPythonRequirements(self, confirm: bool = True) -> None:
-        """Install PyTorch (through the PyTorch extension) and the engine's packages if missing.
-
-        ``confirm``: ask the user before installing. Raises RuntimeError when the PyTorch
-        extension is missing or the user declines.
-        """
-        dependencies.ensure_torch(confirm)
-        dependencies.ensure_packages(confirm)
-
-    # ------------------------------------------------------------------ models
-
-    @staticmethod
-    def modelCard(model: str | None) -> dict | None:
-        """The model card of a model name or path; None when registered but not downloaded."""
-        return models.model_card(model)
-
-    @staticmethod
-    def ensureModel(model: str | None, onProgress=None) -> None:
-        """Download and verify a registered model that is not downloaded yet (blocking)."""
-        models.ensure_model(model, onProgress)
-
-    # ------------------------------------------------------------------ segmentation
-
-    def _getSegmenter(self):
-        if self._segmenter is None:
-            from M4oESegmentationLib.engine import WarmEngine
-            from M4oESegmentationLib.segmenter import Segmenter
-
-            # PythonSlicer is on Slicer's PATH; sys.executable would start a second Slicer.
-            pythonSlicer = shutil.which("PythonSlicer")
-            if not pythonSlicer:
-                raise RuntimeError(_("PythonSlicer was not found: the engine cannot be started."))
-            warm = slicer.util.settingsValue(WARM_ENGINE_SETTING, True, converter=slicer.util.toBool)
-            minutes = float(slicer.util.settingsValue(ENGINE_IDLE_SETTING, ENGINE_IDLE_MINUTES))
-            idle_s = max(minutes, 1.0) * 60
-            engine = WarmEngine(pythonSlicer, MODULE_DIR, idle_timeout_s=idle_s) if warm else None
-            self._segmenter = Segmenter(pythonSlicer, MODULE_DIR, engine=engine)
-        return self._segmenter
-
-    def stopEngine(self) -> None:
-        """End the warm engine process, if one runs (a later run starts a new one)."""
-        if self._segmenter is not None and self._segmenter.engine is not None:
-            self._segmenter.engine.stop()
-
-    @staticmethod
-    def studyVolumes(volume) -> list:
-        """The scalar volumes of ``volume``'s study (its subject hierarchy folder), itself included."""
-        if volume is None:
-            return []
-        from M4oESegmentationLib import volumes
-
-        return volumes.study_volumes(volume)
-
-    def startBatch(
-        self,
-        volumes,
-        *,
-        modality: str = "auto",
-        model: str | None = None,
-        task: str | None = None,
-        device: str = "auto",
-        testTimePasses: int | None = None,
-        throughPlaneSigmaMm: float | None = None,
-        keepAllComponents: bool = False,
-        backend: str = "torch",
-        onProgress=None,
-        onVolumeFinished=None,
-        onFinished=None,
-    ):
-        """Segment several volumes one after another; return the ``BatchSegmentation``.
-
-        Each result is a new segmentation named after its volume, in its volume's study. Progress
-        records carry ``case``/``cases``/``volume``; ``onVolumeFinished(outcome)`` per volume,
-        ``onFinished(outcomes)`` once (a failed volume is in them and does not stop the others).
-        :meth:`poll` drives it, :meth:`cancel` stops the current volume and skips the rest.
-        """
-        from M4oESegmentationLib.batch import BatchSegmentation
-
-        if self.isRunning:
-            raise RuntimeError(_("A segmentation is already running; cancel it or wait for it."))
-        self._batch = BatchSegmentation(
-            self._getSegmenter(),
-            volumes,
-            modality=modality,
-            model=model,
-            task=task,
-            device=device,
-            test_time_passes=testTimePasses,
-            through_plane_sigma_mm=throughPlaneSigmaMm,
-            keep_all_components=keepAllComponents,
-            backend=backend,
-            on_progress=onProgress,
-            on_volume_finished=onVolumeFinished,
-            on_finished=onFinished,
-        )
-        return self._batch.start()
-
-    def startSegmentation(
-        self,
-        inputVolume,
-        outputSegmentation=None,
-        *,
-        modality: str = "auto",
-        model: str | None = None,
-        task: str | None = None,
-        device: str = "auto",
-        forceExpert: str | None = None,
-        comparedWith=None,
-        replaceExisting: bool = False,
-        testTimePasses: int | None = None,
-        throughPlaneSigmaMm: float | None = None,
-        keepAllComponents: bool = False,
-        backend: str = "torch",
-        structures=None,
-        roi=None,
-        bodyCrop: bool = True,
-        onProgress=None,
-        onFinished=None,
-    ):
-        """Start segmenting ``inputVolume`` in a separate process; return the ``InferenceProcess``.
-
-        Arguments as ``M4oESegmentationLib.segmenter.Segmenter.start``. ``onFinished(result,
-        error)`` is called once, from :meth:`poll`, after a result is shown in the views.
-        """
-
-        def finished(result, error):
-            if result is not None:
-                self.showSegmentation(result.segmentation, inputVolume)
-            if onFinished is not None:
-                onFinished(result, error)
-
-        return self._getSegmenter().start(
-            inputVolume,
-            outputSegmentation,
-            modality=modality,
-            model=model,
-            task=task,
-            device=device,
-            force_expert=forceExpert,
-            compared_with=comparedWith,
-            replace_existing=replaceExisting,
-            test_time_passes=testTimePasses,
-            through_plane_sigma_mm=throughPlaneSigmaMm,
-            keep_all_components=keepAllComponents,
-            backend=backend,
-            structures=structures,
-            roi=roi,
-            body_crop=bodyCrop,
-            on_progress=onProgress,
-            on_finished=finished,
-        )
-
-    def poll(self) -> bool:
-        """Forward progress; load the result once the engine has ended. Returns whether it runs."""
-        if self._batch is not None and self._batch.running:
-            return self._batch.poll()
-        return self._segmenter is not None and self._segmenter.poll()
-
-    def cancel(self, wait: bool = False) -> None:
-        """Stop the running segmentation (of several volumes: also skip the rest); the scene
-        stays as it was."""
-        if self._batch is not None and self._batch.running:
-            self._batch.cancel(wait=wait)
-        elif self._segmenter is not None:
-            self._segmenter.cancel(wait=wait)
-
-    def process(self, inputVolume, outputSegmentation=None, *, waitForCompletion: bool = True, **options):
-        """Segment ``inputVolume`` (options as :meth:`startSegmentation`).
-
-        Returns the ``SegmentationResult``, or the ``InferenceProcess`` when not
-        ``waitForCompletion`` (then call :meth:`poll` until it returns False). Raises RuntimeError
-        with the engine's message when the segmentation fails.
-        """
-        outcome = {}
-        userFinished = options.pop("onFinished", None)
-
-        def finished(result, error):
-            outcome.update(result=result, error=error)
-            if userFinished is not None:
-                userFinished(result, error)
-
-        inference = self.startSegmentation(inputVolume, outputSegmentation, onFinished=finished, **options)
-        if not waitForCompletion:
-            return inference
-        while self.poll():
-            slicer.app.processEvents()
-            time.sleep(POLL_INTERVAL_MS / 1000)
-        if outcome["error"]:
-            raise RuntimeError(outcome["error"])
-        return outcome["result"]
-
-    # ------------------------------------------------------------------ views
-
-    @staticmethod
-    def showSegmentation(segmentation, inputVolume) -> None:
-        """Show the input with the segmentation in the slice views and as surfaces in 3D."""
-        slicer.util.setSliceViewerLayers(background=inputVolume, fit=False)
-        layoutManager = slicer.app.layoutManager()
-        if layoutManager is not None and layoutManager.threeDWidget(0) is not None:
-            layoutManager.threeDWidget(0).threeDView().resetFocalPoint()
-
-    @staticmethod
-    def showGateOverlay(overlay, show: bool) -> None:
-        """Show (or hide) a dominant-expert map over the image in the red, yellow and green views."""
-        views.show_gate_overlay(overlay, show)
-
-    @staticmethod
-    def gateReview(segmentation):
-        """The ``GateReview`` of a result segmentation, or None (none, forced run, other origin)."""
-        if segmentation is None or not segmentation.GetAttribute(status.RESULT_ATTRIBUTE + "GateSummary"):
-            return None
-        try:
-            from M4oESegmentationLib import segmenter
-        except ImportError as error:  # a saved result opened before the engine's packages are installed
-            logging.warning("M4oE gate review needs the engine's Python packages: %s", error)
-            return None
-        return segmenter.gate_review_of(segmentation)
-
-    @staticmethod
-    def gateLegend(review) -> str:
-        """The gate map legend (rich text) of a ``GateReview``, "" for None."""
-        if review is None:
-            return ""
-        from M4oESegmentationLib import gate_review
-
-        return gate_review.legend_html(review.summary)
-
-    @staticmethod
-    def followSlice(review, positionMm: float, layer: str = "") -> str:
-        """Move the chart's marker to the slice nearest ``positionMm`` (RAS S); return its weights
-        (at ``layer``, a MoME decoder scale, when the review has it; else the mean)."""
-        from M4oESegmentationLib import gate_review
-
-        index = gate_review.update_slice_marker(review.chart, review.summary, positionMm)
-        layer = layer if layer in dict(review.layers) else ""
-        return gate_review.slice_weights_text(review.summary, index, layer)
-
-    # ------------------------------------------------------------------ export
-
-    @staticmethod
-    def exportCase(
-        inputVolume, segmentation, datasetPath, *, modality=None, model=None, task=None, caseName=None
-    ):
-        """Save the volume and the (edited) segmentation as a new case of a training dataset."""
-        from M4oESegmentationLib import segmenter
-
-        return segmenter.export_case(
-            inputVolume,
-            segmentation,
-            datasetPath,
-            modality=modality,
-            model=model,
-            task=task,
-            case_name=caseName,
-        )
-
-    # ------------------------------------------------------------------ sample data
-
-    def createPhantomVolume(self, sequence: str = "ct", seed: int = 0, maxSize: int | None = None, name=None):
-        """A synthetic abdomen from ``m4oe.phantom`` as a volume node (sequence "ct", "t1" or "t2")."""
-        dependencies.ensure_packages(confirm=True)
-        return sample_data.create_phantom_volume(sequence, seed, max_size=maxSize, name=name)
-
-    def loadPhantomSample(self, sampleName: str):
-        """Load a phantom sample volume, generating it into the Sample Data cache first."""
-        dependencies.ensure_packages(confirm=True)
-        sequence, _seed = sample_data.sample_sequence(sampleName)
-        path = sample_data.write_phantom_sample(sampleName, phantomSamplePath(sampleName))
-        node = slicer.util.loadVolume(str(path), {"name": sampleName})
-        sample_data.set_default_window(node, sequence)
-        return node
-
-
-#
-# M4oESegmentationTest
-#
-
-
-class M4oESegmentationTest(ScriptedLoadableModuleTest):
-    """The whole workflow on a small phantom CT with the embedded model, in a real Slicer.
-
-    Needs the PyTorch extension, the engine's pip packages and the embedded model
-    (``m4oe/models/m4oe-phantom``); runs on the CPU in well under a minute. The same steps run
-    outside Slicer on the ``slicer-core`` scene in Testing/slicer/test_segmenter.py.
-    """
-
-    def setUp(self):
-        slicer.mrmlScene.Clear()
-
-    def runTest(self):
-        self.setUp()
-        self.test_SegmentReviewExport()
-        self.setUp()
-        self.test_Cancel()
-
-    def test_SegmentReviewExport(self):
-        import json
-        import tempfile
-
-        from M4oESegmentationLib.segmenter import COMPARISON_ROLE
-
-        self.delayDisplay("Segmenting a phantom CT")
-        logic = M4oESegmentationLogic()
-        logic.setupPythonRequirements(confirm=False)
-        volume = logic.createPhantomVolume("ct", seed=3, maxSize=64)
-        fractions = []
-        result = logic.process(
-            volume,
-            modality="Auto",
-            device="cpu",
-            onProgress=lambda record: fractions.append(status.overall_fraction(record)),
-        )
-        segmentation = result.segmentation
-        self.assertEqual(result.modality, "ct")
-        self.assertTrue(fractions and max(f for f in fractions if f is not None) > 0.9)
-        card = logic.modelCard(None)
-        _task, labels = models.task_labels(card, None)
-        self.assertEqual(segmentation.GetSegmentation().GetNumberOfSegments(), len(labels))
-        self.assertEqual(
-            segmentation.GetSegmentation().GetNthSegment(0).GetName(),
-            labels[0].name,
-            "segments follow the card",
-        )
-        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-        self.assertEqual(
-            shNode.GetItemParent(shNode.GetItemByDataNode(segmentation)),
-            shNode.GetItemParent(shNode.GetItemByDataNode(volume)),
-            "result in the input's study",
-        )
-        red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode()
-        self.assertEqual(red.GetBackgroundVolumeID(), volume.GetID(), "the input is shown")
-
-        self.delayDisplay("Gate review")
-        review = logic.gateReview(segmentation)
-        self.assertIsNotNone(review)
-        self.assertEqual(review.chart.GetNumberOfPlotSeriesNodes(), len(review.summary["experts"]) + 1)
-        logic.showGateOverlay(review.overlay, True)
-        self.assertEqual(red.GetForegroundVolumeID(), review.overlay.GetID())
-        logic.showGateOverlay(review.overlay, False)
-        self.assertIsNone(red.GetForegroundVolumeID())
-        self.assertIn("mm", logic.followSlice(review, review.summary["per_slice"][0]["position_mm"]))
-
-        self.delayDisplay("Forced-expert comparison")
-        expert = card["experts"][0]["name"]
-        comparison = logic.process(
-            volume, modality="Auto", device="cpu", forceExpert=expert, comparedWith=segmentation
-        )
-        self.assertEqual(
-            segmentation.GetNodeReferenceID(COMPARISON_ROLE + expert), comparison.segmentation.GetID()
-        )
-        self.assertIsNone(logic.gateReview(comparison.segmentation))
-
-        self.delayDisplay("Export for training")
-        with tempfile.TemporaryDirectory() as folder:
-            datasetDir = pathlib.Path(folder) / "Dataset900_Reviewed"
-            case = logic.exportCase(volume, segmentation, str(datasetDir))
-            self.assertTrue((datasetDir / "labelsTr" / f"{case}.nii.gz").is_file())
-            self.assertEqual(json.loads((datasetDir / "dataset.json").read_text())["modality"], "ct")
-        self.delayDisplay("Test passed")
-
-    def test_Cancel(self):
-        logic = M4oESegmentationLogic()
-        logic.setupPythonRequirements(confirm=False)
-        volume = logic.createPhantomVolume("t1", seed=4)
-        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
-        finished = []
-        logic.startSegmentation(volume, device="cpu", onFinished=lambda result, error: finished.append(error))
-        logic.cancel()
-        while logic.poll():
-            time.sleep(0.05)
-        self.assertEqual(finished, [M4oESegmentationLogic.CANCELLED])
-        self.assertFalse(logic.isRunning)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore, "the scene is as it was")

@@ -26,6 +26,7 @@ MODULE_FILE = MODULE / "M4oESegmentation.py"
 UI_FILE = MODULE / "Resources" / "UI" / "M4oESegmentation.ui"
 SELF_TEST = MODULE / "Testing" / "Python" / "M4oESegmentationSelfTest.py"
 LIB = MODULE / "M4oESegmentationLib"
+PARAMETERS_FILE = LIB / "parameters.py"
 DEPENDENCIES = LIB / "dependencies.py"
 REQUIREMENTS = MODULE / "Resources" / "requirements.txt"
 PINNED = ROOT / "requirements" / "pinned.txt"
@@ -361,8 +362,8 @@ def test_ui_custom_widgets_are_declared_and_get_the_scene(ui):
 
 
 def parameter_fields() -> dict[str, ast.expr]:
-    """Field name -> annotation of the @parameterNodeWrapper class of the module file."""
-    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    """Field name -> annotation of the @parameterNodeWrapper class (M4oESegmentationLib/parameters.py)."""
+    tree = ast.parse(PARAMETERS_FILE.read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and any(
             isinstance(d, ast.Name) and d.id == "parameterNodeWrapper" for d in node.decorator_list
@@ -372,7 +373,7 @@ def parameter_fields() -> dict[str, ast.expr]:
                 for s in node.body
                 if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
             }
-    raise AssertionError("no @parameterNodeWrapper class in M4oESegmentation.py")
+    raise AssertionError(f"no @parameterNodeWrapper class in {PARAMETERS_FILE.relative_to(ROOT)}")
 
 
 def test_ui_parameter_bindings_are_parameters_the_wrapper_can_drive(ui):
@@ -493,15 +494,46 @@ def load_closure(name: str) -> set[str]:
     return seen | external
 
 
+def top_level_names(path: Path) -> set[str]:
+    """Names a Python file binds at its top level: classes, functions, assignments, imports."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def missing_library_imports(tree: ast.Module) -> list[str]:
+    """What a file imports from M4oESegmentationLib (anywhere in it) that does not exist. The
+    package's __init__.py defines no names, so what is imported from the package must be a module
+    of it; what is imported from a module of it must be a name that module binds at its top level."""
+    missing = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom) or (node.module or "").split(".")[0] != "M4oESegmentationLib":
+            continue
+        if node.module == "M4oESegmentationLib":
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+            missing += [name for name in names if local_module_path(name) is None]
+        elif (path := local_module_path(node.module)) is None:
+            missing.append(node.module)
+        else:
+            defined = top_level_names(path)
+            missing += [f"{node.module}.{alias.name}" for alias in node.names if alias.name not in defined]
+    return sorted(missing)
+
+
 def test_module_file_loads_in_a_fresh_slicer():
     """What M4oESegmentation.py loads when Slicer loads it, local modules followed: nothing beyond
     the standard library and what a fresh Slicer bundles, so the module loads before any install."""
     tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"), filename=MODULE_FILE.name)
     imported = top_level_imports(tree)
-    # M4oESegmentationLib/__init__.py defines no names: everything imported from it is a module.
-    library = sorted(n for n in imported if n.startswith("M4oESegmentationLib."))
-    missing = [n for n in library if local_module_path(n) is None]
-    assert not missing, f"M4oESegmentation.py imports library modules that do not exist: {missing}"
+    missing = missing_library_imports(tree)
+    assert not missing, f"M4oESegmentation.py imports from M4oESegmentationLib what does not exist: {missing}"
     loaded = set().union(*(load_closure(name) for name in imported))
     roots = {name.split(".")[0] for name in loaded} - LOCAL_PACKAGES
     heavy = sorted(roots & HEAVY)
@@ -537,6 +569,108 @@ def test_engine_never_imports_slicer_or_training():
         if bad:
             problems.append(f"{path.relative_to(ROOT)} imports {bad}")
     assert not problems, "\n".join(problems)
+
+
+# ---------------------------------------------------------------------------------------- module layout
+
+SLICER_CLASSES = {
+    "M4oESegmentation": "ScriptedLoadableModule",
+    "M4oESegmentationWidget": "ScriptedLoadableModuleWidget",
+    "M4oESegmentationLogic": "ScriptedLoadableModuleLogic",
+    "M4oESegmentationTest": "ScriptedLoadableModuleTest",
+    "M4oESegmentationParameterNode": "@parameterNodeWrapper",
+}
+"""Classes looked up by name in the module file's namespace, and the base (or decorator) each needs.
+Slicer finds the module class and ``<ModuleName>Widget`` there when it loads the module, and
+``<ModuleName>Test`` for Reload and Test (``ScriptedLoadableModule.runTest``) and for CTest
+(``slicer.testing.runUnitTest`` collects the namespace's TestCase classes); scripts and the
+self-tests use ``M4oESegmentation.M4oESegmentationLogic``. Classes written in M4oESegmentationLib
+count when the module file imports them under these names."""
+
+
+def _class_def(tree: ast.Module, name: str) -> ast.ClassDef | None:
+    return next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name), None)
+
+
+def module_namespace_class(name: str) -> tuple[Path, ast.ClassDef]:
+    """The file and definition of the class that the module file's top-level ``name`` is: a class
+    of the module file, or one it imports from M4oESegmentationLib at its top level."""
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    found = _class_def(tree, name)
+    if found is not None:
+        return MODULE_FILE, found
+    for node in tree.body:
+        if not (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("M4oESegmentationLib.")):
+            continue
+        for alias in node.names:
+            if (alias.asname or alias.name) == name:
+                path = local_module_path(node.module)
+                assert path is not None, f"M4oESegmentation.py imports {name} from missing {node.module}"
+                found = _class_def(ast.parse(path.read_text(encoding="utf-8")), alias.name)
+                assert found is not None, f"{path.relative_to(ROOT)} defines no class {alias.name}"
+                return path, found
+    raise AssertionError(f"M4oESegmentation.py neither defines nor imports {name} at its top level")
+
+
+def test_module_namespace_holds_the_classes_slicer_looks_up():
+    for name, base in SLICER_CLASSES.items():
+        path, node = module_namespace_class(name)
+        where = f"{name} ({path.relative_to(ROOT)})"
+        if base.startswith("@"):
+            decorators = [ast.unparse(d) for d in node.decorator_list]
+            assert base[1:] in decorators, f"{where} is not decorated with {base}: {decorators}"
+        else:
+            bases = [ast.unparse(b) for b in node.bases]
+            assert base in bases, f"{where} does not derive from {base}: {bases}"
+
+
+def library_modules_reload_order() -> list[str]:
+    """``LIBRARY_MODULES`` of the module file: the order in which the Widget's onReload re-imports them."""
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    for node in tree.body:
+        names = [getattr(target, "id", "") for target in getattr(node, "targets", [])]
+        if isinstance(node, ast.Assign) and "LIBRARY_MODULES" in names:
+            return list(ast.literal_eval(node.value))
+    raise AssertionError("M4oESegmentation.py defines no LIBRARY_MODULES")
+
+
+def test_reload_reimports_every_library_module_after_those_it_imports():
+    """Reload re-imports LIBRARY_MODULES in order, then Slicer runs the module file again: a library
+    module left out keeps its old code, and one re-imported before a module it imports at its top
+    level keeps the old module's functions and classes."""
+    order = library_modules_reload_order()
+    modules = sorted(path.stem for path in LIB.glob("*.py") if path.stem != "__init__")
+    assert sorted(order) == modules, (
+        f"LIBRARY_MODULES lacks {sorted(set(modules) - set(order))}, "
+        f"names no file {sorted(set(order) - set(modules))}, or names one twice"
+    )
+    for index, name in enumerate(order):
+        tree = ast.parse((LIB / f"{name}.py").read_text(encoding="utf-8"))
+        imported = top_level_imports(tree, "M4oESegmentationLib")
+        uses = {m.split(".")[1] for m in imported if m.startswith("M4oESegmentationLib.")} & set(modules)
+        later = sorted(uses - set(order[:index]))
+        assert not later, f"LIBRARY_MODULES: {name} imports {later}, which it lists after it"
+
+
+# ---------------------------------------------------------------------------------------- file size
+
+LINE_LIMIT = 650
+"""DESIGN.md: "No file over about 600 lines: split by responsibility before it grows past that";
+checked with some slack on the shipped module (module file, its library, the engine) and the
+training subpackage. benchmarks/ is not checked: benchmarks/peers.py has 786 lines."""
+SIZE_CHECKED = (MODULE, ROOT / "training")
+
+
+def test_no_package_source_file_is_over_the_line_limit():
+    sizes = {
+        path: len(path.read_text(encoding="utf-8").splitlines())
+        for folder in SIZE_CHECKED
+        for path in sorted(folder.rglob("*.py"))
+        if "__pycache__" not in path.parts
+    }
+    assert len(sizes) > 50, f"found only {len(sizes)} Python files under {[str(f) for f in SIZE_CHECKED]}"
+    over = [f"{path.relative_to(ROOT)} ({n} lines)" for path, n in sizes.items() if n > LINE_LIMIT]
+    assert not over, f"over {LINE_LIMIT} lines, split by responsibility (DESIGN.md): {', '.join(over)}"
 
 
 # ---------------------------------------------------------------------------------------- requirements

@@ -4,9 +4,10 @@ The module registers :data:`PHANTOM_SAMPLES` with Slicer's Sample Data module; c
 :func:`write_phantom_sample` (once: the file stays in Sample Data's cache folder) and loads the
 file. :func:`create_phantom_volume` makes a volume node directly, for tests and scripts.
 
-The module file imports this when Slicer starts, to register the samples before the engine's
-packages are installed; so the generator (SimpleITK, scipy, ``m4oe.io``) is imported only by the
-functions that generate.
+The module file imports this when Slicer starts, to register the samples
+(:func:`register_samples`) before the engine's packages are installed; so the generator
+(SimpleITK, scipy, ``m4oe.io``), Slicer's ``SampleData`` module and ``slicer`` itself are imported
+only by the functions that use them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ PHANTOM_SAMPLES = {"M4oEPhantomCT": ("ct", 11), "M4oEPhantomMR": ("t1", 11)}
 so these small seeds are not training cases of the embedded model."""
 CT_WINDOW = (400.0, 40.0)
 """Abdomen soft-tissue window (width, level) in HU."""
+SAMPLE_CATEGORY = "M4oE Segmentation"
+"""The samples' category in the Sample Data module."""
 
 
 def sample_sequence(sample_name: str) -> tuple[str, int]:
@@ -27,6 +30,38 @@ def sample_sequence(sample_name: str) -> tuple[str, int]:
     if sample_name not in PHANTOM_SAMPLES:
         raise ValueError(f"no phantom sample {sample_name!r}; there are {sorted(PHANTOM_SAMPLES)}")
     return PHANTOM_SAMPLES[sample_name]
+
+
+def phantom_sample_path(sample_name: str) -> Path:
+    """The file of a sample in Sample Data's cache folder (``slicer.mrmlScene``'s remote cache
+    directory), where Sample Data looks for it before downloading."""
+    import slicer
+
+    return Path(slicer.mrmlScene.GetCacheManager().GetRemoteCacheDirectory()) / f"{sample_name}.nrrd"
+
+
+def register_samples(icon: str | Path, load_sample) -> None:
+    """Register :data:`PHANTOM_SAMPLES` with Slicer's Sample Data module (at Slicer's start-up).
+
+    ``icon``: the thumbnail shown for each sample. ``load_sample(source)``: Sample Data's custom
+    downloader, called with the chosen sample's ``SampleDataSource`` (``source.sampleName``); it
+    generates the file (:func:`write_phantom_sample`) and returns the loaded volume node.
+    """
+    import SampleData
+
+    for sample_name in PHANTOM_SAMPLES:
+        # SampleData's own loader reuses a file already in its cache folder, so once generated
+        # the sample also loads through SampleData.downloadSample(); the file:// URI is never fetched.
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category=SAMPLE_CATEGORY,
+            sampleName=sample_name,
+            uris=phantom_sample_path(sample_name).as_uri(),
+            fileNames=f"{sample_name}.nrrd",
+            nodeNames=sample_name,
+            thumbnailFileName=str(icon),
+            loadFileType="VolumeFile",
+            customDownloader=load_sample,
+        )
 
 
 def write_phantom_sample(sample_name: str, path: str | Path, *, max_size: int | None = None) -> Path:

@@ -12,6 +12,7 @@ Standard library and the torch-free engine only: the module file imports this wh
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from m4oe.labels import TERMINOLOGY_CONTEXT
@@ -38,3 +39,15 @@ def load_terminology(terminologies_logic) -> str:
             f"{TERMINOLOGY_FILE}: the terminology context {TERMINOLOGY_CONTEXT!r} was not loaded: {problem}"
         )
     return name
+
+
+def register_terminology() -> None:
+    """Load :data:`TERMINOLOGY_FILE` into the running Slicer's Terminologies module (at Slicer's
+    start-up), so that Slicer shows the engine's segments with their meaning; a failure is logged,
+    not raised (the module still loads)."""
+    import slicer
+
+    try:
+        load_terminology(slicer.modules.terminologies.logic())
+    except RuntimeError as error:
+        logging.error(str(error))

@@ -323,6 +323,16 @@ def test_phantom_volume_node_keeps_the_generator_geometry(scene):
     assert mr.GetName() == "MR" and mr.GetDisplayNode().GetAutoWindowLevel()
 
 
+def test_phantom_sample_path_is_in_sample_datas_cache_folder(scene, tmp_path):
+    """Sample Data reuses a file already in the scene's remote cache folder, so a sample is generated
+    there (Slicer's application gives the scene this cache manager)."""
+    cache = slicer.vtkCacheManager()
+    cache.SetRemoteCacheDirectory(str(tmp_path))
+    scene.SetCacheManager(cache)
+    assert sample_data.phantom_sample_path("M4oEPhantomCT") == tmp_path / "M4oEPhantomCT.nrrd"
+    assert sample_data.SAMPLE_CATEGORY == "M4oE Segmentation"
+
+
 def test_phantom_sample_is_written_once_and_completely(tmp_path):
     path = tmp_path / "cache" / "M4oEPhantomMR.nrrd"
     assert sample_data.write_phantom_sample("M4oEPhantomMR", path, max_size=16) == path

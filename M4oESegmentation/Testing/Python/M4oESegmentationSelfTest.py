@@ -1,9 +1,10 @@
 """Widget-level self-test of the M4oE Segmentation module; runs only inside a real 3D Slicer.
 
 It drives the panel as a user would (Apply, Cancel, gate review, Compare, Export) and checks what
-the panel shows. The Logic-level test is ``M4oESegmentationTest`` in the module file. Needs the
-PyTorch extension, the engine's Python packages and the embedded model; CTest runs it through
-CMakeLists.txt, and Slicer's Python console through ``slicer.testing.runUnitTest``.
+the panel shows. The Logic-level test is ``M4oESegmentationTest`` in
+``M4oESegmentationLib/logic_selftest.py`` (imported by the module file, where *Reload and Test*
+finds it). Needs the PyTorch extension, the engine's Python packages and the embedded model; CTest
+runs it through CMakeLists.txt, and Slicer's Python console through ``slicer.testing.runUnitTest``.
 """
 
 import pathlib
