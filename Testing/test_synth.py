@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -269,8 +272,22 @@ def test_render_refuses_bad_arguments():
         render_slice(anatomy[:2], target, KEYS, "ct", np.random.default_rng(0), CT)
 
 
-def test_config_synth_choices_are_the_generators_families():
+def test_config_and_command_line_offer_the_generators_families():
+    import argparse
+
+    from m4oe_training.cli import register_synth
+
     assert SYNTH_CHOICES == ("off", *FAMILIES, *IMAGE_FAMILIES)
+    parser = argparse.ArgumentParser()
+    commands = parser.add_subparsers()
+    register_synth(commands)
+    (synth,) = [a for a in commands.choices["synth"]._actions if a.dest == "family"]
+    assert tuple(synth.choices) == SYNTH_CHOICES[1:]
+    # The command line registers into `m4oe` at every start: it must not pull PyTorch in.
+    code = "import sys, m4oe_training.cli; print('torch' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert run.stdout.strip() == "False"
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .families import FAMILIES, IMAGE_FAMILIES
+
 
 def register(subparsers) -> None:
     train = subparsers.add_parser("train", help="train or fine-tune a model from a TOML config")
@@ -61,7 +63,7 @@ def register_synth(subparsers) -> None:
     synth.add_argument(
         "--family",
         required=True,
-        choices=("ct", "t1", "t2", "any", "ct-phase"),
+        choices=(*FAMILIES, *IMAGE_FAMILIES),
         help="contrast family; ct-phase: a contrast phase simulated on the dataset's own CT slices",
     )
     synth.add_argument("--count", type=int, default=16, help="slices to render (default 16)")

@@ -19,11 +19,12 @@ import tomllib
 from m4oe.errors import InputError
 from m4oe.model_card import valid_passes, valid_sigma_mm
 
+from .families import SYNTH_CHOICES
+
 STAGE_KINDS = ("mim", "experts", "joint", "context")
 TRAINABLE = ("all", "gates", "context", "experts")
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("auto", "off", "bf16")
-SYNTH_CHOICES = ("off", "ct", "t1", "t2", "any", "ct-phase")
 
 
 class ConfigError(InputError):

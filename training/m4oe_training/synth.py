@@ -49,14 +49,7 @@ from m4oe.io import all_or_nothing, write_atomic
 from m4oe.model_card import ModelCard
 from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams, mr_volume_statistics, normalize_slices
 
-FAMILIES = ("ct", "t1", "t2", "any")
-"""Contrast families :func:`render_slice` draws from; "off" in a config means real images only."""
-
-IMAGE_FAMILIES = ("ct-phase",)
-"""Families drawn from a dataset's own images rather than its label maps: "ct-phase"
-(:func:`enhance_slice`, a contrast phase simulated on a real CT)."""
-
-FAMILY_MODALITY = {"ct": "ct", "t1": "mr", "t2": "mr", "any": "mr", "ct-phase": "ct"}
+from .families import FAMILIES, FAMILY_MODALITY, IMAGE_FAMILIES
 
 FAT, SOFT_LOW, SOFT_HIGH, DENSE = 250, 251, 252, 253
 """Anatomy-map values of the unlabelled body's sub-classes (organs keep their label values, air 0)."""

@@ -1,0 +1,19 @@
+"""The image families a training data set can draw its samples from (``synth`` in a config).
+
+Kept apart from :mod:`.synth` (which needs torch) so that the command line can offer the same
+choices as the config checks without importing PyTorch.
+"""
+
+FAMILIES = ("ct", "t1", "t2", "any")
+"""Contrast families :func:`.synth.render_slice` draws from label maps; "off" in a config means real
+images only."""
+
+IMAGE_FAMILIES = ("ct-phase",)
+"""Families drawn from a dataset's own images rather than its label maps: "ct-phase"
+(:func:`.synth.enhance_slice`, a contrast phase simulated on a real CT)."""
+
+FAMILY_MODALITY = {"ct": "ct", "t1": "mr", "t2": "mr", "any": "mr", "ct-phase": "ct"}
+"""The modality of each family's images, the modality its samples train."""
+
+SYNTH_CHOICES = ("off", *FAMILIES, *IMAGE_FAMILIES)
+"""Every value of a data set's ``synth`` key."""
