@@ -130,3 +130,36 @@ def test_weights_facts_read_the_safetensors_header(tiny_model_dir):
     count = sum(array.size for array in load_file(str(weights)).values())
     size = weights.stat().st_size
     assert weights_facts(weights) == f"{size / 1e6:.1f} MB, {count / 1e6:.1f} M parameters"
+
+
+def test_a_fine_tuned_cards_lineage_is_told_in_one_sentence():
+    def run(name, sha, path, iterations):
+        data = {"0:x": {"path": path, "modality": "ct", "train_cases": ["a", "b"]}}
+        return {"name": name, "weights_sha256": sha, "data": data, "iterations": iterations}
+
+    config = {"iterations_per_epoch": 10, "batch_size": 4, "stages": [{"epochs": 3}]}
+    card = {
+        "training_data": "Corrections.",
+        "provenance": {
+            "config": config,
+            "training_seconds": 75,
+            "init_weights_sha256": "ab" * 32,
+            "lineage": [
+                run("tuned", "ab" * 32, "data/fixes", 600),
+                run("base", "cd" * 32, "data/phantom", 4000),
+            ],
+        },
+    }
+    text = training_data_text(card)
+    assert text.endswith(
+        "30 iterations of batch 4 in 1 min 15 s, continued from tuned (weights abababababab), the last of "
+        "2 earlier runs: 4600 iterations, data/fixes, data/phantom."
+    )
+    card["provenance"]["lineage"] = card["provenance"]["lineage"][:1]
+    assert text_end(training_data_text(card)) == "tuned (weights abababababab): 600 iterations, data/fixes."
+    del card["provenance"]["lineage"]  # a card written before lineages were recorded
+    assert training_data_text(card).endswith("continued from an earlier model.")
+
+
+def text_end(text: str) -> str:
+    return text.split("continued from ")[1]

@@ -1474,6 +1474,41 @@ def fine_tune_config(path: Path, one_case: Path, phantoms, **top) -> Path:
     )
 
 
+def test_a_chain_of_fine_tunes_keeps_every_earlier_run_in_the_last_card(phantoms, one_case, tmp_path):
+    """Each fine-tune records the run behind its starting model and that model's own lineage, so the
+    last card of a chain tells every run (``provenance.lineage``, newest first; ``m4oe info``)."""
+    from m4oe.card_summary import training_data_text
+
+    source = save_source_model(tmp_path / "source")
+    first = fine_tune_config(
+        tmp_path / "first.toml", one_case, phantoms, init=str(source), output_dir=str(tmp_path / "first")
+    )
+    _, first_card = load_checkpoint(run(load_config(first)[0], base_dir=tmp_path) / "model")
+    second = fine_tune_config(
+        tmp_path / "second.toml",
+        one_case,
+        phantoms,
+        init=str(tmp_path / "first" / "model"),
+        output_dir=str(tmp_path / "second"),
+        seed=3,
+    )
+    _, card = load_checkpoint(run(load_config(second)[0], base_dir=tmp_path) / "model")
+    _, source_card = load_checkpoint(source)
+
+    assert [entry["name"] for entry in first_card.provenance["lineage"]] == ["source"]
+    newest, oldest = card.provenance["lineage"]
+    assert newest["weights_sha256"] == first_card.weights_sha256 == card.provenance["init_weights_sha256"]
+    assert newest["init_weights_sha256"] == source_card.weights_sha256 == oldest["weights_sha256"]
+    assert (newest["iterations"], newest["batch_size"], newest["seed"]) == (2, 2, 0)
+    assert newest["data"] == first_card.provenance["data"] and newest["data"]
+    assert oldest["iterations"] is None and oldest["init_weights_sha256"] is None  # no record: None
+    lineage_text = training_data_text(card.to_dict()).split("continued from ")[1]
+    parent = f"{first_card.name} (weights {first_card.weights_sha256[:12]})"
+    assert lineage_text.startswith(f"{parent}, the last of 2 earlier runs: ")
+    assert str(one_case) in lineage_text
+    assert "iterations" not in lineage_text  # the source model's run is unknown: no total is claimed
+
+
 @pytest.mark.slow
 def test_fine_tuning_one_case_by_model_name_keeps_the_init_models_preprocessing_and_clean_up(
     phantoms, one_case, tmp_path, monkeypatch, capsys

@@ -54,7 +54,7 @@ def _datasets(provenance: dict) -> list[tuple[str, int, list[str]]]:
     return [(path, count, modalities) for path, (count, modalities) in folders.items()]
 
 
-def _iterations(config: dict) -> tuple[int, int] | None:
+def run_iterations(config: dict) -> tuple[int, int] | None:
     """(iterations, batch size) of a training config's stages, or None when it does not say."""
     per_epoch = config.get("iterations_per_epoch")
     stages = config.get("stages") or []
@@ -79,7 +79,7 @@ def training_data_text(card: dict) -> str:
         listed = ", ".join(f"{path} {count} ({'/'.join(mods)})" for path, count, mods in datasets)
         parts.append(f"{len(datasets)} datasets, {total} training cases: {listed}.")
     run = []
-    iterations = _iterations(provenance.get("config") or {})
+    iterations = run_iterations(provenance.get("config") or {})
     if iterations:
         run.append(f"{iterations[0]} iterations of batch {iterations[1]}")
     if isinstance(provenance.get("training_seconds"), (int, float)):
@@ -87,9 +87,31 @@ def training_data_text(card: dict) -> str:
     if run:
         text = " ".join(run)
         if provenance.get("init_weights_sha256"):
-            text += ", continued from an earlier model"
+            text += ", continued from " + _lineage_text(provenance)
         parts.append(text[0].upper() + text[1:] + ".")
     return " ".join(parts)
+
+
+def _lineage_text(provenance: dict) -> str:
+    """The earlier runs a fine-tuned model continues (``provenance.lineage``, newest first).
+
+    Example: ``"m4oe-phantom (weights 95e25fcbf29e), the last of 2 earlier runs: 8000 iterations,
+    data/phantom/t1, data/phantom/t2"``; ``"an earlier model"`` for a card without a lineage.
+    """
+    lineage = [entry for entry in provenance.get("lineage") or [] if isinstance(entry, dict)]
+    if not lineage:
+        return "an earlier model"
+    parent = lineage[0]
+    text = f"{parent.get('name', '?')} (weights {str(parent.get('weights_sha256') or '?')[:12]})"
+    if len(lineage) > 1:
+        text += f", the last of {len(lineage)} earlier runs"
+    iterations = [entry.get("iterations") for entry in lineage]
+    folders = list(dict.fromkeys(path for entry in lineage for path, _count, _m in _datasets(entry)))
+    details = []
+    if all(isinstance(n, int) for n in iterations):
+        details.append(f"{sum(iterations)} iterations")
+    details += folders
+    return text + (": " + ", ".join(details) if details else "")
 
 
 def _figure(value, digits: int = 2) -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from m4oe.card_summary import run_iterations
 from m4oe.checkpoint import save_checkpoint
 from m4oe.labels import Label
 from m4oe.model import SwinUNet
@@ -113,6 +114,35 @@ def task_postprocessing(
             passes = parent.test_time_passes if parent is not None else 1
         result[name] = dict(largest_component=clean, through_plane_sigma_mm=sigma, test_time_passes=passes)
     return result
+
+
+def lineage(init_card: ModelCard | None) -> list[dict]:
+    """The runs behind a fine-tune's starting model, newest first: the init model's own run, then
+    the lineage its card records. Empty for a run from scratch.
+
+    Each entry is what that run's provenance recorded: ``name`` and ``weights_sha256`` (the model
+    it exported), ``data`` (per data set: path, modality, training cases), ``iterations`` and
+    ``batch_size`` (None when its config does not say), ``training_seconds``, ``seed``,
+    ``command`` and ``init_weights_sha256`` (None for a run from scratch). A chain of fine-tunes so
+    keeps the story of every run in the last card, which ``m4oe info`` tells.
+    """
+    if init_card is None:
+        return []
+    provenance = init_card.provenance or {}
+    config = provenance.get("config") or {}
+    iterations, batch_size = run_iterations(config) or (None, None)
+    entry = {
+        "name": init_card.name,
+        "weights_sha256": init_card.weights_sha256,
+        "data": provenance.get("data") or {},
+        "iterations": iterations,
+        "batch_size": batch_size,
+        "training_seconds": provenance.get("training_seconds"),
+        "seed": provenance.get("seed"),
+        "command": provenance.get("command"),
+        "init_weights_sha256": provenance.get("init_weights_sha256"),
+    }
+    return [entry, *(e for e in provenance.get("lineage") or [] if isinstance(e, dict))]
 
 
 def build_card(

@@ -40,7 +40,7 @@ from .augment import build_augmentation
 from .batches import BatchPlan, BatchSource, step_seed
 from .config import ConfigError, TrainConfig
 from .data import DatasetInfo, SliceData, ct_intensity_params, split_cases
-from .export import build_card, expert_modalities, export_model, task_labels
+from .export import build_card, expert_modalities, export_model, lineage, task_labels
 from .init_model import (
     inherit_preprocessing,
     init_intensity,
@@ -347,6 +347,7 @@ def _run(
             for key, info, cases in zip(data_keys(infos), infos, train_cases, strict=True)
         },
         "init_weights_sha256": init_sha256,
+        "lineage": lineage(init_card),
         "code_version": __version__,
         "torch": torch.__version__,
         "host": platform.platform(),
