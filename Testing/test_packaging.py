@@ -654,11 +654,18 @@ def test_reload_reimports_every_library_module_after_those_it_imports():
 
 # ---------------------------------------------------------------------------------------- file size
 
-LINE_LIMIT = 650
+LINE_LIMIT = 600
 """DESIGN.md: "No file over about 600 lines: split by responsibility before it grows past that";
-checked with some slack on the shipped module (module file, its library, the engine) and the
-training subpackage. benchmarks/ is not checked: benchmarks/peers.py has 786 lines."""
-SIZE_CHECKED = (MODULE, ROOT / "training")
+checked on the shipped module (module file, its library, the engine), the training subpackage and
+the benchmarks."""
+SIZE_CHECKED = (MODULE, ROOT / "training", ROOT / "benchmarks")
+LINE_LIMIT_EXCEPTIONS = {
+    # The module file (614 lines) is the panel's one Widget class, the slots its setup() wires.
+    # Its combo-box and structure-list helpers could move into M4oESegmentationLib, but several
+    # branches edit this file at the same time; until they are merged it may not grow past 650.
+    MODULE_FILE: 650,
+}
+"""The only files allowed over ``LINE_LIMIT``, each with its own limit and the reason."""
 
 
 def test_no_package_source_file_is_over_the_line_limit():
@@ -669,8 +676,14 @@ def test_no_package_source_file_is_over_the_line_limit():
         if "__pycache__" not in path.parts
     }
     assert len(sizes) > 50, f"found only {len(sizes)} Python files under {[str(f) for f in SIZE_CHECKED]}"
-    over = [f"{path.relative_to(ROOT)} ({n} lines)" for path, n in sizes.items() if n > LINE_LIMIT]
+    over = [
+        f"{path.relative_to(ROOT)} ({n} lines)"
+        for path, n in sizes.items()
+        if n > LINE_LIMIT_EXCEPTIONS.get(path, LINE_LIMIT)
+    ]
     assert not over, f"over {LINE_LIMIT} lines, split by responsibility (DESIGN.md): {', '.join(over)}"
+    needless = [str(path.relative_to(ROOT)) for path in LINE_LIMIT_EXCEPTIONS if sizes[path] <= LINE_LIMIT]
+    assert not needless, f"within {LINE_LIMIT} lines now, drop from LINE_LIMIT_EXCEPTIONS: {needless}"
 
 
 # ---------------------------------------------------------------------------------------- requirements

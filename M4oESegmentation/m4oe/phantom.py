@@ -44,18 +44,16 @@ from m4oe import __version__
 from m4oe.errors import CancelledError, InputError, OutputError
 from m4oe.io import write_atomic, write_image
 from m4oe.labels import Label
-from m4oe.phantom_anatomy import (
-    ANATOMY_STREAM,
+from m4oe.phantom_anatomy import ANATOMY_STREAM, PHANTOM_LABELS, draw_anatomy
+from m4oe.phantom_imaging import (
     CONTRASTS,
     MAX_IN_PLANE,
     MAX_SLICES,  # noqa: F401  (part of this module's documented interface)
     MIN_SIZE,
     ORIENTATIONS,  # noqa: F401  (part of this module's documented interface)
-    PHANTOM_LABELS,
     SEQUENCE_STREAM,
     SEQUENCES,
     draw_acquisition,
-    draw_anatomy,
     render,
 )
 from m4oe.terminology import standard_label
