@@ -24,6 +24,7 @@ from M4oESegmentationLib.logic import MODULE_DIR, POLL_INTERVAL_MS, M4oESegmenta
 # scripts know the module's classes as M4oESegmentation.<ClassName>.
 from M4oESegmentationLib.logic_selftest import M4oESegmentationTest  # noqa: F401
 from M4oESegmentationLib.parameters import M4oESegmentationParameterNode  # noqa: F401
+from M4oESegmentationLib.widgets import fill_combo_box, select_item_data
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleWidget
@@ -33,6 +34,7 @@ CONTRIBUTORS = ["M4oE Segmentation contributors (SlicerM4oESegmentation)"]
 """The module's authors, as Slicer's module docs ask ("Name (Organization)"); the extension's
 EXTENSION_CONTRIBUTORS (CMakeLists.txt) says the same (Testing/test_packaging.py)."""
 LIBRARY_MODULES = (
+    "widgets",
     "status",
     "models",
     "dependencies",
@@ -230,12 +232,12 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingGUI = True
         try:
             p = self._parameterNode
-            self._selectItemData(self.ui.modelComboBox, p.model or models.default_model())
+            select_item_data(self.ui.modelComboBox, p.model or models.default_model())
             if self._shownModel != p.model:
                 self._showModelDetails(p.model)
-            self._selectItemData(self.ui.taskComboBox, p.task)
+            select_item_data(self.ui.taskComboBox, p.task)
             self._showStructures(p.model, p.task, p.skippedStructures)
-            self._selectItemData(self.ui.forceExpertComboBox, p.forcedExpert)
+            select_item_data(self.ui.forceExpertComboBox, p.forcedExpert)
             if self.ui.datasetPathLineEdit.currentPath != p.datasetPath:
                 self.ui.datasetPathLineEdit.currentPath = p.datasetPath
             self.segmentEditorWidget.setSegmentationNode(p.outputSegmentation)
@@ -296,19 +298,13 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showGateLayer(self, review):
         """Fill the router-scale list (MoME only, else hidden), show the chosen scale; return its map."""
         layers = review.layers if review else []
-        self._fillComboBox(self.ui.gateLayerComboBox, layers)
+        fill_combo_box(self.ui.gateLayerComboBox, layers)
         self.ui.gateLayerLabel.visible = self.ui.gateLayerComboBox.visible = bool(layers)
         if not layers:
             return review.overlay if review else None
         layer = self._parameterNode.gateLayer if self._parameterNode.gateLayer in dict(layers) else ""
-        self._selectItemData(self.ui.gateLayerComboBox, layer)
+        select_item_data(self.ui.gateLayerComboBox, layer)
         return review.show_layer(layer)
-
-    @staticmethod
-    def _selectItemData(comboBox, value) -> None:
-        index = comboBox.findData(value)
-        if index >= 0 and comboBox.currentIndex != index:
-            comboBox.currentIndex = index
 
     # ------------------------------------------------------------------ models
 
@@ -320,7 +316,7 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             entries, error = models.available_models(), None
         except ValueError as exc:  # a broken model registry
             entries, error = [], str(exc)
-        self._fillComboBox(self.ui.modelComboBox, models.model_choices(entries, self._parameterNode.model))
+        fill_combo_box(self.ui.modelComboBox, models.model_choices(entries, self._parameterNode.model))
         self._shownModel = None
         self.updateGUIFromParameterNode()
         if error:
@@ -333,8 +329,8 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             card, error = models.model_card(model), None
         except ValueError as exc:
             card, error = None, str(exc)
-        self._fillComboBox(self.ui.taskComboBox, models.task_choices(card))
-        self._fillComboBox(self.ui.forceExpertComboBox, models.expert_choices(card))
+        fill_combo_box(self.ui.taskComboBox, models.task_choices(card))
+        fill_combo_box(self.ui.forceExpertComboBox, models.expert_choices(card))
         self.ui.modelInfoLabel.text = models.model_info(card, error)
 
     def onModelFileButton(self) -> None:
@@ -409,18 +405,6 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDatasetPathChanged(self, path) -> None:
         if self._parameterNode is not None and not self._updatingGUI:
             self._parameterNode.datasetPath = path
-
-    @staticmethod
-    def _fillComboBox(comboBox, items) -> None:
-        current = comboBox.currentData
-        wasBlocked = comboBox.blockSignals(True)
-        try:
-            comboBox.clear()
-            for data, text in items:
-                comboBox.addItem(text, data)
-            comboBox.currentIndex = max(comboBox.findData(current), 0) if items else -1
-        finally:
-            comboBox.blockSignals(wasBlocked)
 
     # ------------------------------------------------------------------ run
 
