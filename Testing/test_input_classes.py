@@ -986,6 +986,13 @@ def run_in_process(argv: list[str], capsys, caplog) -> tuple[int, list[str], lis
     return code, captured.out.splitlines(), captured.err.splitlines() + logged
 
 
+def default_sigint() -> None:
+    """Run in the child before it starts (``preexec_fn``): Ctrl-C's default action. A test run
+    started in the background by a script (``cmd &``) has SIGINT ignored, children inherit that,
+    and Python then installs no KeyboardInterrupt handler: the child would never see the signal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_with_signal(argv: list[str], signum: int, cwd: Path) -> tuple[int, list[str], list[str]]:
     """``m4oe ARGV --progress json`` as a real process, sent ``signum`` once inference has begun."""
     process = subprocess.Popen(
@@ -995,6 +1002,7 @@ def run_with_signal(argv: list[str], signum: int, cwd: Path) -> tuple[int, list[
         text=True,
         cwd=cwd,
         env={**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1])},
+        preexec_fn=default_sigint,
     )
     seen = ""
     while '"stage": "inference"' not in seen:

@@ -28,6 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120
 
 
+def default_sigint() -> None:
+    """Run in the child before it starts (``preexec_fn``): Ctrl-C's default action. A test run
+    started in the background by a script (``cmd &``) has SIGINT ignored, children inherit that,
+    and Python then installs no KeyboardInterrupt handler: the child would never see the signal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class ServerProcess:
     """``python -m m4oe.cli serve`` with its stdout lines read by a thread into a queue."""
 
@@ -41,6 +48,7 @@ class ServerProcess:
             stderr=subprocess.PIPE,
             text=True,
             env=env,
+            preexec_fn=default_sigint,
         )
         self.lines: queue.Queue[dict] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -57,6 +65,7 @@ class ServerProcess:
         try:
             return self.lines.get(timeout=TIMEOUT_S)
         except queue.Empty:
+            self.proc.kill()  # stderr ends only with the server: reading it from a live one would hang
             raise AssertionError(
                 f"no record within {TIMEOUT_S} s; stderr: {self.proc.stderr.read()}"
             ) from None
