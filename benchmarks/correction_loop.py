@@ -53,7 +53,8 @@ def score_corrected(predictor, dataset: Path) -> dict:
         "mean_dice": mean over cases}.
 
     Raises:
-        InputError: the data set shares no structure with the model (with both lists).
+        InputError: the data set shares no structure with the model (with both lists), or a case's
+            label map holds none of the shared ones.
     """
     import SimpleITK as sitk
 
@@ -84,6 +85,8 @@ def score_corrected(predictor, dataset: Path) -> dict:
         reference = sitk.ReadImage(str(info.label_path(case)))
         prediction = predictor.predict(image, modality=info.modality)
         result = evaluate(prediction.labelmap, reference, label_map=label_map, names=names)
+        if result["mean_dice"] is None:
+            raise InputError("label map holds none of the structures the model knows", info.label_path(case))
         cases[case] = {
             "mean_dice": round(float(result["mean_dice"]), 4),
             "dice": {row["name"]: round(float(row["dice"]), 4) for row in result["labels"]},
