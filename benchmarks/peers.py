@@ -23,9 +23,10 @@ written as .nii.gz):
 - the float32 matrix-multiply peak: best of 5 ``torch.mm`` of 4096 x 4096 at the same threads,
   measured at the start and again at the end (the better of the two counts).
 
-Wall time and peak resident memory (``ru_maxrss`` of each child, from ``os.wait4``) are per
-process. The machine's load average is recorded next to every figure. Output: Markdown on stdout
-(ratios to the dense baseline, raw figures, the issue's targets met or not) and ``--json FILE``.
+Wall time and peak resident memory (each child's own ``VmHWM``, which it reports on exit:
+``measurement.own_peak_rss``) are per process. The machine's load average is recorded next to
+every figure. Output: Markdown on stdout (ratios to the dense baseline, raw figures, the issue's
+targets met or not) and ``--json FILE``.
 
 Run: ``PYTHONPATH=M4oESegmentation python benchmarks/peers.py [--sizes 100,300]
 [--only swin-unet,m4oe-top1,...] [--peer-slices N] [--quick] [--json out.json]``.
