@@ -144,3 +144,34 @@ def test_the_benchmark_command_records_only_into_a_model_folder_of_the_users(tmp
     )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "--record needs --model FOLDER" in done.stderr
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_the_spacing_sweep_scores_each_spacing_and_the_cards_own_as_the_plain_run(shared_data):
+    command = [sys.executable, str(ROOT / "benchmarks" / "real_accuracy.py"), "--data", str(shared_data)]
+    common = ["--tta", "1", "--threads", "2", "--json"]
+    plain = json.loads(subprocess.run([*command, *common], capture_output=True, text=True, check=True).stdout)
+    done = subprocess.run([*command, *common, "--spacing-sweep", "3.5,4.5"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["card_spacing_mm"] == [3.5, 3.5]  # the embedded card's own spacing
+    assert [row["spacing_mm"] for row in result["sweep"]] == [3.5, 4.5]
+    at_card, wider = (row["scans"] for row in result["sweep"])
+    assert at_card == plain["scans"]  # the sweep's row at the card's spacing is the plain benchmark
+    # The MRI's field of view fits the input at both spacings, so 4.5 mm pixels show it smaller.
+    assert wider["example_mr_sm"]["dice"] != at_card["example_mr_sm"]["dice"]
+
+
+def test_the_spacing_sweep_is_refused_for_a_model_without_a_target_spacing(tiny_model_dir, tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "real_accuracy.py"), "--data", str(tmp_path)]
+    done = subprocess.run(
+        [*command, "--model", str(tiny_model_dir), "--spacing-sweep", "3.5"], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "it has no target spacing to sweep" in done.stderr
+    for bad in ("0", "3.5,x"):
+        done = subprocess.run([*command, "--spacing-sweep", bad], capture_output=True, text=True)
+        assert done.returncode == 2 and "--spacing-sweep" in done.stderr
+    done = subprocess.run([*command, "--spacing-sweep", "4", "--record"], capture_output=True, text=True)
+    assert done.returncode == 2 and "cannot go with --spacing-sweep" in done.stderr

@@ -9,14 +9,20 @@ the source tree and a downloaded model's card is checked against the catalogue's
 neither is rewritten.
 
 Run: ``python benchmarks/real_accuracy.py [--model NAME_OR_FOLDER] [--data DIR] [--tta N]
-[--threads 2] [--json] [--record] [--protocol released]``. ``--protocol released`` adds the
-released M4oE code's scores (its Dice conventions, HD95 in voxels) beside the native ones.
-Exit code 2 when the data folder or a file is missing.
+[--threads 2] [--json] [--record] [--protocol released] [--spacing-sweep MM,MM,...]``.
+``--protocol released`` adds the released M4oE code's scores (its Dice conventions, HD95 in voxels)
+beside the native ones. ``--spacing-sweep`` scores the model once per in-plane pixel spacing (mm,
+square pixels) in place of its card's ``target_spacing_mm``, one row per spacing and scan: how
+much the figures depend on the scale a patient is shown at (a model card with ``in_plane =
+"spacing"`` only; a field of view too large for the model input is still shrunk to fit, so a wide
+CT moves only with spacings above its fitted one). Exit code 2 when the data folder or a file is
+missing, or the sweep does not apply.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -42,7 +48,16 @@ def main(argv=None) -> int:
         default="native",
         help="released: add the released M4oE code's Dice and HD95 (voxels) columns beside the native ones",
     )
+    p.add_argument(
+        "--spacing-sweep",
+        type=spacings,
+        default=None,
+        metavar="MM,MM,...",
+        help="score once per in-plane spacing (mm) instead of the card's target spacing",
+    )
     args = p.parse_args(argv)
+    if args.spacing_sweep and args.record:
+        p.error("--record writes the card's own figures: it cannot go with --spacing-sweep")
 
     from m4oe.errors import M4oEError
     from m4oe.hub import EMBEDDED_DIR, cache_dir, resolve_model
@@ -68,6 +83,8 @@ def main(argv=None) -> int:
         folder = resolve_model(args.model)
         predictor = Predictor.from_pretrained(folder, device="cpu", threads=args.threads)
         start = time.perf_counter()
+        if args.spacing_sweep:
+            return sweep(predictor, args, start)
         results = benchmark(predictor, args.data, args.tta, args.protocol)
     except M4oEError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -87,6 +104,66 @@ def main(argv=None) -> int:
     else:
         print(format_table(results))
         print(f"({seconds} s)")
+    return 0
+
+
+def spacings(text: str) -> list[float]:
+    """``"3.5,4"`` -> [3.5, 4.0]: positive in-plane spacings in mm."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated spacings in mm, got {text!r}") from None
+    if not all(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"spacings must be positive, got {text!r}")
+    return values
+
+
+def at_target_spacing(card, spacing_mm: float):
+    """The card with its in-plane target spacing set to ``spacing_mm`` (rows and columns alike)."""
+    from m4oe.errors import ModelError
+
+    if card.preprocessing.in_plane != "spacing":
+        raise ModelError(
+            f"model {card.name!r} resizes every slice to its input (in_plane "
+            f"{card.preprocessing.in_plane!r}): it has no target spacing to sweep"
+        )
+    pre = dataclasses.replace(card.preprocessing, target_spacing_mm=(spacing_mm, spacing_mm))
+    return dataclasses.replace(card, preprocessing=pre)
+
+
+def sweep(predictor, args, start: float) -> int:
+    """Score the real scans once per spacing of ``args.spacing_sweep``; print a table or JSON."""
+    from m4oe_training.realval import benchmark
+
+    card = predictor.card
+    rows = []
+    for spacing in args.spacing_sweep:
+        predictor.card = at_target_spacing(card, spacing)
+        rows.append(
+            {"spacing_mm": spacing, "scans": benchmark(predictor, args.data, args.tta, args.protocol)}
+        )
+    predictor.card = card
+    seconds = round(time.perf_counter() - start, 1)
+    if args.json:
+        name = str(args.model or card.name)
+        print(
+            json.dumps(
+                {
+                    "model": name,
+                    "seconds": seconds,
+                    "card_spacing_mm": card.preprocessing.target_spacing_mm,
+                    "sweep": rows,
+                },
+                indent=1,
+            )
+        )
+        return 0
+    print(f"card target spacing {card.preprocessing.target_spacing_mm} mm; mean Dice, then Dice per organ")
+    for row in rows:
+        for scan, entry in row["scans"].items():
+            organs = " ".join(f"{organ} {dice:.2f}" for organ, dice in entry["dice"].items())
+            print(f"{row['spacing_mm']:>5.2f} mm  {scan:<18} {entry['mean_dice']:.3f}  {organs}")
+    print(f"({seconds} s)")
     return 0
 
 
