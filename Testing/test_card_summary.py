@@ -71,7 +71,7 @@ def test_info_prints_a_readable_page_of_the_embedded_model(capsys):
     assert "4000 iterations of batch 8 in 39 min 22 s, continued from an earlier model." in training
     assert "  held-out 0:t1 (MR, 4 cases): mean Dice 0.85" in lines
     (ct_scan,) = [line for line in lines if line.startswith("  real scan example_ct_dicom (CT)")]
-    assert "mean Dice 0.49" in ct_scan and "liver 0.94" in ct_scan
+    assert "mean Dice 0.53" in ct_scan and "liver 0.93" in ct_scan and "aorta 0.55" in ct_scan
     assert any(line.startswith("  real scan example_mr_sm (MR): mean Dice 0.40") for line in lines)
     assert "weights sha256: 95e25fcbf29e198aa27274ecca561778366b7a4b580a7be13db5fe54351a5fef" in lines
     code, out, _ = run_cli(["info", "--json"], capsys)

@@ -15,7 +15,7 @@ from scipy import ndimage
 from m4oe.checkpoint import load_checkpoint
 from m4oe.demo import synthetic_ct
 from m4oe.errors import CancelledError, InputError
-from m4oe.inplane import from_model_grid, make_grid, to_model_grid
+from m4oe.inplane import from_model_grid, labels_to_model_grid, make_grid, model_window, to_model_grid
 from m4oe.predictor import Predictor, ProgressEvent, keep_largest_components
 
 SHAPE_ZYX = (6, 40, 48)
@@ -287,6 +287,55 @@ def test_spacing_mode_keeps_the_aspect_ratio_and_fits_the_field_of_view():
     assert max(ry, rx) <= 64 and ry / rx == pytest.approx(2.0)
     with pytest.raises(ValueError, match="nearest"):
         make_grid((10, 10), (1.0, 1.0), 64, "nearest")
+
+
+def test_a_field_of_view_too_wide_for_the_input_is_framed_on_the_body_not_shrunk():
+    # 200 x 300 px at 1 mm: 100 x 150 px at 2 mm, too wide for 64; the body is rows 40-160, cols 110-210.
+    body = (slice(40, 160), slice(110, 210))
+    framed = make_grid((200, 300), (1.0, 1.0), 64, "spacing", (2.0, 2.0), body)
+    assert framed.window_start == (40, 110) and framed.slice_shape == (120, 100)
+    assert framed.window == body
+    assert framed.scaled_shape == (60, 50) and framed.model_spacing == pytest.approx((2.0, 2.0))
+    assert framed.offset == (2, 7)  # the body centred on the canvas
+    assert make_grid((200, 300), (1.0, 1.0), 64, "spacing", (2.0, 2.0)).model_spacing[0] > 4.0  # shrunk
+    # A body that does not fit either is framed, then shrunk to fit.
+    wide = make_grid((200, 300), (1.0, 1.0), 64, "spacing", (2.0, 2.0), (slice(0, 200), slice(20, 280)))
+    assert wide.window_start == (0, 20) and wide.scaled_shape[1] == 64
+    assert wide.model_spacing[0] == pytest.approx(260 / 64, rel=0.02)
+    # A slice that fits keeps its whole field of view; "resize" stretches the whole slice.
+    fits = make_grid((100, 120), (1.0, 1.0), 64, "spacing", (2.0, 2.0), body)
+    assert fits.window_start == (0, 0) and fits.slice_shape == (100, 120)
+    assert make_grid((200, 300), (1.0, 1.0), 64, "resize", None, body).window_start == (0, 0)
+
+
+def test_a_framed_grid_maps_the_bodys_pixels_and_refuses_others():
+    y, x = np.mgrid[0:200, 0:300].astype(np.float32)
+    smooth = torch.from_numpy(np.sin(x / 9) + np.cos(y / 7))[None, None]
+    grid = make_grid((200, 300), (1.0, 1.0), 64, "spacing", (2.0, 2.0), (slice(40, 160), slice(110, 210)))
+    model_input = to_model_grid(smooth, grid, pad_value=-5.0)
+    assert float(model_input[0, 0, 0, 0]) == -5.0
+    # The model pixel at the canvas centre looks at the body's centre, not the slice's.
+    oy, ox = grid.offset
+    u, v = oy + 30, ox + 25  # 30 and 25 model pixels (2 mm) into the body: slice pixel 100.5, 160.5
+    expected = np.sin(160.5 / 9) + np.cos(100.5 / 7)
+    assert float(model_input[0, 0, u, v]) == pytest.approx(expected, abs=0.02)
+    back = from_model_grid(model_input, grid)
+    assert back.shape == (1, 1, 120, 100)  # the window
+    error = (back - smooth[..., 40:160, 110:210]).abs()
+    assert float(error[..., 3:-3, 3:-3].max()) < 0.05
+    part = from_model_grid(model_input, grid, slice(50, 90), slice(120, 200))
+    torch.testing.assert_close(part, back[..., 10:50, 10:90], rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="outside the grid's window"):
+        from_model_grid(model_input, grid, slice(0, 90), slice(120, 200))
+    rows, cols = model_window(grid, slice(0, 200), slice(0, 300))
+    assert (rows, cols) == (slice(oy, oy + 60), slice(ox, ox + 50))
+    labels = np.zeros((1, 200, 300), np.uint8)
+    labels[0, 100:102, 160:162] = 3  # model pixel (30, 25) of the body's grid (nearest: pixel 101, 161)
+    labels[0, 10:12, 10:12] = 4  # outside the body: not on the grid
+    on_grid = labels_to_model_grid(labels, grid)
+    assert on_grid[0, oy + 30, ox + 25] == 3 and not (on_grid == 4).any()
+    # Token centres (gate maps) in slice pixels: model pixel u is window pixel (u - o + 0.5) * 2 - 0.5.
+    assert grid.token_index_origin(4) == pytest.approx((40 + (2 - oy) * 2 - 0.5, 110 + (2 - ox) * 2 - 0.5))
 
 
 @pytest.mark.parametrize("mode", ["resize", "spacing"])

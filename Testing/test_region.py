@@ -14,14 +14,17 @@ import SimpleITK as sitk
 import torch
 
 from m4oe.cli import main
+from m4oe.demo import synthetic_ct
 from m4oe.errors import InputError
 from m4oe.geometry import to_axial_stack
 from m4oe.inplane import from_model_grid, make_grid, model_window
 from m4oe.phantom import generate_case
 from m4oe.predictor import Predictor
+from m4oe.preprocessing import DEFAULT_PARAMS
 from m4oe.region import (
     VoxelBox,
     body_box,
+    body_rows_columns,
     box_from_ijk,
     box_from_lps_mm,
     box_from_stack_slices,
@@ -202,6 +205,67 @@ def test_body_crop_changes_no_label_and_keeps_the_grid(embedded, phantom_ct):
     outside = np.ones(p_crop.shape[:3], bool)
     outside[inside] = False
     assert (p_crop[outside][:, 0] == 255).all() and (p_crop[outside][:, 1:] == 0).all()
+
+
+def test_a_field_of_view_too_wide_for_the_model_is_framed_on_the_body(embedded):
+    """520 mm of field of view do not fit the embedded model's 128 px of 3.5 mm: with the body crop
+    the model sees the body's box at 3.5 mm, exactly as it sees that box cropped out beforehand."""
+    wide = synthetic_ct((12, 240, 520), (1.0, 1.0, 5.0))  # RAS-stored: flipped rows and columns
+    framed = embedded.predict(wide, modality="ct", test_time_passes=1, gates=True, body_crop=True)
+    shrunk = embedded.predict(wide, modality="ct", test_time_passes=1, gates=True)
+    factor = 128 / framed.gate_map.GetSize()[0]  # the gate map is on the model grid's tokens
+    assert framed.gate_map.GetSpacing()[0] == pytest.approx(3.5 * factor, rel=0.01)  # rounded to pixels
+    assert shrunk.gate_map.GetSpacing()[0] == pytest.approx(520 / 128 * factor, rel=0.01)
+    assert geometry(framed.labelmap) == geometry(wide)
+    box = framed.region
+    assert box.size[0] < 520 and box.size[1] == 240  # air cut at the sides only
+    cropped = sitk.RegionOfInterest(wide, box.size, box.start)
+    alone = embedded.predict(cropped, modality="ct", test_time_passes=1, gates=True)
+    labels = arr(framed.labelmap)
+    inside = (
+        slice(box.start[2], box.stop[2]),
+        slice(box.start[1], box.stop[1]),
+        slice(box.start[0], box.stop[0]),
+    )
+    assert labels[inside].any()
+    np.testing.assert_array_equal(labels[inside], arr(alone.labelmap))
+    labels[inside] = 0
+    assert not labels.any()
+    # The gate map lies where the cropped box's gate map lies, in physical space, with its weights.
+    mapped, own = framed.gate_map, alone.gate_map
+    assert mapped.GetSize() == own.GetSize() and mapped.GetDirection() == own.GetDirection()
+    np.testing.assert_allclose(mapped.GetOrigin(), own.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(mapped.GetSpacing(), own.GetSpacing(), atol=1e-9)
+    np.testing.assert_allclose(arr(mapped), arr(own), atol=1e-5)
+
+
+def test_training_frames_a_too_wide_field_of_view_on_the_body_as_inference_does(tmp_path):
+    from m4oe_training.data import DatasetInfo, prepare_case
+
+    wide = synthetic_ct((6, 240, 520), (1.0, 1.0, 5.0))
+    labels = sitk.Cast(wide > 20, sitk.sitkUInt8)  # soft tissue and organs: label 1
+    stack = to_axial_stack(wide)
+    box = box_from_stack_slices((slice(0, 6), *body_rows_columns(stack, "ct")), stack)
+    assert box.size[0] < 520
+    root = tmp_path / "wide"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    cases = {"wide": (wide, labels)}
+    cases["crop"] = tuple(sitk.RegionOfInterest(im, box.size, box.start) for im in (wide, labels))
+    for name, (image, label) in cases.items():
+        sitk.WriteImage(image, str(root / "imagesTr" / f"{name}_0000.nii.gz"))
+        sitk.WriteImage(label, str(root / "labelsTr" / f"{name}.nii.gz"))
+    meta = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "soft": 1}}
+    (root / "dataset.json").write_text(json.dumps({**meta, "numTraining": 2, "file_ending": ".nii.gz"}))
+    info = DatasetInfo.read(root)
+    ct = DEFAULT_PARAMS["ct"]
+    framed = prepare_case(info, "wide", ct, 128, "spacing", (3.5, 3.5))
+    alone = prepare_case(info, "crop", ct, 128, "spacing", (3.5, 3.5))
+    assert framed[1].any()
+    np.testing.assert_array_equal(framed[1], alone[1])  # labels: the body's box at 3.5 mm
+    np.testing.assert_allclose(framed[0].astype(np.float32), alone[0].astype(np.float32), atol=1e-2)
+    resized = prepare_case(info, "wide", ct, 128, "resize", None)  # the published preprocessing
+    assert not np.array_equal(resized[1], framed[1])
 
 
 def test_roi_gives_the_whole_run_labels_inside_and_zeros_outside(embedded, phantom_ct):

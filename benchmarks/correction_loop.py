@@ -83,7 +83,7 @@ def score_corrected(predictor, dataset: Path) -> dict:
     for case in info.cases:
         image = read_image(info.image_path(case)).image
         reference = sitk.ReadImage(str(info.label_path(case)))
-        prediction = predictor.predict(image, modality=info.modality)
+        prediction = predictor.predict(image, modality=info.modality, body_crop=True)  # as the CLI
         result = evaluate(prediction.labelmap, reference, label_map=label_map, names=names)
         if result["mean_dice"] is None:
             raise InputError("label map holds none of the structures the model knows", info.label_path(case))

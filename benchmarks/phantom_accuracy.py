@@ -60,7 +60,9 @@ def measure(
         for k in range(cases):
             contrasts.append(case_contrast(sequence, seed + k))
             image, truth = generate_case(sequence, seed + k, max_size=max_size)
-            prediction = predictor.predict(image, gates=True, test_time_passes=tta)
+            prediction = predictor.predict(
+                image, gates=True, test_time_passes=tta, body_crop=True
+            )  # as the CLI
             scores = evaluate(prediction.labelmap, truth, labels=list(PHANTOM_LABELS.values()))
             for row in scores["labels"]:
                 dice[names[row["label"]]].append(row["dice"])

@@ -1,10 +1,12 @@
 """In-plane resampling between an axial slice and the model's square input grid.
 
 One :class:`InPlaneGrid` per volume says how a (Y, X) slice maps onto the model's (S, S) input:
-scaled to (ry, rx) pixels, then placed at offset (oy, ox) in an S x S canvas padded with the
-normalised air value. Training and inference both use these functions, so a model never sees
-slices resampled differently. Pixel centres follow ``align_corners=False``: model pixel u looks at
-slice coordinate ``(u - o + 0.5) * (n / r) - 0.5`` along an axis with n slice pixels.
+a window of the slice (the whole slice, or the box around the body when the whole slice would not
+fit at the model's spacing) scaled to (ry, rx) pixels, then placed at offset (oy, ox) in an S x S
+canvas padded with the normalised air value. Training and inference both use these functions, so
+a model never sees slices resampled differently. Pixel centres follow ``align_corners=False``:
+model pixel u looks at window coordinate ``(u - o + 0.5) * (n / r) - 0.5`` along an axis with n
+window pixels; the slice coordinate is that plus the window's start.
 """
 
 from __future__ import annotations
@@ -21,13 +23,25 @@ IN_PLANE_MODES = ("resize", "spacing")
 
 @dataclass(frozen=True)
 class InPlaneGrid:
-    """Mapping of a slice of (Y, X) pixels with spacing (sy, sx) mm onto an S x S model input."""
+    """Mapping of a window of a slice, (Y, X) pixels with spacing (sy, sx) mm, onto an S x S model input.
+
+    ``slice_shape`` is the window's shape and ``window_start`` its first (row, column) in the slice:
+    (0, 0) and the whole slice unless :func:`make_grid` framed the body. Slice pixel indices given
+    to or returned by the functions below are indices of the whole slice.
+    """
 
     slice_shape: tuple[int, int]
     slice_spacing: tuple[float, float]
     size: int
     scaled_shape: tuple[int, int]
     offset: tuple[int, int]
+    window_start: tuple[int, int] = (0, 0)
+
+    @property
+    def window(self) -> tuple[slice, slice]:
+        """The (rows, columns) of the slice that the grid covers."""
+        (y0, x0), (ny, nx) = self.window_start, self.slice_shape
+        return slice(y0, y0 + ny), slice(x0, x0 + nx)
 
     @property
     def model_spacing(self) -> tuple[float, float]:
@@ -38,7 +52,8 @@ class InPlaneGrid:
     def token_index_origin(self, factor: int) -> tuple[float, float]:
         """Continuous slice index (row, col) of the centre of token (0, 0) on a grid of size // factor."""
         (ny, nx), (ry, rx), (oy, ox) = self.slice_shape, self.scaled_shape, self.offset
-        return (0.5 * factor - oy) * ny / ry - 0.5, (0.5 * factor - ox) * nx / rx - 0.5
+        y0, x0 = self.window_start
+        return y0 + (0.5 * factor - oy) * ny / ry - 0.5, x0 + (0.5 * factor - ox) * nx / rx - 0.5
 
 
 def make_grid(
@@ -47,6 +62,7 @@ def make_grid(
     size: int,
     mode: str = "resize",
     target_spacing: tuple[float, float] | None = None,
+    body: tuple[slice, slice] | None = None,
 ) -> InPlaneGrid:
     """Plan the in-plane resampling of one volume's slices.
 
@@ -55,9 +71,14 @@ def make_grid(
         slice_spacing: (sy, sx) in mm.
         size: S, the model's input side in pixels.
         mode: "resize" stretches the whole slice to S x S (the published M4oE preprocessing);
-            "spacing" resamples to ``target_spacing`` (sy, sx) mm keeping the aspect ratio, and if
-            the field of view is then larger than S pixels, scales it down to fit rather than
-            cutting anatomy off; the rest of the canvas is padding.
+            "spacing" resamples to ``target_spacing`` (sy, sx) mm keeping the aspect ratio. If the
+            slice's field of view is then larger than S pixels and ``body`` is given, the grid covers
+            only the body's rows and columns, centred on the canvas (air and the scanner table are
+            cut, not the anatomy); if that is still larger than S pixels, it is scaled down to fit.
+            The rest of the canvas is padding.
+        body: (rows, columns) of the slice around the patient's body (e.g. from
+            :func:`m4oe.region.body_box`), or None; used in "spacing" mode only, and only when the
+            whole slice does not fit.
     """
     ny, nx = (int(v) for v in slice_shape)
     if mode == "resize":
@@ -66,15 +87,27 @@ def make_grid(
         raise ValueError(f"in-plane mode must be one of {IN_PLANE_MODES}, got {mode!r}")
     if target_spacing is None or min(target_spacing) <= 0:
         raise ValueError(f"in-plane mode 'spacing' needs a positive target spacing, got {target_spacing!r}")
+    start = (0, 0)
+    fits = max(ny * slice_spacing[0] / target_spacing[0], nx * slice_spacing[1] / target_spacing[1]) <= size
+    if body is not None and not fits:
+        rows, cols = (slice(max(0, w.start), min(n, w.stop)) for w, n in zip(body, (ny, nx), strict=True))
+        if rows.stop > rows.start and cols.stop > cols.start:
+            start, (ny, nx) = (rows.start, cols.start), (rows.stop - rows.start, cols.stop - cols.start)
     ry = ny * slice_spacing[0] / target_spacing[0]
     rx = nx * slice_spacing[1] / target_spacing[1]
     shrink = min(1.0, size / max(ry, rx))
     ry, rx = max(1, min(size, round(ry * shrink))), max(1, min(size, round(rx * shrink)))
-    return InPlaneGrid((ny, nx), tuple(slice_spacing), size, (ry, rx), ((size - ry) // 2, (size - rx) // 2))
+    offset = ((size - ry) // 2, (size - rx) // 2)
+    return InPlaneGrid((ny, nx), tuple(slice_spacing), size, (ry, rx), offset, start)
 
 
 def to_model_grid(slices: torch.Tensor, grid: InPlaneGrid, pad_value: float) -> torch.Tensor:
-    """Resample normalised slices (B, C, Y, X) to the model input (B, C, S, S), bilinear, antialiased."""
+    """Resample normalised slices (B, C, Y, X) to the model input (B, C, S, S), bilinear, antialiased.
+
+    Only the grid's window of the slices is used (the whole slice unless the grid framed the body).
+    """
+    rows, cols = grid.window
+    slices = slices[..., rows, cols]
     ry, rx = grid.scaled_shape
     out = F.interpolate(slices, size=(ry, rx), mode="bilinear", align_corners=False, antialias=True)
     if (ry, rx) == (grid.size, grid.size):
@@ -90,13 +123,17 @@ def from_model_grid(
 ) -> torch.Tensor:
     """Resample model-grid maps (B, K, S, S) (logits or probabilities) back to slices (B, K, Y, X).
 
-    ``rows``, ``cols``: only this window of the slice (slice pixel indices, step 1), as
-    (B, K, len(rows), len(cols)): the same values as the window of the whole slice's resampling
+    Y, X: the grid's window (the whole slice unless the grid framed the body). ``rows``, ``cols``:
+    only these pixels of it (slice pixel indices, step 1, inside the window), as
+    (B, K, len(rows), len(cols)): the same values as the window of the whole resampling
     (bilinear, ``align_corners=False``), at the cost of the window only.
     """
     (ry, rx), (oy, ox) = grid.scaled_shape, grid.offset
     maps = maps[..., oy : oy + ry, ox : ox + rx]
     ny, nx = grid.slice_shape
+    rows, cols = (
+        _in_window(w, start, n) for w, start, n in zip((rows, cols), grid.window_start, (ny, nx), strict=True)
+    )
     if (rows is None or (rows.start, rows.stop) == (0, ny)) and (
         cols is None or (cols.start, cols.stop) == (0, nx)
     ):
@@ -116,6 +153,17 @@ def from_model_grid(
     )
 
 
+def _in_window(pixels: slice | None, start: int, n: int) -> slice | None:
+    """Slice pixels ``pixels`` as indices of a window of n pixels that starts at ``start``."""
+    if pixels is None:
+        return None
+    if pixels.start < start or pixels.stop > start + n:
+        raise ValueError(
+            f"pixels {pixels.start}..{pixels.stop} lie outside the grid's window {start}..{start + n}"
+        )
+    return slice(pixels.start - start, pixels.stop - start)
+
+
 def _source_coordinates(window: slice, n: int, r: int, like: torch.Tensor) -> torch.Tensor:
     """For slice pixels ``window`` of an axis of n pixels resampled from r model pixels: the model-grid
     coordinate PyTorch's bilinear ``align_corners=False`` reads (clamped to the first and last pixel),
@@ -127,18 +175,25 @@ def _source_coordinates(window: slice, n: int, r: int, like: torch.Tensor) -> to
 
 def model_window(grid: InPlaneGrid, rows: slice, cols: slice) -> tuple[slice, slice]:
     """The model-grid pixels (rows, columns of the S x S input) whose area overlaps slice pixels
-    ``rows``, ``cols`` (slice pixel indices)."""
+    ``rows``, ``cols`` (slice pixel indices; the parts outside the grid's window overlap none)."""
     out = []
-    for window, n, r, o in zip((rows, cols), grid.slice_shape, grid.scaled_shape, grid.offset, strict=True):
-        lo = o + math.floor(window.start * r / n)
-        hi = o + math.ceil(window.stop * r / n)
+    sizes = zip(
+        (rows, cols), grid.window_start, grid.slice_shape, grid.scaled_shape, grid.offset, strict=True
+    )
+    for window, start, n, r, o in sizes:
+        lo = o + math.floor(max(window.start - start, 0) * r / n)
+        hi = o + math.ceil(min(window.stop - start, n) * r / n)
         out.append(slice(max(lo, 0), min(hi, grid.size)))
     return tuple(out)
 
 
 def labels_to_model_grid(labels: np.ndarray, grid: InPlaneGrid) -> torch.Tensor:
-    """Resample integer label slices (B, Y, X) to the model grid (B, S, S), nearest neighbour, pad 0."""
-    t = torch.as_tensor(np.ascontiguousarray(labels)).float()[:, None]
+    """Resample integer label slices (B, Y, X) to the model grid (B, S, S), nearest neighbour, pad 0.
+
+    Only the grid's window of the slices is used (the whole slice unless the grid framed the body).
+    """
+    rows, cols = grid.window
+    t = torch.as_tensor(np.ascontiguousarray(labels[..., rows, cols])).float()[:, None]
     (ry, rx), (oy, ox) = grid.scaled_shape, grid.offset
     out = F.interpolate(t, size=(ry, rx), mode="nearest-exact")
     canvas = torch.zeros((t.shape[0], 1, grid.size, grid.size))

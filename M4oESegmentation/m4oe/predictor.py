@@ -285,6 +285,16 @@ class Predictor:
             raise InputError(f"is empty: every voxel has the value {float(values.min()):g}", where)
         found = detect_modality(values, dicom_modality=dicom_modality, override=modality)
         pre = card.preprocessing
+        body = body_box(stack, found.modality) if body_crop else None
+        zs, ys, xs = self._region(stack, roi, body, where)
+        # A field of view too wide for the model input is framed on the body (make_grid), as in
+        # training; only when the region lies inside the body's box, so that every voxel to write
+        # is on the grid.
+        framing = None if body is None else stack_slices(body, stack)[1:]
+        if framing is not None and not all(
+            w.start <= r.start and r.stop <= w.stop for w, r in zip(framing, (ys, xs), strict=True)
+        ):
+            framing = None
         plan = SlicePlan.for_stack(
             stack,
             found.modality,
@@ -292,9 +302,9 @@ class Predictor:
             cfg.img_size,
             pre.in_plane,
             pre.target_spacing_mm,
+            framing,
         )
         grid = plan.grid
-        zs, ys, xs = self._region(stack, found.modality, roi, body_crop, where)
         # The run: the region's slices and the neighbours the through-plane Gaussian reads.
         sigma_slices = sigma_mm / stack.spacing[0]
         reach = int(TRUNCATE * sigma_slices + 0.5) if sigma_mm > 0 else 0
@@ -458,20 +468,17 @@ class Predictor:
         return prediction
 
     @staticmethod
-    def _region(
-        stack, modality: str, roi: VoxelBox | None, body_crop: bool, where
-    ) -> tuple[slice, slice, slice]:
+    def _region(stack, roi: VoxelBox | None, body: VoxelBox | None, where) -> tuple[slice, slice, slice]:
         """The (slices, rows, columns) of the stack to segment: ``roi`` (a box of the stack's image)
-        and, with ``body_crop``, the box around the body; the whole stack when neither narrows it."""
+        and ``body``, the box around the body (None: no body crop); the whole stack when neither
+        narrows it."""
         box = VoxelBox.full(stack.reference)
         if roi is not None:
             box = box.intersect(roi)
             if box.empty:
                 raise InputError(f"the region {roi.to_dict()} holds no voxel of this image", where)
-        if body_crop:
-            body = body_box(stack, modality)
-            if body is not None and not box.intersect(body).empty:
-                box = box.intersect(body)
+        if body is not None and not box.intersect(body).empty:
+            box = box.intersect(body)
         return stack_slices(box, stack)
 
     def _network(

@@ -36,6 +36,7 @@ class SlicePlan:
         size: int,
         in_plane: str = "resize",
         target_spacing_mm: tuple[float, float] | None = None,
+        body: tuple[slice, slice] | None = None,
     ) -> SlicePlan:
         """Plan a volume.
 
@@ -45,12 +46,15 @@ class SlicePlan:
             params: the intensity parameters of that modality (from the model card).
             size: S, the model's input side in pixels.
             in_plane, target_spacing_mm: the model card's in-plane resampling.
+            body: (rows, columns) of the stack's slices around the patient's body
+                (:func:`m4oe.region.body_rows_columns`), framed instead of the whole slice when that does not
+                fit the model input at the target spacing (:func:`m4oe.inplane.make_grid`).
         """
         values = stack.array
         stats = mr_volume_statistics(values, params) if modality == "mr" else None
         # Outside the field of view is the volume's lowest value (air), normalised.
         pad = float(normalize_slices(np.float32(values.min()), modality, params, stats))
-        grid = make_grid(values.shape[1:], stack.spacing[1:], size, in_plane, target_spacing_mm)
+        grid = make_grid(values.shape[1:], stack.spacing[1:], size, in_plane, target_spacing_mm, body)
         return cls(modality, params, stats, grid, pad)
 
     def model_input(

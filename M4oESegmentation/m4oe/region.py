@@ -136,6 +136,15 @@ def stack_slices(box: VoxelBox, stack: AxialStack) -> tuple[slice, slice, slice]
     return tuple(out)
 
 
+def body_rows_columns(stack: AxialStack, modality: str) -> tuple[slice, slice] | None:
+    """The (rows, columns) of ``stack``'s slices around the body (:func:`body_box`), or None.
+
+    The in-plane framing of training and inference alike (:func:`m4oe.inplane.make_grid`).
+    """
+    box = body_box(stack, modality)
+    return None if box is None else stack_slices(box, stack)[1:]
+
+
 def box_from_stack_slices(slices: Sequence[slice], stack: AxialStack) -> VoxelBox:
     """Inverse of :func:`stack_slices`: (slices, rows, columns) of the stack as an image box."""
     size = stack.reference.GetSize()

@@ -146,7 +146,7 @@ def test_model_facts_of_the_embedded_model():
     assert lines[2].startswith("<b>Training data:</b> Synthetic phantoms") and "CC-BY-4.0" in lines[2]
     assert "65 training cases" in lines[2]
     assert lines[3] == "<b>Real-scan validation:</b>"
-    assert lines[4].startswith("example_ct_dicom (CT): mean Dice 0.49, mean HD95 22.6 mm; liver 0.94")
+    assert lines[4].startswith("example_ct_dicom (CT): mean Dice 0.53, mean HD95 17.8 mm; liver 0.93")
     assert lines[5].startswith("example_mr_sm (MR): mean Dice 0.40")
     assert lines[6].startswith("reference labels: TotalSegmentator outputs (pseudo-labels)")
     bare = models.model_facts({"name": "x"})

@@ -31,6 +31,7 @@ from m4oe.io import read_image, write_atomic
 from m4oe.modality import strided_subsample
 from m4oe.prepare import SlicePlan
 from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams, ct_statistics_from_samples
+from m4oe.region import body_rows_columns
 
 from .config import ConfigError, DatasetConfig
 from .nnunet import read_dataset_json, verify_dataset
@@ -45,7 +46,7 @@ from .synth import (
 )
 
 logger = logging.getLogger(__name__)
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: a field of view too wide for the model input is framed on the body
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,9 @@ def prepare_case(
     bad = set(np.unique(values).astype(int).tolist()) - set(info.labels.values())
     if bad:
         raise ConfigError(f"{info.label_path(case)}: label values {sorted(bad)} not in dataset.json")
-    plan = SlicePlan.for_stack(image, info.modality, params, size, in_plane, target_spacing)
+    # A field of view too wide for the model input is framed on the body, as at inference.
+    body = body_rows_columns(image, info.modality) if in_plane == "spacing" else None
+    plan = SlicePlan.for_stack(image, info.modality, params, size, in_plane, target_spacing, body)
     slices = plan.model_input(image.array).numpy()[:, 0].astype(np.float16)
     labels = labels_to_model_grid(values.astype(np.uint8), plan.grid).numpy().astype(np.uint8)
     if not anatomy:

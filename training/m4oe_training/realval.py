@@ -167,7 +167,11 @@ def benchmark(
     for scan in REAL_SCANS:
         image, reference = load_scan(data_dir, scan, values)
         prediction = predictor.predict(
-            image, modality=scan.modality, gates=card.architecture.is_moe, test_time_passes=test_time_passes
+            image,
+            modality=scan.modality,
+            gates=card.architecture.is_moe,
+            test_time_passes=test_time_passes,
+            body_crop=True,  # as `m4oe segment`, `m4oe batch` and the Slicer module run it
         )
         entry = {"modality": scan.modality, **score(prediction.labelmap, reference, names, protocol)}
         summary = prediction.gate_summary
