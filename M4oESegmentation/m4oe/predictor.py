@@ -234,9 +234,12 @@ class Predictor:
             roi: segment only these voxels of ``image`` (see :mod:`m4oe.region`); 0 elsewhere.
             body_crop: segment only the box around the patient's body (:func:`m4oe.region.body_box`).
                 Only the region's slices (and the neighbours the through-plane smoothing reads)
-                go through the network; each still goes in whole, at the model's usual scale,
-                so the labels inside the region are those of a whole-image run (up to float
-                rounding; the largest-component clean-up looks inside the region only).
+                go through the network, each whole, so the labels inside the region are those of
+                a whole-image run (up to float rounding; the largest-component clean-up looks
+                inside the region only) -- except that a field of view too wide for the model
+                input at its card's spacing is framed on the body's box instead of shrunk whole
+                (:func:`m4oe.inplane.make_grid`), as training frames it. The CLI, ``m4oe batch``
+                and the Slicer module have it on by default.
             progress: called after each stage and each batch with a :class:`ProgressEvent`.
             cancel: checked between batches; returning True raises :class:`CancelledError`.
             source: the file the volume came from, named in error messages.

@@ -12,7 +12,9 @@ The predictor works on the axial stack (:mod:`m4oe.geometry`): :func:`stack_slic
 The body crop (:func:`body_box`) finds the patient: CT voxels above -500 HU, MR voxels above an
 Otsu threshold, opened in plane to drop noise, the table and thin tubing, kept where they form a
 large connected piece, and boxed with a margin. Air around the patient then costs nothing in the
-full-resolution steps of inference (see :class:`m4oe.predictor.Predictor`).
+full-resolution steps of inference (see :class:`m4oe.predictor.Predictor`), and a field of view
+too wide for the model input is framed on the body (:func:`body_rows_columns`), at training and
+inference alike.
 """
 
 from __future__ import annotations

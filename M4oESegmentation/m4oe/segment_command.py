@@ -69,7 +69,8 @@ def add_region_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="segment only the box around the patient's body (CT above -500 HU, MR above the Otsu "
-        "threshold, 10 mm margin), so the air around it costs nothing (default: on)",
+        "threshold, 10 mm margin), so the air around it costs nothing, and show the model that box, "
+        "centred, when the whole field of view is too wide for its input (default: on)",
     )
 
 
