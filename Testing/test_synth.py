@@ -16,7 +16,7 @@ from m4oe.checkpoint import read_model_card
 from m4oe.hub import resolve_model
 from m4oe.phantom import PHANTOM_LABELS, write_dataset
 from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams
-from m4oe_training.config import SYNTH_CHOICES, ConfigError, DatasetConfig
+from m4oe_training.config import SYNTH_CHOICES, ConfigError, DatasetConfig, StageConfig, TrainConfig
 from m4oe_training.data import DatasetInfo, SliceData, dataset_modality
 from m4oe_training.synth import (
     CT_ENHANCING,
@@ -30,6 +30,7 @@ from m4oe_training.synth import (
     SOFT_LOW,
     SynthSettings,
     anatomy_from_image,
+    change_fat_layer,
     deform,
     enhance_slice,
     neighbours,
@@ -339,6 +340,64 @@ def test_datasets_are_drawn_in_proportion_to_their_weights(ct_phantoms, tmp_path
     _, _, uniform = data(1.0, 1.0).sample(np.random.default_rng(0), 800, 0.0)
     _, _, scaled = data(2.5, 2.5).sample(np.random.default_rng(0), 800, 0.0)
     assert torch_equal(uniform, scaled) and 0.45 < float((uniform == 0).float().mean()) < 0.55
+
+
+def test_fat_layer_grows_or_thins_the_body_and_leaves_organs_table_and_bowel_gas():
+    """The outline moves by the asked distance; organs, a table apart from the body and air inside
+    the body (bowel gas) are untouched, and a thinned layer removes only fat the target does not label."""
+    anatomy, target = toy_anatomy()
+    anatomy[:, 40:44, 6:9] = 0  # bowel gas in the body's fat, next to its outline
+    anatomy[:, 62:64, 10:54] = DENSE  # a scanner table, apart from the body
+    row = anatomy[1, 32]  # the body spans columns 3..61 in this row, fat up to column 8
+    assert row[3] == FAT and row[2] == 0 and row[61] == FAT and row[62] == 0 and row[8] == FAT
+    grown = change_fat_layer(anatomy, target, 1.5)
+    assert anatomy[1, 32, 1] == 0  # the input is not changed
+    assert grown.dtype == anatomy.dtype and grown.shape == anatomy.shape
+    for k in range(3):
+        assert grown[k, 32, 1:3].tolist() == [0, FAT] and grown[k, 32, 62:64].tolist() == [FAT, 0]
+    assert (grown[:, 40:44, 6:9] == 0).all()  # the gas stays, although it is within 1.5 px of fat
+    assert (grown[:, 62:64, 10:54] == DENSE).all()
+    np.testing.assert_array_equal(grown[anatomy != 0], anatomy[anatomy != 0])  # nothing else moves
+    added = (grown != anatomy) & (anatomy == 0)
+    assert (grown[added] == FAT).all() and added.sum() > 0
+    thinned = change_fat_layer(anatomy, target, -3.0)
+    removed = thinned != anatomy
+    assert (anatomy[removed] == FAT).all() and (thinned[removed] == 0).all()
+    assert thinned[1, 32, 3:6].tolist() == [0, 0, 0] and thinned[1, 32, 6] == FAT
+    assert (thinned[:, 40:44, 6:9] == 0).all() and (thinned[:, 62:64, 10:54] == DENSE).all()
+    organs = np.broadcast_to(target > 0, anatomy.shape)
+    np.testing.assert_array_equal(thinned[organs], anatomy[organs])
+    # thinning never removes a pixel the target labels, even where the anatomy says fat there
+    target[32, 3] = PHANTOM_LABELS["liver"]
+    assert change_fat_layer(anatomy, target, -3.0)[1, 32, 3] == FAT
+    np.testing.assert_array_equal(change_fat_layer(np.zeros_like(anatomy), target, 4.0), 0)
+
+
+def test_fat_layer_is_drawn_only_when_asked_so_earlier_runs_render_as_before(ct_phantoms, tmp_path):
+    anatomy, target = toy_anatomy()
+    default = render_slice(anatomy, target, KEYS, "t1", np.random.default_rng(4), CT)
+    off = render_slice(
+        anatomy, target, KEYS, "t1", np.random.default_rng(4), CT, SynthSettings(p_fat_layer=0.0)
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(default, off, strict=True))
+    grow = dataclasses.replace(STILL, p_fat_layer=1.0, fat_layer_px=(4.0, 4.0))
+    image, labels = render_slice(anatomy, target, KEYS, "ct", np.random.default_rng(4), CT, grow)
+    plain, plain_labels = render_slice(anatomy, target, KEYS, "ct", np.random.default_rng(4), CT, STILL)
+    np.testing.assert_array_equal(labels, plain_labels)  # the target does not move
+    body, plain_body = image > -0.9, plain > -0.9  # HU / 1000: air -1
+    assert plain_body.sum() < body.sum() and (body >= plain_body).all()
+    assert body[32, 1] and not plain_body[32, 1]
+    # the training data takes the setting from the config (synth_fat_layer)
+    info = DatasetInfo.read(ct_phantoms)
+    t1 = DatasetConfig(str(ct_phantoms), "mr-t1", "abdomen", val_cases=0, synth="t1")
+    params = {"ct": DEFAULT_PARAMS["ct"], "mr": DEFAULT_PARAMS["mr"]}
+    plain_data = SliceData([t1], [info], params, 48, "resize", None, tmp_path / "cache")
+    fat_data = SliceData([t1], [info], params, 48, "resize", None, tmp_path / "cache", grow)
+    a = plain_data.sample(np.random.default_rng(2), 4, 1.0)
+    b = fat_data.sample(np.random.default_rng(2), 4, 1.0)
+    assert not torch_equal(a[0], b[0])
+    with pytest.raises(ConfigError, match="synth_fat_layer"):
+        TrainConfig(name="x", datasets=(t1,), stages=(StageConfig("joint", 1, 1e-3),), synth_fat_layer=1.5)
 
 
 def torch_equal(a, b) -> bool:

@@ -38,6 +38,7 @@ from .nnunet import read_dataset_json, verify_dataset
 from .synth import (
     FAMILY_MODALITY,
     IMAGE_FAMILIES,
+    SynthSettings,
     anatomy_from_image,
     enhance_slice,
     neighbours,
@@ -212,6 +213,8 @@ class SliceData:
         size, in_plane, target_spacing: the model's in-plane preprocessing.
         split: "train" or "val" (the last ``val_cases`` of each dataset in sorted order).
         cache_dir: where prepared arrays are kept between runs (None: memory only).
+        synth_settings: the ranges of the label-map renders' draws (default
+            :class:`.synth.SynthSettings`).
     """
 
     def __init__(
@@ -223,8 +226,10 @@ class SliceData:
         in_plane: str,
         target_spacing,
         cache_dir: Path | None = None,
+        synth_settings: SynthSettings | None = None,
     ):
         self.infos = infos
+        self.synth_settings = synth_settings
         self.synth = [cfg.synth for cfg in datasets]
         self.synth_fraction = [cfg.synth_fraction for cfg in datasets]
         weights = np.array([cfg.weight for cfg in datasets], dtype=np.float64)
@@ -295,6 +300,7 @@ class SliceData:
                         self.synth[d],
                         rng,
                         self.ct_params,
+                        self.synth_settings,
                     )
                 images.append(image)
                 labels.append(label)

@@ -8,8 +8,11 @@ dense tissue such as bone or oral contrast) derived from its image by :func:`ana
 :func:`render_slice` turns three neighbouring anatomy slices on the model grid into one
 normalised training slice:
 
-1. deformation of the anatomy (random affine: rotation, anisotropic scaling, shear, shift; and a
-   smooth elastic field), applied to the anatomy and the target labels alike (nearest neighbour);
+1. optionally (``p_fat_layer``, off by default), the body's habitus: its outline grown by a layer
+   of subcutaneous fat or its outer fat thinned, the organs left as they are
+   (:func:`change_fat_layer`); then deformation of the anatomy (random affine: rotation,
+   anisotropic scaling, shear, shift; and a smooth elastic field), applied to the anatomy and the
+   target labels alike (nearest neighbour);
 2. an intensity per structure drawn for the contrast family: ``"ct"`` (Hounsfield units in
    CT-plausible ranges for a random phase: native, arterial, portal venous, delayed), ``"t1"``
    (T1-like, in/opposed phase, fat-suppressed), ``"t2"`` (T2-like, fat-suppressed) or ``"any"``
@@ -140,6 +143,11 @@ class SynthSettings:
     p_fat_suppressed: float = 0.25
     p_invert: float = 0.2
     p_random_contrast: float = 0.5
+    # Body habitus: the share of renders whose subcutaneous fat layer is changed, and the change in
+    # model-grid pixels (negative: thinned; positive: grown). Off by default, so that every run
+    # configured before it draws the same renders.
+    p_fat_layer: float = 0.0
+    fat_layer_px: tuple[float, float] = (-3.0, 8.0)
 
 
 def anatomy_from_image(image: np.ndarray, labels: np.ndarray, modality: str) -> np.ndarray:
@@ -195,6 +203,46 @@ def structure_keys(organ_labels: dict[str, int]) -> dict[int, str]:
     keys = {0: "air", **TISSUE_KEYS}
     keys.update({int(v): k for k, v in organ_labels.items() if int(v) > 0})
     return keys
+
+
+def change_fat_layer(anatomy: np.ndarray, target: np.ndarray, pixels: float) -> np.ndarray:
+    """The anatomy with its body outline moved by ``pixels``, organs untouched.
+
+    Patients of one organ size differ a lot in subcutaneous fat, so a network that learns where the
+    organs lie from the body's outline fails on a patient bigger or slimmer than its training
+    anatomy. The body is each slice's largest connected non-air part with its holes (bowel gas)
+    filled; a scanner table or other parts apart from it are left alone. Growing (``pixels`` > 0):
+    the air within ``pixels`` of the body becomes fat. Thinning (``pixels`` < 0): the body's fat
+    pixels within ``-pixels`` of its outline become air where the target labels nothing; muscle,
+    bone and organs stay.
+
+    Args:
+        anatomy: (3, S, S) anatomy slices (0 air, organ labels, :data:`TISSUE_KEYS` values), model grid.
+        target: (S, S) organ labels of the middle slice.
+        pixels: the change in model-grid pixels (Euclidean distance to the outline).
+
+    Returns:
+        A new (3, S, S) anatomy of the same dtype; ``anatomy`` itself is not changed.
+    """
+    from scipy import ndimage
+
+    out = anatomy.copy()
+    for k in range(out.shape[0]):
+        parts, n = ndimage.label(out[k] != 0)
+        if n == 0:
+            continue
+        # The body: the largest connected part, holes (bowel gas) filled; the table and stray
+        # parts are left as they are.
+        body = ndimage.binary_fill_holes(parts == 1 + int(np.argmax(np.bincount(parts.ravel())[1:])))
+        if body.all():
+            continue
+        if pixels > 0:
+            grown = ~body & (ndimage.distance_transform_edt(~body) <= pixels) & (out[k] == 0)
+            out[k][grown] = FAT
+        elif pixels < 0:
+            outer = body & (ndimage.distance_transform_edt(body) <= -pixels) & (out[k] == FAT)
+            out[k][outer & (target == 0)] = 0
+    return out
 
 
 def deform(maps: torch.Tensor, rng: np.random.Generator, settings: SynthSettings) -> torch.Tensor:
@@ -288,6 +336,8 @@ def render_slice(
             f"render_slice: anatomy (3, S, S) and target (S, S), got {anatomy.shape}, {target.shape}"
         )
     settings = settings or SynthSettings()
+    if settings.p_fat_layer > 0 and rng.random() < settings.p_fat_layer:
+        anatomy = change_fat_layer(anatomy, target, rng.uniform(*settings.fat_layer_px))
     maps = torch.from_numpy(np.concatenate([anatomy, target[None]]).astype(np.int64))
     maps = deform(maps, rng, settings).numpy()
     anatomy, target = maps[:3], maps[3].astype(np.uint8)
