@@ -208,8 +208,8 @@ def structure_keys(organ_labels: dict[str, int]) -> dict[int, str]:
 def change_fat_layer(anatomy: np.ndarray, target: np.ndarray, pixels: float) -> np.ndarray:
     """The anatomy with its body outline moved by ``pixels``, organs untouched.
 
-    Patients of one organ size differ a lot in subcutaneous fat, so a network that learns where the
-    organs lie from the body's outline fails on a patient bigger or slimmer than its training
+    Patients of one organ size differ a lot in subcutaneous fat, and a network that learns where the
+    organs lie from the body's outline would fail on a patient bigger or slimmer than its training
     anatomy. The body is each slice's largest connected non-air part with its holes (bowel gas)
     filled; a scanner table or other parts apart from it are left alone. Growing (``pixels`` > 0):
     the air within ``pixels`` of the body becomes fat. Thinning (``pixels`` < 0): the body's fat
