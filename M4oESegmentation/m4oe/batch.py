@@ -289,6 +289,10 @@ def run_local(cases: list[Case], settings: BatchSettings, summary: Summary, prog
         stop.set()
         _put(to_writer, _END, lambda: not threads[1].is_alive())
         threads[1].join()
+        # The reader too: a daemon thread still inside a read (SimpleITK, torch) when the
+        # interpreter shuts down can abort the process (SIGABRT) instead of letting it exit with
+        # its code. It stops at its next hand-over, after the read it is in.
+        threads[0].join()
     if failures:
         raise failures[0]
 
