@@ -191,8 +191,8 @@ def test_body_box_finds_the_body_in_air_with_a_margin(modality):
 
 
 def test_body_crop_changes_no_label_and_keeps_the_grid(embedded, phantom_ct):
-    full = embedded.predict(phantom_ct, test_time_passes=1, probabilities="uint8")
-    crop = embedded.predict(phantom_ct, test_time_passes=1, probabilities="uint8", body_crop=True)
+    full = embedded.predict(phantom_ct, test_time_passes=1, probabilities="uint8", body_crop=False)
+    crop = embedded.predict(phantom_ct, test_time_passes=1, probabilities="uint8")  # on by default
     assert crop.region.size != phantom_ct.GetSize()  # there was air to crop
     assert geometry(crop.labelmap) == geometry(phantom_ct)
     assert geometry(crop.probabilities) == geometry(phantom_ct)
@@ -212,7 +212,7 @@ def test_a_field_of_view_too_wide_for_the_model_is_framed_on_the_body(embedded):
     the model sees the body's box at 3.5 mm, exactly as it sees that box cropped out beforehand."""
     wide = synthetic_ct((12, 240, 520), (1.0, 1.0, 5.0))  # RAS-stored: flipped rows and columns
     framed = embedded.predict(wide, modality="ct", test_time_passes=1, gates=True, body_crop=True)
-    shrunk = embedded.predict(wide, modality="ct", test_time_passes=1, gates=True)
+    shrunk = embedded.predict(wide, modality="ct", test_time_passes=1, gates=True, body_crop=False)
     factor = 128 / framed.gate_map.GetSize()[0]  # the gate map is on the model grid's tokens
     assert framed.gate_map.GetSpacing()[0] == pytest.approx(3.5 * factor, rel=0.01)  # rounded to pixels
     assert shrunk.gate_map.GetSpacing()[0] == pytest.approx(520 / 128 * factor, rel=0.01)
@@ -220,7 +220,7 @@ def test_a_field_of_view_too_wide_for_the_model_is_framed_on_the_body(embedded):
     box = framed.region
     assert box.size[0] < 520 and box.size[1] == 240  # air cut at the sides only
     cropped = sitk.RegionOfInterest(wide, box.size, box.start)
-    alone = embedded.predict(cropped, modality="ct", test_time_passes=1, gates=True)
+    alone = embedded.predict(cropped, modality="ct", test_time_passes=1, gates=True, body_crop=False)
     labels = arr(framed.labelmap)
     inside = (
         slice(box.start[2], box.stop[2]),

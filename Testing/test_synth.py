@@ -449,3 +449,23 @@ def test_synth_command_renders_examples(ct_phantoms, tmp_path, capsys):
     assert "examples.png" in capsys.readouterr().out
     assert json.loads((ct_phantoms / "dataset.json").read_text())["modality"] == "ct"
     assert (tmp_path / "out" / "labels.nii.gz").exists()
+
+
+def test_synth_command_shows_the_fat_layer_draw_and_refuses_a_bad_share(ct_phantoms, tmp_path, capsys):
+    from m4oe.cli import UsageError, main
+
+    def images(out, *extra):
+        argv = ["synth", str(ct_phantoms), str(out), "--family", "t1", "--count", "3", "--seed", "5"]
+        assert main([*argv, *extra]) == 0
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(out / "images.nii.gz")))
+
+    plain = images(tmp_path / "plain")
+    again = images(tmp_path / "again", "--fat-layer", "0")
+    fat = images(tmp_path / "fat", "--fat-layer", "1")
+    np.testing.assert_array_equal(plain, again)  # 0, the default, renders as before
+    assert not np.array_equal(plain, fat)
+    for bad in (["--fat-layer", "1.5"], ["--fat-layer", "x"], ["--count", "0"]):
+        with pytest.raises(UsageError) as raised:
+            main(["synth", str(ct_phantoms), str(tmp_path / "bad"), "--family", "t1", *bad])
+        assert raised.value.code == 2 and "must be" in raised.value.message
+    assert not (tmp_path / "bad").exists()

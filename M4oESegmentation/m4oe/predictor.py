@@ -199,7 +199,7 @@ class Predictor:
         test_time_passes: int | None = None,
         structures: Sequence[str] | None = None,
         roi: VoxelBox | None = None,
-        body_crop: bool = False,
+        body_crop: bool = True,
         progress: ProgressCallback | None = None,
         cancel: CancelCheck | None = None,
         source: str | Path | None = None,
@@ -238,8 +238,9 @@ class Predictor:
                 a whole-image run (up to float rounding; the largest-component clean-up looks
                 inside the region only) -- except that a field of view too wide for the model
                 input at its card's spacing is framed on the body's box instead of shrunk whole
-                (:func:`m4oe.inplane.make_grid`), as training frames it. The CLI, ``m4oe batch``
-                and the Slicer module have it on by default.
+                (:func:`m4oe.inplane.make_grid`), as training frames it. On by default, as in
+                the CLI, ``m4oe batch`` and the Slicer module, so that the Python API gives what
+                they give; False runs the whole field of view.
             progress: called after each stage and each batch with a :class:`ProgressEvent`.
             cancel: checked between batches; returning True raises :class:`CancelledError`.
             source: the file the volume came from, named in error messages.

@@ -4,6 +4,7 @@ so the engine never imports the training package."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -52,6 +53,28 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _share(text: str) -> float:
+    """A command-line share: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a share from 0 to 1, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    """A command-line count: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def register_synth(subparsers) -> None:
     synth = subparsers.add_parser(
         "synth", help="render training slices from a dataset's label maps (domain randomisation) to look at"
@@ -66,12 +89,20 @@ def register_synth(subparsers) -> None:
         choices=(*FAMILIES, *IMAGE_FAMILIES),
         help="contrast family; ct-phase: a contrast phase simulated on the dataset's own CT slices",
     )
-    synth.add_argument("--count", type=int, default=16, help="slices to render (default 16)")
+    synth.add_argument("--count", type=_positive, default=16, help="slices to render (default 16)")
     synth.add_argument(
         "--seed", type=int, default=0, help="random seed (the same seed renders the same slices)"
     )
     synth.add_argument(
         "--model", default=None, help="model whose preprocessing (grid, CT window) to use (default: embedded)"
+    )
+    synth.add_argument(
+        "--fat-layer",
+        type=_share,
+        default=0.0,
+        metavar="P",
+        help="share of renders (0-1) whose subcutaneous fat layer is grown or thinned, as the config "
+        "key synth_fat_layer draws it (default 0)",
     )
     synth.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     synth.set_defaults(handler=run_synth)
@@ -81,11 +112,18 @@ def run_synth(args: argparse.Namespace) -> int:
     from m4oe.checkpoint import read_model_card
     from m4oe.hub import resolve_model
 
-    from .synth import write_examples
+    from .synth import SynthSettings, write_examples
 
     card = read_model_card(resolve_model(args.model))
     paths = write_examples(
-        args.dataset, args.out, args.family, args.count, args.seed, card, overwrite=args.overwrite
+        args.dataset,
+        args.out,
+        args.family,
+        args.count,
+        args.seed,
+        card,
+        overwrite=args.overwrite,
+        settings=SynthSettings(p_fat_layer=args.fat_layer),
     )
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

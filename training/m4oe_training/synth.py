@@ -479,12 +479,15 @@ def write_examples(
     card: ModelCard,
     *,
     overwrite: bool = False,
+    settings: SynthSettings | None = None,
 ) -> list[Path]:
     """Render ``count`` training slices of an nnU-Net dataset for a person to look at.
 
     The slices are prepared as a training run with ``card``'s preprocessing prepares them (in-plane
     geometry, CT window), drawn at random from slices holding an organ, and rendered with
-    :func:`render_slice` (family "ct-phase": :func:`enhance_slice` of the real slice). Writes
+    :func:`render_slice` and ``settings`` (default :class:`SynthSettings`; e.g. ``p_fat_layer`` to
+    see the body-habitus draw a config's ``synth_fat_layer`` asks for; family "ct-phase":
+    :func:`enhance_slice` of the real slice, which draws no habitus). Writes
     ``examples.png`` (each rendered slice beside its labels), ``images.nii.gz`` (float32,
     (count, S, S): one model-grid slice per z index, normalised units) and ``labels.nii.gz``
     (uint8, same grid), each through a temporary name, and nothing when any
@@ -535,7 +538,9 @@ def write_examples(
         if family in IMAGE_FAMILIES:
             image, target = enhance_slice(real[k], label[k], keys, rng, ct_params)
         else:
-            image, target = render_slice(neighbours(anatomy, k), label[k], keys, family, rng, ct_params)
+            image, target = render_slice(
+                neighbours(anatomy, k), label[k], keys, family, rng, ct_params, settings
+            )
         images.append(image)
         labels.append(target)
     out_dir.mkdir(parents=True, exist_ok=True)
