@@ -18,7 +18,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file
-from test_training import free_port, tensors_sha256
+from test_training import free_port
+from training_helpers import tensors_sha256
 
 import m4oe_training.mome as mome_training
 from m4oe.checkpoint import load_checkpoint

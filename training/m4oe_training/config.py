@@ -95,6 +95,12 @@ class StageConfig:
     gates and the task heads: patch embedding, attention, norms, up- and down-sampling) relative to
     ``lr``. Below 1 a fine-tuning run on a few corrected cases adapts experts and heads while the
     layers every modality depends on move less; 0 freezes them.
+    ``anchor_weight`` (needs ``init``): L2-SP (Li, Grandvalet and Davoine, ICML 2018), a penalty
+    ``anchor_weight / 2 * sum((w - w_init) ** 2)`` over every weight the init model gave, added to
+    the loss (its gradient ``anchor_weight * (w - w_init)`` is added before clipping; the
+    frozen parameters of ``trainable`` stay frozen). Where the new data's gradient is weak, a
+    fine-tune then falls back towards what the init model knew instead of drifting; the decay
+    towards 0 of ``weight_decay`` works as before beside it. 0 (the default) turns it off.
     """
 
     kind: str
@@ -107,6 +113,7 @@ class StageConfig:
     warmup_iterations: int = 0
     gate_lr_scale: float = 1.0
     shared_lr_scale: float = 1.0
+    anchor_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -196,6 +203,12 @@ class TrainConfig:
                 raise ConfigError(f"stages[{i}].gate_lr_scale must be > 0, got {s.gate_lr_scale}")
             if s.shared_lr_scale < 0:
                 raise ConfigError(f"stages[{i}].shared_lr_scale must be >= 0, got {s.shared_lr_scale}")
+            if not (s.anchor_weight >= 0 and math.isfinite(s.anchor_weight)):
+                raise ConfigError(f"stages[{i}].anchor_weight must be >= 0, got {s.anchor_weight}")
+            if s.anchor_weight > 0 and self.init is None:
+                raise ConfigError(
+                    f"stages[{i}].anchor_weight pulls the weights towards the init model's; set init"
+                )
             if s.warmup_iterations < 0:
                 raise ConfigError(f"stages[{i}].warmup_iterations must be >= 0, got {s.warmup_iterations}")
         checks = {

@@ -90,6 +90,16 @@ def init_intensity(init_card: ModelCard) -> dict[str, IntensityParams]:
     return params
 
 
+def initial_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The exported model's weights by name (float32, CPU), as :func:`load_initial_weights` copies
+    them into a run: the anchor of a stage's ``anchor_weight``, read again on ``--resume``."""
+    try:
+        source, _ = load_checkpoint(path)
+    except ModelError as error:
+        raise ConfigError(f"init: {error}") from None
+    return {k: v.detach().float() for k, v in source.state_dict().items()}
+
+
 def load_initial_weights(model: SwinUNet, path: str | Path, labels: dict[str, list]) -> str:
     """Copy an exported model's weights into ``model`` (fine-tuning); returns their SHA-256.
 

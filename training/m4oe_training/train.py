@@ -45,6 +45,7 @@ from .init_model import (
     inherit_preprocessing,
     init_intensity,
     init_overrides,
+    initial_state,
     load_initial_weights,
     resolve_init,
 )
@@ -355,6 +356,15 @@ def _run(
         "host": platform.platform(),
     }
     frozen = frozen_parameters(module, set(dataset_expert))
+    # L2-SP (stages' anchor_weight): each weight the init model gave, beside its starting value.
+    anchored = []
+    if any(s.anchor_weight > 0 for s in cfg.stages):
+        start_state = initial_state(init_path)
+        anchored = [
+            (p, start_state[name.removeprefix("model.")].to(device))
+            for name, p in module.named_parameters()
+            if name.startswith("model.") and name.removeprefix("model.") in start_state
+        ]
     epochs_run = 0
     start = time.perf_counter() - position["seconds"]
 
@@ -410,6 +420,8 @@ def _run(
                         )
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    if stage.anchor_weight > 0:
+                        stats["anchor"] = add_anchor_gradient(anchored, stage.anchor_weight)
                     trainable = "context" if stage.kind == "context" else stage.trainable
                     for p in frozen[trainable]:  # no gradient: AdamW and SGD leave the parameter alone
                         p.grad = None
@@ -501,6 +513,23 @@ LOG_FIELDS = (
     "grad_norm",
     "context",
 )
+
+
+@torch.no_grad()
+def add_anchor_gradient(anchored: list[tuple[torch.Tensor, torch.Tensor]], weight: float) -> float:
+    """Add the gradient of ``weight / 2 * sum((w - w0) ** 2)`` to each parameter ``w`` of
+    ``anchored`` (pairs of a parameter and its init value ``w0``); returns ``sum((w - w0) ** 2)``.
+    A parameter without a gradient this step (an expert no token reached) gets this one alone."""
+    total = 0.0
+    for p, start in anchored:
+        diff = p.detach().float() - start
+        total += float(diff.square().sum())
+        pull = (weight * diff).to(p.dtype)
+        if p.grad is None:
+            p.grad = pull
+        else:
+            p.grad.add_(pull)
+    return total
 
 
 def _append_csv(path: Path, record: dict) -> None:
