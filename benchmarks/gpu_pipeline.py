@@ -108,9 +108,12 @@ def main(argv=None) -> int:
         for case, dispatch in CASES:
             MoEFeedForward.dispatch = dispatch
             predictor = Predictor.from_pretrained(peers.save_model(Path(tmp), case), device=str(DEVICE))
-            predictor.predict(warm, modality="ct")
+            # every slice, as network_seconds runs them (m4oe segment would crop to the body)
+            predictor.predict(warm, modality="ct", body_crop=False)
             network = network_seconds(predictor, image, args.repeats)
-            total, prediction = best_of(args.repeats, lambda p=predictor: p.predict(image, modality="ct"))
+            total, prediction = best_of(
+                args.repeats, lambda p=predictor: p.predict(image, modality="ct", body_crop=False)
+            )
             row = {
                 "case": case,
                 "dispatch": dispatch,

@@ -86,6 +86,10 @@ ROWS = [
     ("dense-partial", "dense-partial", False),
 ]
 SEQUENCES = {"ct": "ct", "t1": "mr", "t2": "mr"}  # phantom sequence -> modality given to the predictor
+# Every model segments the whole field of view, as the figures in benchmarks/README.md were measured
+# (`m4oe segment` crops to the body; for these resizing models that only drops slices and voxels
+# outside the body box).
+WHOLE = {"body_crop": False}
 
 
 def restrict_labels(source: Path, out: Path, structures: list[str]) -> Path:
@@ -210,13 +214,13 @@ def union_prediction(predictor, image, modality: str, per_query: bool = False):
     if per_query:  # MoME asked for one structure at a time: each class against background only
         out = None
         for value, key in enumerate(UNION, start=1):
-            pred = predictor.predict(image, modality=modality, test_time_passes=1, structures=[key])
+            pred = predictor.predict(image, modality=modality, test_time_passes=1, structures=[key], **WHOLE)
             mask = sitk.GetArrayFromImage(pred.labelmap) > 0
             out = np.zeros(mask.shape, np.uint8) if out is None else out
             out[mask & (out == 0)] = value
         return out, time.perf_counter() - start
     if card.architecture.arch == "mome":
-        pred = predictor.predict(image, modality=modality, test_time_passes=1)
+        pred = predictor.predict(image, modality=modality, test_time_passes=1, **WHOLE)
         labels = sitk.GetArrayFromImage(pred.labelmap)
         out = np.zeros_like(labels, np.uint8)
         for label in pred.labels:
@@ -226,7 +230,7 @@ def union_prediction(predictor, image, modality: str, per_query: bool = False):
         return out, time.perf_counter() - start
     masks: dict[str, np.ndarray] = {}
     for sequence, _, head, _, _ in DATASETS.values():
-        pred = predictor.predict(image, modality=modality, task=head, test_time_passes=1)
+        pred = predictor.predict(image, modality=modality, task=head, test_time_passes=1, **WHOLE)
         labels = sitk.GetArrayFromImage(pred.labelmap)
         own_modality = SEQUENCES[sequence] == modality
         for label in pred.labels:

@@ -169,6 +169,7 @@ def measure(predictor, name: str, group: str, build: Callable, tta: int | None) 
             gates=predictor.model.cfg.is_moe,
             probabilities="uint8",
             test_time_passes=tta,
+            body_crop=False,  # the whole field of view, as the figures in benchmarks/README.md
         )
     except InputError as error:
         return dict(row, refused=str(error), warning=True, seconds=round(time.perf_counter() - start, 2))
