@@ -520,16 +520,16 @@ def add_anchor_gradient(anchored: list[tuple[torch.Tensor, torch.Tensor]], weigh
     """Add the gradient of ``weight / 2 * sum((w - w0) ** 2)`` to each parameter ``w`` of
     ``anchored`` (pairs of a parameter and its init value ``w0``); returns ``sum((w - w0) ** 2)``.
     A parameter without a gradient this step (an expert no token reached) gets this one alone."""
-    total = 0.0
+    squares = []
     for p, start in anchored:
         diff = p.detach().float() - start
-        total += float(diff.square().sum())
+        squares.append(diff.square().sum())
         pull = (weight * diff).to(p.dtype)
         if p.grad is None:
             p.grad = pull
         else:
             p.grad.add_(pull)
-    return total
+    return float(torch.stack(squares).sum()) if squares else 0.0  # one device sync a step
 
 
 def _append_csv(path: Path, record: dict) -> None:
