@@ -580,3 +580,50 @@ def test_experts_stage_trains_only_the_experts_its_datasets_name(phantoms, tmp_p
             assert not torch.equal(before[key], after[key]), key
         else:
             assert torch.equal(before[key], after[key]), key
+
+
+def test_merge_experts_takes_each_named_expert_from_its_run_and_refuses_moved_shared_layers(tmp_path, capsys):
+    """``m4oe merge-experts``: the base model's weights with each named expert taken from the
+    model that trained it; a model whose weights outside the experts moved is refused, and nothing
+    is written."""
+    from m4oe.checkpoint import save_checkpoint
+    from m4oe_training.optim import is_expert_parameter
+
+    base = save_source_model(tmp_path / "base")
+    model, card = load_checkpoint(base)
+
+    def trained(name: str, change: str, by: float) -> Path:
+        """A copy of the base with the weights whose name contains ``change`` moved by ``by``."""
+        state = {k: v + by if change in k else v for k, v in model.state_dict().items()}
+        other = build_model(model.cfg)
+        other.load_state_dict(state)
+        return save_checkpoint(other, card, tmp_path / name)
+
+    # the MR run moved every expert; only its MR expert may be taken
+    ct_run, mr_run = trained("ct_run", ".mlp.experts.0.", 0.25), trained("mr_run", ".mlp.experts.", 0.5)
+    out = tmp_path / "merged"
+    argv = ["merge-experts", str(base), str(out), "--expert", f"ct={ct_run}", "--expert", f"mr={mr_run}"]
+    assert m4oe_main([*argv, "--name", "merged"]) == 0
+    merged, merged_card = load_checkpoint(out)
+    start, ct, mr = (load_checkpoint(p)[0].state_dict() for p in (base, ct_run, mr_run))
+    taken = 0
+    for key, value in merged.state_dict().items():
+        source = ct if is_expert_parameter(key, {0}) else mr if is_expert_parameter(key, {1}) else start
+        torch.testing.assert_close(value, source[key].half().float(), rtol=0, atol=0, msg=key)
+        taken += source is not start
+    assert taken > 0
+    assert merged_card.name == "merged" and merged_card.metrics == {}
+    record = merged_card.provenance["merged_experts"]
+    assert record["ct"]["weights_sha256"] == load_checkpoint(ct_run)[1].weights_sha256
+    assert record["base_weights_sha256"] == card.weights_sha256
+    moved = trained("moved", "patch_embed", 0.5)
+    for bad, message in (
+        ([f"ct={moved}"], "weights outside the experts differ from the base model's"),
+        ([f"pet={ct_run}"], "expert 'pet' is not one of the base model's"),
+    ):
+        code = m4oe_main(["merge-experts", str(base), str(tmp_path / "bad"), "--expert", *bad])
+        assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit):
+        m4oe_main(["merge-experts", str(base), str(tmp_path / "bad"), "--expert", "ct"])
+    assert "must be NAME=MODEL" in capsys.readouterr().err

@@ -127,3 +127,60 @@ def run_synth(args: argparse.Namespace) -> int:
     )
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def register_merge(subparsers) -> None:
+    merge = subparsers.add_parser(
+        "merge-experts",
+        help='one model from experts trained in separate runs (trainable = "experts") on one base model',
+    )
+    merge.add_argument("base", help="the model the runs started from (name, folder or file)")
+    merge.add_argument("out", type=Path, help="folder for the merged model.json and model.safetensors")
+    merge.add_argument(
+        "--expert",
+        action="append",
+        required=True,
+        metavar="NAME=MODEL",
+        type=_expert_source,
+        help="take expert NAME (e.g. ct, mr-t1) from MODEL, a run's exported model; repeat per expert",
+    )
+    merge.add_argument("--name", default=None, help="the merged model's name (default: the base's)")
+    merge.add_argument(
+        "--dtype",
+        choices=("float16", "float32"),
+        default="float16",
+        help="stored weight type (default float16)",
+    )
+    merge.add_argument("--overwrite", action="store_true", help="replace a model already in OUT")
+    merge.set_defaults(handler=run_merge)
+
+
+def _expert_source(text: str) -> tuple[str, str]:
+    """``NAME=MODEL`` of ``--expert``."""
+    name, sep, model = text.partition("=")
+    if not sep or not name or not model:
+        raise argparse.ArgumentTypeError(f"must be NAME=MODEL, got {text!r}")
+    return name, model
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from m4oe.hub import resolve_model
+
+    from .config import ConfigError
+    from .merge import merge_experts
+
+    sources = dict(args.expert)
+    if len(sources) < len(args.expert):
+        raise ConfigError("--expert names an expert twice")
+    out = merge_experts(
+        resolve_model(args.base),
+        {name: resolve_model(model) for name, model in sources.items()},
+        args.out,
+        name=args.name,
+        dtype=getattr(torch, args.dtype),
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {out / 'model.json'} and {out / 'model.safetensors'}")
+    return 0

@@ -1,0 +1,92 @@
+"""``m4oe merge-experts``: one model from experts trained in separate runs on one base model.
+
+A run with ``trainable = "experts"`` changes only the feed-forward experts of its datasets'
+modalities and keeps every other weight of its init model bit for bit. Runs from the same init
+model, one per modality, can therefore be put together: the base model's weights with each named
+expert taken from the run that trained it. The result is what those runs trained, without one run
+sharing its samples between the modalities. A source whose weights outside the experts differ
+from the base's (its expert learnt on other shared layers) is refused: its expert would not fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from m4oe.checkpoint import load_checkpoint, save_checkpoint
+from m4oe.errors import ModelError
+
+from .config import ConfigError
+from .optim import is_expert_parameter
+
+
+def merge_experts(
+    base: str | Path,
+    sources: dict[str, str | Path],
+    out: str | Path,
+    *,
+    name: str | None = None,
+    dtype: torch.dtype | None = torch.float16,
+    overwrite: bool = False,
+) -> Path:
+    """Write to ``out`` the ``base`` model with each expert of ``sources`` (expert name -> model
+    folder or file) taken from that model; returns ``out``.
+
+    Every source must have the base's architecture, experts and weight names, and the base's
+    weights outside the experts exactly (as a ``trainable = "experts"`` run from ``base`` keeps
+    them). The card is the base's, renamed to ``name`` if given, with ``provenance.merged_experts``
+    recording each expert's source and weights hash; its ``metrics`` are dropped (they measured
+    the base model, not this one). Raises ConfigError naming the file and what does not fit;
+    nothing is written then.
+    """
+    if not sources:
+        raise ConfigError("name at least one expert to take from another model")
+    try:
+        model, card = load_checkpoint(base)
+    except ModelError as error:
+        raise ConfigError(f"base: {error}") from None
+    if not model.cfg.is_moe:
+        raise ConfigError(f"base {base}: a dense model has no experts to merge")
+    names = [e.name for e in card.experts]
+    every_expert = set(range(len(names)))
+    start = model.state_dict()
+    merged = dict(start)
+    record = {}
+    for expert, path in sources.items():
+        if expert not in names:
+            raise ConfigError(f"{path}: expert {expert!r} is not one of the base model's {names}")
+        try:
+            source, source_card = load_checkpoint(path)
+        except ModelError as error:
+            raise ConfigError(str(error)) from None
+        if source.cfg != model.cfg:
+            raise ConfigError(f"{path}: another architecture than the base model {base}")
+        state = source.state_dict()
+        if set(state) != set(start):
+            raise ConfigError(f"{path}: other weight names than the base model {base}")
+        moved = [
+            key
+            for key in start
+            if not is_expert_parameter(key, every_expert) and not torch.equal(state[key], start[key])
+        ]
+        if moved:
+            raise ConfigError(
+                f"{path}: {len(moved)} weights outside the experts differ from the base model's "
+                f"(first {moved[0]}); its experts learnt on other shared layers and do not fit them"
+            )
+        index = {names.index(expert)}
+        merged.update({key: value for key, value in state.items() if is_expert_parameter(key, index)})
+        record[expert] = {
+            "model": str(path),
+            "name": source_card.name,
+            "weights_sha256": source_card.weights_sha256,
+        }
+    model.load_state_dict(merged)
+    provenance = dict(
+        card.provenance,
+        merged_experts={"base": str(base), "base_weights_sha256": card.weights_sha256, **record},
+    )
+    card = dataclasses.replace(card, name=name or card.name, provenance=provenance, metrics={})
+    return save_checkpoint(model, card, out, overwrite=overwrite, dtype=dtype)
