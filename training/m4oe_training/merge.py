@@ -54,9 +54,12 @@ def merge_experts(
     start = model.state_dict()
     merged = dict(start)
     record = {}
+    by_model: dict[str, list[str]] = {}  # each source read and checked once, whatever it gives
     for expert, path in sources.items():
         if expert not in names:
             raise ConfigError(f"{path}: expert {expert!r} is not one of the base model's {names}")
+        by_model.setdefault(str(path), []).append(expert)
+    for path, experts in by_model.items():
         try:
             source, source_card = load_checkpoint(path)
         except ModelError as error:
@@ -76,13 +79,14 @@ def merge_experts(
                 f"{path}: {len(moved)} weights outside the experts differ from the base model's "
                 f"(first {moved[0]}); its experts learnt on other shared layers and do not fit them"
             )
-        index = {names.index(expert)}
-        merged.update({key: value for key, value in state.items() if is_expert_parameter(key, index)})
-        record[expert] = {
-            "model": str(path),
-            "name": source_card.name,
-            "weights_sha256": source_card.weights_sha256,
-        }
+        taken = {names.index(expert) for expert in experts}
+        merged.update({key: value for key, value in state.items() if is_expert_parameter(key, taken)})
+        for expert in experts:
+            record[expert] = {
+                "model": path,
+                "name": source_card.name,
+                "weights_sha256": source_card.weights_sha256,
+            }
     model.load_state_dict(merged)
     provenance = dict(
         card.provenance,
