@@ -16,26 +16,30 @@ from m4oe.checkpoint import read_model_card
 from m4oe.hub import resolve_model
 from m4oe.phantom import PHANTOM_LABELS, write_dataset
 from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams
+from m4oe_training.anatomy import (
+    DENSE,
+    FAT,
+    FLUID,
+    SOFT_HIGH,
+    SOFT_LOW,
+    add_organ_interiors,
+    anatomy_from_image,
+    change_fat_layer,
+    structure_keys,
+)
 from m4oe_training.config import SYNTH_CHOICES, ConfigError, DatasetConfig, StageConfig, TrainConfig
 from m4oe_training.data import DatasetInfo, SliceData, dataset_modality
 from m4oe_training.synth import (
     CT_ENHANCING,
     CT_HU,
     CT_PHASES,
-    DENSE,
     FAMILIES,
-    FAT,
     IMAGE_FAMILIES,
-    SOFT_HIGH,
-    SOFT_LOW,
     SynthSettings,
-    anatomy_from_image,
-    change_fat_layer,
     deform,
     enhance_slice,
     neighbours,
     render_slice,
-    structure_keys,
     write_examples,
 )
 
@@ -400,6 +404,87 @@ def test_fat_layer_is_drawn_only_when_asked_so_earlier_runs_render_as_before(ct_
         TrainConfig(name="x", datasets=(t1,), stages=(StageConfig("joint", 1, 1e-3),), synth_fat_layer=1.5)
 
 
+def interior_anatomy(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The toy body with a right kidney (16 x 12 px) and a stomach (an ellipse) added: (3, S, S), (S, S)."""
+    anatomy, target = toy_anatomy(size)
+    yy, xx = np.mgrid[:size, :size]
+    target[36:52, 12:24] = PHANTOM_LABELS["kidney_right"]
+    target[(yy - 20) ** 2 / 8**2 + (xx - 44) ** 2 / 7**2 < 1] = PHANTOM_LABELS["stomach"]
+    anatomy[:, target > 0] = target[target > 0]
+    return anatomy, target
+
+
+def test_organ_interiors_draw_kidney_and_stomach_insides_as_tissue_and_keep_a_rim():
+    """Only the kidney's and stomach's deeper pixels change, to a tissue each may hold (kidney: sinus
+    fat or urine; stomach: fluid, or gas in the anterior part only), the same through the slices."""
+    from scipy import ndimage
+
+    anatomy, target = interior_anatomy()
+    kidney, stomach = PHANTOM_LABELS["kidney_right"], PHANTOM_LABELS["stomach"]
+    seen = set()
+    for seed in range(12):
+        out = add_organ_interiors(anatomy, KEYS, np.random.default_rng(seed))
+        assert out.dtype == anatomy.dtype and (anatomy[:, target > 0] == target[target > 0]).all()
+        changed = out != anatomy
+        assert (out[0] == out[1]).all() and (out[1] == out[2]).all()  # one draw for the three slices
+        assert set(np.unique(anatomy[changed])) <= {kidney, stomach}
+        for organ, tissues in ((kidney, {FAT, FLUID}), (stomach, {0, FLUID})):
+            inside = changed[1] & (target == organ)
+            assert inside.any(), (seed, organ)
+            tissue = set(np.unique(out[1][inside]))
+            assert len(tissue) == 1 and tissue <= tissues
+            seen |= {(organ, int(t)) for t in tissue}
+            depth = ndimage.distance_transform_edt(target == organ)
+            assert (depth[inside] > 1.5).all()  # the outline and the pixel inside it stay the organ
+            if tissue == {0}:  # gas rises: some of the lumen behind it stays stomach
+                deep_rest = (depth > depth[inside].min()) & ~inside & (target == organ)
+                assert deep_rest.any() and np.nonzero(deep_rest)[0].max() > np.nonzero(inside)[0].max()
+    assert seen == {(kidney, FAT), (kidney, FLUID), (stomach, 0), (stomach, FLUID)}
+    np.testing.assert_array_equal(
+        add_organ_interiors(anatomy, KEYS, np.random.default_rng(0)),
+        add_organ_interiors(anatomy, KEYS, np.random.default_rng(0)),
+    )
+    small = anatomy.copy()
+    small[:, target == kidney] = SOFT_LOW
+    small[:, 44:46, 16:18] = kidney  # 2 x 2 px: no pixel deeper than 1.5, so no interior
+    assert (add_organ_interiors(small, KEYS, np.random.default_rng(1))[:, 44:46, 16:18] == kidney).all()
+
+
+def test_organ_interiors_render_as_their_tissue_only_when_asked_and_the_training_data_takes_the_key(
+    ct_phantoms, tmp_path
+):
+    anatomy, target = interior_anatomy()
+    kidney = PHANTOM_LABELS["kidney_right"]
+    both = dataclasses.replace(STILL, p_organ_interior=1.0)
+    fat_hu = CT_HU["fat"][0]
+    for seed in range(40):  # a CT render in which the kidney shows sinus fat
+        image, labels = render_slice(anatomy, target, KEYS, "ct", np.random.default_rng(seed), CT, both)
+        kid = labels == kidney
+        hu = image * 1000.0  # CT: normalised = HU / 1000
+        if (hu[kid] < -60).any():
+            break
+    else:
+        raise AssertionError("no render drew the kidney's sinus fat")
+    np.testing.assert_array_equal(labels, target)  # the labels stay (no deformation in STILL)
+    fat = kid & (hu < -60)
+    assert (hu[fat] >= fat_hu[0] - 1e-3).all() and (hu[fat] <= fat_hu[1] + 1e-3).all()
+    assert (hu[kid & ~fat] > -20).all() and fat.sum() < kid.sum()
+    plain, _ = render_slice(anatomy, target, KEYS, "ct", np.random.default_rng(seed), CT, STILL)
+    assert (plain[kid] * 1000.0 > -20).all()  # without the setting, the kidney is one structure
+    info = DatasetInfo.read(ct_phantoms)
+    t1 = DatasetConfig(str(ct_phantoms), "mr-t1", "abdomen", val_cases=0, synth="t1")
+    params = {"ct": DEFAULT_PARAMS["ct"], "mr": DEFAULT_PARAMS["mr"]}
+    plain_data = SliceData([t1], [info], params, 48, "resize", None, tmp_path / "cache")
+    interior_data = SliceData([t1], [info], params, 48, "resize", None, tmp_path / "cache", both)
+    a = plain_data.sample(np.random.default_rng(2), 4, 1.0)
+    b = interior_data.sample(np.random.default_rng(2), 4, 1.0)
+    assert not torch_equal(a[0], b[0])
+    with pytest.raises(ConfigError, match="synth_organ_interior"):
+        TrainConfig(
+            name="x", datasets=(t1,), stages=(StageConfig("joint", 1, 1e-3),), synth_organ_interior=-0.1
+        )
+
+
 def torch_equal(a, b) -> bool:
     return bool((a == b).all())
 
@@ -451,7 +536,9 @@ def test_synth_command_renders_examples(ct_phantoms, tmp_path, capsys):
     assert (tmp_path / "out" / "labels.nii.gz").exists()
 
 
-def test_synth_command_shows_the_fat_layer_draw_and_refuses_a_bad_share(ct_phantoms, tmp_path, capsys):
+def test_synth_command_shows_the_fat_layer_and_organ_interior_draws_and_refuses_a_bad_share(
+    ct_phantoms, tmp_path, capsys
+):
     from m4oe.cli import UsageError, main
 
     def images(out, *extra):
@@ -462,9 +549,11 @@ def test_synth_command_shows_the_fat_layer_draw_and_refuses_a_bad_share(ct_phant
     plain = images(tmp_path / "plain")
     again = images(tmp_path / "again", "--fat-layer", "0")
     fat = images(tmp_path / "fat", "--fat-layer", "1")
+    interior = images(tmp_path / "interior", "--organ-interior", "1")
     np.testing.assert_array_equal(plain, again)  # 0, the default, renders as before
-    assert not np.array_equal(plain, fat)
-    for bad in (["--fat-layer", "1.5"], ["--fat-layer", "x"], ["--count", "0"]):
+    assert not np.array_equal(plain, fat) and not np.array_equal(plain, interior)
+    np.testing.assert_array_equal(plain, images(tmp_path / "again0", "--organ-interior", "0"))
+    for bad in (["--fat-layer", "1.5"], ["--fat-layer", "x"], ["--organ-interior", "-1"], ["--count", "0"]):
         with pytest.raises(UsageError) as raised:
             main(["synth", str(ct_phantoms), str(tmp_path / "bad"), "--family", "t1", *bad])
         assert raised.value.code == 2 and "must be" in raised.value.message

@@ -104,6 +104,14 @@ def register_synth(subparsers) -> None:
         help="share of renders (0-1) whose subcutaneous fat layer is grown or thinned, as the config "
         "key synth_fat_layer draws it (default 0)",
     )
+    synth.add_argument(
+        "--organ-interior",
+        type=_share,
+        default=0.0,
+        metavar="P",
+        help="share of renders (0-1) whose kidneys and stomach show an interior (sinus fat, urine, "
+        "gas, fluid), as the config key synth_organ_interior draws it (default 0)",
+    )
     synth.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     synth.set_defaults(handler=run_synth)
 
@@ -123,7 +131,7 @@ def run_synth(args: argparse.Namespace) -> int:
         args.seed,
         card,
         overwrite=args.overwrite,
-        settings=SynthSettings(p_fat_layer=args.fat_layer),
+        settings=SynthSettings(p_fat_layer=args.fat_layer, p_organ_interior=args.organ_interior),
     )
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -156,8 +156,11 @@ class TrainConfig:
     augment: bool = True
     elastic_probability: float = 0.0
     # The share of label-map renders whose subcutaneous fat layer is grown or thinned
-    # (m4oe_training.synth.change_fat_layer): organs of one size in bodies of another.
+    # (m4oe_training.anatomy.change_fat_layer): organs of one size in bodies of another.
     synth_fat_layer: float = 0.0
+    # The share of label-map renders whose kidneys and stomach show an interior (sinus fat, urine,
+    # gas, fluid: m4oe_training.anatomy.add_organ_interiors), the organ labels unchanged.
+    synth_organ_interior: float = 0.0
     amp: str = "auto"
     val_every: int = 1
     seed: int = 0
@@ -223,6 +226,7 @@ class TrainConfig:
             "foreground_fraction": 0.0 <= self.foreground_fraction <= 1.0,
             "elastic_probability": 0.0 <= self.elastic_probability <= 1.0,
             "synth_fat_layer": 0.0 <= self.synth_fat_layer <= 1.0,
+            "synth_organ_interior": 0.0 <= self.synth_organ_interior <= 1.0,
             "grad_clip_norm": self.grad_clip_norm >= 0,
             "val_every": self.val_every >= 1,
             "ce_weight": self.ce_weight >= 0 and self.ce_weight + self.dice_weight > 0,

@@ -8,7 +8,7 @@ inference, and kept in memory and in an on-disk cache as float16 (Z, S, S) image
 labels. Sampling is deterministic per (seed, rank, step): a resumed run draws the same batches.
 
 A dataset with ``synth`` on also keeps each case's anatomy map on the model grid
-(:func:`.synth.anatomy_from_image`), and its samples are rendered from it by
+(:func:`.anatomy.anatomy_from_image`), and its samples are rendered from it by
 :func:`.synth.render_slice` (domain randomisation) instead of read from the image.
 """
 
@@ -33,18 +33,10 @@ from m4oe.prepare import SlicePlan
 from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams, ct_statistics_from_samples
 from m4oe.region import body_rows_columns
 
+from .anatomy import anatomy_from_image, structure_keys
 from .config import ConfigError, DatasetConfig
 from .nnunet import read_dataset_json, verify_dataset
-from .synth import (
-    FAMILY_MODALITY,
-    IMAGE_FAMILIES,
-    SynthSettings,
-    anatomy_from_image,
-    enhance_slice,
-    neighbours,
-    render_slice,
-    structure_keys,
-)
+from .synth import FAMILY_MODALITY, IMAGE_FAMILIES, SynthSettings, enhance_slice, neighbours, render_slice
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = 3  # 3: a field of view too wide for the model input is framed on the body
@@ -120,7 +112,7 @@ def check_synth(cfg: DatasetConfig, info: DatasetInfo) -> None:
 @dataclass
 class PreparedCase:
     """One case on the model grid: ``image`` float16 (Z, S, S) normalised, ``label`` uint8 (Z, S, S),
-    and for synthesis ``anatomy`` uint8 (Z, S, S) (:func:`.synth.anatomy_from_image`), else None."""
+    and for synthesis ``anatomy`` uint8 (Z, S, S) (:func:`.anatomy.anatomy_from_image`), else None."""
 
     dataset: int
     case: str

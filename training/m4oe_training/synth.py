@@ -2,17 +2,19 @@
 
 SynthSeg (Billot et al., Medical Image Analysis 2023) trains a network on images drawn from
 anatomical label maps with random intensities per structure, so that it learns shapes rather
-than one scanner's contrast. Here the anatomy is an *anatomy map*: the organ labels of a case
-plus sub-classes of the unlabelled body (fat, two kinds of soft tissue such as muscle and bowel,
-dense tissue such as bone or oral contrast) derived from its image by :func:`anatomy_from_image`.
+than one scanner's contrast. Here the anatomy is an *anatomy map* (:mod:`m4oe_training.anatomy`):
+the organ labels of a case plus sub-classes of the unlabelled body (fat, two kinds of soft tissue
+such as muscle and bowel, dense tissue such as bone or oral contrast) derived from its image.
 :func:`render_slice` turns three neighbouring anatomy slices on the model grid into one
 normalised training slice:
 
 1. optionally (``p_fat_layer``, off by default), the body's habitus: its outline grown by a layer
    of subcutaneous fat or its outer fat thinned, the organs left as they are
-   (:func:`change_fat_layer`); then deformation of the anatomy (random affine: rotation,
-   anisotropic scaling, shear, shift; and a smooth elastic field), applied to the anatomy and the
-   target labels alike (nearest neighbour);
+   (:func:`~m4oe_training.anatomy.change_fat_layer`); optionally (``p_organ_interior``, off by
+   default), the inside of the kidneys and stomach drawn as another tissue, the target unchanged
+   (:func:`~m4oe_training.anatomy.add_organ_interiors`); then deformation of the anatomy (random
+   affine: rotation, anisotropic scaling, shear, shift; and a smooth elastic field), applied to the
+   anatomy and the target labels alike (nearest neighbour);
 2. an intensity per structure drawn for the contrast family: ``"ct"`` (Hounsfield units in
    CT-plausible ranges for a random phase: native, arterial, portal venous, delayed), ``"t1"``
    (T1-like, in/opposed phase, fat-suppressed), ``"t2"`` (T2-like, fat-suppressed) or ``"any"``
@@ -52,14 +54,8 @@ from m4oe.io import all_or_nothing, write_atomic
 from m4oe.model_card import ModelCard
 from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams, mr_volume_statistics, normalize_slices
 
+from .anatomy import add_organ_interiors, change_fat_layer, structure_keys
 from .families import FAMILIES, FAMILY_MODALITY, IMAGE_FAMILIES
-
-FAT, SOFT_LOW, SOFT_HIGH, DENSE = 250, 251, 252, 253
-"""Anatomy-map values of the unlabelled body's sub-classes (organs keep their label values, air 0)."""
-TISSUE_KEYS = {FAT: "fat", SOFT_LOW: "soft_tissue_low", SOFT_HIGH: "soft_tissue_high", DENSE: "dense"}
-
-# CT sub-class bounds in HU of the median-filtered image: air | fat | soft low | soft high | dense.
-CT_TISSUE_BOUNDS_HU = (-400.0, -20.0, 45.0, 180.0)
 
 CT_PHASES = ("native", "arterial", "portal", "delayed")
 # HU range of each structure per phase (native, arterial, portal venous, delayed), from the usual
@@ -67,6 +63,7 @@ CT_PHASES = ("native", "arterial", "portal", "delayed")
 CT_HU: dict[str, tuple[tuple[float, float], ...]] = {
     "air": ((-1010, -950),) * 4,
     "fat": ((-130, -70),) * 4,
+    "fluid": ((-5, 25),) * 4,
     "soft_tissue_low": ((-15, 35), (-15, 35), (-10, 40), (-10, 40)),
     "soft_tissue_high": ((30, 60), (40, 80), (50, 100), (45, 90)),
     "dense": ((180, 700), (180, 700), (180, 700), (180, 700)),
@@ -86,6 +83,7 @@ MR_RANGES: dict[str, dict[str, tuple[float, float]]] = {
     "t1": {
         "air": (0.0, 0.04),
         "fat": (0.7, 1.0),
+        "fluid": (0.02, 0.2),
         "soft_tissue_low": (0.1, 0.35),
         "soft_tissue_high": (0.25, 0.5),
         "dense": (0.05, 0.3),
@@ -100,6 +98,7 @@ MR_RANGES: dict[str, dict[str, tuple[float, float]]] = {
     "t2": {
         "air": (0.0, 0.04),
         "fat": (0.45, 0.85),
+        "fluid": (0.75, 1.0),
         "soft_tissue_low": (0.35, 0.9),
         "soft_tissue_high": (0.15, 0.4),
         "dense": (0.05, 0.25),
@@ -148,101 +147,9 @@ class SynthSettings:
     # configured before it draws the same renders.
     p_fat_layer: float = 0.0
     fat_layer_px: tuple[float, float] = (-3.0, 8.0)
-
-
-def anatomy_from_image(image: np.ndarray, labels: np.ndarray, modality: str) -> np.ndarray:
-    """An anatomy map: the organ labels, and the unlabelled voxels split into tissue sub-classes.
-
-    Args:
-        image: (Z, Y, X) intensities, HU for CT, arbitrary units for MR (any axis order works; the
-            labels must share it).
-        labels: (Z, Y, X) integer organ labels (values 1..249; 0 unlabelled).
-        modality: "ct" (sub-classes by HU: air, fat, soft tissue below and above 45 HU, dense above
-            180 HU, on a 3x3 in-plane median of the image so noise does not speckle them) or "mr"
-            (background below 5 % of the 99.5th percentile, the rest in three intensity tertiles,
-            kept as fat / soft low / soft high for want of a better name: for MR they only carry
-            random intensities, never a CT meaning).
-
-    Returns:
-        uint8 (Z, Y, X): organ label values where labelled, else 0 (air) or one of
-        :data:`FAT`, :data:`SOFT_LOW`, :data:`SOFT_HIGH`, :data:`DENSE`.
-    """
-    from scipy import ndimage
-
-    image = np.asarray(image, dtype=np.float32)
-    labels = np.asarray(labels)
-    if image.shape != labels.shape:
-        raise ValueError(f"anatomy: image shape {image.shape} differs from label shape {labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() >= FAT):
-        raise ValueError(
-            f"anatomy: organ labels must lie in 0..{FAT - 1}, got {labels.min()}..{labels.max()}"
-        )
-    smooth = ndimage.median_filter(image, size=(1, 3, 3)) if image.ndim == 3 else image
-    out = np.zeros(image.shape, dtype=np.uint8)
-    if modality == "ct":
-        bounds = CT_TISSUE_BOUNDS_HU
-        classes = np.digitize(smooth, bounds)  # 0 air, 1 fat, 2 soft low, 3 soft high, 4 dense
-        table = np.array([0, FAT, SOFT_LOW, SOFT_HIGH, DENSE], dtype=np.uint8)
-        out[:] = table[classes]
-    elif modality == "mr":
-        top = float(np.percentile(smooth, 99.5)) if smooth.size else 0.0
-        body = smooth > 0.05 * top
-        free = body & (labels == 0)
-        if free.any():
-            t1, t2 = np.percentile(smooth[free], (100 / 3, 200 / 3))
-            out[body] = np.where(smooth[body] < t1, SOFT_LOW, np.where(smooth[body] < t2, SOFT_HIGH, FAT))
-    else:
-        raise ValueError(f"anatomy: modality must be 'ct' or 'mr', got {modality!r}")
-    organ = labels > 0
-    out[organ] = labels[organ].astype(np.uint8)
-    return out
-
-
-def structure_keys(organ_labels: dict[str, int]) -> dict[int, str]:
-    """Anatomy-map value -> structure key: the dataset's organs, the tissue sub-classes and air."""
-    keys = {0: "air", **TISSUE_KEYS}
-    keys.update({int(v): k for k, v in organ_labels.items() if int(v) > 0})
-    return keys
-
-
-def change_fat_layer(anatomy: np.ndarray, target: np.ndarray, pixels: float) -> np.ndarray:
-    """The anatomy with its body outline moved by ``pixels``, organs untouched.
-
-    Patients of one organ size differ a lot in subcutaneous fat, and a network that learns where the
-    organs lie from the body's outline would fail on a patient bigger or slimmer than its training
-    anatomy. The body is each slice's largest connected non-air part with its holes (bowel gas)
-    filled; a scanner table or other parts apart from it are left alone. Growing (``pixels`` > 0):
-    the air within ``pixels`` of the body becomes fat. Thinning (``pixels`` < 0): the body's fat
-    pixels within ``-pixels`` of its outline become air where the target labels nothing; muscle,
-    bone and organs stay.
-
-    Args:
-        anatomy: (3, S, S) anatomy slices (0 air, organ labels, :data:`TISSUE_KEYS` values), model grid.
-        target: (S, S) organ labels of the middle slice.
-        pixels: the change in model-grid pixels (Euclidean distance to the outline).
-
-    Returns:
-        A new (3, S, S) anatomy of the same dtype; ``anatomy`` itself is not changed.
-    """
-    from scipy import ndimage
-
-    out = anatomy.copy()
-    for k in range(out.shape[0]):
-        parts, n = ndimage.label(out[k] != 0)
-        if n == 0:
-            continue
-        # The body: the largest connected part, holes (bowel gas) filled; the table and stray
-        # parts are left as they are.
-        body = ndimage.binary_fill_holes(parts == 1 + int(np.argmax(np.bincount(parts.ravel())[1:])))
-        if body.all():
-            continue
-        if pixels > 0:
-            grown = ~body & (ndimage.distance_transform_edt(~body) <= pixels) & (out[k] == 0)
-            out[k][grown] = FAT
-        elif pixels < 0:
-            outer = body & (ndimage.distance_transform_edt(body) <= -pixels) & (out[k] == FAT)
-            out[k][outer & (target == 0)] = 0
-    return out
+    # The share of renders whose kidneys and stomach show an interior (sinus fat, urine, gas, fluid:
+    # m4oe_training.anatomy.add_organ_interiors). Off by default, for the same reason.
+    p_organ_interior: float = 0.0
 
 
 def deform(maps: torch.Tensor, rng: np.random.Generator, settings: SynthSettings) -> torch.Tensor:
@@ -338,6 +245,8 @@ def render_slice(
     settings = settings or SynthSettings()
     if settings.p_fat_layer > 0 and rng.random() < settings.p_fat_layer:
         anatomy = change_fat_layer(anatomy, target, rng.uniform(*settings.fat_layer_px))
+    if settings.p_organ_interior > 0 and rng.random() < settings.p_organ_interior:
+        anatomy = add_organ_interiors(anatomy, keys, rng)
     maps = torch.from_numpy(np.concatenate([anatomy, target[None]]).astype(np.int64))
     maps = deform(maps, rng, settings).numpy()
     anatomy, target = maps[:3], maps[3].astype(np.uint8)

@@ -294,7 +294,7 @@ def _run(
         cfg.in_plane,
         cfg.target_spacing_mm,
         out / "cache",
-        SynthSettings(p_fat_layer=cfg.synth_fat_layer),
+        SynthSettings(p_fat_layer=cfg.synth_fat_layer, p_organ_interior=cfg.synth_organ_interior),
     )
     dataset_expert = [cfg.experts.index(d.expert) for d in cfg.datasets]
     if space is not None:  # per-class BCE + Dice over the structures each dataset labels
