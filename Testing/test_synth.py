@@ -391,17 +391,21 @@ def test_fat_layer_is_drawn_only_when_asked_so_earlier_runs_render_as_before(ct_
     body, plain_body = image > -0.9, plain > -0.9  # HU / 1000: air -1
     assert plain_body.sum() < body.sum() and (body >= plain_body).all()
     assert body[32, 1] and not plain_body[32, 1]
-    # the training data takes the setting from the config (synth_fat_layer)
-    info = DatasetInfo.read(ct_phantoms)
-    t1 = DatasetConfig(str(ct_phantoms), "mr-t1", "abdomen", val_cases=0, synth="t1")
+    assert_training_data_draws(ct_phantoms, tmp_path, grow, synth_fat_layer=1.5)
+
+
+def assert_training_data_draws(dataset, tmp_path, settings: SynthSettings, **bad_config) -> None:
+    """Training samples with ``settings`` differ from plain ones, and the config key refuses a bad share."""
+    info = DatasetInfo.read(dataset)
+    t1 = DatasetConfig(str(dataset), "mr-t1", "abdomen", val_cases=0, synth="t1")
     params = {"ct": DEFAULT_PARAMS["ct"], "mr": DEFAULT_PARAMS["mr"]}
     plain_data = SliceData([t1], [info], params, 48, "resize", None, tmp_path / "cache")
-    fat_data = SliceData([t1], [info], params, 48, "resize", None, tmp_path / "cache", grow)
+    drawn_data = SliceData([t1], [info], params, 48, "resize", None, tmp_path / "cache", settings)
     a = plain_data.sample(np.random.default_rng(2), 4, 1.0)
-    b = fat_data.sample(np.random.default_rng(2), 4, 1.0)
+    b = drawn_data.sample(np.random.default_rng(2), 4, 1.0)
     assert not torch_equal(a[0], b[0])
-    with pytest.raises(ConfigError, match="synth_fat_layer"):
-        TrainConfig(name="x", datasets=(t1,), stages=(StageConfig("joint", 1, 1e-3),), synth_fat_layer=1.5)
+    with pytest.raises(ConfigError, match=next(iter(bad_config))):
+        TrainConfig(name="x", datasets=(t1,), stages=(StageConfig("joint", 1, 1e-3),), **bad_config)
 
 
 def interior_anatomy(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -471,18 +475,7 @@ def test_organ_interiors_render_as_their_tissue_only_when_asked_and_the_training
     assert (hu[kid & ~fat] > -20).all() and fat.sum() < kid.sum()
     plain, _ = render_slice(anatomy, target, KEYS, "ct", np.random.default_rng(seed), CT, STILL)
     assert (plain[kid] * 1000.0 > -20).all()  # without the setting, the kidney is one structure
-    info = DatasetInfo.read(ct_phantoms)
-    t1 = DatasetConfig(str(ct_phantoms), "mr-t1", "abdomen", val_cases=0, synth="t1")
-    params = {"ct": DEFAULT_PARAMS["ct"], "mr": DEFAULT_PARAMS["mr"]}
-    plain_data = SliceData([t1], [info], params, 48, "resize", None, tmp_path / "cache")
-    interior_data = SliceData([t1], [info], params, 48, "resize", None, tmp_path / "cache", both)
-    a = plain_data.sample(np.random.default_rng(2), 4, 1.0)
-    b = interior_data.sample(np.random.default_rng(2), 4, 1.0)
-    assert not torch_equal(a[0], b[0])
-    with pytest.raises(ConfigError, match="synth_organ_interior"):
-        TrainConfig(
-            name="x", datasets=(t1,), stages=(StageConfig("joint", 1, 1e-3),), synth_organ_interior=-0.1
-        )
+    assert_training_data_draws(ct_phantoms, tmp_path, both, synth_organ_interior=-0.1)
 
 
 def torch_equal(a, b) -> bool:
