@@ -747,6 +747,18 @@ def test_slicer_requirements_hold_the_tested_versions():
         assert requirement.specifier.contains(pinned[name]), f"tested {name} {pinned[name]} is not {line!r}"
 
 
+def test_device_packages_are_the_tested_versions():
+    """tools/device/requirements.txt (what a GPU run carries) pins each package as pinned.txt does,
+    so figures measured on the device come from the versions the test suite runs."""
+    pinned = dict(_requirement(line) for line in requirement_lines(PINNED))
+    carried = ROOT / "tools" / "device" / "requirements.txt"
+    device = dict(_requirement(line) for line in requirement_lines(carried))
+    assert {"simpleitk", "timm", "monai", "dask", "distributed"} <= set(device)
+    for name, spec in device.items():
+        assert name in pinned, f"device package {name} has no tested version in {PINNED.name}"
+        assert spec == pinned[name], f"device {name}{spec} is not the tested {name}{pinned[name]}"
+
+
 def _calls(tree: ast.AST) -> list[ast.Call]:
     return [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
 
