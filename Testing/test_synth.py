@@ -29,18 +29,17 @@ from m4oe_training.anatomy import (
 )
 from m4oe_training.config import SYNTH_CHOICES, ConfigError, DatasetConfig, StageConfig, TrainConfig
 from m4oe_training.data import DatasetInfo, SliceData, dataset_modality
+from m4oe_training.examples import write_examples
+from m4oe_training.families import FAMILIES, IMAGE_FAMILIES
 from m4oe_training.synth import (
     CT_ENHANCING,
     CT_HU,
     CT_PHASES,
-    FAMILIES,
-    IMAGE_FAMILIES,
     SynthSettings,
     deform,
     enhance_slice,
     neighbours,
     render_slice,
-    write_examples,
 )
 
 CT = IntensityParams.ct((-1000.0, 1000.0), mean=0.0, std=1000.0)  # normalised = HU / 1000

@@ -87,7 +87,8 @@ def register_synth(subparsers) -> None:
         "--family",
         required=True,
         choices=(*FAMILIES, *IMAGE_FAMILIES),
-        help="contrast family; ct-phase: a contrast phase simulated on the dataset's own CT slices",
+        help="contrast family; ct-phase: a contrast phase simulated on the dataset's own CT slices; "
+        "ct-to-mr: its CT slices made MR-like by a random intensity network",
     )
     synth.add_argument("--count", type=_positive, default=16, help="slices to render (default 16)")
     synth.add_argument(
@@ -120,7 +121,8 @@ def run_synth(args: argparse.Namespace) -> int:
     from m4oe.checkpoint import read_model_card
     from m4oe.hub import resolve_model
 
-    from .synth import SynthSettings, write_examples
+    from .examples import write_examples
+    from .synth import SynthSettings
 
     card = read_model_card(resolve_model(args.model))
     paths = write_examples(

@@ -35,8 +35,10 @@ from m4oe.region import body_rows_columns
 
 from .anatomy import anatomy_from_image, structure_keys
 from .config import ConfigError, DatasetConfig
+from .crossmodal import image_family_slice
+from .families import FAMILY_MODALITY, IMAGE_FAMILIES, IMAGE_FAMILY_SOURCE
 from .nnunet import read_dataset_json, verify_dataset
-from .synth import FAMILY_MODALITY, IMAGE_FAMILIES, SynthSettings, enhance_slice, neighbours, render_slice
+from .synth import SynthSettings, neighbours, render_slice
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = 3  # 3: a field of view too wide for the model input is framed on the body
@@ -95,10 +97,10 @@ def dataset_modality(cfg: DatasetConfig, info: DatasetInfo) -> str:
 
 def check_synth(cfg: DatasetConfig, info: DatasetInfo) -> None:
     """Renders of another modality than the images' must replace them everywhere (see DatasetConfig)."""
-    if cfg.synth in IMAGE_FAMILIES and info.modality != FAMILY_MODALITY[cfg.synth]:
+    if cfg.synth in IMAGE_FAMILIES and info.modality != IMAGE_FAMILY_SOURCE[cfg.synth]:
         raise ConfigError(
             f"{info.root}: synth = {cfg.synth!r} works on the dataset's own "
-            f"{FAMILY_MODALITY[cfg.synth]} images, but the dataset is {info.modality}"
+            f"{IMAGE_FAMILY_SOURCE[cfg.synth]} images, but the dataset is {info.modality}"
         )
     if cfg.synth == "off" or dataset_modality(cfg, info) == info.modality:
         return
@@ -264,8 +266,9 @@ class SliceData:
         """Draw a batch: a dataset (uniformly, or by the datasets' ``weight``), then a case, then a slice.
 
         With probability ``foreground_fraction`` the slice is one holding foreground. A dataset with
-        ``synth`` on renders the slice from its anatomy (or, "ct-phase", simulates a contrast phase on
-        its real slice) for a ``synth_fraction`` of its samples.
+        ``synth`` on renders the slice from its anatomy (or, an image family, draws it from its real
+        slice: a simulated contrast phase, or an MR-like image of a CT) for a ``synth_fraction`` of
+        its samples.
         Returns images (B, 1, S, S) float32, labels (B, S, S) int64, dataset indices (B,).
         """
         images, labels, index = [], [], []
@@ -281,8 +284,13 @@ class SliceData:
                 k = int(rng.integers(case.image.shape[0]))
             if self.synth[d] != "off" and rng.random() < self.synth_fraction[d]:
                 if self.synth[d] in IMAGE_FAMILIES:
-                    image, label = enhance_slice(
-                        case.image[k], case.label[k], self.structure_keys[d], rng, self.ct_params
+                    image, label = image_family_slice(
+                        self.synth[d],
+                        case.image[k],
+                        case.label[k],
+                        self.structure_keys[d],
+                        rng,
+                        self.ct_params,
                     )
                 else:
                     image, label = render_slice(

@@ -43,19 +43,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from m4oe.errors import OutputError
-from m4oe.io import all_or_nothing, write_atomic
-from m4oe.model_card import ModelCard
-from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams, mr_volume_statistics, normalize_slices
+from m4oe.preprocessing import IntensityParams, mr_volume_statistics, normalize_slices
 
-from .anatomy import add_organ_interiors, change_fat_layer, structure_keys
-from .families import FAMILIES, FAMILY_MODALITY, IMAGE_FAMILIES
+from .anatomy import add_organ_interiors, change_fat_layer
+from .families import FAMILIES
 
 CT_PHASES = ("native", "arterial", "portal", "delayed")
 # HU range of each structure per phase (native, arterial, portal venous, delayed), from the usual
@@ -157,14 +153,14 @@ def deform(maps: torch.Tensor, rng: np.random.Generator, settings: SynthSettings
 
     Nearest-neighbour sampling keeps label values; outside the grid is 0 (air, background).
     """
-    grid = _random_grid(maps.shape[-1], rng, settings)
+    grid = random_grid(maps.shape[-1], rng, settings)
     warped = F.grid_sample(
         maps[None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
     )
     return warped[0].round().to(maps.dtype)
 
 
-def _random_grid(size: int, rng: np.random.Generator, settings: SynthSettings) -> torch.Tensor:
+def random_grid(size: int, rng: np.random.Generator, settings: SynthSettings) -> torch.Tensor:
     """One random affine + elastic sampling grid (1, S, S, 2) for ``F.grid_sample`` (normalised x, y)."""
     angle = math.radians(rng.uniform(-settings.max_rotation_deg, settings.max_rotation_deg))
     sy, sx = (1.0 / rng.uniform(*settings.scale) for _ in range(2))
@@ -266,7 +262,7 @@ def render_slice(
     image = image + stds[index[1]] * rng.standard_normal(image.shape).astype(np.float32)
     if family == "t1" and rng.random() < settings.p_opposed_phase:
         image = _opposed_phase(image, anatomy[1], keys)
-    image = _acquire(image.astype(np.float32), family, rng, settings)
+    image = acquire(image.astype(np.float32), family, rng, settings)
     if family == "ct":
         return normalize_slices(image, "ct", ct_params), target
     stats = mr_volume_statistics(image)
@@ -325,14 +321,14 @@ def enhance_slice(
         low, high = CT_HU[key][phase]
         shift[organ] = rng.uniform(low, high) - float(np.median(hu[organ]))
     hu = hu + ndimage.gaussian_filter(shift, 0.7)
-    grid = _random_grid(hu.shape[-1], rng, settings)
+    grid = random_grid(hu.shape[-1], rng, settings)
     air = float(ct_params.clip[0])
     planes = torch.from_numpy(np.stack([hu - air, target.astype(np.float32)]))[:, None]
     warped_image = F.grid_sample(planes[:1], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     warped_label = F.grid_sample(planes[1:], grid, mode="nearest", padding_mode="zeros", align_corners=False)
     hu = warped_image[0, 0].numpy() + air
     labels = warped_label[0, 0].round().numpy().astype(np.uint8)
-    hu = _acquire(hu.astype(np.float32), "ct", rng, settings)
+    hu = acquire(hu.astype(np.float32), "ct", rng, settings)
     return normalize_slices(hu, "ct", ct_params), labels
 
 
@@ -346,7 +342,7 @@ def _opposed_phase(image: np.ndarray, anatomy: np.ndarray, keys: dict[int, str])
     return np.where(edge, image * 0.15, image)
 
 
-def _acquire(image: np.ndarray, family: str, rng: np.random.Generator, settings: SynthSettings) -> np.ndarray:
+def acquire(image: np.ndarray, family: str, rng: np.random.Generator, settings: SynthSettings) -> np.ndarray:
     """Blur, bias field and gamma (MR), noise and reduced resolution of an (S, S) slice."""
     from scipy import ndimage
 
@@ -377,100 +373,3 @@ def neighbours(volume: np.ndarray, k: int) -> np.ndarray:
     """Slices k-1, k, k+1 of a (Z, S, S) volume as (3, S, S), the end slices repeated at the edges."""
     z = volume.shape[0]
     return volume[[max(k - 1, 0), k, min(k + 1, z - 1)]]
-
-
-def write_examples(
-    dataset: str | Path,
-    out_dir: str | Path,
-    family: str,
-    count: int,
-    seed: int,
-    card: ModelCard,
-    *,
-    overwrite: bool = False,
-    settings: SynthSettings | None = None,
-) -> list[Path]:
-    """Render ``count`` training slices of an nnU-Net dataset for a person to look at.
-
-    The slices are prepared as a training run with ``card``'s preprocessing prepares them (in-plane
-    geometry, CT window), drawn at random from slices holding an organ, and rendered with
-    :func:`render_slice` and ``settings`` (default :class:`SynthSettings`; e.g. ``p_fat_layer`` to
-    see the body-habitus draw a config's ``synth_fat_layer`` asks for; family "ct-phase":
-    :func:`enhance_slice` of the real slice, which draws no habitus). Writes
-    ``examples.png`` (each rendered slice beside its labels), ``images.nii.gz`` (float32,
-    (count, S, S): one model-grid slice per z index, normalised units) and ``labels.nii.gz``
-    (uint8, same grid), each through a temporary name, and nothing when any
-    of them exists and not ``overwrite``. Returns the three paths.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import SimpleITK as sitk
-
-    from .data import DatasetInfo, prepare_case
-
-    if family not in (*FAMILIES, *IMAGE_FAMILIES):
-        raise ValueError(f"synthesis family must be one of {FAMILIES + IMAGE_FAMILIES}, got {family!r}")
-    if count < 1:
-        raise ValueError(f"count must be >= 1, got {count}")
-    out_dir = Path(out_dir)
-    paths = [out_dir / name for name in ("examples.png", "images.nii.gz", "labels.nii.gz")]
-    if not overwrite:
-        for path in paths:
-            if path.exists():
-                raise OutputError("exists; pass --overwrite to replace it", path)
-    info = DatasetInfo.read(dataset)
-    if family in IMAGE_FAMILIES and info.modality != FAMILY_MODALITY[family]:
-        raise ValueError(
-            f"{dataset}: family {family!r} needs a {FAMILY_MODALITY[family]} dataset, got {info.modality}"
-        )
-    pre = card.preprocessing
-    ct_params = DEFAULT_PARAMS["ct"]
-    if "ct" in pre.intensity:
-        ct_params = IntensityParams.from_dict(pre.intensity["ct"])
-    params = ct_params if info.modality == "ct" else DEFAULT_PARAMS["mr"]
-    size = card.architecture.img_size
-    keys = structure_keys(info.labels)
-    rng = np.random.default_rng(seed)
-    prepared = {}
-    images, labels = [], []
-    for _ in range(count):
-        case = info.cases[int(rng.integers(len(info.cases)))]
-        if case not in prepared:
-            prepared[case] = prepare_case(
-                info, case, params, size, pre.in_plane, pre.target_spacing_mm, anatomy=True
-            )
-        real, label, anatomy = prepared[case]
-        organ_slices = np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1))
-        k = int(rng.choice(organ_slices)) if organ_slices.size else int(rng.integers(label.shape[0]))
-        if family in IMAGE_FAMILIES:
-            image, target = enhance_slice(real[k], label[k], keys, rng, ct_params)
-        else:
-            image, target = render_slice(
-                neighbours(anatomy, k), label[k], keys, family, rng, ct_params, settings
-            )
-        images.append(image)
-        labels.append(target)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    columns = min(count, 8)
-    rows = math.ceil(count / columns)
-    fig, axes = plt.subplots(2 * rows, columns, figsize=(2 * columns, 4 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i, (image, target) in enumerate(zip(images, labels, strict=True)):
-        r, c = divmod(i, columns)
-        axes[2 * r, c].imshow(image, cmap="gray")
-        axes[2 * r + 1, c].imshow(target, cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
-    fig.suptitle(f"{info.name}: {family} renders, seed {seed}")
-    fig.tight_layout()
-
-    def volume(slices):
-        return lambda p: sitk.WriteImage(sitk.GetImageFromArray(np.stack(slices)), str(p))
-
-    with all_or_nothing():
-        write_atomic(paths[0], lambda p: fig.savefig(p, dpi=80), overwrite=True)
-        write_atomic(paths[1], volume(images), overwrite=True)
-        write_atomic(paths[2], volume(labels), overwrite=True)
-    plt.close(fig)
-    return paths

@@ -1,0 +1,155 @@
+"""MR-like training images of real CT slices (m4oe_training.crossmodal, synth family "ct-to-mr")."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from m4oe.checkpoint import read_model_card
+from m4oe.hub import resolve_model
+from m4oe.phantom import PHANTOM_LABELS, write_dataset
+from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams
+from m4oe_training.config import ConfigError, DatasetConfig
+from m4oe_training.crossmodal import body_mask, image_family_slice, mr_from_ct_slice, random_intensity_net
+from m4oe_training.data import DatasetInfo, SliceData, dataset_modality
+from m4oe_training.examples import write_examples
+from m4oe_training.synth import SynthSettings
+
+CT = IntensityParams.ct((-1000.0, 1000.0), mean=0.0, std=1000.0)  # normalised = HU / 1000
+STILL = SynthSettings(  # no deformation, blur, bias, gamma, noise or resolution loss
+    max_rotation_deg=0.0,
+    scale=(1.0, 1.0),
+    max_shear=0.0,
+    max_shift=0.0,
+    p_elastic=0.0,
+    blur_sigma=(0.0, 0.0),
+    bias_strength=(0.0, 0.0),
+    gamma_std=0.0,
+    mr_noise=(0.0, 0.0),
+    p_low_resolution=0.0,
+)
+
+
+def ct_slice(size: int = 64) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """A CT slice in HU / 1000 (CT above): air, a table strip under a body of fat around soft
+    tissue with a liver, a bright vertebra and a bubble of bowel gas; its labels; region masks."""
+    yy, xx = np.mgrid[:size, :size]
+    hu = np.full((size, size), -1000.0)
+    body = (yy - 30) ** 2 / 24**2 + (xx - 32) ** 2 / 28**2 < 1
+    hu[body] = -100.0
+    inner = (yy - 30) ** 2 / 18**2 + (xx - 32) ** 2 / 22**2 < 1
+    hu[inner] = 40.0
+    table = (yy >= 58) & (yy <= 59) & (xx > 6) & (xx < 58)
+    hu[table] = 200.0
+    gas = (yy - 30) ** 2 + (xx - 44) ** 2 < 9
+    hu[gas] = -900.0
+    target = np.zeros((size, size), np.uint8)
+    target[18:32, 14:30] = PHANTOM_LABELS["liver"]
+    hu[18:32, 14:30] = 60.0
+    target[40:46, 29:35] = PHANTOM_LABELS["vertebrae"]
+    hu[40:46, 29:35] = 500.0
+    regions = {"body": body & ~gas, "table": table, "gas": gas, "air": ~body & ~table}
+    return (hu / 1000.0).astype(np.float32), target, regions
+
+
+def test_random_intensity_net_remaps_regions_keeps_edges_and_is_reproducible():
+    size = 48
+    x = np.zeros((2, size, size), np.float32)
+    x[0, :, :24], x[0, :, 24:] = 0.2, 0.8  # two regions, one edge between them
+    x[1, :, :24], x[1, :, 24:] = 0.5, 0.6
+    left, right = (slice(8, 40), slice(6, 18)), (slice(8, 40), slice(30, 42))  # away from edge and border
+    brighter_right, differ = [], 0
+    for seed in range(20):
+        out = random_intensity_net(x, np.random.default_rng(seed))
+        assert out.shape == (size, size) and out.dtype == np.float32
+        assert out.min() >= 0.0 and out.max() <= 1.0
+        a, b = out[left], out[right]
+        assert a.std() < 1e-5 and b.std() < 1e-5  # a region stays one intensity: no texture invented
+        differ += abs(float(a.mean()) - float(b.mean())) > 0.01
+        brighter_right.append(float(b.mean()) > float(a.mean()))
+        np.testing.assert_array_equal(out, random_intensity_net(x, np.random.default_rng(seed)))
+    assert differ >= 15  # the edge survives in (nearly) every draw
+    assert 0 < sum(brighter_right) < 20  # and the contrast is sometimes inverted: not a monotone map
+    assert not np.array_equal(
+        random_intensity_net(x, np.random.default_rng(0)), random_intensity_net(x, np.random.default_rng(1))
+    )
+    with pytest.raises(ValueError, match="views of one slice"):
+        random_intensity_net(x[0], np.random.default_rng(0))
+
+
+def test_body_mask_keeps_the_body_and_drops_table_air_and_gas():
+    image, _, regions = ct_slice()
+    mask = body_mask(image * 1000.0)
+    np.testing.assert_array_equal(mask, regions["body"])
+    assert not body_mask(np.full((8, 8), -1000.0)).any()
+
+
+def test_mr_from_ct_slice_has_no_signal_outside_the_body_and_keeps_the_labels():
+    image, target, regions = ct_slice()
+    outs = []
+    for seed in range(6):
+        out, labels = mr_from_ct_slice(image, target, np.random.default_rng(seed), CT, STILL)
+        assert out.shape == target.shape and out.dtype == np.float32 and np.isfinite(out).all()
+        np.testing.assert_array_equal(labels, target)  # no deformation asked: labels as given
+        assert labels.dtype == np.uint8
+        empty = out[regions["air"] | regions["table"] | regions["gas"]]
+        # one value, the darkest (to float error of the identity resampling): no MR signal
+        assert np.ptp(empty) < 1e-4 and abs(float(empty.max()) - float(out.min())) < 1e-4
+        assert (out[regions["body"]] > empty.max() + 0.1).any()
+        outs.append(out)
+    assert not all(np.array_equal(outs[0], o) for o in outs[1:])  # each draw its own contrast
+    again, _ = mr_from_ct_slice(image, target, np.random.default_rng(0), CT, STILL)
+    np.testing.assert_array_equal(again, outs[0])
+    # with the default draws the slice and its labels deform together and keep label values
+    out, labels = mr_from_ct_slice(image, target, np.random.default_rng(1), CT)
+    assert not np.array_equal(labels, target) and set(np.unique(labels)) <= set(np.unique(target))
+    with pytest.raises(ValueError, match="one \\(S, S\\) slice"):
+        mr_from_ct_slice(image[None], target[None], np.random.default_rng(0), CT)
+    with pytest.raises(ValueError, match="image family must be one of"):
+        image_family_slice("t1", image, target, {}, np.random.default_rng(0), CT)
+
+
+@pytest.fixture(scope="module")
+def ct_phantoms(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("crossmodal") / "ct", "ct", 2, seed=5, max_size=48)
+
+
+def test_ct_to_mr_trains_mr_experts_from_ct_datasets_only(ct_phantoms, tmp_path):
+    info = DatasetInfo.read(ct_phantoms)
+    params = {"ct": DEFAULT_PARAMS["ct"], "mr": DEFAULT_PARAMS["mr"]}
+    ct_to_mr = DatasetConfig(str(ct_phantoms), "mr-t1", "abdomen", val_cases=0, synth="ct-to-mr")
+    assert dataset_modality(ct_to_mr, info) == "mr"
+    data = SliceData([ct_to_mr], [info], params, 48, "resize", None, tmp_path / "cache")
+    assert data.by_dataset[0][0].anatomy is None  # drawn from the images, not from label maps
+    images, labels, index = data.sample(np.random.default_rng(0), 12, 1.0)
+    assert images.shape == (12, 1, 48, 48) and labels.shape == (12, 48, 48) and set(index.tolist()) == {0}
+    real = [c.image[k].astype(np.float32) for c in data.cases for k in range(c.image.shape[0])]
+    assert not any(np.array_equal(images[i, 0].numpy(), r) for i in range(12) for r in real)
+    assert labels.max() > 0
+    for bad in (
+        dataclasses.replace(ct_to_mr, val_cases=1),
+        dataclasses.replace(ct_to_mr, synth_fraction=0.5),
+    ):
+        with pytest.raises(ConfigError, match="set synth_fraction = 1 and val_cases = 0"):
+            SliceData([bad], [info], params, 48, "resize", None, None)
+    mr_info = dataclasses.replace(info, modality="mr")
+    with pytest.raises(ConfigError, match="works on the dataset's own ct images, but the dataset is mr"):
+        SliceData([ct_to_mr], [mr_info], params, 48, "resize", None, None)
+
+
+def test_write_examples_shows_ct_to_mr_images_of_ct_datasets_only(ct_phantoms, tmp_path):
+    card = read_model_card(resolve_model("m4oe-phantom"))
+    paths = write_examples(ct_phantoms, tmp_path / "ex", "ct-to-mr", 3, 0, card)
+    images = sitk.GetArrayFromImage(sitk.ReadImage(str(paths[1])))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(paths[2])))
+    assert images.shape == labels.shape == (3, card.architecture.img_size, card.architecture.img_size)
+    for image in images:  # outside the body no signal but noise: the corners are the dark part
+        corners = np.concatenate([image[:8, :8].ravel(), image[:8, -8:].ravel(), image[-8:, :8].ravel()])
+        assert corners.mean() < np.percentile(image, 60) and labels.max() > 0
+    mr = write_dataset(tmp_path / "t1", "t1", 1, seed=4, max_size=48)
+    with pytest.raises(ValueError, match="needs a ct dataset, got mr"):
+        write_examples(mr, tmp_path / "bad", "ct-to-mr", 3, 0, card)
+    assert not (tmp_path / "bad").exists()

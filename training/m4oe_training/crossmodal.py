@@ -1,0 +1,166 @@
+"""Training images drawn from a data set's real slices (the image families): MR-like images of
+real CT through random intensity networks ("ct-to-mr"), and contrast phases simulated on real CT
+("ct-phase", :func:`.synth.enhance_slice`).
+
+A label-map render (:mod:`.synth`) draws each structure flat with a noise texture: the MR experts
+never see the fat planes, vessels, bowel content, partial-volume edges and texture of a real
+abdomen, only of its labels. Here a real CT slice keeps all of that and loses its CT contrast: its
+intensities pass through a small convolutional network with random weights, drawn anew for every
+sample, blended with the slice itself (the global intensity non-linear augmentation, GIN, of Ouyang
+et al., "Causality-inspired single-source domain generalization for medical image segmentation",
+IEEE TMI 2023, whose setting is ours: abdominal organs learnt on CT, segmented on MRI). The result
+is then shaped as MR: air and gas carry no signal, the slice is deformed with its labels and goes
+through the MR acquisition of :mod:`.synth` (blur, bias field, gamma, Rician noise, lower
+resolution) and the engine's MR normalisation.
+
+Arrays are (S, S) slices on the model grid: rows anterior -> posterior, columns patient right ->
+left (:func:`m4oe.geometry.to_axial_stack`), S the model input size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from m4oe.preprocessing import IntensityParams, mr_volume_statistics, normalize_slices
+
+from .families import IMAGE_FAMILIES
+from .synth import SynthSettings, acquire, enhance_slice, random_grid
+
+AIR_HU = -500.0
+"""Below this a CT voxel is air or gas (lung, bowel gas, outside the body): no MR signal."""
+
+SOFT_TISSUE_WINDOW_HU = (-150.0, 250.0)
+"""The network's first input channel: fat, water and the organs spread over [0, 1] (in the model's
+wide CT window they span a tenth of it, and a random network would keep them nearly alike)."""
+
+
+@dataclass(frozen=True)
+class IntensityNetSettings:
+    """Ranges of the random intensity network's draws."""
+
+    layers: tuple[int, int] = (2, 4)  # convolutions, inclusive
+    hidden_channels: int = 2
+    kernel_sizes: tuple[int, ...] = (1, 3)
+    negative_slope: float = 0.2  # LeakyReLU between the convolutions
+    blend: tuple[float, float] = (0.0, 1.0)  # share of the network's output against channel 0
+
+
+def random_intensity_net(
+    x: np.ndarray, rng: np.random.Generator, settings: IntensityNetSettings | None = None
+) -> np.ndarray:
+    """(S, S) in [0, 1]: ``x`` (C, S, S), C views of one slice in [0, 1], through a random network.
+
+    Each layer is a convolution with N(0, 1) weights and biases (a kernel of 1 or 3 pixels, drawn
+    per layer), LeakyReLU between layers, one output channel. The output is scaled to the
+    Frobenius norm of ``x[0]``, blended with ``x[0]`` at a random share, and min-max scaled to
+    [0, 1]: a random, mostly non-monotonic remapping of intensities with a little local mixing,
+    which keeps every edge of the slice where it was.
+    """
+    settings = settings or IntensityNetSettings()
+    if x.ndim != 3:
+        raise ValueError(f"random_intensity_net: (C, S, S) views of one slice, got shape {x.shape}")
+    h = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
+    first = h[:, :1]
+    layers = int(rng.integers(settings.layers[0], settings.layers[1] + 1))
+    for i in range(layers):
+        c_in = h.shape[1]
+        c_out = 1 if i == layers - 1 else settings.hidden_channels
+        k = int(rng.choice(settings.kernel_sizes))
+        weight = torch.from_numpy(rng.standard_normal((c_out, c_in, k, k)).astype(np.float32))
+        bias = torch.from_numpy(rng.standard_normal(c_out).astype(np.float32))
+        h = F.conv2d(h, weight, bias, padding=k // 2)
+        if i < layers - 1:
+            h = F.leaky_relu(h, settings.negative_slope)
+    h = h * (first.norm() / h.norm().clamp_min(1e-6))
+    share = float(rng.uniform(*settings.blend))
+    out = (share * h + (1.0 - share) * first)[0, 0].numpy()
+    low, high = float(out.min()), float(out.max())
+    return ((out - low) / max(high - low, 1e-6)).astype(np.float32)
+
+
+def body_mask(hu: np.ndarray) -> np.ndarray:
+    """(S, S) bool: the largest connected region above :data:`AIR_HU`, the patient's body without
+    the table, the air around it or the gas inside it."""
+    from scipy import ndimage
+
+    regions, count = ndimage.label(hu > AIR_HU)
+    if count == 0:
+        return np.zeros(hu.shape, bool)
+    sizes = np.bincount(regions.ravel())
+    sizes[0] = 0
+    return regions == int(np.argmax(sizes))
+
+
+def mr_from_ct_slice(
+    image: np.ndarray,
+    target: np.ndarray,
+    rng: np.random.Generator,
+    ct_params: IntensityParams,
+    settings: SynthSettings | None = None,
+    net_settings: IntensityNetSettings | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """An MR-like training slice from one real CT slice and its labels (family "ct-to-mr").
+
+    Two views of the slice, its HU in :data:`SOFT_TISSUE_WINDOW_HU` and in the model's CT window,
+    each mapped to [0, 1], go through :func:`random_intensity_net`; outside the patient's body
+    (:func:`body_mask`: the table, the air around, the gas inside) is set to 0, as MR shows no
+    signal there; the slice and its labels are deformed together (the random affine and elastic
+    field of :func:`.synth.render_slice`; bilinear for the image, nearest neighbour for the labels;
+    outside the slice is no signal); then MR acquisition (:func:`.synth.acquire`) and the engine's
+    MR normalisation (per-image percentiles and z-score, :func:`m4oe.preprocessing.normalize_slices`).
+
+    Args:
+        image: (S, S) float CT slice on the model grid, normalised with ``ct_params``.
+        target: (S, S) integer organ labels of the slice.
+        rng: the only source of randomness.
+        ct_params: the model's CT normalisation (a linear map of HU inside its window).
+        settings: geometry and acquisition draws (default :class:`.synth.SynthSettings`).
+        net_settings: the intensity network's draws (default :class:`IntensityNetSettings`).
+
+    Returns:
+        (image, labels): float32 (S, S) normalised as the engine normalises MR, uint8 (S, S).
+    """
+    if image.shape != target.shape or image.ndim != 2:
+        raise ValueError(
+            f"mr_from_ct_slice: image and target must be one (S, S) slice, got {image.shape}, {target.shape}"
+        )
+    settings = settings or SynthSettings()
+    hu = np.asarray(image, dtype=np.float32) * np.float32(ct_params.std) + np.float32(ct_params.mean)
+    views = [
+        np.clip((hu - low) / (high - low), 0.0, 1.0) for low, high in (SOFT_TISSUE_WINDOW_HU, ct_params.clip)
+    ]
+    signal = random_intensity_net(np.stack(views), rng, net_settings)
+    signal[~body_mask(hu)] = 0.0
+    grid = random_grid(signal.shape[-1], rng, settings)
+    planes = torch.from_numpy(np.stack([signal, target.astype(np.float32)]))[:, None]
+    warped_image = F.grid_sample(planes[:1], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    warped_label = F.grid_sample(planes[1:], grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    signal = warped_image[0, 0].numpy()
+    labels = warped_label[0, 0].round().numpy().astype(np.uint8)
+    signal = acquire(signal.astype(np.float32), "t1", rng, settings)
+    return normalize_slices(signal, "mr", volume_stats=mr_volume_statistics(signal)), labels
+
+
+def image_family_slice(
+    family: str,
+    image: np.ndarray,
+    target: np.ndarray,
+    keys: dict[int, str],
+    rng: np.random.Generator,
+    ct_params: IntensityParams,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One training slice of an image family (:data:`.families.IMAGE_FAMILIES`) from a real CT slice.
+
+    ``image`` (S, S) normalised with ``ct_params``, ``target`` (S, S) its labels, ``keys`` label
+    value -> structure key. "ct-phase": :func:`.synth.enhance_slice` (CT normalisation);
+    "ct-to-mr": :func:`mr_from_ct_slice` (MR normalisation). Returns (image float32, labels uint8).
+    """
+    if family == "ct-phase":
+        return enhance_slice(image, target, keys, rng, ct_params)
+    if family == "ct-to-mr":
+        return mr_from_ct_slice(image, target, rng, ct_params)
+    raise ValueError(f"image family must be one of {IMAGE_FAMILIES}, got {family!r}")
