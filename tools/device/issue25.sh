@@ -12,11 +12,8 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/m4oe-issue25}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
-mkdir -p "$OUT" /tmp/m4oe-site
-# Python's tarfile, not tar: the image's tar may lack xz.
-"$PY" -c "import tarfile; tarfile.open('.gpu/site.tar.xz').extractall('/tmp/m4oe-site', filter='data')" ||
-  { echo "issue25.sh: cannot unpack .gpu/site.tar.xz (run tools/device/prepare.sh, carry .gpu)" >&2; exit 2; }
-export PYTHONPATH=/tmp/m4oe-site:$PWD/M4oESegmentation:$PWD/training PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+source tools/device/common.sh
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
   echo "CPU cores: $(nproc)"
