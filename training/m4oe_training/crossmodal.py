@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from m4oe.preprocessing import IntensityParams, mr_volume_statistics, normalize_slices
 
 from .families import IMAGE_FAMILIES
-from .synth import SynthSettings, acquire, enhance_slice, random_grid
+from .synth import SynthSettings, acquire, deform_slice, enhance_slice
 
 AIR_HU = -500.0
 """Below this a CT voxel is air or gas (lung, bowel gas, outside the body): no MR signal."""
@@ -135,12 +135,7 @@ def mr_from_ct_slice(
     ]
     signal = random_intensity_net(np.stack(views), rng, net_settings)
     signal[~body_mask(hu)] = 0.0
-    grid = random_grid(signal.shape[-1], rng, settings)
-    planes = torch.from_numpy(np.stack([signal, target.astype(np.float32)]))[:, None]
-    warped_image = F.grid_sample(planes[:1], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    warped_label = F.grid_sample(planes[1:], grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    signal = warped_image[0, 0].numpy()
-    labels = warped_label[0, 0].round().numpy().astype(np.uint8)
+    signal, labels = deform_slice(signal, target, rng, settings)
     signal = acquire(signal.astype(np.float32), "t1", rng, settings)
     return normalize_slices(signal, "mr", volume_stats=mr_volume_statistics(signal)), labels
 

@@ -206,6 +206,21 @@ def _structure_means(keys: list[str], family: str, rng: np.random.Generator, set
     return means
 
 
+def deform_slice(
+    image: np.ndarray, target: np.ndarray, rng: np.random.Generator, settings: SynthSettings
+) -> tuple[np.ndarray, np.ndarray]:
+    """An (S, S) image and its (S, S) labels deformed together by one :func:`random_grid`.
+
+    Bilinear for the image, nearest neighbour for the labels; what comes from outside the slice is
+    0 in both (shift the image so that 0 is its background). Returns (image float32, labels uint8).
+    """
+    grid = random_grid(image.shape[-1], rng, settings)
+    planes = torch.from_numpy(np.stack([image, target.astype(np.float32)]).astype(np.float32))[:, None]
+    warped_image = F.grid_sample(planes[:1], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    warped_label = F.grid_sample(planes[1:], grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return warped_image[0, 0].numpy(), warped_label[0, 0].round().numpy().astype(np.uint8)
+
+
 def render_slice(
     anatomy: np.ndarray,
     target: np.ndarray,
@@ -321,13 +336,9 @@ def enhance_slice(
         low, high = CT_HU[key][phase]
         shift[organ] = rng.uniform(low, high) - float(np.median(hu[organ]))
     hu = hu + ndimage.gaussian_filter(shift, 0.7)
-    grid = random_grid(hu.shape[-1], rng, settings)
     air = float(ct_params.clip[0])
-    planes = torch.from_numpy(np.stack([hu - air, target.astype(np.float32)]))[:, None]
-    warped_image = F.grid_sample(planes[:1], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    warped_label = F.grid_sample(planes[1:], grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    hu = warped_image[0, 0].numpy() + air
-    labels = warped_label[0, 0].round().numpy().astype(np.uint8)
+    hu, labels = deform_slice(hu - air, target, rng, settings)
+    hu = hu + air
     hu = acquire(hu.astype(np.float32), "ct", rng, settings)
     return normalize_slices(hu, "ct", ct_params), labels
 
