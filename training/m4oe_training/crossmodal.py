@@ -26,12 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from m4oe.preprocessing import IntensityParams, mr_volume_statistics, normalize_slices
+from m4oe.region import BODY_CT_THRESHOLD_HU
 
 from .families import IMAGE_FAMILIES
 from .synth import SynthSettings, acquire, deform_slice, enhance_slice
-
-AIR_HU = -500.0
-"""Below this a CT voxel is air or gas (lung, bowel gas, outside the body): no MR signal."""
 
 SOFT_TISSUE_WINDOW_HU = (-150.0, 250.0)
 """The network's first input channel: fat, water and the organs spread over [0, 1] (in the model's
@@ -83,11 +81,12 @@ def random_intensity_net(
 
 
 def body_mask(hu: np.ndarray) -> np.ndarray:
-    """(S, S) bool: the largest connected region above :data:`AIR_HU`, the patient's body without
-    the table, the air around it or the gas inside it."""
+    """(S, S) bool: the largest connected region of ``hu`` (S, S) above the engine's body threshold
+    (:data:`m4oe.region.BODY_CT_THRESHOLD_HU`, -500 HU: below it air or gas, no MR signal), the
+    patient's body without the table, the air around it or the gas inside it."""
     from scipy import ndimage
 
-    regions, count = ndimage.label(hu > AIR_HU)
+    regions, count = ndimage.label(hu > BODY_CT_THRESHOLD_HU)
     if count == 0:
         return np.zeros(hu.shape, bool)
     sizes = np.bincount(regions.ravel())
