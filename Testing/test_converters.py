@@ -373,7 +373,7 @@ def test_command_line(atlas2023, tmp_path, capsys):
 
 
 def ts_ids() -> np.ndarray:
-    """A (4, 8, 8) TotalSegmentator ``total`` map: liver 5, aorta 52, S1 26, C1 50, sacrum 25, colon 99."""
+    """A (4, 8, 8) TotalSegmentator ``total`` map: liver 5, aorta 52, S1 26, C1 50, sacrum 25, rib 99."""
     ids = np.zeros(SHAPE, np.uint8)
     for z, value in enumerate((5, 52, 26, 50)):
         ids[z, 1:3, 1:3] = value
@@ -404,7 +404,7 @@ def test_totalsegmentator_folder_is_mapped_to_the_project_organs_on_the_exact_gr
     mapped = sitk.GetArrayFromImage(label)
     assert mapped.dtype == np.uint8
     assert [int(mapped[z, 1, 1]) for z in range(4)] == [1, 5, 7, 7]  # liver, aorta, S1 and C1 vertebrae
-    assert mapped[0, 5, 5] == 0 and mapped[1, 5, 5] == 0  # sacrum and colon are not project organs
+    assert mapped[0, 5, 5] == 0 and mapped[1, 5, 5] == 0  # sacrum and rib are not project organs
     verify_dataset(tmp_path / "out")
 
 

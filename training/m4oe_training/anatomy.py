@@ -1,7 +1,11 @@
 """Anatomy maps: the label maps that :mod:`m4oe_training.synth` renders images from.
 
 An anatomy map is a case's organ labels plus tissue sub-classes for what the labels leave out, on
-any grid: the unlabelled body split by intensity (:func:`anatomy_from_image`). Two random edits of
+any grid: the unlabelled body split by intensity (:func:`anatomy_from_image`), and where a dataset
+has them, finer *generation classes* of the structures it does not segment (muscle, bowel, lung,
+bone, spinal canal, fluid-filled organs, blood vessels, glands: :data:`GENERATION_CLASSES`, e.g.
+from TotalSegmentator's other labels), each rendered with an intensity of its own, as SynthSeg
+renders from labels finer than those the network learns. Two random edits of
 an anatomy map change what a render shows while the target labels stay: the body's habitus
 (:func:`change_fat_layer`) and the inside of hollow or layered organs (:func:`add_organ_interiors`),
 SynthSeg's "generation labels" finer than the labels a network learns.
@@ -23,11 +27,24 @@ TISSUE_KEYS = {
     FLUID: "fluid",
 }
 
+GENERATION_CLASSES = ("muscle", "bowel", "lung", "bone", "spinal_canal", "fluid_organ", "blood", "gland")
+"""Structures a dataset may draw in its anatomy maps beyond its organ labels (``dataset.json``
+``anatomy_classes``, files ``anatomyTr/<case>``): skeletal muscle; bowel and oesophagus; lung and
+airway; bone other than the labelled vertebrae; spinal cord and canal; gallbladder, urinary bladder
+and cysts; vessels and heart not labelled as organs; adrenal, thyroid, prostate. Each has its own
+CT and MR intensity ranges (:mod:`m4oe_training.synth`)."""
+GENERATION_BASE = 240
+"""Anatomy-map value of the first generation class (the classes take 240..247); organ labels of a
+dataset with generation classes must stay below it."""
+TISSUE_KEYS.update({GENERATION_BASE + i: key for i, key in enumerate(GENERATION_CLASSES)})
+
 # CT sub-class bounds in HU of the median-filtered image: air | fat | soft low | soft high | dense.
 CT_TISSUE_BOUNDS_HU = (-400.0, -20.0, 45.0, 180.0)
 
 
-def anatomy_from_image(image: np.ndarray, labels: np.ndarray, modality: str) -> np.ndarray:
+def anatomy_from_image(
+    image: np.ndarray, labels: np.ndarray, modality: str, generation: np.ndarray | None = None
+) -> np.ndarray:
     """An anatomy map: the organ labels, and the unlabelled voxels split into tissue sub-classes.
 
     Args:
@@ -39,10 +56,14 @@ def anatomy_from_image(image: np.ndarray, labels: np.ndarray, modality: str) -> 
             (background below 5 % of the 99.5th percentile, the rest in three intensity tertiles,
             kept as fat / soft low / soft high for want of a better name: for MR they only carry
             random intensities, never a CT meaning).
+        generation: optional (Z, Y, X) integer map of generation classes, 0 for none and ``i + 1``
+            for ``GENERATION_CLASSES[i]``, on the labels' grid: where the organ labels are 0, a
+            generation class replaces the intensity sub-class (organ labels then must be below
+            :data:`GENERATION_BASE`).
 
     Returns:
-        uint8 (Z, Y, X): organ label values where labelled, else 0 (air) or one of
-        :data:`FAT`, :data:`SOFT_LOW`, :data:`SOFT_HIGH`, :data:`DENSE`.
+        uint8 (Z, Y, X): organ label values where labelled, else 0 (air), one of :data:`FAT`,
+        :data:`SOFT_LOW`, :data:`SOFT_HIGH`, :data:`DENSE`, or a generation class's value.
     """
     from scipy import ndimage
 
@@ -70,6 +91,24 @@ def anatomy_from_image(image: np.ndarray, labels: np.ndarray, modality: str) -> 
             out[body] = np.where(smooth[body] < t1, SOFT_LOW, np.where(smooth[body] < t2, SOFT_HIGH, FAT))
     else:
         raise ValueError(f"anatomy: modality must be 'ct' or 'mr', got {modality!r}")
+    if generation is not None:
+        generation = np.asarray(generation)
+        if generation.shape != labels.shape:
+            raise ValueError(
+                f"anatomy: generation map shape {generation.shape} differs from label shape {labels.shape}"
+            )
+        if generation.size and (generation.min() < 0 or generation.max() > len(GENERATION_CLASSES)):
+            raise ValueError(
+                f"anatomy: generation classes must lie in 0..{len(GENERATION_CLASSES)}, "
+                f"got {generation.min()}..{generation.max()}"
+            )
+        if labels.size and labels.max() >= GENERATION_BASE:
+            raise ValueError(
+                f"anatomy: with generation classes, organ labels must lie in 0..{GENERATION_BASE - 1}, "
+                f"got {labels.max()}"
+            )
+        drawn = generation > 0
+        out[drawn] = (GENERATION_BASE - 1 + generation[drawn]).astype(np.uint8)
     organ = labels > 0
     out[organ] = labels[organ].astype(np.uint8)
     return out

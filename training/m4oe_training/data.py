@@ -33,7 +33,7 @@ from m4oe.prepare import SlicePlan
 from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams, ct_statistics_from_samples
 from m4oe.region import body_rows_columns
 
-from .anatomy import anatomy_from_image, structure_keys
+from .anatomy import GENERATION_CLASSES, anatomy_from_image, structure_keys
 from .config import ConfigError, DatasetConfig
 from .crossmodal import image_family_slice
 from .families import FAMILY_MODALITY, IMAGE_FAMILIES, IMAGE_FAMILY_SOURCE
@@ -55,6 +55,7 @@ class DatasetInfo:
     file_ending: str
     cases: tuple[str, ...]
     terminology: dict[str, str | None]
+    anatomy_classes: tuple[str, ...] = ()
 
     @classmethod
     def read(cls, root: str | Path) -> DatasetInfo:
@@ -66,7 +67,9 @@ class DatasetInfo:
         for every image, numTraining equal to the number of cases, each label map on its image's
         grid. The first problem is an InputError naming the file. Training needs one channel per
         case; the modality is dataset.json's ``modality`` or, without it, "ct" for a channel named
-        CT and "mr" otherwise.
+        CT and "mr" otherwise. ``anatomy_classes`` (optional): the generation classes
+        (:data:`.anatomy.GENERATION_CLASSES`) that the files ``anatomyTr/<case>`` draw as values
+        1, 2, ... in that order, for label-map renders (:func:`prepare_case`).
         """
         root = Path(root)
         meta = read_dataset_json(root)
@@ -77,13 +80,35 @@ class DatasetInfo:
         channel = meta["channel_names"]["0"]
         modality = meta.get("modality") or ("ct" if channel.upper() == "CT" else "mr")
         terminology = dict(meta.get("terminology", {}))
-        return cls(root, root.name, modality, dict(meta["labels"]), meta["file_ending"], cases, terminology)
+        generation = meta.get("anatomy_classes", [])
+        if not isinstance(generation, list) or not set(generation) <= set(GENERATION_CLASSES):
+            raise ConfigError(
+                f"{meta_path}: anatomy_classes must be a list of {', '.join(GENERATION_CLASSES)}, "
+                f"got {generation!r}"
+            )
+        info = cls(
+            root,
+            root.name,
+            modality,
+            dict(meta["labels"]),
+            meta["file_ending"],
+            cases,
+            terminology,
+            tuple(generation),
+        )
+        for case in cases if generation else ():
+            if not info.anatomy_path(case).is_file():
+                raise ConfigError(f"{info.anatomy_path(case)}: missing (dataset.json names anatomy_classes)")
+        return info
 
     def image_path(self, case: str) -> Path:
         return self.root / "imagesTr" / f"{case}_0000{self.file_ending}"
 
     def label_path(self, case: str) -> Path:
         return self.root / "labelsTr" / f"{case}{self.file_ending}"
+
+    def anatomy_path(self, case: str) -> Path:
+        return self.root / "anatomyTr" / f"{case}{self.file_ending}"
 
     @property
     def num_classes(self) -> int:
@@ -160,7 +185,9 @@ def ct_intensity_params(
 
 
 def _sample_key(info: DatasetInfo, case: str) -> str:
-    stats = [(str(f), f.stat()) for f in (info.image_path(case), info.label_path(case))]
+    files = [info.image_path(case), info.label_path(case)]
+    files += [info.anatomy_path(case)] if info.anatomy_classes else []
+    stats = [(str(f), f.stat()) for f in files]
     text = json.dumps([CACHE_VERSION, *[(name, st.st_size, st.st_mtime_ns) for name, st in stats]])
     return f"{info.name}_{case}_hu_{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
@@ -177,7 +204,8 @@ def prepare_case(
     """Read, reorient, normalise and resample one case.
 
     Returns the image float16, the labels uint8 and, with ``anatomy``, the anatomy map uint8, all
-    (Z, S, S) on the model grid (rows anterior -> posterior, columns right -> left); else None.
+    (Z, S, S) on the model grid (rows anterior -> posterior, columns right -> left); else None. The
+    anatomy map holds the dataset's generation classes where it has them (``anatomyTr``).
     """
     image = to_axial_stack(read_image(info.image_path(case)).image)
     label = to_axial_stack(read_image(info.label_path(case)).image)
@@ -194,7 +222,20 @@ def prepare_case(
     labels = labels_to_model_grid(values.astype(np.uint8), plan.grid).numpy().astype(np.uint8)
     if not anatomy:
         return slices, labels, None
-    tissue = anatomy_from_image(image.array, values.astype(np.uint8), info.modality)
+    generation = None
+    if info.anatomy_classes:
+        path = info.anatomy_path(case)
+        drawn = np.rint(to_axial_stack(read_image(path).image).array).astype(np.int64)
+        if drawn.shape != image.array.shape:
+            raise ConfigError(f"{path}: shape {drawn.shape} differs from the image's")
+        if drawn.min() < 0 or drawn.max() > len(info.anatomy_classes):
+            raise ConfigError(
+                f"{path}: values {drawn.min()}..{drawn.max()}, expected 0..{len(info.anatomy_classes)} "
+                "(dataset.json anatomy_classes)"
+            )
+        to_class = np.array([0] + [GENERATION_CLASSES.index(k) + 1 for k in info.anatomy_classes])
+        generation = to_class[drawn]
+    tissue = anatomy_from_image(image.array, values.astype(np.uint8), info.modality, generation)
     return slices, labels, labels_to_model_grid(tissue, plan.grid).numpy().astype(np.uint8)
 
 

@@ -26,6 +26,7 @@ import SimpleITK as sitk
 from m4oe.errors import OutputError
 from m4oe.progress import CancelCheck, ProgressCallback, ProgressEvent
 
+from .anatomy import GENERATION_CLASSES
 from .nnunet import CHANNEL_NAMES, Tracker, check_cancel, check_pair
 
 FILE_ENDING = ".nii.gz"
@@ -60,7 +61,10 @@ class Case:
 @dataclass(frozen=True)
 class Job:
     """One dataset to write. ``remap``: None copies label files byte for byte; a 256-entry table
-    rewrites each label map through it (source id -> written value), allowing source ids 0..255."""
+    rewrites each label map through it (source id -> written value), allowing source ids 0..255.
+    ``generation``: with ``remap``, a second 256-entry table (source id -> generation class
+    ``i + 1`` of ``GENERATION_CLASSES[i]``, :mod:`.anatomy`) whose map of each case is written to
+    ``anatomyTr/<case>`` and named in dataset.json's ``anatomy_classes``."""
 
     dataset: str
     modality: str
@@ -70,6 +74,7 @@ class Job:
     unlabelled: int
     source: dict
     remap: np.ndarray | None = None
+    generation: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,8 @@ def write_datasets(
             staged.append(stage)
             (stage / "imagesTr").mkdir()
             (stage / "labelsTr").mkdir()
+            if job.generation is not None:
+                (stage / "anatomyTr").mkdir()
             allowed = {0} | {s.value for s in job.structures} if job.remap is None else set(range(256))
             for case in job.cases:
                 check_cancel(cancel, case.image)
@@ -123,7 +130,11 @@ def write_datasets(
                 if job.remap is None:
                     _place(case.label, target, link)
                 else:
-                    _write_remapped(_source_ids(case), case.image, target, job.remap)
+                    ids = _source_ids(case)
+                    _write_remapped(ids, case.image, target, job.remap)
+                    if job.generation is not None:
+                        anatomy = stage / "anatomyTr" / f"{case.case_id}{FILE_ENDING}"
+                        _write_remapped(ids, case.image, anatomy, job.generation)
                 tracker.step(case.case_id)
             text = json.dumps(_dataset_json(job), indent=2) + "\n"
             (stage / "dataset.json").write_text(text, encoding="utf-8")
@@ -216,6 +227,7 @@ def _swap_into_place(stage: Path, dst: Path) -> None:
 
 
 def _dataset_json(job: Job) -> dict:
+    extra = {} if job.generation is None else {"anatomy_classes": list(GENERATION_CLASSES)}
     return {
         "name": job.dataset,
         "channel_names": {"0": CHANNEL_NAMES[job.modality]},
@@ -225,6 +237,7 @@ def _dataset_json(job: Job) -> dict:
         "modality": job.modality,
         "source": {**job.source, "unlabelled_skipped": job.unlabelled},
         "terminology": {s.name: s.term for s in job.structures},
+        **extra,
     }
 
 

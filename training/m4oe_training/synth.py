@@ -72,6 +72,15 @@ CT_HU: dict[str, tuple[tuple[float, float], ...]] = {
     "vertebrae": ((150, 450),) * 4,
     "stomach": ((-20, 50), (-20, 60), (-10, 70), (-10, 70)),
     "pancreas": ((30, 55), (80, 140), (70, 120), (60, 100)),
+    # Generation classes (m4oe_training.anatomy.GENERATION_CLASSES): structures no organ label covers.
+    "muscle": ((35, 60), (40, 70), (45, 75), (45, 70)),
+    "bowel": ((-60, 60), (-60, 90), (-50, 120), (-50, 110)),  # wall and content: gas, fluid, food
+    "lung": ((-900, -700),) * 4,
+    "bone": ((200, 800),) * 4,
+    "spinal_canal": ((10, 45),) * 4,
+    "fluid_organ": ((-5, 25),) * 4,
+    "blood": ((30, 55), (80, 300), (110, 190), (90, 150)),
+    "gland": ((25, 50), (60, 120), (60, 110), (50, 90)),
 }
 
 # MR families: a structure's mean on [0, 1] drawn from a range; keys not listed are uniform.
@@ -90,6 +99,13 @@ MR_RANGES: dict[str, dict[str, tuple[float, float]]] = {
         "vertebrae": (0.35, 0.75),
         "stomach": (0.05, 0.4),
         "pancreas": (0.4, 0.7),
+        "muscle": (0.12, 0.35),
+        "bowel": (0.05, 0.55),
+        "lung": (0.0, 0.08),
+        "bone": (0.4, 0.85),  # marrow fat
+        "spinal_canal": (0.05, 0.35),
+        "fluid_organ": (0.02, 0.25),
+        "gland": (0.25, 0.5),
     },
     "t2": {
         "air": (0.0, 0.04),
@@ -105,9 +121,16 @@ MR_RANGES: dict[str, dict[str, tuple[float, float]]] = {
         "vertebrae": (0.2, 0.5),
         "stomach": (0.2, 0.95),
         "pancreas": (0.2, 0.45),
+        "muscle": (0.05, 0.2),
+        "bowel": (0.1, 0.95),
+        "lung": (0.0, 0.08),
+        "bone": (0.25, 0.65),
+        "spinal_canal": (0.6, 1.0),  # cerebrospinal fluid
+        "fluid_organ": (0.75, 1.0),
+        "gland": (0.2, 0.45),
     },
 }
-VESSELS = ("aorta", "inferior_vena_cava")
+VESSELS = ("aorta", "inferior_vena_cava", "blood")
 
 CT_ENHANCING = ("liver", "spleen", "kidney_right", "kidney_left", "aorta", "inferior_vena_cava", "pancreas")
 """Structures :func:`enhance_slice` moves to a phase's HU range (organ parenchyma and blood pool).

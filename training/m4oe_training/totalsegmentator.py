@@ -39,6 +39,7 @@ from m4oe.errors import InputError, M4oEError
 from m4oe.phantom import PHANTOM_LABELS
 from m4oe.progress import CancelCheck, ProgressCallback
 
+from .anatomy import GENERATION_CLASSES
 from .dataset_writer import (
     FILE_ENDING,
     Case,
@@ -117,6 +118,178 @@ TOTALSEGMENTATOR_NAMES: dict[str, dict[int, str]] = {
 :data:`TOTALSEGMENTATOR_IDS`."""
 
 
+_RIBS = tuple(range(92, 116))
+TOTALSEGMENTATOR_GENERATION: dict[str, dict[str, tuple[int, ...]]] = {
+    "total": {
+        "muscle": (80, 81, 82, 83, 84, 85, 86, 87, 88, 89),  # gluteus, autochthon, iliopsoas
+        "bowel": (15, 18, 19, 20),  # oesophagus, small bowel, duodenum, colon
+        "lung": (10, 11, 12, 13, 14, 16),  # lobes, trachea
+        "bone": (25, *range(69, 79), 91, *_RIBS, 116, 117),  # sacrum, limbs, girdles, skull, ribs...
+        "spinal_canal": (79,),
+        "fluid_organ": (4, 21, 23, 24),  # gallbladder, urinary bladder, kidney cysts
+        "blood": (51, *range(53, 63), *range(64, 69)),  # heart, other arteries and veins
+        "gland": (8, 9, 17, 22),  # adrenals, thyroid, prostate
+    },
+    "total_mr": {
+        "muscle": tuple(range(40, 50)),
+        "bowel": (12, 13, 14, 15),
+        "lung": (10, 11),
+        "bone": (18, 20, *range(30, 40)),  # sacrum, intervertebral discs, limbs and girdles
+        "spinal_canal": (21,),
+        "fluid_organ": (4, 16),
+        "blood": (22, *range(25, 30)),
+        "gland": (8, 9, 17),
+    },
+}
+"""Per TotalSegmentator task, the ids drawn as each generation class
+(:data:`m4oe_training.anatomy.GENERATION_CLASSES`) in the anatomy maps of label-map renders: the
+structures the project does not segment. Ids not listed (the brain) stay unlabelled tissue."""
+
+
+TOTALSEGMENTATOR_CLASSES: dict[str, dict[int, str]] = {
+    "total": {
+        4: "gallbladder",
+        8: "adrenal_gland_right",
+        9: "adrenal_gland_left",
+        10: "lung_upper_lobe_left",
+        11: "lung_lower_lobe_left",
+        12: "lung_upper_lobe_right",
+        13: "lung_middle_lobe_right",
+        14: "lung_lower_lobe_right",
+        15: "esophagus",
+        16: "trachea",
+        17: "thyroid_gland",
+        18: "small_bowel",
+        19: "duodenum",
+        20: "colon",
+        21: "urinary_bladder",
+        22: "prostate",
+        23: "kidney_cyst_left",
+        24: "kidney_cyst_right",
+        25: "sacrum",
+        51: "heart",
+        53: "pulmonary_vein",
+        54: "brachiocephalic_trunk",
+        55: "subclavian_artery_right",
+        56: "subclavian_artery_left",
+        57: "common_carotid_artery_right",
+        58: "common_carotid_artery_left",
+        59: "brachiocephalic_vein_left",
+        60: "brachiocephalic_vein_right",
+        61: "atrial_appendage_left",
+        62: "superior_vena_cava",
+        64: "portal_vein_and_splenic_vein",
+        65: "iliac_artery_left",
+        66: "iliac_artery_right",
+        67: "iliac_vena_left",
+        68: "iliac_vena_right",
+        69: "humerus_left",
+        70: "humerus_right",
+        71: "scapula_left",
+        72: "scapula_right",
+        73: "clavicula_left",
+        74: "clavicula_right",
+        75: "femur_left",
+        76: "femur_right",
+        77: "hip_left",
+        78: "hip_right",
+        79: "spinal_cord",
+        80: "gluteus_maximus_left",
+        81: "gluteus_maximus_right",
+        82: "gluteus_medius_left",
+        83: "gluteus_medius_right",
+        84: "gluteus_minimus_left",
+        85: "gluteus_minimus_right",
+        86: "autochthon_left",
+        87: "autochthon_right",
+        88: "iliopsoas_left",
+        89: "iliopsoas_right",
+        91: "skull",
+        92: "rib_left_1",
+        93: "rib_left_2",
+        94: "rib_left_3",
+        95: "rib_left_4",
+        96: "rib_left_5",
+        97: "rib_left_6",
+        98: "rib_left_7",
+        99: "rib_left_8",
+        100: "rib_left_9",
+        101: "rib_left_10",
+        102: "rib_left_11",
+        103: "rib_left_12",
+        104: "rib_right_1",
+        105: "rib_right_2",
+        106: "rib_right_3",
+        107: "rib_right_4",
+        108: "rib_right_5",
+        109: "rib_right_6",
+        110: "rib_right_7",
+        111: "rib_right_8",
+        112: "rib_right_9",
+        113: "rib_right_10",
+        114: "rib_right_11",
+        115: "rib_right_12",
+        116: "sternum",
+        117: "costal_cartilages",
+    },
+    "total_mr": {
+        4: "gallbladder",
+        8: "adrenal_gland_right",
+        9: "adrenal_gland_left",
+        10: "lung_left",
+        11: "lung_right",
+        12: "esophagus",
+        13: "small_bowel",
+        14: "duodenum",
+        15: "colon",
+        16: "urinary_bladder",
+        17: "prostate",
+        18: "sacrum",
+        20: "intervertebral_discs",
+        21: "spinal_cord",
+        22: "heart",
+        25: "portal_vein_and_splenic_vein",
+        26: "iliac_artery_left",
+        27: "iliac_artery_right",
+        28: "iliac_vena_left",
+        29: "iliac_vena_right",
+        30: "humerus_left",
+        31: "humerus_right",
+        32: "scapula_left",
+        33: "scapula_right",
+        34: "clavicula_left",
+        35: "clavicula_right",
+        36: "femur_left",
+        37: "femur_right",
+        38: "hip_left",
+        39: "hip_right",
+        40: "gluteus_maximus_left",
+        41: "gluteus_maximus_right",
+        42: "gluteus_medius_left",
+        43: "gluteus_medius_right",
+        44: "gluteus_minimus_left",
+        45: "gluteus_minimus_right",
+        46: "autochthon_left",
+        47: "autochthon_right",
+        48: "iliopsoas_left",
+        49: "iliopsoas_right",
+    },
+}
+"""Per task, TotalSegmentator's name (its mask file ``<name>.nii.gz``) of each id in
+:data:`TOTALSEGMENTATOR_GENERATION` (class map of TotalSegmentator v2, ``map_to_binary.py``,
+Apache-2.0)."""
+
+
+def generation_table(task: str) -> np.ndarray:
+    """A 256-entry uint8 table: ``table[ts_id]`` is ``i + 1`` for ``GENERATION_CLASSES[i]``, else 0."""
+    if task not in TOTALSEGMENTATOR_GENERATION:
+        raise ValueError(f"TotalSegmentator task must be one of {TS_TASKS}, got {task!r}")
+    table = np.zeros(256, dtype=np.uint8)
+    for key, ids in TOTALSEGMENTATOR_GENERATION[task].items():
+        table[list(ids)] = GENERATION_CLASSES.index(key) + 1
+    return table
+
+
 def lookup_table(task: str, labels: dict[str, int] | None = None) -> np.ndarray:
     """A 256-entry uint8 table: ``table[ts_id]`` is the project label value (0 where unmapped).
 
@@ -160,6 +333,7 @@ def convert_totalsegmentator(
     task: str | None = None,
     link: bool = False,
     overwrite: bool = False,
+    anatomy_classes: bool = False,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
 ) -> ConversionResult:
@@ -175,7 +349,10 @@ def convert_totalsegmentator(
     "total_mr" for MR). Images are copied (or linked with ``link``); label maps are rewritten
     through :func:`lookup_table`. Errors (missing or unpaired files, a label map on another grid
     than its image, ids outside 0..255, an existing ``dst`` without ``overwrite``) name the file,
-    and nothing is left at ``dst``.
+    and nothing is left at ``dst``. ``anatomy_classes``: also write ``anatomyTr/<case>``, the
+    structures the project does not segment as generation classes (:data:`TOTALSEGMENTATOR_GENERATION`;
+    dataset.json ``anatomy_classes``), which label-map renders draw with intensities of their own
+    (:mod:`.anatomy`); from per-structure masks, those TotalSegmentator wrote.
     """
     if modality not in TS_MODALITY_TASK:
         raise InputError(f"modality must be 'ct' or 'mr', got {modality!r}")
@@ -185,7 +362,7 @@ def convert_totalsegmentator(
         if image is not None or labels is not None:
             raise InputError("give a source folder or one image with its labels, not both")
         root = Path(src)
-        cases = _folder_cases(root, task)
+        cases = _folder_cases(root, task, anatomy_classes)
     else:
         if image is None or labels is None or case is None:
             raise InputError("one case needs --image, --labels and --case")
@@ -206,19 +383,31 @@ def convert_totalsegmentator(
         "task": task,
         "original_labels": {key: list(ids) for key, ids in TOTALSEGMENTATOR_IDS[task].items()},
     }
+    if anatomy_classes:
+        source["generation_labels"] = {
+            key: list(ids) for key, ids in TOTALSEGMENTATOR_GENERATION[task].items()
+        }
     job = Job(
-        f"TotalSegmentator_{modality.upper()}", modality, structures, Path(dst), cases, 0, source, table
+        f"TotalSegmentator_{modality.upper()}",
+        modality,
+        structures,
+        Path(dst),
+        cases,
+        0,
+        source,
+        table,
+        generation_table(task) if anatomy_classes else None,
     )
     return write_datasets([job], root, link=link, overwrite=overwrite, progress=progress, cancel=cancel)[0]
 
 
-def _folder_cases(root: Path, task: str) -> tuple[Case, ...]:
+def _folder_cases(root: Path, task: str, anatomy_classes: bool = False) -> tuple[Case, ...]:
     """The cases of ``root``: ``images/`` with ``labels/``, else one folder per case with masks."""
     if not root.is_dir():
         raise InputError("is not a folder", root)
     images, labels = root / "images", root / "labels"
     if not images.is_dir() and any(root.glob("*/segmentations")):
-        return _mask_cases(root, task)
+        return _mask_cases(root, task, anatomy_classes)
     for folder in (images, labels):
         if not folder.is_dir():
             raise InputError(
@@ -238,8 +427,10 @@ def _folder_cases(root: Path, task: str) -> tuple[Case, ...]:
     return tuple(cases)
 
 
-def _mask_cases(root: Path, task: str) -> tuple[Case, ...]:
-    """``root/<case>/<image>.nii.gz`` with ``root/<case>/segmentations/<structure>.nii.gz``."""
+def _mask_cases(root: Path, task: str, anatomy_classes: bool = False) -> tuple[Case, ...]:
+    """``root/<case>/<image>.nii.gz`` with ``root/<case>/segmentations/<structure>.nii.gz``
+    (with ``anatomy_classes``, also the masks of the generation classes' structures that exist)."""
+    generation = generation_table(task) if anatomy_classes else np.zeros(256, np.uint8)
     cases = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         masks = folder / "segmentations"
@@ -258,6 +449,11 @@ def _mask_cases(root: Path, task: str) -> tuple[Case, ...]:
             if not mask.is_file():
                 raise InputError(f"missing: TotalSegmentator {task} mask of {name}", mask)
             parts.append((ts_id, mask))
+        # The other structures' masks, where TotalSegmentator wrote them, for the anatomy maps.
+        for ts_id, name in TOTALSEGMENTATOR_CLASSES[task].items():
+            mask = masks / f"{name}{FILE_ENDING}"
+            if generation[ts_id] and mask.is_file():
+                parts.append((ts_id, mask))
         cases.append(Case(folder.name, folder.name, found[0], masks, tuple(parts)))
     return tuple(cases)
 
@@ -277,6 +473,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--case", help="its case name in the dataset")
     parser.add_argument("--link", action="store_true", help="hard-link images instead of copying them")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument(
+        "--anatomy-classes",
+        action="store_true",
+        help="also write anatomyTr/: the structures the project does not segment (muscle, bowel, lung, "
+        "bone, ...) as generation classes for label-map renders",
+    )
 
 
 def run_from_arguments(args: argparse.Namespace) -> int:
@@ -296,6 +498,7 @@ def run_from_arguments(args: argparse.Namespace) -> int:
             task=args.task,
             link=args.link,
             overwrite=args.overwrite,
+            anatomy_classes=args.anatomy_classes,
             progress=progress,
         )
     except M4oEError as error:
