@@ -2,10 +2,9 @@
 
 An anatomy map is a case's organ labels plus tissue sub-classes for what the labels leave out, on
 any grid: the unlabelled body split by intensity (:func:`anatomy_from_image`), and where a dataset
-has them, finer *generation classes* of the structures it does not segment (muscle, bowel, lung,
-bone, spinal canal, fluid-filled organs, blood vessels, glands: :data:`GENERATION_CLASSES`, e.g.
-from TotalSegmentator's other labels), each rendered with an intensity of its own, as SynthSeg
-renders from labels finer than those the network learns. Two random edits of
+has them, *generation classes* of the structures it does not segment (muscle, bowel, lung, bone,
+spinal canal, fluid-filled organs, blood vessels, glands: :data:`GENERATION_CLASSES`, e.g. from
+TotalSegmentator's other labels), each rendered with an intensity of its own. Two random edits of
 an anatomy map change what a render shows while the target labels stay: the body's habitus
 (:func:`change_fat_layer`) and the inside of hollow or layered organs (:func:`add_organ_interiors`),
 SynthSeg's "generation labels" finer than the labels a network learns.

@@ -430,7 +430,6 @@ def _folder_cases(root: Path, task: str, anatomy_classes: bool = False) -> tuple
 def _mask_cases(root: Path, task: str, anatomy_classes: bool = False) -> tuple[Case, ...]:
     """``root/<case>/<image>.nii.gz`` with ``root/<case>/segmentations/<structure>.nii.gz``
     (with ``anatomy_classes``, also the masks of the generation classes' structures that exist)."""
-    generation = generation_table(task) if anatomy_classes else np.zeros(256, np.uint8)
     cases = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         masks = folder / "segmentations"
@@ -450,9 +449,9 @@ def _mask_cases(root: Path, task: str, anatomy_classes: bool = False) -> tuple[C
                 raise InputError(f"missing: TotalSegmentator {task} mask of {name}", mask)
             parts.append((ts_id, mask))
         # The other structures' masks, where TotalSegmentator wrote them, for the anatomy maps.
-        for ts_id, name in TOTALSEGMENTATOR_CLASSES[task].items():
+        for ts_id, name in TOTALSEGMENTATOR_CLASSES[task].items() if anatomy_classes else ():
             mask = masks / f"{name}{FILE_ENDING}"
-            if generation[ts_id] and mask.is_file():
+            if mask.is_file():
                 parts.append((ts_id, mask))
         cases.append(Case(folder.name, folder.name, found[0], masks, tuple(parts)))
     return tuple(cases)
