@@ -164,8 +164,7 @@ def test_training_reads_the_generation_classes_onto_the_model_grid(anatomy_datas
     assert GENERATION_BASE + len(GENERATION_CLASSES) - MUSCLE in set(np.unique(reversed_map).tolist())
     # The cache key follows the anatomy file, and a bad file or class list is refused by name.
     path = anatomy_dataset / "anatomyTr" / "c1.nii.gz"
-    _, ids = ts_case()
-    write(path, generation_table("total")[ids] * 0 + 9)
+    write(path, np.full(SHAPE, 9, np.uint8))
     with pytest.raises(ConfigError, match=r"c1\.nii\.gz: values 9\.\.9, expected 0\.\.8"):
         prepare_case(DatasetInfo.read(anatomy_dataset), "c1", params, 32, "resize", None, True)
     assert _sample_key(DatasetInfo.read(anatomy_dataset), "c1") != key
