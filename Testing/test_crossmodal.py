@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from training_helpers import UNDEFORMED
 
 from m4oe.checkpoint import read_model_card
 from m4oe.hub import resolve_model
@@ -16,15 +17,10 @@ from m4oe_training.config import ConfigError, DatasetConfig
 from m4oe_training.crossmodal import body_mask, image_family_slice, mr_from_ct_slice, random_intensity_net
 from m4oe_training.data import DatasetInfo, SliceData, dataset_modality
 from m4oe_training.examples import write_examples
-from m4oe_training.synth import SynthSettings
 
 CT = IntensityParams.ct((-1000.0, 1000.0), mean=0.0, std=1000.0)  # normalised = HU / 1000
-STILL = SynthSettings(  # no deformation, blur, bias, gamma, noise or resolution loss
-    max_rotation_deg=0.0,
-    scale=(1.0, 1.0),
-    max_shear=0.0,
-    max_shift=0.0,
-    p_elastic=0.0,
+STILL = dataclasses.replace(  # no deformation, blur, bias, gamma, noise or resolution loss
+    UNDEFORMED,
     blur_sigma=(0.0, 0.0),
     bias_strength=(0.0, 0.0),
     gamma_std=0.0,

@@ -8,12 +8,14 @@ give each its own intensity from its tissue's range. The target labels never cha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from training_helpers import UNDEFORMED
 
 from m4oe.preprocessing import DEFAULT_PARAMS
 from m4oe_training.anatomy import (
@@ -26,7 +28,7 @@ from m4oe_training.anatomy import (
 from m4oe_training.config import ConfigError
 from m4oe_training.converters import main
 from m4oe_training.data import DatasetInfo, _sample_key, prepare_case
-from m4oe_training.synth import SynthSettings, render_slice
+from m4oe_training.synth import render_slice
 from m4oe_training.totalsegmentator import (
     TOTALSEGMENTATOR_CLASSES,
     TOTALSEGMENTATOR_GENERATION,
@@ -193,13 +195,9 @@ def test_renders_draw_each_generation_class_from_its_own_range(family):
     target = np.zeros((size, size), np.uint8)
     keys = structure_keys({})
     # No random contrast, no deformation: the textbook ranges, regions where they were drawn.
-    settings = SynthSettings(
+    settings = dataclasses.replace(
+        UNDEFORMED,
         p_random_contrast=0.0,
-        max_rotation_deg=0,
-        scale=(1, 1),
-        max_shear=0,
-        max_shift=0,
-        p_elastic=0,
         p_low_resolution=0.0,
         p_fat_suppressed=0.0,
         p_opposed_phase=0.0,

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from training_helpers import UNDEFORMED
 
 from m4oe.checkpoint import read_model_card
 from m4oe.hub import resolve_model
@@ -43,12 +44,8 @@ from m4oe_training.synth import (
 )
 
 CT = IntensityParams.ct((-1000.0, 1000.0), mean=0.0, std=1000.0)  # normalised = HU / 1000
-STILL = SynthSettings(  # no deformation, texture, blur, noise or resolution loss
-    max_rotation_deg=0.0,
-    scale=(1.0, 1.0),
-    max_shear=0.0,
-    max_shift=0.0,
-    p_elastic=0.0,
+STILL = dataclasses.replace(  # no deformation, texture, blur, noise or resolution loss
+    UNDEFORMED,
     texture_std=(0.0, 0.0),
     neighbour_weight=(0.0, 0.0),
     blur_sigma=(0.0, 0.0),

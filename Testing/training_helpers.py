@@ -1,5 +1,6 @@
 """Helpers of the training tests (``test_training.py``, ``test_fine_tuning.py`` and others):
-config files written from dicts, small phantom data sets, a tiny stage loss. Importable by name,
+config files written from dicts, small phantom data sets, a tiny stage loss, render settings without
+deformation. Importable by name,
 as ``tiny_models`` is (tests must not import from ``conftest``)."""
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ import torch
 from safetensors.torch import save
 
 from m4oe.phantom import write_dataset
+from m4oe_training.synth import SynthSettings
 from m4oe_training.train import StageLoss
+
+UNDEFORMED = SynthSettings(
+    max_rotation_deg=0.0, scale=(1.0, 1.0), max_shear=0.0, max_shift=0.0, p_elastic=0.0
+)
+"""Label-map render settings without deformation: each structure stays where its anatomy draws it
+(``dataclasses.replace`` it to switch off more)."""
 
 
 def training_phantoms(root: Path) -> dict[str, Path]:
