@@ -9,7 +9,12 @@ the source tree and a downloaded model's card is checked against the catalogue's
 neither is rewritten.
 
 Run: ``python benchmarks/real_accuracy.py [--model NAME_OR_FOLDER] [--data DIR] [--tta N]
-[--threads 2] [--json] [--record] [--protocol released] [--spacing-sweep MM,MM,...]``.
+[--threads 2] [--json] [--record] [--protocol released] [--spacing-sweep MM,MM,...]
+[--held-out DATASET [--held-out-cases 4]]``.
+``--held-out`` adds the held-out cases of a labelled dataset (the last N in sorted order, those a
+run with ``val_cases = N`` never trains on; e.g. the converted CHAOS MRIs,
+``m4oe_training.converters chaos``), scored on the organs it labels, as one more row group
+(``m4oe_training.realval.benchmark_held_out``); it may be given more than once.
 ``--protocol released`` adds the released M4oE code's scores (its Dice conventions, HD95 in voxels)
 beside the native ones. ``--spacing-sweep`` scores the model once per in-plane pixel spacing (mm,
 square pixels) in place of its card's ``target_spacing_mm``, one row per spacing and scan: how
@@ -55,6 +60,17 @@ def main(argv=None) -> int:
         metavar="MM,MM,...",
         help="score once per in-plane spacing (mm) instead of the card's target spacing",
     )
+    p.add_argument(
+        "--held-out",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DATASET",
+        help="also score the held-out cases of this labelled dataset folder",
+    )
+    p.add_argument(
+        "--held-out-cases", type=int, default=4, help="how many last cases are held out (default 4)"
+    )
     args = p.parse_args(argv)
     if args.spacing_sweep and args.record:
         p.error("--record writes the card's own figures: it cannot go with --spacing-sweep")
@@ -62,7 +78,7 @@ def main(argv=None) -> int:
     from m4oe.errors import M4oEError
     from m4oe.hub import EMBEDDED_DIR, cache_dir, resolve_model
     from m4oe.predictor import Predictor
-    from m4oe_training.realval import benchmark, format_table, record
+    from m4oe_training.realval import benchmark, benchmark_held_out, format_table, record
 
     if not args.data.is_dir():
         print(f"error: {args.data}: real validation data folder not found", file=sys.stderr)
@@ -86,6 +102,10 @@ def main(argv=None) -> int:
         if args.spacing_sweep:
             return sweep(predictor, args, start)
         results = benchmark(predictor, args.data, args.tta, args.protocol)
+        held_out = {}  # not recorded in the card: its real_validation is the two scans'
+        for folder in args.held_out:
+            entry = benchmark_held_out(predictor, folder, args.held_out_cases, args.tta)
+            held_out[f"{folder.name} ({len(entry['cases'])} held out)"] = entry
     except M4oEError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -94,6 +114,7 @@ def main(argv=None) -> int:
         card = folder / "model.json"
         command = "python benchmarks/real_accuracy.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
         record(card, results, command)
+    results = {**results, **held_out}
     if args.json:
         print(
             json.dumps(

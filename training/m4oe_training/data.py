@@ -250,6 +250,8 @@ class SliceData:
         cache_dir: where prepared arrays are kept between runs (None: memory only).
         synth_settings: the ranges of the label-map renders' draws (default
             :class:`.synth.SynthSettings`).
+        label_lookups: per dataset, a 256-entry table from its label values to its task's
+            (:func:`.export.label_lookups`), or None to keep them; applied to every sampled slice.
     """
 
     def __init__(
@@ -262,8 +264,10 @@ class SliceData:
         target_spacing,
         cache_dir: Path | None = None,
         synth_settings: SynthSettings | None = None,
+        label_lookups: list[np.ndarray | None] | None = None,
     ):
         self.infos = infos
+        self.label_lookups = label_lookups or [None] * len(infos)
         self.synth_settings = synth_settings
         self.synth = [cfg.synth for cfg in datasets]
         self.synth_fraction = [cfg.synth_fraction for cfg in datasets]
@@ -343,11 +347,11 @@ class SliceData:
                         self.ct_params,
                         self.synth_settings,
                     )
-                images.append(image)
-                labels.append(label)
             else:
-                images.append(case.image[k])
-                labels.append(case.label[k])
+                image, label = case.image[k], case.label[k]
+            lookup = self.label_lookups[d]
+            images.append(image)
+            labels.append(label if lookup is None else lookup[label])
             index.append(d)
         return (
             torch.from_numpy(np.stack(images).astype(np.float32))[:, None],

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import numpy as np
+import SimpleITK as sitk
 import torch
 
 from m4oe.card_summary import run_iterations
@@ -44,20 +47,80 @@ def dataset_labels(info: DatasetInfo) -> list[Label]:
     return labels
 
 
-def task_labels(cfg: TrainConfig, infos: list[DatasetInfo]) -> dict[str, list[Label]]:
-    """Labels per task; datasets sharing a task must share their label table."""
-    tasks: dict[str, tuple[DatasetInfo, list[Label]]] = {}
+def task_values(cfg: TrainConfig, infos: list[DatasetInfo]) -> dict[str, dict[str, int]]:
+    """Per task, label name -> class value over all its datasets: the union of their label tables.
+
+    Datasets sharing a task may label different structures (partial labels: CHAOS labels the
+    liver, kidneys and spleen of the nine organs) and number them differently (FLARE22's spleen is
+    3, AMOS22's 1): structures are matched by name. The task takes the first dataset's numbering;
+    a structure first labelled by a later dataset gets the next free value, in that dataset's
+    order. A structure a dataset does not label is not background for it: the loss of its samples
+    merges those classes with the background (:class:`.stage_loss.StageLoss`), and its labels are
+    renumbered into the task's values (:func:`label_lookups`).
+    """
+    union: dict[str, dict[str, int]] = {}
     for d, info in zip(cfg.datasets, infos, strict=True):
-        labels = dataset_labels(info)
-        if d.task in tasks and tasks[d.task][0].labels != info.labels:
-            raise ConfigError(
-                f"{info.root}: task {d.task!r} is shared with {tasks[d.task][0].root} but their labels differ"
-            )
-        tasks.setdefault(d.task, (info, labels))
+        table = union.setdefault(d.task, {})
+        for name, value in sorted(info.labels.items(), key=lambda kv: kv[1]):
+            if value and name not in table:
+                table[name] = len(table) + 1
+    return union
+
+
+def dataset_values(cfg: TrainConfig, infos: list[DatasetInfo]) -> list[dict[str, int]]:
+    """Per dataset, its label names (background included) -> its task's class values."""
+    union = task_values(cfg, infos)
+    return [
+        {name: union[d.task][name] if value else 0 for name, value in info.labels.items()}
+        for d, info in zip(cfg.datasets, infos, strict=True)
+    ]
+
+
+def label_lookups(cfg: TrainConfig, infos: list[DatasetInfo]) -> list[np.ndarray | None]:
+    """Per dataset, a 256-entry table from its label values to its task's (:func:`task_values`),
+    or None where they are the same."""
+    union = task_values(cfg, infos)
+    lookups = []
+    for d, info in zip(cfg.datasets, infos, strict=True):
+        table = np.zeros(256, dtype=np.uint8)
+        for name, value in info.labels.items():
+            table[value] = union[d.task][name] if value else 0
+        same = all(union[d.task][name] == value for name, value in info.labels.items() if value)
+        lookups.append(None if same else table)
+    return lookups
+
+
+def renumber(labels: sitk.Image, lookup: np.ndarray) -> sitk.Image:
+    """A label map (any grid; LPS geometry kept) with its values sent through ``lookup``, as uint8."""
+    out = sitk.GetImageFromArray(lookup[sitk.GetArrayViewFromImage(labels).astype(np.int64)])
+    out.CopyInformation(labels)
+    return out
+
+
+def task_labels(cfg: TrainConfig, infos: list[DatasetInfo]) -> dict[str, list[Label]]:
+    """Labels per task, the union of its datasets' tables (:func:`task_values`), by class value."""
+    union = task_values(cfg, infos)
+    tasks: dict[str, dict[int, Label]] = {}
+    for d, info in zip(cfg.datasets, infos, strict=True):
+        names = {value: name for name, value in info.labels.items()}
+        for label in dataset_labels(info):
+            value = union[d.task][names[label.value]]
+            tasks.setdefault(d.task, {}).setdefault(value, dataclasses.replace(label, value=value))
     unknown = [n for n in cfg.largest_component or () if not any(info.labels.get(n) for info in infos)]
     if unknown:
         raise ConfigError(f"largest_component: {unknown} are not foreground labels of any dataset")
-    return {name: labels for name, (_, labels) in tasks.items()}
+    return {name: [labels[v] for v in sorted(labels)] for name, labels in tasks.items()}
+
+
+def labelled_classes(cfg: TrainConfig, infos: list[DatasetInfo]) -> list[tuple[int, ...] | None]:
+    """Per dataset, the task's class values it labels when that is fewer than its task's (partial
+    labels), else None (every class of its task: the loss is the plain one)."""
+    union = task_values(cfg, infos)
+    result = []
+    for d, info in zip(cfg.datasets, infos, strict=True):
+        own = tuple(sorted(union[d.task][name] for name, value in info.labels.items() if value))
+        result.append(None if len(own) == len(union[d.task]) else own)
+    return result
 
 
 def expert_modalities(
@@ -98,7 +161,7 @@ def task_postprocessing(
     passes its union's, :class:`.mome.LabelSpace`).
     """
     if values is None:
-        values = {d.task: info.labels for d, info in zip(cfg.datasets, infos, strict=True)}
+        values = task_values(cfg, infos)
     inherited = {task.name: task for task in init_card.tasks} if init_card is not None else {}
     result = {}
     for name in cfg.task_names:

@@ -39,6 +39,8 @@ from m4oe.io import read_image, write_atomic
 from m4oe.model_card import ModelCard
 from m4oe.terminology import organ_keys
 
+from .data import DatasetInfo, split_cases
+from .export import renumber
 from .totalsegmentator import TOTALSEGMENTATOR_IDS, map_labels
 
 
@@ -185,6 +187,82 @@ def benchmark(
     return results
 
 
+def benchmark_held_out(
+    predictor, folder: str | Path, cases: int = 4, test_time_passes: int | None = None
+) -> dict:
+    """Score a :class:`m4oe.predictor.Predictor` on the held-out cases of a labelled dataset.
+
+    The cases are the last ``cases`` of the nnU-Net dataset folder in sorted order: those a
+    training run with ``val_cases = cases`` holds out of every use of that dataset (images and
+    renders of its anatomy alike). The model's classes are matched to the dataset's structures by
+    their terminology keys (:func:`organ_keys`), so a dataset that labels a few organs (CHAOS:
+    liver, spleen, kidneys) is scored on those only. Each case runs as ``m4oe segment`` runs it,
+    the modality the dataset's.
+
+    Returns:
+        {"modality", "cases": [case ids], "organs", "dice" / "hd95_mm": {organ: mean over the cases
+        holding it}, "mean_dice": mean over the organs, "mean_hd95_mm", "per_case": {case: its
+        mean Dice}, "gate_mean_weights" (mean over the cases) or None, "routing_confidence": None}.
+
+    Raises:
+        InputError: the folder is not a dataset, has too few cases, or shares no organ with the model.
+    """
+    info = DatasetInfo.read(folder)
+    if not 0 < cases < len(info.cases) + 1:
+        raise InputError(f"has {len(info.cases)} cases; cannot hold out {cases}", info.root)
+    model_values = {key: value for value, key in organ_keys(predictor.card.tasks[0].labels).items()}
+    lookup = np.zeros(256, dtype=np.uint8)
+    names = {}
+    for name, value in info.labels.items():
+        key = info.terminology.get(name, name)
+        if value and key in model_values:
+            lookup[value] = model_values[key]
+            names[model_values[key]] = key
+    if not names:
+        raise InputError(
+            f"labels none of the organs of model {predictor.card.name!r}", info.root / "dataset.json"
+        )
+    held_out = split_cases(info, cases)["val"]
+    per_organ: dict[str, list] = {}
+    per_case, routing = {}, []
+    for case in held_out:
+        image = read_image(info.image_path(case)).image
+        reference = renumber(read_image(info.label_path(case)).image, lookup)
+        prediction = predictor.predict(
+            image,
+            modality=info.modality,
+            gates=predictor.card.architecture.is_moe,
+            test_time_passes=test_time_passes,
+            body_crop=True,
+        )
+        scores = score(prediction.labelmap, reference, names)
+        per_case[case] = scores["mean_dice"]
+        for organ in scores["organs"]:
+            per_organ.setdefault(organ, []).append((scores["dice"][organ], scores["hd95_mm"][organ]))
+        if prediction.gate_summary:
+            routing.append(prediction.gate_summary["overall"]["mean_weights"])
+    dice = {organ: round(float(np.mean([d for d, _ in rows])), 4) for organ, rows in per_organ.items()}
+    hd95 = {
+        organ: round(float(np.mean(found)), 2) if (found := [h for _, h in rows if h is not None]) else None
+        for organ, rows in per_organ.items()
+    }
+    found = [h for h in hd95.values() if h is not None]
+    return {
+        "modality": info.modality,
+        "cases": held_out,
+        "organs": list(dice),
+        "dice": dice,
+        "hd95_mm": hd95,
+        "mean_dice": round(float(np.mean(list(dice.values()))), 4),
+        "mean_hd95_mm": round(float(np.mean(found)), 2) if found else None,
+        "per_case": per_case,
+        "gate_mean_weights": {k: round(float(np.mean([r[k] for r in routing])), 4) for k in routing[0]}
+        if routing
+        else None,
+        "routing_confidence": None,
+    }
+
+
 def record(card_path: str | Path, results: dict, command: str) -> None:
     """Write ``results`` into the card's ``metrics.real_validation`` (with the date and command)."""
     card = ModelCard.read(card_path)
@@ -197,25 +275,25 @@ def record(card_path: str | Path, results: dict, command: str) -> None:
 def format_table(results: dict) -> str:
     """A plain-text table: one row per scan and organ present, then the scan's mean."""
     released = any("released_dice" in entry for entry in results.values())
-    head = f"{'scan':<18} {'organ':<20} {'Dice':>6} {'HD95 mm':>8}"
+    head = f"{'scan':<24} {'organ':<20} {'Dice':>6} {'HD95 mm':>8}"
     lines = [head + (f" {'rel. Dice':>9} {'rel. HD95 vox':>13}" if released else "")]
     for name, entry in results.items():
         organs = list(entry.get("released_dice", {})) or entry["organs"]
         for organ in organs:
             dice, hd = entry["dice"].get(organ), entry["hd95_mm"].get(organ)
             line = (
-                f"{name:<18} {organ:<20} {'-' if dice is None else f'{dice:.3f}':>6} "
+                f"{name:<24} {organ:<20} {'-' if dice is None else f'{dice:.3f}':>6} "
                 f"{'-' if hd is None else f'{hd:.1f}':>8}"
             )
             if released:
                 hd_voxels = entry["released_hd95_voxels"][organ]
                 line += f" {entry['released_dice'][organ]:>9.3f} {hd_voxels:>13.1f}"
             lines.append(line)
-        mean = f"{name:<18} {'mean':<20} {entry['mean_dice']:>6.3f}"
+        mean = f"{name:<24} {'mean':<20} {entry['mean_dice']:>6.3f}"
         if released:
             hd_voxels = entry["released_mean_hd95_voxels"]
             mean += f" {'':>8} {entry['released_mean_dice']:>9.3f} {hd_voxels:>13.1f}"
         lines.append(mean)
         if entry["gate_mean_weights"]:
-            lines.append(f"{name:<18} routing {json.dumps(entry['gate_mean_weights'])}")
+            lines.append(f"{name:<24} routing {json.dumps(entry['gate_mean_weights'])}")
     return "\n".join(lines)

@@ -23,8 +23,19 @@ class StageLoss(nn.Module):
     """
 
     def __init__(
-        self, model: SwinUNet, dataset_expert: list[int], dataset_task: list[str], ce: float, dice: float
+        self,
+        model: SwinUNet,
+        dataset_expert: list[int],
+        dataset_task: list[str],
+        ce: float,
+        dice: float,
+        dataset_classes: list[tuple[int, ...] | None] | None = None,
     ):
+        """``dataset_classes``: per dataset, the class values it labels when fewer than its task's
+        (:func:`.export.labelled_classes`), else None. Such a dataset's loss is the marginal loss
+        (Shi et al., "Marginal loss and exclusion loss for partially supervised multi-organ
+        segmentation", MedIA 2021): the probabilities of the classes it does not label are summed
+        into the background, so an unlabelled liver on its slices is not taught as background."""
         super().__init__()
         self.model = model
         self.reconstruct = nn.Conv2d(model.cfg.embed_dim, model.cfg.in_chans, 1)
@@ -37,6 +48,7 @@ class StageLoss(nn.Module):
         )
         self.register_buffer("dataset_expert", torch.tensor(dataset_expert), persistent=False)
         self.dataset_task = dataset_task
+        self.dataset_classes = dataset_classes or [None] * len(dataset_task)
         # Dice over the whole batch (per task): an organ absent from one slice does not give that
         # slice a Dice loss of 1 for any stray probability, which stalls training from scratch.
         self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=ce, lambda_dice=dice, batch=True)
@@ -66,13 +78,16 @@ class StageLoss(nn.Module):
             return loss, {"mim": float(loss.detach())}
         features, gates = self.model.forward_features(images, force)
         loss = features.new_zeros(())
-        for task in dict.fromkeys(self.dataset_task):
-            rows = torch.tensor(
-                [self.dataset_task[d] == task for d in datasets.tolist()], device=images.device
-            )
-            if rows.any():
-                logits = self.model.heads[task](features[rows])
-                loss = loss + self.seg_loss(logits.float(), labels[rows][:, None]) * rows.float().mean()
+        groups = list(zip(self.dataset_task, self.dataset_classes, strict=True))
+        batch = [groups[d] for d in datasets.tolist()]
+        for task, classes in dict.fromkeys(groups):  # in dataset order, as the sum always was
+            rows = torch.tensor([g == (task, classes) for g in batch], device=images.device)
+            if not rows.any():
+                continue
+            logits, target = self.model.heads[task](features[rows]).float(), labels[rows]
+            if classes is not None:
+                logits, target = marginal(logits, target, classes)
+            loss = loss + self.seg_loss(logits, target[:, None]) * rows.float().mean()
         stats = {"seg": float(loss.detach())}
         if kind == "joint" and gates and load_balance > 0:
             balance = load_balancing_loss(gates)
@@ -95,3 +110,23 @@ class StageLoss(nn.Module):
                 loss = loss + routing * probe
                 stats["context"] = float(probe.detach())
         return loss, stats
+
+
+def marginal(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[int, ...]):
+    """Logits and labels of a dataset that labels only ``classes`` of its task's K classes.
+
+    Args:
+        logits: (B, K, H, W) the task head's logits; labels: (B, H, W) int64, values in
+            ``classes`` or 0.
+        classes: the class values the dataset labels (ascending, > 0).
+    Returns:
+        (B, 1 + len(classes), H, W) logits whose softmax is the head's, with the probabilities of
+        the unlabelled classes summed into the background (a log-sum-exp of their logits), and
+        the labels renumbered 0, 1 .. len(classes) in the same order.
+    """
+    others = [0] + [k for k in range(1, logits.shape[1]) if k not in classes]
+    background = torch.logsumexp(logits[:, others], dim=1, keepdim=True)
+    merged = torch.cat([background, logits[:, list(classes)]], dim=1)
+    lookup = torch.zeros(logits.shape[1], dtype=labels.dtype, device=labels.device)
+    lookup[list(classes)] = torch.arange(1, len(classes) + 1, dtype=labels.dtype, device=labels.device)
+    return merged, lookup[labels]

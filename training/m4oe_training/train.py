@@ -40,7 +40,17 @@ from .augment import build_augmentation
 from .batches import BatchPlan, BatchSource, step_seed
 from .config import ConfigError, TrainConfig
 from .data import DatasetInfo, SliceData, ct_intensity_params, split_cases
-from .export import build_card, expert_modalities, export_model, lineage, task_labels
+from .export import (
+    build_card,
+    dataset_values,
+    expert_modalities,
+    export_model,
+    label_lookups,
+    labelled_classes,
+    lineage,
+    renumber,
+    task_labels,
+)
 from .init_model import (
     inherit_preprocessing,
     init_intensity,
@@ -85,10 +95,12 @@ def validate(
     scores them against the dataset's label maps mapped into the union space."""
     predictor = Predictor(model, card, device=str(device))
     results = {}
+    # A task's datasets may number their structures differently: scored in the model's values.
+    own = (dataset_values(cfg, infos), label_lookups(cfg, infos)) if space is None else None
     for d, (dcfg, info) in enumerate(zip(cfg.datasets, infos, strict=True)):
         expert = cfg.experts.index(dcfg.expert) if (kind != "joint" and model.cfg.is_moe) else None
         dice, hd95, routing = [], {}, []
-        values = info.labels if space is None else space.values[d]
+        values, lookup = (space.values[d], None) if own is None else (own[0][d], own[1][d])
         names = {value: name for name, value in values.items()}
         per_label: dict[str, list[float]] = {}
         for case in split_cases(info, dcfg.val_cases)["val"]:
@@ -97,6 +109,8 @@ def validate(
             structures = None
             if space is not None:
                 reference, structures = space.to_union(d, reference), space.structures(d)
+            elif lookup is not None:
+                reference = renumber(reference, lookup)
             pred = predictor.predict(
                 image,
                 modality=info.modality,
@@ -295,6 +309,7 @@ def _run(
         cfg.target_spacing_mm,
         out / "cache",
         SynthSettings(p_fat_layer=cfg.synth_fat_layer, p_organ_interior=cfg.synth_organ_interior),
+        label_lookups(cfg, infos) if space is None else None,
     )
     dataset_expert = [cfg.experts.index(d.expert) for d in cfg.datasets]
     if space is not None:  # per-class BCE + Dice over the structures each dataset labels
@@ -303,7 +318,9 @@ def _run(
         ).to(device)
     else:
         tasks_of = [d.task for d in cfg.datasets]
-        module = StageLoss(model, dataset_expert, tasks_of, cfg.ce_weight, cfg.dice_weight).to(device)
+        module = StageLoss(
+            model, dataset_expert, tasks_of, cfg.ce_weight, cfg.dice_weight, labelled_classes(cfg, infos)
+        ).to(device)
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(
             parameter_groups(module),
