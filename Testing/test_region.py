@@ -28,6 +28,7 @@ from m4oe.region import (
     box_from_ijk,
     box_from_lps_mm,
     box_from_stack_slices,
+    mr_body_threshold,
     otsu_threshold,
     parse_bounds,
     stack_slices,
@@ -170,6 +171,20 @@ def test_otsu_splits_two_populations():
     dark, bright = rng.normal(10, 2, 5000), rng.normal(100, 5, 3000)
     threshold = otsu_threshold(np.concatenate([dark, bright]))
     assert dark.max() < threshold < bright.min()
+
+
+def test_the_mr_body_holds_dark_soft_tissue_beside_bright_fluid():
+    """A fat-suppressed T2 in miniature: background noise, soft tissue at 120 and a fluid-filled
+    organ at 900 in one corner of the body. Otsu on the intensities puts the split between tissue
+    and fluid (the box would hold the fluid alone); the MR threshold keeps the whole body."""
+    rng = np.random.default_rng(3)
+    volume = np.abs(rng.normal(0, 8, (12, 160, 160))).astype(np.float32)
+    volume[2:10, 30:130, 20:140] = rng.normal(120, 15, (8, 100, 120))
+    volume[2:10, 35:60, 110:135] = 900.0
+    assert otsu_threshold(volume) > 165  # above nearly all of the tissue (120, sd 15)
+    assert 25 < mr_body_threshold(volume) < 100
+    box = body_box(to_axial_stack(sitk.GetImageFromArray(volume)), "mr", margin_mm=0.0)
+    assert box.start[:2] == (20, 30) and box.stop[:2] == (140, 130), (box.start, box.stop)
 
 
 @pytest.mark.parametrize("modality", ["ct", "mr"])
