@@ -61,7 +61,7 @@ def chaos_remap() -> np.ndarray:
 
 
 def find_cases(src: str | Path, sequence: str = "t2") -> tuple[Path, tuple[Case, ...]]:
-    """The folder holding the pairs, and its cases ``chaos_t2_<NN>`` sorted by id.
+    """The folder holding the pairs, and its cases ``chaos_<sequence>_<NN>`` sorted by id.
 
     Raises:
         InputError: ``src`` is not a folder, holds no ``image_<N>.nii.gz``, or an image lacks its label.

@@ -168,23 +168,39 @@ def benchmark(
     results = {}
     for scan in REAL_SCANS:
         image, reference = load_scan(data_dir, scan, values)
-        prediction = predictor.predict(
-            image,
-            modality=scan.modality,
-            gates=card.architecture.is_moe,
-            test_time_passes=test_time_passes,
-            body_crop=True,  # as `m4oe segment`, `m4oe batch` and the Slicer module run it
+        results[scan.name] = predict_and_score(
+            predictor, image, reference, scan.modality, names, test_time_passes, protocol
         )
-        entry = {"modality": scan.modality, **score(prediction.labelmap, reference, names, protocol)}
-        summary = prediction.gate_summary
-        entry["gate_mean_weights"] = (
-            {k: round(float(v), 4) for k, v in summary["overall"]["mean_weights"].items()}
-            if summary
-            else None
-        )
-        entry["routing_confidence"] = summary["overall"]["routing_confidence"] if summary else None
-        results[scan.name] = entry
     return results
+
+
+def predict_and_score(
+    predictor,
+    image: sitk.Image,
+    reference: sitk.Image,
+    modality: str,
+    names: dict[int, str],
+    test_time_passes: int | None = None,
+    protocol: str = "native",
+) -> dict:
+    """Run ``predictor`` on ``image`` as ``m4oe segment``, ``m4oe batch`` and the Slicer module run
+    it (the body crop on) and :func:`score` it against ``reference`` (the model's label values on
+    the image's grid). Returns ``{"modality", **score, "gate_mean_weights": {expert: weight} or
+    None, "routing_confidence": float or None}``."""
+    prediction = predictor.predict(
+        image,
+        modality=modality,
+        gates=predictor.card.architecture.is_moe,
+        test_time_passes=test_time_passes,
+        body_crop=True,
+    )
+    entry = {"modality": modality, **score(prediction.labelmap, reference, names, protocol)}
+    summary = prediction.gate_summary
+    entry["gate_mean_weights"] = (
+        {k: round(float(v), 4) for k, v in summary["overall"]["mean_weights"].items()} if summary else None
+    )
+    entry["routing_confidence"] = summary["overall"]["routing_confidence"] if summary else None
+    return entry
 
 
 def benchmark_held_out(
@@ -228,19 +244,12 @@ def benchmark_held_out(
     for case in held_out:
         image = read_image(info.image_path(case)).image
         reference = renumber(read_image(info.label_path(case)).image, lookup)
-        prediction = predictor.predict(
-            image,
-            modality=info.modality,
-            gates=predictor.card.architecture.is_moe,
-            test_time_passes=test_time_passes,
-            body_crop=True,
-        )
-        scores = score(prediction.labelmap, reference, names)
+        scores = predict_and_score(predictor, image, reference, info.modality, names, test_time_passes)
         per_case[case] = scores["mean_dice"]
         for organ in scores["organs"]:
             per_organ.setdefault(organ, []).append((scores["dice"][organ], scores["hd95_mm"][organ]))
-        if prediction.gate_summary:
-            routing.append(prediction.gate_summary["overall"]["mean_weights"])
+        if scores["gate_mean_weights"]:
+            routing.append(scores["gate_mean_weights"])
     dice = {organ: round(float(np.mean([d for d, _ in rows])), 4) for organ, rows in per_organ.items()}
     hd95 = {
         organ: round(float(np.mean(found)), 2) if (found := [h for _, h in rows if h is not None]) else None
