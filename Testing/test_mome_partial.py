@@ -5,14 +5,17 @@ MR-like, for the MR expert), read back by the training's own config parser and d
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from m4oe.phantom import PHANTOM_LABELS
 from m4oe_training.config import load_config
 from m4oe_training.data import DatasetInfo, check_synth
 from m4oe_training.mome import write_partial_phantoms
+from m4oe_training.train import run as train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +57,7 @@ def plain_rows(run: str, real: bool) -> list[tuple]:
     heads = {"ct_organs": "organs", "ct_vessels": "vessels", "mr_liver": "liver_mr"}
     rows = []
     for name, expert in (("ct_organs", "ct"), ("ct_vessels", "ct"), ("mr_liver", "mr")):
-        task = "organs" if run == "mome-partial" else heads[name]
+        task = "organs" if run in ("mome-partial", "m4oe-onehead") else heads[name]
         rows.append((f"data/{name}", expert, task, 1, "off", 1.0))
         if real:
             family, fraction = ("ct", 0.5) if expert == "ct" else ("t1", 1.0)
@@ -187,3 +190,40 @@ def test_render_weight_sets_the_sampling_weight_of_the_renders_only(bench, tmp_p
     assert ct / sum(d.weight for d in cfg.datasets) == 0.5
     with pytest.raises(SystemExit):
         bench.main([*args, "--render-weight", "0"])
+
+
+def test_one_head_m4oe_trains_the_union_and_is_scored_alone(bench, tmp_path, capsys):
+    """``m4oe-onehead``: the three partial sets share the task ``organs``, so the run exports one
+    head with the 8 structures (the first set's 4, then the second's 4; the MR set's liver is the
+    same class), answers for all 8 with one argmax, and is scored while the other runs are absent."""
+    bench.prepare(tmp_path, 2, 32, 2, 1, 2)
+    cfg, _ = load_config(tmp_path / "m4oe-onehead.toml")
+    assert {d.task for d in cfg.datasets} == {"organs"}
+    out = train_run(cfg, base_dir=tmp_path, command=["test"])
+    from m4oe.checkpoint import load_checkpoint
+    from m4oe.phantom import generate_case
+    from m4oe.predictor import Predictor
+    from m4oe.terminology import structure_key
+
+    model, card = load_checkpoint(out / "model")
+    assert [task.name for task in card.tasks] == ["organs"]
+    assert [(label.value, structure_key(label)) for label in card.tasks[0].labels] == list(
+        enumerate(bench.UNION, start=1)
+    )
+    image, _ = generate_case("t1", 7, max_size=32)
+    answer, _ = bench.union_prediction(Predictor(model, card, device="cpu", threads=1), image, "mr")
+    assert answer.shape == image.GetSize()[::-1]
+    assert set(np.unique(answer)) <= set(range(len(bench.UNION) + 1))
+    assert bench.trained_rows(tmp_path) == [("m4oe-onehead", "m4oe-onehead", False)]
+    assert "mome-partial holds no trained model" in capsys.readouterr().err
+    results = tmp_path / "results.json"
+    assert (
+        bench.main(["evaluate", str(tmp_path), "--cases", "1", "--max-size", "32", "--json", str(results)])
+        == 0
+    )
+    table = capsys.readouterr().out
+    assert table.count("| m4oe-onehead |") == 3 and "| m4oe-partial |" not in table
+    scores = json.loads(results.read_text())["models"]["m4oe-onehead"]
+    assert all(0.0 <= scores[seq]["mean_dice"] <= 1.0 for seq in bench.SEQUENCES)
+    with pytest.raises(SystemExit, match="no trained model"):
+        bench.trained_rows(tmp_path / "empty")

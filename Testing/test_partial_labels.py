@@ -269,3 +269,40 @@ def test_held_out_cases_of_a_partial_dataset_are_scored_on_its_organs(tmp_path):
         benchmark_held_out(predictor, folder, cases=4)
     with pytest.raises(InputError, match="labels none of the organs of model"):
         benchmark_held_out(predictor, _info(tmp_path / "gb", {"gallbladder": 1}), cases=1)
+
+
+def test_a_folder_listed_twice_is_validated_once(tmp_path, monkeypatch):
+    """The CHAOS configs list one folder for two experts (real T2 images, and T1 renders of it):
+    with the gate routing, both entries read the same held-out studies the same way, so they are
+    predicted once and each entry gets the same result."""
+    ct = write_dataset(tmp_path / "ct", "ct", 2, seed=0, max_size=48)
+    chaos_src = tmp_path / "src"
+    for number in (1, 2):
+        write_chaos_study(chaos_src, number)
+    convert_chaos(chaos_src, tmp_path / "chaos")
+    renders = {**dataset(tmp_path / "chaos", "mr"), "synth": "t1"}
+    path = write_config(
+        tmp_path / "cfg.toml",
+        [dataset(ct, "ct"), dataset(tmp_path / "chaos", "mr"), renders],
+        [{"kind": "joint", "epochs": 1, "lr": 1e-3}],
+        batch_size=4,
+        iterations_per_epoch=2,
+        optimizer="adamw",
+        augment=False,
+        output_dir=str(tmp_path / "run"),
+    )
+    predicted = []
+    real_predict = Predictor.predict
+
+    def counting_predict(self, image, **kwargs):
+        predicted.append((kwargs["modality"], image.GetSize()))
+        return real_predict(self, image, **kwargs)
+
+    monkeypatch.setattr(Predictor, "predict", counting_predict)
+    out = run(load_config(path)[0], base_dir=tmp_path, command=["test"])
+    validation = read_model_card(out / "model").metrics["validation"]
+    assert validation["1:chaos"] == validation["2:chaos"]
+    assert validation["1:chaos"]["cases"] == 1
+    assert sorted(validation["2:chaos"]["dice"]) == ["kidney_left", "kidney_right", "liver", "spleen"]
+    # One validation: one held-out CT case and one held-out CHAOS study, each predicted once.
+    assert sorted(modality for modality, _ in predicted) == ["ct", "mr"]

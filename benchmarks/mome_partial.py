@@ -18,9 +18,15 @@ and three models learn from the same cases, with the same batches, steps and opt
   ``organs``, ``vessels`` and ``liver_mr``; a softmax head counts what its data set calls
   background as background, which is right for the structures it labels).
 * ``dense-partial`` (``swin-unet-tiny``): the same per-data-set heads on a dense network.
+* ``m4oe-onehead`` (``m4oe-tiny``): M4oE with one softmax head for the union of the 8 (every data
+  set's task is ``organs``; the task's labels are united by name, ``m4oe_training.export``); a data
+  set that labels fewer structures trains with the marginal loss (the probabilities of the classes
+  it does not label are summed into background, ``stage_loss.marginal``), so MoME's one label space
+  without its text-conditioned router and per-class heads.
 
 ``evaluate`` scores all 8 structures on freshly generated, fully labelled phantoms of each
-sequence (CT, MR T1, MR T2; seeds no training set used). MoME answers for all 8 at once. A model
+sequence (CT, MR T1, MR T2; seeds no training set used). MoME and the one-head M4oE answer for all
+8 at once (one argmax over background and the 8 classes). A model
 with per-data-set heads can only say what each head was trained on, so its answer is the union of
 its heads' predictions: each structure comes from the head that labels it (the liver, labelled by
 two heads, from the head of the scan's modality: ``liver_mr`` on MR, ``organs`` on CT); where two
@@ -36,10 +42,13 @@ Run (from the repository root; the three trainings one after another, one thread
     m4oe train data/mome_partial/mome-partial.toml --set threads=1
     m4oe train data/mome_partial/m4oe-partial.toml --set threads=1
     m4oe train data/mome_partial/dense-partial.toml --set threads=1
+    m4oe train data/mome_partial/m4oe-onehead.toml --set threads=1
     PYTHONPATH=M4oESegmentation:training python benchmarks/mome_partial.py evaluate data/mome_partial \\
         [--real ../shared/data/totalsegmentator]
 
-``--real`` also scores the same union answers on the two real validation scans
+A row whose run folder holds no trained model yet is left out of the tables (a note says so), so
+one model can be added to an earlier comparison: the data and the fresh test phantoms are
+generated from fixed seeds. ``--real`` also scores the same union answers on the two real validation scans
 (``m4oe_training.realval``), over the structures of the 8 each scan's reference holds.
 ``prepare --real-anatomy DATASET`` adds partial copies of a real CT's anatomy, ``prepare
 --cross-modal`` T1/T2 renders of each CT set's label maps for the MR expert, ``--cross-modal
@@ -80,13 +89,20 @@ UNION = [
     "stomach",
     "pancreas",
 ]
-MODELS = {"mome-partial": "mome-tiny", "m4oe-partial": "m4oe-tiny", "dense-partial": "swin-unet-tiny"}
+MODELS = {
+    "mome-partial": "mome-tiny",
+    "m4oe-partial": "m4oe-tiny",
+    "dense-partial": "swin-unet-tiny",
+    "m4oe-onehead": "m4oe-tiny",
+}
+ONE_LABEL_SPACE = ("mome-partial", "m4oe-onehead")  # runs whose data sets all share the task "organs"
 # (table row, run, whether MoME is asked for one structure at a time)
 ROWS = [
     ("mome-partial", "mome-partial", False),
     ("mome-partial, one query per structure", "mome-partial", True),
     ("m4oe-partial", "m4oe-partial", False),
     ("dense-partial", "dense-partial", False),
+    ("m4oe-onehead", "m4oe-onehead", False),
 ]
 SEQUENCES = {"ct": "ct", "t1": "mr", "t2": "mr"}  # phantom sequence -> modality given to the predictor
 # Every model segments the whole field of view, as the figures in benchmarks/README.md were measured
@@ -186,7 +202,7 @@ def prepare(
             "seed = 0",
         ]
         for name, (_, expert, head, _, _) in DATASETS.items():
-            task = "organs" if run == "mome-partial" else head
+            task = "organs" if run in ONE_LABEL_SPACE else head
             lines += ["", "[[datasets]]", f'path = "data/{name}"', f'expert = "{expert}"', f'task = "{task}"']
             lines += ["val_cases = 1"]
             if real_anatomy is not None:
@@ -230,7 +246,7 @@ def union_prediction(predictor, image, modality: str, per_query: bool = False):
             out = np.zeros(mask.shape, np.uint8) if out is None else out
             out[mask & (out == 0)] = value
         return out, time.perf_counter() - start
-    if card.architecture.arch == "mome":
+    if card.architecture.arch == "mome" or len(card.tasks) == 1:  # one label space: one argmax
         pred = predictor.predict(image, modality=modality, test_time_passes=1, **WHOLE)
         labels = sitk.GetArrayFromImage(pred.labelmap)
         out = np.zeros_like(labels, np.uint8)
@@ -256,6 +272,24 @@ def union_prediction(predictor, image, modality: str, per_query: bool = False):
     return out, time.perf_counter() - start
 
 
+def trained_rows(folder: Path) -> list[tuple[str, str, bool]]:
+    """The rows of :data:`ROWS` whose run under ``folder/runs`` holds an exported model; a note on
+    stderr names each run left out."""
+    rows, missing = [], []
+    for row in ROWS:
+        if (folder / "runs" / row[1] / "model" / "model.json").is_file():
+            rows.append(row)
+        elif row[1] not in missing:
+            missing.append(row[1])
+            print(
+                f"note: {folder / 'runs' / row[1]} holds no trained model; its rows are left out",
+                file=sys.stderr,
+            )
+    if not rows:
+        raise SystemExit(f"{folder / 'runs'}: no trained model (run the configs prepare wrote first)")
+    return rows
+
+
 def evaluate_models(folder: Path, cases: int, seed: int, max_size: int, threads: int) -> dict:
     """Dice per structure (mean over cases) per model and sequence on fresh fully labelled phantoms."""
     import SimpleITK as sitk
@@ -269,7 +303,7 @@ def evaluate_models(folder: Path, cases: int, seed: int, max_size: int, threads:
     for value, key in enumerate(UNION, start=1):
         lookup[PHANTOM_LABELS[key]] = value
     results = {"cases": cases, "seeds": [seed, seed + cases - 1], "max_size": max_size, "models": {}}
-    for row, run, per_query in ROWS:
+    for row, run, per_query in trained_rows(folder):
         model, card = load_checkpoint(folder / "runs" / run / "model")
         predictor = Predictor(model, card, device="cpu", threads=threads)
         per_sequence = {}
@@ -317,7 +351,7 @@ def evaluate_real(folder: Path, data_dir: Path, threads: int) -> dict:
     names = {value: key for key, value in values.items()}
     scans = {scan.name: (scan, *load_scan(data_dir, scan, values)) for scan in REAL_SCANS}
     results = {"scans": {}, "models": {}}
-    for row, run, per_query in ROWS:
+    for row, run, per_query in trained_rows(folder):
         model, card = load_checkpoint(folder / "runs" / run / "model")
         predictor = Predictor(model, card, device="cpu", threads=threads)
         results["models"][row] = {}

@@ -9,6 +9,7 @@ through the engine's Predictor (rank 0), export the best model, save a resumable
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import dataclasses
 import datetime
@@ -92,13 +93,22 @@ def validate(
     """Dice and HD95 (mm) per organ on whole held-out volumes, and how the gate routed them.
 
     A MoME run (``space``: its :class:`.mome.LabelSpace`) asks for each dataset's own structures and
-    scores them against the dataset's label maps mapped into the union space."""
+    scores them against the dataset's label maps mapped into the union space.
+
+    Entries that read the same held-out cases the same way (one folder listed several times, e.g.
+    once per expert with different ``synth`` renders, and a gate, not a forced expert, choosing the
+    route) are predicted once; each entry still gets its own result."""
     predictor = Predictor(model, card, device=str(device))
     results = {}
+    done: dict[tuple, dict] = {}  # (folder, held-out cases, task, forced expert) -> its result
     # A task's datasets may number their structures differently: scored in the model's values.
     own = (dataset_values(cfg, infos), label_lookups(cfg, infos)) if space is None else None
     for d, (dcfg, info) in enumerate(zip(cfg.datasets, infos, strict=True)):
         expert = cfg.experts.index(dcfg.expert) if (kind != "joint" and model.cfg.is_moe) else None
+        same = (str(Path(info.root).resolve()), dcfg.val_cases, dcfg.task, expert)
+        if same in done:
+            results[f"{d}:{info.name}"] = copy.deepcopy(done[same])
+            continue
         dice, hd95, routing = [], {}, []
         values, lookup = (space.values[d], None) if own is None else (own[0][d], own[1][d])
         names = {value: name for name, value in values.items()}
@@ -142,6 +152,7 @@ def validate(
             if routing
             else None,
         }
+        done[same] = results[f"{d}:{info.name}"]
     return results
 
 
