@@ -627,3 +627,42 @@ def test_merge_experts_takes_each_named_expert_from_its_run_and_refuses_moved_sh
     with pytest.raises(SystemExit):
         m4oe_main(["merge-experts", str(base), str(tmp_path / "bad"), "--expert", "ct"])
     assert "must be NAME=MODEL" in capsys.readouterr().err
+
+
+def test_merged_card_states_what_its_experts_learnt_from(tmp_path, capsys):
+    """An expert trained on data under another licence than the base's: the merged card may not
+    keep the base's licence and training data silently; the merge is refused until they are
+    stated, and then the card says what was stated."""
+    import dataclasses
+
+    from m4oe.checkpoint import save_checkpoint
+    from m4oe_training.cli import MERGE_STATEMENTS
+    from m4oe_training.merge import STATEMENTS
+
+    assert MERGE_STATEMENTS == STATEMENTS
+    base = save_source_model(tmp_path / "base")
+    model, card = load_checkpoint(base)
+    card = dataclasses.replace(card, license="Apache-2.0", training_data="phantoms")
+    base = save_checkpoint(model, card, tmp_path / "base_stated")
+    state = {k: v + 0.5 if ".mlp.experts.1." in k else v for k, v in model.state_dict().items()}
+    other = build_model(model.cfg)
+    other.load_state_dict(state)
+    mr_card = dataclasses.replace(card, license="CC-BY-SA-4.0", training_data="phantoms and CHAOS")
+    mr_run = save_checkpoint(other, mr_card, tmp_path / "mr_run")
+    out = tmp_path / "merged"
+    argv = ["merge-experts", str(base), str(out), "--expert", f"mr={mr_run}"]
+    assert m4oe_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "license is not the base model's" in err and "--license, --training-data" in err
+    assert not out.exists()
+    assert m4oe_main([*argv, "--license", "CC-BY-SA-4.0"]) == 2  # the training data still unstated
+    assert "--training-data" in capsys.readouterr().err and not out.exists()
+    stated = ["--license", "CC-BY-SA-4.0", "--training-data", "phantoms; CHAOS (CC-BY-SA 4.0)"]
+    assert m4oe_main([*argv, *stated]) == 0
+    merged = load_checkpoint(out)[1]
+    assert (merged.license, merged.training_data) == ("CC-BY-SA-4.0", "phantoms; CHAOS (CC-BY-SA 4.0)")
+    assert merged.intended_use == card.intended_use  # the same in both cards: the base's
+    # A source that says what the base says needs nothing stated.
+    same = save_checkpoint(other, card, tmp_path / "same_run")
+    assert m4oe_main(["merge-experts", str(base), str(tmp_path / "m2"), "--expert", f"mr={same}"]) == 0
+    assert load_checkpoint(tmp_path / "m2")[1].license == "Apache-2.0"

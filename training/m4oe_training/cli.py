@@ -139,6 +139,10 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+# merge.STATEMENTS, named here so that building the parser imports no torch (a test keeps them equal).
+MERGE_STATEMENTS = ("description", "notes", "license", "intended_use", "training_data")
+
+
 def register_merge(subparsers) -> None:
     merge = subparsers.add_parser(
         "merge-experts",
@@ -162,6 +166,15 @@ def register_merge(subparsers) -> None:
         help="stored weight type (default float16)",
     )
     merge.add_argument("--overwrite", action="store_true", help="replace a model already in OUT")
+    for statement in MERGE_STATEMENTS:
+        merge.add_argument(
+            f"--{statement.replace('_', '-')}",
+            dest=statement,
+            default=None,
+            metavar="TEXT",
+            help=f"the merged card's {statement.replace('_', ' ')} (default: the base's; required "
+            "where a source's card says otherwise)",
+        )
     merge.set_defaults(handler=run_merge)
 
 
@@ -191,6 +204,7 @@ def run_merge(args: argparse.Namespace) -> int:
         name=args.name,
         dtype=getattr(torch, args.dtype),
         overwrite=args.overwrite,
+        facts={key: getattr(args, key) for key in MERGE_STATEMENTS if getattr(args, key) is not None},
     )
     print(f"wrote {out / 'model.json'} and {out / 'model.safetensors'}")
     return 0

@@ -6,6 +6,11 @@ model, one per modality, can therefore be put together: the base model's weights
 expert taken from the run that trained it. The result is what those runs trained, without one run
 sharing its samples between the modalities. A source whose weights outside the experts differ
 from the base's (its expert learnt on other shared layers) is refused: its expert would not fit.
+
+The card's statements about the weights (:data:`STATEMENTS`: licence, training data, ...) are the
+base's where every source says the same; where a source says otherwise (an expert trained on data
+under another licence, say), the merged model would misstate what it is, so the caller must state
+them (``facts``; ``--license``, ``--training-data``, ... on the command line).
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from m4oe.errors import ModelError
 from .config import ConfigError
 from .optim import is_expert_parameter
 
+# Model card statements that describe the weights and the data they learnt from.
+STATEMENTS = ("description", "notes", "license", "intended_use", "training_data")
+
 
 def merge_experts(
     base: str | Path,
@@ -30,6 +38,7 @@ def merge_experts(
     name: str | None = None,
     dtype: torch.dtype | None = torch.float16,
     overwrite: bool = False,
+    facts: dict[str, str] | None = None,
 ) -> Path:
     """Write to ``out`` the ``base`` model with each expert of ``sources`` (expert name -> model
     folder or file) taken from that model; returns ``out``.
@@ -38,9 +47,14 @@ def merge_experts(
     weights outside the experts exactly (as a ``trainable = "experts"`` run from ``base`` keeps
     them). The card is the base's, renamed to ``name`` if given, with ``provenance.merged_experts``
     recording each expert's source and weights hash; its ``metrics`` are dropped (they measured
-    the base model, not this one). Raises ConfigError naming the file and what does not fit;
-    nothing is written then.
+    the base model, not this one). ``facts``: card statements (:data:`STATEMENTS`) to set; each
+    one a source states differently from the base must be among them. Raises ConfigError naming
+    the file and what does not fit; nothing is written then.
     """
+    facts = dict(facts or {})
+    unknown = sorted(set(facts) - set(STATEMENTS))
+    if unknown:
+        raise ConfigError(f"card statements are among {', '.join(STATEMENTS)}, got {', '.join(unknown)}")
     if not sources:
         raise ConfigError("name at least one expert to take from another model")
     try:
@@ -54,6 +68,7 @@ def merge_experts(
     start = model.state_dict()
     merged = dict(start)
     record = {}
+    unstated: dict[str, list[str]] = {}  # statement -> the sources that say otherwise than the base
     by_model: dict[str, list[str]] = {}  # each source read and checked once, whatever it gives
     for expert, path in sources.items():
         if expert not in names:
@@ -79,6 +94,9 @@ def merge_experts(
                 f"{path}: {len(moved)} weights outside the experts differ from the base model's "
                 f"(first {moved[0]}); its experts learnt on other shared layers and do not fit them"
             )
+        for key in STATEMENTS:
+            if key not in facts and getattr(source_card, key) != getattr(card, key):
+                unstated.setdefault(key, []).append(path)
         taken = {names.index(expert) for expert in experts}
         merged.update({key: value for key, value in state.items() if is_expert_parameter(key, taken)})
         for expert in experts:
@@ -87,10 +105,17 @@ def merge_experts(
                 "name": source_card.name,
                 "weights_sha256": source_card.weights_sha256,
             }
+    if unstated:
+        key, paths = next(iter(unstated.items()))
+        raise ConfigError(
+            f"{paths[0]}: its card's {key} is not the base model's; state the merged model's "
+            + ", ".join(f"--{k.replace('_', '-')}" for k in unstated)
+            + " (its experts learnt from what their own cards say)"
+        )
     model.load_state_dict(merged)
     provenance = dict(
         card.provenance,
         merged_experts={"base": str(base), "base_weights_sha256": card.weights_sha256, **record},
     )
-    card = dataclasses.replace(card, name=name or card.name, provenance=provenance, metrics={})
+    card = dataclasses.replace(card, name=name or card.name, provenance=provenance, metrics={}, **facts)
     return save_checkpoint(model, card, out, overwrite=overwrite, dtype=dtype)
