@@ -662,6 +662,15 @@ def test_merged_card_states_what_its_experts_learnt_from(tmp_path, capsys):
     merged = load_checkpoint(out)[1]
     assert (merged.license, merged.training_data) == ("CC-BY-SA-4.0", "phantoms; CHAOS (CC-BY-SA 4.0)")
     assert merged.intended_use == card.intended_use  # the same in both cards: the base's
+    # m4oe info and the Slicer panel say which expert came from which run, not only the base's run.
+    from m4oe.card_summary import training_data_text
+
+    text = training_data_text(merged.to_dict())
+    assert text.startswith("phantoms; CHAOS (CC-BY-SA 4.0) Experts merged onto a base model (weights ")
+    assert f"mr from {mr_card.name} (weights {mr_card.weights_sha256[:12]}" not in text  # the saved hash
+    saved = load_checkpoint(mr_run)[1].weights_sha256
+    assert f"mr from {mr_card.name} (weights {saved[:12]})" in text
+    assert text.index("Experts merged") < text.index("The base model:")
     # A source that says what the base says needs nothing stated.
     same = save_checkpoint(other, card, tmp_path / "same_run")
     assert m4oe_main(["merge-experts", str(base), str(tmp_path / "m2"), "--expert", f"mr={same}"]) == 0

@@ -73,11 +73,11 @@ def training_data_text(card: dict) -> str:
     """
     parts = [str(card.get("training_data") or "").strip() or f"Training data {NOT_STATED}."]
     provenance = card.get("provenance") or {}
-    datasets = _datasets(provenance)
-    if datasets:
-        total = sum(count for _path, count, _m in datasets)
-        listed = ", ".join(f"{path} {count} ({'/'.join(mods)})" for path, count, mods in datasets)
-        parts.append(f"{len(datasets)} datasets, {total} training cases: {listed}.")
+    merged = _merged_text(provenance)
+    if merged:
+        parts += [merged, "The base model:"]
+    if _datasets_text(provenance):
+        parts.append(_datasets_text(provenance) + ".")
     run = []
     iterations = run_iterations(provenance.get("config") or {})
     if iterations:
@@ -90,6 +90,52 @@ def training_data_text(card: dict) -> str:
             text += ", continued from " + _lineage_text(provenance)
         parts.append(text[0].upper() + text[1:] + ".")
     return " ".join(parts)
+
+
+def _datasets_text(run: dict) -> str:
+    """``"2 datasets, 16 training cases: data/real/chaos_t2 16 (MR), ..."`` for a run's
+    provenance, or ``""`` when it records no dataset."""
+    datasets = _datasets(run)
+    if not datasets:
+        return ""
+    total = sum(count for _path, count, _m in datasets)
+    listed = ", ".join(f"{path} {count} ({'/'.join(mods)})" for path, count, mods in datasets)
+    return f"{len(datasets)} datasets, {total} training cases: {listed}"
+
+
+def _run_text(run: dict) -> str:
+    """:func:`_datasets_text` and the iterations of a run's provenance, or ``""``."""
+    pieces = [_datasets_text(run)] if _datasets_text(run) else []
+    iterations = run_iterations(run.get("config") or {})
+    if iterations:
+        pieces.append(f"{iterations[0]} iterations")
+    return "; ".join(pieces)
+
+
+def _merged_text(provenance: dict) -> str:
+    """For a model whose experts were taken from other runs (``m4oe merge-experts``:
+    ``provenance.merged_experts``): which experts came from which model and what that run learnt
+    from. ``""`` for any other model.
+
+    Example: ``"Experts merged onto a base model (weights 95e25fcbf29e): ct from m4oe-phantom
+    (weights 63234033d68e; 4 datasets, 45 training cases: ...; 3000 iterations); mr-t1/mr-t2 from
+    ..."``
+    """
+    merged = provenance.get("merged_experts")
+    if not isinstance(merged, dict):
+        return ""
+    sources: dict[str, tuple[str, list[str], dict]] = {}  # weights hash -> (name, experts, run)
+    for expert, entry in merged.items():
+        if isinstance(entry, dict):
+            sha = str(entry.get("weights_sha256") or "?")
+            name, experts, run = sources.get(sha, (str(entry.get("name", "?")), [], entry.get("run") or {}))
+            sources[sha] = (name, [*experts, expert], run)
+    pieces = []
+    for sha, (name, experts, run) in sources.items():
+        details = "; ".join(filter(None, [f"weights {sha[:12]}", _run_text(run)]))
+        pieces.append(f"{'/'.join(experts)} from {name} ({details})")
+    base = str(merged.get("base_weights_sha256") or "?")[:12]
+    return f"Experts merged onto a base model (weights {base}): " + "; ".join(pieces) + "."
 
 
 def _lineage_text(provenance: dict) -> str:

@@ -46,7 +46,8 @@ def merge_experts(
     Every source must have the base's architecture, experts and weight names, and the base's
     weights outside the experts exactly (as a ``trainable = "experts"`` run from ``base`` keeps
     them). The card is the base's, renamed to ``name`` if given, with ``provenance.merged_experts``
-    recording each expert's source and weights hash; its ``metrics`` are dropped (they measured
+    recording each expert's source, weights hash and what its run learnt from (datasets,
+    iterations); its ``metrics`` are dropped (they measured
     the base model, not this one). ``facts``: card statements (:data:`STATEMENTS`) to set; each
     one a source states differently from the base must be among them. Raises ConfigError naming
     the file and what does not fit; nothing is written then.
@@ -99,11 +100,22 @@ def merge_experts(
                 unstated.setdefault(key, []).append(path)
         taken = {names.index(expert) for expert in experts}
         merged.update({key: value for key, value in state.items() if is_expert_parameter(key, taken)})
+        run = source_card.provenance
         for expert in experts:
             record[expert] = {
                 "model": path,
                 "name": source_card.name,
                 "weights_sha256": source_card.weights_sha256,
+                # What that run learnt from, for the card's summary (m4oe.card_summary).
+                "run": {
+                    "data": run.get("data") or {},
+                    "config": {
+                        key: run["config"][key]
+                        for key in ("iterations_per_epoch", "batch_size", "stages")
+                        if key in (run.get("config") or {})
+                    },
+                    "training_seconds": run.get("training_seconds"),
+                },
             }
     if unstated:
         key, paths = next(iter(unstated.items()))
