@@ -263,6 +263,8 @@ def save_source_model(folder: Path, **preprocessing) -> Path:
         architecture=model.cfg,
         experts=[ExpertInfo("ct", "ct"), ExpertInfo("mr", "mr")],
         tasks=[TaskInfo("abdomen", labels, [1, 2], through_plane_sigma_mm=2.5, test_time_passes=3)],
+        license="CC-BY-SA-4.0",
+        training_data="phantoms and a share-alike dataset",
         preprocessing=Preprocessing(
             **{
                 "in_plane": "spacing",
@@ -363,6 +365,8 @@ def test_fine_tuning_one_case_by_model_name_keeps_the_init_models_preprocessing_
     assert card.provenance["config"]["init"] == "tiny-source"
     assert card.metrics["validation"] is None
     assert card.metrics["selected"] == {"stage": 0, "epoch": 2, "mean_dice": None}
+    # The config states no licence or data: the init model's carry over (a share-alike licence must).
+    assert (card.license, card.training_data) == ("CC-BY-SA-4.0", "phantoms and a share-alike dataset")
     assert [r["val_mean_dice"] for r in read_log(out)] == ["", ""]
     assert model.cfg.experts == ("ct", "mr")
 
@@ -376,8 +380,10 @@ def test_fine_tuning_one_case_by_model_name_keeps_the_init_models_preprocessing_
         largest_component=[],
         through_plane_sigma_mm=0.0,
         test_time_passes=1,
+        license="CC-BY-SA-4.0 AND CC-BY-4.0",
     )
     _, card = load_checkpoint(run(load_config(path)[0], base_dir=tmp_path) / "model")
+    assert card.license == "CC-BY-SA-4.0 AND CC-BY-4.0"  # what the config states wins
     task = card.task("abdomen")
     assert (task.largest_component, task.through_plane_sigma_mm, task.test_time_passes) == ([], 0.0, 1)
     assert card.preprocessing.intensity == parent.preprocessing.intensity

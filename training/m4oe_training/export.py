@@ -224,9 +224,10 @@ def build_card(
     """The card of the run's model. ``cfg`` must have its preprocessing resolved (``in_plane`` set,
     as :func:`m4oe_training.init_model.inherit_preprocessing` leaves it); ``params`` are the intensity
     parameters the run normalised with; clean-up missing from ``cfg`` comes from ``init_card``
-    (:func:`task_postprocessing`). ``labels`` (per task) and ``values`` (per task, label name ->
-    value) replace the datasets' own: a MoME run's single task is the union of its datasets'
-    structures (:class:`.mome.LabelSpace`)."""
+    (:func:`task_postprocessing`), and so do ``license``, ``intended_use`` and ``training_data``
+    when ``cfg`` leaves them empty (the card's summary adds the run's own datasets). ``labels``
+    (per task) and ``values`` (per task, label name -> value) replace the datasets' own: a MoME
+    run's single task is the union of its datasets' structures (:class:`.mome.LabelSpace`)."""
     labels = task_labels(cfg, infos) if labels is None else labels
     clean_up = task_postprocessing(cfg, infos, init_card, values)
     tasks = [TaskInfo(name, labels[name], **clean_up[name]) for name in cfg.task_names]
@@ -245,9 +246,11 @@ def build_card(
         provenance=provenance,
         metrics=metrics,
         notes=notes or cfg.notes,
-        license=cfg.license,
-        intended_use=cfg.intended_use,
-        training_data=cfg.training_data,
+        # A fine-tune adapts its init model: the init card's statements about licence, use and
+        # data carry over unless the config states its own (a share-alike licence must).
+        license=cfg.license or (init_card.license if init_card else ""),
+        intended_use=cfg.intended_use or (init_card.intended_use if init_card else ""),
+        training_data=cfg.training_data or (init_card.training_data if init_card else ""),
     )
 
 
