@@ -205,6 +205,7 @@ def run_merge(args: argparse.Namespace) -> int:
         dtype=getattr(torch, args.dtype),
         overwrite=args.overwrite,
         facts={key: getattr(args, key) for key in MERGE_STATEMENTS if getattr(args, key) is not None},
+        command=["m4oe", *sys.argv[1:]],
     )
     print(f"wrote {out / 'model.json'} and {out / 'model.safetensors'}")
     return 0

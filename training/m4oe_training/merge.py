@@ -39,6 +39,7 @@ def merge_experts(
     dtype: torch.dtype | None = torch.float16,
     overwrite: bool = False,
     facts: dict[str, str] | None = None,
+    command: list[str] | None = None,
 ) -> Path:
     """Write to ``out`` the ``base`` model with each expert of ``sources`` (expert name -> model
     folder or file) taken from that model; returns ``out``.
@@ -50,7 +51,8 @@ def merge_experts(
     iterations); its ``metrics`` are dropped (they measured
     the base model, not this one). ``facts``: card statements (:data:`STATEMENTS`) to set; each
     one a source states differently from the base must be among them. Raises ConfigError naming
-    the file and what does not fit; nothing is written then.
+    the file and what does not fit; nothing is written then. ``command``: the command line, recorded
+    in ``provenance.merged_experts`` so the card says how to make the model again.
     """
     facts = dict(facts or {})
     unknown = sorted(set(facts) - set(STATEMENTS))
@@ -127,7 +129,12 @@ def merge_experts(
     model.load_state_dict(merged)
     provenance = dict(
         card.provenance,
-        merged_experts={"base": str(base), "base_weights_sha256": card.weights_sha256, **record},
+        merged_experts={
+            "command": " ".join(command or ["m4oe", "merge-experts", "(called from Python)"]),
+            "base": str(base),
+            "base_weights_sha256": card.weights_sha256,
+            **record,
+        },
     )
     card = dataclasses.replace(card, name=name or card.name, provenance=provenance, metrics={}, **facts)
     return save_checkpoint(model, card, out, overwrite=overwrite, dtype=dtype)
