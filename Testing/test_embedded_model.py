@@ -61,12 +61,25 @@ def test_card_says_what_the_model_is_and_how_it_was_made():
     expected_sigma = 3.0 if config.through_plane_sigma_mm is None else config.through_plane_sigma_mm
     assert config.init or config.through_plane_sigma_mm is not None
     assert card.task(None).through_plane_sigma_mm == expected_sigma
-    # Data sets may be for training only (no validation cases); the run validated what it trained
-    # (an MR-experts-only run: MR), and the real scans below validate every modality.
-    validation = [v for v in card.metrics["validation"].values() if v["cases"]]
-    assert validation and {v["modality"] for v in validation} <= {"ct", "mr"}
-    for result in validation:
-        assert set(result["dice"]) >= {"liver", "spleen", "kidney_right", "kidney_left"}
+    merged = card.provenance.get("merged_experts")
+    if merged:
+        # Experts taken from other runs (m4oe merge-experts): each from a committed config's run,
+        # whose data the card records; the base run's validation figures were dropped with its
+        # experts, and the real scans below validate the model as merged.
+        assert merged["command"].split()[:2] == ["m4oe", "merge-experts"]
+        sources = {name: entry for name, entry in merged.items() if isinstance(entry, dict)}
+        assert sources and set(sources) <= {expert.name for expert in card.experts}
+        for entry in sources.values():
+            assert len(entry["weights_sha256"]) == 64 and entry["run"]["data"]
+            run_command = entry["run"]["command"].split()
+            assert run_command[:2] == ["m4oe", "train"] and (ROOT / run_command[2]).is_file()
+    else:
+        # Data sets may be for training only (no validation cases); the run validated what it
+        # trained (an MR-experts-only run: MR), and the real scans below validate every modality.
+        validation = [v for v in card.metrics["validation"].values() if v["cases"]]
+        assert validation and {v["modality"] for v in validation} <= {"ct", "mr"}
+        for result in validation:
+            assert set(result["dice"]) >= {"liver", "spleen", "kidney_right", "kidney_left"}
     labels = {lab.name for lab in card.task(None).labels}
     assert {"liver", "spleen", "pancreas"} <= labels
     # Its figures on the two real validation scans (benchmarks/real_accuracy.py --record) travel with it.

@@ -110,6 +110,7 @@ def merge_experts(
                 "weights_sha256": source_card.weights_sha256,
                 # What that run learnt from, for the card's summary (m4oe.card_summary).
                 "run": {
+                    "command": run.get("command"),
                     "data": run.get("data") or {},
                     "config": {
                         key: run["config"][key]
