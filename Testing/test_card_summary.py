@@ -34,11 +34,13 @@ def run_cli(argv: list, capsys) -> tuple[int, str, str]:
 
 def test_the_embedded_card_states_licence_intended_use_and_training_data():
     card = read_model_card(resolve_model(None))
-    assert card.license == "Apache-2.0"
+    # Its MR experts learnt from CHAOS (CC-BY-SA 4.0): the weights share that licence.
+    assert card.license == "CC-BY-SA-4.0"
     assert "not for clinical use" in card.intended_use
     # The data it was trained on, with their licences.
     assert "TotalSegmentator" in card.training_data and "CC-BY-4.0" in card.training_data
     assert "Apache-2.0" in card.training_data and "phantom" in card.training_data
+    assert "CHAOS" in card.training_data and "CC-BY-SA 4.0" in card.training_data
 
 
 def test_card_facts_round_trip_are_optional_and_checked(tiny_model_dir, tmp_path):
@@ -60,20 +62,26 @@ def test_info_prints_a_readable_page_of_the_embedded_model(capsys):
     assert len(out) < 4000, f"{len(out)} characters: a page, not the provenance dump"
     assert "phantomt1_000" not in out and "provenance" not in out
     assert lines[0].startswith("m4oe-phantom: M4oE abdominal model")
-    assert "licence: Apache-2.0" in lines
+    assert "licence: CC-BY-SA-4.0" in lines
     assert any(line.startswith("intended use: Research and demonstration") for line in lines)
     assert any(line.startswith("architecture: Swin-UNet 128px, M4oE, 3 experts") for line in lines)
     assert any("13.1 MB, 6.5 M parameters" in line for line in lines)
     (pre,) = [line for line in lines if line.startswith("preprocessing: ")]
     assert "3.5 x 3.5 mm" in pre and "CT: clip -732 to 837" in pre and "MR: percentiles 0.5 to 99.5" in pre
     (training,) = [line for line in lines if line.startswith("training data: ")]
-    assert "CC-BY-4.0" in training and "4 datasets, 65 training cases" in training
+    assert "CC-BY-4.0" in training and "CHAOS" in training
+    # Its experts came from two runs, merged onto the previous embedded model: each run's data,
+    # then the base run's.
+    assert "Experts merged onto a base model (weights 95e25fcbf29e): ct from m4oe-phantom" in training
+    assert "mr-t1/mr-t2 from m4oe-phantom" in training and "data/real/chaos_t2 16 (MR)" in training
+    assert "The base model: 4 datasets, 65 training cases" in training
     assert "4000 iterations of batch 8 in 39 min 22 s, continued from an earlier model." in training
-    assert "  held-out 0:t1 (MR, 4 cases): mean Dice 0.85" in lines
+    # The base run's phantom validation measured the base, and went with its experts.
+    assert not any(line.startswith("  held-out") for line in lines)
     (ct_scan,) = [line for line in lines if line.startswith("  real scan example_ct_dicom (CT)")]
-    assert "mean Dice 0.53" in ct_scan and "liver 0.93" in ct_scan and "aorta 0.55" in ct_scan
-    assert any(line.startswith("  real scan example_mr_sm (MR): mean Dice 0.40") for line in lines)
-    assert "weights sha256: 95e25fcbf29e198aa27274ecca561778366b7a4b580a7be13db5fe54351a5fef" in lines
+    assert "mean Dice 0.57" in ct_scan and "liver 0.94" in ct_scan and "aorta 0.71" in ct_scan
+    assert any(line.startswith("  real scan example_mr_sm (MR): mean Dice 0.49") for line in lines)
+    assert "weights sha256: f19f364e2f1685bac87b996a411acb5c084f4238c547ce32495680949d613f64" in lines
     code, out, _ = run_cli(["info", "--json"], capsys)
     assert code == 0 and json.loads(out)["provenance"]["data"]["0:t1"]["train_cases"][0] == "phantomt1_000"
 

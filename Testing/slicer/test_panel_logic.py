@@ -141,13 +141,13 @@ def test_model_info_text(tiny_model_dir):
 def test_model_facts_of_the_embedded_model():
     """What the panel shows a reviewer under the model list: licence, training data, real scans."""
     lines = models.model_facts(models.model_card(None)).split("<br>")
-    assert lines[0] == "<b>Licence:</b> Apache-2.0"
+    assert lines[0] == "<b>Licence:</b> CC-BY-SA-4.0"
     assert lines[1].startswith("<b>Intended use:</b> Research and demonstration")
     assert lines[2].startswith("<b>Training data:</b> Synthetic phantoms") and "CC-BY-4.0" in lines[2]
-    assert "65 training cases" in lines[2]
+    assert "65 training cases" in lines[2] and "CHAOS" in lines[2]
     assert lines[3] == "<b>Real-scan validation:</b>"
-    assert lines[4].startswith("example_ct_dicom (CT): mean Dice 0.53, mean HD95 17.8 mm; liver 0.93")
-    assert lines[5].startswith("example_mr_sm (MR): mean Dice 0.40")
+    assert lines[4].startswith("example_ct_dicom (CT): mean Dice 0.57, mean HD95 18.4 mm; liver 0.94")
+    assert lines[5].startswith("example_mr_sm (MR): mean Dice 0.49")
     assert lines[6].startswith("reference labels: TotalSegmentator outputs (pseudo-labels)")
     bare = models.model_facts({"name": "x"})
     assert bare.endswith("<b>Real-scan validation:</b> none recorded") and "Licence:</b> not stated" in bare

@@ -16,6 +16,7 @@ them (``facts``; ``--license``, ``--training-data``, ... on the command line).
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from pathlib import Path
 
 import torch
@@ -131,7 +132,7 @@ def merge_experts(
     provenance = dict(
         card.provenance,
         merged_experts={
-            "command": " ".join(command or ["m4oe", "merge-experts", "(called from Python)"]),
+            "command": shlex.join(command or ["m4oe", "merge-experts", "(called from Python)"]),
             "base": str(base),
             "base_weights_sha256": card.weights_sha256,
             **record,
