@@ -74,10 +74,13 @@ def training_data_text(card: dict) -> str:
     parts = [str(card.get("training_data") or "").strip() or f"Training data {NOT_STATED}."]
     provenance = card.get("provenance") or {}
     merged = _merged_text(provenance)
+    datasets = _datasets_text(provenance)
     if merged:
-        parts += [merged, "The base model:"]
-    if _datasets_text(provenance):
-        parts.append(_datasets_text(provenance) + ".")
+        parts.append(merged)
+    if merged and (datasets or provenance.get("config")):
+        parts.append("The base model:")
+    if datasets:
+        parts.append(datasets + ".")
     run = []
     iterations = run_iterations(provenance.get("config") or {})
     if iterations:
@@ -105,7 +108,7 @@ def _datasets_text(run: dict) -> str:
 
 def _run_text(run: dict) -> str:
     """:func:`_datasets_text` and the iterations of a run's provenance, or ``""``."""
-    pieces = [_datasets_text(run)] if _datasets_text(run) else []
+    pieces = list(filter(None, [_datasets_text(run)]))
     iterations = run_iterations(run.get("config") or {})
     if iterations:
         pieces.append(f"{iterations[0]} iterations")

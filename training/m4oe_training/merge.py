@@ -48,12 +48,12 @@ def merge_experts(
     Every source must have the base's architecture, experts and weight names, and the base's
     weights outside the experts exactly (as a ``trainable = "experts"`` run from ``base`` keeps
     them). The card is the base's, renamed to ``name`` if given, with ``provenance.merged_experts``
-    recording each expert's source, weights hash and what its run learnt from (datasets,
-    iterations); its ``metrics`` are dropped (they measured
-    the base model, not this one). ``facts``: card statements (:data:`STATEMENTS`) to set; each
-    one a source states differently from the base must be among them. Raises ConfigError naming
-    the file and what does not fit; nothing is written then. ``command``: the command line, recorded
-    in ``provenance.merged_experts`` so the card says how to make the model again.
+    recording each expert's source, weights hash and what its run learnt from (command, datasets,
+    iterations); its ``metrics`` are dropped (they measured the base model, not this one).
+    ``facts``: card statements (:data:`STATEMENTS`) to set; each one a source states differently
+    from the base must be among them. ``command``: the command line, recorded in
+    ``provenance.merged_experts`` so the card says how to make the model again. Raises ConfigError
+    naming the file and what does not fit; nothing is written then.
     """
     facts = dict(facts or {})
     unknown = sorted(set(facts) - set(STATEMENTS))
