@@ -93,14 +93,10 @@ def validate(
     """Dice and HD95 (mm) per organ on whole held-out volumes, and how the gate routed them.
 
     A MoME run (``space``: its :class:`.mome.LabelSpace`) asks for each dataset's own structures and
-    scores them against the dataset's label maps mapped into the union space.
-
-    Entries that read the same held-out cases the same way (one folder listed several times, e.g.
-    once per expert with different ``synth`` renders, and a gate, not a forced expert, choosing the
-    route) are predicted once; each entry still gets its own result."""
+    scores them against the dataset's label maps mapped into the union space. A folder listed
+    twice with the same held-out cases, task and route is predicted once, and both get the result."""
     predictor = Predictor(model, card, device=str(device))
-    results = {}
-    done: dict[tuple, dict] = {}  # (folder, held-out cases, task, forced expert) -> its result
+    results, done = {}, {}  # done: (folder, held-out cases, task, forced expert) -> its result
     # A task's datasets may number their structures differently: scored in the model's values.
     own = (dataset_values(cfg, infos), label_lookups(cfg, infos)) if space is None else None
     for d, (dcfg, info) in enumerate(zip(cfg.datasets, infos, strict=True)):
