@@ -219,17 +219,17 @@ def test_sampled_labels_are_in_the_tasks_values(tmp_path):
     assert torch.equal(labels, expected)
 
 
-def test_a_full_and_a_partial_dataset_train_one_head(tmp_path):
-    """A phantom CT labelling the nine organs and CHAOS-style MRIs labelling four: one run, one
-    head with the nine; the partial dataset is validated on its own four organs."""
+def ct_and_chaos_config(tmp_path: Path, extra: tuple[dict, ...] = ()) -> Path:
+    """A one-epoch run's config: a 2-case phantom CT labelling the nine organs, 2 CHAOS-style MR
+    studies labelling four (converted), then ``extra`` data sets."""
     ct = write_dataset(tmp_path / "ct", "ct", 2, seed=0, max_size=48)
     chaos_src = tmp_path / "src"
     for number in (1, 2):
         write_chaos_study(chaos_src, number)
     convert_chaos(chaos_src, tmp_path / "chaos")
-    path = write_config(
+    return write_config(
         tmp_path / "cfg.toml",
-        [dataset(ct, "ct"), dataset(tmp_path / "chaos", "mr")],
+        [dataset(ct, "ct"), dataset(tmp_path / "chaos", "mr"), *extra],
         [{"kind": "joint", "epochs": 1, "lr": 1e-3}],
         batch_size=4,
         iterations_per_epoch=2,
@@ -237,6 +237,12 @@ def test_a_full_and_a_partial_dataset_train_one_head(tmp_path):
         augment=False,
         output_dir=str(tmp_path / "run"),
     )
+
+
+def test_a_full_and_a_partial_dataset_train_one_head(tmp_path):
+    """A phantom CT labelling the nine organs and CHAOS-style MRIs labelling four: one run, one
+    head with the nine; the partial dataset is validated on its own four organs."""
+    path = ct_and_chaos_config(tmp_path)
     out = run(load_config(path)[0], base_dir=tmp_path, command=["test"])
     card = read_model_card(out / "model")
     assert [label.value for label in card.tasks[0].labels] == list(range(1, 10))
@@ -275,22 +281,7 @@ def test_a_folder_listed_twice_is_validated_once(tmp_path, monkeypatch):
     """The CHAOS configs list one folder for two experts (real T2 images, and T1 renders of it):
     with the gate routing, both entries read the same held-out studies the same way, so they are
     predicted once and each entry gets the same result."""
-    ct = write_dataset(tmp_path / "ct", "ct", 2, seed=0, max_size=48)
-    chaos_src = tmp_path / "src"
-    for number in (1, 2):
-        write_chaos_study(chaos_src, number)
-    convert_chaos(chaos_src, tmp_path / "chaos")
-    renders = {**dataset(tmp_path / "chaos", "mr"), "synth": "t1"}
-    path = write_config(
-        tmp_path / "cfg.toml",
-        [dataset(ct, "ct"), dataset(tmp_path / "chaos", "mr"), renders],
-        [{"kind": "joint", "epochs": 1, "lr": 1e-3}],
-        batch_size=4,
-        iterations_per_epoch=2,
-        optimizer="adamw",
-        augment=False,
-        output_dir=str(tmp_path / "run"),
-    )
+    path = ct_and_chaos_config(tmp_path, ({**dataset(tmp_path / "chaos", "mr"), "synth": "t1"},))
     predicted = []
     real_predict = Predictor.predict
 
