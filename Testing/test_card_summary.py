@@ -13,6 +13,7 @@ import pytest
 from m4oe import cli
 from m4oe.card_summary import (
     NOT_STATED,
+    held_out_validation_lines,
     human_duration,
     info_page,
     licence_text,
@@ -129,6 +130,29 @@ def test_summary_pieces():
         "reference labels: manual",
     ]
     assert info_page(dict(card, name="m", architecture={"img_size": 8, "in_chans": 1})).endswith("--json)")
+    assert held_out_validation_lines(card) == []
+    card["metrics"]["held_out_validation"] = {
+        "datasets": {
+            "chaos_t2 (4 held out)": {
+                "modality": "mr",
+                "source": {"dataset": "CHAOS MR T2", "license": "CC-BY-SA-4.0"},
+                "cases": ["36", "37", "38", "39"],
+                "dice": {"liver": 0.631, "spleen": 0.745},
+                "mean_dice": 0.688,
+                "mean_hd95_mm": 68.4,
+            }
+        },
+        "labels": "their own",
+        "date": "2026-12-06",
+    }
+    assert held_out_validation_lines(card) == [
+        "chaos_t2 (4 held out) (MR; CHAOS MR T2, CC-BY-SA-4.0; 4 cases): mean Dice 0.69, "
+        "mean HD95 68.4 mm; liver 0.63, spleen 0.74",
+        "reference labels: their own (2026-12-06)",
+    ]
+    page = info_page(dict(card, name="m", architecture={"img_size": 8, "in_chans": 1}))
+    assert "\n  real held-out chaos_t2 (4 held out) (MR; CHAOS MR T2" in page
+    assert "\n  reference labels: their own (2026-12-06)\n" in page
 
 
 def test_weights_facts_read_the_safetensors_header(tiny_model_dir):

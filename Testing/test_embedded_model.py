@@ -89,6 +89,14 @@ def test_card_says_what_the_model_is_and_how_it_was_made():
     assert all(
         0.0 <= scan["mean_dice"] <= 1.0 and scan["dice"]["liver"] is not None for scan in real.values()
     )
+    # And on the CHAOS MRIs its training held out (manual labels), recorded by the same command.
+    held = card.metrics["held_out_validation"]
+    assert held["command"] == card.metrics["real_validation"]["command"]
+    (chaos,) = held["datasets"].values()
+    assert chaos["source"]["license"] == "CC-BY-SA-4.0" and chaos["modality"] == "mr"
+    assert len(chaos["cases"]) == 4
+    assert set(chaos["dice"]) == {"liver", "spleen", "kidney_right", "kidney_left"}
+    assert chaos["gate_mean_weights"]["ct"] < 0.1
 
 
 OWN_EXPERT = {"ct": "ct", "t1": "mr-t1", "t2": "mr-t2"}

@@ -227,3 +227,22 @@ def test_one_head_m4oe_trains_the_union_and_is_scored_alone(bench, tmp_path, cap
     assert all(0.0 <= scores[seq]["mean_dice"] <= 1.0 for seq in bench.SEQUENCES)
     with pytest.raises(SystemExit, match="no trained model"):
         bench.trained_rows(tmp_path / "empty")
+
+
+def test_img_size_sets_every_models_input(bench, tmp_path):
+    """``--img-size 96``: each of the four configs builds its network for 96 x 96 slices (the
+    tiny models' default is 64); a size the four stages cannot halve is refused before writing."""
+    from m4oe.model import get_config
+
+    args = ["prepare", str(tmp_path), "--cases", "2", "--max-size", "32"]
+    assert bench.main([*args, "--img-size", "96"]) == 0
+    for run in bench.MODELS:
+        cfg, _ = load_config(tmp_path / f"{run}.toml")
+        assert cfg.model_overrides == {"img_size": 96}
+        assert get_config(cfg.model, **cfg.model_overrides).img_size == 96
+    assert bench.main(args) == 0
+    assert load_config(tmp_path / "mome-partial.toml")[0].model_overrides == {}
+    with pytest.raises(SystemExit):
+        bench.main([*args, "--img-size", "100"])
+    with pytest.raises(ValueError, match="multiple of 32"):
+        bench.prepare(tmp_path, 2, 32, 100, 30, 8, img_size=48)

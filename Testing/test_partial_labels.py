@@ -5,6 +5,7 @@ CHAOS converter that writes such a dataset."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,12 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from training_helpers import dataset, read_log, write_config
 
+from m4oe.card_summary import info_page
 from m4oe.checkpoint import read_model_card
 from m4oe.errors import InputError
+from m4oe.hub import resolve_model
 from m4oe.model import build_model
+from m4oe.model_card import ModelCard
 from m4oe.phantom import write_dataset
 from m4oe.predictor import Predictor
 from m4oe.preprocessing import DEFAULT_PARAMS
@@ -34,7 +38,7 @@ from m4oe_training.export import (
     task_values,
 )
 from m4oe_training.mome import write_partial_phantoms
-from m4oe_training.realval import benchmark_held_out
+from m4oe_training.realval import benchmark_held_out, record
 from m4oe_training.stage_loss import StageLoss, marginal
 from m4oe_training.train import run
 
@@ -271,6 +275,19 @@ def test_held_out_cases_of_a_partial_dataset_are_scored_on_its_organs(tmp_path):
     assert entry["dice"]["liver"] > 0.8 and entry["dice"]["kidney_left"] > 0.6, entry["dice"]
     assert entry["mean_dice"] == pytest.approx(np.mean(list(entry["dice"].values())), abs=1e-4)
     assert entry["gate_mean_weights"]["mr-t1"] > 0.5
+    assert entry["dataset"] == DatasetInfo.read(folder).name and entry["source"] is None  # phantoms: none
+    # --record writes the held-out figures into the card beside the two real scans', and m4oe info
+    # shows them; a later --record without --held-out keeps them.
+    card_path = tmp_path / "model" / "model.json"
+    shutil.copytree(resolve_model(None), card_path.parent)
+    record(card_path, {}, "python benchmarks/real_accuracy.py --record", {"t1 (2 held out)": entry})
+    held = ModelCard.read(card_path).metrics["held_out_validation"]
+    assert held["datasets"] == {"t1 (2 held out)": json.loads(json.dumps(entry))}
+    assert held["command"] == "python benchmarks/real_accuracy.py --record"
+    page = info_page(json.loads(card_path.read_text()))
+    assert f"  real held-out t1 (2 held out) (MR; 2 cases): mean Dice {entry['mean_dice']:.2f}" in page
+    record(card_path, {}, "again")
+    assert ModelCard.read(card_path).metrics["held_out_validation"] == held
     with pytest.raises(InputError, match="has 3 cases; cannot hold out 4"):
         benchmark_held_out(predictor, folder, cases=4)
     with pytest.raises(InputError, match="labels none of the organs of model"):

@@ -152,6 +152,7 @@ def prepare(
     real_anatomy: Path | None = None,
     cross_modal: tuple[str, ...] = (),
     render_weight: float = 1.0,
+    img_size: int | None = None,
 ) -> None:
     """Write the three partial data sets under ``folder/data`` and one TOML config per model.
 
@@ -174,7 +175,13 @@ def prepare(
     end-of-stage validation reads (the benchmark scores fresh phantoms). ``render_weight``: the
     sampling ``weight`` of each of those data sets (1: drawn as often as every other data set, so
     they take most of the samples; 0.25 keeps half of all samples on the CT sets with ``t1,t2``).
+
+    ``img_size``: the network's input in pixels (every slice is resized to img_size x img_size),
+    written as ``model_overrides.img_size`` into every config; None keeps the tiny models' 64. A
+    multiple of 32 (four stages of patch 4 and window 4).
     """
+    if img_size is not None and (img_size <= 0 or img_size % 32):
+        raise ValueError(f"img_size must be a positive multiple of 32, got {img_size}")
     unknown = sorted(set(cross_modal) - set(CROSS_MODAL))
     if unknown:
         raise ValueError(
@@ -224,6 +231,8 @@ def prepare(
         for kind, lr, warmup in (("experts", 3e-3, 100), ("joint", 1e-3, 0)):
             lines += ["", "[[stages]]", f'kind = "{kind}"', f"epochs = {epochs}", f"lr = {lr}"]
             lines += [f"warmup_iterations = {warmup}"]
+        if img_size is not None:
+            lines += ["", "[model_overrides]", f"img_size = {img_size}"]
         (folder / f"{run}.toml").write_text("\n".join(lines) + "\n")
 
 
@@ -423,6 +432,13 @@ def main(argv: list[str] | None = None) -> int:
         default=1.0,
         help="sampling weight of each --cross-modal render data set (default 1, as every other)",
     )
+    p.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="the networks' input in pixels, a multiple of 32 (default: the tiny models' 64); "
+        "give evaluate the same --max-size",
+    )
     e = sub.add_parser("evaluate", help="score the three trained models on fresh full-label phantoms")
     e.add_argument("folder", type=Path)
     e.add_argument("--cases", type=int, default=3, help="phantoms per sequence (default 3)")
@@ -448,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"--cross-modal takes distinct families among {', '.join(CROSS_MODAL)}, "
                 f"got {args.cross_modal!r}"
             )
-        prepare(args.folder, *sizes, args.real_anatomy, families, args.render_weight)
+        if args.img_size is not None and (args.img_size <= 0 or args.img_size % 32):
+            parser.error(f"--img-size must be a positive multiple of 32, got {args.img_size}")
+        prepare(args.folder, *sizes, args.real_anatomy, families, args.render_weight, args.img_size)
         print(f"wrote {args.folder}/data and {', '.join(f'{args.folder}/{r}.toml' for r in MODELS)}")
         return 0
     results = evaluate_models(args.folder, args.cases, args.seed, args.max_size, args.threads)

@@ -14,7 +14,8 @@ Run: ``python benchmarks/real_accuracy.py [--model NAME_OR_FOLDER] [--data DIR] 
 ``--held-out`` adds the held-out cases of a labelled dataset (the last N in sorted order, those a
 run with ``val_cases = N`` never trains on; e.g. the converted CHAOS MRIs,
 ``m4oe_training.converters chaos``), scored on the organs it labels, as one more row group
-(``m4oe_training.realval.benchmark_held_out``); it may be given more than once.
+(``m4oe_training.realval.benchmark_held_out``); it may be given more than once, and with
+``--record`` its figures go into the card too (``metrics.held_out_validation``).
 ``--protocol released`` adds the released M4oE code's scores (its Dice conventions, HD95 in voxels)
 beside the native ones. ``--spacing-sweep`` scores the model once per in-plane pixel spacing (mm,
 square pixels) in place of its card's ``target_spacing_mm``, one row per spacing and scan: how
@@ -102,10 +103,10 @@ def main(argv=None) -> int:
         if args.spacing_sweep:
             return sweep(predictor, args, start)
         results = benchmark(predictor, args.data, args.tta, args.protocol)
-        held_out = {}  # not recorded in the card: its real_validation is the two scans'
-        for folder in args.held_out:
-            entry = benchmark_held_out(predictor, folder, args.held_out_cases, args.tta)
-            held_out[f"{folder.name} ({len(entry['cases'])} held out)"] = entry
+        held_out = {}
+        for dataset in args.held_out:
+            entry = benchmark_held_out(predictor, dataset, args.held_out_cases, args.tta)
+            held_out[f"{dataset.name} ({len(entry['cases'])} held out)"] = entry
     except M4oEError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
     if args.record:
         card = folder / "model.json"
         command = "python benchmarks/real_accuracy.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
-        record(card, results, command)
+        record(card, results, command, held_out)
     results = {**results, **held_out}
     if args.json:
         print(

@@ -165,6 +165,10 @@ def model_facts(card: dict) -> str:
         lines += [html.escape(line) for line in real]
     else:
         lines.append(_("<b>Real-scan validation:</b> none recorded"))
+    held = card_summary.held_out_validation_lines(card)
+    if held:
+        lines.append(_("<b>Held-out real scans of its training datasets:</b>"))
+        lines += [html.escape(line) for line in held]
     return "<br>".join(lines)
 
 

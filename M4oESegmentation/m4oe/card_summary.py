@@ -1,14 +1,16 @@
 """A model card in words: what a reviewer needs before using a model.
 
 ``m4oe info MODEL`` prints :func:`info_page`; the Slicer panel shows :func:`licence_text`,
-:func:`training_data_text` and :func:`real_validation_lines` under the model list. Everything here
+:func:`training_data_text`, :func:`real_validation_lines` and :func:`held_out_validation_lines` under
+the model list. Everything here
 reads the card as the JSON dict of ``model.json`` (``ModelCard.to_dict()``), so the Slicer module,
 which reads cards without the engine's packages, uses the same text; standard library only.
 
 The facts come from the card's fields: ``license``, ``intended_use`` and ``training_data`` (say
 "not stated" when a card lacks them), the training ``provenance`` (datasets and their training
 cases, stages, iterations, time) and ``metrics`` (``validation`` on held-out phantom cases,
-``real_validation`` on real scans with reference labels).
+``real_validation`` on real scans with reference labels, ``held_out_validation`` on the held-out
+real cases of its training datasets).
 """
 
 from __future__ import annotations
@@ -185,6 +187,28 @@ def real_validation_lines(card: dict) -> list[str]:
     return lines
 
 
+def held_out_validation_lines(card: dict) -> list[str]:
+    """One line per labelled dataset whose held-out cases were scored
+    (``metrics.held_out_validation``): modality, where it came from, cases, mean Dice and HD95,
+    then the Dice of each organ; a last line says what the reference labels were."""
+    held = (card.get("metrics") or {}).get("held_out_validation") or {}
+    lines = []
+    for name, entry in (held.get("datasets") or {}).items():
+        source = entry.get("source") or {}
+        origin = ", ".join(str(source[k]) for k in ("dataset", "license") if source.get(k))
+        dice = ", ".join(f"{organ} {_figure(value)}" for organ, value in (entry.get("dice") or {}).items())
+        lines.append(
+            f"{name} ({str(entry.get('modality', '?')).upper()}{'; ' + origin if origin else ''}; "
+            f"{len(entry.get('cases') or [])} cases): mean Dice {_figure(entry.get('mean_dice'))}, "
+            f"mean HD95 {_figure(entry.get('mean_hd95_mm'), 1)} mm; {dice}"
+        )
+    if lines and held.get("labels"):
+        lines.append(
+            f"reference labels: {held['labels']}" + (f" ({held['date']})" if held.get("date") else "")
+        )
+    return lines
+
+
 def phantom_validation_lines(card: dict) -> list[str]:
     """One line per validation set with held-out cases (``metrics.validation``): mean Dice."""
     lines = []
@@ -271,9 +295,11 @@ def info_page(card: dict, weights: str | Path | None = None) -> str:
     lines.append("training data: " + training_data_text(card))
     phantom = phantom_validation_lines(card)
     real = real_validation_lines(card)
-    lines.append("validation:" + ("" if phantom or real else f" {NOT_STATED}"))
+    held = held_out_validation_lines(card)
+    lines.append("validation:" + ("" if phantom or real or held else f" {NOT_STATED}"))
     lines += [f"  held-out {line}" for line in phantom]
     lines += [f"  real scan {line}" if not line.startswith("reference") else f"  {line}" for line in real]
+    lines += [f"  real held-out {line}" if not line.startswith("reference") else f"  {line}" for line in held]
     lines.append(f"weights sha256: {card.get('weights_sha256') or NOT_STATED}")
     lines.append("(the full model card: m4oe info MODEL --json)")
     return "\n".join(lines)

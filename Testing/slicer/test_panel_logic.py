@@ -149,6 +149,12 @@ def test_model_facts_of_the_embedded_model():
     assert lines[4].startswith("example_ct_dicom (CT): mean Dice 0.57, mean HD95 18.4 mm; liver 0.94")
     assert lines[5].startswith("example_mr_sm (MR): mean Dice 0.49")
     assert lines[6].startswith("reference labels: TotalSegmentator outputs (pseudo-labels)")
+    # The held-out CHAOS studies, manually labelled, never trained on (real_accuracy.py --held-out).
+    assert lines[7] == "<b>Held-out real scans of its training datasets:</b>"
+    assert lines[8].startswith(
+        "chaos_t2 (4 held out) (MR; CHAOS MR T2, CC-BY-SA-4.0; 4 cases): mean Dice 0.66, mean HD95 53.5 mm"
+    )
+    assert lines[9].startswith("reference labels: each dataset&#x27;s own reference labels")
     bare = models.model_facts({"name": "x"})
     assert bare.endswith("<b>Real-scan validation:</b> none recorded") and "Licence:</b> not stated" in bare
 

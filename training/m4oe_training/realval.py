@@ -41,6 +41,7 @@ from m4oe.terminology import organ_keys
 
 from .data import DatasetInfo, split_cases
 from .export import renumber
+from .nnunet import read_dataset_json
 from .totalsegmentator import TOTALSEGMENTATOR_IDS, map_labels
 
 
@@ -216,9 +217,11 @@ def benchmark_held_out(
     the modality the dataset's.
 
     Returns:
-        {"modality", "cases": [case ids], "organs", "dice" / "hd95_mm": {organ: mean over the cases
-        holding it}, "mean_dice": mean over the organs, "mean_hd95_mm", "per_case": {case: its
-        mean Dice}, "gate_mean_weights" (mean over the cases) or None, "routing_confidence": None}.
+        {"dataset": its name, "source": where its dataset.json says it came from (dataset,
+        reference, license) or None, "modality", "cases": [case ids], "organs", "dice" /
+        "hd95_mm": {organ: mean over the cases holding it}, "mean_dice": mean over the organs,
+        "mean_hd95_mm", "per_case": {case: its mean Dice}, "gate_mean_weights" (mean over the
+        cases) or None, "routing_confidence": None}.
 
     Raises:
         InputError: the folder is not a dataset, has too few cases, or shares no organ with the model.
@@ -256,7 +259,12 @@ def benchmark_held_out(
         for organ, rows in per_organ.items()
     }
     found = [h for h in hd95.values() if h is not None]
+    source = read_dataset_json(info.root).get("source")
     return {
+        "dataset": info.name,
+        "source": {k: source[k] for k in ("dataset", "reference", "license") if k in source}
+        if isinstance(source, dict)
+        else None,
         "modality": info.modality,
         "cases": held_out,
         "organs": list(dice),
@@ -272,13 +280,26 @@ def benchmark_held_out(
     }
 
 
-def record(card_path: str | Path, results: dict, command: str) -> None:
-    """Write ``results`` into the card's ``metrics.real_validation`` (with the date and command)."""
+def record(card_path: str | Path, results: dict, command: str, held_out: dict | None = None) -> None:
+    """Write ``results`` into the card's ``metrics.real_validation`` (with the date and command).
+
+    ``held_out``: {name: :func:`benchmark_held_out` entry} of labelled datasets whose last cases the
+    model's training held out, written as ``metrics.held_out_validation`` (date, command, and what
+    the labels are: each dataset's own reference labels). None or empty leaves that entry as it is.
+    """
     card = ModelCard.read(card_path)
-    entry = {"scans": results, "date": datetime.date.today().isoformat(), "command": command}
+    today = datetime.date.today().isoformat()
+    entry = {"scans": results, "date": today, "command": command}
     entry["labels"] = "TotalSegmentator outputs (pseudo-labels), mapped to this model's organs"
-    updated = dataclasses.replace(card, metrics={**card.metrics, "real_validation": entry})
-    write_atomic(Path(card_path), updated.to_json, overwrite=True)
+    metrics = {**card.metrics, "real_validation": entry}
+    if held_out:
+        metrics["held_out_validation"] = {
+            "datasets": held_out,
+            "date": today,
+            "command": command,
+            "labels": "each dataset's own reference labels; its last cases, held out of every training use",
+        }
+    write_atomic(Path(card_path), dataclasses.replace(card, metrics=metrics).to_json, overwrite=True)
 
 
 def format_table(results: dict) -> str:
