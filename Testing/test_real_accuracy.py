@@ -175,3 +175,27 @@ def test_the_spacing_sweep_is_refused_for_a_model_without_a_target_spacing(tiny_
         assert done.returncode == 2 and "--spacing-sweep" in done.stderr
     done = subprocess.run([*command, "--spacing-sweep", "4", "--record"], capture_output=True, text=True)
     assert done.returncode == 2 and "cannot go with --spacing-sweep" in done.stderr
+
+
+@pytest.mark.realdata
+def test_record_with_held_out_writes_both_into_the_model_folders_card(shared_data, tiny_model_dir, tmp_path):
+    """``--record --held-out DATASET``: the two scans and the dataset's held-out case go into the
+    card of ``--model``'s folder (not into the dataset folder), with the command that measured them."""
+    from m4oe_training.mome import write_partial_phantoms
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    dataset = write_partial_phantoms(tmp_path / "t1", "t1", 2, seed=3, structures=["liver"], max_size=32)
+    args = ["--model", str(model), "--data", str(shared_data), "--held-out", str(dataset)]
+    args += ["--held-out-cases", "1", "--tta", "1", "--threads", "1", "--record"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "real_accuracy.py"), *args], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert not (dataset / "model.json").exists()
+    metrics = ModelCard.read(model / "model.json").metrics
+    assert set(metrics["real_validation"]["scans"]) == {"example_ct_dicom", "example_mr_sm"}
+    (name,) = metrics["held_out_validation"]["datasets"]
+    assert name == "t1 (1 held out)"
+    assert metrics["held_out_validation"]["datasets"][name]["organs"] == ["liver"]
+    assert metrics["held_out_validation"]["command"].endswith(" ".join(args))
