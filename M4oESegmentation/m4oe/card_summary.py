@@ -169,22 +169,32 @@ def _figure(value, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _score_line(name: str, qualifier: str, entry: dict) -> str:
+    """``name (qualifier): mean Dice, mean HD95; the Dice of each organ`` of one scored entry."""
+    dice = ", ".join(f"{organ} {_figure(value)}" for organ, value in (entry.get("dice") or {}).items())
+    return (
+        f"{name} ({qualifier}): mean Dice {_figure(entry.get('mean_dice'))}, "
+        f"mean HD95 {_figure(entry.get('mean_hd95_mm'), 1)} mm; {dice}"
+    )
+
+
+def _with_labels_line(lines: list[str], section: dict) -> list[str]:
+    """``lines`` and, if there are any, the section's statement of what its reference labels were."""
+    if lines and section.get("labels"):
+        date = f" ({section['date']})" if section.get("date") else ""
+        lines = [*lines, f"reference labels: {section['labels']}{date}"]
+    return lines
+
+
 def real_validation_lines(card: dict) -> list[str]:
     """One line per real validation scan (``metrics.real_validation``): modality, mean Dice and
     HD95, then the Dice of each organ; a last line says what the reference labels were."""
     real = (card.get("metrics") or {}).get("real_validation") or {}
-    lines = []
-    for name, scan in (real.get("scans") or {}).items():
-        dice = ", ".join(f"{organ} {_figure(value)}" for organ, value in (scan.get("dice") or {}).items())
-        lines.append(
-            f"{name} ({str(scan.get('modality', '?')).upper()}): mean Dice {_figure(scan.get('mean_dice'))}, "
-            f"mean HD95 {_figure(scan.get('mean_hd95_mm'), 1)} mm; {dice}"
-        )
-    if lines and real.get("labels"):
-        lines.append(
-            f"reference labels: {real['labels']}" + (f" ({real['date']})" if real.get("date") else "")
-        )
-    return lines
+    lines = [
+        _score_line(name, str(scan.get("modality", "?")).upper(), scan)
+        for name, scan in (real.get("scans") or {}).items()
+    ]
+    return _with_labels_line(lines, real)
 
 
 def held_out_validation_lines(card: dict) -> list[str]:
@@ -196,17 +206,10 @@ def held_out_validation_lines(card: dict) -> list[str]:
     for name, entry in (held.get("datasets") or {}).items():
         source = entry.get("source") or {}
         origin = ", ".join(str(source[k]) for k in ("dataset", "license") if source.get(k))
-        dice = ", ".join(f"{organ} {_figure(value)}" for organ, value in (entry.get("dice") or {}).items())
-        lines.append(
-            f"{name} ({str(entry.get('modality', '?')).upper()}{'; ' + origin if origin else ''}; "
-            f"{len(entry.get('cases') or [])} cases): mean Dice {_figure(entry.get('mean_dice'))}, "
-            f"mean HD95 {_figure(entry.get('mean_hd95_mm'), 1)} mm; {dice}"
-        )
-    if lines and held.get("labels"):
-        lines.append(
-            f"reference labels: {held['labels']}" + (f" ({held['date']})" if held.get("date") else "")
-        )
-    return lines
+        cases = f"{len(entry.get('cases') or [])} cases"
+        qualifier = [str(entry.get("modality", "?")).upper(), origin, cases]
+        lines.append(_score_line(name, "; ".join(part for part in qualifier if part), entry))
+    return _with_labels_line(lines, held)
 
 
 def phantom_validation_lines(card: dict) -> list[str]:
