@@ -286,6 +286,7 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         review = self._gateReview
         self.ui.detectedModalityLabel.text = status.detected_modality_text(segmentation)
         self.ui.scanWarningLabel.text = status.scan_warning_text(segmentation)
+        self.ui.accuracyWarningLabel.text = status.accuracy_warning_text(segmentation)
         self.ui.expertTableView.setMRMLTableNode(review.table if review else None)
         self.ui.gatePlotWidget.mrmlPlotViewNode().SetPlotChartNodeID(review.chart.GetID() if review else None)
         self.ui.routingWarningLabel.text = (review.warning or "") if review else ""
@@ -535,13 +536,7 @@ class M4oESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 name=result.segmentation.GetName()
             )
         else:
-            self.ui.statusLabel.text = _("Done in {duration}.").format(
-                duration=status.human_duration(result.seconds.get("total", 0.0))
-            )
-            if result.scan_warning:
-                self.ui.statusLabel.text += " " + _("The scan may not be one the model knows: see Outputs.")
-            if result.warning:
-                self.ui.statusLabel.text += " " + _("The gate's routing needs a look: see Gate review.")
+            self.ui.statusLabel.text = status.done_text(result)
             if self._parameterNode is not None:
                 self._parameterNode.outputSegmentation = result.segmentation
         self._updateButtons()

@@ -232,3 +232,28 @@ def test_predictor_cache_loads_once_per_model_and_settings(tiny_model_dir, volum
     finally:
         os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert cache.loads == 3 and (tmp_path / "4.nrrd").is_file()
+
+
+SIGINT_UNDER_LOCK = """
+import io, os, signal
+from m4oe import serve
+
+server = serve.Server(io.StringIO(), io.StringIO())
+with serve._sigint_cancels(server):
+    with server._lock:  # the main thread inside send(), writing a progress record
+        os.kill(os.getpid(), signal.SIGINT)
+        total = sum(range(1000))  # the handler runs here, between two steps, the lock still held
+print("cancel set" if server._cancel.is_set() else "cancel not set")
+"""
+
+
+def test_sigint_while_a_record_is_written_cancels_without_a_deadlock():
+    """SIGINT's handler runs in the main thread, which holds the server's lock whenever it writes
+    a record: the handler must not take that lock (it did, and the server hung for good)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "M4oESegmentation"), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", SIGINT_UNDER_LOCK], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "cancel set"

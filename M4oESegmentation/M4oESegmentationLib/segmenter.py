@@ -11,9 +11,9 @@ engine's process tree and adds nothing to the scene. The temporary folder is rem
 A result is a segmentation node that carries what produced it, so it can be reviewed, edited and
 exported after the scene is saved and loaded again: attributes ``M4oESegmentation.*`` (Labels,
 Modality, ModalitySource, Model, Task, ForcedExpert, TestTimePasses, ThroughPlaneSigmaMm,
-KeepAllComponents, LargestComponentLabels, Backend, ScanWarning, Structures, Region,
-GateSummary: the settings and the scan check's warning as the engine reports them in its
-final record) and node references
+KeepAllComponents, LargestComponentLabels, Backend, ScanWarning, AccuracyWarning, Structures,
+Region, GateSummary: the settings, the scan check's warning and the real-scan accuracy warning as
+the engine reports them in its final record) and node references
 ``M4oEGate{Table,Chart,Overlay,Colors}`` to its gate views (a MoME result also
 ``M4oEGateOverlay.{layer}``, one map per decoder scale) and ``M4oEComparison.{expert}`` to its
 forced-expert comparisons.
@@ -60,7 +60,9 @@ class SegmentationResult:
     ``seconds``: the engine's timings (load, preprocess, inference, total...). ``warning``: the
     engine's routing warning, or None. ``scan_warning``: the engine's warning that the scan may
     not show an abdomen (see ``m4oe.ood``), or None. ``compared_with``: the segmentation a
-    forced-expert run is compared with, else None.
+    forced-expert run is compared with, else None. ``accuracy_warning``: the structures of the
+    result that scored low, or were not measured, on the real scans of this modality in the
+    model's card (``m4oe.card_summary.real_accuracy_warning``), or None.
     """
 
     segmentation: object
@@ -71,6 +73,7 @@ class SegmentationResult:
     warning: str | None = None
     compared_with: object = None
     scan_warning: str | None = None
+    accuracy_warning: str | None = None
 
 
 @dataclass
@@ -402,6 +405,7 @@ class Segmenter:
             "LargestComponentLabels": json.dumps(done.get("largest_component", [])),
             "Backend": str(done.get("backend", "")),
             "ScanWarning": done.get("warnings", {}).get("scan") or "",
+            "AccuracyWarning": done.get("warnings", {}).get("accuracy") or "",
             "Structures": json.dumps(done.get("structures", [])),
             "Region": json.dumps(done.get("region")),
         }
@@ -422,6 +426,7 @@ class Segmenter:
             done.get("warnings", {}).get("routing"),
             job.compared_with,
             done.get("warnings", {}).get("scan"),
+            done.get("warnings", {}).get("accuracy"),
         )
 
 

@@ -1,5 +1,6 @@
 """What the panel says about a segmentation: the progress bar's fraction, the status line while it
-runs, and the modality a result was made with and any warning about its scan.
+runs and when it is done, and the modality a result was made with and any warning about its scan
+or the accuracy of its structures.
 
 The engine (``m4oe segment --progress json``) reports each stage on its own scale: a record
 ``{"stage", "done", "total", "fraction", "elapsed_s", "eta_s"}`` per step (see
@@ -55,6 +56,22 @@ def overall_fraction(record: dict) -> float | None:
     if not cases:
         return run
     return (min(max(int(record.get("case", 1)), 1), cases) - 1 + run) / cases
+
+
+def done_text(result) -> str:
+    """The status line after a run: its duration, then where to look for each warning it carries.
+
+    ``result``: a ``M4oESegmentationLib.segmenter.SegmentationResult`` (``seconds["total"]``, and
+    ``scan_warning``, ``accuracy_warning``, ``warning`` (routing), each a text or None).
+    """
+    text = _("Done in {duration}.").format(duration=human_duration(result.seconds.get("total", 0.0)))
+    if result.scan_warning:
+        text += " " + _("The scan may not be one the model knows: see Outputs.")
+    if result.accuracy_warning:
+        text += " " + _("Some structures need a close check: see Outputs.")
+    if result.warning:
+        text += " " + _("The gate's routing needs a look: see Gate review.")
+    return text
 
 
 def human_duration(seconds: float) -> str:
@@ -118,3 +135,17 @@ def scan_warning_text(segmentation) -> str:
         return ""
     warning = segmentation.GetAttribute(RESULT_ATTRIBUTE + "ScanWarning")
     return _("Warning: {text}").format(text=warning) if warning else ""
+
+
+def accuracy_warning_text(segmentation) -> str:
+    """Which structures of a result to check closely: those its model scored low on, or never
+    measured on, real scans of the result's modality (the model card's real-scan figures), or "".
+
+    Read from a result segmentation's ``AccuracyWarning`` attribute (see
+    ``m4oe.card_summary.real_accuracy_warning``); "" for None, a segmentation M4oE did not make, a
+    result made before the attribute existed, or a model whose card gives no cause.
+    """
+    if segmentation is None:
+        return ""
+    warning = segmentation.GetAttribute(RESULT_ATTRIBUTE + "AccuracyWarning")
+    return _("Check closely: {text}").format(text=warning) if warning else ""

@@ -10,7 +10,8 @@ The facts come from the card's fields: ``license``, ``intended_use`` and ``train
 "not stated" when a card lacks them), the training ``provenance`` (datasets and their training
 cases, stages, iterations, time) and ``metrics`` (``validation`` on held-out phantom cases,
 ``real_validation`` on real scans with reference labels, ``held_out_validation`` on the held-out
-real cases of its training datasets).
+real cases of its training datasets). :func:`real_accuracy_warning` turns the real-scan figures
+into the warning a segmentation of a scan carries.
 """
 
 from __future__ import annotations
@@ -210,6 +211,62 @@ def held_out_validation_lines(card: dict) -> list[str]:
         qualifier = [str(entry.get("modality", "?")).upper(), origin, cases]
         lines.append(_score_line(name, "; ".join(part for part in qualifier if part), entry))
     return _with_labels_line(lines, held)
+
+
+WEAK_DICE = 0.5
+"""A structure whose Dice on a real scan of a modality was below this is named in the accuracy
+warning of every segmentation of that modality (see :func:`real_accuracy_warning`)."""
+
+
+def real_dice_by_structure(card: dict, modality: str) -> dict[str, list[float]]:
+    """Structure key (``"kidney_right"``) -> the Dice of every real-scan figure the card holds for
+    ``modality`` ("ct" or "mr"): the ``metrics.real_validation`` scans, then the
+    ``metrics.held_out_validation`` datasets, in card order. Empty when the card has none."""
+    metrics = card.get("metrics") or {}
+    entries = [
+        *((metrics.get("real_validation") or {}).get("scans") or {}).values(),
+        *((metrics.get("held_out_validation") or {}).get("datasets") or {}).values(),
+    ]
+    found: dict[str, list[float]] = {}
+    for entry in entries:
+        if str(entry.get("modality", "")).lower() == modality.lower():
+            for key, dice in (entry.get("dice") or {}).items():
+                if dice is not None:
+                    found.setdefault(key, []).append(float(dice))
+    return found
+
+
+def real_accuracy_warning(
+    card: dict, modality: str, structures: dict[str, str], threshold: float = WEAK_DICE
+) -> str | None:
+    """What a reviewer of one segmentation should know from the card's real-scan figures, or None.
+
+    ``modality``: the scan's, "ct" or "mr"; ``structures``: structure key -> display name of the
+    classes segmented (classes without a standard key cannot be matched and are left out). Names
+    the structures whose Dice on a real scan of this modality was below ``threshold`` (each with
+    its figures, lowest first) and those no real scan of this modality measured. None when the card
+    has no real-scan figure for the modality (nothing to go on) or every structure scored at least
+    ``threshold``.
+    """
+    figures = real_dice_by_structure(card, modality)
+    if not figures:
+        return None
+    weak = [
+        f"{name} {'/'.join(f'{dice:.2f}' for dice in sorted(figures[key]))}"
+        for key, name in structures.items()
+        if key in figures and min(figures[key]) < threshold
+    ]
+    unmeasured = [name for key, name in structures.items() if key not in figures]
+    kind = modality.upper()
+    parts = []
+    if weak:
+        below = f"Dice was below {threshold:.2f} for "
+        parts.append(f"on the real {kind} scans its card reports, {below}" + ", ".join(weak))
+    if unmeasured:
+        parts.append(f"no real {kind} scan measured " + ", ".join(unmeasured))
+    if not parts:
+        return None
+    return "; ".join(parts) + ": check these structures closely (m4oe info MODEL lists the figures)"
 
 
 def phantom_validation_lines(card: dict) -> list[str]:

@@ -27,6 +27,7 @@ import SimpleITK as sitk
 import torch
 
 from . import onnx_runtime
+from .card_summary import real_accuracy_warning
 from .checkpoint import load_checkpoint
 from .cpu import CPU_BATCH, MALLOC_TRIM, default_threads
 from .errors import CancelledError, InputError, ModelError
@@ -47,7 +48,7 @@ from .preprocessing import IntensityParams
 from .progress import CancelCheck, ProgressCallback, ProgressEvent
 from .region import VoxelBox, body_box, box_from_stack_slices, stack_slices
 from .smoothing import TRUNCATE, SliceSmoother
-from .terminology import select_labels
+from .terminology import organ_keys, select_labels
 from .tta import TEST_TIME_PASSES as TEST_TIME_PASSES
 from .tta import averaged_probabilities
 from .tta import shift_slices as shift_slices
@@ -77,8 +78,10 @@ class Prediction:
     the label values cut down to their largest 26-connected piece (empty: no clean-up).
     ``scan_check``: whether the labels look like an abdomen (see :mod:`m4oe.ood`; None when the
     task has none of the organs it checks). ``warnings``: what the user should know, by kind:
-    ``"routing"`` (the gate disagreed with the modality, only with gates recorded) and ``"scan"``
-    (the scan check failed); :attr:`warning` joins them.
+    ``"routing"`` (the gate disagreed with the modality, only with gates recorded), ``"scan"``
+    (the scan check failed) and ``"accuracy"`` (structures segmented that scored low, or were not
+    measured, on the real scans of this modality the card reports; see
+    :func:`m4oe.card_summary.real_accuracy_warning`); :attr:`warning` joins them.
     ``labels``: the task's classes the label map holds (those chosen with ``structures``).
     ``region``: the voxels segmented (the whole image unless a region or the body crop narrowed
     it); outside it the label map is 0, the probabilities say background, and the gate map and
@@ -459,6 +462,14 @@ class Predictor:
                 prediction.warnings["routing"] = prediction.gate_summary["warning"]
         if prediction.scan_check is not None and prediction.scan_check.warning:
             prediction.warnings["scan"] = prediction.scan_check.warning
+        keys = organ_keys(chosen)
+        accuracy = real_accuracy_warning(
+            {"metrics": card.metrics},
+            found.modality,
+            {keys[lab.value]: lab.name for lab in chosen if lab.value in keys},
+        )
+        if accuracy:
+            prediction.warnings["accuracy"] = accuracy
         if prediction.gate_summary is not None:  # the summary file names every warning, not only the gate's
             prediction.gate_summary["warning"] = prediction.warning
             prediction.gate_summary["warnings"] = dict(prediction.warnings)

@@ -142,6 +142,13 @@ class Server:
             elif _valid_id(request_id) and request_id in self._queued:
                 self._cancelled.add(request_id)
 
+    def interrupt(self) -> None:
+        """Cancel the running request, from a signal handler: the handler runs in the main thread,
+        between two of its steps, possibly inside :meth:`send` with the lock held, so it sets the
+        cancel event without the lock (taking it there would deadlock). With no request running it
+        does nothing: :meth:`handle` clears the event when the next request starts."""
+        self._cancel.set()
+
     def _read(self) -> None:
         """The reader thread: requests into the queue, cancels acted on at once; None at the end."""
         try:
@@ -235,7 +242,7 @@ def _valid_id(value) -> bool:
 def _sigint_cancels(server: Server) -> Iterator[None]:
     """Inside the block SIGINT cancels the running request instead of ending the process."""
     try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: server.cancel())
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: server.interrupt())
     except ValueError:  # not the main thread
         yield
         return

@@ -72,6 +72,31 @@ def test_scan_warning_text(scene):
     assert status.scan_warning_text(node) == "Warning: no vertebrae were found (0 mL)"
 
 
+def test_accuracy_warning_text(scene):
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "result")
+    assert status.accuracy_warning_text(None) == ""
+    assert status.accuracy_warning_text(node) == "", "a result made before the attribute existed"
+    node.SetAttribute(status.RESULT_ATTRIBUTE + "AccuracyWarning", "")
+    assert status.accuracy_warning_text(node) == ""
+    node.SetAttribute(status.RESULT_ATTRIBUTE + "AccuracyWarning", "no real CT scan measured right kidney")
+    assert status.accuracy_warning_text(node) == "Check closely: no real CT scan measured right kidney"
+
+
+def test_done_text_points_to_each_warning():
+    from M4oESegmentationLib.segmenter import SegmentationResult
+
+    def result(**warnings):
+        return SegmentationResult(None, "ct", "", "abdomen", {"total": 75.0}, **warnings)
+
+    assert status.done_text(result()) == "Done in 1 min 15 s."
+    text = status.done_text(result(warning="w", scan_warning="s", accuracy_warning="a"))
+    assert text == (
+        "Done in 1 min 15 s. The scan may not be one the model knows: see Outputs. Some structures need a"
+        " close check: see Outputs. The gate's routing needs a look: see Gate review."
+    )
+    assert status.done_text(result(accuracy_warning="a")).endswith("need a close check: see Outputs.")
+
+
 # --- models ------------------------------------------------------------------------------------
 
 
