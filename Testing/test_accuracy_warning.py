@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import SimpleITK as sitk
 
-from m4oe.card_summary import WEAK_DICE, real_accuracy_warning, real_dice_by_structure
+from m4oe.card_summary import WEAK_DICE, check_closely_lines, real_accuracy_warning, real_dice_by_structure
+from m4oe.terminology import standard_label
 
 STRUCTURES = {"liver": "liver", "kidney_right": "right kidney", "pancreas": "pancreas"}
 
@@ -77,6 +78,23 @@ def test_threshold_is_a_parameter():
     strict = real_accuracy_warning(card({"mr scan": MR_SCAN}), "mr", {"liver": "liver"}, threshold=0.9)
     assert strict.startswith("on the real MR scans its card reports, Dice was below 0.90 for liver 0.81")
     assert real_accuracy_warning(card({"mr scan": MR_SCAN}), "mr", STRUCTURES, threshold=0.0) is None
+
+
+def test_check_closely_lines_name_each_modalitys_structures_from_the_task_labels():
+    task = {
+        "name": "abdomen",
+        "labels": [standard_label(k, v + 1).to_dict() for v, k in enumerate(STRUCTURES)],
+    }
+    both = dict(card({"mr scan": MR_SCAN, "ct scan": CT_SCAN}, {"chaos": CHAOS}), tasks=[task])
+    assert check_closely_lines(both) == [
+        "CT: Dice below 0.50 on a real scan: pancreas 0.06; not measured on a real CT scan: right kidney",
+        "MR: Dice below 0.50 on a real scan: right kidney 0.37/0.67, pancreas 0.00",
+    ]
+    assert check_closely_lines(dict(card({"ct scan": CT_SCAN}), tasks=[task]), threshold=0.05) == [
+        "CT: not measured on a real CT scan: right kidney"
+    ]
+    assert check_closely_lines(dict(card(), tasks=[task])) == [], "no real figures: nothing to say"
+    assert check_closely_lines(card({"mr scan": MR_SCAN})) == [], "no task: no structures"
 
 
 @pytest.fixture(scope="module")

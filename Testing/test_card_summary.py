@@ -82,6 +82,11 @@ def test_info_prints_a_readable_page_of_the_embedded_model(capsys):
     (ct_scan,) = [line for line in lines if line.startswith("  real scan example_ct_dicom (CT)")]
     assert "mean Dice 0.57" in ct_scan and "liver 0.94" in ct_scan and "aorta 0.71" in ct_scan
     assert any(line.startswith("  real scan example_mr_sm (MR): mean Dice 0.49") for line in lines)
+    # What those figures say to check closely, per modality (test_accuracy_warning.py has the rule).
+    closely = lines.index("check closely on real scans:")
+    assert lines[closely + 1].startswith("  CT: Dice below 0.50 on a real scan: inferior vena cava 0.16")
+    assert lines[closely + 1].endswith("not measured on a real CT scan: right kidney, left kidney")
+    assert lines[closely + 2].startswith("  MR: Dice below 0.50 on a real scan: right kidney 0.37/0.67")
     assert "weights sha256: f19f364e2f1685bac87b996a411acb5c084f4238c547ce32495680949d613f64" in lines
     code, out, _ = run_cli(["info", "--json"], capsys)
     assert code == 0 and json.loads(out)["provenance"]["data"]["0:t1"]["train_cases"][0] == "phantomt1_000"

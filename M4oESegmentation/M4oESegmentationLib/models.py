@@ -151,7 +151,8 @@ def model_info(card: dict | None, error: str | None = None) -> str:
 
 def model_facts(card: dict) -> str:
     """Rich text: the card's licence and intended use, its training data (statement, datasets,
-    cases, iterations, time) and its figures on real scans (:mod:`m4oe.card_summary`)."""
+    cases, iterations, time), its figures on real scans and the structures they say to check
+    closely (:mod:`m4oe.card_summary`)."""
     mome = mome_text(card)
     lines = [mome] if mome else []
     lines += [
@@ -169,6 +170,10 @@ def model_facts(card: dict) -> str:
     if held:
         lines.append(_("<b>Held-out real scans of its training datasets:</b>"))
         lines += [html.escape(line) for line in held]
+    closely = card_summary.check_closely_lines(card)
+    if closely:
+        lines.append(_("<b>Check closely on real scans:</b>"))
+        lines += [html.escape(line) for line in closely]
     return "<br>".join(lines)
 
 

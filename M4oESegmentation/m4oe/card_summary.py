@@ -11,7 +11,8 @@ The facts come from the card's fields: ``license``, ``intended_use`` and ``train
 cases, stages, iterations, time) and ``metrics`` (``validation`` on held-out phantom cases,
 ``real_validation`` on real scans with reference labels, ``held_out_validation`` on the held-out
 real cases of its training datasets). :func:`real_accuracy_warning` turns the real-scan figures
-into the warning a segmentation of a scan carries.
+into the warning a segmentation of a scan carries, :func:`check_closely_lines` into the model's
+list of structures to check closely (``m4oe info`` and the panel's model facts).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+
+from .labels import Label
+from .terminology import organ_keys
 
 NOT_STATED = "not stated"
 
@@ -248,6 +252,25 @@ def real_accuracy_warning(
     has no real-scan figure for the modality (nothing to go on) or every structure scored at least
     ``threshold``.
     """
+    found = _weak_and_unmeasured(card, modality, structures, threshold)
+    if found is None or not any(found):
+        return None
+    weak, unmeasured = found
+    kind = modality.upper()
+    parts = []
+    if weak:
+        below = f"Dice was below {threshold:.2f} for "
+        parts.append(f"on the real {kind} scans its card reports, {below}" + ", ".join(weak))
+    if unmeasured:
+        parts.append(f"no real {kind} scan measured " + ", ".join(unmeasured))
+    return "; ".join(parts) + ": check these structures closely (m4oe info MODEL lists the figures)"
+
+
+def _weak_and_unmeasured(
+    card: dict, modality: str, structures: dict[str, str], threshold: float
+) -> tuple[list[str], list[str]] | None:
+    """(structures below ``threshold`` on a real scan of ``modality``, as "name 0.37/0.67", the
+    figures lowest first; structures without a figure), or None when the card has no figure."""
     figures = real_dice_by_structure(card, modality)
     if not figures:
         return None
@@ -256,17 +279,33 @@ def real_accuracy_warning(
         for key, name in structures.items()
         if key in figures and min(figures[key]) < threshold
     ]
-    unmeasured = [name for key, name in structures.items() if key not in figures]
-    kind = modality.upper()
-    parts = []
-    if weak:
-        below = f"Dice was below {threshold:.2f} for "
-        parts.append(f"on the real {kind} scans its card reports, {below}" + ", ".join(weak))
-    if unmeasured:
-        parts.append(f"no real {kind} scan measured " + ", ".join(unmeasured))
-    if not parts:
-        return None
-    return "; ".join(parts) + ": check these structures closely (m4oe info MODEL lists the figures)"
+    return weak, [name for key, name in structures.items() if key not in figures]
+
+
+def check_closely_lines(card: dict, threshold: float = WEAK_DICE) -> list[str]:
+    """Per modality with real-scan figures in the card (CT, then MR), one line naming the task
+    structures to check closely in any segmentation of that modality: those below ``threshold`` on
+    a real scan (with the figures) and those no real scan measured. What
+    :func:`real_accuracy_warning` says for a whole-task segmentation, before any is made."""
+    lines = []
+    for modality in ("ct", "mr"):
+        for task in card.get("tasks") or []:
+            labels = [Label.from_dict(label) for label in task.get("labels") or []]
+            keys = organ_keys(labels)
+            structures = {keys[label.value]: label.name for label in labels if label.value in keys}
+            found = _weak_and_unmeasured(card, modality, structures, threshold)
+            if found is None or not any(found):
+                continue
+            weak, unmeasured = found
+            parts = [f"Dice below {threshold:.2f} on a real scan: " + ", ".join(weak)] if weak else []
+            parts += (
+                [f"not measured on a real {modality.upper()} scan: " + ", ".join(unmeasured)]
+                if unmeasured
+                else []
+            )
+            named = f" (task {task['name']})" if len(card["tasks"]) > 1 else ""
+            lines.append(f"{modality.upper()}{named}: " + "; ".join(parts))
+    return lines
 
 
 def phantom_validation_lines(card: dict) -> list[str]:
@@ -360,6 +399,10 @@ def info_page(card: dict, weights: str | Path | None = None) -> str:
     lines += [f"  held-out {line}" for line in phantom]
     lines += [f"  real scan {line}" if not line.startswith("reference") else f"  {line}" for line in real]
     lines += [f"  real held-out {line}" if not line.startswith("reference") else f"  {line}" for line in held]
+    closely = check_closely_lines(card)
+    if closely:
+        lines.append("check closely on real scans:")
+        lines += [f"  {line}" for line in closely]
     lines.append(f"weights sha256: {card.get('weights_sha256') or NOT_STATED}")
     lines.append("(the full model card: m4oe info MODEL --json)")
     return "\n".join(lines)

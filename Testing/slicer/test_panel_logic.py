@@ -180,6 +180,11 @@ def test_model_facts_of_the_embedded_model():
         "chaos_t2 (4 held out) (MR; CHAOS MR T2, CC-BY-SA-4.0; 4 cases): mean Dice 0.66, mean HD95 53.5 mm"
     )
     assert lines[9].startswith("reference labels: each dataset&#x27;s own reference labels")
+    # What those figures say to check closely in a segmentation, per modality.
+    assert lines[10] == "<b>Check closely on real scans:</b>"
+    assert lines[11].startswith("CT: Dice below 0.50 on a real scan: inferior vena cava 0.16, pancreas 0.06")
+    assert lines[12].startswith("MR: Dice below 0.50 on a real scan: right kidney 0.37/0.67")
+    assert len(lines) == 13
     bare = models.model_facts({"name": "x"})
     assert bare.endswith("<b>Real-scan validation:</b> none recorded") and "Licence:</b> not stated" in bare
 
