@@ -4,7 +4,8 @@
 :func:`training_data_text`, :func:`real_validation_lines` and :func:`held_out_validation_lines` under
 the model list. Everything here
 reads the card as the JSON dict of ``model.json`` (``ModelCard.to_dict()``), so the Slicer module,
-which reads cards without the engine's packages, uses the same text; standard library only.
+which reads cards without the engine's packages, uses the same text; standard library only (and
+the engine's label and terminology modules, which are standard library only too).
 
 The facts come from the card's fields: ``license``, ``intended_use`` and ``training_data`` (say
 "not stated" when a card lacks them), the training ``provenance`` (datasets and their training
@@ -297,12 +298,11 @@ def check_closely_lines(card: dict, threshold: float = WEAK_DICE) -> list[str]:
             if found is None or not any(found):
                 continue
             weak, unmeasured = found
-            parts = [f"Dice below {threshold:.2f} on a real scan: " + ", ".join(weak)] if weak else []
-            parts += (
-                [f"not measured on a real {modality.upper()} scan: " + ", ".join(unmeasured)]
-                if unmeasured
-                else []
-            )
+            parts = []
+            if weak:
+                parts.append(f"Dice below {threshold:.2f} on a real scan: " + ", ".join(weak))
+            if unmeasured:
+                parts.append(f"not measured on a real {modality.upper()} scan: " + ", ".join(unmeasured))
             named = f" (task {task['name']})" if len(card["tasks"]) > 1 else ""
             lines.append(f"{modality.upper()}{named}: " + "; ".join(parts))
     return lines
