@@ -10,7 +10,7 @@ from m4oe.preprocessing import DEFAULT_PARAMS
 from m4oe_training.augment import build_augmentation
 from m4oe_training.batches import MIM_BLOCK, BatchPlan, BatchSource, draw_batch
 from m4oe_training.config import ConfigError, DatasetConfig, StageConfig, TrainConfig
-from m4oe_training.data import DatasetInfo, SliceData
+from m4oe_training.data import DatasetInfo, SliceData, class_slices
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,61 @@ def test_worker_batches_use_the_step_seed_not_the_order_of_requests(plan):
     assert_same(late, draw_batch(plan, 6, "joint", 0.75))
     assert_same(early, draw_batch(plan, 2, "joint", 0.75))
     assert not np.array_equal(late[0].numpy(), early[0].numpy())
+
+
+def test_class_slices_lists_each_structures_slices_and_leaves_out_what_the_task_drops():
+    label = np.zeros((6, 4, 4), np.uint8)
+    label[0:5, 1, 1] = 1  # a large structure on slices 0-4
+    label[3, 2, 2] = 4  # a small one on slice 3 only
+    label[5, 0, 0] = 2  # one the task does not have
+    by_class = class_slices(label)
+    assert [s.tolist() for s in by_class] == [[0, 1, 2, 3, 4], [5], [3]]
+    lookup = np.arange(256, dtype=np.uint8)
+    lookup[2] = 0
+    assert [s.tolist() for s in class_slices(label, lookup)] == [[0, 1, 2, 3, 4], [3]]
+    assert class_slices(np.zeros((3, 4, 4), np.uint8)) == ()
+
+
+def test_class_sampling_draws_a_small_structure_as_often_as_the_others(tmp_path):
+    """With ``foreground_fraction`` 1, "slice" draws the pancreas only on the share of foreground
+    slices holding it; "class" draws a structure first, so a slice holding the pancreas comes at
+    least once in every 9 draws (9 structures), more than the "slice" share; every draw holds
+    foreground either way."""
+    root = write_dataset(tmp_path / "ct", "ct", 1, seed=3, max_size=48)
+    info = DatasetInfo.read(root)
+    data = SliceData(
+        [DatasetConfig(str(root), "ct", "abdomen", val_cases=0)],
+        [info],
+        {"ct": DEFAULT_PARAMS["ct"]},
+        48,
+        "resize",
+        None,
+        None,
+    )
+    case = data.cases[0]
+    assert len(case.class_slices) == 9
+    pancreas = info.labels["pancreas"]
+    holds = case.label.reshape(case.label.shape[0], -1) == pancreas
+    share_by_slice = holds.any(axis=1)[case.foreground_slices].mean()
+
+    def pancreas_share(sampling: str) -> float:
+        _, labels, _ = data.sample(np.random.default_rng(0), 900, 1.0, sampling)
+        flat = labels.reshape(labels.shape[0], -1).numpy()
+        assert (flat > 0).any(axis=1).all()
+        return float((flat == pancreas).any(axis=1).mean())
+
+    by_slice, by_class = pancreas_share("slice"), pancreas_share("class")
+    assert abs(by_slice - share_by_slice) < 0.06
+    assert by_class > max(1 / 9, by_slice + 0.05)
+
+
+def test_foreground_sampling_is_a_config_key_that_reaches_the_batch_plan(tmp_path, plan):
+    stage = StageConfig(kind="joint", epochs=1, lr=1e-3)
+    dataset = DatasetConfig(str(tmp_path), "ct", "abdomen")
+    with pytest.raises(ConfigError, match="foreground_sampling"):
+        TrainConfig(name="x", datasets=(dataset,), stages=(stage,), foreground_sampling="organ")
+    cfg = TrainConfig(name="x", datasets=(dataset,), stages=(stage,), foreground_sampling="class")
+    assert TrainConfig(name="x", datasets=(dataset,), stages=(stage,)).foreground_sampling == "slice"
+    from_cfg = BatchPlan.from_config(cfg, plan.data, None, rank=1)
+    assert (from_cfg.foreground_sampling, from_cfg.rank, from_cfg.batch_size) == ("class", 1, cfg.batch_size)
+    assert from_cfg.foreground_fraction == cfg.foreground_fraction

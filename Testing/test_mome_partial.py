@@ -264,3 +264,20 @@ def test_experts_lr_sets_the_experts_stage_of_every_config(bench, tmp_path):
     with pytest.raises(ValueError, match="experts_lr"):
         bench.prepare(tmp_path / "other", 2, 32, 100, 30, 8, experts_lr=0.0)
     assert not (tmp_path / "other").exists(), "refused before anything is written"
+
+
+def test_foreground_sampling_reaches_every_config(bench, tmp_path):
+    """``--foreground-sampling class`` is written into every config; the default writes nothing (the
+    training default, "slice"); an unknown mode is refused before writing."""
+    args = ["prepare", str(tmp_path), "--cases", "2", "--max-size", "32"]
+    assert bench.main([*args, "--foreground-sampling", "class"]) == 0
+    for run in bench.MODELS:
+        assert load_config(tmp_path / f"{run}.toml")[0].foreground_sampling == "class"
+    assert bench.main(args) == 0
+    assert "\nforeground_sampling =" not in (tmp_path / "mome-partial.toml").read_text()
+    assert load_config(tmp_path / "mome-partial.toml")[0].foreground_sampling == "slice"
+    with pytest.raises(SystemExit):
+        bench.main([*args, "--foreground-sampling", "organ"])
+    with pytest.raises(ValueError, match="foreground_sampling"):
+        bench.prepare(tmp_path / "other", 2, 32, 100, 30, 8, foreground_sampling="organ")
+    assert not (tmp_path / "other").exists(), "refused before anything is written"

@@ -156,6 +156,7 @@ def prepare(
     render_weight: float = 1.0,
     img_size: int | None = None,
     experts_lr: float = 3e-3,
+    foreground_sampling: str = "slice",
 ) -> None:
     """Write the three partial data sets under ``folder/data`` and one TOML config per model.
 
@@ -186,8 +187,11 @@ def prepare(
     ``experts_lr``: the peak learning rate of the ``experts`` stage of every config (the ``joint``
     stage keeps 1e-3). 3e-3 suits the 64 px input; at 128 px it made MoME train worse with more
     steps, and 1e-3 did not (benchmarks/README.md).
+
+    ``foreground_sampling``: every config's ``foreground_sampling`` ("slice", the training default
+    and not written, or "class").
     """
-    check_settings(cross_modal, render_weight, img_size, experts_lr)
+    check_settings(cross_modal, render_weight, img_size, experts_lr, foreground_sampling)
     from m4oe_training.mome import write_partial_phantoms
 
     for name, (sequence, _, _, structures, seed) in DATASETS.items():
@@ -209,6 +213,8 @@ def prepare(
             'export_epoch = "last"',  # all three ship their last epoch: the same number of steps
             "seed = 0",
         ]
+        if foreground_sampling != "slice":  # the default: configs written before the option are unchanged
+            lines.insert(7, f'foreground_sampling = "{foreground_sampling}"')
         for name, (_, expert, head, _, _) in DATASETS.items():
             task = "organs" if run in ONE_LABEL_SPACE else head
             lines += ["", "[[datasets]]", f'path = "data/{name}"', f'expert = "{expert}"', f'task = "{task}"']
@@ -238,9 +244,15 @@ def prepare(
 
 
 def check_settings(
-    cross_modal: tuple[str, ...], render_weight: float, img_size: int | None, experts_lr: float
+    cross_modal: tuple[str, ...],
+    render_weight: float,
+    img_size: int | None,
+    experts_lr: float,
+    foreground_sampling: str = "slice",
 ) -> None:
     """Raise ``ValueError`` naming the first of :func:`prepare`'s settings that it cannot use."""
+    from m4oe_training.config import FOREGROUND_SAMPLING
+
     if set(cross_modal) - set(CROSS_MODAL) or len(set(cross_modal)) != len(cross_modal):
         raise ValueError(
             f"cross-modal families must be distinct, among {', '.join(CROSS_MODAL)}; "
@@ -252,6 +264,10 @@ def check_settings(
         raise ValueError(f"img_size must be a positive multiple of 32, got {img_size}")
     if not 0 < experts_lr < 1:
         raise ValueError(f"experts_lr must be in (0, 1), got {experts_lr}")
+    if foreground_sampling not in FOREGROUND_SAMPLING:
+        raise ValueError(
+            f"foreground_sampling must be one of {', '.join(FOREGROUND_SAMPLING)}, got {foreground_sampling}"
+        )
 
 
 def union_prediction(predictor, image, modality: str, per_query: bool = False):
@@ -463,6 +479,12 @@ def main(argv: list[str] | None = None) -> int:
         default=3e-3,
         help="peak learning rate of every config's experts stage (default 3e-3; 1e-3 at 128 px)",
     )
+    p.add_argument(
+        "--foreground-sampling",
+        default="slice",
+        help="how every config draws foreground slices: slice (any slice holding a label, the "
+        "default) or class (a structure first, then a slice holding it)",
+    )
     e = sub.add_parser("evaluate", help="score the three trained models on fresh full-label phantoms")
     e.add_argument("folder", type=Path)
     e.add_argument("--cases", type=int, default=3, help="phantoms per sequence (default 3)")
@@ -482,10 +504,11 @@ def main(argv: list[str] | None = None) -> int:
         sizes = (args.cases, args.max_size, args.iterations, args.epochs, args.batch)
         families = tuple(f for f in args.cross_modal.split(",") if f)
         try:
-            check_settings(families, args.render_weight, args.img_size, args.experts_lr)
+            settings = (families, args.render_weight, args.img_size, args.experts_lr)
+            settings += (args.foreground_sampling,)
+            check_settings(*settings)
         except ValueError as error:
             parser.error(str(error))
-        settings = (families, args.render_weight, args.img_size, args.experts_lr)
         prepare(args.folder, *sizes, args.real_anatomy, *settings)
         print(f"wrote {args.folder}/data and {', '.join(f'{args.folder}/{r}.toml' for r in MODELS)}")
         return 0

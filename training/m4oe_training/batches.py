@@ -52,13 +52,22 @@ class BatchPlan:
     foreground_fraction: float
     seed: int
     rank: int
+    foreground_sampling: str = "slice"
+
+    @classmethod
+    def from_config(cls, cfg, data: SliceData, augmentation: Augmentation | None, rank: int) -> BatchPlan:
+        """The plan of a run's config (a :class:`.config.TrainConfig`) for process ``rank``."""
+        sizes = (cfg.batch_size, cfg.foreground_fraction)
+        return cls(data, augmentation, *sizes, cfg.seed, rank, cfg.foreground_sampling)
 
 
 def draw_batch(plan: BatchPlan, step: int, kind: str, mask_ratio: float):
     """The batch of global step ``step`` in a stage of ``kind`` ("mim" adds the hidden-block mask)."""
     seed = step_seed(plan.seed, plan.rank, step)
     rng = np.random.default_rng(seed)
-    images, targets, datasets = plan.data.sample(rng, plan.batch_size, plan.foreground_fraction)
+    images, targets, datasets = plan.data.sample(
+        rng, plan.batch_size, plan.foreground_fraction, plan.foreground_sampling
+    )
     if plan.augmentation is not None:
         images, targets = augment_batch(plan.augmentation, images, targets, seed)
     mask = hidden_blocks(rng, images.shape[0], images.shape[-1], mask_ratio) if kind == "mim" else None

@@ -25,6 +25,10 @@ STAGE_KINDS = ("mim", "experts", "joint", "context")
 TRAINABLE = ("all", "gates", "context", "experts")
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("auto", "off", "bf16")
+# How a foreground slice is chosen: "slice", any slice holding a label; "class", a structure the case
+# labels first (uniformly), then a slice holding it, so small structures are drawn as often as large
+# ones (nnU-Net's foreground oversampling draws a class first the same way).
+FOREGROUND_SAMPLING = ("slice", "class")
 
 
 class ConfigError(InputError):
@@ -153,6 +157,7 @@ class TrainConfig:
     # dataset's own labelled negatives do; 0: the plain partial-label loss.
     exclusion_weight: float = 1.0
     foreground_fraction: float = 0.67
+    foreground_sampling: str = "slice"
     augment: bool = True
     elastic_probability: float = 0.0
     # The share of label-map renders whose subcutaneous fat layer is grown or thinned
@@ -224,6 +229,7 @@ class TrainConfig:
             "loader_workers": self.loader_workers >= 0,
             "iterations_per_epoch": self.iterations_per_epoch >= 1,
             "foreground_fraction": 0.0 <= self.foreground_fraction <= 1.0,
+            "foreground_sampling": self.foreground_sampling in FOREGROUND_SAMPLING,
             "elastic_probability": 0.0 <= self.elastic_probability <= 1.0,
             "synth_fat_layer": 0.0 <= self.synth_fat_layer <= 1.0,
             "synth_organ_interior": 0.0 <= self.synth_organ_interior <= 1.0,

@@ -139,7 +139,9 @@ def check_synth(cfg: DatasetConfig, info: DatasetInfo) -> None:
 @dataclass
 class PreparedCase:
     """One case on the model grid: ``image`` float16 (Z, S, S) normalised, ``label`` uint8 (Z, S, S),
-    and for synthesis ``anatomy`` uint8 (Z, S, S) (:func:`.anatomy.anatomy_from_image`), else None."""
+    and for synthesis ``anatomy`` uint8 (Z, S, S) (:func:`.anatomy.anatomy_from_image`), else None.
+    ``foreground_slices``: the z indices of slices holding a label; ``class_slices``: per structure
+    the case holds (in label order), the z indices of slices holding it."""
 
     dataset: int
     case: str
@@ -147,6 +149,7 @@ class PreparedCase:
     label: np.ndarray
     foreground_slices: np.ndarray
     anatomy: np.ndarray | None = None
+    class_slices: tuple[np.ndarray, ...] = ()
 
 
 def ct_intensity_params(
@@ -299,7 +302,8 @@ class SliceData:
                         # A unique temporary name: DDP ranks prepare the same cases at the same time.
                         write_atomic(cached, partial(np.savez, **arrays), overwrite=True)
                 fg = np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1))
-                self.cases.append(PreparedCase(d_index, case, image, label, fg, anatomy))
+                by_class = class_slices(label, self.label_lookups[d_index])
+                self.cases.append(PreparedCase(d_index, case, image, label, fg, anatomy, by_class))
         self.by_dataset = [[c for c in self.cases if c.dataset == d] for d in range(len(infos))]
         for d, cases in enumerate(self.by_dataset):
             if not cases:
@@ -307,10 +311,12 @@ class SliceData:
                     f"{infos[d].root}: no training case left after holding out validation cases"
                 )
 
-    def sample(self, rng: np.random.Generator, batch: int, foreground_fraction: float):
+    def sample(self, rng: np.random.Generator, batch: int, foreground_fraction: float, sampling="slice"):
         """Draw a batch: a dataset (uniformly, or by the datasets' ``weight``), then a case, then a slice.
 
-        With probability ``foreground_fraction`` the slice is one holding foreground. A dataset with
+        With probability ``foreground_fraction`` the slice is one holding foreground: any such slice
+        (``sampling`` "slice"), or one holding a structure drawn uniformly from those the
+        case labels ("class", so a pancreas on 10 slices is drawn as often as a liver on 60). A dataset with
         ``synth`` on renders the slice from its anatomy (or, an image family, draws it from its real
         slice: a simulated contrast phase, or an MR-like image of a CT) for a ``synth_fraction`` of
         its samples.
@@ -324,7 +330,10 @@ class SliceData:
                 d = int(rng.choice(len(self.by_dataset), p=self.dataset_p))
             case = self.by_dataset[d][int(rng.integers(len(self.by_dataset[d])))]
             if case.foreground_slices.size and rng.random() < foreground_fraction:
-                k = int(case.foreground_slices[rng.integers(case.foreground_slices.size)])
+                pool = case.foreground_slices
+                if sampling == "class":
+                    pool = case.class_slices[int(rng.integers(len(case.class_slices)))]
+                k = int(pool[rng.integers(pool.size)])
             else:
                 k = int(rng.integers(case.image.shape[0]))
             if self.synth[d] != "off" and rng.random() < self.synth_fraction[d]:
@@ -358,6 +367,19 @@ class SliceData:
             torch.from_numpy(np.stack(labels).astype(np.int64)),
             torch.tensor(index, dtype=torch.long),
         )
+
+
+def class_slices(label: np.ndarray, lookup: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """Per structure present in ``label`` (uint8 (Z, Y, X)), in increasing label value, the z indices
+    of the slices holding it. ``lookup``: the dataset's table to its task's labels; a value it maps
+    to 0 (not a structure of the task) is left out."""
+    flat = label.reshape(label.shape[0], -1)
+    out = []
+    for value in np.unique(label):
+        if value == 0 or (lookup is not None and lookup[value] == 0):
+            continue
+        out.append(np.flatnonzero((flat == value).any(axis=1)))
+    return tuple(out)
 
 
 def split_cases(info: DatasetInfo, val_cases: int) -> dict[str, list[str]]:

@@ -407,7 +407,7 @@ def _run(
         )
         export_model(model, card, out / "model", cfg.export_dtype)
 
-    plan = BatchPlan(data, augmentation, cfg.batch_size, cfg.foreground_fraction, cfg.seed, rank)
+    plan = BatchPlan.from_config(cfg, data, augmentation, rank)
     with BatchSource(plan, cfg.loader_workers) as batches:
         for stage_index, stage in enumerate(cfg.stages):
             if stage_index < position["stage"]:
