@@ -331,7 +331,7 @@ class SliceData:
             case = self.by_dataset[d][int(rng.integers(len(self.by_dataset[d])))]
             if case.foreground_slices.size and rng.random() < foreground_fraction:
                 pool = case.foreground_slices
-                if sampling == "class":
+                if sampling == "class" and case.class_slices:
                     pool = case.class_slices[int(rng.integers(len(case.class_slices)))]
                 k = int(pool[rng.integers(pool.size)])
             else:
