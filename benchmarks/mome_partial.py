@@ -214,7 +214,9 @@ def prepare(
             "seed = 0",
         ]
         if foreground_sampling != "slice":  # the default: configs written before the option are unchanged
-            lines.insert(7, f'foreground_sampling = "{foreground_sampling}"')
+            lines.insert(
+                lines.index("foreground_fraction = 0.8") + 1, f'foreground_sampling = "{foreground_sampling}"'
+            )
         for name, (_, expert, head, _, _) in DATASETS.items():
             task = "organs" if run in ONE_LABEL_SPACE else head
             lines += ["", "[[datasets]]", f'path = "data/{name}"', f'expert = "{expert}"', f'task = "{task}"']
