@@ -25,6 +25,7 @@ Commands (``m4oe convert`` will wrap the same functions)::
     python -m m4oe_training.converters totalsegmentator data/real/example_ct --modality ct \
         --image example_ct.nii.gz --labels example_seg_fast_force_split.nii.gz --case example_ct
     python -m m4oe_training.converters chaos     CHAOST2/ data/CHAOS_MR_T2       (see .chaos)
+    python -m m4oe_training.converters btcv      SABS/ slices/ data/BTCV_CT     (see .btcv)
     python -m m4oe_training.converters verify    data/AMOS22_MR
 
 ``totalsegmentator`` reads ``SRC/images/<case>.nii.gz`` with ``SRC/labels/<case>.nii.gz``
@@ -58,6 +59,8 @@ from m4oe.errors import InputError, M4oEError
 from m4oe.progress import CancelCheck, ProgressCallback
 from m4oe.terminology import TERMS
 
+from .btcv import add_arguments as add_btcv_arguments
+from .btcv import convert_btcv
 from .chaos import add_arguments as add_chaos_arguments
 from .chaos import convert_chaos
 from .dataset_writer import (
@@ -82,6 +85,7 @@ __all__ = [
     "Structure",
     "convert_amos22",
     "convert_atlas2023",
+    "convert_btcv",
     "convert_chaos",
     "convert_flare22",
     "convert_totalsegmentator",
@@ -433,8 +437,8 @@ def _source(dataset: str, reference: str, root: Path, naming: _Naming, table: Se
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m m4oe_training.converters",
-        description="Convert FLARE22, AMOS22, ATLAS2023, CHAOS or TotalSegmentator outputs into nnU-Net v2 "
-        "dataset folders, or check one.",
+        description="Convert FLARE22, AMOS22, ATLAS2023, CHAOS, BTCV or TotalSegmentator outputs into "
+        "nnU-Net v2 dataset folders, or check one.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("flare22", "FLARE22 labelled CTs"), ("atlas2023", "ATLAS2023 liver/tumour MRIs")):
@@ -454,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_totalsegmentator_arguments(totalsegmentator)
     chaos = commands.add_parser("chaos", help="CHAOS abdominal MRI (liver, kidneys, spleen), NIfTI pairs")
     add_chaos_arguments(chaos)
+    btcv = commands.add_parser(
+        "btcv", help="BTCV abdominal CT (13 organs), few-shot label volumes + PNG slices"
+    )
+    add_btcv_arguments(btcv)
     verify = commands.add_parser("verify", help="check an nnU-Net dataset folder")
     verify.add_argument("folder", type=Path)
     return parser
@@ -476,6 +484,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "chaos":
             options = {"sequence": args.sequence, "overwrite": args.overwrite, "progress": progress}
             results = [convert_chaos(args.src, args.dst, **options)]
+        elif args.command == "btcv":
+            options = {"cases": args.cases, "overwrite": args.overwrite, "progress": progress}
+            results = [convert_btcv(args.labels, args.slices, args.dst, **options)]
         elif args.command == "flare22":
             options = {"link": args.link, "overwrite": args.overwrite, "progress": progress}
             results = [convert_flare22(args.src, args.dst, **options)]
