@@ -89,14 +89,20 @@ def test_card_says_what_the_model_is_and_how_it_was_made():
     assert all(
         0.0 <= scan["mean_dice"] <= 1.0 and scan["dice"]["liver"] is not None for scan in real.values()
     )
-    # And on the CHAOS MRIs its training held out (manual labels), recorded by the same command.
+    # And on the CHAOS MRIs and BTCV CTs its training held out (manual labels), recorded by the
+    # same command: each scored on the organs its dataset labels, routed to its modality's experts.
     held = card.metrics["held_out_validation"]
     assert held["command"] == card.metrics["real_validation"]["command"]
-    (chaos,) = held["datasets"].values()
+    datasets = {entry["source"]["dataset"]: entry for entry in held["datasets"].values()}
+    assert set(datasets) == {"CHAOS MR T2", "BTCV abdomen CT"}
+    chaos, btcv = datasets["CHAOS MR T2"], datasets["BTCV abdomen CT"]
     assert chaos["source"]["license"] == "CC-BY-SA-4.0" and chaos["modality"] == "mr"
-    assert len(chaos["cases"]) == 4
     assert set(chaos["dice"]) == {"liver", "spleen", "kidney_right", "kidney_left"}
     assert chaos["gate_mean_weights"]["ct"] < 0.1
+    assert btcv["modality"] == "ct" and btcv["gate_mean_weights"]["ct"] > 0.9
+    organs = {"liver", "spleen", "kidney_right", "kidney_left", "aorta", "inferior_vena_cava", "stomach"}
+    assert set(btcv["dice"]) == organs | {"pancreas"}  # BTCV does not label the vertebrae
+    assert len(chaos["cases"]) == len(btcv["cases"]) == 4
 
 
 OWN_EXPERT = {"ct": "ct", "t1": "mr-t1", "t2": "mr-t2"}
