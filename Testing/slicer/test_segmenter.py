@@ -150,9 +150,9 @@ def test_scan_warning_reaches_the_result_and_the_panel(scene, shared_data, temp_
     review = segmenter.gate_review_of(node)
     assert review.summary["warnings"]["scan"] == result.scan_warning
     assert review.warning is None, "the scan warning is not shown as a routing warning"
-    # The embedded card's real CT figures: its pancreas scored low on a real CT, and no real CT
-    # measured its kidneys; the result, the node and the panel carry that too.
-    assert "pancreas" in result.accuracy_warning and "no real CT scan measured" in result.accuracy_warning
+    # The embedded card's real CT figures: its pancreas scored low on a real CT (the held-out BTCV
+    # CTs measured its kidneys, above 0.50); the result, the node and the panel carry that too.
+    assert "pancreas" in result.accuracy_warning and "kidney" not in result.accuracy_warning
     assert node.GetAttribute(status.RESULT_ATTRIBUTE + "AccuracyWarning") == result.accuracy_warning
     assert status.accuracy_warning_text(node) == f"Check closely: {result.accuracy_warning}"
     assert review.summary["warnings"]["accuracy"] == result.accuracy_warning
