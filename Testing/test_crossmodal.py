@@ -13,10 +13,17 @@ from m4oe.checkpoint import read_model_card
 from m4oe.hub import resolve_model
 from m4oe.phantom import PHANTOM_LABELS, write_dataset
 from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams
-from m4oe_training.config import ConfigError, DatasetConfig
-from m4oe_training.crossmodal import body_mask, image_family_slice, mr_from_ct_slice, random_intensity_net
+from m4oe_training.config import ConfigError, DatasetConfig, StageConfig, TrainConfig
+from m4oe_training.crossmodal import (
+    body_mask,
+    image_family_slice,
+    mr_from_ct_slice,
+    opposed_phase,
+    random_intensity_net,
+)
 from m4oe_training.data import DatasetInfo, SliceData, dataset_modality
 from m4oe_training.examples import write_examples
+from m4oe_training.synth import SynthSettings
 
 CT = IntensityParams.ct((-1000.0, 1000.0), mean=0.0, std=1000.0)  # normalised = HU / 1000
 STILL = dataclasses.replace(  # no deformation, blur, bias, gamma, noise or resolution loss
@@ -149,3 +156,55 @@ def test_write_examples_shows_ct_to_mr_images_of_ct_datasets_only(ct_phantoms, t
     with pytest.raises(ValueError, match="needs a ct dataset, got mr"):
         write_examples(mr, tmp_path / "bad", "ct-to-mr", 3, 0, card)
     assert not (tmp_path / "bad").exists()
+
+
+def test_opposed_phase_cancels_where_fat_meets_tissue_and_nowhere_else():
+    # 32 x 32 HU: fat (-100 HU) in the left half, tissue in the right (an enhancing organ, 150 HU)
+    hu = np.full((32, 32), -100.0, np.float32)
+    hu[:, 16:] = 150.0
+    signal = np.full((32, 32), 2.0, np.float32)
+    out = opposed_phase(signal, hu, sigma_px=1.0, depth=1.0)
+    assert out.dtype == np.float32 and out.shape == hu.shape
+    # pure fat and pure tissue keep their signal, a few pixels from the border
+    np.testing.assert_allclose(out[:, :11], 2.0, atol=1e-3)
+    np.testing.assert_allclose(out[:, 21:], 2.0, atol=1e-3)
+    # the two pixels at the border share fat and tissue: a dark line, one column either side
+    assert out[:, 15:17].max() < 0.45 * 2.0 and out[:, 15:17].max() < out[:, [14, 17]].min()
+    # a shared pixel reads by its mean HU: -60 (mostly fat) moves the line one pixel into the tissue
+    hu[:, 16] = -60.0
+    moved = opposed_phase(signal, hu, sigma_px=1.0)
+    np.testing.assert_allclose(moved[:, 1:31], out[:, :30], atol=1e-5)
+    # depth scales the loss; sigma 0 leaves a sharp border with nothing half and half
+    half = opposed_phase(signal, hu, sigma_px=1.0, depth=0.5)
+    np.testing.assert_allclose(2.0 - half, 0.5 * (2.0 - moved), atol=1e-5)
+    np.testing.assert_allclose(opposed_phase(signal, hu, sigma_px=0.0), signal)
+
+
+def test_ct_to_mr_opposed_phase_share_changes_only_the_slices_it_draws():
+    image, target, regions = ct_slice()
+    # off (the default): the draws of every run configured before the option, unchanged
+    off = dataclasses.replace(STILL, p_ct_opposed_phase=0.0)
+    for seed in range(3):
+        a, _ = mr_from_ct_slice(image, target, np.random.default_rng(seed), CT, STILL)
+        b, _ = mr_from_ct_slice(image, target, np.random.default_rng(seed), CT, off)
+        np.testing.assert_array_equal(a, b)
+    # always: the border of the body's fat with the soft tissue inside turns dark against both sides
+    on = dataclasses.replace(STILL, p_ct_opposed_phase=1.0)
+    yy, xx = np.mgrid[:64, :64]
+    ring = np.abs(np.sqrt((yy - 30) ** 2 / 18**2 + (xx - 32) ** 2 / 22**2) - 1.0) < 0.03
+    fat = regions["body"] & ((yy - 30) ** 2 / 18**2 + (xx - 32) ** 2 / 22**2 > 1.25)
+    inner = ((yy - 30) ** 2 / 14**2 + (xx - 32) ** 2 / 18**2 < 1) & (target == 0) & ~regions["gas"]
+    darker = 0
+    for seed in range(6):
+        out, labels = mr_from_ct_slice(image, target, np.random.default_rng(seed), CT, on)
+        np.testing.assert_array_equal(labels, target)
+        if np.median(out[ring]) < min(np.median(out[fat]), np.median(out[inner])):
+            darker += 1
+    assert darker == 6
+    # the config key: a share, handed to the run's draws
+    stage = StageConfig(kind="joint", epochs=1, lr=1e-3)
+    dataset = DatasetConfig("x", "mr-t1", "abdomen")
+    with pytest.raises(ConfigError, match="synth_opposed_phase"):
+        TrainConfig(name="x", datasets=(dataset,), stages=(stage,), synth_opposed_phase=1.5)
+    cfg = TrainConfig(name="x", datasets=(dataset,), stages=(stage,), synth_opposed_phase=0.5)
+    assert cfg.synth_settings() == SynthSettings(p_ct_opposed_phase=0.5)

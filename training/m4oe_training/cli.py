@@ -113,6 +113,14 @@ def register_synth(subparsers) -> None:
         help="share of renders (0-1) whose kidneys and stomach show an interior (sinus fat, urine, "
         "gas, fluid), as the config key synth_organ_interior draws it (default 0)",
     )
+    synth.add_argument(
+        "--opposed-phase",
+        type=_share,
+        default=0.0,
+        metavar="P",
+        help="share of ct-to-mr images (0-1) drawn as opposed-phase T1, fat and tissue cancelling at "
+        "their borders, as the config key synth_opposed_phase draws it (default 0)",
+    )
     synth.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     synth.set_defaults(handler=run_synth)
 
@@ -133,7 +141,11 @@ def run_synth(args: argparse.Namespace) -> int:
         args.seed,
         card,
         overwrite=args.overwrite,
-        settings=SynthSettings(p_fat_layer=args.fat_layer, p_organ_interior=args.organ_interior),
+        settings=SynthSettings(
+            p_fat_layer=args.fat_layer,
+            p_organ_interior=args.organ_interior,
+            p_ct_opposed_phase=args.opposed_phase,
+        ),
     )
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

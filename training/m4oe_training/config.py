@@ -166,6 +166,9 @@ class TrainConfig:
     # The share of label-map renders whose kidneys and stomach show an interior (sinus fat, urine,
     # gas, fluid: m4oe_training.anatomy.add_organ_interiors), the organ labels unchanged.
     synth_organ_interior: float = 0.0
+    # The share of "ct-to-mr" images drawn as opposed-phase T1: fat and tissue cancel at their
+    # borders (m4oe_training.crossmodal.opposed_phase).
+    synth_opposed_phase: float = 0.0
     amp: str = "auto"
     val_every: int = 1
     seed: int = 0
@@ -233,6 +236,7 @@ class TrainConfig:
             "elastic_probability": 0.0 <= self.elastic_probability <= 1.0,
             "synth_fat_layer": 0.0 <= self.synth_fat_layer <= 1.0,
             "synth_organ_interior": 0.0 <= self.synth_organ_interior <= 1.0,
+            "synth_opposed_phase": 0.0 <= self.synth_opposed_phase <= 1.0,
             "grad_clip_norm": self.grad_clip_norm >= 0,
             "val_every": self.val_every >= 1,
             "ce_weight": self.ce_weight >= 0 and self.ce_weight + self.dice_weight > 0,
@@ -271,6 +275,16 @@ class TrainConfig:
     @property
     def task_names(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(d.task for d in self.datasets))
+
+    def synth_settings(self):
+        """The draws of this run's renders and image families (:class:`.synth.SynthSettings`)."""
+        from .synth import SynthSettings
+
+        return SynthSettings(
+            p_fat_layer=self.synth_fat_layer,
+            p_organ_interior=self.synth_organ_interior,
+            p_ct_opposed_phase=self.synth_opposed_phase,
+        )
 
     def resolved_output_dir(self, base: Path) -> Path:
         out = Path(self.output_dir.format(name=self.name))

@@ -11,7 +11,10 @@ et al., "Causality-inspired single-source domain generalization for medical imag
 IEEE TMI 2023, whose setting is ours: abdominal organs learnt on CT, segmented on MRI). The result
 is then shaped as MR: air and gas carry no signal, the slice is deformed with its labels and goes
 through the MR acquisition of :mod:`.synth` (blur, bias field, gamma, Rician noise, lower
-resolution) and the engine's MR normalisation.
+resolution) and the engine's MR normalisation. A share of them (``SynthSettings.p_ct_opposed_phase``,
+off by default) is drawn as an opposed-phase T1 image (:func:`opposed_phase`): where fat and
+water-rich tissue share a voxel their signals cancel, the dark "India ink" line around the kidneys,
+the liver and the bowel of a chemical-shift (Dixon, T1-DUAL) series.
 
 Arrays are (S, S) slices on the model grid: rows anterior -> posterior, columns patient right ->
 left (:func:`m4oe.geometry.to_axial_stack`), S the model input size.
@@ -34,6 +37,9 @@ from .synth import SynthSettings, acquire, deform_slice, enhance_slice
 SOFT_TISSUE_WINDOW_HU = (-150.0, 250.0)
 """The network's first input channel: fat, water and the organs spread over [0, 1] (in the model's
 wide CT window they span a tenth of it, and a random network would keep them nearly alike)."""
+FAT_BELOW_HU = -30.0
+"""A model-grid pixel below this (HU) and inside the body is fat (fat about -100 HU; a pixel shared
+with water-rich tissue, enhanced or not, averages above it) for :func:`opposed_phase`."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,26 @@ def random_intensity_net(
     return ((out - low) / max(high - low, 1e-6)).astype(np.float32)
 
 
+def opposed_phase(
+    signal: np.ndarray, hu: np.ndarray, sigma_px: float = 0.8, depth: float = 1.0
+) -> np.ndarray:
+    """(S, S) ``signal`` as an opposed-phase T1 shows it: fat and water out of phase.
+
+    Each pixel's fat fraction ``f`` is the share of fat (``hu`` (S, S; HU, the same grid) below
+    :data:`FAT_BELOW_HU`) around it, weighted by a Gaussian of ``sigma_px`` pixels (the partial
+    volume of an MR voxel). An opposed-phase voxel holds the difference of its water and fat signals,
+    ``|1 - 2 f|`` of the in-phase one: pure fat and pure tissue keep their signal, a voxel half fat
+    and half tissue (an organ's border with the fat around it) cancels, a dark line one to two
+    pixels wide. ``depth`` in [0, 1] scales the loss (1: full cancellation)."""
+    from scipy import ndimage
+
+    fat = (np.asarray(hu) < FAT_BELOW_HU).astype(np.float32)
+    if sigma_px > 0:
+        fat = ndimage.gaussian_filter(fat, sigma_px)
+    loss = 1.0 - np.abs(1.0 - 2.0 * fat)  # 0 for pure fat or tissue, 1 for a half-and-half voxel
+    return (signal * (1.0 - depth * loss)).astype(np.float32)
+
+
 def body_mask(hu: np.ndarray) -> np.ndarray:
     """(S, S) bool: the largest connected region of ``hu`` (S, S) above the engine's body threshold
     (:data:`m4oe.region.BODY_CT_THRESHOLD_HU`, -500 HU: below it air or gas, no MR signal), the
@@ -107,9 +133,11 @@ def mr_from_ct_slice(
     Two views of the slice, its HU in :data:`SOFT_TISSUE_WINDOW_HU` and in the model's CT window,
     each mapped to [0, 1], go through :func:`random_intensity_net`; outside the patient's body
     (:func:`body_mask`: the table, the air around, the gas inside) is set to 0, as MR shows no
-    signal there; the slice and its labels are deformed together (the random affine and elastic
-    field of :func:`.synth.render_slice`; bilinear for the image, nearest neighbour for the labels;
-    outside the slice is no signal); then MR acquisition (:func:`.synth.acquire`) and the engine's
+    signal there; with probability ``settings.p_ct_opposed_phase`` fat and tissue cancel at their
+    borders (:func:`opposed_phase`, partial volume of 0.6-1.2 pixels, depth 0.7-1.0); the slice and
+    its labels are deformed together (the random affine and elastic field of
+    :func:`.synth.render_slice`; bilinear for the image, nearest neighbour for the labels; outside
+    the slice is no signal); then MR acquisition (:func:`.synth.acquire`) and the engine's
     MR normalisation (per-image percentiles and z-score, :func:`m4oe.preprocessing.normalize_slices`).
 
     Args:
@@ -134,6 +162,9 @@ def mr_from_ct_slice(
     ]
     signal = random_intensity_net(np.stack(views), rng, net_settings)
     signal[~body_mask(hu)] = 0.0
+    # The guard keeps the draws of runs configured before the option: no extra draw when it is off.
+    if settings.p_ct_opposed_phase > 0 and rng.random() < settings.p_ct_opposed_phase:
+        signal = opposed_phase(signal, hu, rng.uniform(0.6, 1.2), rng.uniform(0.7, 1.0))
     signal, labels = deform_slice(signal, target, rng, settings)
     signal = acquire(signal.astype(np.float32), "t1", rng, settings)
     return normalize_slices(signal, "mr", volume_stats=mr_volume_statistics(signal)), labels
@@ -146,15 +177,17 @@ def image_family_slice(
     keys: dict[int, str],
     rng: np.random.Generator,
     ct_params: IntensityParams,
+    settings: SynthSettings | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One training slice of an image family (:data:`.families.IMAGE_FAMILIES`) from a real CT slice.
 
     ``image`` (S, S) normalised with ``ct_params``, ``target`` (S, S) its labels, ``keys`` label
-    value -> structure key. "ct-phase": :func:`.synth.enhance_slice` (CT normalisation);
+    value -> structure key; ``settings`` the draws of "ct-to-mr" (default :class:`.synth.SynthSettings`).
+    "ct-phase": :func:`.synth.enhance_slice` (CT normalisation);
     "ct-to-mr": :func:`mr_from_ct_slice` (MR normalisation). Returns (image float32, labels uint8).
     """
     if family == "ct-phase":
         return enhance_slice(image, target, keys, rng, ct_params)
     if family == "ct-to-mr":
-        return mr_from_ct_slice(image, target, rng, ct_params)
+        return mr_from_ct_slice(image, target, rng, ct_params, settings)
     raise ValueError(f"image family must be one of {IMAGE_FAMILIES}, got {family!r}")

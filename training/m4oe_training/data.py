@@ -345,6 +345,7 @@ class SliceData:
                         self.structure_keys[d],
                         rng,
                         self.ct_params,
+                        self.synth_settings,
                     )
                 else:
                     image, label = render_slice(

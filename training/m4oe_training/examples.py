@@ -38,7 +38,8 @@ def write_examples(
     :func:`render_slice` and ``settings`` (default :class:`SynthSettings`; e.g. ``p_fat_layer`` to
     see the body-habitus draw a config's ``synth_fat_layer`` asks for; the image families
     "ct-phase" and "ct-to-mr" start from the real slice instead, :func:`.crossmodal.image_family_slice`,
-    and draw no habitus). Writes
+    and draw no habitus; "ct-to-mr" draws opposed-phase images in the share ``p_ct_opposed_phase``
+    of ``settings``). Writes
     ``examples.png`` (each rendered slice beside its labels), ``images.nii.gz`` (float32,
     (count, S, S): one model-grid slice per z index, normalised units) and ``labels.nii.gz``
     (uint8, same grid), each through a temporary name, and nothing when any
@@ -84,7 +85,7 @@ def write_examples(
         organ_slices = np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1))
         k = int(rng.choice(organ_slices)) if organ_slices.size else int(rng.integers(label.shape[0]))
         if family in IMAGE_FAMILIES:
-            image, target = image_family_slice(family, real[k], label[k], keys, rng, ct_params)
+            image, target = image_family_slice(family, real[k], label[k], keys, rng, ct_params, settings)
         else:
             image, target = render_slice(
                 neighbours(anatomy, k), label[k], keys, family, rng, ct_params, settings

@@ -169,6 +169,9 @@ class SynthSettings:
     # The share of renders whose kidneys and stomach show an interior (sinus fat, urine, gas, fluid:
     # m4oe_training.anatomy.add_organ_interiors). Off by default, for the same reason.
     p_organ_interior: float = 0.0
+    # The share of "ct-to-mr" images (m4oe_training.crossmodal) drawn as opposed-phase T1, fat and
+    # tissue cancelling at their borders. Off by default, for the same reason.
+    p_ct_opposed_phase: float = 0.0
 
 
 def deform(maps: torch.Tensor, rng: np.random.Generator, settings: SynthSettings) -> torch.Tensor:

@@ -64,7 +64,6 @@ from .mome import MoMELoss, build_mome, is_mome, label_space
 from .optim import frozen_parameters, group_lr, parameter_groups, stage_lr
 from .stage_loss import StageLoss
 from .state import folder_lock, load_state, recover_state, save_state
-from .synth import SynthSettings
 
 logger = logging.getLogger("m4oe_training")
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=3)
@@ -315,7 +314,7 @@ def _run(
         cfg.in_plane,
         cfg.target_spacing_mm,
         out / "cache",
-        SynthSettings(p_fat_layer=cfg.synth_fat_layer, p_organ_interior=cfg.synth_organ_interior),
+        cfg.synth_settings(),
         label_lookups(cfg, infos) if space is None else None,
     )
     dataset_expert = [cfg.experts.index(d.expert) for d in cfg.datasets]
