@@ -148,9 +148,13 @@ def test_the_benchmark_command_records_only_into_a_model_folder_of_the_users(tmp
 
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_the_spacing_sweep_scores_each_spacing_and_the_cards_own_as_the_plain_run(shared_data):
+def test_the_spacing_sweep_scores_each_spacing_and_the_cards_own_as_the_plain_run(shared_data, tmp_path):
+    """Held-out datasets are swept too (they were silently left out before)."""
+    from m4oe_training.mome import write_partial_phantoms
+
+    dataset = write_partial_phantoms(tmp_path / "t1", "t1", 2, seed=5, structures=["liver", "spleen"])
     command = [sys.executable, str(ROOT / "benchmarks" / "real_accuracy.py"), "--data", str(shared_data)]
-    common = ["--tta", "1", "--threads", "2", "--json"]
+    common = ["--tta", "1", "--threads", "2", "--json", "--held-out", str(dataset), "--held-out-cases", "1"]
     plain = json.loads(subprocess.run([*command, *common], capture_output=True, text=True, check=True).stdout)
     done = subprocess.run([*command, *common, "--spacing-sweep", "3.5,4.5"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -158,9 +162,13 @@ def test_the_spacing_sweep_scores_each_spacing_and_the_cards_own_as_the_plain_ru
     assert result["card_spacing_mm"] == [3.5, 3.5]  # the embedded card's own spacing
     assert [row["spacing_mm"] for row in result["sweep"]] == [3.5, 4.5]
     at_card, wider = (row["scans"] for row in result["sweep"])
+    assert list(at_card) == ["example_ct_dicom", "example_mr_sm", "t1 (1 held out)"]
     assert at_card == plain["scans"]  # the sweep's row at the card's spacing is the plain benchmark
-    # The MRI's field of view fits the input at both spacings, so 4.5 mm pixels show it smaller.
+    # The MRI's and the phantom's fields of view fit the input at both spacings, so 4.5 mm pixels
+    # show them smaller.
     assert wider["example_mr_sm"]["dice"] != at_card["example_mr_sm"]["dice"]
+    assert wider["t1 (1 held out)"]["dice"] != at_card["t1 (1 held out)"]["dice"]
+    assert wider["t1 (1 held out)"]["organs"] == ["liver", "spleen"]
 
 
 def test_the_spacing_sweep_is_refused_for_a_model_without_a_target_spacing(tiny_model_dir, tmp_path):

@@ -18,8 +18,9 @@ run with ``val_cases = N`` never trains on; e.g. the converted CHAOS MRIs,
 ``--record`` its figures go into the card too (``metrics.held_out_validation``).
 ``--protocol released`` adds the released M4oE code's scores (its Dice conventions, HD95 in voxels)
 beside the native ones. ``--spacing-sweep`` scores the model once per in-plane pixel spacing (mm,
-square pixels) in place of its card's ``target_spacing_mm``, one row per spacing and scan: how
-much the figures depend on the scale a patient is shown at (a model card with ``in_plane =
+square pixels) in place of its card's ``target_spacing_mm``, one row per spacing and scan (and
+per ``--held-out`` dataset, so that one scan's preferred scale can be checked on other patients):
+how much the figures depend on the scale a patient is shown at (a model card with ``in_plane =
 "spacing"`` only; a field of view too large for the model input is still shrunk to fit, so a wide
 CT moves only with spacings above its fitted one). Exit code 2 when the data folder or a file is
 missing, or the sweep does not apply.
@@ -154,16 +155,20 @@ def at_target_spacing(card, spacing_mm: float):
 
 
 def sweep(predictor, args, start: float) -> int:
-    """Score the real scans once per spacing of ``args.spacing_sweep``; print a table or JSON."""
-    from m4oe_training.realval import benchmark
+    """Score the real scans, and the held-out cases of each ``--held-out`` dataset, once per spacing
+    of ``args.spacing_sweep``; print a table or JSON (a row's held-out entries are named as in the
+    plain run's output, after the scans)."""
+    from m4oe_training.realval import benchmark, benchmark_held_out
 
     card = predictor.card
     rows = []
     for spacing in args.spacing_sweep:
         predictor.card = at_target_spacing(card, spacing)
-        rows.append(
-            {"spacing_mm": spacing, "scans": benchmark(predictor, args.data, args.tta, args.protocol)}
-        )
+        scans = benchmark(predictor, args.data, args.tta, args.protocol)
+        for dataset in args.held_out:
+            entry = benchmark_held_out(predictor, dataset, args.held_out_cases, args.tta)
+            scans[f"{dataset.name} ({len(entry['cases'])} held out)"] = entry
+        rows.append({"spacing_mm": spacing, "scans": scans})
     predictor.card = card
     seconds = round(time.perf_counter() - start, 1)
     if args.json:
@@ -184,7 +189,7 @@ def sweep(predictor, args, start: float) -> int:
     for row in rows:
         for scan, entry in row["scans"].items():
             organs = " ".join(f"{organ} {dice:.2f}" for organ, dice in entry["dice"].items())
-            print(f"{row['spacing_mm']:>5.2f} mm  {scan:<18} {entry['mean_dice']:.3f}  {organs}")
+            print(f"{row['spacing_mm']:>5.2f} mm  {scan:<24} {entry['mean_dice']:.3f}  {organs}")
     print(f"({seconds} s)")
     return 0
 
