@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     from m4oe.errors import M4oEError
     from m4oe.hub import EMBEDDED_DIR, cache_dir, resolve_model
     from m4oe.predictor import Predictor
-    from m4oe_training.realval import benchmark, benchmark_held_out, format_table, record
+    from m4oe_training.realval import benchmark, format_table, record
 
     if not args.data.is_dir():
         print(f"error: {args.data}: real validation data folder not found", file=sys.stderr)
@@ -104,10 +104,7 @@ def main(argv=None) -> int:
         if args.spacing_sweep:
             return sweep(predictor, args, start)
         results = benchmark(predictor, args.data, args.tta, args.protocol)
-        held_out = {}
-        for dataset in args.held_out:
-            entry = benchmark_held_out(predictor, dataset, args.held_out_cases, args.tta)
-            held_out[f"{dataset.name} ({len(entry['cases'])} held out)"] = entry
+        held_out = score_held_out(predictor, args)
     except M4oEError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -128,6 +125,18 @@ def main(argv=None) -> int:
         print(format_table(results))
         print(f"({seconds} s)")
     return 0
+
+
+def score_held_out(predictor, args) -> dict:
+    """{"NAME (N held out)": entry} of :func:`m4oe_training.realval.benchmark_held_out` for each
+    ``--held-out`` data set, in the order given."""
+    from m4oe_training.realval import benchmark_held_out
+
+    entries = {}
+    for dataset in args.held_out:
+        entry = benchmark_held_out(predictor, dataset, args.held_out_cases, args.tta)
+        entries[f"{dataset.name} ({len(entry['cases'])} held out)"] = entry
+    return entries
 
 
 def spacings(text: str) -> list[float]:
@@ -158,17 +167,14 @@ def sweep(predictor, args, start: float) -> int:
     """Score the real scans, and the held-out cases of each ``--held-out`` dataset, once per spacing
     of ``args.spacing_sweep``; print a table or JSON (a row's held-out entries are named as in the
     plain run's output, after the scans)."""
-    from m4oe_training.realval import benchmark, benchmark_held_out
+    from m4oe_training.realval import benchmark
 
     card = predictor.card
     rows = []
     for spacing in args.spacing_sweep:
         predictor.card = at_target_spacing(card, spacing)
         scans = benchmark(predictor, args.data, args.tta, args.protocol)
-        for dataset in args.held_out:
-            entry = benchmark_held_out(predictor, dataset, args.held_out_cases, args.tta)
-            scans[f"{dataset.name} ({len(entry['cases'])} held out)"] = entry
-        rows.append({"spacing_mm": spacing, "scans": scans})
+        rows.append({"spacing_mm": spacing, "scans": {**scans, **score_held_out(predictor, args)}})
     predictor.card = card
     seconds = round(time.perf_counter() - start, 1)
     if args.json:
