@@ -1,4 +1,5 @@
-"""MR-like training images of real CT slices (m4oe_training.crossmodal, synth family "ct-to-mr")."""
+"""Training images of another contrast from real slices (m4oe_training.crossmodal): MR-like images
+of real CT slices (synth family "ct-to-mr") and real MR slices given a random contrast ("mr-to-mr")."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from m4oe_training.config import ConfigError, DatasetConfig, StageConfig, TrainC
 from m4oe_training.crossmodal import (
     body_mask,
     image_family_slice,
+    mr_body_mask,
     mr_from_ct_slice,
+    mr_from_mr_slice,
     opposed_phase,
     random_intensity_net,
 )
@@ -208,3 +211,82 @@ def test_ct_to_mr_opposed_phase_share_changes_only_the_slices_it_draws():
         TrainConfig(name="x", datasets=(dataset,), stages=(stage,), synth_opposed_phase=1.5)
     cfg = TrainConfig(name="x", datasets=(dataset,), stages=(stage,), synth_opposed_phase=0.5)
     assert cfg.synth_settings() == SynthSettings(p_ct_opposed_phase=0.5)
+
+
+def mr_slice(size: int = 64) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """An MR slice normalised as the engine does (z-score; the air its darkest value, with noise):
+    a body of tissue around a bright kidney, a dark liver and a black gas bubble; labels; regions."""
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[:size, :size]
+    x = 0.01 * rng.random((size, size))  # air: noise near 0
+    body = (yy - 30) ** 2 / 24**2 + (xx - 32) ** 2 / 28**2 < 1
+    x[body] = 0.4
+    gas = (yy - 30) ** 2 + (xx - 44) ** 2 < 9
+    x[gas] = 0.0
+    target = np.zeros((size, size), np.uint8)
+    target[18:32, 14:30] = PHANTOM_LABELS["liver"]
+    x[18:32, 14:30] = 0.2
+    target[36:44, 34:40] = PHANTOM_LABELS["kidney_right"]
+    x[36:44, 34:40] = 0.9
+    regions = {"body": body, "air": ~body, "gas": gas, "liver": target == PHANTOM_LABELS["liver"]}
+    regions["tissue"] = body & ~gas & (target == 0)
+    return ((x - 0.3) / 0.25).astype(np.float32), target, regions
+
+
+def test_mr_body_mask_keeps_the_body_with_its_holes_and_drops_the_air():
+    image, _, regions = mr_slice()
+    x = (image - image.min()) / (image.max() - image.min())
+    np.testing.assert_array_equal(mr_body_mask(x), regions["body"])  # the gas inside stays body
+    assert not mr_body_mask(np.zeros((8, 8), np.float32)).any()
+
+
+def test_mr_from_mr_slice_draws_new_contrasts_of_the_same_anatomy():
+    image, target, regions = mr_slice()
+    outs, liver_darker = [], []
+    for seed in range(24):
+        out, labels = mr_from_mr_slice(image, target, np.random.default_rng(seed), STILL)
+        assert out.shape == target.shape and out.dtype == np.float32 and np.isfinite(out).all()
+        np.testing.assert_array_equal(labels, target)  # no deformation asked: labels as given
+        air = out[regions["air"]]
+        assert np.ptp(air) < 1e-4 and abs(float(air.max()) - float(out.min())) < 1e-4  # no signal
+        liver, tissue = float(np.median(out[regions["liver"]])), float(np.median(out[regions["tissue"]]))
+        liver_darker.append(liver < tissue)
+        outs.append(out)
+    # the input's liver is darker than the tissue around it; the draws keep it so or invert it
+    assert 0 < sum(liver_darker) < 24  # about one draw in six inverts it
+    assert not all(np.array_equal(outs[0], o) for o in outs[1:])
+    np.testing.assert_array_equal(
+        mr_from_mr_slice(image, target, np.random.default_rng(0), STILL)[0], outs[0]
+    )
+    same, _ = image_family_slice("mr-to-mr", image, target, {}, np.random.default_rng(0), CT, STILL)
+    np.testing.assert_array_equal(same, outs[0])
+    out, labels = mr_from_mr_slice(image, target, np.random.default_rng(1))  # default draws deform both
+    assert not np.array_equal(labels, target) and set(np.unique(labels)) <= set(np.unique(target))
+    with pytest.raises(ValueError, match="one \\(S, S\\) slice"):
+        mr_from_mr_slice(image[None], target[None], np.random.default_rng(0))
+
+
+def test_mr_to_mr_trains_any_mr_expert_from_mr_datasets_only(tmp_path):
+    t2 = write_dataset(tmp_path / "t2", "t2", 2, seed=6, max_size=48)
+    info = DatasetInfo.read(t2)
+    params = {"ct": DEFAULT_PARAMS["ct"], "mr": DEFAULT_PARAMS["mr"]}
+    # the same modality as the images: a share of the samples, and validation cases, are allowed
+    mr_to_mr = DatasetConfig(str(t2), "mr-t1", "abdomen", val_cases=1, synth="mr-to-mr", synth_fraction=1.0)
+    assert dataset_modality(mr_to_mr, info) == "mr"
+    data = SliceData([mr_to_mr], [info], params, 48, "resize", None, tmp_path / "cache")
+    assert data.by_dataset[0][0].anatomy is None  # drawn from the images, not from label maps
+    images, labels, _ = data.sample(np.random.default_rng(0), 8, 1.0)
+    assert images.shape == (8, 1, 48, 48) and labels.max() > 0
+    real = [c.image[k].astype(np.float32) for c in data.cases for k in range(c.image.shape[0])]
+    assert not any(np.array_equal(images[i, 0].numpy(), r) for i in range(8) for r in real)
+    half = dataclasses.replace(mr_to_mr, synth_fraction=0.5)
+    SliceData([half], [info], params, 48, "resize", None, None)
+    ct_info = dataclasses.replace(info, modality="ct")
+    with pytest.raises(ConfigError, match="works on the dataset's own mr images, but the dataset is ct"):
+        SliceData([mr_to_mr], [ct_info], params, 48, "resize", None, None)
+    card = read_model_card(resolve_model("m4oe-phantom"))
+    paths = write_examples(t2, tmp_path / "ex", "mr-to-mr", 2, 0, card)
+    assert sitk.ReadImage(str(paths[1])).GetSize()[2] == 2
+    ct = write_dataset(tmp_path / "ct", "ct", 1, seed=4, max_size=48)
+    with pytest.raises(ValueError, match="needs a mr dataset, got ct"):
+        write_examples(ct, tmp_path / "bad", "mr-to-mr", 2, 0, card)

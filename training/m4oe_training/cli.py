@@ -88,7 +88,8 @@ def register_synth(subparsers) -> None:
         required=True,
         choices=(*FAMILIES, *IMAGE_FAMILIES),
         help="contrast family; ct-phase: a contrast phase simulated on the dataset's own CT slices; "
-        "ct-to-mr: its CT slices made MR-like by a random intensity network",
+        "ct-to-mr: its CT slices made MR-like by a random intensity network; mr-to-mr: its MR slices "
+        "given another, random contrast by such a network",
     )
     synth.add_argument("--count", type=_positive, default=16, help="slices to render (default 16)")
     synth.add_argument(

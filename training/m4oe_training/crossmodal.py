@@ -1,6 +1,7 @@
 """Training images drawn from a data set's real slices (the image families): MR-like images of
-real CT through random intensity networks ("ct-to-mr"), and contrast phases simulated on real CT
-("ct-phase", :func:`.synth.enhance_slice`).
+real CT through random intensity networks ("ct-to-mr"), real MR images given a random contrast by
+the same networks ("mr-to-mr"), and contrast phases simulated on real CT ("ct-phase",
+:func:`.synth.enhance_slice`).
 
 A label-map render (:mod:`.synth`) draws each structure flat with a noise texture: the MR experts
 never see the fat planes, vessels, bowel content, partial-volume edges and texture of a real
@@ -15,6 +16,10 @@ resolution) and the engine's MR normalisation. A share of them (``SynthSettings.
 off by default) is drawn as an opposed-phase T1 image (:func:`opposed_phase`): where fat and
 water-rich tissue share a voxel their signals cancel, the dark "India ink" line around the kidneys,
 the liver and the bowel of a chemical-shift (Dixon, T1-DUAL) series.
+
+"mr-to-mr" does the same to a real MR slice (:func:`mr_from_mr_slice`): a data set of one MR
+sequence (CHAOS's T2-SPIR, say) trains an expert for any other with its real texture, bowel and fat
+planes, where a label-map render of it shows only its labelled organs.
 
 Arrays are (S, S) slices on the model grid: rows anterior -> posterior, columns patient right ->
 left (:func:`m4oe.geometry.to_axial_stack`), S the model input size.
@@ -40,6 +45,10 @@ wide CT window they span a tenth of it, and a random network would keep them nea
 FAT_BELOW_HU = -30.0
 """A model-grid pixel below this (HU) and inside the body is fat (fat about -100 HU; a pixel shared
 with water-rich tissue, enhanced or not, averages above it) for :func:`opposed_phase`."""
+
+MR_BODY_FRACTION = 0.05
+"""A model-grid pixel of an MR slice brighter than this share of the slice's range (min to 99.5th
+percentile) belongs to the body in :func:`mr_body_mask` (air holds noise only, a few per cent)."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,65 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
     return regions == int(np.argmax(sizes))
 
 
+def mr_body_mask(x: np.ndarray) -> np.ndarray:
+    """(S, S) bool: the patient's body on an MR slice ``x`` (S, S) in [0, 1], air and the padding
+    around it 0: the largest connected region brighter than :data:`MR_BODY_FRACTION`, closed over
+    two pixels and with its holes filled (gas, flow voids and suppressed fat inside the body stay
+    body: the intensity network gives them a contrast of their own)."""
+    from scipy import ndimage
+
+    regions, count = ndimage.label(x > MR_BODY_FRACTION)
+    if count == 0:
+        return np.zeros(x.shape, bool)
+    sizes = np.bincount(regions.ravel())
+    sizes[0] = 0
+    body = regions == int(np.argmax(sizes))
+    body = ndimage.binary_closing(body, iterations=2, border_value=0) | body
+    return ndimage.binary_fill_holes(body)
+
+
+def mr_from_mr_slice(
+    image: np.ndarray,
+    target: np.ndarray,
+    rng: np.random.Generator,
+    settings: SynthSettings | None = None,
+    net_settings: IntensityNetSettings | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A training slice of another MR contrast from one real MR slice and its labels ("mr-to-mr").
+
+    The slice, normalised as the engine normalises MR (its darkest value the air and the padding
+    around the field of view), is scaled to [0, 1] from its minimum to its 99.5th percentile
+    (clipped), and two views of it, that and its square root (the dark tissues spread apart), go
+    through :func:`random_intensity_net`: bright fluid may turn dark and dark fat bright, every
+    edge stays where it was. Outside the body (:func:`mr_body_mask`) is set to 0; then, as for
+    "ct-to-mr", the slice and its labels are deformed together, go through the MR acquisition
+    (:func:`.synth.acquire`) and the engine's MR normalisation.
+
+    Args:
+        image: (S, S) float MR slice on the model grid, normalised per volume (z-score).
+        target: (S, S) integer organ labels of the slice.
+        rng: the only source of randomness.
+        settings: geometry and acquisition draws (default :class:`.synth.SynthSettings`).
+        net_settings: the intensity network's draws (default :class:`IntensityNetSettings`).
+
+    Returns:
+        (image, labels): float32 (S, S) normalised as the engine normalises MR, uint8 (S, S).
+    """
+    if image.shape != target.shape or image.ndim != 2:
+        raise ValueError(
+            f"mr_from_mr_slice: image and target must be one (S, S) slice, got {image.shape}, {target.shape}"
+        )
+    settings = settings or SynthSettings()
+    x = np.asarray(image, dtype=np.float32)
+    low, high = float(x.min()), float(np.percentile(x, 99.5))
+    x = np.clip((x - low) / max(high - low, 1e-6), 0.0, 1.0)
+    signal = random_intensity_net(np.stack([x, np.sqrt(x)]), rng, net_settings)
+    signal[~mr_body_mask(x)] = 0.0
+    signal, labels = deform_slice(signal, target, rng, settings)
+    signal = acquire(signal.astype(np.float32), "t1", rng, settings)
+    return normalize_slices(signal, "mr", volume_stats=mr_volume_statistics(signal)), labels
+
+
 def mr_from_ct_slice(
     image: np.ndarray,
     target: np.ndarray,
@@ -179,15 +247,19 @@ def image_family_slice(
     ct_params: IntensityParams,
     settings: SynthSettings | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One training slice of an image family (:data:`.families.IMAGE_FAMILIES`) from a real CT slice.
+    """One training slice of an image family (:data:`.families.IMAGE_FAMILIES`) from a real slice.
 
-    ``image`` (S, S) normalised with ``ct_params``, ``target`` (S, S) its labels, ``keys`` label
-    value -> structure key; ``settings`` the draws of "ct-to-mr" (default :class:`.synth.SynthSettings`).
+    ``image`` (S, S) normalised with ``ct_params`` (a CT slice) or per volume (an MR slice,
+    "mr-to-mr"), ``target`` (S, S) its labels, ``keys`` label value -> structure key; ``settings``
+    the draws of "ct-to-mr" and "mr-to-mr" (default :class:`.synth.SynthSettings`).
     "ct-phase": :func:`.synth.enhance_slice` (CT normalisation);
-    "ct-to-mr": :func:`mr_from_ct_slice` (MR normalisation). Returns (image float32, labels uint8).
+    "ct-to-mr": :func:`mr_from_ct_slice`, "mr-to-mr": :func:`mr_from_mr_slice` (MR normalisation).
+    Returns (image float32, labels uint8).
     """
     if family == "ct-phase":
         return enhance_slice(image, target, keys, rng, ct_params)
     if family == "ct-to-mr":
         return mr_from_ct_slice(image, target, rng, ct_params, settings)
+    if family == "mr-to-mr":
+        return mr_from_mr_slice(image, target, rng, settings)
     raise ValueError(f"image family must be one of {IMAGE_FAMILIES}, got {family!r}")
