@@ -79,6 +79,7 @@ def test_config_unknown_key_is_an_error_naming_it(tmp_path, where, key):
         ({}, {"lr": True}, r"stages\[0\].lr"),
         ({"augment": 1}, {}, "augment"),
         ({"elastic_probability": 1.5}, {}, "elastic_probability"),
+        ({"augment_scale": 0.8}, {}, "augment_scale"),
         ({"grad_clip_norm": -1.0}, {}, "grad_clip_norm"),
         ({"init": 3}, {}, "init"),
         ({"largest_component": "liver"}, {}, "largest_component"),

@@ -143,6 +143,27 @@ def test_augmentation_moves_images_and_labels_together(change):
     assert not torch.equal(other[1], out_labels)
 
 
+def test_augment_scale_sets_the_range_of_zooms_and_keeps_the_default_draws():
+    from m4oe_training.augment import Augmentation, augment_batch, build_augmentation
+
+    assert build_augmentation() == Augmentation()  # 0.15: the draws of every run before the key
+    assert build_augmentation(0.5, 0.3) == Augmentation(p_elastic=0.5, max_scale=0.3)
+    labels = torch.zeros((64, 64, 64), dtype=torch.int64)
+    labels[:, 24:40, 24:40] = 1  # one 16 x 16 square in the middle of each slice
+    images = labels[:, None].float()
+
+    def area_ratios(max_scale: float) -> torch.Tensor:
+        aug = geometric_only(p_affine=1.0, max_rotation_deg=0.0, max_shift=0.0, max_scale=max_scale)
+        _, out = augment_batch(aug, images, labels, seed=11)
+        return (out == 1).float().sum(dim=(1, 2)) / 256.0
+
+    narrow, wide = area_ratios(0.15), area_ratios(0.3)
+    # the affine's zoom s samples s times the field: an organ's area goes as 1 / s^2
+    assert narrow.min() > 1 / 1.15**2 - 0.05 and narrow.max() < 1 / 0.85**2 + 0.05
+    assert wide.min() < 1 / 1.15**2 - 0.05 and wide.max() > 1 / 0.85**2 + 0.05
+    assert wide.min() > 1 / 1.3**2 - 0.05 and wide.max() < 1 / 0.7**2 + 0.05
+
+
 def test_elastic_deformation_is_local_and_leaves_unpicked_samples_as_before():
     from m4oe_training.augment import Augmentation, augment_batch
 

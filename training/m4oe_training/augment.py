@@ -1,13 +1,13 @@
 """Data augmentation of model-grid slices, on the whole batch at once.
 
-Geometric: rotation (+-15 degrees), scaling (+-15 %) and a small shift, applied with MONAI's
-batched ``AffineTransform`` (bilinear for images, nearest for labels, border padding), then, with
-probability ``p_elastic`` (a config key, 0 by default as in nnU-Net's default augmentation), an
-elastic deformation: a smooth random displacement field (Gaussian noise on a coarse grid,
-interpolated bicubically, up to ``elastic_max_shift`` pixels). Intensity: scale, shift and Gaussian
-noise. No left-right flip: it would swap the patient's sides, and left
-and right organs (kidneys, adrenal glands) have their own labels. Batched rather than per sample
-(MONAI dictionary transforms) because per-sample transforms cost as much as the training step
+Geometric: rotation (+-15 degrees), scaling (+-15 %, the config's ``augment_scale``) and a small
+shift, applied with MONAI's batched ``AffineTransform`` (bilinear for images, nearest for labels,
+border padding), then, with probability ``p_elastic`` (a config key, 0 by default as in nnU-Net's
+default augmentation), an elastic deformation: a smooth random displacement field (Gaussian noise
+on a coarse grid, interpolated bicubically, up to ``elastic_max_shift`` pixels). Intensity: scale,
+shift and Gaussian noise. No left-right flip: it would swap the patient's sides, and left and right
+organs (kidneys, adrenal glands) have their own labels. Batched rather than per sample (MONAI
+dictionary transforms) because per-sample transforms cost as much as the training step
 itself on a 2-core CPU; every random draw comes from one generator seeded per step.
 """
 
@@ -40,8 +40,9 @@ class Augmentation:
     elastic_max_shift: float = 4.0
 
 
-def build_augmentation(p_elastic: float = 0.0) -> Augmentation:
-    return Augmentation(p_elastic=p_elastic)
+def build_augmentation(p_elastic: float = 0.0, max_scale: float = 0.15) -> Augmentation:
+    """The run's augmentation: ``p_elastic`` its elastic share, ``max_scale`` its largest relative zoom."""
+    return Augmentation(p_elastic=p_elastic, max_scale=max_scale)
 
 
 def augment_batch(

@@ -160,6 +160,9 @@ class TrainConfig:
     foreground_sampling: str = "slice"
     augment: bool = True
     elastic_probability: float = 0.0
+    # The largest relative zoom of the batch augmentation's affine, either way (0.15: 0.85-1.15);
+    # larger makes a model meet organs at more in-plane scales (pixel spacings, body sizes).
+    augment_scale: float = 0.15
     # The share of label-map renders whose subcutaneous fat layer is grown or thinned
     # (m4oe_training.anatomy.change_fat_layer): organs of one size in bodies of another.
     synth_fat_layer: float = 0.0
@@ -234,6 +237,7 @@ class TrainConfig:
             "foreground_fraction": 0.0 <= self.foreground_fraction <= 1.0,
             "foreground_sampling": self.foreground_sampling in FOREGROUND_SAMPLING,
             "elastic_probability": 0.0 <= self.elastic_probability <= 1.0,
+            "augment_scale": 0.0 <= self.augment_scale <= 0.5,
             "synth_fat_layer": 0.0 <= self.synth_fat_layer <= 1.0,
             "synth_organ_interior": 0.0 <= self.synth_organ_interior <= 1.0,
             "synth_opposed_phase": 0.0 <= self.synth_opposed_phase <= 1.0,

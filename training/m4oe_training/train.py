@@ -359,7 +359,7 @@ def _run(
     use_bf16 = cfg.amp == "bf16" or (
         cfg.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
-    augmentation = build_augmentation(cfg.elastic_probability) if cfg.augment else None
+    augmentation = build_augmentation(cfg.elastic_probability, cfg.augment_scale) if cfg.augment else None
     log_path = out / "train_log.csv"
     if main_process:
         _log_up_to(log_path, position["step"])
