@@ -129,6 +129,26 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
     return regions == int(np.argmax(sizes))
 
 
+def check_one_slice(caller: str, image: np.ndarray, target: np.ndarray) -> None:
+    """Raise ValueError unless ``image`` and ``target`` are one (S, S) slice and its labels."""
+    if image.shape != target.shape or image.ndim != 2:
+        raise ValueError(
+            f"{caller}: image and target must be one (S, S) slice, got {image.shape}, {target.shape}"
+        )
+
+
+def acquire_as_mr(
+    signal: np.ndarray, target: np.ndarray, rng: np.random.Generator, settings: SynthSettings
+) -> tuple[np.ndarray, np.ndarray]:
+    """The common end of the image families that make MR images: an (S, S) ``signal`` in [0, 1]
+    (0 outside the body) and its (S, S) labels deformed together (:func:`.synth.deform_slice`),
+    then MR acquisition (:func:`.synth.acquire`) and the engine's MR normalisation. Returns (image
+    float32, labels uint8)."""
+    signal, labels = deform_slice(signal, target, rng, settings)
+    signal = acquire(signal.astype(np.float32), "t1", rng, settings)
+    return normalize_slices(signal, "mr", volume_stats=mr_volume_statistics(signal)), labels
+
+
 def mr_body_mask(x: np.ndarray) -> np.ndarray:
     """(S, S) bool: the patient's body on an MR slice ``x`` (S, S) in [0, 1], air and the padding
     around it 0: the largest connected region brighter than :data:`MR_BODY_FRACTION`, closed over
@@ -173,19 +193,14 @@ def mr_from_mr_slice(
     Returns:
         (image, labels): float32 (S, S) normalised as the engine normalises MR, uint8 (S, S).
     """
-    if image.shape != target.shape or image.ndim != 2:
-        raise ValueError(
-            f"mr_from_mr_slice: image and target must be one (S, S) slice, got {image.shape}, {target.shape}"
-        )
+    check_one_slice("mr_from_mr_slice", image, target)
     settings = settings or SynthSettings()
     x = np.asarray(image, dtype=np.float32)
     low, high = float(x.min()), float(np.percentile(x, 99.5))
     x = np.clip((x - low) / max(high - low, 1e-6), 0.0, 1.0)
     signal = random_intensity_net(np.stack([x, np.sqrt(x)]), rng, net_settings)
     signal[~mr_body_mask(x)] = 0.0
-    signal, labels = deform_slice(signal, target, rng, settings)
-    signal = acquire(signal.astype(np.float32), "t1", rng, settings)
-    return normalize_slices(signal, "mr", volume_stats=mr_volume_statistics(signal)), labels
+    return acquire_as_mr(signal, target, rng, settings)
 
 
 def mr_from_ct_slice(
@@ -219,10 +234,7 @@ def mr_from_ct_slice(
     Returns:
         (image, labels): float32 (S, S) normalised as the engine normalises MR, uint8 (S, S).
     """
-    if image.shape != target.shape or image.ndim != 2:
-        raise ValueError(
-            f"mr_from_ct_slice: image and target must be one (S, S) slice, got {image.shape}, {target.shape}"
-        )
+    check_one_slice("mr_from_ct_slice", image, target)
     settings = settings or SynthSettings()
     hu = np.asarray(image, dtype=np.float32) * np.float32(ct_params.std) + np.float32(ct_params.mean)
     views = [
@@ -233,9 +245,7 @@ def mr_from_ct_slice(
     # The guard keeps the draws of runs configured before the option: no extra draw when it is off.
     if settings.p_ct_opposed_phase > 0 and rng.random() < settings.p_ct_opposed_phase:
         signal = opposed_phase(signal, hu, rng.uniform(0.6, 1.2), rng.uniform(0.7, 1.0))
-    signal, labels = deform_slice(signal, target, rng, settings)
-    signal = acquire(signal.astype(np.float32), "t1", rng, settings)
-    return normalize_slices(signal, "mr", volume_stats=mr_volume_statistics(signal)), labels
+    return acquire_as_mr(signal, target, rng, settings)
 
 
 def image_family_slice(
