@@ -115,18 +115,24 @@ def opposed_phase(
     return (signal * (1.0 - depth * loss)).astype(np.float32)
 
 
+def largest_region(mask: np.ndarray) -> np.ndarray:
+    """(S, S) bool: the largest connected region of ``mask`` (S, S) bool (4-connected); all False
+    when ``mask`` has none."""
+    from scipy import ndimage
+
+    regions, count = ndimage.label(mask)
+    if count == 0:
+        return np.zeros(mask.shape, bool)
+    sizes = np.bincount(regions.ravel())
+    sizes[0] = 0
+    return regions == int(np.argmax(sizes))
+
+
 def body_mask(hu: np.ndarray) -> np.ndarray:
     """(S, S) bool: the largest connected region of ``hu`` (S, S) above the engine's body threshold
     (:data:`m4oe.region.BODY_CT_THRESHOLD_HU`, -500 HU: below it air or gas, no MR signal), the
     patient's body without the table, the air around it or the gas inside it."""
-    from scipy import ndimage
-
-    regions, count = ndimage.label(hu > BODY_CT_THRESHOLD_HU)
-    if count == 0:
-        return np.zeros(hu.shape, bool)
-    sizes = np.bincount(regions.ravel())
-    sizes[0] = 0
-    return regions == int(np.argmax(sizes))
+    return largest_region(hu > BODY_CT_THRESHOLD_HU)
 
 
 def check_one_slice(caller: str, image: np.ndarray, target: np.ndarray) -> None:
@@ -156,12 +162,7 @@ def mr_body_mask(x: np.ndarray) -> np.ndarray:
     body: the intensity network gives them a contrast of their own)."""
     from scipy import ndimage
 
-    regions, count = ndimage.label(x > MR_BODY_FRACTION)
-    if count == 0:
-        return np.zeros(x.shape, bool)
-    sizes = np.bincount(regions.ravel())
-    sizes[0] = 0
-    body = regions == int(np.argmax(sizes))
+    body = largest_region(x > MR_BODY_FRACTION)
     body = ndimage.binary_closing(body, iterations=2, border_value=0) | body
     return ndimage.binary_fill_holes(body)
 
