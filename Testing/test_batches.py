@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from m4oe.phantom import write_dataset
 from m4oe.preprocessing import DEFAULT_PARAMS
@@ -140,3 +141,39 @@ def test_foreground_sampling_is_a_config_key_that_reaches_the_batch_plan(tmp_pat
     from_cfg = BatchPlan.from_config(cfg, plan.data, None, rank=1)
     assert (from_cfg.foreground_sampling, from_cfg.rank, from_cfg.batch_size) == ("class", 1, cfg.batch_size)
     assert from_cfg.foreground_fraction == cfg.foreground_fraction
+
+
+def test_a_dataset_s_own_foreground_fraction_replaces_the_run_s_for_its_samples(tmp_path):
+    """Two copies of one phantom set whose label map is cleared on its first and last third of
+    slices (as a scan reaching the chest and pelvis beyond the labelled organs): the first copy
+    keeps the run's fraction (1: only slices holding a label), the second sets its own 0 (any
+    slice), so it draws the unlabelled slices about as often as they occur; the first never does.
+    A fraction outside [0, 1] is refused."""
+    root = write_dataset(tmp_path / "ct", "ct", 1, seed=3, max_size=48)
+    (label_file,) = (root / "labelsTr").glob("*.nii.gz")
+    label = sitk.ReadImage(str(label_file))
+    array = sitk.GetArrayFromImage(label)
+    third = array.shape[0] // 3
+    array[:third] = 0
+    array[-third:] = 0
+    cleared = sitk.GetImageFromArray(array)
+    cleared.CopyInformation(label)
+    sitk.WriteImage(cleared, str(label_file))
+    info = DatasetInfo.read(root)
+    datasets = [
+        DatasetConfig(str(root), "ct", "abdomen", val_cases=0),
+        DatasetConfig(str(root), "ct", "abdomen", val_cases=0, foreground_fraction=0.0),
+    ]
+    data = SliceData(datasets, [info, info], {"ct": DEFAULT_PARAMS["ct"]}, 48, "resize", None, None)
+    case = data.cases[0]
+    empty_share = 1 - case.foreground_slices.size / case.label.shape[0]
+    assert empty_share > 0.1
+    _, labels, index = data.sample(np.random.default_rng(0), 1200, 1.0)
+    empty = (labels.reshape(labels.shape[0], -1) == 0).all(dim=1).numpy()
+    index = index.numpy()
+    assert not empty[index == 0].any()
+    assert abs(empty[index == 1].mean() - empty_share) < 0.06
+    stage = StageConfig(kind="joint", epochs=1, lr=1e-3)
+    bad = DatasetConfig(str(root), "ct", "abdomen", foreground_fraction=1.5)
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.foreground_fraction"):
+        TrainConfig(name="x", datasets=(bad,), stages=(stage,))

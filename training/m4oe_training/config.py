@@ -56,6 +56,11 @@ class DatasetConfig:
     ``weight``: how often a sample comes from this dataset relative to the others (default 1:
     every dataset equally often, whatever its number of cases). A config that adds many render
     datasets for one expert can weight them down so the other experts keep their share.
+
+    ``foreground_fraction``: this dataset's share of samples drawn from slices holding a label
+    (the rest from any slice), in place of the run's ``foreground_fraction``; None (the default)
+    takes the run's. A dataset whose scans reach beyond the labelled organs (chest, pelvis) can
+    draw more of those slices, so the model learns that what lies there is background.
     """
 
     path: str
@@ -65,6 +70,7 @@ class DatasetConfig:
     synth: str = "off"
     synth_fraction: float = 1.0
     weight: float = 1.0
+    foreground_fraction: float | None = None
 
 
 @dataclass(frozen=True)
@@ -262,6 +268,10 @@ class TrainConfig:
                 raise ConfigError(f"datasets[{i}].synth_fraction must be in (0, 1], got {d.synth_fraction}")
             if not (d.weight > 0 and math.isfinite(d.weight)):
                 raise ConfigError(f"datasets[{i}].weight must be a finite number > 0, got {d.weight}")
+            if d.foreground_fraction is not None and not 0.0 <= d.foreground_fraction <= 1.0:
+                raise ConfigError(
+                    f"datasets[{i}].foreground_fraction must be in [0, 1], got {d.foreground_fraction}"
+                )
         if self.expert_order:
             if len(set(self.expert_order)) != len(self.expert_order):
                 raise ConfigError(f"expert_order names an expert twice: {list(self.expert_order)}")

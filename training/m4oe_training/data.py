@@ -274,6 +274,7 @@ class SliceData:
         self.synth_settings = synth_settings
         self.synth = [cfg.synth for cfg in datasets]
         self.synth_fraction = [cfg.synth_fraction for cfg in datasets]
+        self.foreground_fraction = [cfg.foreground_fraction for cfg in datasets]
         weights = np.array([cfg.weight for cfg in datasets], dtype=np.float64)
         # Equal weights keep the uniform draw (and so every earlier run's batches) exactly.
         self.dataset_p = None if np.all(weights == weights[0]) else weights / weights.sum()
@@ -314,7 +315,8 @@ class SliceData:
     def sample(self, rng: np.random.Generator, batch: int, foreground_fraction: float, sampling="slice"):
         """Draw a batch: a dataset (uniformly, or by the datasets' ``weight``), then a case, then a slice.
 
-        With probability ``foreground_fraction`` the slice is one holding foreground: any such slice
+        With probability ``foreground_fraction`` (the dataset's own where its config sets one) the
+        slice is one holding foreground: any such slice
         (``sampling`` "slice"), or one holding a structure drawn uniformly from those the
         case labels ("class", so a pancreas on 10 slices is drawn as often as a liver on 60). A dataset with
         ``synth`` on renders the slice from its anatomy (or, an image family, draws it from its real
@@ -329,7 +331,9 @@ class SliceData:
             else:
                 d = int(rng.choice(len(self.by_dataset), p=self.dataset_p))
             case = self.by_dataset[d][int(rng.integers(len(self.by_dataset[d])))]
-            if case.foreground_slices.size and rng.random() < foreground_fraction:
+            fraction = self.foreground_fraction[d]
+            fraction = foreground_fraction if fraction is None else fraction
+            if case.foreground_slices.size and rng.random() < fraction:
                 pool = case.foreground_slices
                 if sampling == "class" and case.class_slices:
                     pool = case.class_slices[int(rng.integers(len(case.class_slices)))]
