@@ -35,13 +35,13 @@ def run_cli(argv: list, capsys) -> tuple[int, str, str]:
 
 def test_the_embedded_card_states_licence_intended_use_and_training_data():
     card = read_model_card(resolve_model(None))
-    # Its MR experts learnt from CHAOS (CC-BY-SA 4.0): the weights share that licence.
-    assert card.license == "CC-BY-SA-4.0"
+    # Its MR experts learnt from CHAOS (CC BY-NC-SA 4.0): the weights share that licence.
+    assert card.license == "CC-BY-NC-SA-4.0"
     assert "not for clinical use" in card.intended_use
     # The data it was trained on, with their licences.
     assert "TotalSegmentator" in card.training_data and "CC-BY-4.0" in card.training_data
     assert "Apache-2.0" in card.training_data and "phantom" in card.training_data
-    assert "CHAOS" in card.training_data and "CC-BY-SA 4.0" in card.training_data
+    assert "CHAOS" in card.training_data and "CC BY-NC-SA 4.0" in card.training_data
 
 
 def test_card_facts_round_trip_are_optional_and_checked(tiny_model_dir, tmp_path):
@@ -63,7 +63,7 @@ def test_info_prints_a_readable_page_of_the_embedded_model(capsys):
     assert len(out) < 5000, f"{len(out)} characters: a page, not the provenance dump"
     assert "phantomt1_000" not in out and "provenance" not in out
     assert lines[0].startswith("m4oe-phantom: M4oE abdominal model")
-    assert "licence: CC-BY-SA-4.0" in lines
+    assert "licence: CC-BY-NC-SA-4.0" in lines
     assert any(line.startswith("intended use: Research and demonstration") for line in lines)
     assert any(line.startswith("architecture: Swin-UNet 128px, M4oE, 3 experts") for line in lines)
     assert any("13.1 MB, 6.5 M parameters" in line for line in lines)
@@ -146,7 +146,7 @@ def test_summary_pieces():
         "datasets": {
             "chaos_t2 (4 held out)": {
                 "modality": "mr",
-                "source": {"dataset": "CHAOS MR T2", "license": "CC-BY-SA-4.0"},
+                "source": {"dataset": "CHAOS MR T2", "license": "CC-BY-NC-SA-4.0"},
                 "cases": ["36", "37", "38", "39"],
                 "dice": {"liver": 0.631, "spleen": 0.745},
                 "mean_dice": 0.688,
@@ -157,7 +157,7 @@ def test_summary_pieces():
         "date": "2026-12-06",
     }
     assert held_out_validation_lines(card) == [
-        "chaos_t2 (4 held out) (MR; CHAOS MR T2, CC-BY-SA-4.0; 4 cases): mean Dice 0.69, "
+        "chaos_t2 (4 held out) (MR; CHAOS MR T2, CC-BY-NC-SA-4.0; 4 cases): mean Dice 0.69, "
         "mean HD95 68.4 mm; liver 0.63, spleen 0.74",
         "reference labels: their own (2026-12-06)",
     ]

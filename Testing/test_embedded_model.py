@@ -96,7 +96,7 @@ def test_card_says_what_the_model_is_and_how_it_was_made():
     datasets = {entry["source"]["dataset"]: entry for entry in held["datasets"].values()}
     assert set(datasets) == {"CHAOS MR T2", "BTCV abdomen CT"}
     chaos, btcv = datasets["CHAOS MR T2"], datasets["BTCV abdomen CT"]
-    assert chaos["source"]["license"] == "CC-BY-SA-4.0" and chaos["modality"] == "mr"
+    assert chaos["source"]["license"] == "CC-BY-NC-SA-4.0" and chaos["modality"] == "mr"
     assert set(chaos["dice"]) == {"liver", "spleen", "kidney_right", "kidney_left"}
     assert chaos["gate_mean_weights"]["ct"] < 0.1
     assert btcv["modality"] == "ct" and btcv["gate_mean_weights"]["ct"] > 0.9

@@ -263,7 +263,7 @@ def save_source_model(folder: Path, **preprocessing) -> Path:
         architecture=model.cfg,
         experts=[ExpertInfo("ct", "ct"), ExpertInfo("mr", "mr")],
         tasks=[TaskInfo("abdomen", labels, [1, 2], through_plane_sigma_mm=2.5, test_time_passes=3)],
-        license="CC-BY-SA-4.0",
+        license="CC-BY-NC-SA-4.0",
         training_data="phantoms and a share-alike dataset",
         preprocessing=Preprocessing(
             **{
@@ -366,7 +366,7 @@ def test_fine_tuning_one_case_by_model_name_keeps_the_init_models_preprocessing_
     assert card.metrics["validation"] is None
     assert card.metrics["selected"] == {"stage": 0, "epoch": 2, "mean_dice": None}
     # The config states no licence or data: the init model's carry over (a share-alike licence must).
-    assert (card.license, card.training_data) == ("CC-BY-SA-4.0", "phantoms and a share-alike dataset")
+    assert (card.license, card.training_data) == ("CC-BY-NC-SA-4.0", "phantoms and a share-alike dataset")
     assert [r["val_mean_dice"] for r in read_log(out)] == ["", ""]
     assert model.cfg.experts == ("ct", "mr")
 
@@ -380,10 +380,10 @@ def test_fine_tuning_one_case_by_model_name_keeps_the_init_models_preprocessing_
         largest_component=[],
         through_plane_sigma_mm=0.0,
         test_time_passes=1,
-        license="CC-BY-SA-4.0 AND CC-BY-4.0",
+        license="CC-BY-NC-SA-4.0 AND CC-BY-4.0",
     )
     _, card = load_checkpoint(run(load_config(path)[0], base_dir=tmp_path) / "model")
-    assert card.license == "CC-BY-SA-4.0 AND CC-BY-4.0"  # what the config states wins
+    assert card.license == "CC-BY-NC-SA-4.0 AND CC-BY-4.0"  # what the config states wins
     task = card.task("abdomen")
     assert (task.largest_component, task.through_plane_sigma_mm, task.test_time_passes) == ([], 0.0, 1)
     assert card.preprocessing.intensity == parent.preprocessing.intensity
@@ -654,7 +654,7 @@ def test_merged_card_states_what_its_experts_learnt_from(tmp_path, capsys):
     state = {k: v + 0.5 if ".mlp.experts.1." in k else v for k, v in model.state_dict().items()}
     other = build_model(model.cfg)
     other.load_state_dict(state)
-    mr_card = dataclasses.replace(card, license="CC-BY-SA-4.0", training_data="phantoms and CHAOS")
+    mr_card = dataclasses.replace(card, license="CC-BY-NC-SA-4.0", training_data="phantoms and CHAOS")
     mr_run = save_checkpoint(other, mr_card, tmp_path / "mr_run")
     out = tmp_path / "merged"
     argv = ["merge-experts", str(base), str(out), "--expert", f"mr={mr_run}"]
@@ -662,18 +662,18 @@ def test_merged_card_states_what_its_experts_learnt_from(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "license is not the base model's" in err and "--license, --training-data" in err
     assert not out.exists()
-    assert m4oe_main([*argv, "--license", "CC-BY-SA-4.0"]) == 2  # the training data still unstated
+    assert m4oe_main([*argv, "--license", "CC-BY-NC-SA-4.0"]) == 2  # the training data still unstated
     assert "--training-data" in capsys.readouterr().err and not out.exists()
-    stated = ["--license", "CC-BY-SA-4.0", "--training-data", "phantoms; CHAOS (CC-BY-SA 4.0)"]
+    stated = ["--license", "CC-BY-NC-SA-4.0", "--training-data", "phantoms; CHAOS (CC BY-NC-SA 4.0)"]
     assert m4oe_main([*argv, *stated]) == 0
     merged = load_checkpoint(out)[1]
-    assert (merged.license, merged.training_data) == ("CC-BY-SA-4.0", "phantoms; CHAOS (CC-BY-SA 4.0)")
+    assert (merged.license, merged.training_data) == ("CC-BY-NC-SA-4.0", "phantoms; CHAOS (CC BY-NC-SA 4.0)")
     assert merged.intended_use == card.intended_use  # the same in both cards: the base's
     # m4oe info and the Slicer panel say which expert came from which run, not only the base's run.
     from m4oe.card_summary import training_data_text
 
     text = training_data_text(merged.to_dict())
-    assert text.startswith("phantoms; CHAOS (CC-BY-SA 4.0) Experts merged onto a base model (weights ")
+    assert text.startswith("phantoms; CHAOS (CC BY-NC-SA 4.0) Experts merged onto a base model (weights ")
     assert f"mr from {mr_card.name} (weights {mr_card.weights_sha256[:12]}" not in text  # the saved hash
     saved = load_checkpoint(mr_run)[1].weights_sha256
     assert f"mr from {mr_card.name} (weights {saved[:12]})" in text

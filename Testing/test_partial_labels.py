@@ -80,7 +80,7 @@ def test_chaos_converter_maps_the_ids_onto_the_project_organs(chaos_source, tmp_
     assert result.cases == ("chaos_t2_01", "chaos_t2_02", "chaos_t2_10")
     meta = json.loads((tmp_path / "chaos" / "dataset.json").read_text())
     assert meta["labels"] == {"background": 0, "liver": 1, "spleen": 2, "kidney_right": 3, "kidney_left": 4}
-    assert meta["modality"] == "mr" and meta["source"]["license"] == "CC-BY-SA-4.0"
+    assert meta["modality"] == "mr" and meta["source"]["license"] == "CC-BY-NC-SA-4.0"
     source = sitk.ReadImage(str(chaos_source / "chaos_MR_T2_normalized" / "label_2.nii.gz"))
     written = sitk.ReadImage(str(tmp_path / "chaos" / "labelsTr" / "chaos_t2_02.nii.gz"))
     assert written.GetPixelID() == sitk.sitkUInt8

@@ -166,7 +166,7 @@ def test_model_info_text(tiny_model_dir):
 def test_model_facts_of_the_embedded_model():
     """What the panel shows a reviewer under the model list: licence, training data, real scans."""
     lines = models.model_facts(models.model_card(None)).split("<br>")
-    assert lines[0] == "<b>Licence:</b> CC-BY-SA-4.0"
+    assert lines[0] == "<b>Licence:</b> CC-BY-NC-SA-4.0"
     assert lines[1].startswith("<b>Intended use:</b> Research and demonstration")
     assert lines[2].startswith("<b>Training data:</b> Synthetic phantoms") and "CC-BY-4.0" in lines[2]
     assert "65 training cases" in lines[2] and "CHAOS" in lines[2]
@@ -178,7 +178,7 @@ def test_model_facts_of_the_embedded_model():
     # (real_accuracy.py --held-out).
     assert lines[7] == "<b>Held-out real scans of its training datasets:</b>"
     assert lines[8].startswith(
-        "chaos_t2 (4 held out) (MR; CHAOS MR T2, CC-BY-SA-4.0; 4 cases): mean Dice 0.66, mean HD95 53.5 mm"
+        "chaos_t2 (4 held out) (MR; CHAOS MR T2, CC-BY-NC-SA-4.0; 4 cases): mean Dice 0.66, mean HD95 53.5 mm"
     )
     assert (
         lines[9].startswith("btcv (4 held out) (CT; BTCV abdomen CT, CC-BY-4.0")

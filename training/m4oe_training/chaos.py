@@ -1,7 +1,7 @@
 """CHAOS abdominal MRI (liver, kidneys, spleen; manual labels) -> an nnU-Net v2 raw dataset folder.
 
 CHAOS (Kavur et al., "CHAOS Challenge - combined (CT-MR) healthy abdominal organ segmentation",
-Medical Image Analysis 2021; data CC-BY-SA 4.0, zenodo.org/record/3431873) has 20 labelled MRI
+Medical Image Analysis 2021; data CC BY-NC-SA 4.0, zenodo.org/record/3431873: non-commercial use) has 20 labelled MRI
 studies, each a T2-SPIR (fat-suppressed T2) and a T1-DUAL (in- and opposed-phase) series, with the
 liver, both kidneys and the spleen traced by radiologists. The release is DICOM plus PNG masks;
 the form read here is the NIfTI pairs most segmentation code works from (the pre-processing of
@@ -109,7 +109,7 @@ def convert_chaos(
     source = {
         "dataset": f"CHAOS MR {SEQUENCES[sequence]}",
         "reference": "https://chaos.grand-challenge.org/ (Kavur et al., MedIA 2021)",
-        "license": "CC-BY-SA-4.0",
+        "license": "CC-BY-NC-SA-4.0",
         "folder": str(root.resolve()),
         "layout": {"image": "image_{id}.nii.gz", "label": "label_{id}.nii.gz"},
         "original_labels": {str(CHAOS_IDS[s.name]): s.original for s in CHAOS_STRUCTURES},
