@@ -74,14 +74,18 @@ routed each organ and slice and warns when the routing disagrees with the modali
 <b>Compare</b> segments again with one expert alone. Correct the result in <b>Mask editing</b> and
 <b>Export for training</b> to add the case to a training dataset.
 PyTorch comes from the PyTorch extension; other Python packages are installed on first use, after
-you agree. Not a medical device: the embedded model is trained on synthetic phantoms.
-See the <a href="https://github.com/m4oe-segmentation/SlicerM4oESegmentation">documentation</a>.
+you agree. Not a medical device. The embedded model is a research demonstration, weak on real
+scans (trained on phantoms, 27 real CTs and 16 real MRIs); its weights are CC BY-NC-SA 4.0, for
+non-commercial use only, because of the CHAOS MRIs it learnt from. See the <a href="https://github.com/m4oe-segmentation/SlicerM4oESegmentation">documentation</a>.
 """)
         self.parent.acknowledgementText = _("""
 M4oE is described in Yufeng Jiang and Yiqing Shen, "M4oE: A Foundation Model for Medical Multimodal
 Image Segmentation with Mixture of Experts", MICCAI 2024. The Swin-UNet backbone is from Cao et al.,
 "Swin-Unet: Unet-like Pure Transformer for Medical Image Segmentation", ECCV Workshops 2022.
-The module follows the design of SlicerTotalSegmentator and SlicerMONAIAuto3DSeg.
+The module follows the design of SlicerTotalSegmentator and SlicerMONAIAuto3DSeg. The embedded
+model learnt from the CHAOS challenge's MRIs (Kavur et al., Medical Image Analysis 2021; CC BY-NC-SA
+4.0) and the BTCV challenge's CTs (Landman et al., MICCAI 2015 Multi-Atlas Labeling Beyond the
+Cranial Vault).
 """)
         slicer.app.connect("startupCompleted()", registerSampleData)
         slicer.app.connect("startupCompleted()", terminology.register_terminology)
