@@ -1,14 +1,14 @@
 """CHAOS abdominal MRI (liver, kidneys, spleen; manual labels) -> an nnU-Net v2 raw dataset folder.
 
 CHAOS (Kavur et al., "CHAOS Challenge - combined (CT-MR) healthy abdominal organ segmentation",
-Medical Image Analysis 2021; data CC BY-NC-SA 4.0, zenodo.org/record/3431873: non-commercial use) has 20 labelled MRI
-studies, each a T2-SPIR (fat-suppressed T2) and a T1-DUAL (in- and opposed-phase) series, with the
-liver, both kidneys and the spleen traced by radiologists. The release is DICOM plus PNG masks;
-the form read here is the NIfTI pairs most segmentation code works from (the pre-processing of
-Ouyang et al., ECCV 2020, kept by the few-shot segmentation repositories that use CHAOS): one
-folder with ``image_<N>.nii.gz`` and ``label_<N>.nii.gz`` per study, labels 1 liver, 2 right
-kidney, 3 left kidney, 4 spleen (in any numeric voxel type). Other files in the folder
-(supervoxels, masks, JSON) are ignored.
+Medical Image Analysis 2021; data CC BY-NC-SA 4.0, non-commercial use only,
+zenodo.org/record/3431873) has 20 labelled MRI studies, each a T2-SPIR (fat-suppressed T2) and a
+T1-DUAL (in- and opposed-phase) series, with the liver, both kidneys and the spleen traced by
+radiologists. The release is DICOM plus PNG masks; the form read here is the NIfTI pairs most
+segmentation code works from (the pre-processing of Ouyang et al., ECCV 2020, kept by the few-shot
+segmentation repositories that use CHAOS): one folder with ``image_<N>.nii.gz`` and
+``label_<N>.nii.gz`` per study, labels 1 liver, 2 right kidney, 3 left kidney, 4 spleen (in any
+numeric voxel type). Other files in the folder (supervoxels, masks, JSON) are ignored.
 
 The label maps are rewritten onto the project's nine-organ numbering (liver 1, spleen 2, right
 kidney 3, left kidney 4, as the TotalSegmentator converter writes them), so a CHAOS dataset shares
