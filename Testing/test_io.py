@@ -102,8 +102,20 @@ def test_read_keeps_types_float32_holds_exactly_and_casts_the_others(tmp_path, d
     np.testing.assert_array_equal(array, expected if kept else expected.astype(np.float32))
 
 
-def write_dicom_series(folder: Path, image: sitk.Image, modality: str, series_uid: str) -> None:
-    """Write a 3D int16 image as one DICOM file per slice, with the position tags a reader needs."""
+def write_dicom_series(
+    folder: Path,
+    image: sitk.Image,
+    modality: str,
+    series_uid: str,
+    *,
+    names: list[str] | None = None,
+    uid_per_file: bool = False,
+) -> None:
+    """Write a 3D int16 image as one DICOM file per slice, with the position tags a reader needs.
+
+    ``names``: the file name of each slice (default ``<uid>_<k>.dcm``); ``uid_per_file``: give every
+    file a SeriesInstanceUID of its own, as some anonymised releases do.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -117,7 +129,7 @@ def write_dicom_series(folder: Path, image: sitk.Image, modality: str, series_ui
             "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
             "0008|0018": f"{series_uid}.{k + 1}",
             "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
-            "0020|000e": series_uid,
+            "0020|000e": f"{series_uid}.{k + 1}.1" if uid_per_file else series_uid,
             "0020|0013": str(k + 1),
             "0020|0032": "\\".join(f"{v:.6f}" for v in position),
             "0020|0037": orientation,
@@ -125,7 +137,7 @@ def write_dicom_series(folder: Path, image: sitk.Image, modality: str, series_ui
         }
         for tag, value in tags.items():
             slice_.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"{series_uid}_{k:03d}.dcm"))
+        writer.SetFileName(str(folder / (names[k] if names else f"{series_uid}_{k:03d}.dcm")))
         writer.Execute(slice_)
 
 

@@ -34,7 +34,7 @@ DICOM_TAGS = {
 
 
 def _read_dicom_series(
-    folder: Path, warnings: list[str], max_voxels: int
+    folder: Path, warnings: list[str], max_voxels: int, files: Sequence[Path] | None = None
 ) -> tuple[sitk.Image, str | None, list[Path]]:
     """Read the largest DICOM series of ``folder`` (not its subfolders); return it, its Modality and
     the files read, in the order they were stacked.
@@ -42,23 +42,31 @@ def _read_dicom_series(
     Every file's header is read first (position, orientation, acquisition and series numbers), so
     that several acquisitions under one SeriesInstanceUID are split, and the voxel limit checked,
     before any voxel is read.
+
+    ``files``: read exactly these files as one volume instead, whatever their series UIDs (some
+    anonymised releases give every file a UID of its own), stacked in ascending position along the
+    slice normal; every file needs ImagePositionPatient and ImageOrientationPatient, and no two may
+    lie at the same position.
     """
     reader = sitk.ImageSeriesReader()
-    with _itk_warnings(folder, warnings):
-        series = {
-            uid: reader.GetGDCMSeriesFileNames(str(folder), uid)
-            for uid in reader.GetGDCMSeriesIDs(str(folder))
-        }
-    if not series:
-        raise InputError("folder holds no DICOM series", folder)
-    uid = max(series, key=lambda key: len(series[key]))
-    if len(series) > 1:
-        warnings.append(
-            f"{folder}: holds {len(series)} DICOM series; read series {uid!r} ({len(series[uid])} files), "
-            "the one with the most files"
-        )
-    slices = _dicom_slices(series[uid], folder, warnings)
-    slices = _one_acquisition(slices, uid, folder, warnings)
+    if files is not None:
+        slices = _positioned_slices([str(f) for f in files], folder, warnings)
+    else:
+        with _itk_warnings(folder, warnings):
+            series = {
+                uid: reader.GetGDCMSeriesFileNames(str(folder), uid)
+                for uid in reader.GetGDCMSeriesIDs(str(folder))
+            }
+        if not series:
+            raise InputError("folder holds no DICOM series", folder)
+        uid = max(series, key=lambda key: len(series[key]))
+        if len(series) > 1:
+            warnings.append(
+                f"{folder}: holds {len(series)} DICOM series; read series {uid!r} "
+                f"({len(series[uid])} files), the one with the most files"
+            )
+        slices = _dicom_slices(series[uid], folder, warnings)
+        slices = _one_acquisition(slices, uid, folder, warnings)
     first = slices[0]
     frames = int(np.prod(first.size[2:], dtype=np.int64))  # 1, or the frames of a multi-frame file
     _check_voxels((first.size[0], first.size[1], frames * len(slices)), first.pixel_id, folder, max_voxels)
@@ -108,6 +116,28 @@ def _dicom_slices(files: Sequence[str], folder: Path, warnings: list[str]) -> li
         for file in files:
             slices.append(_dicom_slice(reader, file, normal))
             normal = normal if normal is not None else slices[-1].normal
+    return slices
+
+
+def _positioned_slices(files: Sequence[str], folder: Path, warnings: list[str]) -> list[_DicomSlice]:
+    """The headers of ``files`` sorted by ascending position along the first file's slice normal.
+
+    Raises InputError naming the folder: no files, a file without a position, or two files at the
+    same position (they are two acquisitions, or the same slice twice).
+    """
+    if not files:
+        raise InputError("holds no DICOM files", folder)
+    slices = _dicom_slices(files, folder, warnings)
+    unplaced = next((s for s in slices if s.position is None), None)
+    if unplaced is not None:
+        raise InputError("DICOM file has no ImagePositionPatient or ImageOrientationPatient", unplaced.file)
+    slices.sort(key=lambda s: s.position)
+    if _has_duplicates(slices):
+        raise InputError(
+            f"DICOM files ({len(slices)}) hold two slices at the same position; "
+            "put each acquisition in a folder of its own",
+            folder,
+        )
     return slices
 
 

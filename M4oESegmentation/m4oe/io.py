@@ -23,6 +23,7 @@ keeps working.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,7 +124,9 @@ class LoadedImage:
     dicom_files: list[Path] = field(default_factory=list)
 
 
-def read_image(path: str | Path, *, max_voxels: int | None = None) -> LoadedImage:
+def read_image(
+    path: str | Path, *, max_voxels: int | None = None, dicom_files: Sequence[str | Path] | None = None
+) -> LoadedImage:
     """Read a 3D scalar volume from NIfTI, NRRD, MetaImage or a DICOM series folder.
 
     A folder is read as a DICOM series; when it holds several series, the one with the most files
@@ -134,6 +137,10 @@ def read_image(path: str | Path, *, max_voxels: int | None = None) -> LoadedImag
 
     ``max_voxels``: the largest volume read (None: :func:`max_voxels_limit`); the size comes from
     the header, so a larger volume is refused before any voxel is read.
+
+    ``dicom_files``: with a folder ``path``, read exactly these DICOM files as one volume, whatever
+    their series UIDs, stacked by ascending position along the slice normal (for releases whose
+    anonymisation gives each file a UID of its own); refused if one has no position or two share one.
 
     Refused with :class:`InputError` naming the file: a missing path, a folder without a DICOM
     series, a single DICOM file (pass its folder), an unsupported or corrupt or truncated file, a
@@ -152,8 +159,11 @@ def read_image(path: str | Path, *, max_voxels: int | None = None) -> LoadedImag
     limit = max_voxels_limit(max_voxels)
     if not path.exists():
         raise InputError("no such file or folder", path)
+    if dicom_files is not None and not path.is_dir():
+        raise ValueError(f"dicom_files needs a folder path, got {path}")
     if path.is_dir():
-        image, modality, files = _read_dicom_series(path, warnings, limit)
+        chosen = None if dicom_files is None else [Path(f) for f in dicom_files]
+        image, modality, files = _read_dicom_series(path, warnings, limit, chosen)
     else:
         image = _read_file(path, warnings, limit)
     _check_size(image.GetSize(), path)

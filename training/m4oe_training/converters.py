@@ -24,7 +24,8 @@ Commands (``m4oe convert`` will wrap the same functions)::
     python -m m4oe_training.converters totalsegmentator SRC/ data/real/my_cts --modality ct
     python -m m4oe_training.converters totalsegmentator data/real/example_ct --modality ct \
         --image example_ct.nii.gz --labels example_seg_fast_force_split.nii.gz --case example_ct
-    python -m m4oe_training.converters chaos     CHAOST2/ data/CHAOS_MR_T2       (see .chaos)
+    python -m m4oe_training.converters chaos     CHAOS_Train_Sets/ data/CHAOS_MR_T2  (see .chaos)
+    python -m m4oe_training.converters chaos     CHAOS_Train_Sets/ data/CHAOS_T1_in --sequence t1-in
     python -m m4oe_training.converters btcv      SABS/ slices/ data/BTCV_CT     (see .btcv)
     python -m m4oe_training.converters verify    data/AMOS22_MR
 
@@ -456,7 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
         "totalsegmentator", help="scans with TotalSegmentator labels, mapped to the project's nine organs"
     )
     add_totalsegmentator_arguments(totalsegmentator)
-    chaos = commands.add_parser("chaos", help="CHAOS abdominal MRI (liver, kidneys, spleen), NIfTI pairs")
+    chaos = commands.add_parser(
+        "chaos", help="CHAOS abdominal MRI (liver, kidneys, spleen): the DICOM/PNG release or NIfTI pairs"
+    )
     add_chaos_arguments(chaos)
     btcv = commands.add_parser(
         "btcv", help="BTCV abdominal CT (13 organs), few-shot label volumes + PNG slices"
