@@ -80,11 +80,26 @@ def write_study(root: Path, study: int, *, ground: bool = True) -> None:
             write_png(folder / "T1DUAL" / "Ground" / f"{in_names[k]}.png", masks[k])  # named after InPhase
 
 
+def write_ct_study(root: Path, study: int) -> None:
+    """One CT study as the release names it: ``i<k>,0000b.dcm`` and ``liver_GT_<k>.png`` (0 or 255),
+    numbered against the slice positions; liver and spleen in the anatomy, the liver alone in the masks."""
+    ids = anatomy(study)
+    n = SHAPE[0]
+    folder = root / "CT" / str(study)
+    write_dicom_series(
+        folder / "DICOM_anon", series(ids, -1000), "CT", f"1.2.826.0.1.3680043.2.1125.{study}.9",
+        names=[f"i{n - 1 - k:04d},0000b.dcm" for k in range(n)], uid_per_file=True,
+    )  # fmt: skip
+    for k in range(n):
+        write_png(folder / "Ground" / f"liver_GT_{n - 1 - k:03d}.png", 255 * (ids[k] == 1))
+
+
 @pytest.fixture
 def release(tmp_path) -> Path:
     root = tmp_path / "CHAOS_Train_Sets" / "Train_Sets"
     for study in (1, 5, 10):
         write_study(root, study)
+        write_ct_study(root, study + 20)
     write_study(root, 7, ground=False)  # a study without masks, as in the test set
     return tmp_path / "CHAOS_Train_Sets"
 
@@ -180,3 +195,19 @@ def test_the_command_converts_the_release(release, tmp_path):
         == 0
     )
     assert sorted(p.name for p in (tmp_path / "out" / "labelsTr").iterdir())[0] == "chaos_t1out_01.nii.gz"
+
+
+def test_release_ct_comes_back_with_its_liver_masks(release, tmp_path):
+    result = convert_chaos(release, tmp_path / "ct", sequence="ct")
+    assert result.cases == ("chaos_ct_21", "chaos_ct_25", "chaos_ct_30") and result.modality == "ct"
+    truth = anatomy(25)
+    image = sitk.ReadImage(str(tmp_path / "ct" / "imagesTr" / "chaos_ct_25_0000.nii.gz"))
+    label = sitk.ReadImage(str(tmp_path / "ct" / "labelsTr" / "chaos_ct_25.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(series(truth, -1000)))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(label), (truth == 1).astype(np.uint8))  # liver 1
+    meta = json.loads((tmp_path / "ct" / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "liver": 1} and meta["modality"] == "ct"
+    assert meta["source"]["mask_pairing"] == {"by file order": 3}
+    assert meta["source"]["layout"]["label"] == "{study}/Ground/*.png"
+    with pytest.raises(InputError, match="no CHAOS release"):
+        convert_chaos(release / "Train_Sets" / "MR", tmp_path / "ct2", sequence="ct")

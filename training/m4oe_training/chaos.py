@@ -1,4 +1,4 @@
-"""CHAOS abdominal MRI (liver, kidneys, spleen; manual labels) -> an nnU-Net v2 raw dataset folder.
+"""CHAOS abdominal MRI (liver, kidneys, spleen) and CT (liver; manual labels) -> nnU-Net v2 raw datasets.
 
 CHAOS (Kavur et al., "CHAOS Challenge - combined (CT-MR) healthy abdominal organ segmentation",
 Medical Image Analysis 2021; data CC BY-NC-SA 4.0, non-commercial use only,
@@ -21,7 +21,9 @@ radiologists. Two forms are read:
   them. Files are read by that pairing, whatever their series UIDs, and stacked by position along
   the slice normal (LPS), each slice carrying its mask. With ``--sequence t1-in`` or ``t1-out`` the
   phase paired by order is checked against the other phase paired by name: both must put every
-  mask on the slice at the same position.
+  mask on the slice at the same position. The release's CT part (``CT/<study>/DICOM_anon/*.dcm``,
+  ``CT/<study>/Ground/liver_GT_*.png``: 20 portal-venous CTs, the liver alone, any non-zero grey
+  value) is read the same way with ``--sequence ct``: its masks pair by file order.
 * **NIfTI pairs** (the pre-processing of Ouyang et al., ECCV 2020, kept by the few-shot
   segmentation repositories that use CHAOS): one folder with ``image_<N>.nii.gz`` and
   ``label_<N>.nii.gz`` per study, labels 1 liver, 2 right kidney, 3 left kidney, 4 spleen (in any
@@ -35,14 +37,15 @@ training counts the other five as unknown on its slices, not as background (part
 
 Command::
 
-    python -m m4oe_training.converters chaos SRC DST [--sequence t2|t1-in|t1-out|t1] [--overwrite]
+    python -m m4oe_training.converters chaos SRC DST [--sequence t2|t1-in|t1-out|ct|t1] [--overwrite]
 
-``SRC`` is the release (``CHAOS_Train_Sets/``, its ``Train_Sets/`` or ``MR/`` folder), or a folder
+``SRC`` is the release (``CHAOS_Train_Sets/``, its ``Train_Sets/``, ``MR/`` or ``CT/``), or a folder
 of NIfTI pairs or a parent holding ``chaos_MR_T2_normalized/`` (``CHAOST2/...``, or the T1 names
-with ``--sequence t1``). Case ids: ``chaos_t2_<NN>``, ``chaos_t1in_<NN>``, ``chaos_t1out_<NN>``
-(``chaos_t1_<NN>`` for T1 NIfTI pairs), NN the study number. Studies of the release without masks
-(the test set) are skipped and counted. Geometry is checked as for every converter (:mod:`.nnunet`);
-errors name the file; the dataset is built in a hidden folder and renamed into place when complete.
+with ``--sequence t1``). Case ids: ``chaos_t2_<NN>``, ``chaos_t1in_<NN>``, ``chaos_t1out_<NN>``,
+``chaos_ct_<NN>`` (``chaos_t1_<NN>`` for T1 NIfTI pairs), NN the study number. Studies of the
+release without masks (the test set) are skipped and counted. Geometry is checked as for every
+converter (:mod:`.nnunet`); errors name the file; the dataset is built in a hidden folder and renamed
+into place when complete.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -69,7 +73,7 @@ from .dataset_writer import (
     _check_destination,
     write_datasets,
 )
-from .nnunet import check_cancel
+from .nnunet import Tracker, check_cancel
 
 CHAOS_STRUCTURES = (
     Structure(1, "liver", "liver", "liver"),
@@ -85,12 +89,26 @@ CHAOS_IDS = {"liver": 1, "kidney_right": 2, "kidney_left": 3, "spleen": 4}
 SEQUENCES = {"t2": "T2", "t1": "T1"}
 """Sequences of the NIfTI pairs: the name in their folder."""
 
+
+class ReleaseSeries(NamedTuple):
+    """Where one series of a release study lies: ``<part>/<study>/<series>/DICOM_anon/<phase>``,
+    masks in ``<part>/<study>/<series>/Ground``; its case-id tag, description and modality."""
+
+    part: str
+    series: str
+    phase: str | None
+    tag: str
+    description: str
+    modality: str
+
+
 RELEASE_SEQUENCES = {
-    "t2": ("T2SPIR", None, "t2", "T2-SPIR"),
-    "t1-in": ("T1DUAL", "InPhase", "t1in", "T1-DUAL in-phase"),
-    "t1-out": ("T1DUAL", "OutPhase", "t1out", "T1-DUAL opposed-phase"),
+    "t2": ReleaseSeries("MR", "T2SPIR", None, "t2", "MR T2-SPIR", "mr"),
+    "t1-in": ReleaseSeries("MR", "T1DUAL", "InPhase", "t1in", "MR T1-DUAL in-phase", "mr"),
+    "t1-out": ReleaseSeries("MR", "T1DUAL", "OutPhase", "t1out", "MR T1-DUAL opposed-phase", "mr"),
+    "ct": ReleaseSeries("CT", "", None, "ct", "CT (portal venous phase), liver only", "ct"),
 }
-"""Sequences of the release: series folder, T1-DUAL phase folder, case-id tag, description."""
+"""The release's series, by ``--sequence``."""
 
 PNG_RANGES = {"liver": (56, 70), "kidney_right": (111, 135), "kidney_left": (176, 200), "spleen": (241, 255)}
 """Grey values (inclusive) of each organ in the release's PNG masks (written as 63, 126, 189, 252)."""
@@ -106,9 +124,13 @@ def chaos_remap() -> np.ndarray:
     return table
 
 
-def png_ids() -> np.ndarray:
-    """256-entry table: grey value of a release PNG mask -> CHAOS id (0 outside the organ ranges)."""
+def png_ids(modality: str = "mr") -> np.ndarray:
+    """256-entry table: grey value of a release PNG mask -> CHAOS id. MR: the organ ranges (0
+    outside them); CT, whose masks hold the liver only: every non-zero value is the liver."""
     table = np.zeros(256, dtype=np.uint8)
+    if modality == "ct":
+        table[1:] = CHAOS_IDS["liver"]
+        return table
     for name, (low, high) in PNG_RANGES.items():
         table[low : high + 1] = CHAOS_IDS[name]
     return table
@@ -151,24 +173,35 @@ def convert_chaos(
     progress=None,
     cancel=None,
 ) -> ConversionResult:
-    """Write the CHAOS MRI pairs of ``src`` as an nnU-Net dataset at ``dst`` (modality "mr").
+    """Write one CHAOS series of ``src`` (the release, or NIfTI pairs) as an nnU-Net dataset at ``dst``
+    (modality "mr", or "ct" for the release's CT).
 
-    Images are copied as they are (LPS geometry, the scanner's intensities); label maps are
-    rewritten as uint8 in the project's numbering on each image's exact grid. Returns what was
-    written. Raises InputError or OutputError naming the file.
+    Images keep their LPS geometry and the scanner's intensities (HU for CT); label maps are written
+    as uint8 in the project's numbering on each image's exact grid. Returns what was written.
+    Raises InputError or OutputError naming the file.
     """
     known = sorted(set(SEQUENCES) | set(RELEASE_SEQUENCES))
     if sequence not in known:
         raise InputError(f"unknown CHAOS sequence {sequence!r}; expected one of {known}", src)
-    release = _release_root(Path(src)) if Path(src).is_dir() and not _has_pairs(Path(src)) else None
-    if release is not None:
-        return _convert_release(
-            release, Path(dst), sequence, overwrite=overwrite, progress=progress, cancel=cancel
+    src = Path(src)
+    if src.is_dir() and not _has_pairs(src):
+        if sequence == "t1" and _release_root(src, "MR") is not None:
+            raise InputError(
+                "is the CHAOS release, whose T1-DUAL series has two phases; pass --sequence t1-in or t1-out",
+                src,
+            )
+        release = (
+            _release_root(src, RELEASE_SEQUENCES[sequence].part) if sequence in RELEASE_SEQUENCES else None
         )
+        if release is not None:
+            return _convert_release(
+                release, Path(dst), sequence, overwrite=overwrite, progress=progress, cancel=cancel
+            )
     if sequence not in SEQUENCES:
+        part = RELEASE_SEQUENCES[sequence].part
         raise InputError(
-            f"holds no CHAOS release (MR/<study>/T1DUAL/...) and NIfTI pairs have no sequence "
-            f"{sequence!r}; use t2 or t1 for them",
+            f"holds no CHAOS release ({part}/<study>/... with numbered study folders) and NIfTI pairs "
+            f"have no sequence {sequence!r}; use t2 or t1 for them",
             src,
         )
     root, cases = find_cases(src, sequence)
@@ -198,21 +231,21 @@ def _has_pairs(src: Path) -> bool:
     return any(c.is_dir() and any(c.glob(f"image_*{FILE_ENDING}")) for c in candidates)
 
 
-def _is_study(folder: Path) -> bool:
-    return (
-        folder.is_dir() and folder.name.isdigit() and any((folder / s).is_dir() for s in ("T2SPIR", "T1DUAL"))
-    )
+def _is_study(folder: Path, part: str) -> bool:
+    """A numbered study folder of the release's ``part`` ("MR": T2SPIR or T1DUAL; "CT": DICOM_anon)."""
+    inside = ("T2SPIR", "T1DUAL") if part == "MR" else ("DICOM_anon",)
+    return folder.is_dir() and folder.name.isdigit() and any((folder / s).is_dir() for s in inside)
 
 
-def _release_root(src: Path) -> Path | None:
-    """The release's ``MR`` folder (numbered study folders) at or under ``src``, or None."""
+def _release_root(src: Path, part: str) -> Path | None:
+    """The release's ``part`` folder ("MR" or "CT", numbered study folders) at or under ``src``."""
     for candidate in (
         src,
-        src / "MR",
-        src / "Train_Sets" / "MR",
-        src / "CHAOS_Train_Sets" / "Train_Sets" / "MR",
+        src / part,
+        src / "Train_Sets" / part,
+        src / "CHAOS_Train_Sets" / "Train_Sets" / part,
     ):
-        if candidate.is_dir() and any(_is_study(child) for child in candidate.iterdir()):
+        if candidate.is_dir() and any(_is_study(child, part) for child in candidate.iterdir()):
             return candidate
     return None
 
@@ -247,8 +280,9 @@ def pair_masks(dicoms: Sequence[Path], masks: Sequence[Path], folder: Path) -> t
     return dict(zip(dicoms, masks, strict=True)), "order"
 
 
-def _read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """One PNG mask as CHAOS ids, (rows, columns) = ``shape`` of its DICOM slice."""
+def _read_mask(path: Path, shape: tuple[int, int], table: np.ndarray) -> np.ndarray:
+    """One PNG mask as CHAOS ids through ``table`` (:func:`png_ids`), (rows, columns) = ``shape`` of
+    its DICOM slice."""
     try:
         mask = sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -264,13 +298,13 @@ def _read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
         raise InputError(
             f"PNG mask is {grey.shape[1]}x{grey.shape[0]} pixels, its DICOM slice {shape[1]}x{shape[0]}", path
         )
-    return png_ids()[grey]
+    return table[grey]
 
 
 def _series_folder(study: Path, sequence: str, phase: str | None = None) -> Path:
-    folder, default_phase, _, _ = RELEASE_SEQUENCES[sequence]
-    phase = default_phase if phase is None else phase
-    base = study / folder / "DICOM_anon"
+    series = RELEASE_SEQUENCES[sequence]
+    phase = series.phase if phase is None else phase
+    base = study / series.series / "DICOM_anon"
     return base if phase is None else base / phase
 
 
@@ -278,8 +312,8 @@ def _read_study(study: Path, sequence: str) -> tuple[sitk.Image, sitk.Image, str
     """A release study's series (LPS, mm, the scanner's values) and its CHAOS-id label map on that
     grid (uint8, 0 background), and how masks were paired; None when the study has no masks.
     """
-    series_name, phase, _, _ = RELEASE_SEQUENCES[sequence]
-    ground = study / series_name / "Ground"
+    series = RELEASE_SEQUENCES[sequence]
+    ground = study / series.series / "Ground"
     folder = _series_folder(study, sequence)
     if not ground.is_dir() or not any(ground.glob("*.png")):
         return None
@@ -292,11 +326,12 @@ def _read_study(study: Path, sequence: str) -> tuple[sitk.Image, sitk.Image, str
     mask_of, pairing = pair_masks(dicoms, masks, folder)
     loaded = read_image(folder, dicom_files=dicoms)
     order = loaded.dicom_files
-    if pairing == "order" and phase is not None:
+    if pairing == "order" and series.phase is not None:
         _check_phases(study, sequence, order, mask_of, masks, loaded.image)
     image = loaded.image
     columns, rows, _ = image.GetSize()
-    ids = np.stack([_read_mask(mask_of[file], (rows, columns)) for file in order])
+    table = png_ids(series.modality)
+    ids = np.stack([_read_mask(mask_of[file], (rows, columns), table) for file in order])
     label = sitk.GetImageFromArray(ids)
     label.CopyInformation(image)
     return image, label, pairing
@@ -313,7 +348,7 @@ def _check_phases(
     """For a T1-DUAL phase whose masks were paired by file order: where the other phase pairs with
     them by name, each mask must fall on the slice at the same position (same stacking index on the
     same grid) in both phases. Raises InputError naming the folder otherwise."""
-    _, phase, _, _ = RELEASE_SEQUENCES[sequence]
+    phase = RELEASE_SEQUENCES[sequence].phase
     other = _series_folder(study, sequence, "OutPhase" if phase == "InPhase" else "InPhase")
     if not other.is_dir():
         return
@@ -349,25 +384,23 @@ def _convert_release(
     progress: ProgressCallback | None,
     cancel: CancelCheck | None,
 ) -> ConversionResult:
-    """Convert the release's studies under ``root`` (the ``MR`` folder) for one sequence."""
-    if sequence not in RELEASE_SEQUENCES:
-        raise InputError(
-            "is the CHAOS release, whose T1-DUAL series has two phases; pass --sequence t1-in or t1-out", root
-        )
-    series_name, phase, tag, description = RELEASE_SEQUENCES[sequence]
+    """Convert the release's studies under ``root`` (its ``MR`` or ``CT`` folder) for one sequence."""
+    series = RELEASE_SEQUENCES[sequence]
     _check_destination(dst, root, overwrite)
-    studies = sorted((s for s in root.iterdir() if _is_study(s)), key=lambda s: int(s.name))
+    studies = sorted((s for s in root.iterdir() if _is_study(s, series.part)), key=lambda s: int(s.name))
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{dst.name}.", suffix=".read", dir=dst.parent) as scratch:
         cases, pairings, unlabelled = [], {}, 0
+        tracker = Tracker("read", len(studies), progress)
         for study in studies:
             check_cancel(cancel, study)
             read = _read_study(study, sequence)
+            tracker.step(study.name)
             if read is None:
                 unlabelled += 1
                 continue
             image, label, pairing = read
-            case_id = f"chaos_{tag}_{int(study.name):02d}"
+            case_id = f"chaos_{series.tag}_{int(study.name):02d}"
             image_file = Path(scratch) / f"{case_id}_image{FILE_ENDING}"
             label_file = Path(scratch) / f"{case_id}_label{FILE_ENDING}"
             sitk.WriteImage(image, str(image_file), useCompression=True)
@@ -375,23 +408,27 @@ def _convert_release(
             cases.append(Case(case_id, study.name, image_file, label_file))
             pairings[pairing] = pairings.get(pairing, 0) + 1
         if not cases:
-            raise InputError(f"holds no {series_name} study with Ground masks (is it the test set?)", root)
-        phase_part = "" if phase is None else f"{phase}/"
+            what = series.series or series.part
+            raise InputError(f"holds no {what} study with Ground masks (is it the test set?)", root)
+        folder = "/".join(p for p in (series.series, "DICOM_anon", series.phase) if p)
+        ground = "/".join(p for p in (series.series, "Ground") if p)
+        ct = series.modality == "ct"
+        structures = CHAOS_STRUCTURES[:1] if ct else CHAOS_STRUCTURES
         source = {
-            "dataset": f"CHAOS MR {description}",
+            "dataset": f"CHAOS {series.description}",
             "reference": "https://chaos.grand-challenge.org/ (Kavur et al., MedIA 2021)",
             "license": "CC-BY-NC-SA-4.0",
             "folder": str(root.resolve()),
-            "layout": {
-                "image": f"{{study}}/{series_name}/DICOM_anon/{phase_part}*.dcm",
-                "label": f"{{study}}/{series_name}/Ground/*.png",
-            },
-            "original_labels": {f"{low}-{high}": name for name, (low, high) in PNG_RANGES.items()},
+            "layout": {"image": f"{{study}}/{folder}/*.dcm", "label": f"{{study}}/{ground}/*.png"},
+            "original_labels": (
+                {"1-255": "liver"} if ct else {f"{lo}-{hi}": name for name, (lo, hi) in PNG_RANGES.items()}
+            ),
             "mask_pairing": {f"by file {how}": n for how, n in sorted(pairings.items())},
-            "partial_labels": "liver, spleen and kidneys only; other organs are not labelled",
+            "partial_labels": ("the liver only" if ct else "liver, spleen and kidneys only")
+            + "; other organs are not labelled",
         }
-        name = f"CHAOS_MR_{series_name}" + ("" if phase is None else f"_{phase}")
-        job = Job(name, "mr", CHAOS_STRUCTURES, dst, tuple(cases), unlabelled, source, chaos_remap())
+        name = "_".join(p for p in ("CHAOS", series.part, series.series, series.phase) if p)
+        job = Job(name, series.modality, structures, dst, tuple(cases), unlabelled, source, chaos_remap())
         return write_datasets([job], root, link=False, overwrite=overwrite, progress=progress, cancel=cancel)[
             0
         ]
@@ -401,7 +438,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "src",
         type=Path,
-        help="the CHAOS release (CHAOS_Train_Sets/, Train_Sets/ or MR/), or a folder of "
+        help="the CHAOS release (CHAOS_Train_Sets/, Train_Sets/, or its MR/ or CT/), or a folder of "
         "image_N.nii.gz / label_N.nii.gz pairs or a parent",
     )
     parser.add_argument("dst", type=Path, help="output dataset folder")
@@ -409,6 +446,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sequence",
         choices=sorted(set(SEQUENCES) | set(RELEASE_SEQUENCES)),
         default="t2",
-        help="which series (default t2); the release's T1-DUAL is t1-in or t1-out, NIfTI pairs' T1 is t1",
+        help="which series (default t2); the release's T1-DUAL is t1-in or t1-out, its CT ct; "
+        "NIfTI pairs' T1 is t1",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
