@@ -211,3 +211,24 @@ def test_release_ct_comes_back_with_its_liver_masks(release, tmp_path):
     assert meta["source"]["layout"]["label"] == "{study}/Ground/*.png"
     with pytest.raises(InputError, match="no CHAOS release"):
         convert_chaos(release / "Train_Sets" / "MR", tmp_path / "ct2", sequence="ct")
+
+
+def test_grey_masks_saved_as_rgb_or_16_bit_read_the_same_and_colour_is_refused(release, tmp_path):
+    ground = release / "Train_Sets" / "MR" / "1" / "T2SPIR" / "Ground"
+    first, second = sorted(ground.iterdir())[:2]
+    grey = sitk.GetArrayFromImage(sitk.ReadImage(str(first)))
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack([grey] * 3, axis=-1), isVector=True), str(first))
+    sitk.WriteImage(
+        sitk.GetImageFromArray(sitk.GetArrayFromImage(sitk.ReadImage(str(second))).astype(np.uint16)),
+        str(second),
+    )
+    assert sitk.ReadImage(str(first)).GetNumberOfComponentsPerPixel() == 3
+    assert sitk.ReadImage(str(second)).GetPixelID() == sitk.sitkUInt16
+    convert_chaos(release, tmp_path / "out")
+    label = sitk.ReadImage(str(tmp_path / "out" / "labelsTr" / "chaos_t2_01.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(label), np.vectorize(WRITTEN.get)(anatomy(1)))
+    colour = np.stack([grey, grey, np.zeros_like(grey)], axis=-1)
+    sitk.WriteImage(sitk.GetImageFromArray(colour, isVector=True), str(first))
+    with pytest.raises(InputError, match="PNG mask is in colour") as error:
+        convert_chaos(release, tmp_path / "out2")
+    assert str(first) in str(error.value) and not (tmp_path / "out2").exists()

@@ -282,23 +282,31 @@ def pair_masks(dicoms: Sequence[Path], masks: Sequence[Path], folder: Path) -> t
 
 def _read_mask(path: Path, shape: tuple[int, int], table: np.ndarray) -> np.ndarray:
     """One PNG mask as CHAOS ids through ``table`` (:func:`png_ids`), (rows, columns) = ``shape`` of
-    its DICOM slice."""
+    its DICOM slice.
+
+    The release's masks are 8-bit grey; a grey mask saved as RGB(A) (equal colour channels) or as
+    16-bit values up to 255 is read as the same grey values. Refused, naming the file: unreadable,
+    not 2D, colour, values above 255, or a size other than the slice's.
+    """
     try:
         mask = sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise InputError(f"PNG mask cannot be read ({str(error).strip().splitlines()[-1]})", path) from None
-    if (
-        mask.GetDimension() != 2
-        or mask.GetNumberOfComponentsPerPixel() != 1
-        or mask.GetPixelID() != sitk.sitkUInt8
-    ):
-        raise InputError("PNG mask is not an 8-bit grey image", path)
+    if mask.GetDimension() != 2:
+        raise InputError(f"PNG mask is {mask.GetDimension()}D; expected one 2D slice", path)
     grey = sitk.GetArrayFromImage(mask)
+    if grey.ndim == 3:  # (rows, columns, channels): grey, grey + alpha, RGB or RGBA
+        colour = grey[..., : 3 if grey.shape[-1] >= 3 else 1]
+        if np.any(colour != colour[..., :1]):
+            raise InputError("PNG mask is in colour; expected grey values (63, 126, 189, 252 or 255)", path)
+        grey = colour[..., 0]
+    if not np.issubdtype(grey.dtype, np.integer) or grey.min() < 0 or grey.max() > 255:
+        raise InputError(f"PNG mask holds values outside 0-255 (up to {grey.max()})", path)
     if grey.shape != shape:
         raise InputError(
             f"PNG mask is {grey.shape[1]}x{grey.shape[0]} pixels, its DICOM slice {shape[1]}x{shape[0]}", path
         )
-    return table[grey]
+    return table[grey.astype(np.int64)]
 
 
 def _series_folder(study: Path, sequence: str, phase: str | None = None) -> Path:
