@@ -185,6 +185,25 @@ def test_a_bad_case_is_recorded_and_the_rest_are_done(tmp_path, phantoms, tiny_m
     ]
 
 
+def test_the_accuracy_warning_is_given_once_per_modality_not_in_every_row(tmp_path, phantoms, capsys):
+    """The embedded model's card reports weak structures on real CT, so every CT case gets the same
+    accuracy warning: summary.json holds it once, each row in its own field (not among the case's
+    warnings), the CSV leaves it out and the end of the run prints it once."""
+    images = cohort(tmp_path / "images", phantoms, ["a", "b"])
+    out = tmp_path / "out"
+    args = ["batch", str(images), "-o", str(out), "--threads", "1", "--tta", "1", "--modality", "ct"]
+    assert cli.main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["model_warnings"]) == ["ct"]
+    warning = summary["model_warnings"]["ct"]
+    assert warning.startswith("on the real CT scans its card reports")
+    for row in summary["cases"]:
+        assert row["accuracy_warning"] == warning and warning not in row["warnings"]
+    assert warning not in (out / "summary.csv").read_text()
+    assert json.loads((out / "cases" / "a.json").read_text())["accuracy_warning"] == warning
+    assert capsys.readouterr().err.count(warning) == 1
+
+
 def test_rerun_skips_finished_cases_without_rewriting_them(tmp_path, phantoms, tiny_model_dir):
     images = cohort(tmp_path / "images", phantoms, ["a", "b", "c"])
     out = tmp_path / "out"

@@ -12,7 +12,9 @@ renamed together, the label map last: a case is finished exactly when its label 
 exist, so a run killed at any point leaves no partial file, and the next run skips the finished
 cases and redoes the rest (the files of an unfinished case are replaced). ``summary.csv`` and
 ``summary.json`` (every case: status, seconds, modality, routing, organ volumes in mL, warnings,
-error) are rewritten, atomically, after each case.
+error) are rewritten, atomically, after each case. The model's accuracy warning for a modality
+(the structures its card reports weak on real scans) is the same for every case of that modality:
+``summary.json`` holds it once per modality, and the end of the run prints it once.
 """
 
 from __future__ import annotations
@@ -478,6 +480,8 @@ def cmd_batch(args) -> int:
             f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped "
             f"in {elapsed:.1f} s; summary: {settings.out_dir / SUMMARY_CSV}"
         )
+        for modality, warning in summary.model_warnings().items():
+            print(f"note, every {modality.upper()} case: {warning}", file=sys.stderr)
         for row in summary.rows.values():
             if row["status"] == "failed":
                 print(f"failed: {row['case_id']}: {row['error']}", file=sys.stderr)

@@ -5,8 +5,11 @@ A row (JSON): ``case_id``, ``status`` (ok, failed, skipped, pending), ``seconds`
 network + write time; ``stage_seconds`` splits it), ``input`` (absolute path), ``output``,
 ``modality`` and ``modality_source``, ``task``, ``volumes_ml`` (mL per label of the task),
 ``routing`` (the gate's ``mean_weights`` per expert over the volume, ``dominant_expert``,
-``routing_confidence``; None for a dense model), ``warnings`` (the reader's notes and the
-prediction's warnings), ``error`` (why a case failed), ``worker`` (the Dask worker that ran it),
+``routing_confidence``; None for a dense model), ``warnings`` (what is particular to the case: the
+reader's notes, the routing and scan-check warnings), ``accuracy_warning`` (the structures the
+model's card reports weak or unmeasured on real scans of the case's modality: the same for every
+case of a modality, so ``summary.json`` also holds it once per modality in ``model_warnings`` and
+``summary.csv`` leaves it out), ``error`` (why a case failed), ``worker`` (the Dask worker that ran it),
 ``run_id`` (the run that segmented it).
 """
 
@@ -45,7 +48,8 @@ def case_row(
 
     ``volumes_ml``: per label of the task, voxels x voxel volume (spacing in mm) / 1000. ``routing``:
     the gate's mean weight per expert over the volume, its dominant expert and routing confidence
-    (None for a dense model). ``warnings``: the reader's notes and the prediction's warnings.
+    (None for a dense model). ``warnings``: the reader's notes and the prediction's warnings but the
+    accuracy warning, which is ``accuracy_warning`` (see the module docstring).
     """
     row = {
         "case_id": case.case_id,
@@ -59,6 +63,7 @@ def case_row(
         "volumes_ml": {},
         "routing": None,
         "warnings": [],
+        "accuracy_warning": None,
         "error": None,
         "worker": None,
         "run_id": None,
@@ -86,7 +91,11 @@ def case_row(
                 "routing_confidence": overall["routing_confidence"],
                 "mean_weights": overall["mean_weights"],
             },
-            warnings=[*loaded.warnings, *prediction.warnings.values()],
+            warnings=[
+                *loaded.warnings,
+                *(w for kind, w in prediction.warnings.items() if kind != "accuracy"),
+            ],
+            accuracy_warning=prediction.warnings.get("accuracy"),
             run_id=run_id,
         )
     return row
@@ -125,9 +134,10 @@ def failed_row(case: Case, error: BaseException, seconds: dict, worker: str | No
 class Summary:
     """The summary of a run, one row per case in the order of the inputs, written as cases finish.
 
-    ``summary.json``: ``{"run_id", "out_dir", "model", "elapsed_s", "counts": {status: n}, "cases":
-    [row, ...]}``; ``summary.csv``: one line per row, ``volumes_ml`` as ``<label>_ml`` columns and
-    the routing as ``dominant_expert``, ``routing_confidence`` and ``gate_<expert>`` columns.
+    ``summary.json``: ``{"run_id", "out_dir", "model", "elapsed_s", "counts": {status: n},
+    "model_warnings": {modality: accuracy warning}, "cases": [row, ...]}``; ``summary.csv``: one
+    line per row, ``volumes_ml`` as ``<label>_ml`` columns and the routing as ``dominant_expert``,
+    ``routing_confidence`` and ``gate_<expert>`` columns, the accuracy warning left out.
     Statuses: ``ok`` (segmented by this run), ``skipped`` (finished by an earlier run; its row as
     recorded then), ``failed`` (``error`` says why; retried by the next run), ``pending`` (not
     reached: an interrupted run).
@@ -147,6 +157,16 @@ class Summary:
 
     def set(self, row: dict) -> None:
         self.rows[row["case_id"]] = row
+
+    def model_warnings(self) -> dict[str, str]:
+        """The accuracy warning of each modality segmented (``"ct"``, ``"mr"``), once: the rows'
+        ``accuracy_warning``, the first of each modality in input order (every case of a modality
+        gets the same one, the structures segmented being the run's)."""
+        found: dict[str, str] = {}
+        for row in self.rows.values():
+            if row.get("accuracy_warning") and row["modality"] not in found:
+                found[row["modality"]] = row["accuracy_warning"]
+        return found
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(("ok", "failed", "skipped", "pending"), 0)
@@ -177,6 +197,7 @@ class Summary:
             "model": self.model,
             "elapsed_s": round(time.perf_counter() - self.started, 3),
             "counts": self.counts(),
+            "model_warnings": self.model_warnings(),
             "cases": list(self.rows.values()),
         }
         text = json.dumps(document, indent=1) + "\n"
