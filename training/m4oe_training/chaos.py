@@ -323,11 +323,11 @@ def _read_study(study: Path, sequence: str) -> tuple[sitk.Image, sitk.Image, str
     series = RELEASE_SEQUENCES[sequence]
     ground = study / series.series / "Ground"
     folder = _series_folder(study, sequence)
-    if not ground.is_dir() or not any(ground.glob("*.png")):
+    masks = _files(ground, ".png") if ground.is_dir() else []
+    if not masks:
         return None
     if not folder.is_dir():
         raise InputError("is missing: the study has masks but no DICOM series there", folder)
-    masks = _files(ground, ".png")
     dicoms = _files(folder, ".dcm")
     if not dicoms:
         raise InputError("holds no .dcm files", folder)
