@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +152,27 @@ def test_read_synthetic_dicom_series(tmp_path):
     assert loaded.image.GetSize() == (10, 9, 5)
     assert same_geometry(loaded.image, original, tol=1e-4)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(loaded.image), sitk.GetArrayFromImage(original))
+
+
+def test_chosen_dicom_files_are_one_volume_whatever_their_series_uids(tmp_path):
+    """``dicom_files``: files whose SeriesInstanceUIDs all differ (GDCM would see 5 one-file series)
+    are read as one volume, stacked by position whatever their names' order; a file at the same
+    position as another is refused, naming the folder."""
+    original = volume(shape=(5, 9, 10))
+    original.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    names = [f"IMG-{5 - k:03d}.dcm" for k in range(5)]  # name order runs against position
+    folder = tmp_path / "series"
+    write_dicom_series(
+        folder, original, "MR", "1.2.826.0.1.3680043.2.1125.11", names=names, uid_per_file=True
+    )
+    files = sorted(folder.iterdir())
+    loaded = read_image(folder, dicom_files=files)
+    assert loaded.image.GetSize() == (10, 9, 5) and same_geometry(loaded.image, original, tol=1e-4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(loaded.image), sitk.GetArrayFromImage(original))
+    assert loaded.dicom_files == [folder / name for name in names]
+    shutil.copy(files[0], folder / "copy.dcm")
+    with pytest.raises(InputError, match="two slices at the same position"):
+        read_image(folder, dicom_files=sorted(folder.iterdir()))
 
 
 def test_folder_with_two_series_reads_the_larger_and_warns(tmp_path):
