@@ -146,8 +146,7 @@ def find_cases(src: str | Path, sequence: str = "t2") -> tuple[Path, tuple[Case,
     if not src.is_dir():
         raise InputError("is not a folder", src)
     name = f"chaos_MR_{SEQUENCES[sequence]}_normalized"
-    candidates = (src, src / name, src / f"CHAOS{SEQUENCES[sequence]}" / name)
-    root = next((c for c in candidates if c.is_dir() and any(c.glob(f"image_*{FILE_ENDING}"))), None)
+    root = _pairs_folder(src, sequence)
     if root is None:
         raise InputError(
             f"holds no CHAOS image_N{FILE_ENDING} files (looked in ., ./{name}, ./CHAOS.../{name})", src
@@ -220,15 +219,17 @@ def convert_chaos(
     return write_datasets([job], root, link=False, overwrite=overwrite, progress=progress, cancel=cancel)[0]
 
 
+def _pairs_folder(src: Path, sequence: str) -> Path | None:
+    """The folder of ``src`` holding NIfTI pairs of ``sequence`` (``src`` itself,
+    ``chaos_MR_<T>_normalized/`` or ``CHAOS<T>/chaos_MR_<T>_normalized/``), or None."""
+    name = f"chaos_MR_{SEQUENCES[sequence]}_normalized"
+    candidates = (src, src / name, src / f"CHAOS{SEQUENCES[sequence]}" / name)
+    return next((c for c in candidates if c.is_dir() and any(c.glob(f"image_*{FILE_ENDING}"))), None)
+
+
 def _has_pairs(src: Path) -> bool:
     """Whether ``src`` (or a folder the NIfTI-pair form looks in) holds ``image_<N>.nii.gz`` files."""
-    names = [f"chaos_MR_{v}_normalized" for v in SEQUENCES.values()]
-    candidates = [
-        src,
-        *(src / n for n in names),
-        *(src / f"CHAOS{v}" / n for v, n in zip(SEQUENCES.values(), names, strict=True)),
-    ]
-    return any(c.is_dir() and any(c.glob(f"image_*{FILE_ENDING}")) for c in candidates)
+    return any(_pairs_folder(src, sequence) is not None for sequence in SEQUENCES)
 
 
 def _is_study(folder: Path, part: str) -> bool:
