@@ -375,6 +375,63 @@ def test_exclusion_weight_is_read_by_mome_models_only(partial_sets, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_mome_fine_tune_keeps_the_init_models_classes(partial_sets, text_encoder, tmp_path, monkeypatch):
+    """A run with ``init`` a MoME model (the correction loop: a data set labelling one of its
+    structures) trains that model with the partial-label loss and exports every class it had, with
+    the class-name embeddings it stored: no text encoder is read. A structure the model has no class
+    for is refused, naming the data set, before a run folder is made."""
+    base_cfg = TrainConfig(
+        name="base",
+        model="mome-tiny",
+        datasets=(
+            DatasetConfig(str(partial_sets["ct"]), "ct", "organs", val_cases=0),
+            DatasetConfig(str(partial_sets["t1"]), "mr", "organs", val_cases=0),
+        ),
+        stages=(StageConfig("joint", 1, 1e-3),),
+        batch_size=2,
+        iterations_per_epoch=1,
+        threads=1,
+    )
+    base = run(base_cfg, base_dir=tmp_path) / "model"
+    base_model, base_card = load_checkpoint(base)
+
+    def no_encoder():
+        raise AssertionError("a fine-tune must not embed the class names again")
+
+    monkeypatch.setattr(mome_training, "load_text_encoder", no_encoder)
+    spleen = write_partial_phantoms(tmp_path / "ct_spleen", "ct", 2, 7, ["spleen"], max_size=48)
+    cfg = TrainConfig(
+        name="tuned",
+        init=str(base),
+        datasets=(DatasetConfig(str(spleen), "ct", "organs", val_cases=1),),
+        stages=(StageConfig("joint", 1, 1e-2),),
+        batch_size=2,
+        iterations_per_epoch=2,
+        threads=1,
+        exclusion_weight=0.5,  # read: the run is a MoME run
+    )
+    model, card = load_checkpoint(run(cfg, base_dir=tmp_path) / "model")
+    assert isinstance(model, MoME)
+    assert model.cfg == base_model.cfg
+    assert [(label.value, label.name) for label in card.tasks[0].labels] == [
+        (label.value, label.name) for label in base_card.tasks[0].labels
+    ]
+    assert torch.equal(model.class_embeddings, base_model.class_embeddings)
+    assert not torch.equal(model.query[0].weight, base_model.query[0].weight)
+    assert card.provenance["init_weights_sha256"] == base_card.weights_sha256
+    assert card.provenance["lineage"][0]["name"] == "base"
+    assert set(card.metrics["validation"]["0:ct_spleen"]["dice"]) == {"spleen"}
+
+    pancreas = write_partial_phantoms(tmp_path / "ct_pancreas", "ct", 1, 8, ["pancreas"], max_size=48)
+    refused = dataclasses.replace(
+        cfg, name="refused", datasets=(DatasetConfig(str(pancreas), "ct", "organs", val_cases=0),)
+    )
+    message = r"ct_pancreas/dataset.json: labels \['pancreas'\], which the init model 'base' has no class for"
+    with pytest.raises(ConfigError, match=message):
+        run(refused, base_dir=tmp_path)
+    assert not (tmp_path / "runs" / "refused").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Optimiser groups: MoME's routers learn at the gates' rate
 

@@ -32,6 +32,7 @@ from torch import nn
 from m4oe.errors import InputError, OutputError
 from m4oe.labels import Label
 from m4oe.model import MODEL_REGISTRY, MoME, build_model, get_config
+from m4oe.model_card import ModelCard
 from m4oe.phantom import PHANTOM_LABELS, write_dataset
 from m4oe.terminology import structure_key
 
@@ -97,18 +98,21 @@ def partial_label_loss(
     return bce * loss_bce + dice * soft_dice[present].mean()
 
 
-def is_mome(cfg: TrainConfig) -> bool:
-    """Whether the run's ``model`` is a registered MoME variant (an unknown name is not: the model
-    build reports it)."""
+def is_mome(cfg: TrainConfig, init_card: ModelCard | None = None) -> bool:
+    """Whether the run trains a MoME model: its ``init`` model is one (``init_card``, a fine-tune),
+    or, without ``init``, its ``model`` is a registered MoME variant (an unknown name is not: the
+    model build reports it)."""
+    if init_card is not None:
+        return init_card.architecture.arch == "mome"
     return cfg.model in MODEL_REGISTRY and get_config(cfg.model).arch == "mome"
 
 
 def check_mome_config(cfg: TrainConfig) -> None:
     """Refuse, naming the key, what a MoME run does not do: stages other than "experts" (every
     router forced to the dataset's expert) and "joint" (routers on), a frozen part, the M4oE
-    load-balancing loss, ``model_overrides`` of the class names or text encoder, an ``init`` model,
-    or datasets of different tasks (MoME has one label
-    space: give every dataset the same ``task``)."""
+    load-balancing loss, ``model_overrides`` of the class names or text encoder, or datasets of
+    different tasks (MoME has one label space: give every dataset the same ``task``). A run from
+    an ``init`` MoME model (a fine-tune) keeps that model's classes (:meth:`LabelSpace.build`)."""
     for i, stage in enumerate(cfg.stages):
         if stage.kind not in ("experts", "joint"):
             raise ConfigError(
@@ -122,10 +126,6 @@ def check_mome_config(cfg: TrainConfig) -> None:
     fixed = sorted(set(cfg.model_overrides) & {"class_names", "text_dim", "text_encoder"})
     if fixed:
         raise ConfigError(f"model_overrides: {fixed} of a mome model come from its datasets and text encoder")
-    if cfg.init:
-        raise ConfigError(
-            f"init = {cfg.init!r}: a mome run starts from a new model (fine-tuning one is not supported)"
-        )
     if len(cfg.task_names) != 1:
         raise ConfigError(
             f"datasets: tasks {list(cfg.task_names)}; a mome model has one label space, the union of "
@@ -152,11 +152,17 @@ class LabelSpace:
     values: tuple[dict[str, int], ...]
 
     @classmethod
-    def build(cls, infos: list[DatasetInfo]) -> LabelSpace:
-        """Raises ConfigError naming the dataset.json of a dataset with no structure, one whose label
-        has no standard terminology (:func:`.export.dataset_labels`), or one that labels a structure
-        twice."""
+    def build(cls, infos: list[DatasetInfo], init_card: ModelCard | None = None) -> LabelSpace:
+        """The union of ``infos``' structures; with ``init_card`` (a fine-tune of that MoME model)
+        its classes, values and order kept as the model has them, whichever of them the datasets
+        label.
+
+        Raises ConfigError naming the dataset.json of a dataset with no structure, one whose label
+        has no standard terminology (:func:`.export.dataset_labels`), one that labels a structure
+        twice, or, with ``init_card``, one that labels a structure the model has no class for."""
         union: dict[str, Label] = {}
+        if init_card is not None:
+            union = {structure_key(label): label for label in init_card.tasks[0].labels}
         per_dataset = []
         for info in infos:
             labels = dataset_labels(info)
@@ -170,6 +176,13 @@ class LabelSpace:
             if twice:
                 raise ConfigError(
                     f"{info.root / 'dataset.json'}: labels the structure(s) {twice} more than once"
+                )
+            new = [k for k in keys if k not in union]
+            if init_card is not None and new:
+                raise ConfigError(
+                    f"{info.root / 'dataset.json'}: labels {new}, which the init model "
+                    f"{init_card.name!r} has no class for (its classes: {list(union)}); a fine-tune "
+                    "keeps the model's classes"
                 )
             for key, label in zip(keys, labels, strict=True):
                 union.setdefault(key, replace(label, value=len(union) + 1))
@@ -205,11 +218,12 @@ class LabelSpace:
         return mapped
 
 
-def label_space(cfg: TrainConfig, infos: list[DatasetInfo]) -> LabelSpace:
-    """The union label space of a MoME run (:class:`LabelSpace`), after :func:`check_mome_config`;
-    ``largest_component`` must name labels of the datasets."""
+def label_space(cfg: TrainConfig, infos: list[DatasetInfo], init_card: ModelCard | None = None) -> LabelSpace:
+    """The union label space of a MoME run (:class:`LabelSpace`; from ``init_card``'s classes for a
+    fine-tune), after :func:`check_mome_config`; ``largest_component`` must name labels of the
+    datasets."""
     check_mome_config(cfg)
-    space = LabelSpace.build(infos)
+    space = LabelSpace.build(infos, init_card)
     unknown = [n for n in cfg.largest_component or () if not space.names.get(n)]
     if unknown:
         raise ConfigError(f"largest_component: {unknown} are not foreground labels of any dataset")

@@ -60,7 +60,7 @@ from .init_model import (
     load_initial_weights,
     resolve_init,
 )
-from .mome import MoMELoss, build_mome, is_mome, label_space
+from .mome import LabelSpace, MoMELoss, build_mome, is_mome, label_space
 from .optim import frozen_parameters, group_lr, parameter_groups, stage_lr
 from .stage_loss import StageLoss
 from .state import folder_lock, load_state, recover_state, save_state
@@ -207,30 +207,43 @@ def run(
 ) -> Path:
     """Train according to ``cfg``; returns the run folder. ``stop_after_epochs`` ends early (a budget).
 
-    Every dataset is checked first (:meth:`DatasetInfo.read`), before the run folder is made or
-    anything built. The main process then holds the run folder's lock (:func:`.state.folder_lock`)
-    for the whole run, so that a second run into the same folder stops at once with an OutputError.
+    Every dataset is checked first (:meth:`DatasetInfo.read`), and the ``init`` model's card and a
+    MoME run's label space read, before the run folder is made or anything built. The main process
+    then holds the run folder's lock (:func:`.state.folder_lock`) for the whole run, so that a second
+    run into the same folder stops at once with an OutputError.
     """
     infos = [DatasetInfo.read(d.path) for d in cfg.datasets]
+    init_path = init_card = None
     if cfg.init is None:  # a model to build from the registry: an unknown name leaves no run folder
         try:
             get_config(cfg.model)
         except ValueError as error:
             raise ConfigError(f"model {cfg.model!r}: {error}") from None
-    if cfg.exclusion_weight != 1.0 and not is_mome(cfg):
+    else:  # the init model's card, read before the run folder is made
+        init_path = resolve_init(cfg.init)
+        try:
+            init_card = read_model_card(init_path)
+        except ModelError as error:
+            raise ConfigError(f"init: {error}") from None
+    if cfg.exclusion_weight != 1.0 and not is_mome(cfg, init_card):
         raise ConfigError(
             f"exclusion_weight = {cfg.exclusion_weight}: read by mome models only (a softmax head already "
             "counts a voxel of one structure against every other class of its task)"
         )
+    # MoME: the union of the structures (a fine-tune: the init model's classes)
+    space = label_space(cfg, infos, init_card) if is_mome(cfg, init_card) else None
     out = cfg.resolved_output_dir(base_dir)
     lock = folder_lock(out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
     with lock:
-        return _run(cfg, infos, out, resume, stop_after_epochs, command)
+        return _run(cfg, infos, init_path, init_card, space, out, resume, stop_after_epochs, command)
 
 
 def _run(
     cfg: TrainConfig,
     infos: list[DatasetInfo],
+    init_path: Path | None,
+    init_card,
+    space: LabelSpace | None,
     out: Path,
     resume: bool,
     stop_after_epochs: int | None,
@@ -243,13 +256,7 @@ def _run(
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         logger.setLevel(logging.INFO)  # the m4oe CLI configures the root logger for warnings only
-    init_card = init_path = None
-    if cfg.init:
-        init_path = resolve_init(cfg.init)
-        try:
-            init_card = read_model_card(init_path)
-        except ModelError as error:
-            raise ConfigError(f"init: {error}") from None
+    if init_card is not None:
         names = tuple(e.name for e in init_card.experts)
         unknown = sorted({d.expert for d in cfg.datasets} - set(names))
         if unknown:
@@ -259,7 +266,6 @@ def _run(
         if not cfg.expert_order:
             cfg = dataclasses.replace(cfg, expert_order=names)  # every expert, data or not
     cfg = inherit_preprocessing(cfg, init_card)
-    space = label_space(cfg, infos) if is_mome(cfg) else None  # MoME: the union of the structures
     labels = task_labels(cfg, infos) if space is None else {cfg.task_names[0]: list(space.labels)}
     values = None if space is None else {cfg.task_names[0]: space.names}
     expert_modalities(cfg, infos, init_card)  # a config error found now, not at the first validation
@@ -277,9 +283,9 @@ def _run(
         raise ConfigError("model_overrides: experts and tasks come from the datasets, not from overrides")
     tasks = tuple((name, len(labels[name]) + 1) for name in cfg.task_names)
     try:
-        if space is not None:
+        if space is not None and init_card is None:
             model = build_mome(cfg, space)
-        elif init_card is not None:
+        elif init_card is not None:  # its architecture, a MoME one with its class names included
             model = build_model(
                 init_card.architecture, experts=cfg.experts, tasks=tasks, **init_overrides(cfg, init_card)
             )
