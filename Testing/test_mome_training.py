@@ -22,6 +22,7 @@ from test_training import free_port
 from training_helpers import tensors_sha256
 
 import m4oe_training.mome as mome_training
+from m4oe.card_summary import info_page
 from m4oe.checkpoint import load_checkpoint
 from m4oe.cli import main as m4oe_main
 from m4oe.errors import InputError
@@ -316,6 +317,16 @@ def test_mome_train_exports_the_union_of_the_datasets_structures(
     argv += ["--threads", "1", "--tta", "1", "--progress", "none", "--structures", "spleen,aorta"]
     assert m4oe_main(argv) == 0
     assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(seg)))).tolist()) <= {0, 2, 4}
+    # `m4oe info` says what the model is: MoME, not M4oE.
+    folder = tmp_path / "runs" / "mome" / "model"
+    page = info_page(json.loads((folder / "model.json").read_text()), folder / "model.safetensors")
+    assert page.splitlines()[0] == "mome: MoME trained with config 'mome'"
+    (architecture,) = [line for line in page.splitlines() if line.startswith("architecture: ")]
+    assert architecture.startswith(
+        "architecture: MoME on a Swin-UNet 64px, 2 experts routed per class query at 3 decoder scales, "
+        "4 classes asked for by name (class names embedded by sentence-transformers/all-MiniLM-L6-v2)"
+    )
+    assert "M4oE" not in page
 
 
 @pytest.mark.parametrize(

@@ -369,13 +369,22 @@ def info_page(card: dict, weights: str | Path | None = None) -> str:
         lines.append(f"NOTE: {card['notes']}")
     lines += [f"licence: {licence_text(card)}", f"intended use: {intended_use_text(card)}"]
     context = ", slice context" if arch.get("gate_context", "none") != "none" else ""
-    kind = (
-        f"M4oE, {len(experts)} experts ({arch.get('gate')} gate{context}, top_k={arch.get('top_k')})"
-        if experts
-        else "dense"
-    )
+    if arch.get("arch") == "mome":  # a dense Swin-UNet trunk; the experts are in the decoder's routers
+        encoder = str(arch.get("text_encoder", "")).split(" ")[0] or NOT_STATED
+        kind = (
+            f"MoME on a Swin-UNet {arch['img_size']}px, {len(experts)} experts routed per class query at "
+            f"{len(arch['depths']) - 1} decoder scales, {len(arch.get('class_names', []))} classes asked "
+            f"for by name (class names embedded by {encoder})"
+        )
+    elif experts:
+        kind = (
+            f"Swin-UNet {arch['img_size']}px, M4oE, {len(experts)} experts "
+            f"({arch.get('gate')} gate{context}, top_k={arch.get('top_k')})"
+        )
+    else:
+        kind = f"Swin-UNet {arch['img_size']}px, dense"
     size = f"; {weights_facts(weights)}" if weights is not None and Path(weights).is_file() else ""
-    lines.append(f"architecture: Swin-UNet {arch['img_size']}px, {kind}, in_chans {arch['in_chans']}{size}")
+    lines.append(f"architecture: {kind}, in_chans {arch['in_chans']}{size}")
     for expert in card.get("experts") or []:
         lines.append(f"  expert {expert['name']}: {expert['modality']}")
     for task in card.get("tasks") or []:

@@ -179,6 +179,14 @@ def task_postprocessing(
     return result
 
 
+def architecture_name(architecture) -> str:
+    """What a model is, in two words, for its default description: "MoME", "M4oE" or "dense
+    Swin-UNet" (``architecture``: a :class:`m4oe.model.ModelConfig`)."""
+    if architecture.arch == "mome":
+        return "MoME"
+    return "M4oE" if architecture.is_moe else "dense Swin-UNet"
+
+
 def lineage(init_card: ModelCard | None) -> list[dict]:
     """The runs behind a fine-tune's starting model, newest first: the init model's own run, then
     the lineage its card records. Empty for a run from scratch.
@@ -233,7 +241,7 @@ def build_card(
     tasks = [TaskInfo(name, labels[name], **clean_up[name]) for name in cfg.task_names]
     return ModelCard(
         name=cfg.name,
-        description=cfg.description or f"M4oE trained with config {cfg.name!r}",
+        description=cfg.description or f"{architecture_name(model.cfg)} trained with config {cfg.name!r}",
         architecture=model.cfg,
         experts=expert_modalities(cfg, infos, init_card) if model.cfg.is_moe else [],
         tasks=tasks,
