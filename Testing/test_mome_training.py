@@ -265,6 +265,14 @@ def partial_sets(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+def partial_datasets(partial_sets: dict[str, Path], val_cases: int) -> tuple[DatasetConfig, ...]:
+    """The two partial sets as a MoME run's datasets: CT to the "ct" expert, T1 to "mr", one task."""
+    return (
+        DatasetConfig(str(partial_sets["ct"]), "ct", "organs", val_cases=val_cases),
+        DatasetConfig(str(partial_sets["t1"]), "mr", "organs", val_cases=val_cases),
+    )
+
+
 def write_mome_config(path: Path, partial_sets: dict[str, Path], **top) -> Path:
     lines = [
         f"{k} = {json.dumps(v)}"
@@ -343,10 +351,7 @@ def test_mome_run_refuses_what_it_does_not_do(partial_sets, tmp_path, top, stage
     cfg = TrainConfig(
         name="m",
         model="mome-tiny",
-        datasets=(
-            DatasetConfig(str(partial_sets["ct"]), "ct", "organs", val_cases=1),
-            DatasetConfig(str(partial_sets["t1"]), "mr", "organs", val_cases=1),
-        ),
+        datasets=partial_datasets(partial_sets, 1),
         stages=(StageConfig(**{"kind": "joint", "epochs": 1, "lr": 1e-3, **stage}),),
         **top,
     )
@@ -375,10 +380,7 @@ def test_mome_run_needs_one_task_and_the_text_encoder(partial_sets, tmp_path, mo
 
 
 def test_exclusion_weight_is_read_by_mome_models_only(partial_sets, tmp_path):
-    datasets = (
-        DatasetConfig(str(partial_sets["ct"]), "ct", "organs", val_cases=1),
-        DatasetConfig(str(partial_sets["t1"]), "mr", "organs", val_cases=1),
-    )
+    datasets = partial_datasets(partial_sets, 1)
     stages = (StageConfig("joint", 1, 1e-3),)
     cfg = TrainConfig(name="m", model="m4oe-tiny", datasets=datasets, stages=stages, exclusion_weight=0.5)
     with pytest.raises(ConfigError, match=r"exclusion_weight = 0.5: read by mome models only"):
@@ -394,10 +396,7 @@ def test_mome_fine_tune_keeps_the_init_models_classes(partial_sets, text_encoder
     base_cfg = TrainConfig(
         name="base",
         model="mome-tiny",
-        datasets=(
-            DatasetConfig(str(partial_sets["ct"]), "ct", "organs", val_cases=0),
-            DatasetConfig(str(partial_sets["t1"]), "mr", "organs", val_cases=0),
-        ),
+        datasets=partial_datasets(partial_sets, 0),
         stages=(StageConfig("joint", 1, 1e-3),),
         batch_size=2,
         iterations_per_epoch=1,
@@ -477,10 +476,7 @@ def test_gate_lr_scale_sets_the_mome_routers_learning_rate(partial_sets, text_en
     the 9 router gate tensors in the "gates" group at 8 times the stage's rate, the rest at it.
     (At initialisation the routers' gradients are too small for one step to show it in the
     weights: float32 rounds a 1e-9 step of a 0.02 weight away.)"""
-    datasets = (
-        DatasetConfig(str(partial_sets["ct"]), "ct", "organs", val_cases=0),
-        DatasetConfig(str(partial_sets["t1"]), "mr", "organs", val_cases=0),
-    )
+    datasets = partial_datasets(partial_sets, 0)
     cfg = TrainConfig(
         name="scaled",
         model="mome-tiny",
@@ -507,10 +503,7 @@ def test_gate_lr_scale_sets_the_mome_routers_learning_rate(partial_sets, text_en
 def mome_run_config(partial_sets: dict[str, Path], name: str, out: Path, **top) -> TrainConfig:
     """mome-tiny on the two partial sets: 2 "experts" epochs then 1 "joint" epoch (routing loss
     on), 2 steps each, augmentation on, AdamW."""
-    datasets = (
-        DatasetConfig(str(partial_sets["ct"]), "ct", "organs", val_cases=1),
-        DatasetConfig(str(partial_sets["t1"]), "mr", "organs", val_cases=1),
-    )
+    datasets = partial_datasets(partial_sets, 1)
     stages = (StageConfig("experts", 2, 1e-3), StageConfig("joint", 1, 5e-4, routing_weight=0.1))
     settings = dict(batch_size=2, iterations_per_epoch=2, optimizer="adamw", threads=1, output_dir=str(out))
     return TrainConfig(name=name, model="mome-tiny", datasets=datasets, stages=stages, **(settings | top))
