@@ -388,11 +388,14 @@ def test_exclusion_weight_is_read_by_mome_models_only(partial_sets, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_mome_fine_tune_keeps_the_init_models_classes(partial_sets, text_encoder, tmp_path, monkeypatch):
+def test_mome_fine_tune_keeps_the_init_models_classes_and_adds_new_ones(
+    partial_sets, text_encoder, tmp_path, monkeypatch
+):
     """A run with ``init`` a MoME model (the correction loop: a data set labelling one of its
     structures) trains that model with the partial-label loss and exports every class it had, with
-    the class-name embeddings it stored: no text encoder is read. A structure the model has no class
-    for is refused, naming the data set, before a run folder is made."""
+    the class-name embeddings it stored: no text encoder is read. A data set labelling a structure
+    the model has no class for adds it after the model's own, its name embedded by the model's text
+    encoder; another encoder is refused before a run folder is made."""
     base_cfg = TrainConfig(
         name="base",
         model="mome-tiny",
@@ -404,9 +407,10 @@ def test_mome_fine_tune_keeps_the_init_models_classes(partial_sets, text_encoder
     )
     base = run(base_cfg, base_dir=tmp_path) / "model"
     base_model, base_card = load_checkpoint(base)
+    base_labels = [(label.value, label.name) for label in base_card.tasks[0].labels]
 
     def no_encoder():
-        raise AssertionError("a fine-tune must not embed the class names again")
+        raise AssertionError("a fine-tune without new classes must not embed the class names again")
 
     monkeypatch.setattr(mome_training, "load_text_encoder", no_encoder)
     spleen = write_partial_phantoms(tmp_path / "ct_spleen", "ct", 2, 7, ["spleen"], max_size=48)
@@ -423,22 +427,42 @@ def test_mome_fine_tune_keeps_the_init_models_classes(partial_sets, text_encoder
     model, card = load_checkpoint(run(cfg, base_dir=tmp_path) / "model")
     assert isinstance(model, MoME)
     assert model.cfg == base_model.cfg
-    assert [(label.value, label.name) for label in card.tasks[0].labels] == [
-        (label.value, label.name) for label in base_card.tasks[0].labels
-    ]
+    assert [(label.value, label.name) for label in card.tasks[0].labels] == base_labels
     assert torch.equal(model.class_embeddings, base_model.class_embeddings)
     assert not torch.equal(model.query[0].weight, base_model.query[0].weight)
     assert card.provenance["init_weights_sha256"] == base_card.weights_sha256
     assert card.provenance["lineage"][0]["name"] == "base"
     assert set(card.metrics["validation"]["0:ct_spleen"]["dice"]) == {"spleen"}
 
-    pancreas = write_partial_phantoms(tmp_path / "ct_pancreas", "ct", 1, 8, ["pancreas"], max_size=48)
-    refused = dataclasses.replace(
-        cfg, name="refused", datasets=(DatasetConfig(str(pancreas), "ct", "organs", val_cases=0),)
+    # New structures: the pancreas and the spleen labelled; the pancreas becomes class 5.
+    pancreas = write_partial_phantoms(
+        tmp_path / "ct_pancreas", "ct", 2, 8, ["spleen", "pancreas"], max_size=48
     )
-    message = r"ct_pancreas/dataset.json: labels \['pancreas'\], which the init model 'base' has no class for"
-    with pytest.raises(ConfigError, match=message):
-        run(refused, base_dir=tmp_path)
+    grown = dataclasses.replace(
+        cfg, name="grown", datasets=(DatasetConfig(str(pancreas), "ct", "organs", val_cases=1),)
+    )
+    monkeypatch.setattr(mome_training, "load_text_encoder", lambda: text_encoder)
+    folder = run(grown, base_dir=tmp_path) / "model"
+    model, card = load_checkpoint(folder)
+    assert [(label.value, label.name) for label in card.tasks[0].labels] == [*base_labels, (5, "pancreas")]
+    assert model.cfg.class_names == (*base_model.cfg.class_names, "pancreas")
+    assert torch.equal(model.class_embeddings[:4], base_model.class_embeddings)
+    assert torch.allclose(model.class_embeddings[4], text_encoder.encode(["pancreas"])[0], atol=1e-6)
+    assert set(card.metrics["validation"]["0:ct_pancreas"]["dice"]) == {"spleen", "pancreas"}
+    volume = pancreas / "imagesTr" / "ct_pancreas_001_0000.nii.gz"
+    seg = tmp_path / "pancreas.nii.gz"
+    argv = ["segment", str(volume), "-o", str(seg), "--model", str(folder), "--threads", "1", "--tta", "1"]
+    assert m4oe_main([*argv, "--progress", "none", "--structures", "pancreas,liver"]) == 0
+    assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(seg)))).tolist()) <= {0, 1, 5}
+
+    class OtherEncoder:
+        identity = "another text encoder"
+
+    monkeypatch.setattr(mome_training, "load_text_encoder", OtherEncoder)
+    with pytest.raises(
+        ConfigError, match=r"\['pancreas'\] are new to the init model 'base'; .*not another text"
+    ):
+        run(dataclasses.replace(grown, name="refused"), base_dir=tmp_path)
     assert not (tmp_path / "runs" / "refused").exists()
 
 

@@ -100,6 +100,12 @@ def initial_state(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().float() for k, v in source.state_dict().items()}
 
 
+def mome_grows(source: SwinUNet, model: SwinUNet) -> bool:
+    """Whether ``model`` is the MoME ``source`` with classes added after its own (same names first)."""
+    theirs, ours = getattr(source.cfg, "class_names", ()), getattr(model.cfg, "class_names", ())
+    return bool(theirs) and len(ours) > len(theirs) and tuple(ours[: len(theirs)]) == tuple(theirs)
+
+
 def load_initial_weights(model: SwinUNet, path: str | Path, labels: dict[str, list]) -> str:
     """Copy an exported model's weights into ``model`` (fine-tuning); returns their SHA-256.
 
@@ -107,13 +113,19 @@ def load_initial_weights(model: SwinUNet, path: str | Path, labels: dict[str, li
     pickle) must have the same experts in the same order, the same label names per task, and
     weights of the same names and shapes (same width, depths, window and patch size). Dropout rates
     and ``top_k`` may differ; a run may add a slice context to the gates of a model without one
-    (those weights keep their initialisation, which leaves the outputs unchanged). Raises
+    (those weights keep their initialisation, which leaves the outputs unchanged); a MoME run may
+    have classes after the model's own (their class-name embeddings are the run's). Raises
     ConfigError naming the file and what differs.
     """
     try:
         source, card = load_checkpoint(path)
     except ModelError as error:
         raise ConfigError(f"init: {error}") from None
+    # A MoME fine-tune may add classes after the model's own (:func:`.mome.build_mome_from`): their
+    # class-name embeddings are the run's, the model's own rows and every other weight the model's.
+    added_classes = None
+    if mome_grows(source, model):
+        added_classes = model.class_embeddings[source.class_embeddings.shape[0] :].detach().clone()
     problems = []
     if list(source.cfg.experts) != list(model.cfg.experts):
         problems.append(f"experts {list(source.cfg.experts)}, the run has {list(model.cfg.experts)}")
@@ -122,12 +134,15 @@ def load_initial_weights(model: SwinUNet, path: str | Path, labels: dict[str, li
         ours = [label.name for label in labels.get(task.name, [])]
         if task.name not in labels:
             problems.append(f"task {task.name!r}, which the run does not train")
-        elif theirs != ours:
+        elif theirs != (ours[: len(theirs)] if added_classes is not None else ours):
             problems.append(f"task {task.name!r} labels {theirs}, the run's datasets have {ours}")
     missing = [t for t in labels if t not in source.cfg.task_names]
     if missing:
         problems.append(f"no head for the run's tasks {missing}")
     state, expected = source.state_dict(), model.state_dict()
+    if added_classes is not None:
+        own = state["class_embeddings"]
+        state["class_embeddings"] = torch.cat([own, added_classes.to(own)])
     if not problems:
         wrong = [
             f"{k} {tuple(state[k].shape)} (run: {tuple(v.shape)})"

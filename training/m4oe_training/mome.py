@@ -144,22 +144,25 @@ class LabelSpace:
     labelled: (D, Q) bool; ``labelled[d, q]``: dataset d labels class q + 1. A voxel it calls 0 is
         background only for these classes.
     values: per dataset, its label names -> union values (background 0).
+    added_embeddings: a fine-tune's classes after the init model's own, their names embedded
+        (:func:`label_space`), (new classes, text_dim); None otherwise.
     """
 
     labels: tuple[Label, ...]
     lookup: np.ndarray
     labelled: np.ndarray
     values: tuple[dict[str, int], ...]
+    added_embeddings: torch.Tensor | None = None
 
     @classmethod
     def build(cls, infos: list[DatasetInfo], init_card: ModelCard | None = None) -> LabelSpace:
         """The union of ``infos``' structures; with ``init_card`` (a fine-tune of that MoME model)
-        its classes, values and order kept as the model has them, whichever of them the datasets
-        label.
+        its classes first, their values and order as the model has them, then the structures it
+        has no class for, in order of first appearance.
 
         Raises ConfigError naming the dataset.json of a dataset with no structure, one whose label
-        has no standard terminology (:func:`.export.dataset_labels`), one that labels a structure
-        twice, or, with ``init_card``, one that labels a structure the model has no class for."""
+        has no standard terminology (:func:`.export.dataset_labels`), or one that labels a structure
+        twice."""
         union: dict[str, Label] = {}
         if init_card is not None:
             union = {structure_key(label): label for label in init_card.tasks[0].labels}
@@ -176,13 +179,6 @@ class LabelSpace:
             if twice:
                 raise ConfigError(
                     f"{info.root / 'dataset.json'}: labels the structure(s) {twice} more than once"
-                )
-            new = [k for k in keys if k not in union]
-            if init_card is not None and new:
-                raise ConfigError(
-                    f"{info.root / 'dataset.json'}: labels {new}, which the init model "
-                    f"{init_card.name!r} has no class for (its classes: {list(union)}); a fine-tune "
-                    "keeps the model's classes"
                 )
             for key, label in zip(keys, labels, strict=True):
                 union.setdefault(key, replace(label, value=len(union) + 1))
@@ -221,9 +217,21 @@ class LabelSpace:
 def label_space(cfg: TrainConfig, infos: list[DatasetInfo], init_card: ModelCard | None = None) -> LabelSpace:
     """The union label space of a MoME run (:class:`LabelSpace`; from ``init_card``'s classes for a
     fine-tune), after :func:`check_mome_config`; ``largest_component`` must name labels of the
-    datasets."""
+    datasets. Classes a fine-tune adds have their names embedded here by the text encoder that
+    embedded the init model's (:func:`load_text_encoder`); ConfigError when it is unavailable or
+    another one."""
     check_mome_config(cfg)
     space = LabelSpace.build(infos, init_card)
+    if init_card is not None and len(space.labels) > len(init_card.architecture.class_names):
+        new = [label.name for label in space.labels[len(init_card.architecture.class_names) :]]
+        encoder = load_text_encoder()
+        theirs = init_card.architecture.text_encoder
+        if encoder.identity != theirs:
+            raise ConfigError(
+                f"datasets: the structures {new} are new to the init model {init_card.name!r}; their names "
+                f"must be embedded by its text encoder ({theirs}), not {encoder.identity}"
+            )
+        space = replace(space, added_embeddings=encoder.encode(new).float())
     unknown = [n for n in cfg.largest_component or () if not space.names.get(n)]
     if unknown:
         raise ConfigError(f"largest_component: {unknown} are not foreground labels of any dataset")
@@ -258,6 +266,22 @@ def build_mome(cfg: TrainConfig, space: LabelSpace) -> MoME:
         **cfg.model_overrides,
     )
     model.set_class_embeddings(encoder.encode(list(names)).float())
+    return model
+
+
+def build_mome_from(init_card: ModelCard, cfg: TrainConfig, space: LabelSpace, **overrides) -> MoME:
+    """The network of a fine-tune of the MoME model ``init_card`` describes, before its weights are
+    copied in (:func:`.init_model.load_initial_weights`): its architecture with ``overrides`` (the
+    dropout rates), and with the classes of ``space`` that the model lacks added after its own,
+    their embeddings ``space.added_embeddings`` (the model's own rows come with its weights)."""
+    names = tuple(label.name for label in space.labels)
+    task = ((cfg.task_names[0], len(names) + 1),)
+    model = build_model(
+        init_card.architecture, experts=cfg.experts, tasks=task, class_names=names, **overrides
+    )
+    if space.added_embeddings is not None:
+        with torch.no_grad():
+            model.class_embeddings[len(init_card.architecture.class_names) :] = space.added_embeddings
     return model
 
 

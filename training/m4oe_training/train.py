@@ -60,7 +60,7 @@ from .init_model import (
     load_initial_weights,
     resolve_init,
 )
-from .mome import LabelSpace, MoMELoss, build_mome, is_mome, label_space
+from .mome import LabelSpace, MoMELoss, build_mome, build_mome_from, is_mome, label_space
 from .optim import frozen_parameters, group_lr, parameter_groups, stage_lr
 from .stage_loss import StageLoss
 from .state import folder_lock, load_state, recover_state, save_state
@@ -285,7 +285,9 @@ def _run(
     try:
         if space is not None and init_card is None:
             model = build_mome(cfg, space)
-        elif init_card is not None:  # its architecture, a MoME one with its class names included
+        elif space is not None:  # a MoME fine-tune: the init model's classes, then any new ones
+            model = build_mome_from(init_card, cfg, space, **init_overrides(cfg, init_card))
+        elif init_card is not None:
             model = build_model(
                 init_card.architecture, experts=cfg.experts, tasks=tasks, **init_overrides(cfg, init_card)
             )
