@@ -112,7 +112,8 @@ def check_mome_config(cfg: TrainConfig) -> None:
     router forced to the dataset's expert) and "joint" (routers on), a frozen part, the M4oE
     load-balancing loss, ``model_overrides`` of the class names or text encoder, or datasets of
     different tasks (MoME has one label space: give every dataset the same ``task``). A run from
-    an ``init`` MoME model (a fine-tune) keeps that model's classes (:meth:`LabelSpace.build`)."""
+    an ``init`` MoME model (a fine-tune) keeps that model's classes and adds the datasets' others
+    after them (:meth:`LabelSpace.build`)."""
     for i, stage in enumerate(cfg.stages):
         if stage.kind not in ("experts", "joint"):
             raise ConfigError(

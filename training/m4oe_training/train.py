@@ -230,7 +230,7 @@ def run(
             f"exclusion_weight = {cfg.exclusion_weight}: read by mome models only (a softmax head already "
             "counts a voxel of one structure against every other class of its task)"
         )
-    # MoME: the union of the structures (a fine-tune: the init model's classes)
+    # MoME: the union of the structures (a fine-tune: the init model's classes, then any new ones)
     space = label_space(cfg, infos, init_card) if is_mome(cfg, init_card) else None
     out = cfg.resolved_output_dir(base_dir)
     lock = folder_lock(out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
