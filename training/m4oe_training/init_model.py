@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from m4oe.checkpoint import load_checkpoint
+from m4oe.checkpoint import load_checkpoint, read_model_card
 from m4oe.errors import ModelError
 from m4oe.hub import resolve_model
 from m4oe.model import SwinUNet
@@ -55,6 +55,16 @@ def resolve_init(init: str) -> Path:
     registered and downloaded, or cached) resolved as ``m4oe segment --model`` resolves it."""
     try:
         return resolve_model(init)
+    except ModelError as error:
+        raise ConfigError(f"init: {error}") from None
+
+
+def read_init(init: str) -> tuple[Path, ModelCard]:
+    """The model ``init`` names (:func:`resolve_init`) and its card, its weights unread; ConfigError
+    naming what is wrong with either."""
+    path = resolve_init(init)
+    try:
+        return path, read_model_card(path)
     except ModelError as error:
         raise ConfigError(f"init: {error}") from None
 

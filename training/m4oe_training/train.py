@@ -29,8 +29,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from m4oe import __version__
-from m4oe.checkpoint import read_model_card
-from m4oe.errors import ModelError
 from m4oe.evaluate import evaluate
 from m4oe.io import read_image, write_atomic
 from m4oe.model import SwinUNet, build_model, get_config, load_imagenet_weights
@@ -58,7 +56,7 @@ from .init_model import (
     init_overrides,
     initial_state,
     load_initial_weights,
-    resolve_init,
+    read_init,
 )
 from .mome import LabelSpace, MoMELoss, build_mome, build_mome_from, is_mome, label_space
 from .optim import frozen_parameters, group_lr, parameter_groups, stage_lr
@@ -213,18 +211,12 @@ def run(
     run into the same folder stops at once with an OutputError.
     """
     infos = [DatasetInfo.read(d.path) for d in cfg.datasets]
-    init_path = init_card = None
+    init_path, init_card = read_init(cfg.init) if cfg.init else (None, None)
     if cfg.init is None:  # a model to build from the registry: an unknown name leaves no run folder
         try:
             get_config(cfg.model)
         except ValueError as error:
             raise ConfigError(f"model {cfg.model!r}: {error}") from None
-    else:  # the init model's card, read before the run folder is made
-        init_path = resolve_init(cfg.init)
-        try:
-            init_card = read_model_card(init_path)
-        except ModelError as error:
-            raise ConfigError(f"init: {error}") from None
     if cfg.exclusion_weight != 1.0 and not is_mome(cfg, init_card):
         raise ConfigError(
             f"exclusion_weight = {cfg.exclusion_weight}: read by mome models only (a softmax head already "
