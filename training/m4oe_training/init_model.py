@@ -112,8 +112,8 @@ def initial_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 def mome_grows(source: SwinUNet, model: SwinUNet) -> bool:
     """Whether ``model`` is the MoME ``source`` with classes added after its own (same names first)."""
-    theirs, ours = getattr(source.cfg, "class_names", ()), getattr(model.cfg, "class_names", ())
-    return bool(theirs) and len(ours) > len(theirs) and tuple(ours[: len(theirs)]) == tuple(theirs)
+    theirs, ours = source.cfg.class_names, model.cfg.class_names  # () for models other than MoME
+    return bool(theirs) and len(ours) > len(theirs) and ours[: len(theirs)] == theirs
 
 
 def load_initial_weights(model: SwinUNet, path: str | Path, labels: dict[str, list]) -> str:
