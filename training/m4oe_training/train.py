@@ -9,13 +9,11 @@ through the engine's Predictor (rank 0), export the best model, save a resumable
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import dataclasses
 import datetime
 import json
 import logging
-import math
 import os
 import platform
 import sys
@@ -29,10 +27,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from m4oe import __version__
-from m4oe.evaluate import evaluate
-from m4oe.io import read_image, write_atomic
-from m4oe.model import SwinUNet, build_model, get_config, load_imagenet_weights
-from m4oe.predictor import Predictor
+from m4oe.io import write_atomic
+from m4oe.model import build_model, get_config, load_imagenet_weights
 from m4oe.preprocessing import DEFAULT_PARAMS
 
 from .augment import build_augmentation
@@ -41,13 +37,11 @@ from .config import ConfigError, TrainConfig
 from .data import DatasetInfo, SliceData, ct_intensity_params, split_cases
 from .export import (
     build_card,
-    dataset_values,
     expert_modalities,
     export_model,
     label_lookups,
     labelled_classes,
     lineage,
-    renumber,
     task_labels,
 )
 from .init_model import (
@@ -62,6 +56,7 @@ from .mome import LabelSpace, MoMELoss, build_mome, build_mome_from, is_mome, la
 from .optim import frozen_parameters, group_lr, parameter_groups, stage_lr
 from .stage_loss import StageLoss
 from .state import folder_lock, load_state, recover_state, save_state
+from .validation import validate
 
 logger = logging.getLogger("m4oe_training")
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=3)
@@ -82,71 +77,6 @@ def distributed_setup(device: str) -> tuple[int, int, torch.device]:
         # on a real dataset that takes longer than the default collective timeout (10 min for NCCL).
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return rank, world, dev
-
-
-def validate(
-    model: SwinUNet, card, cfg: TrainConfig, infos: list[DatasetInfo], device, kind: str, space=None
-) -> dict:
-    """Dice and HD95 (mm) per organ on whole held-out volumes, and how the gate routed them.
-
-    A MoME run (``space``: its :class:`.mome.LabelSpace`) asks for each dataset's own structures and
-    scores them against the dataset's label maps mapped into the union space. A folder listed
-    twice with the same held-out cases, task and route is predicted once, and both get the result."""
-    predictor = Predictor(model, card, device=str(device))
-    results, done = {}, {}  # done: (folder, held-out cases, task, forced expert) -> its result
-    # A task's datasets may number their structures differently: scored in the model's values.
-    own = (dataset_values(cfg, infos), label_lookups(cfg, infos)) if space is None else None
-    for d, (dcfg, info) in enumerate(zip(cfg.datasets, infos, strict=True)):
-        expert = cfg.experts.index(dcfg.expert) if (kind != "joint" and model.cfg.is_moe) else None
-        same = (str(Path(info.root).resolve()), dcfg.val_cases, dcfg.task, expert)
-        if same in done:
-            results[f"{d}:{info.name}"] = copy.deepcopy(done[same])
-            continue
-        dice, hd95, routing = [], {}, []
-        values, lookup = (space.values[d], None) if own is None else (own[0][d], own[1][d])
-        names = {value: name for name, value in values.items()}
-        per_label: dict[str, list[float]] = {}
-        for case in split_cases(info, dcfg.val_cases)["val"]:
-            image = read_image(info.image_path(case)).image
-            reference = read_image(info.label_path(case)).image
-            structures = None
-            if space is not None:
-                reference, structures = space.to_union(d, reference), space.structures(d)
-            elif lookup is not None:
-                reference = renumber(reference, lookup)
-            pred = predictor.predict(
-                image,
-                modality=info.modality,
-                task=dcfg.task,
-                force_expert=expert,
-                gates=model.cfg.is_moe,
-                structures=structures,
-            )
-            scores = evaluate(pred.labelmap, reference, labels=sorted(v for v in values.values() if v))
-            for entry in scores["labels"]:
-                if entry["dice"] is not None:
-                    name = names[entry["label"]]
-                    per_label.setdefault(name, []).append(entry["dice"])
-                    hd95.setdefault(name, []).append(entry["hd95_mm"])
-            dice.append(scores["mean_dice"])
-            if pred.gate_summary:
-                routing.append(pred.gate_summary["overall"]["mean_weights"])
-        results[f"{d}:{info.name}"] = {
-            "modality": info.modality,
-            "task": dcfg.task,
-            "cases": len(dice),
-            "mean_dice": float(np.mean(dice)) if dice else None,
-            "dice": {k: round(float(np.mean(v)), 4) for k, v in per_label.items()},
-            "hd95_mm": {
-                k: round(float(np.mean([x for x in v if x is not None] or [math.nan])), 2)
-                for k, v in hd95.items()
-            },
-            "gate_mean_weights": {k: round(float(np.mean([r[k] for r in routing])), 4) for k in routing[0]}
-            if routing
-            else None,
-        }
-        done[same] = results[f"{d}:{info.name}"]
-    return results
 
 
 def portable_path(path: str | Path, base: Path | None = None) -> str:
