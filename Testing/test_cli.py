@@ -891,6 +891,45 @@ def test_evaluate_names_labels_from_segments_or_a_model_card(tmp_path, capsys, t
     assert code == 2 and "unknown task 'nope'" in err
 
 
+def test_evaluate_matches_a_reference_in_an_nnunet_data_set_by_name(tmp_path, capsys, tiny_model_dir):
+    from m4oe.checkpoint import read_model_card
+
+    card_names = {lab.value: lab.name for lab in read_model_card(tiny_model_dir).task(None).labels}
+    first, second = card_names[1], card_names[2]
+    labels = np.zeros((6, 20, 20), np.uint8)
+    labels[1:4, 2:8, 2:8] = 1
+    labels[2:5, 10:16, 11:18] = 2
+    labels[3:5, 15:19, 1:5] = 3  # a structure the reference does not label: left out, not scored
+    pred = write_volume(labels, tmp_path / "pred.nii.gz")
+    # The data set numbers the model's second structure 4 and its first 7, and labels a gallbladder.
+    dataset = tmp_path / "Dataset001"
+    reference = np.select([labels == 1, labels == 2], [7, 4], 0).astype(np.uint8)
+    reference[0, :3, :3] = 9
+    (dataset / "labelsTr").mkdir(parents=True)
+    ref = write_volume(reference, dataset / "labelsTr" / "case_000.nii.gz")
+    manifest = {"labels": {"background": 0, second: 4, first: 7, "gallbladder": 9, "region": [4, 7]}}
+    (dataset / "dataset.json").write_text(json.dumps(manifest))
+
+    code, out, err = run_cli(["evaluate", pred, ref, "--model", str(tiny_model_dir), "--json"], capsys)
+    assert code == 0 and "matched by name" in err and "dataset.json" in err
+    result = json.loads(out)
+    assert [(r["label"], r["name"], r["dice"]) for r in result["labels"]] == [
+        (4, second, 1.0),
+        (7, first, 1.0),
+    ]
+    assert {int(k): v for k, v in result["label_map"].items()} == {1: 7, 2: 4}
+    code, out, _ = run_cli(["evaluate", pred, ref, "--json"], capsys)  # no model: no names to match
+    assert code == 0 and json.loads(out)["mean_dice"] < 1.0
+
+    (dataset / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "gallbladder": 9}}))
+    code, out, err = run_cli(["evaluate", pred, ref, "--model", str(tiny_model_dir)], capsys)
+    assert code == 2 and out == ""
+    assert "dataset.json" in err and "none of the structures" in err and "gallbladder" in err
+    (dataset / "dataset.json").write_text("{not json")
+    code, _, err = run_cli(["evaluate", pred, ref, "--model", str(tiny_model_dir)], capsys)
+    assert code == 2 and "not a readable nnU-Net dataset.json" in err
+
+
 @pytest.mark.parametrize("progress", [["--progress", "json"], ["--progress=json"], []])
 def test_usage_error_is_also_a_json_line_when_json_progress_is_asked(tmp_path, capsys, progress):
     volume = write_volume(np.zeros((4, 8, 8), np.int16), tmp_path / "in.nii.gz")

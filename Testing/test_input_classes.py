@@ -523,6 +523,14 @@ def evaluate_bad_label_map(p):
     return evaluate(p, labels(), labels(), "--label-map", p.inputs / "map.json")
 
 
+def evaluate_dataset_names_none(p):
+    dataset = p.inputs / "Dataset009"
+    (dataset / "labelsTr").mkdir(parents=True)
+    (dataset / "dataset.json").write_text('{"labels": {"background": 0, "gallbladder": 1}}')
+    ref = label_file(dataset / "labelsTr" / "case_000.nii.gz", labels())
+    return evaluate(p, labels(), ref, "--model", p.model, "--task", "abdomen")
+
+
 def evaluate_bad_labels(p):
     return evaluate(p, labels(), labels(), "--labels", "liver,2")
 
@@ -894,6 +902,11 @@ CASES = [
         evaluate_value_not_in_task, 0, "...9  -  ... absent from reference"),
     Case("evaluate-bad-label-map", "evaluate", "--label-map not JSON",
         evaluate_bad_label_map, 2, E + "{inputs}/map.json: not valid JSON (...)"),
+    Case("evaluate-dataset-names-none", "evaluate",
+        "--model, reference in an nnU-Net data set whose dataset.json names none of its structures",
+        evaluate_dataset_names_none, 2,
+        E + "{inputs}/Dataset009/dataset.json: labels none of the structures to score (...); its labels: "
+        "gallbladder; pass --label-map"),
     Case("evaluate-bad-labels", "evaluate", "--labels liver,2",
         evaluate_bad_labels, 2, E + "--labels must be comma-separated integers, got 'liver,2'"),
     Case("evaluate-label-zero", "evaluate", "--labels 0",

@@ -156,7 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="Dice and HD95 (mm) of a label map against a reference")
     ev.add_argument("prediction")
     ev.add_argument("reference")
-    ev.add_argument("--label-map", default=None, help='JSON {"pred value": ref value} when numbering differs')
+    ev.add_argument(
+        "--label-map",
+        default=None,
+        help='JSON {"pred value": ref value} when numbering differs (with --model, a reference in '
+        "an nnU-Net data set's labelsTr/ or labelsTs/ is matched by name through its dataset.json)",
+    )
     ev.add_argument("--labels", default=None, help="comma-separated prediction label values to score")
     ev.add_argument(
         "--model",
@@ -231,7 +236,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate, format_table, load_label_map, segment_names
+    from .evaluate import dataset_label_map, evaluate, format_table, load_label_map, segment_names
     from .io import read_image
 
     label_map = load_label_map(args.label_map) if args.label_map else None
@@ -245,6 +250,12 @@ def cmd_evaluate(args) -> int:
         pred_names = {label.value: label.name for label in card.task(args.task).labels}
     else:
         pred_names = segment_names(args.prediction)
+    if label_map is None and args.model is not None:
+        # A reference in an nnU-Net data set is read in its own numbering, matched by name.
+        matched = dataset_label_map(args.reference, pred_names)
+        if matched is not None:
+            label_map, manifest = matched
+            print(f"label values matched by name with {manifest}", file=sys.stderr)
     names = {(label_map or {}).get(value, value): name for value, name in pred_names.items()}
     if args.model is None:
         names.update(segment_names(args.reference))
@@ -258,7 +269,8 @@ def cmd_evaluate(args) -> int:
         raise InputError("--test-spacing applies to --protocol released only")
     if args.protocol == "released" and labels is None and args.model is not None:
         # The released means count every class of the task, those absent from both images too.
-        labels = sorted({(label_map or {}).get(value, value) for value in pred_names} - {0})
+        mapped = {label_map[v] for v in pred_names if v in label_map} if label_map else set(pred_names)
+        labels = sorted(mapped - {0})
     pred = read_image(args.prediction, max_voxels=args.max_voxels)
     ref = read_image(args.reference, max_voxels=args.max_voxels)
     result = evaluate(
