@@ -892,41 +892,49 @@ def test_evaluate_names_labels_from_segments_or_a_model_card(tmp_path, capsys, t
 
 
 def test_evaluate_matches_a_reference_in_an_nnunet_data_set_by_name(tmp_path, capsys, tiny_model_dir):
-    from m4oe.checkpoint import read_model_card
-
-    card_names = {lab.value: lab.name for lab in read_model_card(tiny_model_dir).task(None).labels}
-    first, second = card_names[1], card_names[2]
+    """``evaluate --model``: a reference in an nnU-Net data set's labelsTr/ is read in that data set's
+    numbering, its labels matched to the model's classes (liver 1, spleen 2, right kidney 3) by
+    structure key or display name, any case, or through its ``terminology``; a class the data set
+    does not label is not scored."""
     labels = np.zeros((6, 20, 20), np.uint8)
     labels[1:4, 2:8, 2:8] = 1
     labels[2:5, 10:16, 11:18] = 2
-    labels[3:5, 15:19, 1:5] = 3  # a structure the reference does not label: left out, not scored
+    labels[3:5, 15:19, 1:5] = 3
     pred = write_volume(labels, tmp_path / "pred.nii.gz")
-    # The data set numbers the model's second structure 4 and its first 7, and labels a gallbladder.
     dataset = tmp_path / "Dataset001"
-    reference = np.select([labels == 1, labels == 2], [7, 4], 0).astype(np.uint8)
-    reference[0, :3, :3] = 9
     (dataset / "labelsTr").mkdir(parents=True)
+    reference = np.select([labels == 1, labels == 2, labels == 3], [7, 4, 5], 0).astype(np.uint8)
+    reference[0, :3, :3] = 9  # a gallbladder the model has no class for: not scored
     ref = write_volume(reference, dataset / "labelsTr" / "case_000.nii.gz")
-    manifest = {"labels": {"background": 0, second: 4, first: 7, "gallbladder": 9, "region": [4, 7]}}
+    manifest = {
+        "labels": {"background": 0, "Spleen": 4, "liver": 7, "RK": 5, "gallbladder": 9, "organs": [4, 7]},
+        "terminology": {"RK": "kidney_right"},
+    }
     (dataset / "dataset.json").write_text(json.dumps(manifest))
 
-    code, out, err = run_cli(["evaluate", pred, ref, "--model", str(tiny_model_dir), "--json"], capsys)
+    argv = ["evaluate", pred, ref, "--model", str(tiny_model_dir), "--json"]
+    code, out, err = run_cli(argv, capsys)
     assert code == 0 and "matched by name" in err and "dataset.json" in err
     result = json.loads(out)
-    assert [(r["label"], r["name"], r["dice"]) for r in result["labels"]] == [
-        (4, second, 1.0),
-        (7, first, 1.0),
-    ]
-    assert {int(k): v for k, v in result["label_map"].items()} == {1: 7, 2: 4}
+    rows = [(r["label"], r["name"], r["dice"]) for r in result["labels"]]
+    assert rows == [(4, "spleen", 1.0), (5, "right kidney", 1.0), (7, "liver", 1.0)]
+    assert {int(k): v for k, v in result["label_map"].items()} == {1: 7, 2: 4, 3: 5}
     code, out, _ = run_cli(["evaluate", pred, ref, "--json"], capsys)  # no model: no names to match
     assert code == 0 and json.loads(out)["mean_dice"] < 1.0
 
+    manifest = {"labels": {"background": 0, "liver": 7, "right_kidney": 5}}  # no spleen labelled
+    (dataset / "dataset.json").write_text(json.dumps(manifest))
+    code, out, _ = run_cli(argv, capsys)
+    result = json.loads(out)
+    assert [(r["label"], r["name"]) for r in result["labels"]] == [(5, "right kidney"), (7, "liver")]
+    assert result["mean_dice"] == 1.0, "the model's spleen is not held against an unlabelled reference"
+
     (dataset / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "gallbladder": 9}}))
-    code, out, err = run_cli(["evaluate", pred, ref, "--model", str(tiny_model_dir)], capsys)
+    code, out, err = run_cli(argv[:-1], capsys)
     assert code == 2 and out == ""
     assert "dataset.json" in err and "none of the structures" in err and "gallbladder" in err
     (dataset / "dataset.json").write_text("{not json")
-    code, _, err = run_cli(["evaluate", pred, ref, "--model", str(tiny_model_dir)], capsys)
+    code, _, err = run_cli(argv[:-1], capsys)
     assert code == 2 and "not a readable nnU-Net dataset.json" in err
 
 

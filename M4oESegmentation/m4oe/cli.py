@@ -247,12 +247,13 @@ def cmd_evaluate(args) -> int:
         from .hub import resolve_model
 
         card = read_model_card(resolve_model(args.model))
-        pred_names = {label.value: label.name for label in card.task(args.task).labels}
+        task_labels = card.task(args.task).labels
+        pred_names = {label.value: label.name for label in task_labels}
     else:
         pred_names = segment_names(args.prediction)
     if label_map is None and args.model is not None:
         # A reference in an nnU-Net data set is read in its own numbering, matched by name.
-        matched = dataset_label_map(args.reference, pred_names)
+        matched = dataset_label_map(args.reference, task_labels)
         if matched is not None:
             label_map, manifest = matched
             print(f"label values matched by name with {manifest}", file=sys.stderr)

@@ -302,43 +302,57 @@ def load_label_map(path: str | Path) -> dict[int, int]:
     return _check_label_map(mapping, str(path))
 
 
-def dataset_label_map(reference: str | Path, names: dict[int, str]) -> tuple[dict[int, int], Path] | None:
-    """The prediction -> reference renumbering by structure name, read from the reference's data set.
+def dataset_label_map(reference: str | Path, labels: list) -> tuple[dict[int, int], Path] | None:
+    """The prediction -> reference renumbering by structure, read from the reference's data set.
 
     When ``reference`` lies in the ``labelsTr/`` or ``labelsTs/`` folder of an nnU-Net data set, that
-    data set's ``dataset.json`` names its label values (``"labels": {"liver": 1, ...}``). Each
-    prediction value in ``names`` (value -> structure name, e.g. from a model's card) whose name is
-    one of those labels maps to the data set's value; a structure the data set does not label is left
-    out, so it is not scored (a partially labelled data set does not count it as background).
-    Region entries (a list of values, nnU-Net's region training) are skipped.
+    data set's ``dataset.json`` names its label values (``"labels": {"liver": 1, ...}``, and an
+    optional ``"terminology": {"its name": "structure key"}``). A class of ``labels`` (a model task's
+    :class:`m4oe.model_card.Label` list) matches a data set label when their names agree as
+    structure keys or display names, any case, spaces and underscores alike (``"right kidney"``,
+    ``"kidney_right"``). A structure the data set does not label is left out, so it is not scored (a
+    partially labelled data set does not count it as background). Region entries (a list of values,
+    nnU-Net's region training) are skipped.
 
     Returns ``(mapping, dataset_json)``, or None when ``reference`` is not in such a folder.
 
     Raises:
         InputError: naming ``dataset.json``, when it cannot be read, has no ``labels`` object, or
-            names none of the structures in ``names``.
+            names none of the structures in ``labels``.
     """
+    from m4oe.terminology import structure_key
+
     folder = Path(reference).parent
     manifest = folder.parent / "dataset.json"
     if folder.name not in ("labelsTr", "labelsTs") or not manifest.is_file():
         return None
     try:
-        labels = json.loads(manifest.read_text(encoding="utf-8")).get("labels")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        meta = json.loads(manifest.read_text(encoding="utf-8"))
+        entries, terms = meta.get("labels"), dict(meta.get("terminology") or {})
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as error:
         raise InputError(f"not a readable nnU-Net dataset.json ({error})", manifest) from None
-    if not isinstance(labels, dict):
+    if not isinstance(entries, dict):
         raise InputError('has no "labels" object naming the reference\'s label values', manifest)
-    values = {
-        str(name): int(value)
-        for name, value in labels.items()
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0
-    }
-    mapping = {value: values[name] for value, name in names.items() if value and name in values}
+
+    def normal(name) -> str:
+        return str(name).strip().lower().replace(" ", "_")
+
+    values = {}
+    for name, value in entries.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            for alias in (name, terms.get(name)):
+                if alias:
+                    values.setdefault(normal(alias), value)
+    mapping = {}
+    for label in labels:
+        found = [values[n] for n in (normal(structure_key(label)), normal(label.name)) if n in values]
+        if found:
+            mapping[label.value] = found[0]
     if not mapping:
-        known = ", ".join(sorted(values)) or "none"
+        known = ", ".join(name for name, value in entries.items() if isinstance(value, int) and value > 0)
         raise InputError(
-            f"labels none of the structures to score ({', '.join(sorted(names.values()))}); its labels: "
-            f"{known}; pass --label-map",
+            f"labels none of the structures to score ({', '.join(label.name for label in labels)}); "
+            f"its labels: {known or 'none'}; pass --label-map",
             manifest,
         )
     return mapping, manifest
