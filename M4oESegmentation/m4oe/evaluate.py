@@ -320,7 +320,7 @@ def dataset_label_map(reference: str | Path, labels: list) -> tuple[dict[int, in
         InputError: naming ``dataset.json``, when it cannot be read, has no ``labels`` object, or
             names none of the structures in ``labels``.
     """
-    from m4oe.terminology import structure_key
+    from m4oe.terminology import labels_by_name, name_key
 
     folder = Path(reference).parent
     manifest = folder.parent / "dataset.json"
@@ -334,20 +334,14 @@ def dataset_label_map(reference: str | Path, labels: list) -> tuple[dict[int, in
     if not isinstance(entries, dict):
         raise InputError('has no "labels" object naming the reference\'s label values', manifest)
 
-    def normal(name) -> str:
-        return str(name).strip().lower().replace(" ", "_")
-
-    values = {}
+    by_name = labels_by_name(labels)
+    mapping = {}
     for name, value in entries.items():
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             for alias in (name, terms.get(name)):
-                if alias:
-                    values.setdefault(normal(alias), value)
-    mapping = {}
-    for label in labels:
-        found = [values[n] for n in (normal(structure_key(label)), normal(label.name)) if n in values]
-        if found:
-            mapping[label.value] = found[0]
+                label = by_name.get(name_key(alias)) if alias else None
+                if label is not None:
+                    mapping.setdefault(label.value, value)
     if not mapping:
         known = ", ".join(name for name, value in entries.items() if isinstance(value, int) and value > 0)
         raise InputError(

@@ -185,6 +185,16 @@ def structure_key(label: Label) -> str:
     return label.name.replace(" ", "_")
 
 
+def name_key(name) -> str:
+    """A structure name as it is matched: any case, spaces and underscores alike (``"kidney_right"``)."""
+    return str(name).strip().lower().replace(" ", "_")
+
+
+def labels_by_name(labels: list[Label]) -> dict[str, Label]:
+    """Each label under the :func:`name_key` of its :func:`structure_key` and of its display name."""
+    return {name_key(name): label for label in labels for name in (structure_key(label), label.name)}
+
+
 def select_labels(labels: list[Label], names: list[str]) -> list[Label]:
     """The labels that ``names`` choose, in the task's order.
 
@@ -192,13 +202,10 @@ def select_labels(labels: list[Label], names: list[str]) -> list[Label]:
     any case, spaces and underscores alike. Raises ``ValueError`` naming the first unknown name and
     listing the task's structures; an empty list is refused too.
     """
-    by_name = {}
-    for label in labels:
-        for name in (structure_key(label), label.name):
-            by_name[name.lower().replace(" ", "_")] = label
+    by_name = labels_by_name(labels)
     chosen = set()
     for name in names:
-        label = by_name.get(str(name).strip().lower().replace(" ", "_"))
+        label = by_name.get(name_key(name))
         if label is None:
             known = ", ".join(structure_key(label) for label in labels)
             raise ValueError(f"unknown structure {name!r}; this task has: {known}")
