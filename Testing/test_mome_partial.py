@@ -324,5 +324,5 @@ def test_continue_trains_a_prepared_runs_model_further_on_the_same_data(bench, t
             bench.main(["continue", *bad])
     assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="lr"):
-        bench.continue_runs(source, tmp_path / "y", 2, 0.0, 0, 1, 1)
+        bench.continue_runs(source, tmp_path / "y", bench.MODELS, 2, 0.0, 0, 1, 1)
     assert not (tmp_path / "y").exists()

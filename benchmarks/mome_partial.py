@@ -66,16 +66,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
-import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "M4oESegmentation"), str(ROOT / "training")]
+sys.path[:0] = [str(ROOT / "M4oESegmentation"), str(ROOT / "training"), str(ROOT / "benchmarks")]
+
+from mome_continue import continue_runs  # noqa: E402  (after the path is set)
 
 # data set -> (phantom sequence, expert, its head in the per-data-set models, structures, data-set seed)
 DATASETS = {
@@ -248,65 +247,6 @@ def prepare(
         if img_size is not None:
             lines += ["", "[model_overrides]", f"img_size = {img_size}"]
         (folder / f"{run}.toml").write_text("\n".join(lines) + "\n")
-
-
-def continue_runs(
-    source: Path, folder: Path, epochs: int, lr: float, warmup: int, seed: int, val_every: int
-) -> list[str]:
-    """Write, in ``folder``, one config per run of ``source`` that holds a trained model: that model
-    trained further (``init``) on the same data sets, in one ``joint`` stage.
-
-    ``source``: a folder :func:`prepare` (or this function) wrote, with ``runs/{run}/model``. Each new
-    config is the source config with ``model`` (and ``model_overrides``: the network comes with
-    ``init``) replaced by ``init = source/runs/{run}/model``, its data set paths pointing at
-    ``source``'s data, ``output_dir`` under ``folder/runs``, the ``seed`` and ``val_every`` given, and
-    its stages replaced by one ``joint`` stage of ``epochs`` at peak rate ``lr`` after ``warmup``
-    steps. Overrides the source run was given with ``--set`` are not in its config: give them again.
-    ``evaluate folder`` then scores the continued models. Returns the runs written; refuses, before
-    writing, a ``source`` without a trained run and a ``folder`` equal to ``source``.
-    """
-    if folder.resolve() == source.resolve():
-        raise ValueError(f"{folder}: continue into another folder than the source")
-    runs = [run for run in MODELS if (source / "runs" / run / "model" / "model.json").is_file()]
-    runs = [run for run in runs if (source / f"{run}.toml").is_file()]
-    if not runs:
-        raise ValueError(f"{source}: no run with a trained model and its config (runs/RUN/model, RUN.toml)")
-    if epochs < 1 or warmup < 0 or not 0 < lr < 1 or val_every < 1:
-        raise ValueError(
-            "epochs >= 1, warmup >= 0, 0 < lr < 1 and val_every >= 1; "
-            f"got {epochs}, {warmup}, {lr}, {val_every}"
-        )
-    folder.mkdir(parents=True, exist_ok=True)
-    for run in runs:
-        text = (source / f"{run}.toml").read_text()
-        head, _, _ = text.partition("\n[[stages]]")
-        top, _, tables = head.partition("\n[[datasets]]")
-        init = (source / "runs" / run / "model").resolve()
-        values = {
-            "init": f'"{init}"',
-            "output_dir": f'"{(folder / "runs").resolve()}/{{name}}"',
-            "seed": str(seed),
-            "val_every": str(val_every),
-        }
-        lines = []
-        for line in top.splitlines():
-            key = line.split("=", 1)[0].strip()
-            if key == "model":
-                continue
-            lines.append(f"{key} = {values.pop(key)}" if key in values else line)
-        lines += [f"{key} = {value}" for key, value in values.items()]
-
-        def moved(match: re.Match) -> str:
-            target = (source / match.group(1)).resolve()
-            return f'path = "{Path(os.path.relpath(target, folder.resolve())).as_posix()}"'
-
-        tables = re.sub(r'^path = "([^"]+)"', moved, "[[datasets]]" + tables, flags=re.M)
-        stage = ["[[stages]]", 'kind = "joint"', f"epochs = {epochs}", f"lr = {lr}"]
-        stage += [f"warmup_iterations = {warmup}"]
-        config = "\n".join(lines) + "\n\n" + tables.strip() + "\n\n" + "\n".join(stage) + "\n"
-        tomllib.loads(config)  # well-formed before it is written
-        (folder / f"{run}.toml").write_text(config)
-    return runs
 
 
 def check_settings(
@@ -589,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "continue":
         try:
             runs = continue_runs(
-                args.source, args.folder, args.epochs, args.lr, args.warmup, args.seed, args.val_every
+                args.source, args.folder, MODELS, args.epochs, args.lr, args.warmup, args.seed, args.val_every
             )
         except ValueError as error:
             parser.error(str(error))
