@@ -27,14 +27,15 @@ def continue_runs(
     """Write, in ``folder``, one config per run of ``runs`` whose ``source`` folder holds its trained
     model: that model trained further (``init``) on the same data sets, in one ``joint`` stage.
 
-    ``source``: a folder :func:`prepare` (or this function) wrote, with ``runs/{run}/model``. Each new
-    config is the source config with ``model`` (and ``model_overrides``: the network comes with
-    ``init``) replaced by ``init = source/runs/{run}/model``, its data set paths pointing at
-    ``source``'s data, ``output_dir`` under ``folder/runs``, the ``seed`` and ``val_every`` given, and
-    its stages replaced by one ``joint`` stage of ``epochs`` at peak rate ``lr`` after ``warmup``
-    steps. Overrides the source run was given with ``--set`` are not in its config: give them again.
-    ``evaluate folder`` then scores the continued models. Returns the runs written; refuses, before
-    writing, a ``source`` without a trained run and a ``folder`` equal to ``source``.
+    ``source``: a folder ``mome_partial.py prepare`` (or this function) wrote, with
+    ``runs/{run}/model``. Each new config is the source config with ``model`` (and
+    ``model_overrides``: the network comes with ``init``) replaced by ``init =
+    source/runs/{run}/model``, its data set paths pointing at ``source``'s data, ``output_dir`` under
+    ``folder/runs``, the ``seed`` and ``val_every`` given, and its stages replaced by one ``joint``
+    stage of ``epochs`` at peak rate ``lr`` after ``warmup`` steps. Overrides the source run was
+    given with ``--set`` are not in its config: give them again. ``evaluate folder`` then scores the
+    continued models. Returns the runs written; refuses, before writing, a ``source`` without a
+    trained run and a ``folder`` equal to ``source``.
     """
     if folder.resolve() == source.resolve():
         raise ValueError(f"{folder}: continue into another folder than the source")
