@@ -296,6 +296,50 @@ def fine_tune_config(path: Path, one_case: Path, phantoms, **top) -> Path:
     )
 
 
+def test_a_fine_tune_with_a_weight_average_exports_the_average_and_trains_as_without(
+    phantoms, one_case, tmp_path
+):
+    """``ema_decay``: after one step from the init model the export holds decay * init + (1 - decay)
+    * the step's weights, the state keeps that average beside the trained weights, and the weights
+    the optimiser reaches are bit for bit those of the same run without an average."""
+    source = save_source_model(tmp_path / "source")
+
+    def tune(name: str, **top) -> Path:
+        path = write_config(
+            tmp_path / f"{name}.toml",
+            [dataset(one_case, "ct", val_cases=0), dataset(phantoms["t1"], "mr", val_cases=0)],
+            [{"kind": "joint", "epochs": 1, "lr": 1e-3}],
+            batch_size=2,
+            iterations_per_epoch=1,
+            optimizer="adamw",
+            init=str(source),
+            output_dir=str(tmp_path / name),
+            **top,
+        )
+        return run(load_config(path)[0], base_dir=tmp_path, command=["test"])
+
+    plain, averaged = tune("plain"), tune("averaged", ema_decay=0.25)
+    assert (plain / "state" / "weights.safetensors").read_bytes() == (
+        averaged / "state" / "weights.safetensors"
+    ).read_bytes()
+    assert not (plain / "state" / "ema.safetensors").exists()
+    start = load_file(source / "model.safetensors")
+    stepped = load_file(averaged / "state" / "weights.safetensors")
+    kept = load_file(averaged / "state" / "ema.safetensors")
+    exported = load_file(averaged / "model" / "model.safetensors")
+    assert exported.keys() == start.keys() == kept.keys()
+    moved = 0
+    for key, value in exported.items():
+        step = stepped["model." + key]
+        expected = 0.25 * start[key] + 0.75 * step
+        torch.testing.assert_close(value, expected, atol=1e-6, rtol=1e-5, msg=key)
+        torch.testing.assert_close(kept[key], value, atol=0, rtol=0, msg=key)
+        moved += not torch.equal(step, start[key])
+    assert moved > 10  # the step moved weights, so the average is neither the start nor the step
+    _, card = load_checkpoint(averaged / "model")
+    assert card.provenance["config"]["ema_decay"] == 0.25
+
+
 def test_a_chain_of_fine_tunes_keeps_every_earlier_run_in_the_last_card(phantoms, one_case, tmp_path):
     """Each fine-tune records the run behind its starting model and that model's own lineage, so the
     last card of a chain tells every run (``provenance.lineage``, newest first; ``m4oe info``)."""

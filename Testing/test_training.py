@@ -234,8 +234,10 @@ def test_export_epoch_ships_the_best_or_the_last_validated_epoch(phantoms, tmp_p
 
 
 @pytest.mark.slow
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(phantoms, tmp_path):
-    """Interrupt after epoch 2 (mid-stage) and after epoch 3 (a stage boundary), with augmentation on."""
+@pytest.mark.parametrize("ema_decay", [0.0, 0.5])
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(phantoms, tmp_path, ema_decay):
+    """Interrupt after epoch 2 (mid-stage) and after epoch 3 (a stage boundary), with augmentation on;
+    with a moving average of the weights (``ema_decay``) too, which the state keeps and restores."""
 
     def config(name: str) -> TrainConfig:
         path = write_config(
@@ -251,6 +253,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(phantoms, tmp_path
             iterations_per_epoch=2,
             optimizer="adamw",
             augment=True,
+            ema_decay=ema_decay,
             output_dir=str(tmp_path / name),
         )
         return load_config(path)[0]
@@ -269,8 +272,10 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(phantoms, tmp_path
     assert json.loads((b / "state" / "state.json").read_text())["seconds"] >= seconds[-1]
     losses = ("stage", "kind", "epoch", "step", "lr", "mim", "seg", "balance", "val_mean_dice")
     assert [[r[k] for k in losses] for r in read_log(a)] == [[r[k] for k in losses] for r in read_log(b)]
-    for name in ("state/weights.safetensors", "state/optimizer.safetensors"):
+    kept = ("state/weights.safetensors", "state/optimizer.safetensors")
+    for name in (*kept, "state/ema.safetensors") if ema_decay else kept:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert (a / "state" / "ema.safetensors").exists() == bool(ema_decay)
     assert load_file(str(a / "state" / "weights.safetensors")).keys()  # not an empty file
     # The export's header carries metadata, which safetensors 0.8 writes in a random key order
     # (safetensors issue 584); everything else in the file must be the same bytes.

@@ -92,6 +92,8 @@ def test_config_unknown_key_is_an_error_naming_it(tmp_path, where, key):
         ({"batch_size": 0}, {}, "batch_size"),
         ({"exclusion_weight": -0.5}, {}, "exclusion_weight"),
         ({"exclusion_weight": "1"}, {}, "exclusion_weight"),
+        ({"ema_decay": 1.0}, {}, "ema_decay"),
+        ({"ema_decay": -0.1}, {}, "ema_decay"),
         ({}, {"kind": "finetune"}, r"stages\[0\].kind"),
         ({}, {"mask_ratio": 1.0}, r"stages\[0\].mask_ratio"),
         ({}, {"trainable": "shared"}, r"stages\[0\].trainable must be one of"),

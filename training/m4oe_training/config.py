@@ -155,6 +155,11 @@ class TrainConfig:
     weight_decay: float = 1e-4
     poly_power: float = 0.9
     grad_clip_norm: float = 12.0
+    # An exponential moving average of the weights (timm's ModelEmaV3), updated after every
+    # optimiser step: ema = decay * ema + (1 - decay) * weights, starting from the run's first
+    # weights (the init model's, for a fine-tune). When on (> 0), validation scores and the export
+    # holds the average, not the last step's weights; 0.999 averages over about the last 1,000 steps.
+    ema_decay: float = 0.0
     ce_weight: float = 0.4
     dice_weight: float = 0.7
     # MoME only: weight, relative to the BCE, of the exclusion loss (Shi et al., MedIA 2021) over the
@@ -248,6 +253,7 @@ class TrainConfig:
             "synth_organ_interior": 0.0 <= self.synth_organ_interior <= 1.0,
             "synth_opposed_phase": 0.0 <= self.synth_opposed_phase <= 1.0,
             "grad_clip_norm": self.grad_clip_norm >= 0,
+            "ema_decay": 0.0 <= self.ema_decay < 1.0,
             "val_every": self.val_every >= 1,
             "ce_weight": self.ce_weight >= 0 and self.ce_weight + self.dice_weight > 0,
             "dice_weight": self.dice_weight >= 0,

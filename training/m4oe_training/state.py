@@ -1,7 +1,8 @@
 """Resumable training state without pickle: safetensors for tensors, JSON for everything else.
 
 A state folder holds ``weights.safetensors`` (the trained module), ``optimizer.safetensors``
-(optimiser buffers) and ``state.json`` (position in the recipe, best metric, RNG state, optimiser
+(optimiser buffers), ``ema.safetensors`` (the weights' moving average, when the run keeps one) and
+``state.json`` (position in the recipe, best metric, RNG state, optimiser
 hyper-parameters). It is written to a temporary folder and renamed into place, so a crash while
 saving leaves the previous state intact. A run holds its folder's lock (:func:`folder_lock`) so
 that a second run cannot write the same state at the same time.
@@ -33,8 +34,15 @@ STATE_VERSION = 3  # 3: three optimiser parameter groups (gates, rest, shared); 
 READABLE_VERSIONS = (2, 3)
 
 
-def save_state(folder: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> None:
-    """Atomically replace ``folder`` with the current training state."""
+def save_state(
+    folder: Path,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: dict,
+    ema: torch.nn.Module | None = None,
+) -> None:
+    """Atomically replace ``folder`` with the current training state (``ema``: the network holding
+    the weights' moving average, if the run keeps one)."""
     folder = Path(folder)
     recover_state(folder)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -43,6 +51,9 @@ def save_state(folder: Path, module: torch.nn.Module, optimizer: torch.optim.Opt
     tmp.mkdir(parents=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     save_file(weights, str(tmp / "weights.safetensors"))
+    if ema is not None:
+        averaged = {k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}
+        save_file(averaged, str(tmp / "ema.safetensors"))
     tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     record = dict(meta, version=STATE_VERSION, optimizer=opt_meta)
@@ -95,6 +106,16 @@ def load_state(folder: Path, module: torch.nn.Module, optimizer: torch.optim.Opt
     optimizer.load_state_dict(saved)
     torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
     return meta
+
+
+def load_ema(folder: Path, ema: torch.nn.Module) -> bool:
+    """Load the moving average a :func:`save_state` folder holds into ``ema``; False (``ema`` left
+    as it is) when the state has none, e.g. a run that kept no average before it was resumed."""
+    path = Path(folder) / "ema.safetensors"
+    if not path.exists():
+        return False
+    ema.load_state_dict(load_file(str(path)))
+    return True
 
 
 def _split_rest_group(saved: dict, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
 from m4oe import __version__
@@ -55,7 +56,7 @@ from .init_model import (
 from .mome import LabelSpace, MoMELoss, build_mome, build_mome_from, is_mome, label_space
 from .optim import frozen_parameters, group_lr, parameter_groups, stage_lr
 from .stage_loss import StageLoss
-from .state import folder_lock, load_state, recover_state, save_state
+from .state import folder_lock, load_ema, load_state, recover_state, save_state
 from .validation import validate
 
 logger = logging.getLogger("m4oe_training")
@@ -285,6 +286,13 @@ def _run(
         logger.info(
             "resumed at stage %d epoch %d (step %d)", position["stage"], position["epoch"], position["step"]
         )
+    # The weights' moving average (ema_decay): when kept, validation scores it and the export holds it.
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None:
+        ema.module.requires_grad_(False)
+        if resume and not load_ema(out / "state", ema.module):
+            logger.info("the state holds no moving average of the weights: it starts from them now")
+    net = ema.module if ema is not None else model  # the network validated and exported
     wrapped = DistributedDataParallel(module, find_unused_parameters=True) if world > 1 else module
     use_bf16 = cfg.amp == "bf16" or (
         cfg.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -325,7 +333,7 @@ def _run(
         elapsed = round(time.perf_counter() - start, 1)
         card = build_card(
             cfg,
-            model,
+            net,
             infos,
             params,
             metrics=metrics,
@@ -334,7 +342,7 @@ def _run(
             labels=labels,
             values=values,
         )
-        export_model(model, card, out / "model", cfg.export_dtype)
+        export_model(net, card, out / "model", cfg.export_dtype)
 
     plan = BatchPlan.from_config(cfg, data, augmentation, rank)
     with BatchSource(plan, cfg.loader_workers) as batches:
@@ -382,6 +390,8 @@ def _run(
                         norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip_norm)
                         stats["grad_norm"] = float(norm)
                     optimizer.step()
+                    if ema is not None:
+                        ema.update(model)
                     position["step"] += 1
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
@@ -413,7 +423,7 @@ def _run(
                 if segmenting and validating and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
                     card = build_card(
                         cfg,
-                        model,
+                        net,
                         infos,
                         params,
                         metrics={},
@@ -422,7 +432,7 @@ def _run(
                         labels=labels,
                         values=values,
                     )
-                    results = validate(model, card, cfg, infos, device, stage.kind, space)
+                    results = validate(net, card, cfg, infos, device, stage.kind, space)
                     scores = [r["mean_dice"] for r in results.values() if r["mean_dice"] is not None]
                     score = float(np.mean(scores)) if scores else None
                     record["val_mean_dice"] = round(score, 4) if score is not None else None
@@ -445,7 +455,8 @@ def _run(
                     export(dict(validation=None, selected=selected, note=note))
                 _append_csv(log_path, record)
                 position["seconds"] = round(time.perf_counter() - start, 1)
-                save_state(out / "state", module, optimizer, dict(position, config=cfg.to_dict()))
+                meta = dict(position, config=cfg.to_dict())
+                save_state(out / "state", module, optimizer, meta, None if ema is None else ema.module)
     if world > 1:
         dist.barrier()
     return out
