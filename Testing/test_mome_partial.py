@@ -4,6 +4,7 @@ MR-like, for the MR expert), read back by the training's own config parser and d
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -293,10 +294,27 @@ def test_continue_trains_a_prepared_runs_model_further_on_the_same_data(bench, t
     source, folder = tmp_path / "first", tmp_path / "second"
     bench.prepare(source, 2, 32, 2, 1, 2)
     first_cfg, _ = load_config(source / "m4oe-onehead.toml")
-    train_run(first_cfg, base_dir=source, command=["test"])
+    # Trained as `m4oe train ... --set foreground_sampling=class --set ema_decay=0.5 --set threads=1
+    # --set datasets.1.weight=2`: the config file holds none of these, the model card all of them.
+    given = dataclasses.replace(
+        first_cfg,
+        foreground_sampling="class",
+        ema_decay=0.5,
+        threads=1,
+        datasets=[
+            first_cfg.datasets[0],
+            dataclasses.replace(first_cfg.datasets[1], weight=2.0),
+            *first_cfg.datasets[2:],
+        ],
+    )
+    train_run(given, base_dir=source, command=["test"])
     args = ["continue", str(source), str(folder), "--epochs", "2", "--lr", "2e-4", "--seed", "9"]
     assert bench.main([*args, "--warmup", "0", "--val-every", "1"]) == 0
-    assert "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote" in printed
+    carried = printed.split("carried over from its model card: ")[1].split("\n")[0].split(", ")
+    assert sorted(carried) == ["ema_decay = 0.5", 'foreground_sampling = "class"']
+    assert "give again with --set: datasets.1.weight = 2.0" in printed
     assert sorted(p.name for p in folder.glob("*.toml")) == ["m4oe-onehead.toml"], "only trained runs"
 
     cfg, _ = load_config(folder / "m4oe-onehead.toml")
@@ -310,6 +328,8 @@ def test_continue_trains_a_prepared_runs_model_further_on_the_same_data(bench, t
     ]
     assert [(s.kind, s.epochs, s.lr, s.warmup_iterations) for s in cfg.stages] == [("joint", 2, 2e-4, 0)]
     assert (cfg.seed, cfg.val_every, cfg.batch_size) == (9, 1, first_cfg.batch_size)
+    assert (cfg.foreground_sampling, cfg.ema_decay) == ("class", 0.5)  # the source run's --set
+    assert cfg.threads == first_cfg.threads and cfg.datasets[1].weight == 1.0  # not carried
     assert (
         Path(cfg.output_dir.format(name=cfg.name)).resolve() == (folder / "runs" / "m4oe-onehead").resolve()
     )

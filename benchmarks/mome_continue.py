@@ -1,17 +1,85 @@
 """``mome_partial.py continue``: configs that train a prepared folder's models further.
 
 A schedule longer than one sitting runs as a chain: each link starts from the previous link's
-exported model (``init``) on the same data sets. :func:`continue_runs` writes one link's configs.
+exported model (``init``) on the same data sets. :func:`continue_runs` writes one link's configs,
+with the settings the source run was given on the command line (``m4oe train --set``), which its
+config file does not hold, read back from its model card (:func:`given_settings`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import tomllib
+
+# Top-level keys a continuation sets itself, or that say how the source run was launched rather than
+# what it trained (threads, device, loader processes): never carried over from the source run's card.
+NOT_CARRIED = frozenset(
+    {
+        "name",
+        "model",
+        "model_overrides",
+        "init",
+        "imagenet",
+        "expert_order",
+        "output_dir",
+        "seed",
+        "val_every",
+        "datasets",
+        "stages",
+        "threads",
+        "device",
+        "loader_workers",
+    }
+)
+
+
+def toml_scalar(value) -> str | None:
+    """``value`` as a TOML value (a bool, number, string or list of them), None for anything else."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        items = [toml_scalar(v) for v in value]
+        return None if None in items else "[" + ", ".join(items) + "]"
+    return None
+
+
+def given_settings(config_path: Path, card_path: Path) -> tuple[dict[str, str], list[str]]:
+    """The top-level settings a run trained with that its config file does not give: what its model
+    card (``provenance.config``, the resolved config) holds where it differs from the file's
+    (``m4oe train --set``; with ``init``, also what the init model handed down, the same values the
+    continuation inherits again). Keys of :data:`NOT_CARRIED` are left out.
+
+    Returns ``({key: TOML value}, notes)``: the notes name what cannot be carried into a config's
+    top level (a data set's own key given with ``--set datasets.N.KEY``, a value without a TOML form).
+    """
+    from m4oe_training.config import load_config
+
+    # Through JSON, as the card was written, so that a tuple and the list it became compare equal.
+    written = json.loads(json.dumps(load_config(config_path)[0].to_dict()))
+    used = json.loads(card_path.read_text()).get("provenance", {}).get("config", {})
+    settings, notes = {}, []
+    for key, value in used.items():
+        if key in NOT_CARRIED or key not in written or value == written[key]:
+            continue
+        text = toml_scalar(value)
+        if text is None:
+            notes.append(f"{key} = {value!r} (no TOML form)")
+        else:
+            settings[key] = text
+    for i, (file_d, used_d) in enumerate(zip(written["datasets"], used.get("datasets", []), strict=False)):
+        for key, value in used_d.items():
+            if key != "path" and key in file_d and value != file_d[key]:
+                notes.append(f"datasets.{i}.{key} = {value!r}")
+    return settings, notes
 
 
 def continue_runs(
@@ -23,7 +91,7 @@ def continue_runs(
     warmup: int,
     seed: int,
     val_every: int,
-) -> list[str]:
+) -> dict[str, tuple[dict[str, str], list[str]]]:
     """Write, in ``folder``, one config per run of ``runs`` whose ``source`` folder holds its trained
     model: that model trained further (``init``) on the same data sets, in one ``joint`` stage.
 
@@ -32,10 +100,12 @@ def continue_runs(
     ``model_overrides``: the network comes with ``init``) replaced by ``init =
     source/runs/{run}/model``, its data set paths pointing at ``source``'s data, ``output_dir`` under
     ``folder/runs``, the ``seed`` and ``val_every`` given, and its stages replaced by one ``joint``
-    stage of ``epochs`` at peak rate ``lr`` after ``warmup`` steps. Overrides the source run was
-    given with ``--set`` are not in its config: give them again. ``evaluate folder`` then scores the
-    continued models. Returns the runs written; refuses, before writing, a ``source`` without a
-    trained run and a ``folder`` equal to ``source``.
+    stage of ``epochs`` at peak rate ``lr`` after ``warmup`` steps. The top-level settings the source
+    run was given with ``--set`` (read from its model card, :func:`given_settings`) are written into
+    the new config too, so a chain keeps e.g. ``foreground_sampling`` or ``ema_decay``; a data set's
+    own ``--set`` cannot be and is returned as a note, to give again. ``evaluate folder`` then scores
+    the continued models. Returns ``{run: (settings carried over, notes)}`` for the runs written;
+    refuses, before writing, a ``source`` without a trained run and a ``folder`` equal to ``source``.
     """
     if folder.resolve() == source.resolve():
         raise ValueError(f"{folder}: continue into another folder than the source")
@@ -49,12 +119,15 @@ def continue_runs(
             f"got {epochs}, {warmup}, {lr}, {val_every}"
         )
     folder.mkdir(parents=True, exist_ok=True)
+    written = {}
     for run in runs:
+        carried = given_settings(source / f"{run}.toml", source / "runs" / run / "model" / "model.json")
         text = (source / f"{run}.toml").read_text()
         head, _, _ = text.partition("\n[[stages]]")
         top, _, tables = head.partition("\n[[datasets]]")
         init = (source / "runs" / run / "model").resolve()
         values = {
+            **carried[0],
             "init": f'"{init}"',
             "output_dir": f'"{(folder / "runs").resolve()}/{{name}}"',
             "seed": str(seed),
@@ -78,4 +151,5 @@ def continue_runs(
         config = "\n".join(lines) + "\n\n" + tables.strip() + "\n\n" + "\n".join(stage) + "\n"
         tomllib.loads(config)  # well-formed before it is written
         (folder / f"{run}.toml").write_text(config)
-    return runs
+        written[run] = carried
+    return written

@@ -534,6 +534,12 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             parser.error(str(error))
         print(f"wrote {', '.join(f'{args.folder}/{r}.toml' for r in runs)}")
+        for run, (settings, notes) in runs.items():
+            if settings:
+                given = ", ".join(f"{k} = {v}" for k, v in settings.items())
+                print(f"{run}: carried over from its model card: {given}")
+            if notes:
+                print(f"{run}: not carried over, give again with --set: {'; '.join(notes)}")
         return 0
     results = evaluate_models(args.folder, args.cases, args.seed, args.max_size, args.threads)
     if args.real is not None:
