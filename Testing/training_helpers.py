@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save
 
 from m4oe.phantom import write_dataset
+from m4oe_training.config import toml_value
 from m4oe_training.synth import SynthSettings
 from m4oe_training.train import StageLoss
 
@@ -30,20 +31,6 @@ def training_phantoms(root: Path) -> dict[str, Path]:
         "ct": write_dataset(root / "ct", "ct", 3, seed=0, max_size=48),
         "t1": write_dataset(root / "t1", "t1", 2, seed=0, max_size=48),
     }
-
-
-def toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(value)
 
 
 def write_config(path: Path, datasets: list[dict], stages: list[dict], **top) -> Path:

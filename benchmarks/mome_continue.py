@@ -38,20 +38,6 @@ NOT_CARRIED = frozenset(
 )
 
 
-def toml_scalar(value) -> str | None:
-    """``value`` as a TOML value (a bool, number, string or list of them), None for anything else."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list | tuple):
-        items = [toml_scalar(v) for v in value]
-        return None if None in items else "[" + ", ".join(items) + "]"
-    return None
-
-
 def given_settings(config_path: Path, card_path: Path) -> tuple[dict[str, str], list[str]]:
     """The top-level settings a run trained with that its config file does not give: what its model
     card (``provenance.config``, the resolved config) holds where it differs from the file's
@@ -61,7 +47,7 @@ def given_settings(config_path: Path, card_path: Path) -> tuple[dict[str, str], 
     Returns ``({key: TOML value}, notes)``: the notes name what cannot be carried into a config's
     top level (a data set's own key given with ``--set datasets.N.KEY``, a value without a TOML form).
     """
-    from m4oe_training.config import load_config
+    from m4oe_training.config import load_config, toml_value
 
     # Through JSON, as the card was written, so that a tuple and the list it became compare equal.
     written = json.loads(json.dumps(load_config(config_path)[0].to_dict()))
@@ -70,11 +56,10 @@ def given_settings(config_path: Path, card_path: Path) -> tuple[dict[str, str], 
     for key, value in used.items():
         if key in NOT_CARRIED or key not in written or value == written[key]:
             continue
-        text = toml_scalar(value)
-        if text is None:
+        try:
+            settings[key] = toml_value(value)
+        except TypeError:
             notes.append(f"{key} = {value!r} (no TOML form)")
-        else:
-            settings[key] = text
     for i, (file_d, used_d) in enumerate(zip(written["datasets"], used.get("datasets", []), strict=False)):
         for key, value in used_d.items():
             if key != "path" and key in file_d and value != file_d[key]:

@@ -8,6 +8,7 @@ through the same checks as the file.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -401,6 +402,22 @@ def parse_override(text: str) -> tuple[list[str], object]:
     except tomllib.TOMLDecodeError:
         value = raw
     return key.strip().split("."), value
+
+
+def toml_value(value) -> str:
+    """``value`` written as a TOML value: a bool, number or string, or a list or inline table of them
+    (nested). Raises TypeError for anything else (None has no TOML form)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML form for {value!r}")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[TrainConfig, dict]:
