@@ -234,10 +234,13 @@ def test_export_epoch_ships_the_best_or_the_last_validated_epoch(phantoms, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ema_decay", [0.0, 0.5])
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(phantoms, tmp_path, ema_decay):
+@pytest.mark.parametrize(("ema_decay", "deep_supervision"), [(0.0, False), (0.5, False), (0.0, True)])
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(
+    phantoms, tmp_path, ema_decay, deep_supervision
+):
     """Interrupt after epoch 2 (mid-stage) and after epoch 3 (a stage boundary), with augmentation on;
-    with a moving average of the weights (``ema_decay``) too, which the state keeps and restores."""
+    with a moving average of the weights (``ema_decay``) too, which the state keeps and restores;
+    with deep supervision, whose training-only heads the state keeps too."""
 
     def config(name: str) -> TrainConfig:
         path = write_config(
@@ -254,6 +257,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(phantoms, tmp_path
             optimizer="adamw",
             augment=True,
             ema_decay=ema_decay,
+            deep_supervision=deep_supervision,
             output_dir=str(tmp_path / name),
         )
         return load_config(path)[0]
@@ -276,7 +280,9 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(phantoms, tmp_path
     for name in (*kept, "state/ema.safetensors") if ema_decay else kept:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert (a / "state" / "ema.safetensors").exists() == bool(ema_decay)
-    assert load_file(str(a / "state" / "weights.safetensors")).keys()  # not an empty file
+    state_keys = load_file(str(a / "state" / "weights.safetensors")).keys()
+    assert any(k.startswith("model.") for k in state_keys)  # not an empty file
+    assert any(k.startswith("aux_heads.") for k in state_keys) == deep_supervision
     # The export's header carries metadata, which safetensors 0.8 writes in a random key order
     # (safetensors issue 584); everything else in the file must be the same bytes.
     header_a, data_a = safetensors_parts(a / "model" / "model.safetensors")

@@ -168,6 +168,9 @@ class TrainConfig:
     # not overlap: such a voxel is a negative for every other class). 1: those voxels count as the
     # dataset's own labelled negatives do; 0: the plain partial-label loss.
     exclusion_weight: float = 1.0
+    # Segmentation losses at the decoder's lower resolutions too, weighted as nnU-Net weighs them
+    # (m4oe_training.deep_supervision); the exported network is the same either way.
+    deep_supervision: bool = False
     foreground_fraction: float = 0.67
     foreground_sampling: str = "slice"
     augment: bool = True

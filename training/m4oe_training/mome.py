@@ -38,6 +38,7 @@ from m4oe.terminology import structure_key
 
 from .config import ConfigError, TrainConfig
 from .data import DatasetInfo
+from .deep_supervision import labels_at, scale_weights
 from .export import dataset_labels
 from .text_encoder import EncoderUnavailable, MiniLM
 
@@ -306,10 +307,13 @@ class MoMELoss(nn.Module):
         bce: float,
         dice: float,
         exclusion: float = 1.0,
+        deep_supervision: bool = False,
     ):
         super().__init__()
         self.model = model
         self.bce, self.dice, self.exclusion = bce, dice, exclusion
+        # The full-resolution loss's weight, then the coarser routed scales' (finest first).
+        self.weights = scale_weights(len(model.routers)) if deep_supervision else [1.0]
         self.values = [label.value for label in space.labels]
         self.register_buffer("lookup", torch.from_numpy(space.lookup), persistent=False)
         self.register_buffer("labelled", torch.from_numpy(space.labelled), persistent=False)
@@ -321,10 +325,16 @@ class MoMELoss(nn.Module):
         if kind not in ("experts", "joint"):
             raise ValueError(f"a mome model trains 'experts' or 'joint' stages, not {kind!r}")
         expert = self.dataset_expert[datasets]
-        logits, gates = self.model.class_logits(images, None, expert if kind == "experts" else None)
+        coarse = [] if len(self.weights) > 1 else None
+        force = expert if kind == "experts" else None
+        logits, gates = self.model.class_logits(images, None, force, coarse_logits=coarse)
         union = self.lookup[datasets[:, None, None], labels]
         labelled = self.labelled[datasets]
-        loss = partial_label_loss(logits, union, self.values, labelled, self.bce, self.dice, self.exclusion)
+        loss = logits.new_zeros(())
+        for weight, out in zip(self.weights, [logits, *(coarse or [])], strict=True):
+            target = labels_at(union, out.shape[-2:])
+            part = partial_label_loss(out, target, self.values, labelled, self.bce, self.dice, self.exclusion)
+            loss = loss + weight * part
         stats = {"seg": float(loss.detach())}
         if kind == "joint" and routing > 0:
             own = expert[:, None, None, None]

@@ -15,6 +15,8 @@ from torch import nn
 
 from m4oe.model import SwinUNet, load_balancing_loss
 
+from .deep_supervision import AuxiliaryHeads, labels_at, scale_weights, stage_dims
+
 
 class StageLoss(nn.Module):
     """The network plus what training needs around it; ``forward`` returns one stage's loss.
@@ -30,12 +32,15 @@ class StageLoss(nn.Module):
         ce: float,
         dice: float,
         dataset_classes: list[tuple[int, ...] | None] | None = None,
+        deep_supervision: bool = False,
     ):
         """``dataset_classes``: per dataset, the class values it labels when fewer than its task's
         (:func:`.export.labelled_classes`), else None. Such a dataset's loss is the marginal loss
         (Shi et al., "Marginal loss and exclusion loss for partially supervised multi-organ
         segmentation", MedIA 2021): the probabilities of the classes it does not label are summed
-        into the background, so an unlabelled liver on its slices is not taught as background."""
+        into the background, so an unlabelled liver on its slices is not taught as background.
+        ``deep_supervision``: segmentation losses at the decoder's lower resolutions too, through
+        training-only heads (:mod:`.deep_supervision`)."""
         super().__init__()
         self.model = model
         self.reconstruct = nn.Conv2d(model.cfg.embed_dim, model.cfg.in_chans, 1)
@@ -51,6 +56,11 @@ class StageLoss(nn.Module):
         self.dataset_classes = dataset_classes or [None] * len(dataset_task)
         # Dice over the whole batch (per task): an organ absent from one slice does not give that
         # slice a Dice loss of 1 for any stray probability, which stalls training from scratch.
+        self.aux_heads = None
+        self.weights = [1.0]  # of the full-resolution loss, then the supervised decoder stages
+        if deep_supervision:
+            self.aux_heads = AuxiliaryHeads(stage_dims(model), model.cfg.tasks)
+            self.weights = scale_weights(len(model.layers_up))
         self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=ce, lambda_dice=dice, batch=True)
 
     def forward(
@@ -76,7 +86,8 @@ class StageLoss(nn.Module):
             error = (self.reconstruct(features) - images) ** 2 * mask
             loss = error.sum() / mask.sum().clamp_min(1) / images.shape[1]
             return loss, {"mim": float(loss.detach())}
-        features, gates = self.model.forward_features(images, force)
+        scales = [] if self.aux_heads is not None else None
+        features, gates = self.model.forward_features(images, force, scales)
         loss = features.new_zeros(())
         groups = list(zip(self.dataset_task, self.dataset_classes, strict=True))
         batch = [groups[d] for d in datasets.tolist()]
@@ -84,10 +95,14 @@ class StageLoss(nn.Module):
             rows = torch.tensor([g == (task, classes) for g in batch], device=images.device)
             if not rows.any():
                 continue
-            logits, target = self.model.heads[task](features[rows]).float(), labels[rows]
-            if classes is not None:
-                logits, target = marginal(logits, target, classes)
-            loss = loss + self.seg_loss(logits, target[:, None]) * rows.float().mean()
+            outputs = [self.model.heads[task](features[rows])]
+            if self.aux_heads is not None:
+                outputs += self.aux_heads(task, scales, rows)
+            for weight, logits in zip(self.weights, outputs, strict=True):
+                logits, target = logits.float(), labels_at(labels[rows], logits.shape[-2:])
+                if classes is not None:
+                    logits, target = marginal(logits, target, classes)
+                loss = loss + weight * self.seg_loss(logits, target[:, None]) * rows.float().mean()
         stats = {"seg": float(loss.detach())}
         if kind == "joint" and gates and load_balance > 0:
             balance = load_balancing_loss(gates)

@@ -251,12 +251,24 @@ def _run(
     dataset_expert = [cfg.experts.index(d.expert) for d in cfg.datasets]
     if space is not None:  # per-class BCE + Dice over the structures each dataset labels
         module = MoMELoss(
-            model, space, dataset_expert, cfg.ce_weight, cfg.dice_weight, cfg.exclusion_weight
+            model,
+            space,
+            dataset_expert,
+            cfg.ce_weight,
+            cfg.dice_weight,
+            cfg.exclusion_weight,
+            cfg.deep_supervision,
         ).to(device)
     else:
         tasks_of = [d.task for d in cfg.datasets]
         module = StageLoss(
-            model, dataset_expert, tasks_of, cfg.ce_weight, cfg.dice_weight, labelled_classes(cfg, infos)
+            model,
+            dataset_expert,
+            tasks_of,
+            cfg.ce_weight,
+            cfg.dice_weight,
+            labelled_classes(cfg, infos),
+            cfg.deep_supervision,
         ).to(device)
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(

@@ -127,13 +127,17 @@ class MoME(SwinUNet):
         queries: Sequence[int] | None = None,
         force_expert=None,
         query_gates: bool = False,
+        coarse_logits: list | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits (B, Q, S, S) of the queried label values (in the order given; None: all) and the
         routers' expert weights {"router.{scale}": (B, E, H_l, W_l)}, averaged over the queries
         (scale 0 is the deepest decoder stage; H_l = W_l = S / (patch_size * 2**(n - 2 - scale))
         model pixels). With ``query_gates`` each is (B, Q, E, H_l, W_l) instead: the weights of
         every query, in the order of the logits. ``force_expert``: an expert index (int or (B,))
-        that takes every pixel and query instead of the router."""
+        that takes every pixel and query instead of the router. ``coarse_logits``, when given,
+        receives the prediction at each routed scale but the coarsest, finest first (training's deep
+        supervision): (B, Q, H_l, W_l), the class bias plus the logits of that scale and every
+        coarser one, the coarser resampled bilinearly to H_l."""
         values = self.query_indices(queries)
         q = self.query(self.class_embeddings[torch.tensor(values, device=x.device) - 1])  # (Q, D)
         scales: list[torch.Tensor] = []
@@ -144,11 +148,22 @@ class MoME(SwinUNet):
         logits = up.shuffle(F.linear(pixels, keys) / math.sqrt(keys.shape[-1])).permute(0, 3, 1, 2)
         size = logits.shape[-2:]
         gates = {}
+        bias = self.class_bias(q)[None, :, :, None]
+        partial = None
         for i, (router, feats) in enumerate(zip(self.routers, scales, strict=True)):
             scale_logits, g = router(feats, q, force_expert)
             logits = logits + F.interpolate(scale_logits, size=size, mode="bilinear", align_corners=False)
             gates[f"router.{i}"] = g if query_gates else g.mean(dim=1)
-        return logits + self.class_bias(q)[None, :, :, None], gates
+            if coarse_logits is not None:
+                if partial is not None:
+                    resampled = F.interpolate(
+                        partial, size=scale_logits.shape[-2:], mode="bilinear", align_corners=False
+                    )
+                    scale_logits = scale_logits + resampled
+                partial = scale_logits
+                if i > 0:
+                    coarse_logits.insert(0, partial + bias)
+        return logits + bias, gates
 
     def forward(
         self,

@@ -240,14 +240,16 @@ class SwinUNet(nn.Module):
                 module.init_non_persistent_buffers()
 
     def forward_features(
-        self, x: torch.Tensor, force_expert: ForcedExpert = None
+        self, x: torch.Tensor, force_expert: ForcedExpert = None, scales: list | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Decoder features (B, embed_dim, img_size, img_size) and the MoE gates by layer name.
 
         Gate tensors are (B, E, H_l, W_l), H_l = W_l the token grid of that stage; names are
         ``encoder.{stage}.{block}`` and ``decoder.{stage}.{block}`` (decoder stage 0 is the deepest).
+        ``scales``, when given, receives each decoder stage's output features (B, H_l, W_l, C_l),
+        deepest first (training's deep supervision reads them).
         """
-        tokens, gates = self._decode(x, force_expert)
+        tokens, gates = self._decode(x, force_expert, scales)
         return self.final_up(self.norm_up(tokens)).permute(0, 3, 1, 2), gates
 
     def _decode(
