@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import signal
+import time
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from m4oe.cli import _sigterm_as_interrupt
 from m4oe.phantom import write_dataset
 from m4oe.preprocessing import DEFAULT_PARAMS
 from m4oe_training.augment import build_augmentation
-from m4oe_training.batches import MIM_BLOCK, BatchPlan, BatchSource, draw_batch
+from m4oe_training.batches import MIM_BLOCK, BatchPlan, BatchSource, _worker_init, draw_batch
 from m4oe_training.config import ConfigError, DatasetConfig, StageConfig, TrainConfig
 from m4oe_training.data import DatasetInfo, SliceData, class_slices
 
@@ -177,3 +182,28 @@ def test_a_dataset_s_own_foreground_fraction_replaces_the_run_s_for_its_samples(
     bad = DatasetConfig(str(root), "ct", "abdomen", foreground_fraction=1.5)
     with pytest.raises(ConfigError, match=r"datasets\[0\]\.foreground_fraction"):
         TrainConfig(name="x", datasets=(bad,), stages=(stage,))
+
+
+def test_workers_end_quietly_when_the_pool_ends_them_during_a_draw(capfd):
+    """Under the CLI, SIGTERM raises in the training process (m4oe.cli); its forked workers must not
+    inherit that: the pool ends them with SIGTERM, and a worker busy drawing printed a traceback."""
+    with _sigterm_as_interrupt():
+        pool = multiprocessing.get_context("fork").Pool(1, initializer=_worker_init)
+        (worker,) = pool._pool
+        pool.apply_async(time.sleep, (30,))  # a draw that is still running when the pool ends
+        time.sleep(1.0)
+        pool.terminate()
+        pool.join()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Terminated" not in err, err
+    assert worker.exitcode == -signal.SIGTERM  # ended by the signal, not by an exception
+
+
+def test_workers_leave_ctrl_c_to_the_training_process(plan):
+    with BatchSource(plan, workers=1) as ahead:
+        dispositions = ahead.pool.apply(_signal_dispositions)
+    assert dispositions == (signal.SIG_DFL, signal.SIG_IGN)
+
+
+def _signal_dispositions():
+    return signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)

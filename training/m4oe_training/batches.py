@@ -15,6 +15,7 @@ dataset indices (B,) int64, mask (B, 1, S, S) float32 of hidden pixels or None).
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from collections import deque
 from dataclasses import dataclass
 
@@ -79,6 +80,12 @@ _PLAN: BatchPlan | None = None  # the plan a forked worker inherited from the tr
 
 def _worker_init() -> None:
     torch.set_num_threads(1)  # each worker one core; the training process keeps its own threads
+    # A forked worker inherits the training process's signal handlers: the CLI's SIGTERM handler
+    # raises, so the SIGTERM with which the pool ends its workers printed a worker's traceback when
+    # it came during a draw. The training process ends the pool: SIGTERM ends a worker at once, and
+    # Ctrl-C (sent to the whole process group) is the training process's to handle.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _worker_draw(step: int, kind: str, mask_ratio: float):
