@@ -169,3 +169,6 @@ def test_phantom_accuracy_benchmark_scores_fresh_phantoms(tmp_path, capsys):
     assert f"ct by contrast    {case_contrast('ct', 20261201)} " in printed
     assert result["test_time_passes"] == read_model_card(resolve_model(None)).task(None).test_time_passes
     assert "own-expert weight" in printed and "each modality mostly to its own expert: met" in printed
+    assert "MR to the MR experts, mean weight >= 0.9: met" in printed
+    assert bench.modality_weight({"ct": 0.05, "mr-t1": 0.6, "mr-t2": 0.35}, "t2") == pytest.approx(0.95)
+    assert bench.modality_weight({"ct": 0.05, "mr-t1": 0.6, "mr-t2": 0.35}, "ct") == pytest.approx(0.05)

@@ -1,7 +1,8 @@
 """Accuracy of a phantom model on freshly generated phantoms: Dice per organ and modality, gate routing.
 
-The measure behind the embedded model's targets (mean Dice >= 0.90 in each modality; each modality
-routed mostly to its own expert). For each modality (CT, MR T1, MR T2) it generates ``--cases``
+The phantom measure behind the embedded model's targets (issue #22: mean Dice >= 0.85 in each
+modality, now a guard beside the real scans of ``real_accuracy.py``; each modality routed mostly to
+its own expert). For each modality (CT, MR T1, MR T2) it generates ``--cases``
 phantoms with generator seeds ``--seed``, ``--seed`` + 1, ... (cases no training run has seen: the
 training sets use the data-set seeds 1 and 2, whose per-case seeds are derived, see
 ``m4oe.phantom.case_seed``), segments each with the model as a user would (card defaults:
@@ -31,7 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "M4oESegmentation"))
 
 SEQUENCES = {"ct": "ct", "t1": "mr-t1", "t2": "mr-t2"}  # phantom sequence -> expert name
-TARGET_DICE = 0.90
+TARGET_DICE = 0.85  # issue #22 point 4 (the phantom-only model's target was 0.90)
+TARGET_MODALITY_WEIGHT = 0.9  # issue #22 point 4: the gate still routes each modality to its experts
+
+
+def modality_weight(mean_weights: dict[str, float], sequence: str) -> float:
+    """The mean gate weight of the experts of the sequence's modality: the CT expert's for CT, the
+    MR experts' together (names starting "mr") for an MR sequence."""
+    if sequence == "ct":
+        return mean_weights.get("ct", 0.0)
+    return sum(w for e, w in mean_weights.items() if e.startswith("mr"))
 
 
 def measure(
@@ -106,11 +116,16 @@ def table(result: dict) -> str:
         lines.append(f"{'  ' + s + ' by contrast':<20}{by_state}")
     own = [result[s]["mean_weights"][result[s]["own_expert"]] for s in sequences]
     lines.append(f"{'own-expert weight':<20}" + "".join(f"{w:>11.3f}" for w in own))
+    modality = [modality_weight(result[s]["mean_weights"], s) for s in sequences]
+    lines.append(f"{'modality experts':<20}" + "".join(f"{w:>11.3f}" for w in modality))
     dice_ok = all(result[s]["mean_dice"] >= TARGET_DICE for s in sequences)
     routing_ok = all(w > 0.5 for w in own)
+    modality_ok = all(w >= TARGET_MODALITY_WEIGHT for w in modality)
     lines.append(
         f"targets: mean Dice >= {TARGET_DICE} in each modality: {'met' if dice_ok else 'NOT met'}; "
-        f"each modality mostly to its own expert: {'met' if routing_ok else 'NOT met'}"
+        f"each modality mostly to its own expert: {'met' if routing_ok else 'NOT met'}; "
+        f"CT to the CT expert and MR to the MR experts, mean weight >= {TARGET_MODALITY_WEIGHT}: "
+        f"{'met' if modality_ok else 'NOT met'}"
     )
     return "\n".join(lines)
 

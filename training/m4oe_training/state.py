@@ -49,11 +49,9 @@ def save_state(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(weights, str(tmp / "weights.safetensors"))
+    _save_tensors(module, tmp / "weights.safetensors")
     if ema is not None:
-        averaged = {k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}
-        save_file(averaged, str(tmp / "ema.safetensors"))
+        _save_tensors(ema, tmp / "ema.safetensors")
     tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     record = dict(meta, version=STATE_VERSION, optimizer=opt_meta)
@@ -65,6 +63,11 @@ def save_state(
     os.replace(tmp, folder)
     if old.exists():
         shutil.rmtree(old)
+
+
+def _save_tensors(module: torch.nn.Module, path: Path) -> None:
+    """A module's state dict as safetensors (on the CPU, contiguous)."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(path))
 
 
 def recover_state(folder: Path) -> None:
