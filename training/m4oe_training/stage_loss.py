@@ -54,13 +54,13 @@ class StageLoss(nn.Module):
         self.register_buffer("dataset_expert", torch.tensor(dataset_expert), persistent=False)
         self.dataset_task = dataset_task
         self.dataset_classes = dataset_classes or [None] * len(dataset_task)
-        # Dice over the whole batch (per task): an organ absent from one slice does not give that
-        # slice a Dice loss of 1 for any stray probability, which stalls training from scratch.
         self.aux_heads = None
         self.weights = [1.0]  # of the full-resolution loss, then the supervised decoder stages
         if deep_supervision:
             self.aux_heads = AuxiliaryHeads(stage_dims(model), model.cfg.tasks)
             self.weights = scale_weights(len(model.layers_up))
+        # Dice over the whole batch (per task): an organ absent from one slice does not give that
+        # slice a Dice loss of 1 for any stray probability, which stalls training from scratch.
         self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=ce, lambda_dice=dice, batch=True)
 
     def forward(
