@@ -24,8 +24,8 @@ def scale_weights(decoder_scales: int) -> list[float]:
     """Loss weights of the full-resolution output and the decoder stages, finest first.
 
     ``decoder_scales``: the decoder stages that report features (a Swin-UNet of n encoder stages has
-    n - 1). Output: 1 + ``decoder_scales`` - 1 weights, [full, finest stage, ..., second coarsest]:
-    the coarsest stage has weight 0 in nnU-Net's scheme, so it is left out. Halving per entry,
+    n - 1). Output: ``decoder_scales`` weights, [full, finest stage, ..., second coarsest]: the
+    coarsest stage has weight 0 in nnU-Net's scheme, so it is left out. Halving per entry,
     normalised to sum to 1; for the 4-stage networks here [4/7, 2/7, 1/7].
     """
     raw = [0.5**i for i in range(max(decoder_scales, 1))]
@@ -61,11 +61,11 @@ class AuxiliaryHeads(nn.Module):
         )
 
     def forward(self, task: str, scales: list[torch.Tensor], rows: torch.Tensor | None = None):
-        finest_first = list(reversed(scales))
-        out = []
-        for head, feats in zip(self.heads[task], finest_first, strict=False):
-            out.append(head(feats if rows is None else feats[rows]).permute(0, 3, 1, 2))
-        return out
+        finest_first = list(reversed(scales))[: len(self.heads[task])]
+        return [
+            head(feats if rows is None else feats[rows]).permute(0, 3, 1, 2)
+            for head, feats in zip(self.heads[task], finest_first, strict=True)
+        ]
 
 
 def stage_dims(model) -> list[int]:
