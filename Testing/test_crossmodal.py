@@ -82,7 +82,7 @@ def test_random_intensity_net_remaps_regions_keeps_edges_and_is_reproducible():
     assert not np.array_equal(
         random_intensity_net(x, np.random.default_rng(0)), random_intensity_net(x, np.random.default_rng(1))
     )
-    with pytest.raises(ValueError, match="views of one slice"):
+    with pytest.raises(ValueError, match=r"\(V, S, S\) or \(N, V, S, S\) views"):
         random_intensity_net(x[0], np.random.default_rng(0))
 
 
@@ -112,8 +112,10 @@ def test_mr_from_ct_slice_has_no_signal_outside_the_body_and_keeps_the_labels():
     # with the default draws the slice and its labels deform together and keep label values
     out, labels = mr_from_ct_slice(image, target, np.random.default_rng(1), CT)
     assert not np.array_equal(labels, target) and set(np.unique(labels)) <= set(np.unique(target))
-    with pytest.raises(ValueError, match="one \\(S, S\\) slice"):
-        mr_from_ct_slice(image[None], target[None], np.random.default_rng(0), CT)
+    with pytest.raises(ValueError, match="a \\(C, S, S\\) stack with C odd"):
+        mr_from_ct_slice(np.stack([image] * 2), np.stack([target] * 2), np.random.default_rng(0), CT)
+    with pytest.raises(ValueError, match="the same shape"):
+        mr_from_ct_slice(np.stack([image] * 3), target, np.random.default_rng(0), CT)
     with pytest.raises(ValueError, match="image family must be one of"):
         image_family_slice("t1", image, target, {}, np.random.default_rng(0), CT)
 
@@ -262,8 +264,8 @@ def test_mr_from_mr_slice_draws_new_contrasts_of_the_same_anatomy():
     np.testing.assert_array_equal(same, outs[0])
     out, labels = mr_from_mr_slice(image, target, np.random.default_rng(1))  # default draws deform both
     assert not np.array_equal(labels, target) and set(np.unique(labels)) <= set(np.unique(target))
-    with pytest.raises(ValueError, match="one \\(S, S\\) slice"):
-        mr_from_mr_slice(image[None], target[None], np.random.default_rng(0))
+    with pytest.raises(ValueError, match="a \\(C, S, S\\) stack with C odd"):
+        mr_from_mr_slice(np.stack([image] * 2), np.stack([target] * 2), np.random.default_rng(0))
 
 
 def test_mr_to_mr_trains_any_mr_expert_from_mr_datasets_only(tmp_path):

@@ -207,8 +207,8 @@ def test_ct_phase_deforms_image_and_labels_together_and_is_reproducible():
     # the bright vertebra and its label moved together: the label covers the brightest pixels
     vertebra = labels == PHANTOM_LABELS["vertebrae"]
     assert vertebra.any() and np.median(out[vertebra]) * 1000 > 150 > np.median(out[labels == 0]) * 1000
-    with pytest.raises(ValueError, match="one \\(S, S\\) slice"):
-        enhance_slice(image[None], target[None], KEYS, np.random.default_rng(0), CT)
+    with pytest.raises(ValueError, match="a \\(C, S, S\\) stack with C odd"):
+        enhance_slice(np.stack([image] * 2), np.stack([target] * 2), KEYS, np.random.default_rng(0), CT)
 
 
 def test_ct_phase_needs_a_ct_dataset_and_reads_no_anatomy(ct_phantoms, tmp_path):
@@ -269,7 +269,7 @@ def test_render_refuses_bad_arguments():
     anatomy, target = toy_anatomy()
     with pytest.raises(ValueError, match="family must be one of"):
         render_slice(anatomy, target, KEYS, "pet", np.random.default_rng(0), CT)
-    with pytest.raises(ValueError, match=r"anatomy \(3, S, S\)"):
+    with pytest.raises(ValueError, match=r"anatomy \(C \+ 2, S, S\) with C odd"):
         render_slice(anatomy[:2], target, KEYS, "ct", np.random.default_rng(0), CT)
 
 

@@ -36,7 +36,9 @@ from m4oe.model import build_model
 from m4oe.phantom import PHANTOM_LABELS
 from m4oe.terminology import standard_label
 from m4oe_training.config import ConfigError, StageConfig, TrainConfig, load_config
+from m4oe_training.data import DatasetInfo, split_cases
 from m4oe_training.train import StageLoss, portable_config, portable_path, run
+from m4oe_training.validation import missed_warnings, validate
 
 STAGES_3 = [
     {"kind": "mim", "epochs": 1, "lr": 1e-3},
@@ -231,6 +233,49 @@ def test_export_epoch_ships_the_best_or_the_last_validated_epoch(phantoms, tmp_p
     chosen = 3 if export_epoch == "last" else 1 + int(np.argmax(scores))
     assert card.metrics["selected"]["epoch"] == chosen
     assert card.metrics["selected"]["mean_dice"] == pytest.approx(scores[chosen - 1], abs=1e-4)
+
+
+def test_validation_names_the_structures_a_model_predicts_nowhere(phantoms, tmp_path):
+    """A model whose head always prefers the liver (a bias added to its bias-free 1x1 head) predicts
+    every other structure nowhere: validation lists exactly those present in the held-out case under
+    ``missed``, and the log line names them; with the liver's bias very low, the liver is missed."""
+    path = write_config(
+        tmp_path / "cfg.toml",
+        [dataset(phantoms["ct"], "ct")],
+        [{"kind": "experts", "epochs": 1, "lr": 1e-3}],
+        model="swin-unet-tiny",
+        batch_size=2,
+        iterations_per_epoch=1,
+        optimizer="adamw",
+        augment=False,
+        output_dir=str(tmp_path / "run"),
+    )
+    cfg, _ = load_config(path)
+    out = run(cfg, base_dir=tmp_path, command=["test"])
+    model, card = load_checkpoint(out / "model")
+    model.float()
+    infos = [DatasetInfo.read(d.path) for d in cfg.datasets]
+    (case,) = split_cases(infos[0], 1)["val"]
+    present = np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(infos[0].label_path(case)))))
+    names = {v: n for n, v in infos[0].labels.items()}
+    liver = infos[0].labels["liver"]
+    assert liver in present and len(present) > 3
+    head = model.heads["abdomen"]
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_channels))
+    with torch.no_grad():
+        head.bias[liver] = 1.0e4
+    results = validate(model, card, cfg, infos, "cpu", "experts")
+    (entry,) = results.values()
+    expected = sorted(names[int(v)] for v in present if v not in (0, liver))
+    assert entry["missed"] == expected
+    assert entry["dice"]["liver"] > 0 and all(entry["dice"][n] == 0.0 for n in expected)
+    (line,) = missed_warnings(results)
+    assert line.startswith(f"validation: 0:ct labels {', '.join(expected)} in its 1 held-out case(s)")
+    with torch.no_grad():
+        head.bias[liver] = -1.0e4  # now the liver alone never wins
+    entry = next(iter(validate(model, card, cfg, infos, "cpu", "experts").values()))
+    assert "liver" in entry["missed"]
+    assert "the class may have died" in missed_warnings({"0:ct": {"missed": ["liver"], "cases": 1}})[0]
 
 
 @pytest.mark.slow

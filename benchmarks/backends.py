@@ -49,7 +49,7 @@ def compare(folder: Path, threads: int, batch: int, repeats: int) -> dict:
     graph = onnx_runtime.prepare(model, card.weights_sha256, cfg.task_names[0])
     ort = onnx_runtime.OnnxNetwork(graph, threads)
     torch.manual_seed(0)
-    x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size)
+    x = torch.randn(batch, cfg.input_channels, cfg.img_size, cfg.img_size)
     runs = {"torch": lambda: model(x, return_gates=True), "onnx": lambda: ort(x)}
     times = {name: [] for name in runs}
     with torch.inference_mode():

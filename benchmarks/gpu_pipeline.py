@@ -76,7 +76,7 @@ def network_seconds(predictor: Predictor, image, repeats: int) -> float:
     def run():
         with torch.inference_mode():
             for x in inputs:
-                predictor.model(x.expand(-1, cfg.in_chans, -1, -1), task=task, return_gates=True)
+                predictor.model(x.expand(-1, cfg.input_channels, -1, -1), task=task, return_gates=True)
 
     return best_of(repeats, run)[0]
 

@@ -132,7 +132,7 @@ def slice_flops(model) -> int:
     for m in attention:
         m.fused_attn = False
     cfg = model.cfg
-    x = torch.randn(1, cfg.in_chans, cfg.img_size, cfg.img_size)
+    x = torch.randn(1, cfg.input_channels, cfg.img_size, cfg.img_size)
     try:
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             model(x, return_gates=True)
@@ -162,7 +162,7 @@ def forward_speed(model_dir: Path, batches: int, threads: int | None, onnx: bool
     else:
         network = lambda x: model(x, return_gates=True)  # noqa: E731
     torch.manual_seed(1)
-    x = torch.randn(size, cfg.in_chans, cfg.img_size, cfg.img_size)
+    x = torch.randn(size, cfg.input_channels, cfg.img_size, cfg.img_size)
     times = []
     before = load()
     with torch.inference_mode():
@@ -195,7 +195,7 @@ loaded = time.time()
 import torch
 cfg = predictor.model.cfg
 with torch.inference_mode():
-    predictor.model(torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size))
+    predictor.model(torch.zeros(1, cfg.input_channels, cfg.img_size, cfg.img_size))
 print(json.dumps(dict(started=started, imported=imported, loaded=loaded, forward=time.time())))
 """
 

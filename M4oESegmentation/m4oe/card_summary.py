@@ -384,7 +384,9 @@ def info_page(card: dict, weights: str | Path | None = None) -> str:
     else:
         kind = f"Swin-UNet {arch['img_size']}px, dense"
     size = f"; {weights_facts(weights)}" if weights is not None and Path(weights).is_file() else ""
-    lines.append(f"architecture: {kind}, in_chans {arch['in_chans']}{size}")
+    k = int(arch.get("neighbour_slices", 0))
+    channels = f"{2 * k + 1} adjacent slices in ({k} each side)" if k else f"in_chans {arch['in_chans']}"
+    lines.append(f"architecture: {kind}, {channels}{size}")
     for expert in card.get("experts") or []:
         lines.append(f"  expert {expert['name']}: {expert['modality']}")
     for task in card.get("tasks") or []:

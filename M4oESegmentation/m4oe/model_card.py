@@ -424,7 +424,7 @@ def _architecture(value, path) -> ModelConfig:
     fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     # Keys added to the architecture after format version 1 was fixed: optional, so that cards
     # written before them still load (with the default, which is what those models were).
-    later = ("gate_context", *MOME_FIELDS)
+    later = ("gate_context", "neighbour_slices", *MOME_FIELDS)
     required = tuple(k for k in fields if k not in later)
     data = _object(value, "architecture", path, required=required, optional=later)
     for key, default in fields.items():

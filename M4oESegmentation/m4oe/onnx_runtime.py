@@ -126,7 +126,7 @@ def export(model: SwinUNet, path: str | Path, task: str, expert: int | None = No
     cfg = model.cfg
     model = model.eval()
     torch.manual_seed(0)
-    example = torch.randn(2, cfg.in_chans, cfg.img_size, cfg.img_size)
+    example = torch.randn(2, cfg.input_channels, cfg.img_size, cfg.img_size)
     with torch.inference_mode():
         reference, gates = model(example, task=task, force_expert=expert, return_gates=True)
     layers = list(gates)

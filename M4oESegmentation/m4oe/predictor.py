@@ -379,7 +379,10 @@ class Predictor:
                 if cancel is not None and cancel():
                     raise CancelledError("cancelled by the user", where)
                 stop = min(start + self.batch_size, run.stop)
-                x = plan.model_input(values[start:stop], self.device)
+                if cfg.neighbour_slices:
+                    x = plan.neighbour_input(values, start, stop, cfg.neighbour_slices, self.device)
+                else:
+                    x = plan.model_input(values[start:stop], self.device)
                 if cfg.in_chans == 3:
                     x = x.expand(-1, 3, -1, -1)
                 logits, layer_gates = network(x)

@@ -76,3 +76,28 @@ class SlicePlan:
         return to_model_grid(
             normalize_slices(t, self.modality, self.params, self.volume_stats), self.grid, self.pad_value
         )
+
+    def neighbour_input(
+        self,
+        values: np.ndarray | torch.Tensor,
+        start: int,
+        stop: int,
+        neighbour_slices: int,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """Input (B, 2k + 1, S, S) for slices start..stop-1 of the whole volume ``values`` (Z, Y, X)
+        to a model with ``neighbour_slices`` k: channel j of slice z is slice z - k + j, clamped to
+        0..Z-1 (the end slices repeated), each normalised and resampled as :meth:`model_input`
+        does (B = stop - start)."""
+        k, depth = neighbour_slices, values.shape[0]
+        low, high = max(start - k, 0), min(stop + k, depth)
+        slices = self.model_input(values[low:high], device)[:, 0]  # each needed slice once
+        index = neighbour_index(start, stop, k, depth) - low
+        return slices[torch.from_numpy(index).to(slices.device)]
+
+
+def neighbour_index(start: int, stop: int, k: int, depth: int) -> np.ndarray:
+    """(stop - start, 2k + 1) int64: the slices z - k..z + k of each z in start..stop-1, clamped to
+    0..depth-1 (the ends of a volume of ``depth`` slices repeated)."""
+    offsets = np.arange(-k, k + 1)
+    return np.clip(np.arange(start, stop)[:, None] + offsets[None], 0, depth - 1).astype(np.int64)

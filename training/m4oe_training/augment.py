@@ -51,7 +51,8 @@ def augment_batch(
     """Augment a batch reproducibly from ``seed``.
 
     Args:
-        images: (B, 1, S, S) float32 normalised slices; labels: (B, S, S) int64.
+        images: (B, C, S, S) float32 normalised slices (C > 1: adjacent slices, moved alike);
+            labels: (B, S, S) int64.
     Returns:
         Tensors of the same shapes and types.
     """
@@ -95,7 +96,7 @@ def augment_batch(
 def _elastic(
     aug: Augmentation, images: torch.Tensor, labels: torch.Tensor, g: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Warp (N, 1, S, S) images and (N, S, S) labels by one smooth random displacement field each.
+    """Warp (N, C, S, S) images and (N, S, S) labels by one smooth random displacement field each.
 
     The field is standard normal noise on an ``elastic_grid`` x ``elastic_grid`` grid, scaled so
     that its largest value is ``elastic_max_shift`` pixels, and interpolated bicubically to S x S.

@@ -37,7 +37,7 @@ from m4oe.preprocessing import IntensityParams, mr_volume_statistics, normalize_
 from m4oe.region import BODY_CT_THRESHOLD_HU
 
 from .families import IMAGE_FAMILIES
-from .synth import SynthSettings, acquire, deform_slice, enhance_slice
+from .synth import SynthSettings, acquire, centre, check_slices, deform_slice, enhance_slice, in_plane
 
 SOFT_TISSUE_WINDOW_HU = (-150.0, 250.0)
 """The network's first input channel: fat, water and the organs spread over [0, 1] (in the model's
@@ -65,18 +65,21 @@ class IntensityNetSettings:
 def random_intensity_net(
     x: np.ndarray, rng: np.random.Generator, settings: IntensityNetSettings | None = None
 ) -> np.ndarray:
-    """(S, S) in [0, 1]: ``x`` (C, S, S), C views of one slice in [0, 1], through a random network.
+    """(S, S) in [0, 1]: ``x`` (V, S, S), V views of one slice in [0, 1], through a random network;
+    or (N, S, S) from ``x`` (N, V, S, S), N adjacent slices through the same network.
 
     Each layer is a convolution with N(0, 1) weights and biases (a kernel of 1 or 3 pixels, drawn
     per layer), LeakyReLU between layers, one output channel. The output is scaled to the
-    Frobenius norm of ``x[0]``, blended with ``x[0]`` at a random share, and min-max scaled to
-    [0, 1]: a random, mostly non-monotonic remapping of intensities with a little local mixing,
-    which keeps every edge of the slice where it was.
+    Frobenius norm of ``x[0]`` (of the first view of all N slices), blended with ``x[0]`` at a
+    random share, and min-max scaled to [0, 1] (over all N): a random, mostly non-monotonic
+    remapping of intensities with a little local mixing, which keeps every edge of the slice where
+    it was.
     """
     settings = settings or IntensityNetSettings()
-    if x.ndim != 3:
-        raise ValueError(f"random_intensity_net: (C, S, S) views of one slice, got shape {x.shape}")
-    h = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
+    if x.ndim not in (3, 4):
+        raise ValueError(f"random_intensity_net: (V, S, S) or (N, V, S, S) views, got shape {x.shape}")
+    h = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    h = h[None] if x.ndim == 3 else h
     first = h[:, :1]
     layers = int(rng.integers(settings.layers[0], settings.layers[1] + 1))
     for i in range(layers):
@@ -90,7 +93,8 @@ def random_intensity_net(
             h = F.leaky_relu(h, settings.negative_slope)
     h = h * (first.norm() / h.norm().clamp_min(1e-6))
     share = float(rng.uniform(*settings.blend))
-    out = (share * h + (1.0 - share) * first)[0, 0].numpy()
+    out = (share * h + (1.0 - share) * first)[:, 0].numpy()
+    out = out[0] if x.ndim == 3 else out
     low, high = float(out.min()), float(out.max())
     return ((out - low) / max(high - low, 1e-6)).astype(np.float32)
 
@@ -98,7 +102,8 @@ def random_intensity_net(
 def opposed_phase(
     signal: np.ndarray, hu: np.ndarray, sigma_px: float = 0.8, depth: float = 1.0
 ) -> np.ndarray:
-    """(S, S) ``signal`` as an opposed-phase T1 shows it: fat and water out of phase.
+    """(S, S) ``signal`` (or a (C, S, S) stack, slice by slice) as an opposed-phase T1 shows it:
+    fat and water out of phase.
 
     Each pixel's fat fraction ``f`` is the share of fat (``hu`` (S, S; HU, the same grid) below
     :data:`FAT_BELOW_HU`) around it, weighted by a Gaussian of ``sigma_px`` pixels (the partial
@@ -110,7 +115,7 @@ def opposed_phase(
 
     fat = (np.asarray(hu) < FAT_BELOW_HU).astype(np.float32)
     if sigma_px > 0:
-        fat = ndimage.gaussian_filter(fat, sigma_px)
+        fat = ndimage.gaussian_filter(fat, in_plane(fat, sigma_px))
     loss = 1.0 - np.abs(1.0 - 2.0 * fat)  # 0 for pure fat or tissue, 1 for a half-and-half voxel
     return (signal * (1.0 - depth * loss)).astype(np.float32)
 
@@ -135,21 +140,19 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
     return largest_region(hu > BODY_CT_THRESHOLD_HU)
 
 
-def check_one_slice(caller: str, image: np.ndarray, target: np.ndarray) -> None:
-    """Raise ValueError unless ``image`` and ``target`` are one (S, S) slice and its labels."""
-    if image.shape != target.shape or image.ndim != 2:
-        raise ValueError(
-            f"{caller}: image and target must be one (S, S) slice, got {image.shape}, {target.shape}"
-        )
+def per_slice(mask, image: np.ndarray) -> np.ndarray:
+    """``mask`` (an (S, S) -> (S, S) function) of an (S, S) slice, or of each slice of a stack."""
+    return mask(image) if image.ndim == 2 else np.stack([mask(x) for x in image])
 
 
 def acquire_as_mr(
     signal: np.ndarray, target: np.ndarray, rng: np.random.Generator, settings: SynthSettings
 ) -> tuple[np.ndarray, np.ndarray]:
     """The common end of the image families that make MR images: an (S, S) ``signal`` in [0, 1]
-    (0 outside the body) and its (S, S) labels deformed together (:func:`.synth.deform_slice`),
-    then MR acquisition (:func:`.synth.acquire`) and the engine's MR normalisation. Returns (image
-    float32, labels uint8)."""
+    (0 outside the body), or a (C, S, S) stack of adjacent slices, and the (S, S) labels of its
+    (centre) slice deformed together (:func:`.synth.deform_slice`), then MR acquisition
+    (:func:`.synth.acquire`) and the engine's MR normalisation. Returns (image float32 of the
+    signal's shape, labels uint8 (S, S))."""
     signal, labels = deform_slice(signal, target, rng, settings)
     signal = acquire(signal.astype(np.float32), "t1", rng, settings)
     return normalize_slices(signal, "mr", volume_stats=mr_volume_statistics(signal)), labels
@@ -185,23 +188,25 @@ def mr_from_mr_slice(
     (:func:`.synth.acquire`) and the engine's MR normalisation.
 
     Args:
-        image: (S, S) float MR slice on the model grid, normalised per volume (z-score).
-        target: (S, S) integer organ labels of the slice.
+        image: (S, S) float MR slice on the model grid, normalised per volume (z-score); or a
+            (C, S, S) stack of adjacent slices (C odd), every draw shared by them.
+        target: the integer organ labels of ``image``, the same shape.
         rng: the only source of randomness.
         settings: geometry and acquisition draws (default :class:`.synth.SynthSettings`).
         net_settings: the intensity network's draws (default :class:`IntensityNetSettings`).
 
     Returns:
-        (image, labels): float32 (S, S) normalised as the engine normalises MR, uint8 (S, S).
+        (image, labels): float32 of the image's shape, normalised as the engine normalises MR, and
+        uint8 (S, S) labels of its (centre) slice.
     """
-    check_one_slice("mr_from_mr_slice", image, target)
+    check_slices("mr_from_mr_slice", image, target)
     settings = settings or SynthSettings()
     x = np.asarray(image, dtype=np.float32)
     low, high = float(x.min()), float(np.percentile(x, 99.5))
     x = np.clip((x - low) / max(high - low, 1e-6), 0.0, 1.0)
-    signal = random_intensity_net(np.stack([x, np.sqrt(x)]), rng, net_settings)
-    signal[~mr_body_mask(x)] = 0.0
-    return acquire_as_mr(signal, target, rng, settings)
+    signal = random_intensity_net(np.stack([x, np.sqrt(x)], axis=-3), rng, net_settings)
+    signal[~per_slice(mr_body_mask, x)] = 0.0
+    return acquire_as_mr(signal, centre(target), rng, settings)
 
 
 def mr_from_ct_slice(
@@ -225,28 +230,30 @@ def mr_from_ct_slice(
     MR normalisation (per-image percentiles and z-score, :func:`m4oe.preprocessing.normalize_slices`).
 
     Args:
-        image: (S, S) float CT slice on the model grid, normalised with ``ct_params``.
-        target: (S, S) integer organ labels of the slice.
+        image: (S, S) float CT slice on the model grid, normalised with ``ct_params``; or a
+            (C, S, S) stack of adjacent slices (C odd), every draw shared by them.
+        target: the integer organ labels of ``image``, the same shape.
         rng: the only source of randomness.
         ct_params: the model's CT normalisation (a linear map of HU inside its window).
         settings: geometry and acquisition draws (default :class:`.synth.SynthSettings`).
         net_settings: the intensity network's draws (default :class:`IntensityNetSettings`).
 
     Returns:
-        (image, labels): float32 (S, S) normalised as the engine normalises MR, uint8 (S, S).
+        (image, labels): float32 of the image's shape, normalised as the engine normalises MR, and
+        uint8 (S, S) labels of its (centre) slice.
     """
-    check_one_slice("mr_from_ct_slice", image, target)
+    check_slices("mr_from_ct_slice", image, target)
     settings = settings or SynthSettings()
     hu = np.asarray(image, dtype=np.float32) * np.float32(ct_params.std) + np.float32(ct_params.mean)
     views = [
         np.clip((hu - low) / (high - low), 0.0, 1.0) for low, high in (SOFT_TISSUE_WINDOW_HU, ct_params.clip)
     ]
-    signal = random_intensity_net(np.stack(views), rng, net_settings)
-    signal[~body_mask(hu)] = 0.0
+    signal = random_intensity_net(np.stack(views, axis=-3), rng, net_settings)
+    signal[~per_slice(body_mask, hu)] = 0.0
     # The guard keeps the draws of runs configured before the option: no extra draw when it is off.
     if settings.p_ct_opposed_phase > 0 and rng.random() < settings.p_ct_opposed_phase:
         signal = opposed_phase(signal, hu, rng.uniform(0.6, 1.2), rng.uniform(0.7, 1.0))
-    return acquire_as_mr(signal, target, rng, settings)
+    return acquire_as_mr(signal, centre(target), rng, settings)
 
 
 def image_family_slice(
@@ -261,11 +268,12 @@ def image_family_slice(
     """One training slice of an image family (:data:`.families.IMAGE_FAMILIES`) from a real slice.
 
     ``image`` (S, S) normalised with ``ct_params`` (a CT slice) or per volume (an MR slice,
-    "mr-to-mr"), ``target`` (S, S) its labels, ``keys`` label value -> structure key; ``settings``
+    "mr-to-mr"), or a (C, S, S) stack of adjacent slices (C odd; the image is then the stack, every
+    draw shared), ``target`` its labels (the same shape), ``keys`` label value -> structure key; ``settings``
     the draws of "ct-to-mr" and "mr-to-mr" (default :class:`.synth.SynthSettings`).
     "ct-phase": :func:`.synth.enhance_slice` (CT normalisation);
     "ct-to-mr": :func:`mr_from_ct_slice`, "mr-to-mr": :func:`mr_from_mr_slice` (MR normalisation).
-    Returns (image float32, labels uint8).
+    Returns (image float32 of the image's shape, labels uint8 (S, S) of its centre slice).
     """
     if family == "ct-phase":
         return enhance_slice(image, target, keys, rng, ct_params)

@@ -29,7 +29,7 @@ from m4oe.geometry import to_axial_stack
 from m4oe.inplane import labels_to_model_grid
 from m4oe.io import read_image, write_atomic
 from m4oe.modality import strided_subsample
-from m4oe.prepare import SlicePlan
+from m4oe.prepare import SlicePlan, neighbour_index
 from m4oe.preprocessing import DEFAULT_PARAMS, IntensityParams, ct_statistics_from_samples
 from m4oe.region import body_rows_columns
 
@@ -38,7 +38,7 @@ from .config import ConfigError, DatasetConfig
 from .crossmodal import image_family_slice
 from .families import FAMILY_MODALITY, IMAGE_FAMILIES, IMAGE_FAMILY_SOURCE
 from .nnunet import read_dataset_json, verify_dataset
-from .synth import SynthSettings, neighbours, render_slice
+from .synth import SynthSettings, render_slice
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = 3  # 3: a field of view too wide for the model input is framed on the body
@@ -255,6 +255,9 @@ class SliceData:
             :class:`.synth.SynthSettings`).
         label_lookups: per dataset, a 256-entry table from its label values to its task's
             (:func:`.export.label_lookups`), or None to keep them; applied to every sampled slice.
+        neighbour_slices: k > 0 draws each sample as the 2k + 1 adjacent slices around the labelled
+            one (the model's ``neighbour_slices``; the end slices repeated at a volume's ends, as the
+            engine does), real or rendered together.
     """
 
     def __init__(
@@ -268,8 +271,10 @@ class SliceData:
         cache_dir: Path | None = None,
         synth_settings: SynthSettings | None = None,
         label_lookups: list[np.ndarray | None] | None = None,
+        neighbour_slices: int = 0,
     ):
         self.infos = infos
+        self.neighbour_slices = neighbour_slices
         self.label_lookups = label_lookups or [None] * len(infos)
         self.synth_settings = synth_settings
         self.synth = [cfg.synth for cfg in datasets]
@@ -322,8 +327,10 @@ class SliceData:
         ``synth`` on renders the slice from its anatomy (or, an image family, draws it from its real
         slice: a simulated contrast phase, or an MR-like image of a CT) for a ``synth_fraction`` of
         its samples.
-        Returns images (B, 1, S, S) float32, labels (B, S, S) int64, dataset indices (B,).
+        Returns images (B, C, S, S) float32 (C = 2 ``neighbour_slices`` + 1, the labelled slice in
+        the centre), labels (B, S, S) int64, dataset indices (B,).
         """
+        n = self.neighbour_slices
         images, labels, index = [], [], []
         for _ in range(batch):
             if self.dataset_p is None:
@@ -340,20 +347,23 @@ class SliceData:
                 k = int(pool[rng.integers(pool.size)])
             else:
                 k = int(rng.integers(case.image.shape[0]))
+            # The slice k, or the stack of its adjacent slices (the ends of the volume repeated).
+            stack = k if n == 0 else neighbour_index(k, k + 1, n, case.image.shape[0])[0]
             if self.synth[d] != "off" and rng.random() < self.synth_fraction[d]:
                 if self.synth[d] in IMAGE_FAMILIES:
                     image, label = image_family_slice(
                         self.synth[d],
-                        case.image[k],
-                        case.label[k],
+                        case.image[stack],
+                        case.label[stack],
                         self.structure_keys[d],
                         rng,
                         self.ct_params,
                         self.synth_settings,
                     )
                 else:
+                    around = neighbour_index(k, k + 1, n + 1, case.anatomy.shape[0])[0]
                     image, label = render_slice(
-                        neighbours(case.anatomy, k),
+                        case.anatomy[around],
                         case.label[k],
                         self.structure_keys[d],
                         self.synth[d],
@@ -362,13 +372,14 @@ class SliceData:
                         self.synth_settings,
                     )
             else:
-                image, label = case.image[k], case.label[k]
+                image, label = case.image[stack], case.label[k]
             lookup = self.label_lookups[d]
             images.append(image)
             labels.append(label if lookup is None else lookup[label])
             index.append(d)
+        images = np.stack(images).astype(np.float32)
         return (
-            torch.from_numpy(np.stack(images).astype(np.float32))[:, None],
+            torch.from_numpy(images[:, None] if n == 0 else images),
             torch.from_numpy(np.stack(labels).astype(np.int64)),
             torch.tensor(index, dtype=torch.long),
         )

@@ -43,7 +43,7 @@ class StageLoss(nn.Module):
         training-only heads (:mod:`.deep_supervision`)."""
         super().__init__()
         self.model = model
-        self.reconstruct = nn.Conv2d(model.cfg.embed_dim, model.cfg.in_chans, 1)
+        self.reconstruct = nn.Conv2d(model.cfg.embed_dim, model.cfg.input_channels, 1)
         # With a slice context, a linear read-out (training only) asks the context itself which
         # expert the slice belongs to: the whole loss of a "context" stage, and a second part of the
         # routing loss in joint stages. Through the gates alone the signal reaches the context only

@@ -232,19 +232,47 @@ def _structure_means(keys: list[str], family: str, rng: np.random.Generator, set
     return means
 
 
+def check_slices(caller: str, image: np.ndarray, target: np.ndarray) -> None:
+    """Raise ValueError unless ``image`` is one (S, S) slice or a (C, S, S) stack of adjacent
+    slices (C odd) and ``target`` its labels, the same shape."""
+    if (
+        image.shape != target.shape
+        or image.ndim not in (2, 3)
+        or (image.ndim == 3 and image.shape[0] % 2 == 0)
+    ):
+        raise ValueError(
+            f"{caller}: image and target must be one (S, S) slice or a (C, S, S) stack with C odd, "
+            f"the same shape; got {image.shape}, {target.shape}"
+        )
+
+
+def centre(stack: np.ndarray) -> np.ndarray:
+    """The (S, S) centre slice of a (C, S, S) stack; an (S, S) slice itself."""
+    return stack if stack.ndim == 2 else stack[stack.shape[0] // 2]
+
+
+def in_plane(image: np.ndarray, sigma: float) -> tuple[float, ...]:
+    """A Gaussian's sigma per axis of an (S, S) slice or (C, S, S) stack: ``sigma`` in plane only."""
+    return (0.0,) * (image.ndim - 2) + (sigma, sigma)
+
+
 def deform_slice(
     image: np.ndarray, target: np.ndarray, rng: np.random.Generator, settings: SynthSettings
 ) -> tuple[np.ndarray, np.ndarray]:
-    """An (S, S) image and its (S, S) labels deformed together by one :func:`random_grid`.
+    """An (S, S) image, or a (C, S, S) stack of adjacent slices, and the (S, S) labels of its slice
+    (the centre one) deformed together by one :func:`random_grid`.
 
     Bilinear for the image, nearest neighbour for the labels; what comes from outside the slice is
-    0 in both (shift the image so that 0 is its background). Returns (image float32, labels uint8).
+    0 in both (shift the image so that 0 is its background). Returns (image float32 of the image's
+    shape, labels uint8 (S, S)).
     """
     grid = random_grid(image.shape[-1], rng, settings)
-    planes = torch.from_numpy(np.stack([image, target.astype(np.float32)]).astype(np.float32))[:, None]
-    warped_image = F.grid_sample(planes[:1], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    warped_label = F.grid_sample(planes[1:], grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return warped_image[0, 0].numpy(), warped_label[0, 0].round().numpy().astype(np.uint8)
+    size = image.shape[-1]
+    planes = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).reshape(1, -1, size, size)
+    labels = torch.from_numpy(target.astype(np.float32))[None, None]
+    warped_image = F.grid_sample(planes, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    warped_label = F.grid_sample(labels, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return warped_image.reshape(image.shape).numpy(), warped_label[0, 0].round().numpy().astype(np.uint8)
 
 
 def render_slice(
@@ -256,11 +284,15 @@ def render_slice(
     ct_params: IntensityParams,
     settings: SynthSettings | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Render one training slice from an anatomy map.
+    """Render one training slice, or a stack of adjacent ones, from an anatomy map.
 
     Args:
-        anatomy: (3, S, S) uint8 anatomy map of slices k-1, k, k+1 on the model grid (repeat slice k
-            at the ends of a volume).
+        anatomy: (C + 2, S, S) uint8 anatomy map of slices k-1-n .. k+1+n on the model grid, C = 2n + 1
+            (repeat the end slices at the ends of a volume): C = 1 renders slice k, C > 1 the stack
+            k-n .. k+n for a model reading n adjacent slices per side. Each rendered slice blends
+            its anatomy slice with its two neighbours (slice thickness); every draw (deformation,
+            structure intensities, bias field, blur, resolution) is shared by the stack, the noise
+            is not.
         target: (S, S) integer organ labels of slice k (what the network must predict).
         keys: anatomy value -> structure key (:func:`structure_keys`); values not in it are treated
             as "soft_tissue_high".
@@ -270,15 +302,18 @@ def render_slice(
         settings: ranges of the draws (default :class:`SynthSettings`).
 
     Returns:
-        (image, labels): float32 (S, S) normalised as the engine normalises that modality, and the
-        target deformed with it, uint8 (S, S).
+        (image, labels): float32 (S, S) (C = 1) or (C, S, S), normalised as the engine normalises
+        that modality, and the target deformed with it, uint8 (S, S).
     """
     if family not in FAMILIES:
         raise ValueError(f"synthesis family must be one of {FAMILIES}, got {family!r}")
-    if anatomy.ndim != 3 or anatomy.shape[0] != 3 or anatomy.shape[1:] != target.shape:
+    ok = anatomy.ndim == 3 and anatomy.shape[0] >= 3 and anatomy.shape[0] % 2 == 1
+    if not ok or anatomy.shape[1:] != target.shape:
         raise ValueError(
-            f"render_slice: anatomy (3, S, S) and target (S, S), got {anatomy.shape}, {target.shape}"
+            f"render_slice: anatomy (C + 2, S, S) with C odd and target (S, S), got {anatomy.shape}, "
+            f"{target.shape}"
         )
+    channels = anatomy.shape[0] - 2
     settings = settings or SynthSettings()
     if settings.p_fat_layer > 0 and rng.random() < settings.p_fat_layer:
         anatomy = change_fat_layer(anatomy, target, rng.uniform(*settings.fat_layer_px))
@@ -286,7 +321,7 @@ def render_slice(
         anatomy = add_organ_interiors(anatomy, keys, rng)
     maps = torch.from_numpy(np.concatenate([anatomy, target[None]]).astype(np.int64))
     maps = deform(maps, rng, settings).numpy()
-    anatomy, target = maps[:3], maps[3].astype(np.uint8)
+    anatomy, target = maps[:-1], maps[-1].astype(np.uint8)
     present = np.unique(anatomy)
     names = [keys.get(int(v), "soft_tissue_high") for v in present]
     for needed in ("air", "fat"):
@@ -299,15 +334,20 @@ def render_slice(
     weights = np.array(
         [rng.uniform(*settings.neighbour_weight), 1.0, rng.uniform(*settings.neighbour_weight)]
     )
-    image = np.tensordot(weights / weights.sum(), means[index], axes=1)
-    image = image + stds[index[1]] * rng.standard_normal(image.shape).astype(np.float32)
+    values = means[index]  # (C + 2, S, S)
+    weights = weights / weights.sum()
+    # Slice c of the stack is anatomy slice c + 1 blended with its two neighbours: (C, S, S).
+    image = np.tensordot(weights, np.stack([values[i : i + channels] for i in range(3)]), axes=1)
+    texture = stds[index[1 : 1 + channels]]
+    image = image + texture * rng.standard_normal(image.shape).astype(np.float32)
     if family == "t1" and rng.random() < settings.p_opposed_phase:
-        image = _opposed_phase(image, anatomy[1], keys)
+        image = np.stack([_opposed_phase(image[c], anatomy[c + 1], keys) for c in range(channels)])
     image = acquire(image.astype(np.float32), family, rng, settings)
     if family == "ct":
-        return normalize_slices(image, "ct", ct_params), target
-    stats = mr_volume_statistics(image)
-    return normalize_slices(image, "mr", volume_stats=stats), target
+        image = normalize_slices(image, "ct", ct_params)
+    else:
+        image = normalize_slices(image, "mr", volume_stats=mr_volume_statistics(image))
+    return (image[0] if channels == 1 else image), target
 
 
 def enhance_slice(
@@ -333,8 +373,9 @@ def enhance_slice(
     Args:
         image: (S, S) float CT slice on the model grid, normalised with ``ct_params``
             (rows anterior -> posterior, columns patient right -> left); values the window
-            clipped stay clipped.
-        target: (S, S) integer organ labels of the slice.
+            clipped stay clipped. Or (C, S, S), C odd, adjacent slices (a model reading
+            neighbouring slices): each organ's shift, the deformation and the acquisition are shared.
+        target: the integer organ labels of ``image``, the same shape.
         keys: label value -> structure key (:func:`structure_keys`); labels without a key or not in
             :data:`CT_ENHANCING` keep their values.
         rng: the only source of randomness.
@@ -342,28 +383,26 @@ def enhance_slice(
         settings: ranges of the draws (default :class:`SynthSettings`).
 
     Returns:
-        (image, labels): float32 (S, S) normalised with ``ct_params``, and uint8 (S, S) labels.
+        (image, labels): float32 of the image's shape, normalised with ``ct_params``, and uint8
+        (S, S) labels of its (centre) slice.
     """
     from scipy import ndimage
 
-    if image.shape != target.shape or image.ndim != 2:
-        raise ValueError(
-            f"enhance_slice: image and target must be one (S, S) slice, got {image.shape}, {target.shape}"
-        )
+    check_slices("enhance_slice", image, target)
     settings = settings or SynthSettings()
     hu = np.asarray(image, dtype=np.float32) * np.float32(ct_params.std) + np.float32(ct_params.mean)
     phase = int(rng.integers(len(CT_PHASES)))
     shift = np.zeros_like(hu)
-    for value in np.unique(target):
+    for value in np.unique(target):  # one draw per organ, shared by a stack's slices
         key = keys.get(int(value))
         if key not in CT_ENHANCING:
             continue
         organ = target == value
         low, high = CT_HU[key][phase]
         shift[organ] = rng.uniform(low, high) - float(np.median(hu[organ]))
-    hu = hu + ndimage.gaussian_filter(shift, 0.7)
+    hu = hu + ndimage.gaussian_filter(shift, in_plane(hu, 0.7))
     air = float(ct_params.clip[0])
-    hu, labels = deform_slice(hu - air, target, rng, settings)
+    hu, labels = deform_slice(hu - air, centre(target), rng, settings)
     hu = hu + air
     hu = acquire(hu.astype(np.float32), "ct", rng, settings)
     return normalize_slices(hu, "ct", ct_params), labels
@@ -380,13 +419,14 @@ def _opposed_phase(image: np.ndarray, anatomy: np.ndarray, keys: dict[int, str])
 
 
 def acquire(image: np.ndarray, family: str, rng: np.random.Generator, settings: SynthSettings) -> np.ndarray:
-    """Blur, bias field and gamma (MR), noise and reduced resolution of an (S, S) slice."""
+    """Blur, bias field and gamma (MR), noise and reduced resolution of an (S, S) slice, or of a
+    (C, S, S) stack of adjacent slices (each draw shared by the stack, the noise not)."""
     from scipy import ndimage
 
     size = image.shape[-1]
     sigma = rng.uniform(*settings.blur_sigma)
     if sigma > 0.05:
-        image = ndimage.gaussian_filter(image, sigma)
+        image = ndimage.gaussian_filter(image, in_plane(image, sigma))
     if family != "ct":
         coarse = torch.from_numpy(rng.standard_normal((1, 1, 4, 4)).astype(np.float32))
         field = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True)[0, 0].numpy()
@@ -400,9 +440,10 @@ def acquire(image: np.ndarray, family: str, rng: np.random.Generator, settings: 
         image = image + rng.uniform(*settings.ct_noise_hu) * rng.standard_normal(image.shape)
     if rng.random() < settings.p_low_resolution:
         small = max(8, round(size / rng.uniform(*settings.resolution_factor)))
-        t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+        t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).reshape(1, -1, size, size)
         t = F.interpolate(t, size=(small, small), mode="bilinear", align_corners=False, antialias=True)
-        image = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+        image = t.reshape(image.shape).numpy()
     return image.astype(np.float32)
 
 

@@ -57,7 +57,7 @@ from .mome import LabelSpace, MoMELoss, build_mome, build_mome_from, is_mome, la
 from .optim import frozen_parameters, group_lr, parameter_groups, stage_lr
 from .stage_loss import StageLoss
 from .state import folder_lock, load_ema, load_state, recover_state, save_state
-from .validation import validate
+from .validation import missed_warnings, validate
 
 logger = logging.getLogger("m4oe_training")
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=3)
@@ -247,6 +247,7 @@ def _run(
         out / "cache",
         cfg.synth_settings(),
         label_lookups(cfg, infos) if space is None else None,
+        model.cfg.neighbour_slices,
     )
     dataset_expert = [cfg.experts.index(d.expert) for d in cfg.datasets]
     if space is not None:  # per-class BCE + Dice over the structures each dataset labels
@@ -332,7 +333,7 @@ def _run(
     # L2-SP (stages' anchor_weight): each weight the init model gave, beside its starting value.
     anchored = []
     if any(s.anchor_weight > 0 for s in cfg.stages):
-        start_state = initial_state(init_path)
+        start_state = initial_state(init_path, model.cfg.neighbour_slices)
         anchored = [
             (p, start_state[name.removeprefix("model.")].to(device))
             for name, p in module.named_parameters()
@@ -450,6 +451,8 @@ def _run(
                     record["val_mean_dice"] = round(score, 4) if score is not None else None
                     position["history"].append({"stage": stage_index, "epoch": epoch + 1, "val": results})
                     logger.info("validation mean Dice %s %s", record["val_mean_dice"], json.dumps(results))
+                    for line in missed_warnings(results):
+                        logger.warning(line)
                     # Each stage keeps its best epoch (export_epoch "best") or its last validated one
                     # ("last": when the validation cases do not stand for the data the model is for, as
                     # phantoms for a model trained on renders to segment patients); a later stage's

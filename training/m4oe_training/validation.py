@@ -27,6 +27,10 @@ def validate(
 ) -> dict:
     """Dice and HD95 (mm) per organ on whole held-out volumes, and how the gate routed them.
 
+    Each dataset's entry also lists under ``missed`` the structures its reference labels that the
+    model predicted in none of its held-out cases (a class that died in training; see
+    :func:`missed_warnings`).
+
     A MoME run (``space``: its :class:`.mome.LabelSpace`) asks for each dataset's own structures and
     scores them against the dataset's label maps mapped into the union space. A folder listed
     twice with the same held-out cases, task and route is predicted once, and both get the result."""
@@ -44,6 +48,7 @@ def validate(
         values, lookup = (space.values[d], None) if own is None else (own[0][d], own[1][d])
         names = {value: name for name, value in values.items()}
         per_label: dict[str, list[float]] = {}
+        predicted: dict[str, int] = {}  # structure -> voxels predicted over the cases it is in
         for case in split_cases(info, dcfg.val_cases)["val"]:
             image = read_image(info.image_path(case)).image
             reference = read_image(info.label_path(case)).image
@@ -65,6 +70,8 @@ def validate(
                 if entry["dice"] is not None:
                     name = names[entry["label"]]
                     per_label.setdefault(name, []).append(entry["dice"])
+                    if entry["ref_voxels"]:
+                        predicted[name] = predicted.get(name, 0) + entry["pred_voxels"]
                     hd95.setdefault(name, []).append(entry["hd95_mm"])
             dice.append(scores["mean_dice"])
             if pred.gate_summary:
@@ -82,6 +89,28 @@ def validate(
             "gate_mean_weights": {k: round(float(np.mean([r[k] for r in routing])), 4) for k in routing[0]}
             if routing
             else None,
+            "missed": sorted(name for name, voxels in predicted.items() if voxels == 0),
         }
         done[same] = results[f"{d}:{info.name}"]
     return results
+
+
+def missed_warnings(results: dict) -> list[str]:
+    """One line per validated dataset with structures it labels that the model predicted nowhere
+    (``validate``'s ``missed``), for the training log.
+
+    Such a class has usually died: its logit is below the others' everywhere, so its soft Dice gives
+    no gradient and only its cross-entropy term, spread over every pixel, pulls it back (for a
+    small organ, slowly). Measured on a MoME run whose pancreas died (benchmarks/README.md): 400
+    more steps at the peak learning rate did not move it."""
+    lines = []
+    for key, entry in results.items():
+        if entry.get("missed"):
+            names = entry["missed"]
+            lines.append(
+                f"validation: {key} labels {', '.join(names)} in its {entry['cases']} held-out case(s), "
+                f"and the model predicted {'it' if len(names) == 1 else 'them'} nowhere there: "
+                f"{'the class' if len(names) == 1 else 'these classes'} may have died in training "
+                "(see training/README.md, 'A class predicted nowhere')"
+            )
+    return lines

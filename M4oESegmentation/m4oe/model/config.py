@@ -14,6 +14,8 @@ MOE_PLACEMENTS = ("encoder", "decoder", "both")
 GATES = ("softmax", "channel")
 GATE_CONTEXTS = ("none", "slice")
 ARCHITECTURES = ("swin-unet", "mome")
+MAX_NEIGHBOUR_SLICES = 3
+"""The most adjacent slices per side a model may read (``neighbour_slices``)."""
 # Fields that only a MoME network has; a Swin-UNet / M4oE config leaves them out of its dict, so
 # the cards written before MoME existed stay byte for byte what they were.
 MOME_FIELDS = ("arch", "class_names", "text_dim", "text_encoder")
@@ -28,6 +30,12 @@ class ModelConfig:
         img_size: side of the square input slice in pixels (224 in the published model).
         patch_size: side of a patch token in pixels; the first stage works at img_size / patch_size.
         in_chans: input channels (1 for a grey slice, 3 to match ImageNet weights unchanged).
+        neighbour_slices: k > 0 gives the network 2k + 1 input channels, the slice it segments
+            (the centre channel) and k adjacent slices on each side in volume order (inferior to
+            superior after :func:`m4oe.geometry.to_axial_stack`; at the volume's ends the end slice is
+            repeated), at the volume's own slice spacing: "2.5D" input, the craniocaudal context a
+            2D network lacks to tell the pancreas or the vena cava from bowel on one slice. Needs
+            ``in_chans`` 1; see :attr:`input_channels`.
         embed_dim: channels of the first stage; stage i has embed_dim * 2**i.
         depths: Swin blocks per encoder stage; the decoder mirrors depths[-2::-1].
         num_heads: attention heads per encoder stage.
@@ -65,6 +73,7 @@ class ModelConfig:
     img_size: int = 224
     patch_size: int = 4
     in_chans: int = 1
+    neighbour_slices: int = 0
     embed_dim: int = 96
     depths: tuple[int, ...] = (2, 2, 2, 2)
     num_heads: tuple[int, ...] = (3, 6, 12, 24)
@@ -132,6 +141,12 @@ class ModelConfig:
             raise ValueError(f"every stage needs at least one block, got depths {self.depths}")
         if self.in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {self.in_chans}")
+        if not 0 <= self.neighbour_slices <= MAX_NEIGHBOUR_SLICES:
+            raise ValueError(
+                f"neighbour_slices must be 0..{MAX_NEIGHBOUR_SLICES}, got {self.neighbour_slices}"
+            )
+        if self.neighbour_slices and self.in_chans != 1:
+            raise ValueError("neighbour_slices needs in_chans 1 (each channel is one slice)")
         if self.patch_size < 1 or self.img_size % (self.patch_size * 2 ** (stages - 1)):
             raise ValueError(
                 f"img_size {self.img_size} must be divisible by patch_size * 2**(stages-1) = "
@@ -194,6 +209,11 @@ class ModelConfig:
         return len(self.experts)
 
     @property
+    def input_channels(self) -> int:
+        """Channels of the network's input: ``in_chans``, or 2 * ``neighbour_slices`` + 1 slices."""
+        return 2 * self.neighbour_slices + 1 if self.neighbour_slices else self.in_chans
+
+    @property
     def is_moe(self) -> bool:
         return bool(self.experts)
 
@@ -217,6 +237,8 @@ class ModelConfig:
         if self.arch == "swin-unet":
             for name in MOME_FIELDS:
                 del data[name]
+        if not self.neighbour_slices:  # a one-slice model's card reads as before the key existed
+            del data["neighbour_slices"]
         return data
 
     @classmethod

@@ -153,8 +153,9 @@ class EncoderStage(Stage):
 class SwinUNet(nn.Module):
     """2D Swin-UNet with optional mixture-of-experts feed-forward layers.
 
-    Input: (B, in_chans, img_size, img_size) normalised slices. Output: logits (B, K, img_size,
-    img_size) of one task head, and on request the expert weights of every MoE layer.
+    Input: (B, C, img_size, img_size) normalised slices, C = ``cfg.input_channels`` (with
+    ``neighbour_slices`` k, slices z-k..z+k, the segmented slice z in the centre). Output: logits
+    (B, K, img_size, img_size) of one task head, and on request the expert weights of every MoE layer.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -170,7 +171,7 @@ class SwinUNet(nn.Module):
         self.patch_embed = PatchEmbed(
             img_size=cfg.img_size,
             patch_size=cfg.patch_size,
-            in_chans=cfg.in_chans,
+            in_chans=cfg.input_channels,
             embed_dim=cfg.embed_dim,
             norm_layer=nn.LayerNorm,
             output_fmt="NHWC",
@@ -178,7 +179,7 @@ class SwinUNet(nn.Module):
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         self.slice_context = None
         if cfg.gate_context == "slice":
-            self.slice_context = SliceContext(cfg.in_chans, cfg.embed_dim)
+            self.slice_context = SliceContext(cfg.input_channels, cfg.embed_dim)
         self.layers = nn.ModuleList()
         for i in range(n):
             start = sum(cfg.depths[:i])
@@ -260,9 +261,10 @@ class SwinUNet(nn.Module):
         ``scales``, when given, receives each decoder stage's output (B, H_l, W_l, C_l) before its
         upsampling, deepest first (MoME routes there).
         """
-        if x.ndim != 4 or x.shape[1] != self.cfg.in_chans or x.shape[-2:] != (self.cfg.img_size,) * 2:
+        channels = self.cfg.input_channels
+        if x.ndim != 4 or x.shape[1] != channels or x.shape[-2:] != (self.cfg.img_size,) * 2:
             raise ValueError(
-                f"expected input (B, {self.cfg.in_chans}, {self.cfg.img_size}, {self.cfg.img_size}), "
+                f"expected input (B, {channels}, {self.cfg.img_size}, {self.cfg.img_size}), "
                 f"got {tuple(x.shape)}"
             )
         gates: dict[str, torch.Tensor] = {}
