@@ -1,5 +1,5 @@
 """Adjacent slices as input channels (``neighbour_slices``, "2.5D"): the architecture and its card,
-the engine's input stacks, the one-slice model a run inflates, and the training samples (real,
+the engine's input stacks, the one-slice model a run extends, and the training samples (real,
 rendered and image-family slices), which must share every draw across a stack."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from m4oe.preprocessing import DEFAULT_PARAMS
 from m4oe_training.config import ConfigError, DatasetConfig, load_config
 from m4oe_training.crossmodal import image_family_slice
 from m4oe_training.data import DatasetInfo, SliceData
-from m4oe_training.init_model import inflate_input
+from m4oe_training.optim import is_shared_parameter
 from m4oe_training.synth import enhance_slice, render_slice
 from m4oe_training.train import run
 
@@ -43,8 +43,8 @@ def phantoms(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def one_slice(tmp_path_factory) -> Path:
-    """A one-slice tiny M4oE model whose gates read a slice context, as the embedded model's do."""
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=3, gate_context="slice")
+    """A one-slice tiny M4oE model."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=3)
 
 
 def test_architecture_reads_2k_plus_1_slices_and_its_card_says_so(one_slice, tmp_path):
@@ -58,8 +58,12 @@ def test_architecture_reads_2k_plus_1_slices_and_its_card_says_so(one_slice, tmp
     # A one-slice card has no key (it reads as cards written before it); a 2.5D card keeps it.
     assert "neighbour_slices" not in ModelConfig().to_dict()
     model, card = load_checkpoint(one_slice)
-    wide = SwinUNet(model.cfg.replace(neighbour_slices=1))
-    assert wide.patch_embed.proj.weight.shape[1] == 3 and wide.slice_context.features[0].weight.shape[1] == 3
+    wide = SwinUNet(model.cfg.replace(neighbour_slices=1, gate_context="slice"))
+    # The centre slice keeps the one-slice projection and the gates' descriptor reads it alone;
+    # the two neighbours have their own projection, zero at the start.
+    assert wide.patch_embed.proj.weight.shape[1] == 1 and wide.slice_context.features[0].weight.shape[1] == 1
+    assert wide.neighbour_embed.weight.shape[:2] == (model.cfg.embed_dim, 2)
+    assert not wide.neighbour_embed.weight.any()
     with pytest.raises(ValueError, match=r"expected input \(B, 3, 64, 64\)"):
         wide(torch.zeros(1, 1, 64, 64))
     folder = save_checkpoint(wide, dataclasses.replace(card, architecture=wide.cfg), tmp_path / "wide")
@@ -96,26 +100,26 @@ def _predict(model, card, image) -> np.ndarray:
     return sitk.GetArrayFromImage(prediction.labelmap)
 
 
-def test_an_inflated_model_segments_as_its_one_slice_parent_and_reads_the_slices_in_order(
+def test_a_one_slice_models_weights_segment_as_it_did_and_the_neighbours_are_read_in_order(
     one_slice, phantoms
 ):
-    """Inflated (the parent's weights on the centre channel, zeros elsewhere) the 2.5D model gives
-    the parent's labels; with the weights moved to channel 0 it segments slice z as the parent
-    segments slice z - 1: channel 0 is the slice below (the first slice repeated at the end)."""
+    """With a one-slice model's weights (and the neighbours' projection at zero) the 2.5D network
+    gives that model's labels; with the centre's projection moved to the slice below it segments
+    slice z as the model segments slice z - 1: the first neighbour channel is the slice below (the
+    first slice repeated at the volume's end)."""
     parent, card = load_checkpoint(one_slice)
     parent.float()
     wide = SwinUNet(parent.cfg.replace(neighbour_slices=1)).eval()
-    state = inflate_input(parent.state_dict(), 1)
+    state = {**parent.state_dict(), "neighbour_embed.weight": wide.neighbour_embed.weight.detach().clone()}
     wide.load_state_dict(state)
     wide_card = dataclasses.replace(card, architecture=wide.cfg)
     image = sitk.ReadImage(str(next((phantoms["ct"] / "imagesTr").glob("*.nii.gz"))))
     expected = _predict(parent, card, image)
     assert len(np.unique(expected)) > 1
     assert np.array_equal(_predict(wide, wide_card, image), expected)
-    for key in ("patch_embed.proj.weight", "slice_context.features.0.weight"):
-        weight = state[key].clone()
-        state[key] = torch.zeros_like(weight)
-        state[key][:, 0] = weight[:, 1]
+    centre = state["patch_embed.proj.weight"]
+    state["neighbour_embed.weight"] = torch.cat([centre, torch.zeros_like(centre)], dim=1)
+    state["patch_embed.proj.weight"] = torch.zeros_like(centre)
     wide.load_state_dict(state)
     below = _predict(wide, wide_card, image)
     # the axial stack of this LPS image is its own voxel order: z is numpy axis 0
@@ -128,9 +132,9 @@ def test_onnx_runtime_runs_a_model_that_reads_adjacent_slices(one_slice, phantom
     monkeypatch.setenv("M4OE_CACHE_DIR", str(tmp_path / "cache"))
     parent, card = load_checkpoint(one_slice)
     wide = SwinUNet(parent.cfg.replace(neighbour_slices=1)).eval()
-    state = inflate_input(parent.float().state_dict(), 1)
-    state["patch_embed.proj.weight"][:, 0] = 0.5 * state["patch_embed.proj.weight"][:, 1]  # reads below too
-    wide.load_state_dict(state)
+    centre = parent.float().state_dict()["patch_embed.proj.weight"]
+    below = torch.cat([0.5 * centre, torch.zeros_like(centre)], dim=1)  # reads the slice below too
+    wide.load_state_dict({**parent.state_dict(), "neighbour_embed.weight": below})
     folder = save_checkpoint(wide, dataclasses.replace(card, architecture=wide.cfg), tmp_path / "wide")
     image = sitk.ReadImage(str(next((phantoms["ct"] / "imagesTr").glob("*.nii.gz"))))
     labels = []
@@ -223,6 +227,11 @@ def test_a_run_gives_adjacent_slices_to_a_one_slice_model_and_exports_a_2_5d_mod
     out = run(load_config(path)[0], base_dir=tmp_path, command=["test"])
     model, card = load_checkpoint(out / "model")
     assert model.cfg.neighbour_slices == 1 and card.architecture.input_channels == 3
+    # The neighbours' projection trained from zero at the stage's rate (not the shared layers');
+    # the rest started from the parent's weights.
+    assert model.neighbour_embed.weight.abs().max() > 0
+    assert is_shared_parameter("model.patch_embed.proj.weight")
+    assert not is_shared_parameter("model.neighbour_embed.weight")
     seg = tmp_path / "seg.nii.gz"
     volume = next((phantoms["ct"] / "imagesTr").glob("*.nii.gz"))
     argv = ["segment", str(volume), "-o", str(seg), "--model", str(out / "model"), "--threads", "1"]

@@ -27,9 +27,8 @@ def init_overrides(cfg: TrainConfig, card) -> dict:
     """``model_overrides`` for a run that starts from ``init``: the architecture is the init model's,
     so only the dropout rates may change, and ``gate_context`` may be added (its weights start at
     zero, so the run starts from the init model's outputs); any other key must repeat the init
-    model's value. ``neighbour_slices`` may be given to a model that reads one slice: its first
-    convolutions take the adjacent slices with zero weights (:func:`inflate_input`), so the run too
-    starts from the init model's outputs."""
+    model's value. ``neighbour_slices`` may be given to a model that reads one slice: the adjacent
+    slices' projection starts at zero, so the run too starts from the init model's outputs."""
     free = {"drop_rate", "attn_drop_rate", "drop_path_rate", "gate_context", "neighbour_slices"}
     architecture = card.architecture
     trained_with = architecture.gate_context
@@ -112,16 +111,14 @@ def init_intensity(init_card: ModelCard) -> dict[str, IntensityParams]:
     return params
 
 
-def initial_state(path: str | Path, neighbour_slices: int = 0) -> dict[str, torch.Tensor]:
+def initial_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The exported model's weights by name (float32, CPU), as :func:`load_initial_weights` copies
-    them into a run reading ``neighbour_slices`` adjacent slices per side: the anchor of a stage's
-    ``anchor_weight``, read again on ``--resume``."""
+    them into a run: the anchor of a stage's ``anchor_weight``, read again on ``--resume``."""
     try:
         source, _ = load_checkpoint(path)
     except ModelError as error:
         raise ConfigError(f"init: {error}") from None
-    state = {k: v.detach().float() for k, v in source.state_dict().items()}
-    return inflate_input(state, neighbour_slices) if neighbour_slices else state
+    return {k: v.detach().float() for k, v in source.state_dict().items()}
 
 
 def mome_grows(source: SwinUNet, model: SwinUNet) -> bool:
@@ -168,14 +165,14 @@ def load_initial_weights(model: SwinUNet, path: str | Path, labels: dict[str, li
         own = state["class_embeddings"]
         state["class_embeddings"] = torch.cat([own, added_classes.to(own)])
     if not problems:
-        if model.cfg.neighbour_slices and not source.cfg.neighbour_slices:
-            state = inflate_input(state, model.cfg.neighbour_slices)
         wrong = [
             f"{k} {tuple(state[k].shape)} (run: {tuple(v.shape)})"
             for k, v in expected.items()
             if k in state and state[k].shape != v.shape
         ]
         added = {k for k in expected if is_context_parameter(k) and k not in state}
+        if model.cfg.neighbour_slices and not source.cfg.neighbour_slices:
+            added.add("neighbour_embed.weight")  # the adjacent slices' projection starts at zero
         absent = sorted((set(expected) - added) ^ set(state))
         if wrong or absent:
             shown = (wrong + absent)[:3]
@@ -188,25 +185,3 @@ def load_initial_weights(model: SwinUNet, path: str | Path, labels: dict[str, li
             strict=True,
         )
     return card.weights_sha256
-
-
-INPUT_CONVOLUTIONS = ("patch_embed.proj.weight", "slice_context.features.0.weight")
-"""The weights that read the network's input channels (the patch embedding and the gates' slice
-descriptor), (out, channels, kh, kw)."""
-
-
-def inflate_input(state: dict[str, torch.Tensor], neighbour_slices: int) -> dict[str, torch.Tensor]:
-    """A one-slice model's weights for a network reading 2k + 1 adjacent slices (k =
-    ``neighbour_slices``): each input convolution (:data:`INPUT_CONVOLUTIONS`) keeps its weights on
-    the centre channel (the segmented slice) and has zeros on the others, so the network's output is
-    the one-slice model's until training gives the neighbours weight (as I3D inflates 2D filters, but
-    centred rather than spread, to leave the outputs unchanged)."""
-    out = dict(state)
-    channels = 2 * neighbour_slices + 1
-    for key in INPUT_CONVOLUTIONS:
-        if key in out and out[key].shape[1] == 1:
-            weight = out[key]
-            inflated = weight.new_zeros((weight.shape[0], channels, *weight.shape[2:]))
-            inflated[:, neighbour_slices] = weight[:, 0]
-            out[key] = inflated
-    return out

@@ -52,10 +52,12 @@ def is_shared_parameter(name: str) -> bool:
     training module's own read-outs. Patch embedding, attention, norms, down- and up-sampling; in a
     dense model its feed-forward layers too. In a MoME network the routers' experts are experts,
     and the class heads (the class-query MLP ``query``, the keys ``pixel_key`` and ``routers.N.key``,
-    ``class_bias``) are its task heads."""
+    ``class_bias``) are its task heads. The adjacent slices' projection (``neighbour_embed``) is
+    not shared either: a run adds it to a trained model at zero, and at the shared layers' lower rate
+    it stayed near zero (training/README.md), so it trains with the heads."""
     name = name.removeprefix("model.") if name.startswith("model.") else f"training.{name}"
     return not (
-        name.startswith(("training.", "heads.", "query.", "pixel_key.", "class_bias."))
+        name.startswith(("training.", "heads.", "query.", "pixel_key.", "class_bias.", "neighbour_embed."))
         or ".mlp.experts." in f".{name}"
         or re.match(r"routers\.\d+\.(experts|key)\.", name) is not None
         or is_gate_parameter(name)

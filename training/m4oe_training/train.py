@@ -333,7 +333,7 @@ def _run(
     # L2-SP (stages' anchor_weight): each weight the init model gave, beside its starting value.
     anchored = []
     if any(s.anchor_weight > 0 for s in cfg.stages):
-        start_state = initial_state(init_path, model.cfg.neighbour_slices)
+        start_state = initial_state(init_path)
         anchored = [
             (p, start_state[name.removeprefix("model.")].to(device))
             for name, p in module.named_parameters()

@@ -171,15 +171,23 @@ class SwinUNet(nn.Module):
         self.patch_embed = PatchEmbed(
             img_size=cfg.img_size,
             patch_size=cfg.patch_size,
-            in_chans=cfg.input_channels,
+            in_chans=cfg.in_chans,
             embed_dim=cfg.embed_dim,
             norm_layer=nn.LayerNorm,
             output_fmt="NHWC",
         )
         self.pos_drop = nn.Dropout(cfg.drop_rate)
+        # Adjacent slices (neighbour_slices k): their own patch projection, added to the centre
+        # slice's before the embedding's norm. Together the two are one convolution over the 2k + 1
+        # slices; apart, a one-slice model's weights load unchanged and the new projection starts at
+        # zero (the model's outputs unchanged) and trains at its own rate.
+        self.neighbour_embed = None
+        if cfg.neighbour_slices:
+            p = cfg.patch_size
+            self.neighbour_embed = nn.Conv2d(2 * cfg.neighbour_slices, cfg.embed_dim, p, stride=p, bias=False)
         self.slice_context = None
         if cfg.gate_context == "slice":
-            self.slice_context = SliceContext(cfg.input_channels, cfg.embed_dim)
+            self.slice_context = SliceContext(cfg.in_chans, cfg.embed_dim)
         self.layers = nn.ModuleList()
         for i in range(n):
             start = sum(cfg.depths[:i])
@@ -226,6 +234,8 @@ class SwinUNet(nn.Module):
             {name: nn.Conv2d(cfg.embed_dim, k, 1, bias=False) for name, k in cfg.tasks}
         )
         self.apply(_init_weights)
+        if self.neighbour_embed is not None:
+            nn.init.zeros_(self.neighbour_embed.weight)
         for module in self.modules():
             if isinstance(module, MoEFeedForward):
                 module.reset_context()
@@ -269,8 +279,14 @@ class SwinUNet(nn.Module):
             )
         gates: dict[str, torch.Tensor] = {}
         # Forced routing bypasses the gates, so it needs no slice context.
-        context = self.slice_context(x) if self.slice_context is not None and force_expert is None else None
-        x = self.pos_drop(self.patch_embed(x))
+        centre = x
+        if self.neighbour_embed is not None:
+            k = self.cfg.neighbour_slices
+            centre = x[:, k : k + 1]
+        context = (
+            self.slice_context(centre) if self.slice_context is not None and force_expert is None else None
+        )
+        x = self.pos_drop(self._embed(x, centre))
         skips = []
         for i, stage in enumerate(self.layers):
             skips.append(x)
@@ -287,6 +303,16 @@ class SwinUNet(nn.Module):
                 scales.append(x)
             x = up(x)
         return x, gates
+
+    def _embed(self, x: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, S/p, S/p, embed_dim) of the input x (B, C, S, S); with adjacent slices,
+        the centre slice's projection plus the neighbours' (``neighbour_embed``), then the norm."""
+        if self.neighbour_embed is None:
+            return self.patch_embed(x)
+        k = self.cfg.neighbour_slices
+        others = torch.cat([x[:, :k], x[:, k + 1 :]], dim=1)
+        tokens = self.patch_embed.proj(centre) + self.neighbour_embed(others)
+        return self.patch_embed.norm(tokens.permute(0, 2, 3, 1))
 
     def _logits(self, tokens: torch.Tensor, head: nn.Conv2d) -> torch.Tensor:
         """``head(forward_features(x))`` from the decoder tokens, (B, K, img_size, img_size).
