@@ -29,7 +29,7 @@ from m4oe_training.config import ConfigError, DatasetConfig, load_config
 from m4oe_training.crossmodal import image_family_slice
 from m4oe_training.data import DatasetInfo, SliceData
 from m4oe_training.optim import is_shared_parameter
-from m4oe_training.synth import enhance_slice, render_slice
+from m4oe_training.synth import render_slice
 from m4oe_training.train import run
 
 CT = DEFAULT_PARAMS["ct"]
@@ -196,8 +196,6 @@ def test_training_stacks_share_every_draw_but_the_noise(phantoms, source):
     )
     if source in ("ct", "t1"):
         out, _ = render_slice(anatomy, case.label[k], wide.structure_keys[0], source, rng(1), CT, quiet)
-    elif source == "ct-phase":  # the family draws its geometry and noise by the defaults
-        out, _ = enhance_slice(image, label, wide.structure_keys[0], rng(1), CT, quiet)
     else:
         out, _ = image_family_slice(source, image, label, wide.structure_keys[0], rng(1), CT, quiet)
     assert np.abs(out[0] - out[1]).max() < 1e-5 and np.abs(out[2] - out[1]).max() < 1e-5

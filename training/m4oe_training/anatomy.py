@@ -137,7 +137,7 @@ def change_fat_layer(anatomy: np.ndarray, target: np.ndarray, pixels: float) -> 
         pixels: the change in model-grid pixels (Euclidean distance to the outline).
 
     Returns:
-        A new (3, S, S) anatomy of the same dtype; ``anatomy`` itself is not changed.
+        A new (C, S, S) anatomy of the same dtype; ``anatomy`` itself is not changed.
     """
     from scipy import ndimage
 
@@ -163,10 +163,17 @@ def change_fat_layer(anatomy: np.ndarray, target: np.ndarray, pixels: float) -> 
 ORGAN_INTERIORS: dict[str, tuple[str, ...]] = {
     "kidney_right": ("fat", "fluid"),
     "kidney_left": ("fat", "fluid"),
-    "stomach": ("air", "fluid"),
+    "stomach": ("air", "fluid", "food"),
 }
 """Tissues an organ's interior may show: a kidney's sinus fat around the hilum or its collecting
-system (urine); a stomach's gas above an air-fluid level or its fluid content."""
+system (urine); a stomach's gas above an air-fluid level, its fluid content, or food: a mottled mix
+of the two soft-tissue sub-classes with specks of fat and gas, which on CT is as dense as the
+pancreas beside it (a real CT's food-filled stomach was labelled pancreas by a model that had only
+seen stomachs of gas and fluid)."""
+
+FOOD_SHARES = {"fat": (0.05, 0.2), "soft_tissue_high": (0.2, 0.5), "gas": (0.0, 0.05)}
+"""Ranges of the shares of a food interior's pixels that are fat, dense soft tissue and gas (the rest
+is the lower soft tissue), drawn once per render."""
 
 
 def add_organ_interiors(
@@ -183,17 +190,18 @@ def add_organ_interiors(
     a random share (``depth``) of the organ's greatest depth in that slice (in-plane Euclidean
     distance to the organ's outline, at least 1.5 pixels so a rim always stays) become that tissue;
     gas only in the lumen's anterior part (rows run anterior -> posterior; a supine patient's gas
-    rises), above a random level. The draws are shared by the three slices, so the interior runs
+    rises), above a random level; food as blobs of :data:`FOOD_SHARES` (a smooth random field, 1-2
+    pixels across, cut at its quantiles). The draws are shared by the slices, so the interior runs
     through them. The target labels are not changed: the organ is still the organ.
 
     Args:
-        anatomy: (3, S, S) anatomy slices (0 air, organ labels, :data:`TISSUE_KEYS` values), model grid.
+        anatomy: (C, S, S) anatomy slices (0 air, organ labels, :data:`TISSUE_KEYS` values), model grid.
         keys: anatomy value -> structure key (:func:`structure_keys`).
         rng: the only source of randomness.
         depth: range of the interior's depth threshold as a share of the organ's greatest depth.
 
     Returns:
-        A new (3, S, S) anatomy of the same dtype; ``anatomy`` itself is not changed.
+        A new (C, S, S) anatomy of the same dtype; ``anatomy`` itself is not changed.
     """
     from scipy import ndimage
 
@@ -206,6 +214,7 @@ def add_organ_interiors(
         if value is None or not (anatomy == value).any():
             continue
         tissue = tissues[int(rng.integers(len(tissues)))]
+        food = food_texture(anatomy.shape[1:], rng) if tissue == "food" else None
         share = rng.uniform(*depth)
         level = rng.uniform(0.2, 0.8)
         for k in range(out.shape[0]):
@@ -216,5 +225,21 @@ def add_organ_interiors(
             inner = distance > max(share * float(distance.max()), 1.5)
             if tissue == "air" and inner.any():
                 inner &= rows <= np.quantile(np.nonzero(inner)[0], level)
-            out[k][inner] = tissue_value[tissue]
+            out[k][inner] = food[inner] if tissue == "food" else tissue_value[tissue]
+    return out
+
+
+def food_texture(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A (S, S) uint8 map of food's tissues (:data:`FOOD_SHARES`): blobs of fat, lower and higher soft
+    tissue from a smooth random field cut at its quantiles, and specks of gas (0) from another."""
+    from scipy import ndimage
+
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), rng.uniform(1.0, 2.0))
+    specks = ndimage.gaussian_filter(rng.standard_normal(shape), 0.7)
+    fat, high, gas = (rng.uniform(*FOOD_SHARES[key]) for key in ("fat", "soft_tissue_high", "gas"))
+    out = np.full(shape, SOFT_LOW, np.uint8)
+    out[field <= np.quantile(field, fat)] = FAT
+    out[field > np.quantile(field, 1 - high)] = SOFT_HIGH
+    if gas > 0:
+        out[specks > np.quantile(specks, 1 - gas)] = 0
     return out

@@ -112,7 +112,7 @@ def register_synth(subparsers) -> None:
         default=0.0,
         metavar="P",
         help="share of renders (0-1) whose kidneys and stomach show an interior (sinus fat, urine, "
-        "gas, fluid), as the config key synth_organ_interior draws it (default 0)",
+        "gas, fluid, food), as the config key synth_organ_interior draws it (default 0)",
     )
     synth.add_argument(
         "--opposed-phase",

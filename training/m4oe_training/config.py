@@ -182,7 +182,7 @@ class TrainConfig:
     # (m4oe_training.anatomy.change_fat_layer): organs of one size in bodies of another.
     synth_fat_layer: float = 0.0
     # The share of label-map renders whose kidneys and stomach show an interior (sinus fat, urine,
-    # gas, fluid: m4oe_training.anatomy.add_organ_interiors), the organ labels unchanged.
+    # gas, fluid, food: m4oe_training.anatomy.add_organ_interiors), the organ labels unchanged.
     synth_organ_interior: float = 0.0
     # The share of "ct-to-mr" images drawn as opposed-phase T1: fat and tissue cancel at their
     # borders (m4oe_training.crossmodal.opposed_phase).

@@ -270,13 +270,13 @@ def image_family_slice(
     ``image`` (S, S) normalised with ``ct_params`` (a CT slice) or per volume (an MR slice,
     "mr-to-mr"), or a (C, S, S) stack of adjacent slices (C odd; the image is then the stack, every
     draw shared), ``target`` its labels (the same shape), ``keys`` label value -> structure key; ``settings``
-    the draws of "ct-to-mr" and "mr-to-mr" (default :class:`.synth.SynthSettings`).
+    the draws of every family (geometry, acquisition, contrast; default :class:`.synth.SynthSettings`).
     "ct-phase": :func:`.synth.enhance_slice` (CT normalisation);
     "ct-to-mr": :func:`mr_from_ct_slice`, "mr-to-mr": :func:`mr_from_mr_slice` (MR normalisation).
     Returns (image float32 of the image's shape, labels uint8 (S, S) of its centre slice).
     """
     if family == "ct-phase":
-        return enhance_slice(image, target, keys, rng, ct_params)
+        return enhance_slice(image, target, keys, rng, ct_params, settings)
     if family == "ct-to-mr":
         return mr_from_ct_slice(image, target, rng, ct_params, settings)
     if family == "mr-to-mr":

@@ -166,7 +166,7 @@ class SynthSettings:
     # configured before it draws the same renders.
     p_fat_layer: float = 0.0
     fat_layer_px: tuple[float, float] = (-3.0, 8.0)
-    # The share of renders whose kidneys and stomach show an interior (sinus fat, urine, gas, fluid:
+    # The share of renders whose kidneys and stomach show an interior (sinus fat, urine, gas, fluid, food:
     # m4oe_training.anatomy.add_organ_interiors). Off by default, for the same reason.
     p_organ_interior: float = 0.0
     # The share of "ct-to-mr" images (m4oe_training.crossmodal) drawn as opposed-phase T1, fat and
