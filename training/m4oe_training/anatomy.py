@@ -132,7 +132,7 @@ def change_fat_layer(anatomy: np.ndarray, target: np.ndarray, pixels: float) -> 
     bone and organs stay.
 
     Args:
-        anatomy: (3, S, S) anatomy slices (0 air, organ labels, :data:`TISSUE_KEYS` values), model grid.
+        anatomy: (C, S, S) anatomy slices (0 air, organ labels, :data:`TISSUE_KEYS` values), model grid.
         target: (S, S) organ labels of the middle slice.
         pixels: the change in model-grid pixels (Euclidean distance to the outline).
 
