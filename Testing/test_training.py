@@ -278,6 +278,48 @@ def test_validation_names_the_structures_a_model_predicts_nowhere(phantoms, tmp_
     assert "the class may have died" in missed_warnings({"0:ct": {"missed": ["liver"], "cases": 1}})[0]
 
 
+def test_a_folder_listed_twice_is_validated_logged_and_averaged_once(phantoms, tmp_path, caplog):
+    """The CT phantoms listed twice (the same held-out case, task and route), the T1 phantoms once
+    with a held-out case and once without: the repeat gets the first's result with ``same_as``; the
+    log line leaves out the set without cases and shows the repeat as ``same_as``; the run's
+    validation mean counts the CT volumes once; the card summary lists each set of volumes once."""
+    from m4oe.card_summary import phantom_validation_lines
+    from m4oe_training.validation import log_view
+
+    path = write_config(
+        tmp_path / "cfg.toml",
+        [
+            dataset(phantoms["ct"], "ct"),
+            dataset(phantoms["ct"], "ct"),
+            dataset(phantoms["t1"], "mr"),
+            dataset(phantoms["t1"], "mr", val_cases=0),
+        ],
+        [{"kind": "experts", "epochs": 1, "lr": 1e-3}],
+        batch_size=2,
+        iterations_per_epoch=1,
+        optimizer="adamw",
+        augment=False,
+        output_dir=str(tmp_path / "run"),
+    )
+    with caplog.at_level("INFO", logger="m4oe_training"):
+        out = run(load_config(path)[0], base_dir=tmp_path, command=["test"])
+    _, card = load_checkpoint(out / "model")
+    results = card.metrics["validation"]
+    assert list(results) == ["0:ct", "1:ct", "2:t1", "3:t1"]
+    assert results["1:ct"] == {**results["0:ct"], "same_as": "0:ct"}
+    assert "same_as" not in results["0:ct"] and results["3:t1"]["cases"] == 0
+    shown = {"0:ct": results["0:ct"], "1:ct": {"same_as": "0:ct"}, "2:t1": results["2:t1"]}
+    assert log_view(results) == shown
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validation mean Dice")]
+    assert json.loads(line.split(" ", 4)[4]) == log_view(results)
+    once = (results["0:ct"]["mean_dice"] + results["2:t1"]["mean_dice"]) / 2
+    assert results["0:ct"]["mean_dice"] != pytest.approx(results["2:t1"]["mean_dice"], abs=1e-3)
+    assert float(read_log(out)[-1]["val_mean_dice"]) == pytest.approx(once, abs=1e-4)
+    assert [ln.split(" ")[0] for ln in phantom_validation_lines(card.to_dict())] == ["0:ct", "2:t1"]
+    first = {**results["0:ct"], "missed": ["liver"]}
+    assert len(missed_warnings({"0:ct": first, "1:ct": {**first, "same_as": "0:ct"}})) == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("ema_decay", "deep_supervision"), [(0.0, False), (0.5, False), (0.0, True)])
 def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(

@@ -309,10 +309,11 @@ def check_closely_lines(card: dict, threshold: float = WEAK_DICE) -> list[str]:
 
 
 def phantom_validation_lines(card: dict) -> list[str]:
-    """One line per validation set with held-out cases (``metrics.validation``): mean Dice."""
+    """One line per validation set with held-out cases (``metrics.validation``): mean Dice. A set
+    that repeats an earlier one's volumes (``same_as``: the same folder listed again) is left out."""
     lines = []
     for name, result in ((card.get("metrics") or {}).get("validation") or {}).items():
-        if isinstance(result, dict) and result.get("cases"):
+        if isinstance(result, dict) and result.get("cases") and "same_as" not in result:
             lines.append(
                 f"{name} ({str(result.get('modality', '?')).upper()}, {result['cases']} cases): "
                 f"mean Dice {_figure(result.get('mean_dice'))}"

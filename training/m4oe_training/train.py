@@ -57,7 +57,7 @@ from .mome import LabelSpace, MoMELoss, build_mome, build_mome_from, is_mome, la
 from .optim import frozen_parameters, group_lr, parameter_groups, stage_lr
 from .stage_loss import StageLoss
 from .state import folder_lock, load_ema, load_state, recover_state, save_state
-from .validation import missed_warnings, validate
+from .validation import log_view, missed_warnings, validate
 
 logger = logging.getLogger("m4oe_training")
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=3)
@@ -446,11 +446,14 @@ def _run(
                         values=values,
                     )
                     results = validate(net, card, cfg, infos, device, stage.kind, space)
-                    scores = [r["mean_dice"] for r in results.values() if r["mean_dice"] is not None]
+                    # Each set of held-out volumes counts once, however often its folder is listed.
+                    scored = log_view(results).values()
+                    scores = [r["mean_dice"] for r in scored if r.get("mean_dice") is not None]
                     score = float(np.mean(scores)) if scores else None
                     record["val_mean_dice"] = round(score, 4) if score is not None else None
                     position["history"].append({"stage": stage_index, "epoch": epoch + 1, "val": results})
-                    logger.info("validation mean Dice %s %s", record["val_mean_dice"], json.dumps(results))
+                    shown = json.dumps(log_view(results))
+                    logger.info("validation mean Dice %s %s", record["val_mean_dice"], shown)
                     for line in missed_warnings(results):
                         logger.warning(line)
                     # Each stage keeps its best epoch (export_epoch "best") or its last validated one

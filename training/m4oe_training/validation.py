@@ -33,7 +33,8 @@ def validate(
 
     A MoME run (``space``: its :class:`.mome.LabelSpace`) asks for each dataset's own structures and
     scores them against the dataset's label maps mapped into the union space. A folder listed
-    twice with the same held-out cases, task and route is predicted once, and both get the result."""
+    twice with the same held-out cases, task and route is predicted once, and both get the result, the
+    later one with ``same_as``: the key of the first."""
     predictor = Predictor(model, card, device=str(device))
     results, done = {}, {}  # done: (folder, held-out cases, task, forced expert) -> its result
     # A task's datasets may number their structures differently: scored in the model's values.
@@ -42,7 +43,8 @@ def validate(
         expert = cfg.experts.index(dcfg.expert) if (kind != "joint" and model.cfg.is_moe) else None
         same = (str(Path(info.root).resolve()), dcfg.val_cases, dcfg.task, expert)
         if same in done:
-            results[f"{d}:{info.name}"] = copy.deepcopy(done[same])
+            first, entry = done[same]
+            results[f"{d}:{info.name}"] = {**copy.deepcopy(entry), "same_as": first}
             continue
         dice, hd95, routing = [], {}, []
         values, lookup = (space.values[d], None) if own is None else (own[0][d], own[1][d])
@@ -91,8 +93,20 @@ def validate(
             else None,
             "missed": sorted(name for name, voxels in predicted.items() if voxels == 0),
         }
-        done[same] = results[f"{d}:{info.name}"]
+        done[same] = (f"{d}:{info.name}", results[f"{d}:{info.name}"])
     return results
+
+
+def log_view(results: dict) -> dict:
+    """``validate``'s results as the training log prints them: a dataset with no held-out cases
+    (a render of another set, real images of a set validated elsewhere) is left out, and one that
+    repeats an earlier dataset's folder, cases, task and route (the same volumes predicted once)
+    reads ``{"same_as": KEY}``. The full results stay in the run's state and the card."""
+    return {
+        key: {"same_as": entry["same_as"]} if "same_as" in entry else entry
+        for key, entry in results.items()
+        if entry.get("cases")
+    }
 
 
 def missed_warnings(results: dict) -> list[str]:
@@ -104,7 +118,7 @@ def missed_warnings(results: dict) -> list[str]:
     small organ, slowly). Measured on a MoME run whose pancreas died (benchmarks/README.md): 400
     more steps at the peak learning rate did not move it."""
     lines = []
-    for key, entry in results.items():
+    for key, entry in log_view(results).items():  # a repeated dataset is warned about once
         if entry.get("missed"):
             names = entry["missed"]
             lines.append(
