@@ -2,8 +2,9 @@
 
 A schedule longer than one sitting runs as a chain: each link starts from the previous link's
 exported model (``init``) on the same data sets. :func:`continue_runs` writes one link's configs,
-with the settings the source run was given on the command line (``m4oe train --set``), which its
-config file does not hold, read back from its model card (:func:`given_settings`).
+with the settings the source run was given on the command line (``m4oe train --set``, top-level keys
+and a data set's own, ``datasets.N.KEY``), which its config file does not hold, read back from its
+model card (:func:`given_settings`).
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ def given_settings(config_path: Path, card_path: Path) -> tuple[dict[str, str], 
     (``m4oe train --set``; with ``init``, also what the init model handed down, the same values the
     continuation inherits again). Keys of :data:`NOT_CARRIED` are left out.
 
-    Returns ``({key: TOML value}, notes)``: the notes name what cannot be carried into a config's
-    top level (a data set's own key given with ``--set datasets.N.KEY``, a value without a TOML form).
+    A data set's own keys (``--set datasets.N.KEY``, e.g. a sampling ``weight``) are returned as
+    ``datasets.N.KEY``, N the data set's index in the config; its ``path`` is never carried.
+
+    Returns ``({key: TOML value}, notes)``: the notes name what cannot be carried (a value without a
+    TOML form).
     """
     from m4oe_training.config import load_config, toml_value
 
@@ -63,8 +67,24 @@ def given_settings(config_path: Path, card_path: Path) -> tuple[dict[str, str], 
     for i, (file_d, used_d) in enumerate(zip(written["datasets"], used.get("datasets", []), strict=False)):
         for key, value in used_d.items():
             if key != "path" and key in file_d and value != file_d[key]:
-                notes.append(f"datasets.{i}.{key} = {value!r}")
+                try:
+                    settings[f"datasets.{i}.{key}"] = toml_value(value)
+                except TypeError:
+                    notes.append(f"datasets.{i}.{key} = {value!r} (no TOML form)")
     return settings, notes
+
+
+def with_keys(table: str, keys: dict[str, str]) -> str:
+    """A ``[[datasets]]`` TOML table (its text) with each of ``keys`` (key: TOML value) set: the
+    key's line replaced where the table has one, added at its end where not."""
+    lines = table.strip().splitlines()
+    for key, value in keys.items():
+        at = [n for n, line in enumerate(lines) if line.split("=", 1)[0].strip() == key]
+        if at:
+            lines[at[0]] = f"{key} = {value}"
+        else:
+            lines.append(f"{key} = {value}")
+    return "\n".join(lines)
 
 
 def continue_runs(
@@ -87,8 +107,8 @@ def continue_runs(
     ``folder/runs``, the ``seed`` and ``val_every`` given, and its stages replaced by one ``joint``
     stage of ``epochs`` at peak rate ``lr`` after ``warmup`` steps. The top-level settings the source
     run was given with ``--set`` (read from its model card, :func:`given_settings`) are written into
-    the new config too, so a chain keeps e.g. ``foreground_sampling`` or ``ema_decay``; a data set's
-    own ``--set`` cannot be and is returned as a note, to give again. ``evaluate folder`` then scores
+    the new config too, so a chain keeps e.g. ``foreground_sampling`` or ``ema_decay``, and so are a
+    data set's own (``datasets.N.weight``), into that data set's table. ``evaluate folder`` then scores
     the continued models. Returns ``{run: (settings carried over, notes)}`` for the runs written;
     refuses, before writing, a ``source`` without a trained run and a ``folder`` equal to ``source``.
     """
@@ -111,8 +131,9 @@ def continue_runs(
         head, _, _ = text.partition("\n[[stages]]")
         top, _, tables = head.partition("\n[[datasets]]")
         init = (source / "runs" / run / "model").resolve()
+        own = {key: value for key, value in carried[0].items() if key.startswith("datasets.")}
         values = {
-            **carried[0],
+            **{key: value for key, value in carried[0].items() if key not in own},
             "init": f'"{init}"',
             "output_dir": f'"{(folder / "runs").resolve()}/{{name}}"',
             "seed": str(seed),
@@ -131,6 +152,10 @@ def continue_runs(
             return f'path = "{Path(os.path.relpath(target, folder.resolve())).as_posix()}"'
 
         tables = re.sub(r'^path = "([^"]+)"', moved, "[[datasets]]" + tables, flags=re.M)
+        tables = "\n\n".join(
+            with_keys(table, {k.split(".", 2)[2]: v for k, v in own.items() if k.split(".")[1] == str(i)})
+            for i, table in enumerate(re.split(r"\n\s*(?=\[\[datasets\]\])", tables.strip()))
+        )
         stage = ["[[stages]]", 'kind = "joint"', f"epochs = {epochs}", f"lr = {lr}"]
         stage += [f"warmup_iterations = {warmup}"]
         config = "\n".join(lines) + "\n\n" + tables.strip() + "\n\n" + "\n".join(stage) + "\n"
