@@ -297,7 +297,7 @@ def test_held_out_cases_of_a_partial_dataset_are_scored_on_its_organs(tmp_path):
 def test_a_folder_listed_twice_is_validated_once(tmp_path, monkeypatch):
     """The CHAOS configs list one folder for two experts (real T2 images, and T1 renders of it):
     with the gate routing, both entries read the same held-out studies the same way, so they are
-    predicted once and each entry gets the same result."""
+    predicted once and each entry gets the same result, the second marked ``same_as`` the first."""
     path = ct_and_chaos_config(tmp_path, ({**dataset(tmp_path / "chaos", "mr"), "synth": "t1"},))
     predicted = []
     real_predict = Predictor.predict
@@ -309,7 +309,7 @@ def test_a_folder_listed_twice_is_validated_once(tmp_path, monkeypatch):
     monkeypatch.setattr(Predictor, "predict", counting_predict)
     out = run(load_config(path)[0], base_dir=tmp_path, command=["test"])
     validation = read_model_card(out / "model").metrics["validation"]
-    assert validation["1:chaos"] == validation["2:chaos"]
+    assert validation["2:chaos"] == {**validation["1:chaos"], "same_as": "1:chaos"}
     assert validation["1:chaos"]["cases"] == 1
     assert sorted(validation["2:chaos"]["dice"]) == ["kidney_left", "kidney_right", "liver", "spleen"]
     # One validation: one held-out CT case and one held-out CHAOS study, each predicted once.
