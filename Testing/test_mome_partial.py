@@ -217,6 +217,8 @@ def test_one_head_m4oe_trains_the_union_and_is_scored_alone(bench, tmp_path, cap
     assert set(np.unique(answer)) <= set(range(len(bench.UNION) + 1))
     assert bench.trained_rows(tmp_path) == [("m4oe-onehead", "m4oe-onehead", False)]
     assert "mome-partial holds no trained model" in capsys.readouterr().err
+    assert bench.trained_rows(tmp_path, notes=False) == [("m4oe-onehead", "m4oe-onehead", False)]
+    assert capsys.readouterr().err == ""
     results = tmp_path / "results.json"
     assert (
         bench.main(["evaluate", str(tmp_path), "--cases", "1", "--max-size", "32", "--json", str(results)])

@@ -321,14 +321,15 @@ def union_prediction(predictor, image, modality: str, per_query: bool = False):
     return out, time.perf_counter() - start
 
 
-def trained_rows(folder: Path) -> list[tuple[str, str, bool]]:
-    """The rows of :data:`ROWS` whose run under ``folder/runs`` holds an exported model; a note on
-    stderr names each run left out."""
+def trained_rows(folder: Path, notes: bool = True) -> list[tuple[str, str, bool]]:
+    """The rows of :data:`ROWS` whose run under ``folder/runs`` holds an exported model; with
+    ``notes``, a note on stderr names each run left out (once per evaluation: the real scans' pass
+    asks again without)."""
     rows, missing = [], []
     for row in ROWS:
         if (folder / "runs" / row[1] / "model" / "model.json").is_file():
             rows.append(row)
-        elif row[1] not in missing:
+        elif row[1] not in missing and notes:
             missing.append(row[1])
             print(
                 f"note: {folder / 'runs' / row[1]} holds no trained model; its rows are left out",
@@ -400,7 +401,7 @@ def evaluate_real(folder: Path, data_dir: Path, threads: int) -> dict:
     names = {value: key for key, value in values.items()}
     scans = {scan.name: (scan, *load_scan(data_dir, scan, values)) for scan in REAL_SCANS}
     results = {"scans": {}, "models": {}}
-    for row, run, per_query in trained_rows(folder):
+    for row, run, per_query in trained_rows(folder, notes=False):
         model, card = load_checkpoint(folder / "runs" / run / "model")
         predictor = Predictor(model, card, device="cpu", threads=threads)
         results["models"][row] = {}
