@@ -447,13 +447,12 @@ def _run(
                     )
                     results = validate(net, card, cfg, infos, device, stage.kind, space)
                     # Each set of held-out volumes counts once, however often its folder is listed.
-                    scored = log_view(results).values()
-                    scores = [r["mean_dice"] for r in scored if r.get("mean_dice") is not None]
+                    view = log_view(results)
+                    scores = [r["mean_dice"] for r in view.values() if r.get("mean_dice") is not None]
                     score = float(np.mean(scores)) if scores else None
                     record["val_mean_dice"] = round(score, 4) if score is not None else None
                     position["history"].append({"stage": stage_index, "epoch": epoch + 1, "val": results})
-                    shown = json.dumps(log_view(results))
-                    logger.info("validation mean Dice %s %s", record["val_mean_dice"], shown)
+                    logger.info("validation mean Dice %s %s", record["val_mean_dice"], json.dumps(view))
                     for line in missed_warnings(results):
                         logger.warning(line)
                     # Each stage keeps its best epoch (export_epoch "best") or its last validated one
