@@ -704,6 +704,50 @@ def test_experts_stage_on_a_dense_model_is_refused(phantoms, tmp_path):
     assert not (tmp_path / "run" / "model").exists()
 
 
+def test_a_dense_model_trained_on_two_modalities_can_be_fine_tuned(phantoms, tmp_path):
+    """A dense model has no experts; its data sets' expert names ("ct", "mr") only label them. A
+    fine-tune from it (``init``, as ``mome_partial.py continue`` writes) starts from its weights
+    with the same names, where it used to stop: "the datasets' experts are not among its []"."""
+    datasets = [dataset(phantoms["ct"], "ct", val_cases=0), dataset(phantoms["t1"], "mr", val_cases=0)]
+    common = {"model": "swin-unet-tiny", "batch_size": 2, "iterations_per_epoch": 1, "augment": False}
+    stages = [{"kind": "joint", "epochs": 1, "lr": 1e-3}]
+    first = run(
+        load_config(
+            write_config(tmp_path / "a.toml", datasets, stages, output_dir=str(tmp_path / "a"), **common)
+        )[0],
+        base_dir=tmp_path,
+        command=["test"],
+    )
+    assert read_model_card(first / "model").experts == []
+    path = write_config(
+        tmp_path / "b.toml",
+        datasets,
+        [{"kind": "joint", "epochs": 1, "lr": 1e-9}],  # one tiny step: the weights stay the init model's
+        init=str(first / "model"),
+        output_dir=str(tmp_path / "b"),
+        **common,
+    )
+    second = run(load_config(path)[0], base_dir=tmp_path, command=["test"])
+    card = read_model_card(second / "model")
+    assert card.experts == [] and not card.architecture.is_moe
+    before, after = (
+        load_file(first / "model" / "model.safetensors"),
+        load_file(second / "model" / "model.safetensors"),
+    )
+    assert before.keys() == after.keys()
+    assert all(torch.allclose(before[k].float(), after[k].float(), atol=1e-5) for k in before)
+    # A mixture model named as the init still checks the data sets' experts against its own.
+    moe = write_config(
+        tmp_path / "c.toml",
+        [dataset(phantoms["ct"], "ct", val_cases=0), dataset(phantoms["t1"], "mr-t9", val_cases=0)],
+        stages,
+        init="m4oe-phantom",
+        output_dir=str(tmp_path / "c"),
+    )
+    with pytest.raises(ConfigError, match=r"the datasets' experts \['mr-t9'\] are not among its"):
+        run(load_config(moe)[0], base_dir=tmp_path, command=["test"])
+
+
 def test_expert_parameter_names():
     from m4oe_training.optim import is_expert_parameter
 

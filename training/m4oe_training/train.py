@@ -179,7 +179,8 @@ def _run(
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         logger.setLevel(logging.INFO)  # the m4oe CLI configures the root logger for warnings only
-    if init_card is not None:
+    # A dense init model has no experts: the datasets' expert names only label them, as from scratch.
+    if init_card is not None and init_card.architecture.is_moe:
         names = tuple(e.name for e in init_card.experts)
         unknown = sorted({d.expert for d in cfg.datasets} - set(names))
         if unknown:
@@ -212,7 +213,10 @@ def _run(
             model = build_mome_from(init_card, cfg, space, **init_overrides(cfg, init_card))
         elif init_card is not None:
             model = build_model(
-                init_card.architecture, experts=cfg.experts, tasks=tasks, **init_overrides(cfg, init_card)
+                init_card.architecture,
+                experts=cfg.experts if init_card.architecture.is_moe else (),
+                tasks=tasks,
+                **init_overrides(cfg, init_card),
             )
         else:
             dense = not get_config(cfg.model).is_moe
